@@ -1,0 +1,5 @@
+import sys
+
+from omi_dsf.cli import main
+
+sys.exit(main())

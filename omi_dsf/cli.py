@@ -1,0 +1,72 @@
+"""`python -m omi_dsf …`: one entry point, subcommands contributed by the parts.
+
+Each part owns its command line in `omi_dsf/<part>/cli.py`, which exposes
+`register(subparsers)`; the parser it adds sets `func(args) -> int`. Parts are
+imported lazily so that a part's heavy imports cost nothing to the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (module, commands it registers) -- the command names let `--help` stay cheap.
+PARTS: list[tuple[str, tuple[str, ...]]] = [
+    ("omi_dsf.generate.cli", ("build", "validate")),
+    ("omi_dsf.testbed.cli", ("testbed",)),
+    ("omi_dsf.worker.cli", ("worker",)),
+    ("omi_dsf.dicomweb.cli", ("gateway",)),
+    ("omi_dsf.inference.cli", ("sample-study", "ai-service")),
+    ("omi_dsf.deid.cli", ("deid",)),
+    ("omi_dsf.registry.cli", ("registry",)),
+    ("omi_dsf.client.cli", ("services", "submit", "status", "results")),
+]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+def _parser(wanted: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m omi_dsf", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module, commands in PARTS:
+        if wanted is not None and wanted not in commands:
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("omi_dsf"):
+                continue  # part not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    parser = _parser(wanted)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def omi_main() -> int:
+    """The `omi` client command: the DIC-facing subset of `python -m omi_dsf`."""
+    return main()

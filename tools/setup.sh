@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install everything the project needs on a fresh machine; cheap when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mapfile -t pkgs < <(grep -v '^\s*#' tools/apt-packages.txt | awk 'NF{print $1}')
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Debian's service packages try to start their daemons on install; the tests start their own.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ -f plugin/pom.xml ]; then
+  # Resolve the Maven build's artifacts once; ~/.m2 caches them between runs.
+  mvn -q -B -f plugin/pom.xml dependency:go-offline >/dev/null || mvn -B -f plugin/pom.xml dependency:resolve
+fi

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up, then run every test: unit tests and integration tests (real servers on 127.0.0.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+python3 -m pytest "$@"
