@@ -1,0 +1,42 @@
+"""Command line of the inference part: `sample-study` and `ai-service`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sample-study", help="write a synthetic chest CT study (fake identity) as DICOM files")
+    p.add_argument("--out", type=Path, required=True, help="directory for the files (created)")
+    p.add_argument("--slices", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same study; other seed, other patient")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--cols", type=int, default=512)
+    p.set_defaults(func=_sample_study)
+
+    p = subparsers.add_parser("ai-service", help="run the reference AI service (Open Inference Protocol v2)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8500)
+    p.add_argument("--max-slices", type=int, default=None, help="model limit announced in metadata")
+    p.set_defaults(func=_ai_service)
+
+
+def _sample_study(args: argparse.Namespace) -> int:
+    from omi_dsf.cli import UserError
+    from omi_dsf.inference.phantom import write_ct_study
+
+    try:
+        paths = write_ct_study(args.out, slices=args.slices, seed=args.seed, rows=args.rows, cols=args.cols)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    # Only counts and the location: the files' headers count as patient data.
+    print(f"wrote {len(paths)} CT slices to {args.out}")
+    return 0
+
+
+def _ai_service(args: argparse.Namespace) -> int:
+    from omi_dsf.inference.service import serve
+
+    serve(args.host, args.port, max_slices=args.max_slices)
+    return 0
