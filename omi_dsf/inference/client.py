@@ -1,0 +1,216 @@
+"""Client for an Open Inference Protocol v2 server (KServe, Triton, the reference service).
+
+Checks inputs against the model's metadata before sending, so a wrong shape or datatype
+fails here with the model's own declaration in the message instead of deep in a server.
+Errors are `OipError` subclasses with messages fit for a Task's error output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import httpx
+import numpy as np
+
+from omi_dsf.inference import tensors
+from omi_dsf.inference.tensors import TensorError
+
+
+class OipError(Exception):
+    """Inference through the Open Inference Protocol failed."""
+
+
+class ServiceUnavailable(OipError):
+    """The server cannot be reached or answers with a server error."""
+
+
+class InferenceTimeout(OipError):
+    """The server did not answer within the client's timeout."""
+
+
+class ModelNotReady(OipError):
+    """The model is unknown to the server or not ready to infer."""
+
+
+class TensorMismatch(OipError):
+    """An input does not fit the model's declared inputs (name, datatype, shape)."""
+
+
+class InferenceRejected(OipError):
+    """The server refused the request (HTTP 4xx) with its own error message."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class InferResult:
+    model_name: str
+    model_version: str | None
+    id: str | None
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+class OipClient:
+    def __init__(self, base_url: str, timeout: float = 120.0, http: httpx.Client | None = None):
+        """`http` replaces the HTTP client, e.g. a starlette TestClient for in-process tests."""
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._metadata: dict[tuple[str, str | None], dict] = {}
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "OipClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- health and metadata ------------------------------------------------------------------
+
+    def server_live(self) -> bool:
+        return self._status("GET", "/v2/health/live") == 200
+
+    def server_ready(self) -> bool:
+        return self._status("GET", "/v2/health/ready") == 200
+
+    def server_metadata(self) -> dict:
+        return self._json("GET", "/v2")
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        # The protocol answers 200 for ready and a 4xx for not ready or unknown.
+        return self._status("GET", f"{_model_path(model, version)}/ready") == 200
+
+    def model_metadata(self, model: str, version: str | None = None, refresh: bool = False) -> dict:
+        key = (model, version)
+        if refresh or key not in self._metadata:
+            try:
+                meta = self._json("GET", _model_path(model, version))
+            except InferenceRejected as exc:
+                raise ModelNotReady(f"model '{model}' is not available at {self.base_url}: {exc}") from None
+            if not isinstance(meta.get("inputs"), list) or not isinstance(meta.get("outputs"), list):
+                raise OipError(f"metadata of model '{model}' lacks 'inputs'/'outputs'")
+            self._metadata[key] = meta
+        return self._metadata[key]
+
+    def wait_until_ready(self, model: str, timeout: float = 30.0, interval: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.model_ready(model):
+                    return
+            except ServiceUnavailable:
+                pass
+            if time.monotonic() >= deadline:
+                raise ModelNotReady(f"model '{model}' at {self.base_url} not ready within {timeout:g} s")
+            time.sleep(interval)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def check_inputs(self, model: str, inputs: Mapping[str, np.ndarray], version: str | None = None) -> None:
+        """Raise `TensorMismatch` naming the first input that does not fit the model's metadata."""
+        declared = {t["name"]: t for t in self.model_metadata(model, version)["inputs"]}
+        for name in inputs:
+            if name not in declared:
+                raise TensorMismatch(f"model '{model}' has no input '{name}' (inputs: {', '.join(declared)})")
+        for name, spec in declared.items():
+            if name not in inputs:
+                if (spec.get("parameters") or {}).get("optional"):
+                    continue
+                raise TensorMismatch(f"model '{model}' needs input '{name}' ({spec['datatype']} {spec['shape']})")
+            array = np.asarray(inputs[name])
+            try:
+                datatype = tensors.datatype_of(array)
+            except TensorError as exc:
+                raise TensorMismatch(f"input '{name}': {exc}") from None
+            if datatype != spec["datatype"]:
+                raise TensorMismatch(f"input '{name}' is {datatype}, model '{model}' expects {spec['datatype']}")
+            if not tensors.shape_matches(array.shape, spec["shape"]):
+                raise TensorMismatch(f"input '{name}' has shape {list(array.shape)}, model '{model}' "
+                                     f"expects {spec['shape']} (-1: any size)")
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
+              binary: bool = True, version: str | None = None, check: bool = True,
+              request_id: str | None = None, parameters: Mapping[str, Any] | None = None) -> InferResult:
+        """Run the model; `binary` selects the binary tensor data extension for inputs and outputs."""
+        if check:
+            self.check_inputs(model, inputs, version)
+            if not self.model_ready(model, version):
+                raise ModelNotReady(f"model '{model}' at {self.base_url} is not ready")
+        header: dict[str, Any] = {}
+        if request_id:
+            header["id"] = request_id
+        if parameters:
+            header["parameters"] = dict(parameters)
+        if outputs is not None or binary:
+            names = outputs if outputs is not None else [t["name"] for t in self.model_metadata(model, version)["outputs"]]
+            header["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in names]
+        body, headers = tensors.encode(header, "inputs", inputs, binary=binary)
+        response = self._request("POST", f"{_model_path(model, version)}/infer", content=body, headers=headers)
+        if response.status_code != 200:
+            self._raise(response, model)
+        try:
+            message, out = tensors.decode(response.content, response.headers.get(tensors.HEADER_LENGTH), "outputs")
+        except TensorError as exc:
+            raise OipError(f"malformed response from model '{model}': {exc}") from None
+        return InferResult(model_name=message.get("model_name", model), model_version=message.get("model_version"),
+                           id=message.get("id"), outputs=out, parameters=message.get("parameters") or {})
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kw)
+        except httpx.TimeoutException:
+            raise InferenceTimeout(f"{method} {self.base_url}{path}: no answer within {self.timeout:g} s") from None
+        except httpx.TransportError as exc:
+            raise ServiceUnavailable(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 500 and response.status_code != 503:
+            raise ServiceUnavailable(f"{method} {self.base_url}{path}: HTTP {response.status_code}: "
+                                     f"{_error_text(response)}")
+        return response
+
+    def _status(self, method: str, path: str) -> int:
+        return self._request(method, path).status_code
+
+    def _json(self, method: str, path: str) -> dict:
+        response = self._request(method, path)
+        if response.status_code != 200:
+            raise InferenceRejected(f"HTTP {response.status_code}: {_error_text(response)}", response.status_code)
+        try:
+            data = response.json()
+        except ValueError:
+            raise OipError(f"{method} {self.base_url}{path}: answer is not JSON") from None
+        if not isinstance(data, dict):
+            raise OipError(f"{method} {self.base_url}{path}: answer is not a JSON object")
+        return data
+
+    def _raise(self, response: httpx.Response, model: str) -> None:
+        text = _error_text(response)
+        if response.status_code == 503 or "not ready" in text.lower():
+            raise ModelNotReady(f"model '{model}' is not ready: {text}")
+        if response.status_code == 404:
+            raise ModelNotReady(f"model '{model}' is unknown to {self.base_url}: {text}")
+        raise InferenceRejected(f"model '{model}' rejected the request (HTTP {response.status_code}): {text}",
+                                response.status_code)
+
+
+def _model_path(model: str, version: str | None) -> str:
+    path = f"/v2/models/{model}"
+    return f"{path}/versions/{version}" if version else path
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        if isinstance(data, dict) and "error" in data:
+            return str(data["error"])
+    except ValueError:
+        pass
+    return response.text[:300] or response.reason_phrase
