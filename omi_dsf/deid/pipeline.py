@@ -1,0 +1,132 @@
+"""Stream a study through de-identification and the leak check, one instance at a time."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from .deidentify import Deidentifier
+from .identity import Identity
+from .leakcheck import check_outgoing
+from .pseudonyms.base import PseudonymProvider
+from .store import SiteStore
+
+Instance = Union[Dataset, bytes, str, os.PathLike]
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+class DeidError(Exception):
+    """Bad input: names the file (or instance number) and what is wrong with it."""
+
+
+@dataclass
+class StudyResult:
+    pseudonym: str = ""
+    study_uids: dict[str, str] = field(default_factory=dict)   # original -> pseudonymized
+    instances: int = 0
+    bytes_in: int = 0
+
+    @property
+    def pseudo_study_uid(self) -> str:
+        return next(iter(self.study_uids.values()), "")
+
+
+def read_instance(item: Instance, name: str) -> Dataset:
+    """Read one instance; a non-DICOM or truncated input is a DeidError naming it."""
+    if isinstance(item, Dataset):
+        return item
+    try:
+        src = io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item
+        ds = pydicom.dcmread(src)
+    except InvalidDicomError:
+        raise DeidError(f"{name}: not a DICOM file (no DICM preamble)") from None
+    except FileNotFoundError:
+        raise DeidError(f"{name}: no such file") from None
+    except Exception as exc:  # pydicom raises many kinds on cut-off files
+        raise DeidError(f"{name}: unreadable DICOM ({type(exc).__name__}); truncated or corrupt") from None
+    _check_complete(ds, name)
+    return ds
+
+
+def _check_complete(ds: Dataset, name: str) -> None:
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if "PixelData" not in ds or ts not in _UNCOMPRESSED:
+        return
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                    * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8)
+    except (AttributeError, TypeError, ValueError):
+        raise DeidError(f"{name}: pixel data without a usable image description") from None
+    if len(ds.PixelData) < expected:
+        raise DeidError(f"{name}: truncated: PixelData has {len(ds.PixelData)} of {expected} bytes")
+
+
+class StudyPseudonymizer:
+    """De-identify instances of one patient's study(ies); yields datasets that passed the leak check.
+
+    Before the first instance leaves, the UID map and the removed patient/study attributes are
+    stored at the site, so anything returned can be re-identified.
+    """
+
+    def __init__(self, *, key: bytes, domain: str, provider: PseudonymProvider, store: SiteStore,
+                 options=(), expect_patient_id: str | None = None, expect_study_uid: str | None = None):
+        self.deid = Deidentifier(key, domain, options)
+        self.domain = domain
+        self.provider = provider
+        self.store = store
+        self.expect_patient_id = expect_patient_id
+        self.expect_study_uid = expect_study_uid
+        self.identity = Identity()
+        self.result = StudyResult()
+        self._patient_id: str | None = None
+        self._stored_studies: set[str] = set()
+
+    def process(self, instances: Iterable[tuple[str, Instance]]) -> Iterator[Dataset]:
+        for name, item in instances:
+            yield self.process_one(item, name)
+
+    def process_one(self, item: Instance, name: str = "instance") -> Dataset:
+        size = len(item) if isinstance(item, (bytes, bytearray)) else (
+            Path(item).stat().st_size if isinstance(item, (str, os.PathLike)) and Path(item).exists() else 0)
+        ds = read_instance(item, name)
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+        if not patient_id:
+            raise DeidError(f"{name}: missing PatientID (0010,0020)")
+        if self.expect_patient_id is not None and patient_id != self.expect_patient_id:
+            raise DeidError(f"{name}: PatientID does not match the requested patient")
+        if self._patient_id is None:
+            self._patient_id = patient_id
+            self.result.pseudonym = self.provider.pseudonymize(self.domain, patient_id)
+        elif patient_id != self._patient_id:
+            raise DeidError(f"{name}: instances of more than one patient in one study")
+        study_uid = str(ds.get("StudyInstanceUID", "") or "")
+        if not study_uid or not ds.get("SOPInstanceUID"):
+            raise DeidError(f"{name}: missing StudyInstanceUID or SOPInstanceUID")
+        if self.expect_study_uid and study_uid != self.expect_study_uid:
+            raise DeidError(f"{name}: StudyInstanceUID does not match the requested study")
+
+        pseudonym = self.result.pseudonym
+        self.identity.add_dataset(ds)
+        if study_uid not in self._stored_studies:
+            pseudo_study = self.deid.map_uid(study_uid)
+            self.store.put_patient(self.domain, pseudonym, self.deid.patient_record(ds))
+            self.store.put_study(self.domain, pseudo_study, self.deid.study_record(ds))
+            self.result.study_uids[study_uid] = pseudo_study
+            self._stored_studies.add(study_uid)
+
+        self.deid.deidentify(ds, pseudonym, self.identity)
+        self.identity.add_uids(self.deid.new_uids.values())
+        # the map must be at the site before the instance can leave it
+        self.store.put_uids(self.domain, self.deid.new_uids)
+        self.deid.new_uids = {}
+        check_outgoing(ds, self.identity)
+        self.result.instances += 1
+        self.result.bytes_in += size
+        return ds
