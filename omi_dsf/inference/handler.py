@@ -1,0 +1,137 @@
+"""The `infer` step (provider site): study from the gateway → AI service → SEG + SR back to the gateway.
+
+Site configuration (`ctx.site`):
+  gateway_url       DICOMweb base URL of the provider's OMI gateway (QIDO/WADO/STOW)
+  ai_service_url    base URL of an Open Inference Protocol v2 server
+  ai_model          model name on that server (default "lung-seg")
+  ai_services       optional {ai-service-identifier: {"url": …, "model": …}} overriding the two above
+  ai_timeout_s      seconds to wait for one inference (default 600)
+
+Failures the requester must fix (wrong modality, gaps between slices, too many slices, an
+unknown service) raise `StepError`; an unreachable, busy or slow service or gateway raises
+other exceptions, which the worker runtime retries. Result UIDs are deterministic, so a
+retry after a crash stores the same objects again rather than new ones.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from omi_dsf.inference import client as oip
+from omi_dsf.inference import results
+from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
+from omi_dsf.worker.api import Answers, StepContext, StepError
+
+DEFAULT_MODEL = "lung-seg"
+MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
+
+
+def _service(inputs: Answers, site: Any) -> tuple[str, str]:
+    identifier = str(inputs.get("ai-service-identifier", "") or "")
+    services = site.get("ai_services") or {}
+    if identifier and identifier in services:
+        entry = services[identifier]
+        return str(entry["url"]), str(entry.get("model", DEFAULT_MODEL))
+    if not site.get("ai_service_url"):
+        known = ", ".join(services) or "none configured"
+        raise StepError(f"AI service '{identifier}' is not offered at this site (services: {known})")
+    return str(site["ai_service_url"]), str(site.get("ai_model", DEFAULT_MODEL))
+
+
+def _gateway_url(inputs: Answers, site: Any, study_uid: str) -> str:
+    if site.get("gateway_url"):
+        return str(site["gateway_url"]).rstrip("/")
+    location = str(inputs.get("study-location", "") or "")
+    suffix = f"/studies/{study_uid}"
+    if location.endswith(suffix):
+        return location[: -len(suffix)]
+    raise StepError("no DICOMweb gateway: site has no gateway_url and study-location is not <base>/studies/<uid>")
+
+
+def _value(item: dict, tag: str) -> Any:
+    values = (item.get(tag) or {}).get("Value") or []
+    return values[0] if values else None
+
+
+def _choose_series(dicomweb: DICOMwebClient, study_uid: str, modality: str, max_slices: int | None) -> str:
+    """Pick the largest series of `modality` by QIDO, before downloading anything."""
+    try:
+        found = dicomweb.search_for_series(study_uid, fields=["Modality", "NumberOfSeriesRelatedInstances"])
+    except requests.HTTPError as exc:
+        if exc.response is not None and exc.response.status_code in (400, 404):
+            raise StepError(f"the gateway does not know study {study_uid} (QIDO: HTTP "
+                            f"{exc.response.status_code})") from None
+        raise
+    if not found:
+        raise StepError(f"study {study_uid} is not at the gateway (no series found)")
+    candidates = [(int(_value(s, COUNT_TAG) or 0), str(_value(s, SERIES_UID_TAG))) for s in found
+                  if _value(s, MODALITY_TAG) == modality]
+    if not candidates:
+        modalities = sorted({str(_value(s, MODALITY_TAG)) for s in found})
+        raise StepError(f"study has no {modality} series (modalities found: {', '.join(modalities)}); "
+                        f"the model needs {modality}")
+    count, series_uid = max(candidates)
+    if max_slices is not None and count > max_slices:
+        raise StepError(f"series has {count} slices, more than the model's limit of {max_slices}")
+    return series_uid
+
+
+def infer(inputs: Answers, ctx: StepContext) -> Answers:
+    study_uid = str(inputs.get("pseudonymized-study-instance-uid") or inputs.get("study-instance-uid") or "")
+    if not study_uid:
+        raise StepError("input pseudonymized-study-instance-uid is missing")
+    service_url, model = _service(inputs, ctx.site)
+    gateway = _gateway_url(inputs, ctx.site, study_uid)
+    timeout = float(ctx.site.get("ai_timeout_s", 600))
+
+    with oip.OipClient(service_url, timeout=timeout) as ai:
+        try:
+            meta = ai.model_metadata(model)
+        except oip.ModelNotReady as exc:
+            raise StepError(str(exc)) from None
+        limits = meta.get("parameters") or {}
+        modality = str(limits.get("modality", "CT"))
+        max_slices = int(limits["max_slices"]) if "max_slices" in limits else None
+        min_slices = int(limits.get("min_slices", 1))
+        algorithm = results.Algorithm(str(limits.get("algorithm_name", model)),
+                                      str(limits.get("algorithm_version") or (meta.get("versions") or ["unknown"])[0]))
+
+        dicomweb = DICOMwebClient(gateway, timeout=timeout)
+        series_uid = _choose_series(dicomweb, study_uid, modality, max_slices)
+        datasets = dicomweb.retrieve_series(study_uid, series_uid)
+        try:
+            volume = build_volume(pick_series(datasets, modality, series_uid), min_slices, max_slices)
+        except VolumeError as exc:
+            raise StepError(str(exc)) from None
+        ctx.log.info("infer %s: %d slices to model %s", ctx.business_key, volume.hu.shape[0], model)
+
+        try:
+            answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
+                              binary=True, request_id=ctx.business_key)
+        except (oip.TensorMismatch, oip.InferenceRejected) as exc:
+            raise StepError(str(exc)) from None
+        # ModelNotReady, InferenceTimeout, ServiceUnavailable: transient, the runtime retries
+
+    labels = answer.outputs["LUNG_LABELS"]
+    if labels.shape != volume.hu.shape:
+        raise StepError(f"model '{model}' answered a mask of shape {list(labels.shape)} for a volume of "
+                        f"{list(volume.hu.shape)}")
+    volumes_ml = tuple(float(v) for v in answer.outputs["LUNG_VOLUME_ML"][:2])
+    uids = results.result_uids(volume.series_uid, algorithm)
+    seg = results.build_segmentation(volume.datasets, labels, algorithm, uids)
+    sr = results.build_measurement_report(volume.datasets, seg, volumes_ml, algorithm, uids)
+    bundle = results.build_fhir_bundle(volume.datasets[0], volumes_ml, algorithm, uids)
+    dicomweb.store_instances([seg, sr])
+    ctx.log.info("infer %s: stored SEG and SR (%s %s)", ctx.business_key, algorithm.name, algorithm.version)
+    return {
+        "result-location": f"{gateway}/studies/{study_uid}",
+        "result-study-instance-uid": study_uid,
+        "result-series-uids": f"{uids.seg_series},{uids.sr_series}",
+        "status": "completed",
+        "fhir-bundle": json.dumps(bundle, separators=(",", ":")),
+    }

@@ -1,0 +1,248 @@
+"""Result objects of a lung segmentation: DICOM SEG, DICOM SR (TID 1500) and FHIR R4.
+
+Results join the source study as new series. Their UIDs derive from the source series and
+the algorithm (name, version), so running the same step again yields the same objects
+(idempotent STOW) instead of a second copy. Each object names the algorithm and its
+version: SEG in the Segment Algorithm Identification, SR in TID 4019 Algorithm
+Identification, FHIR in a Device referenced by the Observations and by a Provenance.
+
+FHIR follows the MII imaging module (modul-bildgebung) where it applies: DiagnosticReport
+"Radiologischer Befund" (category LOINC 18748-4, v2-0074 RAD, SNOMED 4201000179104;
+imagingStudy 1..*) and Observation "Radiologische Messung" (category SNOMED 122869004,
+UCUM valueQuantity, method with a SNOMED coding, series/SOP instance UID extensions).
+fhir.resources offers R4B classes, whose JSON for these resources is valid R4.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID
+
+from omi_dsf.inference import lungseg
+
+MANUFACTURER = "OMI on DSF"
+_NS = uuid.uuid5(uuid.NAMESPACE_URL, "urn:omi-dsf:inference-results")
+
+MII = "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/StructureDefinition/"
+SCT, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
+
+# (segment number, label, SNOMED CT code, meaning) -- segment numbers equal the model's labels
+SEGMENTS = [
+    (lungseg.RIGHT, "Right lung", "3341006", "Right lung"),
+    (lungseg.LEFT, "Left lung", "44029006", "Left lung"),
+]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class ResultUids:
+    seg_series: str
+    seg_instance: str
+    sr_series: str
+    sr_instance: str
+
+
+def result_uids(source_series_uid: str, algorithm: Algorithm) -> ResultUids:
+    def uid(kind: str) -> str:
+        return str(UID(f"2.25.{uuid.uuid5(_NS, f'{source_series_uid}|{algorithm.name}|{algorithm.version}|{kind}').int}"))
+
+    return ResultUids(uid("seg-series"), uid("seg"), uid("sr-series"), uid("sr"))
+
+
+def _algorithm_sequence(algorithm: Algorithm) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(name=algorithm.name, family=codes.cid7162.ArtificialIntelligence,
+                                              version=algorithm.version)
+
+
+def build_segmentation(source: Sequence[Dataset], labels: np.ndarray, algorithm: Algorithm,
+                       uids: ResultUids) -> hd.seg.Segmentation:
+    """A binary DICOM SEG of both lungs; `labels` (z-y-x) lines up with `source` (same slice order)."""
+    if labels.shape[0] != len(source):
+        raise ValueError(f"{labels.shape[0]} label slices for {len(source)} source images")
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=codes.SCT.Organ,
+            segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=_algorithm_sequence(algorithm),
+            tracking_uid=str(UID(f"2.25.{uuid.uuid5(_NS, uids.seg_instance + '|' + str(number)).int}")),
+            tracking_id=label,
+        )
+        for number, label, code, meaning in SEGMENTS
+    ]
+    return hd.seg.Segmentation(
+        source_images=list(source),
+        pixel_array=labels.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.seg_series,
+        series_number=9001,
+        sop_instance_uid=uids.seg_instance,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        device_serial_number=f"{algorithm.name}-{algorithm.version}",
+        content_description=f"Lungs by {algorithm.name} {algorithm.version}",
+        content_label="LUNGS",
+        series_description=f"AI lung segmentation ({algorithm.name} {algorithm.version})",
+        omit_empty_frames=False,
+    )
+
+
+def build_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation, volumes_ml: tuple[float, float],
+                             algorithm: Algorithm, uids: ResultUids) -> hd.sr.Comprehensive3DSR:
+    """TID 1500 Measurement Report: one volumetric ROI group per lung with its volume in ml."""
+    algo = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+    groups = []
+    for (number, label, code, meaning), volume in zip(SEGMENTS, volumes_ml):
+        site = hd.sr.CodedConcept(code, "SCT", meaning)
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=str(UID(f"2.25.{uuid.uuid5(_NS, uids.sr_instance + '|' + str(number)).int}")),
+                identifier=label),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number),
+            finding_type=codes.SCT.Lung,
+            finding_sites=[hd.sr.FindingSite(site)],
+            algorithm_id=algo,
+            measurements=[hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=round(float(volume), 1),
+                unit=hd.sr.CodedConcept("ml", "UCUM", "milliliter"),
+                algorithm_id=algo,
+            )],
+        ))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=str(UID(f"2.25.{uuid.uuid5(_NS, algorithm.name + '|' + algorithm.version).int}")),
+                    name=algorithm.name, manufacturer_name=MANUFACTURER, model_name=algorithm.version))),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*source, seg],
+        content=report,
+        series_instance_uid=uids.sr_series,
+        series_number=9002,
+        sop_instance_uid=uids.sr_instance,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=f"AI lung volumes ({algorithm.name} {algorithm.version})",
+    )
+
+
+def _urn(*parts: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(_NS, '|'.join(parts))}"
+
+
+def build_fhir_bundle(source: Dataset, volumes_ml: tuple[float, float], algorithm: Algorithm, uids: ResultUids,
+                      when: dt.datetime | None = None) -> dict:
+    """A FHIR R4 collection Bundle: Device, three Observations (right, left, both lungs), DiagnosticReport,
+    Provenance. Patient and ImagingStudy are referenced by identifier (DICOM Patient ID, Study UID):
+    the requester maps them to its own resources after re-identification."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    when = when or dt.datetime.now(dt.timezone.utc)
+    issued = when.isoformat(timespec="seconds")
+    study_uid = str(source.StudyInstanceUID)
+    key = (uids.sr_instance,)
+    device_url, report_url, provenance_url = _urn(*key, "device"), _urn(*key, "report"), _urn(*key, "provenance")
+    subject = {"identifier": {"value": str(source.get("PatientID", ""))}, "type": "Patient"}
+    issuer = source.get("IssuerOfPatientID")
+    if issuer:
+        subject["identifier"]["system"] = f"urn:omi-dsf:issuer:{issuer}"
+    study_ref = {"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}}
+    device_ref = {"reference": device_url, "display": f"{algorithm.name} {algorithm.version}"}
+    right, left = (round(float(v), 1) for v in volumes_ml)
+
+    device = {
+        "resourceType": "Device",
+        "deviceName": [{"name": algorithm.name, "type": "model-name"}],
+        "version": [{"value": algorithm.version}],
+        "manufacturer": MANUFACTURER,
+        "type": {"text": "AI algorithm (Open Inference Protocol v2 model)"},
+    }
+
+    def observation(name: str, site: tuple[str, str], value: float) -> dict:
+        return {
+            "resourceType": "Observation",
+            "meta": {"profile": [MII + "mii-pr-bildgebung-radiologische-messung"]},
+            "extension": [
+                {"url": MII + "mii-ex-bildgebung-series-uid", "valueId": uids.sr_series},
+                {"url": MII + "mii-ex-bildgebung-sop-instanz-uid", "valueId": uids.sr_instance},
+            ],
+            "status": "final",
+            "category": [{"coding": [{"system": SCT, "code": "122869004",
+                                      "display": "Measurement procedure (procedure)"}]}],
+            "code": {"coding": [{"system": SCT, "code": "118565006", "display": "Volume (property) (qualifier value)"}],
+                     "text": f"{name} volume"},
+            "subject": subject,
+            "effectiveDateTime": issued,
+            "issued": issued,
+            "bodySite": {"coding": [{"system": SCT, "code": site[0], "display": site[1]}]},
+            "method": {"coding": [{"system": SCT, "code": "272391002",
+                                   "display": "Measurement technique (qualifier value)"}],
+                       "text": f"automated segmentation by {algorithm.name} {algorithm.version}"},
+            "device": device_ref,
+            "derivedFrom": [study_ref],
+            "valueQuantity": {"value": value, "unit": "mL", "system": UCUM, "code": "mL"},
+        }
+
+    observations = {
+        _urn(*key, "right"): observation("Right lung", ("3341006", "Right lung structure"), right),
+        _urn(*key, "left"): observation("Left lung", ("44029006", "Left lung structure"), left),
+        _urn(*key, "both"): observation("Lungs", ("39607008", "Lung structure"), round(right + left, 1)),
+    }
+    report = {
+        "resourceType": "DiagnosticReport",
+        "meta": {"profile": [MII + "mii-pr-bildgebung-radiologischer-befund"]},
+        "status": "final",
+        "category": [{"coding": [
+            {"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"},
+            {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"},
+            {"system": SCT, "code": "4201000179104", "display": "Imaging report"},
+        ]}],
+        "code": {"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}],
+                 "text": "AI lung segmentation and volumetry"},
+        "subject": subject,
+        "effectiveDateTime": issued,
+        "issued": issued,
+        "result": [{"reference": url} for url in observations],
+        "imagingStudy": [study_ref],
+        "conclusion": (f"Automated lung volumetry by {algorithm.name} {algorithm.version}: right lung "
+                       f"{right} mL, left lung {left} mL, total {round(right + left, 1)} mL. "
+                       f"DICOM SEG {uids.seg_instance}, SR {uids.sr_instance}. Not reviewed by a physician."),
+    }
+    provenance = {
+        "resourceType": "Provenance",
+        "target": [{"reference": report_url}, *({"reference": url} for url in observations)],
+        "recorded": issued,
+        "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                        "code": "performer", "display": "Performer"}]},
+                   "who": device_ref}],
+        "entity": [{"role": "source", "what": study_ref}],
+    }
+    entries = [(device_url, device), *observations.items(), (report_url, report), (provenance_url, provenance)]
+    bundle = {"resourceType": "Bundle", "type": "collection", "timestamp": issued,
+              "entry": [{"fullUrl": url, "resource": res} for url, res in entries]}
+    # Validate through the model classes: raises on any structural error.
+    return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,115 @@
+"""From the instances of a study to one checked CT volume a model can take.
+
+The checks run before anything is sent to a model, so bad input fails with a message that
+names what is wrong (modality, series, instance number, gap in mm) -- never patient data.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+
+class VolumeError(ValueError):
+    """The study cannot become the volume the model needs; the message says why."""
+
+
+@dataclass
+class CtVolume:
+    hu: np.ndarray                          # int16, (slices, rows, cols), cranial first as sorted
+    spacing_mm: tuple[float, float, float]  # between slices, rows, cols
+    datasets: list[Dataset]                 # the source instances in the order of `hu`
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.datasets[0].SeriesInstanceUID)
+
+
+def pick_series(datasets: Sequence[Dataset], modality: str = "CT", series_uid: str | None = None) -> list[Dataset]:
+    """The instances of the series to run on: `series_uid`, else the largest series of `modality`."""
+    if not datasets:
+        raise VolumeError("the study has no instances")
+    series: dict[str, list[Dataset]] = defaultdict(list)
+    for ds in datasets:
+        series[str(ds.get("SeriesInstanceUID", ""))].append(ds)
+    if series_uid is not None:
+        if series_uid not in series:
+            raise VolumeError(f"series {series_uid} is not in the study ({len(series)} series found)")
+        chosen = series[series_uid]
+        found = {str(ds.get("Modality", "")) for ds in chosen}
+        if found != {modality}:
+            raise VolumeError(f"series {series_uid} has modality {'/'.join(sorted(found)) or 'none'}, "
+                              f"the model needs {modality}")
+        return chosen
+    matching = [s for s in series.values() if all(ds.get("Modality") == modality for ds in s)]
+    if not matching:
+        found = sorted({str(ds.get("Modality", "none")) for ds in datasets})
+        raise VolumeError(f"the study has no {modality} series (modalities found: {', '.join(found)}); "
+                          f"the model needs {modality}")
+    return max(matching, key=len)
+
+
+def build_volume(datasets: Sequence[Dataset], min_slices: int = 1, max_slices: int | None = None,
+                 spacing_tolerance_mm: float = 0.01) -> CtVolume:
+    """Sort one axial series along the slice normal and check it is a complete, evenly spaced volume."""
+    n = len(datasets)
+    if n < min_slices:
+        raise VolumeError(f"series has {n} slices, the model needs at least {min_slices}")
+    if max_slices is not None and n > max_slices:
+        raise VolumeError(f"series has {n} slices, more than the model's limit of {max_slices}")
+    first = datasets[0]
+    for ds in datasets:
+        label = f"instance {ds.get('InstanceNumber', '?')}"
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "PixelData"):
+            if keyword not in ds:
+                raise VolumeError(f"{label} lacks {keyword}")
+        if ds.get("Modality") != "CT":
+            raise VolumeError(f"{label} has modality {ds.get('Modality', 'none')}, the model needs CT")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise VolumeError(f"{label} is {ds.Rows}x{ds.Columns}, others are {first.Rows}x{first.Columns}")
+        if not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in first.PixelSpacing], atol=1e-4):
+            raise VolumeError(f"{label} has pixel spacing {list(ds.PixelSpacing)}, others {list(first.PixelSpacing)}")
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        if not np.allclose(orientation, AXIAL, atol=1e-3):
+            raise VolumeError(f"{label} is not an axial slice in standard orientation "
+                              f"(ImageOrientationPatient {orientation.round(3).tolist()}, expected 1\\0\\0\\0\\1\\0)")
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise VolumeError(f"{label} is not a grayscale image")
+    # normal of 1\0\0\0\1\0 is +z; sort cranial (highest z) first as the model expects
+    ordered = sorted(datasets, key=lambda ds: -float(ds.ImagePositionPatient[2]))
+    z = np.array([float(ds.ImagePositionPatient[2]) for ds in ordered])
+    if n >= 2:
+        gaps = -np.diff(z)
+        if np.any(gaps < spacing_tolerance_mm):
+            i = int(np.argmin(gaps))
+            raise VolumeError(f"instances {ordered[i].get('InstanceNumber', '?')} and "
+                              f"{ordered[i + 1].get('InstanceNumber', '?')} lie at the same position (z={z[i]:g} mm)")
+        step = float(np.median(gaps))
+        bad = np.flatnonzero(np.abs(gaps - step) > max(spacing_tolerance_mm, 0.01 * step))
+        if bad.size:
+            i = int(bad[0])
+            missing = round(gaps[i] / step) - 1
+            hint = f"; about {missing} slice(s) missing" if missing >= 1 else ""
+            raise VolumeError(f"slices are unevenly spaced: {gaps[i]:.2f} mm between instances "
+                              f"{ordered[i].get('InstanceNumber', '?')} and {ordered[i + 1].get('InstanceNumber', '?')}, "
+                              f"{step:.2f} mm elsewhere{hint}")
+    else:
+        step = float(first.get("SliceThickness", 0) or 0) or 1.0
+    hu = np.empty((n, int(first.Rows), int(first.Columns)), np.int16)
+    for k, ds in enumerate(ordered):
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # undecodable transfer syntax, truncated data
+            raise VolumeError(f"instance {ds.get('InstanceNumber', '?')}: pixel data cannot be decoded "
+                              f"({type(exc).__name__})") from None
+        hu[k] = np.clip(np.rint(pixels.astype(np.float32) * slope + intercept), -32768, 32767)
+    row_mm, col_mm = (float(v) for v in first.PixelSpacing)
+    return CtVolume(hu=hu, spacing_mm=(step, row_mm, col_mm), datasets=list(ordered))
