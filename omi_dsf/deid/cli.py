@@ -1,0 +1,85 @@
+"""De-identify (PS3.15 E.1-1) and pseudonymize a DICOM study, or re-identify returned results.
+
+`python -m omi_dsf deid IN_DIR OUT_DIR --domain D --key-file F [--option NAME ...]`
+
+De-identifies every DICOM file under IN_DIR into OUT_DIR (one file per SOP instance, IN_DIR is
+never written), or with --reidentify maps returned results in IN_DIR back to the originals.
+Prints one JSON summary line; exits 2 on bad input with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .profile import OPTION_NAMES
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("deid", help="de-identify / pseudonymize a DICOM study (PS3.15 E.1-1)",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("in_dir", type=Path, help="folder with the study's DICOM files")
+    p.add_argument("out_dir", type=Path, help="folder for the results (created)")
+    p.add_argument("--domain", required=True, help="pseudonym domain")
+    p.add_argument("--key-file", help="site key file (else $OMI_DEID_KEY_FILE / $OMI_DEID_KEY)")
+    p.add_argument("--option", action="append", default=[], choices=sorted(OPTION_NAMES),
+                   help="profile option; repeat for several")
+    p.add_argument("--store", default="omi-site.sqlite",
+                   help="site store (UID map, removed attributes); keep it at the site")
+    p.add_argument("--provider", choices=("embedded", "gpas", "ttp-fhir"), default="embedded")
+    p.add_argument("--provider-url", help="gPAS WSDL URL or TTP-FHIR gPAS base URL")
+    p.add_argument("--reidentify", action="store_true", help="map returned results back")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from omi_dsf.cli import UserError
+
+    from .instance_io import FolderSink, FolderSource
+    from .keys import KeyError_, load_key
+    from .leakcheck import LeakError
+    from .pipeline import DeidError, StudyPseudonymizer, read_instance
+    from .pseudonyms import PseudonymError, make_provider
+    from .reidentify import Reidentifier, ReidentifyError
+    from .store import SiteStore
+
+    if args.in_dir.resolve() == args.out_dir.resolve():
+        raise UserError("OUT_DIR must differ from IN_DIR: the input is never modified")
+    try:
+        key = load_key(args.key_file)
+        source = FolderSource(args.in_dir)
+    except (KeyError_, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    store = SiteStore(args.store)
+    sink = FolderSink(args.out_dir)
+    try:
+        config = {"kind": args.provider}
+        if args.provider == "gpas":
+            config["wsdl"] = args.provider_url
+        elif args.provider == "ttp-fhir":
+            config["url"] = args.provider_url
+        provider = make_provider(config, key, store)
+        if args.reidentify:
+            re_id = Reidentifier(store, provider, args.domain)
+            count = 0
+            for name, path in source:
+                sink.write(re_id.reidentify(read_instance(path, name)))
+                count += 1
+            summary = {"reidentified": count, "out": sink.close()}
+        else:
+            run_ = StudyPseudonymizer(key=key, domain=args.domain, provider=provider, store=store,
+                                      options=args.option)
+            for ds in run_.process(source):
+                sink.write(ds)
+            r = run_.result
+            summary = {"instances": r.instances, "pseudonym": r.pseudonym,
+                       "pseudonymized_study_uids": sorted(r.study_uids.values()), "out": sink.close()}
+    except (DeidError, LeakError, ReidentifyError, PseudonymError, ValueError) as exc:
+        sink.abort()
+        raise UserError(str(exc)) from None
+    finally:
+        store.close()
+    print(json.dumps(summary), file=sys.stdout)
+    return 0

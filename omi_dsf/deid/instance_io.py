@@ -1,0 +1,111 @@
+"""Where instances come from and go to: pluggable, so the send step can stream to DICOMweb.
+
+A source yields (name, instance) pairs one at a time (an instance is a pydicom Dataset, the
+bytes of a Part 10 file, or a path). A sink takes de-identified datasets one at a time.
+Both are chosen by "kind" from the site configuration; other parts register more kinds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+from pydicom.dataset import Dataset
+
+
+class InstanceSource(Protocol):
+    def __iter__(self) -> Iterator[tuple[str, Any]]: ...
+
+
+class InstanceSink(Protocol):
+    def write(self, ds: Dataset) -> int: ...       # bytes written
+    def close(self) -> str: ...                      # where the instances are now
+    def abort(self) -> None: ...                     # drop what was written (the step failed)
+
+
+SourceFactory = Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSource]
+SinkFactory = Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSink]
+SOURCES: dict[str, SourceFactory] = {}
+SINKS: dict[str, SinkFactory] = {}
+
+
+def register_source(kind: str, factory: SourceFactory) -> None:
+    SOURCES[kind] = factory
+
+
+def register_sink(kind: str, factory: SinkFactory) -> None:
+    SINKS[kind] = factory
+
+
+def open_source(config: Mapping[str, Any], params: Mapping[str, Any]) -> InstanceSource:
+    kind = config.get("kind", "folder")
+    if kind not in SOURCES:
+        raise ValueError(f"unknown instance source kind {kind!r} (known: {', '.join(sorted(SOURCES))})")
+    return SOURCES[kind](config, params)
+
+
+def open_sink(config: Mapping[str, Any], params: Mapping[str, Any]) -> InstanceSink:
+    kind = config.get("kind", "folder")
+    if kind not in SINKS:
+        raise ValueError(f"unknown instance sink kind {kind!r} (known: {', '.join(sorted(SINKS))})")
+    return SINKS[kind](config, params)
+
+
+class FolderSource:
+    """Every regular file under a folder, in name order (DICOMDIR skipped), as paths."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"input folder {self.path} does not exist")
+
+    def __iter__(self) -> Iterator[tuple[str, Path]]:
+        for p in sorted(self.path.rglob("*")):
+            if p.is_file() and p.name.upper() != "DICOMDIR" and not p.name.startswith("."):
+                yield str(p.relative_to(self.path)), p
+
+
+class FolderSink:
+    """<folder>/<SOPInstanceUID>.dcm, each written to a temporary name and renamed when complete."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.written: list[Path] = []
+
+    def write(self, ds: Dataset) -> int:
+        target = self.path / f"{ds.SOPInstanceUID}.dcm"
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+            size = os.path.getsize(tmp)
+            os.replace(tmp, target)
+            self.written.append(target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return size
+
+    def close(self) -> str:
+        return str(self.path)
+
+    def abort(self) -> None:
+        for p in self.written:
+            p.unlink(missing_ok=True)
+        self.written.clear()
+
+
+def _folder_source(config: Mapping[str, Any], params: Mapping[str, Any]) -> FolderSource:
+    # "path" may name the study folder by {study_uid} or {business_key}
+    return FolderSource(str(config["path"]).format(**params))
+
+
+def _folder_sink(config: Mapping[str, Any], params: Mapping[str, Any]) -> FolderSink:
+    return FolderSink(str(config["path"]).format(**params))
+
+
+register_source("folder", _folder_source)
+register_sink("folder", _folder_sink)

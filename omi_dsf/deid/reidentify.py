@@ -1,0 +1,80 @@
+"""Put identity back on objects that return from the AI service (SEG, SR, images).
+
+Every UID the site replaced is mapped back wherever it occurs, so references inside SEG and SR
+(ReferencedSeriesSequence, ReferencedSOPInstanceUID in nested items, SourceImageSequence,
+CurrentRequestedProcedureEvidenceSequence, …) point at the original instances again. UIDs the
+AI service created itself (its own series and instances) are not in the map and stay as they are.
+"""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from .pseudonyms.base import PseudonymProvider, UnknownPseudonymError
+from .store import SiteStore
+
+_RECORD_ATTRS = ("PatientIdentityRemoved", "DeidentificationMethod",
+                 "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified")
+
+
+class ReidentifyError(Exception):
+    """The object cannot be re-identified (unknown pseudonym or domain); names no values."""
+
+
+class Reidentifier:
+    def __init__(self, store: SiteStore, provider: PseudonymProvider, domain: str):
+        self.store = store
+        self.provider = provider
+        self.domain = domain
+        self._uid_cache: dict[str, str | None] = {}
+
+    def reidentify(self, ds: Dataset) -> Dataset:
+        pseudonym = str(ds.get("PatientID", "") or "").strip()
+        if not pseudonym:
+            raise ReidentifyError("returned object has no PatientID (0010,0020)")
+        patient = self.store.patient(self.domain, pseudonym)
+        if patient is None:
+            # pseudonyms from gPAS / TTP may have been made elsewhere: ask the provider for the ID
+            try:
+                original_id = self.provider.depseudonymize(self.domain, pseudonym)
+            except UnknownPseudonymError:
+                raise ReidentifyError(
+                    f"PatientID is not a pseudonym of domain {self.domain!r}") from None
+            patient = {}
+        else:
+            original_id = None
+        pseudo_study = str(ds.get("StudyInstanceUID", "") or "")
+        study = self.store.study(self.domain, pseudo_study) if pseudo_study else None
+
+        self._map_uids(ds)
+        for record in (patient, study or {}):
+            if record:
+                restored = Dataset.from_json(record)
+                for elem in restored:
+                    ds[elem.tag] = elem
+        if original_id is not None:
+            ds.PatientID = original_id
+        for kw in _RECORD_ATTRS:
+            if kw in ds:
+                del ds[kw]
+        ds.PatientIdentityRemoved = "NO"
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return ds
+
+    def _original(self, uid: str) -> str | None:
+        if uid not in self._uid_cache:
+            self._uid_cache[uid] = self.store.original_uid(self.domain, uid)
+        return self._uid_cache[uid]
+
+    def _map_uids(self, ds: Dataset) -> None:
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value or ():
+                    self._map_uids(item)
+            elif elem.VR == "UI" and elem.value:
+                if isinstance(elem.value, (list, tuple)) or elem.VM > 1:
+                    elem.value = [self._original(str(v)) or v for v in elem.value]
+                else:
+                    elem.value = self._original(str(elem.value)) or elem.value
