@@ -1,0 +1,658 @@
+"""A multi-site DSF 1.9 test bed on 127.0.0.1: PostgreSQL + per site a FHIR and a BPE server.
+
+Layout of the test bed folder (default `.testbed/`):
+
+    state.json                what runs (pids, ports, URLs), written by `up`
+    pki/                      test CA, server and client certificates (generated once)
+    allow-list.xml            the generated allow list (copied to every FHIR server)
+    postgres/                 the PostgreSQL cluster (data/, postgres.log, unix socket)
+    <site>/fhir/              working directory of the site's FHIR server
+        conf/{config,jetty}.properties, conf/bundle.xml, conf/log4j2.xml
+        log/fhir.log, console.log
+    <site>/bpe/               working directory of the site's BPE
+        conf/..., process/*.jar (the plugin), log/bpe.log, console.log
+
+The DSF servers are taken from a DSF 1.9.0 distribution (`DSF_HOME`, default /opt/dsf-1.9.0) with
+`fhir/` (dsf_fhir.jar + lib/) and `bpe/` (dsf_bpe.jar + lib/ + lib_external/), the layout of the
+1.9.0 docker images. They run with the HTTPS main classes, which terminate mTLS themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+from lxml import etree
+
+from omi_dsf.cli import UserError
+from omi_dsf.testbed import allowlist
+from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA, thumbprint
+from omi_dsf.testbed.postgres import LIQUIBASE_PASSWORD, Cluster
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DSF_HOME = Path("/opt/dsf-1.9.0")
+DEFAULT_DIR = Path(".testbed")
+DEFAULT_BASE_PORT = 8200
+DB_PASSWORD = "db-password"  # test bed only
+
+FHIR_MAIN = "dev.dsf.fhir.FhirJettyServerHttps"
+BPE_MAIN = "dev.dsf.bpe.BpeJettyServerHttps"
+
+NO_DSF_HINT = (
+    "the Maven registry reachable here does not serve the DSF 1.9.0 server artifacts "
+    "(dsf-fhir-server-jetty, dsf-bpe-server-jetty and their dsf-common-* dependencies), so a DSF "
+    "distribution must be provided: set DSF_HOME or --dsf-home (see docs/testbed.md)"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class SiteSpec:
+    key: str  # short name, used in folder, db and server names: dic, ai, dic2
+    identifier: str  # DSF organization identifier
+    name: str
+    role: str  # "requester" | "provider" (mapped to an organization-role code by the spec)
+
+
+SITES = [
+    SiteSpec("dic", "dic.omi.test", "Test_DIC", "requester"),
+    SiteSpec("ai", "ai.omi.test", "Test_AI_Provider", "provider"),
+    SiteSpec("dic2", "dic2.omi.test", "Test_DIC_2", "requester"),
+]
+
+
+def plugin_roles() -> tuple[str, dict[str, str]]:
+    """Parent organization and role codes, read from the plugin spec (fallbacks if absent)."""
+    parent, roles = "medizininformatik-initiative.de", {"requester": "DIC", "provider": "DMS"}
+    spec = REPO / "omi_dsf" / "spec" / "omi.yaml"
+    try:
+        plugin = (yaml.safe_load(spec.read_text()) or {}).get("plugin", {})
+        parent = plugin.get("parent_organization", parent)
+        roles.update(plugin.get("roles", {}) or {})
+    except (OSError, yaml.YAMLError):
+        pass
+    return parent, roles
+
+
+@dataclass
+class Server:
+    name: str  # dic-fhir, dic-bpe, ...
+    site: str
+    kind: str  # fhir | bpe
+    port: int
+    status_port: int
+    workdir: str
+    url: str
+    pid: int | None = None
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.workdir) / "log" / f"{self.kind}.log"
+
+    @property
+    def console_file(self) -> Path:
+        return Path(self.workdir) / "console.log"
+
+    @property
+    def main_class(self) -> str:
+        return FHIR_MAIN if self.kind == "fhir" else BPE_MAIN
+
+    @property
+    def status_url(self) -> str:
+        return f"http://127.0.0.1:{self.status_port}/{self.kind}/status"
+
+
+@dataclass
+class SiteInfo:
+    key: str
+    identifier: str
+    name: str
+    role: str
+    role_code: str
+    fhir_url: str
+    bpe_url: str
+    client_cert: str
+    client_key: str
+    key_password: str = KEY_PASSWORD
+
+
+@dataclass
+class State:
+    dir: str
+    dsf_home: str
+    ca_cert: str
+    postgres_port: int
+    postgres_pid: int | None
+    sites: list[SiteInfo]
+    servers: list[Server]
+    unlisted_client_cert: str
+    unlisted_client_key: str
+    parent_organization: str
+    plugins: list[str] = field(default_factory=list)
+    up_seconds: float | None = None
+
+    def save(self) -> None:
+        path = Path(self.dir) / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, folder: Path) -> "State | None":
+        path = folder / "state.json"
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        raw["sites"] = [SiteInfo(**s) for s in raw["sites"]]
+        raw["servers"] = [Server(**s) for s in raw["servers"]]
+        return cls(**raw)
+
+    def site(self, key_or_identifier: str) -> SiteInfo:
+        for s in self.sites:
+            if key_or_identifier in (s.key, s.identifier):
+                return s
+        raise KeyError(key_or_identifier)
+
+
+# --------------------------------------------------------------------------------------------
+# DSF distribution and Java
+
+
+def find_dsf_home(explicit: str | None = None) -> Path:
+    """The DSF distribution, or a UserError saying what is missing."""
+    home = Path(explicit or os.environ.get("DSF_HOME") or DEFAULT_DSF_HOME)
+    missing = []
+    for rel in ("fhir/dsf_fhir.jar", "fhir/lib", "bpe/dsf_bpe.jar", "bpe/lib"):
+        if not (home / rel).exists():
+            missing.append(rel)
+    if missing:
+        raise UserError(f"no DSF 1.9.0 distribution at {home} (missing {', '.join(missing)}); "
+                        + NO_DSF_HINT)
+    if not list((home / "fhir" / "lib").glob("dsf-fhir-server-*.jar")):
+        raise UserError(f"{home}/fhir/lib has no dsf-fhir-server-*.jar; " + NO_DSF_HINT)
+    if not list((home / "bpe" / "lib").glob("dsf-bpe-server-*.jar")):
+        raise UserError(f"{home}/bpe/lib has no dsf-bpe-server-*.jar; " + NO_DSF_HINT)
+    return home
+
+
+def find_java() -> str:
+    for cand in (os.environ.get("OMI_DSF_JAVA"),
+                 os.environ.get("JAVA_HOME") and str(Path(os.environ["JAVA_HOME"]) / "bin/java"),
+                 "/usr/lib/jvm/java-17-openjdk-amd64/bin/java",
+                 shutil.which("java")):
+        if cand and Path(cand).exists():
+            return cand
+    raise UserError("no Java runtime found (DSF 1.9 needs Java 17); set OMI_DSF_JAVA")
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+def pid_alive(pid: int | None, needle: str | None = None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        if needle is not None:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            return needle in cmd
+    except OSError:
+        return False
+    return True
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def ssl_context(ca: str, cert: str | None = None, key: str | None = None,
+                password: str | None = KEY_PASSWORD) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert:
+        ctx.load_cert_chain(cert, key, password)
+    return ctx
+
+
+def client(state: State, site: str | SiteInfo, *, unlisted: bool = False,
+           timeout: float = 30) -> httpx.Client:
+    """An httpx client for the site's FHIR server with the site's (or the unlisted) client cert."""
+    s = site if isinstance(site, SiteInfo) else state.site(site)
+    if unlisted:
+        ctx = ssl_context(state.ca_cert, state.unlisted_client_cert, state.unlisted_client_key)
+    else:
+        ctx = ssl_context(state.ca_cert, s.client_cert, s.client_key, s.key_password)
+    return httpx.Client(base_url=s.fhir_url, verify=ctx, timeout=timeout,
+                        headers={"Accept": "application/fhir+json"})
+
+
+# --------------------------------------------------------------------------------------------
+# the test bed
+
+
+def _props(d: dict[str, object]) -> str:
+    lines = ["# generated by python -m omi_dsf testbed up"]
+    for k, v in d.items():
+        lines.append(f"{k}={str(v).replace(chr(92), '/')}")
+    return "\n".join(lines) + "\n"
+
+
+def activity_definition_urls() -> list[str]:
+    """ActivityDefinition urls declared by the plugin's generated FHIR resources."""
+    urls = []
+    for f in sorted((REPO / "fhir_profiles" / "ActivityDefinition").glob("*.xml")):
+        try:
+            root = etree.parse(str(f)).getroot()
+        except etree.XMLSyntaxError:
+            continue
+        url = root.find("{http://hl7.org/fhir}url")
+        if url is not None and url.get("value"):
+            urls.append(url.get("value"))
+    return urls
+
+
+def default_plugins() -> list[Path]:
+    return sorted((REPO / "dist").glob("*.jar"))
+
+
+class TestBed:
+    __test__ = False
+
+    def __init__(self, folder: Path = DEFAULT_DIR, *, sites: int = 2,
+                 dsf_home: str | None = None, base_port: int = DEFAULT_BASE_PORT,
+                 heap: str = "512m", plugins: list[Path] | None = None,
+                 out=print):
+        self.dir = folder.resolve()
+        self.n_sites = sites
+        self.dsf_home_arg = dsf_home
+        self.base_port = base_port
+        self.heap = heap
+        self.plugins = plugins
+        self.out = out
+
+    # ---------------------------------------------------------------- planning
+    def _plan(self, dsf_home: Path) -> State:
+        if not 2 <= self.n_sites <= len(SITES):
+            raise UserError(f"--sites must be 2 or 3, not {self.n_sites}")
+        pki = self.dir / "pki"
+        ca = TestCA(pki)
+        ca.ensure()
+        parent, roles = plugin_roles()
+        sites, servers = [], []
+        for i, spec in enumerate(SITES[: self.n_sites]):
+            base = self.base_port + 20 * i
+            fhir_port, bpe_port = base + 1, base + 2
+            if fhir_port > 9999 - 20:
+                raise UserError("DSF 1.9 accepts Endpoint addresses with at most 4-digit ports; "
+                                "choose --base-port below 9900")
+            cl = ca.issue(f"{spec.key}-client", f"{spec.identifier} client", server=False, client=True)
+            fhir_url = f"https://localhost:{fhir_port}/fhir"
+            bpe_url = f"https://localhost:{bpe_port}/bpe"
+            sites.append(SiteInfo(spec.key, spec.identifier, spec.name, spec.role,
+                                  roles.get(spec.role, "DIC"), fhir_url, bpe_url,
+                                  str(cl.cert), str(cl.key)))
+            for kind, port, url in (("fhir", fhir_port, fhir_url), ("bpe", bpe_port, bpe_url)):
+                servers.append(Server(f"{spec.key}-{kind}", spec.key, kind, port, port + 10,
+                                      str(self.dir / spec.key / kind), url))
+        unlisted = ca.issue("unlisted-client", "not on the allow list", server=False, client=True)
+        plugins = self.plugins if self.plugins is not None else default_plugins()
+        return State(str(self.dir), str(dsf_home), str(ca.cert_path), self.base_port + 99, None,
+                     sites, servers, str(unlisted.cert), str(unlisted.key), parent,
+                     [str(p) for p in plugins])
+
+    def _write_configs(self, st: State) -> None:
+        ca = TestCA(self.dir / "pki")
+        entries = [
+            allowlist.AllowListEntry(s.identifier, s.name, thumbprint(Path(s.client_cert)),
+                                     f"{s.key}-fhir.{s.identifier}", s.fhir_url, [s.role_code])
+            for s in st.sites
+        ]
+        bundle = allowlist.build_bundle(entries, st.parent_organization)
+        (self.dir / "allow-list.xml").write_bytes(bundle)
+        dsf_home = Path(st.dsf_home)
+        for srv in st.servers:
+            site = st.site(srv.site)
+            wd = Path(srv.workdir)
+            for sub in ("conf", "log", "ui") + (("process",) if srv.kind == "bpe" else ()):
+                (wd / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dsf_home / srv.kind / "conf" / "log4j2.xml", wd / "conf" / "log4j2.xml")
+            scert = ca.issue(f"{srv.name}-server", "localhost", server=True, client=False)
+            props: dict[str, object] = {
+                "dev.dsf.server.api.host": "127.0.0.1",
+                "dev.dsf.server.api.port": srv.port,
+                "dev.dsf.server.status.host": "127.0.0.1",
+                "dev.dsf.server.status.port": srv.status_port,
+                "dev.dsf.server.context.path": f"/{srv.kind}",
+                "dev.dsf.server.certificate": scert.cert,
+                "dev.dsf.server.certificate.key": scert.key,
+                "dev.dsf.server.certificate.key.password": scert.password,
+                "dev.dsf.server.auth.trust.client.certificate.cas": st.ca_cert,
+                "dev.dsf.log4j.config": "conf/log4j2.xml",
+            }
+            db = f"{site.key}_{srv.kind}"
+            if srv.kind == "fhir":
+                shutil.copyfile(self.dir / "allow-list.xml", wd / "conf" / "bundle.xml")
+                props.update({
+                    "dev.dsf.fhir.db.url": f"jdbc:postgresql://127.0.0.1:{st.postgres_port}/{db}",
+                    "dev.dsf.fhir.db.liquibase.password": LIQUIBASE_PASSWORD,
+                    "dev.dsf.fhir.db.user.group": f"{db}_users",
+                    "dev.dsf.fhir.db.user.username": f"{db}_server_user",
+                    "dev.dsf.fhir.db.user.password": DB_PASSWORD,
+                    "dev.dsf.fhir.db.user.permanent.delete.group": f"{db}_permanent_delete_users",
+                    "dev.dsf.fhir.db.user.permanent.delete.username": f"{db}_permanent_delete_user",
+                    "dev.dsf.fhir.db.user.permanent.delete.password": DB_PASSWORD,
+                    "dev.dsf.fhir.server.base.url": site.fhir_url,
+                    "dev.dsf.fhir.server.organization.identifier.value": site.identifier,
+                    "dev.dsf.fhir.server.init.bundle": "conf/bundle.xml",
+                    "dev.dsf.fhir.client.trust.server.certificate.cas": st.ca_cert,
+                    "dev.dsf.fhir.client.certificate": site.client_cert,
+                    "dev.dsf.fhir.client.certificate.private.key": site.client_key,
+                    "dev.dsf.fhir.client.certificate.private.key.password": site.key_password,
+                })
+            else:
+                props.update({
+                    "dev.dsf.bpe.db.url": f"jdbc:postgresql://127.0.0.1:{st.postgres_port}/{db}",
+                    "dev.dsf.bpe.db.liquibase.password": LIQUIBASE_PASSWORD,
+                    "dev.dsf.bpe.db.user.group": f"{db}_users",
+                    "dev.dsf.bpe.db.user.username": f"{db}_server_user",
+                    "dev.dsf.bpe.db.user.password": DB_PASSWORD,
+                    "dev.dsf.bpe.db.user.camunda.group": f"{db}_camunda_users",
+                    "dev.dsf.bpe.db.user.camunda.username": f"{db}_camunda_user",
+                    "dev.dsf.bpe.db.user.camunda.password": DB_PASSWORD,
+                    "dev.dsf.bpe.server.base.url": site.bpe_url,
+                    "dev.dsf.bpe.fhir.server.base.url": site.fhir_url,
+                    "dev.dsf.bpe.fhir.client.trust.server.certificate.cas": st.ca_cert,
+                    "dev.dsf.bpe.fhir.client.certificate": site.client_cert,
+                    "dev.dsf.bpe.fhir.client.certificate.private.key": site.client_key,
+                    "dev.dsf.bpe.fhir.client.certificate.private.key.password": site.key_password,
+                    "dev.dsf.bpe.process.plugin.directory": "process",
+                    "dev.dsf.bpe.mail.mailOnErrorLogEventDebugLogLocation": "log/bpe.log",
+                })
+                self._install_plugins(st, wd / "process")
+            text = _props(props)
+            # both files: the Jetty part reads jetty.properties, the web application config.properties
+            (wd / "conf" / "jetty.properties").write_text(text)
+            (wd / "conf" / "config.properties").write_text(text)
+
+    def _install_plugins(self, st: State, process_dir: Path) -> None:
+        wanted = {Path(p).name: Path(p) for p in st.plugins}
+        for old in process_dir.glob("*.jar"):
+            if old.name not in wanted:
+                old.unlink()
+        for name, src in wanted.items():
+            if not src.exists():
+                raise UserError(f"plugin jar {src} not found")
+            shutil.copyfile(src, process_dir / name)
+
+    # ---------------------------------------------------------------- starting
+    def _start_server(self, st: State, srv: Server, java: str) -> None:
+        for port in (srv.port, srv.status_port):
+            if not port_free(port):
+                raise UserError(f"port {port} on 127.0.0.1 ({srv.name}) is in use; stop whatever "
+                                "uses it or pick other ports with --base-port")
+        home = Path(st.dsf_home) / srv.kind
+        cp = [str(home / "lib" / "*")]
+        if srv.kind == "bpe":
+            cp.append(str(home / "lib_external" / "*"))
+        cp.append(str(home / f"dsf_{srv.kind}.jar"))
+        cmd = [java, f"-Xmx{self.heap}", "-Xss512k", "-XX:+UseSerialGC",
+               "-XX:TieredStopAtLevel=1", "-Djdk.tls.acknowledgeCloseNotify=true",
+               f"-Domi.testbed.server={srv.name}", "-cp", ":".join(cp), srv.main_class]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEV_DSF_")}
+        console = open(srv.console_file, "ab")
+        proc = subprocess.Popen(cmd, cwd=srv.workdir, stdout=console, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        console.close()
+        srv.pid = proc.pid
+        st.save()
+
+    def _server_alive(self, srv: Server) -> bool:
+        return pid_alive(srv.pid, f"-Domi.testbed.server={srv.name} ")
+
+    def _wait_fhir(self, st: State, srv: Server, deadline: float) -> None:
+        site = st.site(srv.site)
+        last = ""
+        while time.monotonic() < deadline:
+            if not self._server_alive(srv):
+                raise UserError(f"{srv.name} exited during start-up; see {srv.console_file} "
+                                f"and {srv.log_file}: {tail(srv.console_file, 3)}")
+            try:
+                with client(st, site, timeout=10) as c:
+                    r = c.get("/metadata")
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(1)
+        raise UserError(f"{srv.name} did not answer GET {site.fhir_url}/metadata over mTLS in "
+                        f"time (last: {last}); see {srv.log_file}")
+
+    def _wait_bpe(self, st: State, srv: Server, deadline: float, ad_urls: list[str]) -> None:
+        site = st.site(srv.site)
+        status_ok = False
+        while time.monotonic() < deadline:
+            if not self._server_alive(srv):
+                raise UserError(f"{srv.name} exited during start-up; see {srv.console_file} "
+                                f"and {srv.log_file}: {tail(srv.console_file, 3)}")
+            if not status_ok:
+                try:
+                    status_ok = httpx.get(srv.status_url, timeout=5).status_code == 200
+                except httpx.HTTPError:
+                    pass
+            if status_ok:
+                problems = plugin_problems(srv.log_file)
+                if problems:
+                    raise UserError(f"{srv.name} did not deploy the plugin: {problems[0]} "
+                                    f"(all lines: grep -n 'Ignoring process plugin\\|Error' "
+                                    f"{srv.log_file})")
+                if not st.plugins or not ad_urls:
+                    return
+                if all(ad_active(st, site, u) for u in ad_urls):
+                    return
+            time.sleep(1)
+        raise UserError(f"{srv.name} did not become ready (status endpoint and active "
+                        f"ActivityDefinitions {ad_urls}) in time; see {srv.log_file}")
+
+    def up(self, timeout: float = 600) -> int:
+        t0 = time.monotonic()
+        dsf_home = find_dsf_home(self.dsf_home_arg)
+        java = find_java()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        old = State.load(self.dir)
+        if old is not None:
+            running = [s for s in old.servers if self._server_alive(s)]
+            if len(running) == len(old.servers) and Cluster(self.dir / "postgres",
+                                                             old.postgres_port).pid():
+                self.out(f"test bed in {self.dir} is already running ({len(old.sites)} sites); "
+                         "`testbed status` shows it")
+                return 0
+        st = self._plan(dsf_home)
+        if old is not None:  # keep pids of servers still running from an interrupted `up`
+            pids = {s.name: s.pid for s in old.servers}
+            for s in st.servers:
+                s.pid = pids.get(s.name)
+        cluster = Cluster(self.dir / "postgres", st.postgres_port)
+        if cluster.pid() is None and not port_free(st.postgres_port):
+            raise UserError(f"port {st.postgres_port} on 127.0.0.1 (PostgreSQL) is in use; "
+                            "pick other ports with --base-port")
+        self._write_configs(st)
+        st.save()
+        cluster.init()
+        st.postgres_pid = cluster.start()
+        st.save()
+        cluster.ensure_databases([f"{s.key}_{k}" for s in st.sites for k in ("fhir", "bpe")])
+        self.out(f"PostgreSQL  127.0.0.1:{st.postgres_port}  pid {st.postgres_pid}  "
+                 f"log {cluster.log}")
+
+        deadline = t0 + timeout
+        fhir = [s for s in st.servers if s.kind == "fhir"]
+        bpe = [s for s in st.servers if s.kind == "bpe"]
+        ad_urls = activity_definition_urls() if st.plugins else []
+        for group, wait in ((fhir, self._wait_fhir), (bpe, None)):
+            for srv in group:
+                if not self._server_alive(srv):
+                    self._start_server(st, srv, java)
+            with ThreadPoolExecutor(len(group)) as pool:
+                if wait is not None:
+                    futs = [pool.submit(wait, st, s, deadline) for s in group]
+                else:
+                    futs = [pool.submit(self._wait_bpe, st, s, deadline, ad_urls) for s in group]
+                for f in futs:
+                    f.result()
+            for srv in group:
+                self.out(f"{srv.name:<9} {srv.url:<34} pid {srv.pid:<7} log {srv.log_file}")
+        st.up_seconds = round(time.monotonic() - t0, 1)
+        st.save()
+        if st.plugins:
+            self.out(f"plugins: {', '.join(Path(p).name for p in st.plugins)}; active "
+                     f"ActivityDefinitions on every FHIR server: {', '.join(ad_urls) or '-'}")
+        else:
+            self.out("no plugin jar found in dist/ (run `python -m omi_dsf build`); BPEs run "
+                     "with an empty process folder")
+        self.out(f"test bed up in {st.up_seconds:.0f} s ({len(st.sites)} sites, state "
+                 f"{self.dir / 'state.json'})")
+        return 0
+
+    # ---------------------------------------------------------------- stopping, status
+    def down(self, purge: bool = False, grace: float = 30) -> int:
+        st = State.load(self.dir)
+        if st is None:
+            self.out(f"no test bed state in {self.dir}; nothing to stop")
+            if purge and self.dir.exists():
+                shutil.rmtree(self.dir)
+            return 0
+        stopping = [s for s in st.servers if self._server_alive(s)]
+        for s in stopping:
+            try:
+                os.kill(s.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(self._server_alive(s) for s in stopping):
+            time.sleep(0.3)
+        for s in stopping:
+            if self._server_alive(s):
+                log.warning("%s (pid %s) ignored SIGTERM, killing it", s.name, s.pid)
+                os.kill(s.pid, signal.SIGKILL)
+        for s in stopping:
+            for _ in range(50):
+                if not self._server_alive(s):
+                    break
+                time.sleep(0.1)
+            self.out(f"stopped {s.name} (pid {s.pid})")
+        cluster = Cluster(self.dir / "postgres", st.postgres_port)
+        if cluster.pid() is not None:
+            cluster.stop()
+            self.out(f"stopped PostgreSQL (pid {st.postgres_pid})")
+        for s in st.servers:
+            s.pid = None
+        st.postgres_pid = None
+        st.save()
+        if purge:
+            shutil.rmtree(self.dir)
+            self.out(f"removed {self.dir}")
+        return 0
+
+    def status(self) -> int:
+        st = State.load(self.dir)
+        if st is None:
+            self.out(f"no test bed in {self.dir} (run `python -m omi_dsf testbed up`)")
+            return 1
+        pg = Cluster(self.dir / "postgres", st.postgres_port).pid()
+        self.out(f"test bed {self.dir}  DSF {st.dsf_home}  (last up took {st.up_seconds} s)")
+        self.out(f"  {'postgres':<9} {'running' if pg else 'stopped':<8} "
+                 f"127.0.0.1:{st.postgres_port:<26} pid {pg or '-':<7} "
+                 f"log {self.dir / 'postgres' / 'postgres.log'}")
+        all_up = bool(pg)
+        for s in st.servers:
+            alive = self._server_alive(s)
+            all_up &= alive
+            self.out(f"  {s.name:<9} {'running' if alive else 'stopped':<8} {s.url:<36} "
+                     f"pid {(s.pid if alive else '-'):<7} log {s.log_file}")
+        for site in st.sites:
+            self.out(f"  site {site.key}: {site.identifier} ({site.name}, role {site.role_code}) "
+                     f"client cert {site.client_cert}")
+        self.out(f"  plugins: {', '.join(Path(p).name for p in st.plugins) or 'none'}")
+        return 0 if all_up else 3
+
+    def log_path(self, server: str | None) -> list[Path]:
+        st = State.load(self.dir)
+        if st is None:
+            raise UserError(f"no test bed in {self.dir}")
+        if server in (None, "all"):
+            return [self.dir / "postgres" / "postgres.log"] + [s.log_file for s in st.servers]
+        if server == "postgres":
+            return [self.dir / "postgres" / "postgres.log"]
+        for s in st.servers:
+            if s.name == server:
+                return [s.log_file]
+            if server == f"{s.name}-console":
+                return [s.console_file]
+        names = ["postgres"] + [s.name for s in st.servers]
+        raise UserError(f"unknown server {server!r}; one of {', '.join(names)} "
+                        "(or <server>-console)")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared with the tests
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+def plugin_problems(bpe_log: Path) -> list[str]:
+    """BPE log lines saying that a plugin (or one of its parts) was not deployed."""
+    try:
+        text = bpe_log.read_text(errors="replace")
+    except OSError:
+        return []
+    keys = ("Ignoring process plugin", "Error loading process plugins",
+            "Error while executing process plugins resource bundle")
+    return [ln for ln in text.splitlines() if any(k in ln for k in keys)]
+
+
+def ad_active(st: State, site: SiteInfo, url: str) -> bool:
+    try:
+        with client(st, site, timeout=10) as c:
+            r = c.get("/ActivityDefinition", params={"url": url, "status": "active"})
+        return r.status_code == 200 and (r.json().get("total") or 0) > 0
+    except (httpx.HTTPError, ssl.SSLError, OSError, ValueError):
+        return False
