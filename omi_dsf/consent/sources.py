@@ -1,0 +1,62 @@
+"""Where a patient's Consent resources come from: a FHIR server or a folder of JSON files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+
+class ConsentLookupError(Exception):
+    """The consents could not be read; the caller denies with this reason."""
+
+
+def from_fhir_server(base_url: str, identifier_system: str, patient_id: str,
+                     client: httpx.Client | None = None, timeout: float = 10.0) -> list[dict]:
+    """Consent?patient.identifier=system|value, following Bundle next links."""
+    http = client or httpx.Client(timeout=timeout)
+    url: str | None = base_url.rstrip("/") + "/Consent"
+    params: dict | None = {"patient.identifier": f"{identifier_system}|{patient_id}", "_count": "50"}
+    out: list[dict] = []
+    while url:
+        try:
+            resp = http.get(url, params=params, headers={"Accept": "application/fhir+json"})
+        except httpx.HTTPError as exc:
+            raise ConsentLookupError(f"consent server unreachable ({type(exc).__name__})") from None
+        if resp.status_code != 200:
+            raise ConsentLookupError(f"consent server answered HTTP {resp.status_code}")
+        try:
+            bundle = resp.json()
+        except ValueError:
+            raise ConsentLookupError("consent server reply is not JSON") from None
+        out.extend(_consents_in(bundle))
+        url = next((link.get("url") for link in bundle.get("link") or () if link.get("relation") == "next"), None)
+        params = None
+    return out
+
+
+def from_folder(folder: str | Path, patient_id: str) -> list[dict]:
+    """<folder>/<patient id>.json holding a Consent or a Bundle of them; missing file: none."""
+    safe = "".join(ch for ch in patient_id if ch.isalnum() or ch in "-_.")
+    if not safe or safe != patient_id:
+        raise ConsentLookupError("patient identifier has characters not allowed in a file name")
+    path = Path(folder) / f"{safe}.json"
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConsentLookupError(f"consent file unreadable ({type(exc).__name__})") from None
+    return _consents_in(data)
+
+
+def _consents_in(data) -> list[dict]:
+    if not isinstance(data, dict):
+        raise ConsentLookupError("consent data is not a FHIR resource")
+    if data.get("resourceType") == "Consent":
+        return [data]
+    if data.get("resourceType") == "Bundle":
+        return [e["resource"] for e in data.get("entry") or ()
+                if isinstance(e, dict) and (e.get("resource") or {}).get("resourceType") == "Consent"]
+    raise ConsentLookupError(f"expected Consent or Bundle, got {data.get('resourceType')!r}")
