@@ -16,6 +16,7 @@ retry after a crash stores the same objects again rather than new ones.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,10 @@ from omi_dsf.worker.api import Answers, StepContext, StepError
 
 DEFAULT_MODEL = "lung-seg"
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
+
+# Both libraries log study/series/SOP instance UIDs at INFO; UIDs count as identifying.
+for _noisy in ("highdicom", "dicomweb_client"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 def _service(inputs: Answers, site: Any) -> tuple[str, str]:
