@@ -103,7 +103,7 @@ def test_basic_profile_removes_identity_everywhere():
     assert out.PatientBirthDate == "" and out.AccessionNumber == "" and out.StudyDate == ""
     assert out.ReferringPhysicianName == ""  # Z: kept empty
     for gone in ("InstitutionName", "ImageComments", "StudyDescription",
-                 "PatientAge", "PatientWeight", "DeviceSerialNumber", "StationName", "AcquisitionDateTime",
+                 "PatientAge", "PatientWeight", "StationName", "AcquisitionDateTime",
                  "RequestAttributesSequence"):
         assert gone not in out, gone
     assert "SourceApplicationEntityTitle" not in out.file_meta
