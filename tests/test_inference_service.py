@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -15,8 +16,6 @@ from omi_dsf.inference import lungseg, phantom
 from omi_dsf.inference.client import (InferenceRejected, InferenceTimeout, ModelNotReady, OipClient,
                                       ServiceUnavailable, TensorMismatch)
 from omi_dsf.inference.service import LungSegModel, create_app
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette TestClient on httpx
 
 SPACING = np.array([2.5, 2.8, 2.8], np.float32)  # 128 matrix over a 358 mm field
 
@@ -28,7 +27,9 @@ def model():
 
 @pytest.fixture
 def ai(model):
-    from starlette.testclient import TestClient  # imported here: it warns at import about httpx
+    with warnings.catch_warnings():  # starlette warns at import that it prefers another httpx package
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
 
     with TestClient(create_app([model]), base_url="http://ai") as http:
         yield OipClient("http://ai", http=http)
