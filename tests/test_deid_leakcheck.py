@@ -1,0 +1,114 @@
+"""The leak check: any identifying value anywhere stops the object, naming the attribute only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from pydicom.dataset import Dataset
+
+from omi_dsf.deid import synthetic
+from omi_dsf.deid.leakcheck import LeakError, check_outgoing, find_leaks
+from omi_dsf.deid.pipeline import StudyPseudonymizer
+from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
+from omi_dsf.deid.store import SiteStore
+
+KEY = b"leak-test-key-0123456789"
+P = synthetic.PATIENT
+
+
+@pytest.fixture
+def clean():
+    """A de-identified instance and the identity of its original."""
+    store = SiteStore()
+    sp = StudyPseudonymizer(key=KEY, domain="omi", provider=EmbeddedProvider(KEY, store), store=store)
+    out = sp.process_one(synthetic.ct_instance(), "ct")
+    return out, sp.identity
+
+
+def test_clean_object_passes(clean):
+    out, identity = clean
+    check_outgoing(out, identity)
+    assert find_leaks(out, identity) == []
+
+
+@pytest.mark.parametrize("plant,where", [
+    (lambda ds: setattr(ds, "SeriesDescription", f"Thorax {P['name'].split('^')[0].upper()}"), "SeriesDescription (0008,103E)"),
+    (lambda ds: setattr(ds, "ImageComments", f"ID {P['id']}"), "ImageComments (0020,4000)"),
+    (lambda ds: setattr(ds, "ImageComments", "born 1958-02-14"), "ImageComments"),
+    (lambda ds: setattr(ds, "PatientComments", P["accession"]), "PatientComments"),
+    (lambda ds: setattr(ds, "AcquisitionDate", P["birth_date"]), "AcquisitionDate"),
+    (lambda ds: setattr(ds, "InstitutionName", P["institution"]), "InstitutionName"),
+    (lambda ds: setattr(ds, "StudyComments", "Annegret"), "StudyComments"),
+], ids=["name-in-description", "id-in-comment", "iso-birth-date", "accession", "birth-date-DA",
+        "institution", "given-name"])
+def test_planted_values_are_found(clean, plant, where):
+    out, identity = clean
+    plant(out)
+    with pytest.raises(LeakError) as err:
+        check_outgoing(out, identity)
+    assert where in str(err.value)
+    for secret in (P["name"], P["id"], P["birth_date"], "Annegret", P["accession"]):
+        assert secret not in str(err.value)  # the message names the tag, never the value
+
+
+def test_original_uid_anywhere_is_found(clean):
+    out, identity = clean
+    original_study = next(iter(identity.uids - {out.StudyInstanceUID}))
+    item = Dataset()
+    inner = Dataset()
+    inner.ReferencedSOPInstanceUID = original_study
+    item.ReferencedSOPSequence = [inner]
+    out.ReferencedSeriesSequence = [item]
+    hits = find_leaks(out, identity)
+    assert hits == ["ReferencedSeriesSequence (0008,1115)[0].ReferencedSOPSequence (0008,1199)[0]."
+                    "ReferencedSOPInstanceUID (0008,1155)"]
+
+
+def test_uid_inside_free_text_is_found(clean):
+    out, identity = clean
+    original = sorted(identity.uids)[0]
+    out.ImageComments = f"see {original} for priors"
+    assert any("ImageComments" in h for h in find_leaks(out, identity))
+
+
+def test_private_tags_and_undecoded_bytes_are_checked(clean):
+    out, identity = clean
+    block = out.private_block(0x0011, "SOMEVENDOR", create=True)
+    block.add_new(0x01, "UN", b"\x00\x01" + P["id"].encode() + b"\x00")
+    hits = find_leaks(out, identity)
+    assert len(hits) == 1 and "(0011,1001)" in hits[0]
+
+
+def test_file_meta_is_checked(clean):
+    out, identity = clean
+    out.file_meta.MediaStorageSOPInstanceUID = sorted(identity.uids)[0]
+    assert any("MediaStorageSOPInstanceUID" in h for h in find_leaks(out, identity))
+
+
+def test_name_parts_do_not_match_inside_other_words(clean):
+    out, identity = clean
+    out.SeriesDescription = "Schneidermann protocol"  # contains the family name, not the name
+    assert find_leaks(out, identity) == []
+
+
+def test_burned_in_annotation(clean):
+    out, identity = clean
+    out.BurnedInAnnotation = "YES"
+    with pytest.raises(LeakError, match=r"BurnedInAnnotation \(0028,0301\) is YES"):
+        check_outgoing(out, identity)
+    us = copy.deepcopy(out)
+    del us.BurnedInAnnotation
+    us.Modality = "US"
+    with pytest.raises(LeakError, match="absent for modality US"):
+        check_outgoing(us, identity)
+    ct = copy.deepcopy(out)
+    del ct.BurnedInAnnotation
+    check_outgoing(ct, identity)  # CT without the flag: no burned-in text expected
+
+
+def test_not_deidentified_object_is_refused(clean):
+    out, identity = clean
+    out.PatientIdentityRemoved = "NO"
+    with pytest.raises(LeakError, match="PatientIdentityRemoved"):
+        check_outgoing(out, identity)
