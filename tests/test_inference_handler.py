@@ -1,0 +1,157 @@
+"""The `infer` step against real servers: Orthanc as the DICOMweb gateway, the reference AI service.
+
+Orthanc (Debian package, DICOMweb plugin) stands in for the project's gateway: the handler only
+speaks standard QIDO/WADO/STOW, so any DICOMweb server will do.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import uvicorn
+from dicomweb_client.api import DICOMwebClient
+
+from conftest import free_port
+from omi_dsf.inference import handler, lungseg, phantom
+from omi_dsf.inference.client import ServiceUnavailable
+from omi_dsf.inference.service import LungSegModel, create_app
+from omi_dsf.worker.api import StepContext, StepError
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not shutil.which("Orthanc") and not Path("/usr/sbin/Orthanc").exists(),
+                       reason="Orthanc not installed (tools/apt-packages.txt: orthanc, orthanc-dicomweb)"),
+]
+
+MAX_SLICES = 10
+
+
+@pytest.fixture(scope="module")
+def ai_url():
+    server = uvicorn.Server(uvicorn.Config(create_app([LungSegModel(max_slices=MAX_SLICES)]),
+                                           host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "AI service did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def _study(root: Path, name: str, seed: int, slices: int, size: int = 128, modality: str = "CT",
+           drop: int | None = None) -> tuple[str, list[Path]]:
+    paths = phantom.write_ct_study(root / name, slices=slices, seed=seed, rows=size, cols=size)
+    if drop is not None:
+        paths.pop(drop).unlink()
+    if modality != "CT":
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.Modality = modality
+            ds.save_as(p)
+    return str(pydicom.dcmread(paths[0]).StudyInstanceUID), paths
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    from omi_dsf.dicomweb.legacy_pacs import Orthanc
+
+    root = tmp_path_factory.mktemp("infer")
+    studies = {
+        "good": _study(root, "good", 10, 8),
+        "mr": _study(root, "mr", 11, 4, 32, modality="MR"),
+        "gap": _study(root, "gap", 12, 6, 32, drop=3),
+        "big": _study(root, "big", 13, MAX_SLICES + 2, 32),
+    }
+    with Orthanc(root / "orthanc") as orthanc:
+        orthanc.load([p for _, paths in studies.values() for p in paths])
+        yield orthanc, {k: uid for k, (uid, _) in studies.items()}
+
+
+def _ctx(gateway_url: str, ai_url: str, **site) -> StepContext:
+    return StepContext(topic="infer", business_key="bk-test",
+                       site={"gateway_url": gateway_url, "ai_service_url": ai_url, "ai_timeout_s": 60, **site})
+
+
+def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
+    orthanc, uids = gateway
+    caplog.set_level(logging.INFO)
+    before = orthanc.instance_count()
+    out = handler.infer({"pseudonymized-study-instance-uid": uids["good"], "ai-service-identifier": "lung-seg",
+                         "study-location": f"{orthanc.dicomweb_url}/studies/{uids['good']}"},
+                        _ctx(orthanc.dicomweb_url, ai_url))
+    assert out["status"] == "completed"
+    assert out["result-study-instance-uid"] == uids["good"]
+    assert out["result-location"] == f"{orthanc.dicomweb_url}/studies/{uids['good']}"
+    seg_series, sr_series = out["result-series-uids"].split(",")
+    assert orthanc.instance_count() == before + 2
+
+    web = DICOMwebClient(orthanc.dicomweb_url)
+    (seg_ds,) = web.retrieve_series(uids["good"], seg_series)
+    (sr_ds,) = web.retrieve_series(uids["good"], sr_series)
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    source = sorted(web.retrieve_series(uids["good"], str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)),
+                    key=lambda ds: int(ds.InstanceNumber))
+    mask = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], combine_segments=True)
+    truth = phantom.known_lung_mask(8, 10, 128, 128)
+    d = lungseg.dice(mask > 0, truth)
+    print(f"Dice through gateway + service: {d:.4f}")
+    assert d > 0.9
+    assert sr_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert '"resourceType":"DiagnosticReport"' in out["fhir-bundle"]
+
+    # nothing identifying in the log: not the fake patient's name or ID, nor the UIDs
+    for value in (str(source[0].PatientName), str(source[0].PatientID), uids["good"]):
+        assert value not in caplog.text
+
+    # idempotent: a second run (a retried work item) stores the same objects, not new ones
+    again = handler.infer({"pseudonymized-study-instance-uid": uids["good"]}, _ctx(orthanc.dicomweb_url, ai_url))
+    assert again["result-series-uids"] == out["result-series-uids"]
+    assert orthanc.instance_count() == before + 2
+
+
+@pytest.mark.parametrize("study, message", [
+    ("mr", r"study has no CT series \(modalities found: MR\); the model needs CT"),
+    ("gap", r"slices are unevenly spaced: 5.00 mm between instances 3 and 5, 2.50 mm elsewhere; "
+            r"about 1 slice\(s\) missing"),
+    ("big", rf"series has {MAX_SLICES + 2} slices, more than the model's limit of {MAX_SLICES}"),
+])
+def test_bad_input_is_a_step_error_naming_the_problem(gateway, ai_url, study, message):
+    orthanc, uids = gateway
+    before = orthanc.instance_count()
+    with pytest.raises(StepError, match=message):
+        handler.infer({"pseudonymized-study-instance-uid": uids[study]}, _ctx(orthanc.dicomweb_url, ai_url))
+    assert orthanc.instance_count() == before  # nothing stored
+
+
+def test_unknown_study_model_or_service(gateway, ai_url):
+    orthanc, uids = gateway
+    with pytest.raises(StepError, match="not at the gateway|does not know study"):
+        handler.infer({"pseudonymized-study-instance-uid": "1.2.3.4.5"}, _ctx(orthanc.dicomweb_url, ai_url))
+    with pytest.raises(StepError, match="model 'no-such-model' is not available"):
+        handler.infer({"pseudonymized-study-instance-uid": uids["good"]},
+                      _ctx(orthanc.dicomweb_url, ai_url, ai_model="no-such-model"))
+    with pytest.raises(StepError, match="AI service 'x-ray-magic' is not offered"):
+        handler.infer({"pseudonymized-study-instance-uid": uids["good"], "ai-service-identifier": "x-ray-magic"},
+                      StepContext(topic="infer", business_key="bk", site={
+                          "gateway_url": orthanc.dicomweb_url, "ai_services": {"lung-seg": {"url": ai_url}}}))
+    with pytest.raises(StepError, match="pseudonymized-study-instance-uid is missing"):
+        handler.infer({}, _ctx(orthanc.dicomweb_url, ai_url))
+
+
+def test_unreachable_service_is_transient_not_a_step_error(gateway):
+    orthanc, uids = gateway
+    with pytest.raises(ServiceUnavailable) as info:
+        handler.infer({"pseudonymized-study-instance-uid": uids["good"]},
+                      _ctx(orthanc.dicomweb_url, f"http://127.0.0.1:{free_port()}"))
+    assert not isinstance(info.value, StepError)
