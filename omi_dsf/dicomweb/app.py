@@ -1,0 +1,391 @@
+"""The ASGI application: one handler per DICOMweb transaction, for each backend.
+
+Routes exist at the root (the default backend) and under ``/aets/{aet}`` (any backend).
+Blocking backend calls run in worker threads; retrieval streams through :class:`ThreadStream`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from io import BytesIO
+from typing import AsyncIterator
+
+import anyio
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+
+from . import qido, rendering, wado
+from .attributes import INSTANCE, SERIES, SOP_UID, STUDY
+from .auth import AuthMiddleware
+from .backends import build_backends
+from .backends.dimse import DimseBackend
+from .config import GatewayConfig
+from .dicomjson import array_chunks, dumps
+from .errors import (BadRequest, DicomwebError, NotAcceptable, NotFound, PayloadTooLarge,
+                     UnsupportedMediaType)
+from .multipart import (CRLF, closing, content_type, new_boundary, parse_accept, parse_media_type,
+                        parse_multipart, part_head)
+from .query import check_uid, parse_qido
+from .stream import ThreadStream
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+CANNOT_UNDERSTAND = 0xC000
+STUDY_MISMATCH = 0xA900  # the instance does not belong to the study in the URL
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        self.backends, self._close = build_backends(cfg)
+        self.limiter = anyio.CapacityLimiter(32)
+
+    def close(self) -> None:
+        self._close()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def backend(self, request: Request):
+        aet = request.path_params.get("aet")
+        if aet is None:
+            return self.backends[self.cfg.default_backend]
+        backend = self.backends.get(aet)
+        if backend is None:
+            raise NotFound(f"no PACS or store named {aet[:20]!r} on this gateway")
+        return backend
+
+    def base_url(self, request: Request) -> str:
+        if self.cfg.base_url:
+            base = self.cfg.base_url.rstrip("/")
+        else:
+            base = str(request.base_url).rstrip("/")
+        aet = request.path_params.get("aet")
+        return f"{base}/aets/{aet}" if aet else base
+
+    def stall_timeout(self, backend) -> float:
+        if isinstance(backend, DimseBackend):
+            return backend.cfg.dimse_timeout + 10
+        return 60.0
+
+    async def run(self, fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    @staticmethod
+    def scope(request: Request) -> dict[str, str]:
+        p = request.path_params
+        out = {}
+        for level, key, what in ((STUDY, "study", "StudyInstanceUID"), (SERIES, "series", "SeriesInstanceUID"),
+                                 (INSTANCE, "instance", "SOPInstanceUID")):
+            if key in p:
+                out[level] = check_uid(p[key], f"{what} in the URL:")
+        return out
+
+    async def open_stream(self, backend, level: str, scope: dict, transform=None) -> tuple[ThreadStream, object]:
+        """Start the retrieval and wait for its first item (errors before it become HTTP errors)."""
+        def produce(emit, token):
+            out = emit if transform is None else (lambda data: emit(transform(data)))
+            backend.retrieve(level, scope, out, token)
+        stream = ThreadStream(produce, maxsize=self.cfg.stream_queue,
+                              stall_timeout=self.stall_timeout(backend)).start()
+        try:
+            first = await stream.next()
+        except StopAsyncIteration:
+            raise NotFound(f"no instances for this {level}") from None
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream, first
+
+    # -- QIDO-RS -------------------------------------------------------------------------------
+    async def search(self, request: Request, level: str) -> Response:
+        scope = self.scope(request)
+        q = parse_qido(list(request.query_params.multi_items()), level,
+                       scope.get(STUDY), scope.get(SERIES))
+        accept = parse_accept(request.headers.get("accept"))
+        if not any(mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*") for mt in accept):
+            raise NotAcceptable("Accept: search results are available as application/dicom+json")
+        backend = self.backend(request)
+        result = await self.run(qido.search, backend, q, self.base_url(request), self.cfg.max_results)
+        headers = {}
+        if result.truncated:
+            headers["Warning"] = '299 omi-gateway "There are additional results that can be requested"'
+        return Response(dumps(result.items), media_type=DICOM_JSON, headers=headers)
+
+    # -- WADO-RS: instances --------------------------------------------------------------------
+    async def retrieve(self, request: Request, level: str) -> Response:
+        scope = self.scope(request)
+        choice = wado.choose_instance_media(parse_accept(request.headers.get("accept")))
+        backend = self.backend(request)
+        transform = None if choice.transfer_syntax is None else (lambda d: wado.convert(d, choice))
+        stream, first = await self.open_stream(backend, level, scope, transform)
+        boundary = new_boundary()
+        head = part_head(boundary, wado.DICOM)
+
+        async def body() -> AsyncIterator[bytes]:
+            sent = 0
+            try:
+                yield head
+                yield first
+                sent = 1
+                async for data in stream:
+                    yield CRLF + head
+                    yield data
+                    sent += 1
+                yield CRLF + closing(boundary)
+            except DicomwebError as exc:
+                log.warning("retrieval of a %s ended after %d instances: %s", level, sent, exc.message)
+                raise
+            finally:
+                stream.cancel()
+
+        ct = content_type(boundary, wado.DICOM, choice.transfer_syntax)
+        return StreamingResponse(body(), media_type=ct)
+
+    async def retrieve_metadata(self, request: Request, level: str) -> Response:
+        scope = self.scope(request)
+        accept = parse_accept(request.headers.get("accept"))
+        if not any(mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*") for mt in accept):
+            raise NotAcceptable("Accept: metadata is available as application/dicom+json")
+        backend = self.backend(request)
+        base = self.base_url(request)
+
+        def to_meta(data: bytes) -> bytes:
+            ds = wado.read(data)
+            uri = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                   f"/instances/{ds.SOPInstanceUID}/bulk")
+            return dumps(wado.to_json(ds, uri))
+
+        stream, first = await self.open_stream(backend, level, scope, to_meta)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield b"[" + first
+                async for item in stream:
+                    yield b"," + item
+                yield b"]"
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(body(), media_type=DICOM_JSON)
+
+    # -- WADO-RS: parts of one instance --------------------------------------------------------
+    async def _instance(self, request: Request):
+        scope = self.scope(request)
+        backend = self.backend(request)
+        data = await self.run(backend.instance, scope[STUDY], scope[SERIES], scope[INSTANCE])
+        return await self.run(wado.read, data)
+
+    async def retrieve_frames(self, request: Request) -> Response:
+        numbers = wado.parse_frame_list(request.path_params["frames"])
+        accept = parse_accept(request.headers.get("accept"))
+        ds = await self._instance(request)
+        frames, ts = wado.frame_bytes(ds, numbers)
+        part, ts, single = wado.choose_frame_media(accept, ts)
+        if single:
+            if len(frames) != 1:
+                raise NotAcceptable("Accept: several frames need multipart/related")
+            return Response(frames[0], media_type=part, headers={"Content-Type": f"{part}; transfer-syntax={ts}"})
+        return self._multipart(frames, part, ts)
+
+    def _multipart(self, values: list[bytes], part: str, ts: str | None) -> Response:
+        boundary = new_boundary()
+        chunks = []
+        for value in values:
+            chunks += [part_head(boundary, part, transfer_syntax=ts), value, CRLF]
+        chunks.append(closing(boundary))
+        return Response(b"".join(chunks), media_type=content_type(boundary, part, ts))
+
+    async def retrieve_bulkdata(self, request: Request) -> Response:
+        accept = parse_accept(request.headers.get("accept"))
+        ds = await self._instance(request)
+        value = wado.bulk_value(ds, request.path_params["tag"])
+        for mt in accept:
+            if mt.mime == wado.OCTET:
+                return Response(value, media_type=wado.OCTET)
+            if mt.mime in ("*/*", "multipart/related", "multipart/*"):
+                return self._multipart([value], wado.OCTET, None)
+        raise NotAcceptable("Accept: bulk data is available as application/octet-stream")
+
+    async def retrieve_rendered(self, request: Request, thumbnail: bool = False) -> Response:
+        media = rendering.choose_image_media(parse_accept(request.headers.get("accept")))
+        opts = rendering.parse_render_params(list(request.query_params.multi_items()), thumbnail)
+        frame = 1
+        if "frames" in request.path_params:
+            frames = wado.parse_frame_list(request.path_params["frames"])
+            if len(frames) != 1:
+                raise BadRequest("frames: a rendered frame takes exactly one frame number")
+            frame = frames[0]
+        if "instance" not in request.path_params:
+            request.path_params["instance"] = await self._representative(request)
+        ds = await self._instance(request)
+        image = await self.run(rendering.render, ds, frame, media, opts)
+        return Response(image, media_type=media)
+
+    async def _representative(self, request: Request) -> str:
+        """The middle instance of the (first) series: what a study/series thumbnail shows."""
+        scope = self.scope(request)
+        backend = self.backend(request)
+        if SERIES not in scope:
+            found = await self.run(backend.find, SERIES, {}, set(), {STUDY: scope[STUDY]})
+            if not found:
+                raise NotFound("no series in this study")
+            request.path_params["series"] = str(found[0].SeriesInstanceUID)
+            scope[SERIES] = request.path_params["series"]
+        found = await self.run(backend.find, INSTANCE, {}, {0x00200013}, scope)
+        if not found:
+            raise NotFound("no instances in this series")
+        found.sort(key=lambda d: int(d.get("InstanceNumber", 0) or 0))
+        return str(found[len(found) // 2][SOP_UID].value)
+
+    # -- STOW-RS -------------------------------------------------------------------------------
+    async def store(self, request: Request) -> Response:
+        scope = self.scope(request)
+        ctype = parse_media_type(request.headers.get("content-type", ""))
+        if ctype.mime != "multipart/related" or (ctype.type_param not in (None, wado.DICOM)):
+            raise UnsupportedMediaType('Content-Type: STOW-RS takes multipart/related; type="application/dicom"')
+        limit = self.cfg.max_upload_mb * 1024 * 1024
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise PayloadTooLarge(f"request body larger than {self.cfg.max_upload_mb} MB")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"request body larger than {self.cfg.max_upload_mb} MB")
+        parts = parse_multipart(bytes(body), ctype.params.get("boundary", ""))
+        if not parts:
+            raise BadRequest("multipart body: no parts")
+        backend = self.backend(request)
+        base = self.base_url(request)
+        outcome = await self.run(self._store_parts, backend, parts, scope.get(STUDY))
+        return self._stow_response(outcome, base, scope.get(STUDY))
+
+    @staticmethod
+    def _store_parts(backend, parts, url_study):
+        failed, items, meta = [], [], []
+        for part in parts:
+            ptype = parse_media_type(part.content_type).mime if part.content_type else wado.DICOM
+            if ptype != wado.DICOM:
+                failed.append(("", "", CANNOT_UNDERSTAND, f"part media type {ptype[:40]} is not application/dicom"))
+                continue
+            try:
+                ds = dcmread(BytesIO(part.body), stop_before_pixels=True)
+                sop_class, sop = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+                study = str(ds.StudyInstanceUID)
+                ts = str(ds.file_meta.TransferSyntaxUID)
+            except (InvalidDicomError, AttributeError, ValueError, EOFError, KeyError, TypeError) as exc:
+                failed.append(("", "", CANNOT_UNDERSTAND, f"not a DICOM Part 10 instance ({type(exc).__name__})"))
+                continue
+            if url_study and study != url_study:
+                failed.append((sop_class, sop, STUDY_MISMATCH, "StudyInstanceUID does not match the URL"))
+                continue
+            items.append((sop_class, sop, ts, part.body))
+            meta.append((sop_class, sop, study, str(ds.get("SeriesInstanceUID", ""))))
+        stored = []
+        if items:
+            results = backend.store(items, {m[2] for m in meta})
+            for (sop_class, sop, study, series), (status, comment) in zip(meta, results):
+                if status == 0x0000 or status >> 12 == 0xB:
+                    stored.append((sop_class, sop, study, series, status, comment))
+                else:
+                    failed.append((sop_class, sop, status, comment))
+        return stored, failed
+
+    @staticmethod
+    def _stow_response(outcome, base: str, url_study: str | None) -> Response:
+        stored, failed = outcome
+        body: dict = {}
+        studies = {s[2] for s in stored} | ({url_study} if url_study else set())
+        if len(studies) == 1:
+            body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{next(iter(studies))}"]}
+        if failed:
+            body["00081198"] = {"vr": "SQ", "Value": [{
+                "00081150": {"vr": "UI", "Value": [c]} if c else {"vr": "UI"},
+                "00081155": {"vr": "UI", "Value": [i]} if i else {"vr": "UI"},
+                "00081197": {"vr": "US", "Value": [status]},
+                **({"00000902": {"vr": "LO", "Value": [why[:64]]}} if why else {}),
+            } for c, i, status, why in failed]}
+        if stored:
+            body["00081199"] = {"vr": "SQ", "Value": [{
+                "00081150": {"vr": "UI", "Value": [c]},
+                "00081155": {"vr": "UI", "Value": [i]},
+                "00081190": {"vr": "UR", "Value": [f"{base}/studies/{st}/series/{se}/instances/{i}"]},
+                **({"00081196": {"vr": "US", "Value": [status]}} if status else {}),
+            } for c, i, st, se, status, _ in stored]}
+        warnings = any(s[4] for s in stored)
+        status = 409 if not stored else (202 if failed or warnings else 200)
+        return Response(dumps(body), status_code=status, media_type=DICOM_JSON)
+
+
+async def _health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def _handler(fn):
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except DicomwebError as exc:
+            if exc.status >= 500:
+                log.warning("%s %s: %s", request.method, request.url.path, exc.message)
+            return JSONResponse({"status": exc.status, "error": exc.message}, status_code=exc.status)
+    return endpoint
+
+
+def create_app(cfg: GatewayConfig) -> Starlette:
+    gw = Gateway(cfg)
+
+    def routes() -> list[Route]:
+        S = "/studies/{study}"
+        SE = S + "/series/{series}"
+        I = SE + "/instances/{instance}"
+        r = []
+
+        def add(path, fn, methods=("GET",)):
+            r.append(Route(path, _handler(fn), methods=list(methods)))
+
+        # QIDO-RS
+        add("/studies", lambda rq: gw.search(rq, STUDY))
+        add("/series", lambda rq: gw.search(rq, SERIES))
+        add("/instances", lambda rq: gw.search(rq, INSTANCE))
+        add(S + "/series", lambda rq: gw.search(rq, SERIES))
+        add(S + "/instances", lambda rq: gw.search(rq, INSTANCE))
+        add(SE + "/instances", lambda rq: gw.search(rq, INSTANCE))
+        # STOW-RS
+        add("/studies", gw.store, ("POST",))
+        add(S, gw.store, ("POST",))
+        # WADO-RS
+        add(S, lambda rq: gw.retrieve(rq, STUDY))
+        add(SE, lambda rq: gw.retrieve(rq, SERIES))
+        add(I, lambda rq: gw.retrieve(rq, INSTANCE))
+        add(S + "/metadata", lambda rq: gw.retrieve_metadata(rq, STUDY))
+        add(SE + "/metadata", lambda rq: gw.retrieve_metadata(rq, SERIES))
+        add(I + "/metadata", lambda rq: gw.retrieve_metadata(rq, INSTANCE))
+        add(I + "/frames/{frames}", gw.retrieve_frames)
+        add(I + "/bulk/{tag}", gw.retrieve_bulkdata)
+        add(I + "/rendered", gw.retrieve_rendered)
+        add(I + "/frames/{frames}/rendered", gw.retrieve_rendered)
+        add(S + "/thumbnail", lambda rq: gw.retrieve_rendered(rq, True))
+        add(SE + "/thumbnail", lambda rq: gw.retrieve_rendered(rq, True))
+        add(I + "/thumbnail", lambda rq: gw.retrieve_rendered(rq, True))
+        add(I + "/frames/{frames}/thumbnail", lambda rq: gw.retrieve_rendered(rq, True))
+        return r
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(gw.close)
+
+    app = Starlette(routes=[Route("/health", _health), *routes(), Mount("/aets/{aet}", routes=routes())],
+                    lifespan=lifespan)
+    app.state.gateway = gw
+    wrapped = AuthMiddleware(app, cfg)
+    wrapped.gateway = gw
+    return wrapped

@@ -1,0 +1,205 @@
+"""A legacy PACS reached over DIMSE: C-FIND, C-GET / C-MOVE, C-STORE (Study Root)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+from pydicom.dataset import Dataset
+
+from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, MODALITY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
+                          N_STUDY_SERIES, QR_LEVEL, SERIES, SERIES_UID, SOP_UID, STUDY, UID_KEYWORD,
+                          vr_of)
+from ..config import DimseBackendConfig, GatewayConfig
+from ..dimse.association import AssociationPool, Peer, find_contexts, get_contexts, move_contexts
+from ..dimse.find import c_find
+from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
+from ..dimse.store import c_store
+from ..errors import NotFound, PacsUnavailable
+from ..query import split_uid_list
+from ..stream import CancelToken
+from pynetdicom import evt
+
+log = logging.getLogger(__name__)
+
+
+class MoveScpHolder:
+    """Starts the gateway's C-MOVE storage SCP the first time a backend needs it."""
+
+    def __init__(self, cfg: GatewayConfig):
+        self._dest = cfg.move_destination
+        self._scp: MoveScp | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> MoveScp:
+        with self._lock:
+            if self._scp is None:
+                if self._dest is None:
+                    raise PacsUnavailable("C-MOVE needs dimse.move_destination in the configuration")
+                d = self._dest
+                try:
+                    self._scp = MoveScp(d.aet, d.bind or d.host, d.port).start()
+                except OSError as exc:
+                    raise PacsUnavailable(f"cannot listen for C-MOVE on port {d.port}: {exc}") from None
+            return self._scp
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._scp is not None:
+                self._scp.stop()
+                self._scp = None
+
+
+class _InstanceCache:
+    def __init__(self, max_bytes: int):
+        self.max = max_bytes
+        self.size = 0
+        self.items: OrderedDict[str, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self.lock:
+            data = self.items.get(key)
+            if data is not None:
+                self.items.move_to_end(key)
+            return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.max:
+            return
+        with self.lock:
+            old = self.items.pop(key, None)
+            if old is not None:
+                self.size -= len(old)
+            self.items[key] = data
+            self.size += len(data)
+            while self.size > self.max:
+                _, dropped = self.items.popitem(last=False)
+                self.size -= len(dropped)
+
+    def drop_study(self, keys_prefix: str) -> None:
+        with self.lock:
+            for k in [k for k in self.items if k.startswith(keys_prefix)]:
+                self.size -= len(self.items.pop(k))
+
+
+class DimseBackend:
+    trusts_matching = True   # the PACS already matched; an attribute it left out is not a mismatch
+
+    def __init__(self, cfg: DimseBackendConfig, calling_aet: str, move: MoveScpHolder):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.calling_aet = calling_aet
+        self.peer = Peer(cfg.called_aet, cfg.host, cfg.port, cfg.connect_timeout, cfg.acse_timeout,
+                         cfg.dimse_timeout, cfg.network_timeout, cfg.max_pdu)
+        self._find_pool = AssociationPool(calling_aet, self.peer, lambda: (find_contexts(), None),
+                                          size=cfg.pool_size)
+        self._get_pool = AssociationPool(calling_aet, self.peer, get_contexts, size=cfg.pool_size,
+                                         handlers=[(evt.EVT_C_STORE, dispatch_store)])
+        self._move_pool = AssociationPool(calling_aet, self.peer, lambda: (move_contexts(), None),
+                                          size=cfg.pool_size)
+        self._move = move
+        self._summaries: dict[tuple, tuple[float, object]] = {}
+        self._cache = _InstanceCache(cfg.cache_mb * 1024 * 1024)
+
+    # -- C-FIND --------------------------------------------------------------------------------
+    def find(self, level: str, match: dict[int, str], returns: set[int], scope: dict[str, str]) -> list[Dataset]:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = QR_LEVEL[level]
+        for lvl, uid in scope.items():
+            setattr(ident, UID_KEYWORD[lvl], uid)
+        setattr(ident, UID_KEYWORD[level], "")
+        for tag in sorted(returns | set(match)):
+            vr = vr_of(tag).split(" or ")[0]
+            if vr in ("SQ", "UN") or tag in ident or tag >> 16 & 1:
+                continue
+            value = match.get(tag)
+            if value is not None and vr == "UI":
+                value = "\\".join(split_uid_list(value))
+            ident.add_new(tag, vr, value if value is not None else None)
+        uid_match = match.get({STUDY: 0x0020000D, SERIES: SERIES_UID, INSTANCE: SOP_UID}[level])
+        if uid_match:
+            setattr(ident, UID_KEYWORD[level], "\\".join(split_uid_list(uid_match)))
+        return c_find(self._find_pool, ident)
+
+    def _cached(self, key: tuple, compute):
+        now = time.monotonic()
+        hit = self._summaries.get(key)
+        if hit and now - hit[0] < self.cfg.summary_ttl:
+            return hit[1]
+        value = compute()
+        if len(self._summaries) > 10000:
+            self._summaries.clear()
+        self._summaries[key] = (now, value)
+        return value
+
+    def series_count(self, study: str, series: str) -> int:
+        return self._cached(("series", study, series), lambda: len({
+            str(d.get("SOPInstanceUID", "")) for d in
+            self.find(INSTANCE, {}, {SOP_UID}, {STUDY: study, SERIES: series})}))
+
+    def study_summary(self, study: str) -> dict[int, object]:
+        def compute():
+            series = {}
+            for d in self.find(SERIES, {}, {MODALITY, N_SERIES_INSTANCES}, {STUDY: study}):
+                uid = str(d.get("SeriesInstanceUID", ""))
+                if uid and uid not in series:
+                    series[uid] = d
+            modalities, total = [], 0
+            for uid, d in series.items():
+                m = str(d.get("Modality", "") or "")
+                if m and m not in modalities:
+                    modalities.append(m)
+                n = d.get("NumberOfSeriesRelatedInstances")
+                total += int(n) if n not in (None, "") else self.series_count(study, uid)
+            return {MODALITIES_IN_STUDY: sorted(modalities), N_STUDY_SERIES: len(series),
+                    N_STUDY_INSTANCES: total}
+        return self._cached(("study", study), compute)
+
+    # -- C-GET / C-MOVE ------------------------------------------------------------------------
+    def _identifier(self, level: str, scope: dict[str, str]) -> Dataset:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = QR_LEVEL[level]
+        for lvl in (STUDY, SERIES, INSTANCE):
+            if lvl in scope:
+                setattr(ident, UID_KEYWORD[lvl], scope[lvl])
+        return ident
+
+    def retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken) -> None:
+        ident = self._identifier(level, scope)
+        mode = self.cfg.retrieve
+        if mode in ("get", "auto"):
+            try:
+                c_get(self._get_pool, ident, emit, token)
+                return
+            except NotFound:
+                if mode == "get":
+                    raise
+                log.info("C-GET found nothing on %s; trying C-MOVE", self.name)
+        c_move(self._move_pool, self._move.get(), ident, emit, token)
+
+    def instance(self, study: str, series: str, sop: str) -> bytes:
+        key = f"{study}/{series}/{sop}"
+        data = self._cache.get(key)
+        if data is not None:
+            return data
+        got: list[bytes] = []
+        self.retrieve(INSTANCE, {STUDY: study, SERIES: series, INSTANCE: sop}, got.append, CancelToken())
+        data = got[0]
+        self._cache.put(key, data)
+        return data
+
+    # -- C-STORE -------------------------------------------------------------------------------
+    def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str]) -> list[tuple[int, str]]:
+        results = c_store(self.calling_aet, self.peer, items)
+        for study in study_uids:
+            self._summaries.pop(("study", study), None)
+            self._cache.drop_study(study + "/")
+        self._summaries = {k: v for k, v in self._summaries.items() if k[1] not in study_uids}
+        return results
+
+    def close(self) -> None:
+        for pool in (self._find_pool, self._get_pool, self._move_pool):
+            pool.close()

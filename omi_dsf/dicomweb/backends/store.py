@@ -1,0 +1,193 @@
+"""The embedded DICOM store: Part 10 files on disk and an SQLite index (the provider's inbox/outbox).
+
+Layout under ``path``: ``index.sqlite`` and ``files/<study>/<series>/<sop>.dcm``. The index keeps,
+per instance, the study/series/instance attributes as DICOM JSON, so queries never open files.
+A file is written to a temporary name and renamed before it is indexed: a crash leaves no
+half-written instance behind. Storing an instance again replaces it (idempotent senders).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
+                          N_STUDY_SERIES, SERIES, SERIES_UID, SOP_UID, STUDY, STUDY_UID, level_of)
+from ..config import StoreBackendConfig
+from ..dicomjson import from_json, to_json
+from ..errors import NotFound
+from ..query import is_uid, split_uid_list
+from ..stream import CancelToken
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    modality TEXT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    study_json TEXT NOT NULL,
+    series_json TEXT NOT NULL,
+    instance_json TEXT NOT NULL,
+    stored_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS by_series ON instances (study_uid, series_uid);
+"""
+
+PROCESSING_FAILURE = 0x0110
+CANNOT_UNDERSTAND = 0xC000
+
+
+def split_levels(ds: Dataset) -> tuple[dict, dict, dict]:
+    """The dataset's top-level attributes as three DICOM JSON objects, one per query level."""
+    levels: dict[str, set[int]] = {STUDY: set(), SERIES: set(), INSTANCE: set()}
+    for elem in ds:
+        levels[level_of(int(elem.tag), INSTANCE)].add(int(elem.tag))
+    levels[SERIES].add(STUDY_UID)
+    levels[INSTANCE].update({STUDY_UID, SERIES_UID})
+    return tuple(to_json(ds, None, levels[lvl]) for lvl in (STUDY, SERIES, INSTANCE))
+
+
+class StoreBackend:
+    trusts_matching = False   # we match ourselves: an absent attribute does not match
+
+    def __init__(self, cfg: StoreBackendConfig):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.root = Path(cfg.path)
+        (self.root / "files").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _rows(self, sql: str, args: list) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- queries -------------------------------------------------------------------------------
+    @staticmethod
+    def _where(level: str, match: dict[int, str], scope: dict[str, str]) -> tuple[str, list]:
+        clauses, args = [], []
+        for lvl, col in ((STUDY, "study_uid"), (SERIES, "series_uid"), (INSTANCE, "sop_uid")):
+            if lvl in scope:
+                clauses.append(f"{col} = ?")
+                args.append(scope[lvl])
+        uid_tag = {STUDY: STUDY_UID, SERIES: SERIES_UID, INSTANCE: SOP_UID}[level]
+        if uid_tag in match:
+            uids = split_uid_list(match[uid_tag])
+            col = {STUDY: "study_uid", SERIES: "series_uid", INSTANCE: "sop_uid"}[level]
+            clauses.append(f"{col} IN ({','.join('?' * len(uids))})")
+            args.extend(uids)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def find(self, level: str, match: dict[int, str], returns: set[int], scope: dict[str, str]) -> list[Dataset]:
+        where, args = self._where(level, match, scope)
+        out: list[Dataset] = []
+        if level == STUDY:
+            rows = self._rows(
+                "SELECT study_json, COUNT(*), COUNT(DISTINCT series_uid), GROUP_CONCAT(DISTINCT modality) "
+                f"FROM instances{where} GROUP BY study_uid ORDER BY MIN(stored_at)", args)
+            for study_json, n_inst, n_series, modalities in rows:
+                ds = from_json(json.loads(study_json))
+                ds.add_new(MODALITIES_IN_STUDY, "CS", sorted(set((modalities or "").split(",")) - {""}))
+                ds.add_new(N_STUDY_SERIES, "IS", n_series)
+                ds.add_new(N_STUDY_INSTANCES, "IS", n_inst)
+                out.append(ds)
+        elif level == SERIES:
+            rows = self._rows(f"SELECT series_json, COUNT(*) FROM instances{where} "
+                              "GROUP BY study_uid, series_uid ORDER BY MIN(stored_at)", args)
+            for series_json, n_inst in rows:
+                ds = from_json(json.loads(series_json))
+                ds.add_new(N_SERIES_INSTANCES, "IS", n_inst)
+                out.append(ds)
+        else:
+            rows = self._rows(f"SELECT instance_json FROM instances{where} ORDER BY stored_at", args)
+            out = [from_json(json.loads(r[0])) for r in rows]
+        return out
+
+    def study_summary(self, study: str) -> dict[int, object]:
+        ds = self.find(STUDY, {}, set(), {STUDY: study})
+        if not ds:
+            return {}
+        return {t: ds[0][t].value for t in (MODALITIES_IN_STUDY, N_STUDY_SERIES, N_STUDY_INSTANCES)}
+
+    def series_count(self, study: str, series: str) -> int:
+        return self._rows("SELECT COUNT(*) FROM instances WHERE study_uid=? AND series_uid=?",
+                          [study, series])[0][0]
+
+    # -- retrieval -----------------------------------------------------------------------------
+    def _paths(self, scope: dict[str, str]) -> list[str]:
+        where, args = self._where(INSTANCE, {}, scope)
+        return [r[0] for r in self._rows(f"SELECT path FROM instances{where} "
+                                         "ORDER BY series_uid, stored_at", args)]
+
+    def retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken) -> None:
+        paths = self._paths(scope)
+        if not paths:
+            raise NotFound(f"no such {level} in store {self.name}")
+        for rel in paths:
+            if token.cancelled:
+                return
+            emit((self.root / rel).read_bytes())
+
+    def instance(self, study: str, series: str, sop: str) -> bytes:
+        paths = self._paths({STUDY: study, SERIES: series, INSTANCE: sop})
+        if not paths:
+            raise NotFound("no such instance")
+        return (self.root / paths[0]).read_bytes()
+
+    # -- storage -------------------------------------------------------------------------------
+    def put(self, data: bytes) -> tuple[int, str]:
+        try:
+            ds = dcmread(BytesIO(data), stop_before_pixels=True)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
+            return CANNOT_UNDERSTAND, f"not a DICOM Part 10 file ({type(exc).__name__})"
+        study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                              "SOPInstanceUID"))
+        sop_class = str(ds.get("SOPClassUID", ""))
+        for what, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
+                          ("SOPInstanceUID", sop), ("SOPClassUID", sop_class)):
+            if not is_uid(uid):
+                return CANNOT_UNDERSTAND, f"{what} missing or invalid"
+        ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+        rel = f"files/{study}/{series}/{sop}.dcm"
+        target = self.root / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            study_json, series_json, instance_json = split_levels(ds)
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [sop, study, series, sop_class, ts, str(ds.get("Modality", "") or ""), rel, len(data),
+                     json.dumps(study_json), json.dumps(series_json), json.dumps(instance_json),
+                     time.time()])
+        except OSError as exc:
+            return PROCESSING_FAILURE, f"could not write: {exc.strerror}"
+        return 0x0000, ""
+
+    def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str]) -> list[tuple[int, str]]:
+        return [self.put(data) for _, _, _, data in items]

@@ -1,0 +1,196 @@
+"""C-GET and C-MOVE (Study Root) that hand each received instance to ``emit`` as it arrives.
+
+C-GET: the instances come back on the same association as C-STORE sub-operations.
+C-MOVE: the PACS opens its own association to the gateway's storage SCP (:class:`MoveScp`); the
+sub-operations carry the Move Originator Message ID, which routes them to the waiting request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove)
+from pynetdicom import StoragePresentationContexts
+
+from ..errors import NotFound, PacsTimeout, PacsUnavailable
+from ..stream import CancelToken, Cancelled
+from .association import STORAGE_SYNTAXES, AssociationPool, abort, next_message_id, set_nodelay
+from .find import lost
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[bytes], None]
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class RetrieveSummary:
+    received: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+
+
+def _sink(emit: Emit, summary: RetrieveSummary) -> Callable:
+    def handle(event) -> int:
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception:  # noqa: BLE001
+            log.warning("could not encode a received instance")
+            return CANNOT_UNDERSTAND
+        try:
+            emit(data)
+        except Cancelled:
+            return OUT_OF_RESOURCES
+        summary.received += 1
+        return 0x0000
+    return handle
+
+
+def dispatch_store(event) -> int:
+    """EVT_C_STORE handler bound on C-GET associations: forwards to the current request's sink."""
+    sink = getattr(event.assoc, "omi_sink", None)
+    if sink is None:
+        return OUT_OF_RESOURCES
+    return sink(event)
+
+
+def _final(op: str, pool: AssociationPool, code: int, status: Dataset, summary: RetrieveSummary) -> None:
+    summary.completed = int(getattr(status, "NumberOfCompletedSuboperations", summary.received) or 0)
+    summary.failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0)
+    summary.warning = int(getattr(status, "NumberOfWarningSuboperations", 0) or 0)
+    if code in (0x0000, 0xB000):
+        return
+    if code == 0xFE00:
+        raise PacsUnavailable(f"{op} was cancelled by the PACS")
+    if code == 0xA801:
+        raise PacsUnavailable(f"{op}: the PACS does not know the move destination "
+                              f"(add the gateway's AE title to its configuration)")
+    raise PacsUnavailable(f"{op}: PACS {pool.peer.aet} answered with failure status 0x{code:04X}")
+
+
+def _run(op: str, pool: AssociationPool, responses_fn, summary: RetrieveSummary, token: CancelToken,
+         assoc) -> RetrieveSummary:
+    started = time.monotonic()
+    cancel_cb = lambda: abort(assoc)  # noqa: E731
+    token.on_cancel(cancel_cb)
+    ok = False
+    try:
+        for status, _ident in responses_fn():
+            code = getattr(status, "Status", None)
+            if code is None:
+                if token.cancelled:
+                    raise Cancelled()
+                raise lost(op, pool, started)
+            if code in (0xFF00, 0xFF01):
+                continue
+            _final(op, pool, code, status, summary)
+            ok = True
+            break
+        else:
+            if token.cancelled:
+                raise Cancelled()
+            raise lost(op, pool, started)
+    except (RuntimeError, OSError, ValueError) as exc:
+        if token.cancelled:
+            raise Cancelled() from None
+        raise PacsUnavailable(f"{op}: {exc}") from None
+    finally:
+        token.discard(cancel_cb)
+        if not ok:
+            abort(assoc)
+        pool.release(assoc, reusable=ok and not token.cancelled)
+    if summary.received == 0:
+        raise NotFound(f"{op}: the PACS has no instances for this request")
+    return summary
+
+
+def c_get(pool: AssociationPool, identifier: Dataset, emit: Emit, token: CancelToken) -> RetrieveSummary:
+    summary = RetrieveSummary()
+    for attempt in (1, 2):
+        assoc, reused = pool.acquire()
+        assoc.omi_sink = _sink(emit, summary)
+        try:
+            return _run("C-GET", pool, lambda: assoc.send_c_get(
+                identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=next_message_id()),
+                summary, token, assoc)
+        except PacsUnavailable:
+            if attempt == 1 and reused and summary.received == 0 and not token.cancelled:
+                continue  # a pooled association the PACS had dropped
+            raise
+        finally:
+            assoc.omi_sink = None
+    raise AssertionError("unreachable")
+
+
+class MoveScp:
+    """The gateway's storage SCP: the destination of its own C-MOVE requests."""
+
+    def __init__(self, aet: str, bind: str, port: int):
+        self.aet, self.bind, self.port = aet, bind, port
+        self._sinks: dict[int, tuple[Callable, str | None]] = {}
+        self._lock = threading.Lock()
+        self._server = None
+
+    def start(self) -> "MoveScp":
+        ae = AE(ae_title=self.aet)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES)
+        ae.maximum_pdu_size = 0
+        self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=[
+            (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def register(self, msg_id: int, sink: Callable, study_uid: str | None) -> None:
+        with self._lock:
+            self._sinks[msg_id] = (sink, study_uid)
+
+    def unregister(self, msg_id: int) -> None:
+        with self._lock:
+            self._sinks.pop(msg_id, None)
+
+    def _on_store(self, event) -> int:
+        req = event.request
+        msg_id = getattr(req, "MoveOriginatorMessageID", None)
+        with self._lock:
+            entry = self._sinks.get(msg_id) if msg_id is not None else None
+            if entry is None and len(self._sinks) == 1:
+                entry = next(iter(self._sinks.values()))
+            candidates = list(self._sinks.values()) if entry is None else []
+        if entry is None and candidates:
+            try:
+                study = event.dataset.StudyInstanceUID
+            except Exception:  # noqa: BLE001
+                study = None
+            entry = next((c for c in candidates if c[1] == study), None)
+        if entry is None:
+            log.warning("C-STORE to the move SCP that belongs to no pending C-MOVE; refused")
+            return OUT_OF_RESOURCES
+        return entry[0](event)
+
+
+def c_move(pool: AssociationPool, scp: MoveScp, identifier: Dataset, emit: Emit,
+           token: CancelToken) -> RetrieveSummary:
+    summary = RetrieveSummary()
+    assoc, _ = pool.acquire()
+    msg_id = next_message_id()
+    scp.register(msg_id, _sink(emit, summary), getattr(identifier, "StudyInstanceUID", None))
+    try:
+        return _run("C-MOVE", pool, lambda: assoc.send_c_move(
+            identifier, scp.aet, StudyRootQueryRetrieveInformationModelMove, msg_id=msg_id),
+            summary, token, assoc)
+    finally:
+        scp.unregister(msg_id)

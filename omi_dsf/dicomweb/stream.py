@@ -1,0 +1,145 @@
+"""Bridge a blocking producer (a C-GET running in a thread) to an async consumer (the HTTP answer).
+
+The queue between them is small, so memory does not grow with the study: a slow client slows the
+C-STORE sub-operations down instead of piling instances up. Closing the consumer (a client that
+went away) cancels the producer, and the cancel callbacks abort its association.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, Callable
+
+from .errors import PacsTimeout
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The consumer is gone; the producer should stop."""
+
+
+class CancelToken:
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._callbacks: list[Callable[[], Any]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def on_cancel(self, fn: Callable[[], Any]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn()
+
+    def discard(self, fn: Callable[[], Any]) -> None:
+        with self._lock:
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - best effort clean-up
+                log.debug("cancel callback failed", exc_info=True)
+
+
+Emit = Callable[[Any], None]
+Producer = Callable[[Emit, CancelToken], Any]
+
+_END = object()
+
+
+class ThreadStream:
+    """Run ``producer(emit, token)`` in a thread; iterate what it emits with ``async for``."""
+
+    def __init__(self, producer: Producer, maxsize: int = 4, stall_timeout: float = 60.0,
+                 name: str = "dicomweb-producer"):
+        self._producer = producer
+        self._maxsize = maxsize
+        self._stall = stall_timeout
+        self._name = name
+        self.token = CancelToken()
+        self.result: Any = None
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done = False
+        self._thread: threading.Thread | None = None
+
+    def _put(self, item: Any) -> None:
+        assert self._loop is not None and self._queue is not None
+        fut = asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop)
+        while True:
+            try:
+                fut.result(timeout=0.25)
+                return
+            except TimeoutError:
+                if self.token.cancelled or self._loop.is_closed():
+                    fut.cancel()
+                    raise Cancelled() from None
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            self.result = self._producer(self._put, self.token)
+        except Cancelled:
+            return
+        except BaseException as exc:  # handed to the consumer
+            error = exc
+        try:
+            self._put((_END, error))
+        except Cancelled:
+            pass
+        except RuntimeError:  # event loop closed
+            pass
+
+    def start(self) -> "ThreadStream":
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self._maxsize)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+        return self
+
+    async def next(self) -> Any:
+        """The next item; raises StopAsyncIteration at the end, or the producer's error."""
+        if self._done:
+            raise StopAsyncIteration
+        assert self._queue is not None
+        try:
+            item = await asyncio.wait_for(self._queue.get(), self._stall)
+        except asyncio.TimeoutError:
+            self.cancel()
+            raise PacsTimeout(f"no data from the source for {self._stall:.0f} s") from None
+        if isinstance(item, tuple) and len(item) == 2 and item[0] is _END:
+            self._done = True
+            if item[1] is not None:
+                raise item[1]
+            raise StopAsyncIteration
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.next()
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            threading.Thread(target=self.token.cancel, name="dicomweb-cancel", daemon=True).start()
+
+    @property
+    def finished(self) -> bool:
+        return self._done
