@@ -1,0 +1,123 @@
+"""The pseudonymize step handler: folder in, de-identified folder out, errors as StepError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from omi_dsf.deid import instance_io, synthetic
+from omi_dsf.deid.step import pseudonymize
+from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.worker.api import StepContext, StepError
+
+
+@pytest.fixture
+def site(tmp_path):
+    paths = write_ct_study(tmp_path / "staging", slices=4, rows=32, cols=32, seed=5)
+    first = pydicom.dcmread(paths[0])
+    study_dir = tmp_path / "pacs" / first.StudyInstanceUID
+    study_dir.mkdir(parents=True)
+    for p in paths:
+        p.rename(study_dir / p.name)
+    key = tmp_path / "site.key"
+    key.write_text("pseudonymize-step-key-0123456789")
+    cfg = {"pseudonymization": {
+        "domain": "omi-test", "key_file": str(key), "store": str(tmp_path / "site.sqlite"),
+        "options": ["retain-modified-dates", "retain-patient-characteristics"],
+        "source": {"kind": "folder", "path": str(tmp_path / "pacs" / "{study_uid}")},
+        "sink": {"kind": "folder", "path": str(tmp_path / "outbox" / "{business_key}")},
+    }}
+    return tmp_path, cfg, first
+
+
+def ctx(cfg, key="bk-1"):
+    return StepContext(topic="pseudonymize", business_key=key, site=cfg)
+
+
+def test_pseudonymize_step_writes_deidentified_study(site):
+    tmp, cfg, first = site
+    out = pseudonymize({"study-instance-uid": first.StudyInstanceUID,
+                        "patient-identifier": first.PatientID}, ctx(cfg))
+    assert out["instance-count"] == 4 and out["byte-count"] > 4 * 2048
+    assert out["pseudonym"].startswith("PSN-")
+    files = sorted(Path(out["output-location"]).glob("*.dcm"))
+    assert len(files) == 4
+    ds = pydicom.dcmread(files[0])
+    assert ds.StudyInstanceUID == out["pseudonymized-study-instance-uid"] != first.StudyInstanceUID
+    assert ds.PatientID == out["pseudonym"] and ds.PatientIdentityRemoved == "YES"
+    assert str(first.PatientName) not in files[0].read_bytes().decode("latin-1")
+    # a retry of the same work item gives the same result (idempotent outputs)
+    again = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg))
+    assert again == out
+
+
+def test_wrong_patient_is_refused_and_nothing_left(site):
+    tmp, cfg, first = site
+    with pytest.raises(StepError, match="PatientID does not match"):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID, "patient-identifier": "SOMEONE"},
+                     ctx(cfg, "bk-2"))
+    assert list((tmp / "outbox" / "bk-2").glob("*")) == []
+
+
+def test_unknown_study_and_missing_inputs(site):
+    tmp, cfg, first = site
+    with pytest.raises(StepError, match="does not exist"):
+        pseudonymize({"study-instance-uid": "1.2.3.4"}, ctx(cfg))
+    with pytest.raises(StepError, match="study-instance-uid is missing"):
+        pseudonymize({}, ctx(cfg))
+    bad = {"pseudonymization": {**cfg["pseudonymization"], "options": ["retain-all"]}}
+    with pytest.raises(StepError, match="unknown de-identification option 'retain-all'"):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(bad))
+    nodomain = {"pseudonymization": {k: v for k, v in cfg["pseudonymization"].items() if k != "domain"}}
+    with pytest.raises(StepError, match="domain is missing"):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(nodomain))
+
+
+def test_leak_stops_the_step_and_removes_partial_output(site, monkeypatch):
+    tmp, cfg, first = site
+    # the third instance declares burned-in text, which we do not clean
+    study_dir = tmp / "pacs" / first.StudyInstanceUID
+    victim = sorted(study_dir.iterdir())[2]
+    ds = pydicom.dcmread(victim)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(victim)
+    with pytest.raises(StepError, match=r"BurnedInAnnotation \(0028,0301\)"):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-3"))
+    assert list((tmp / "outbox" / "bk-3").glob("*.dcm")) == []
+    # an attribute the profile keeps (Manufacturer) carrying the patient's name
+    ds.BurnedInAnnotation = "NO"
+    ds.Manufacturer = f"Scanner of {str(first.PatientName).split('^')[0]}"
+    ds.save_as(victim)
+    with pytest.raises(StepError, match=r"identifying value in Manufacturer \(0008,0070\)") as err:
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-4"))
+    assert str(first.PatientName).split("^")[0] not in str(err.value)
+    assert list((tmp / "outbox" / "bk-4").glob("*.dcm")) == []
+
+
+def test_source_and_sink_are_pluggable(site):
+    tmp, cfg, first = site
+    received = []
+
+    class MemorySink:
+        def write(self, ds):
+            received.append(ds)
+            return 1
+
+        def close(self):
+            return "memory:"
+
+        def abort(self):
+            received.clear()
+
+    instance_io.register_source("memory", lambda c, p: [("m0", synthetic.ct_instance(0)),
+                                                       ("m1", synthetic.ct_instance(1))])
+    instance_io.register_sink("memory", lambda c, p: MemorySink())
+    mem = {"pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "memory"},
+                                "sink": {"kind": "memory"}}}
+    out = pseudonymize({"study-instance-uid": synthetic.ct_instance(0).StudyInstanceUID}, ctx(mem))
+    assert out["output-location"] == "memory:" and len(received) == 2
+    with pytest.raises(StepError, match="unknown instance source kind 'pigeon'"):
+        pseudonymize({"study-instance-uid": "1.2"},
+                     ctx({"pseudonymization": {**mem["pseudonymization"], "source": {"kind": "pigeon"}}}))
