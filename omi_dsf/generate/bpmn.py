@@ -1,0 +1,216 @@
+"""A process of the spec → the nodes and flows of its BPMN model, laid out for BPMN DI.
+
+The shape is fixed by the DSF's way of working: a message start, the start Task's inputs read
+into variables, then the steps in order. A work item is a user task (the DSF external work item)
+followed by a gateway that leaves for the failure end when the step answered `error`. Every
+error path ends in the start Task failing with that error, never in a process that waits forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omi_dsf.spec.model import Process, Spec, Step
+
+JAVA_PACKAGE = "de.medizininformatik_initiative.omi.dsf"
+ERROR_CONDITION = "${execution.getVariable('error') != null}"
+
+SIZES = {  # width, height of each kind for the diagram
+    "startEvent": (36, 36), "endEvent": (36, 36), "messageEndEvent": (36, 36),
+    "intermediateThrowEvent": (36, 36), "messageCatchEvent": (36, 36), "timerCatchEvent": (36, 36),
+    "serviceTask": (100, 80), "userTask": (100, 80),
+    "exclusiveGateway": (50, 50), "eventBasedGateway": (50, 50), "boundaryTimer": (36, 36),
+}
+
+
+@dataclass
+class Node:
+    id: str
+    kind: str
+    name: str = ""
+    x: int = 0
+    y: int = 0
+    attrs: dict = field(default_factory=dict)   # kind-specific: class, fields, formKey, message, …
+
+    @property
+    def width(self) -> int:
+        return SIZES[self.kind][0]
+
+    @property
+    def height(self) -> int:
+        return SIZES[self.kind][1]
+
+
+@dataclass
+class Flow:
+    id: str
+    source: Node
+    target: Node
+    condition: str | None = None
+
+    @property
+    def waypoints(self) -> list[tuple[int, int]]:
+        s, t = self.source, self.target
+        scx, scy = s.x + s.width // 2, s.y + s.height // 2
+        tcx, tcy = t.x + t.width // 2, t.y + t.height // 2
+        if abs(scy - tcy) < 5:
+            return [(s.x + s.width, scy), (t.x, tcy)]
+        start = (scx, s.y + s.height) if tcy > scy else (scx, s.y)
+        if abs(tcx - scx) < 5:
+            return [start, (tcx, t.y if tcy > scy else t.y + t.height)]
+        return [start, (scx, tcy), (t.x if tcx > scx else t.x + t.width, tcy)]
+
+
+@dataclass
+class Graph:
+    process: Process
+    process_id: str
+    nodes: list[Node] = field(default_factory=list)
+    flows: list[Flow] = field(default_factory=list)
+    messages: dict[str, str] = field(default_factory=dict)   # message name -> BPMN message id
+
+    def incoming(self, node: Node) -> list[Flow]:
+        return [f for f in self.flows if f.target is node]
+
+    def outgoing(self, node: Node) -> list[Flow]:
+        return [f for f in self.flows if f.source is node]
+
+    def default_flow(self, node: Node) -> Flow | None:
+        return next((f for f in self.outgoing(node) if f.condition is None), None) if node.kind == "exclusiveGateway" else None
+
+
+MAIN_Y, FAIL_Y, STEP_X = 100, 300, 160
+
+
+class _Builder:
+    def __init__(self, spec: Spec, process: Process):
+        self.spec, self.g = spec, Graph(process, spec.process_id(process))
+        self.x = 60
+        self.fail: Node | None = None
+
+    def add(self, id_: str, kind: str, name: str = "", y: int | None = None, advance: bool = True, **attrs) -> Node:
+        w, h = SIZES[kind]
+        node = Node(id_, kind, name, self.x + (100 - w) // 2, (MAIN_Y if y is None else y) + (80 - h) // 2, attrs)
+        self.g.nodes.append(node)
+        if advance:
+            self.x += STEP_X
+        return node
+
+    def flow(self, source: Node, target: Node, condition: str | None = None) -> Flow:
+        f = Flow(f"Flow_{source.id}_{target.id}", source, target, condition)
+        self.g.flows.append(f)
+        return f
+
+    def message_id(self, name: str) -> str:
+        return self.g.messages.setdefault(name, f"Message_{name}")
+
+    def service(self, id_: str, name: str, cls: str, fields: dict[str, str] | None = None, y=None, advance=True) -> Node:
+        return self.add(id_, "serviceTask", name, y=y, advance=advance, cls=f"{JAVA_PACKAGE}.{cls}", fields=fields or {})
+
+    def failure_end(self) -> Node:
+        """The shared failure path: start Task failed with the step's error, then end."""
+        if self.fail is None:
+            x = self.x
+            self.fail = self.service("FailStartTask", "fail start Task", "SetTaskOutputs",
+                                     {"failed": "true", "outputs": ",".join(c.code for c in self.g.process.outputs)},
+                                     y=FAIL_Y, advance=False)
+            self.fail.x = 60 + STEP_X * 2
+            end = self.add("EndFailed", "endEvent", "failed", y=FAIL_Y, advance=False)
+            end.x = self.fail.x + STEP_X + 32
+            self.flow(self.fail, end)
+            self.x = x
+        return self.fail
+
+    def timeout_end(self, anchor: Node, step_name: str, timeout: str, message_end: dict | None) -> Node:
+        """Where a boundary or event timer leads: a failed start Task, or (provider) an error message."""
+        text = f"step {step_name} did not complete within {timeout}"
+        x = self.x
+        self.x = anchor.x + 60
+        if message_end is not None:
+            fields = dict(message_end, errorMessage=text)
+            end = self.add(f"Timeout_{step_name}", "messageEndEvent", f"{step_name} timed out", y=FAIL_Y,
+                           advance=False, cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=fields)
+            self.x = x
+            return end
+        task = self.service(f"Timeout_{step_name}", f"{step_name} timed out", "SetTaskOutputs",
+                            {"failed": "true", "errorMessage": text}, y=FAIL_Y + 120, advance=False)
+        end = self.add(f"EndTimeout_{step_name}", "endEvent", "timed out", y=FAIL_Y + 120, advance=False)
+        end.x = task.x + STEP_X
+        self.flow(task, end)
+        self.x = x
+        return task
+
+    def error_gateway(self, prev: Node, step_name: str) -> Node:
+        gw = self.add(f"Gateway_{step_name}_ok", "exclusiveGateway", f"{step_name} ok?")
+        self.flow(prev, gw)
+        self.flow(gw, self.failure_end(), ERROR_CONDITION)
+        return gw
+
+    def send_fields(self, step: Step) -> dict[str, str]:
+        target_proc, msg = self.spec.message_owner(step.name)
+        fields = {
+            "instantiatesCanonical": f"{self.spec.process_url(target_proc)}|#{{version}}",
+            "messageName": msg.name,
+            "profile": f"{self.spec.profile_url(msg)}|#{{version}}",
+            "targetRole": step.role or "",
+            "inputs": ",".join(p.code.code for p in msg.inputs),
+        }
+        if step.target_variable:
+            fields["targetOrganizationVariable"] = step.target_variable
+        return fields
+
+    def build(self) -> Graph:
+        proc = self.g.process
+        start = self.add("Start", "startEvent", proc.start.name, message=self.message_id(proc.start.name))
+        prev = self.service("ReadStartInputs", "read start inputs", "ReadTaskInputs")
+        self.flow(start, prev)
+        end_send = next((s for s in proc.steps if s.kind == "end_send"), None)
+        for step in proc.steps:
+            if step.kind == "work_item":
+                task = self.add(f"WorkItem_{step.name}", "userTask", step.name,
+                                formKey=f"{self.spec.questionnaire_url(step)}|#{{version}}",
+                                listener=f"{JAVA_PACKAGE}.WorkItemListener",
+                                answers=f"{JAVA_PACKAGE}.WorkItemAnswers")
+                self.flow(prev, task)
+                if step.timeout:
+                    timer = self.add(f"Timer_{step.name}", "boundaryTimer", f"{step.timeout}", advance=False,
+                                     attached=task.id, duration=step.timeout)
+                    timer.x, timer.y = task.x + 32, task.y + task.height - 18
+                    target = self.timeout_end(task, step.name, step.timeout,
+                                              self.send_fields(end_send) if (step.continue_on_error and end_send) else None)
+                    self.flow(timer, target)
+                prev = task if step.continue_on_error else self.error_gateway(task, step.name)
+            elif step.kind == "send":
+                node = self.add(f"Send_{step.name}", "intermediateThrowEvent", step.name,
+                                cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=self.send_fields(step))
+                self.flow(prev, node)
+                prev = node
+            elif step.kind == "receive":
+                gw = self.add(f"Await_{step.name}", "eventBasedGateway", f"await {step.name}")
+                self.flow(prev, gw)
+                catch = self.add(f"Receive_{step.name}", "messageCatchEvent", step.name, message=self.message_id(step.name))
+                self.flow(gw, catch)
+                if step.timeout:
+                    timer = self.add(f"Timer_{step.name}", "timerCatchEvent", step.timeout, advance=False,
+                                     y=FAIL_Y - 100, duration=step.timeout)
+                    timer.x = catch.x
+                    self.flow(gw, timer)
+                    self.flow(timer, self.timeout_end(timer, step.name, step.timeout, None))
+                read = self.service(f"Read_{step.name}", f"read {step.name} inputs", "ReadTaskInputs")
+                self.flow(catch, read)
+                prev = self.error_gateway(read, step.name)
+            elif step.kind == "end_send":
+                end = self.add(f"End_{step.name}", "messageEndEvent", step.name,
+                               cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=self.send_fields(step))
+                self.flow(prev, end)
+                return self.g
+        done = self.service("SetOutputs", "set start Task outputs", "SetTaskOutputs",
+                            {"outputs": ",".join(c.code for c in proc.outputs)})
+        self.flow(prev, done)
+        end = self.add("End", "endEvent", "done")
+        self.flow(done, end)
+        return self.g
+
+
+def build_graph(spec: Spec, process: Process) -> Graph:
+    return _Builder(spec, process).build()

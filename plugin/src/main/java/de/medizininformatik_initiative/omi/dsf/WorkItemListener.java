@@ -1,0 +1,46 @@
+package de.medizininformatik_initiative.omi.dsf;
+
+import org.camunda.bpm.engine.delegate.DelegateTask;
+import org.hl7.fhir.r4.model.QuestionnaireResponse;
+import org.hl7.fhir.r4.model.QuestionnaireResponse.QuestionnaireResponseItemComponent;
+
+import dev.dsf.bpe.v1.ProcessPluginApi;
+import dev.dsf.bpe.v1.activity.DefaultUserTaskListener;
+import dev.dsf.bpe.v1.constants.CodeSystems.BpmnUserTask;
+import dev.dsf.bpe.v1.variables.Variables;
+
+/**
+ * Opens an external work item: the DSF creates an in-progress QuestionnaireResponse for the user
+ * task; this fills every item that names a process variable with its value (the step's inputs) and
+ * clears the DSF's placeholder answers of the others (the step's outputs, for the worker to answer).
+ */
+public class WorkItemListener extends DefaultUserTaskListener
+{
+	private final ProcessPluginApi api;
+
+	public WorkItemListener(ProcessPluginApi api)
+	{
+		super(api);
+		this.api = api;
+	}
+
+	static boolean isDsfItem(String linkId)
+	{
+		return BpmnUserTask.Codes.BUSINESS_KEY.equals(linkId) || BpmnUserTask.Codes.USER_TASK_ID.equals(linkId);
+	}
+
+	@Override
+	protected void beforeQuestionnaireResponseCreate(DelegateTask userTask, QuestionnaireResponse response)
+	{
+		Variables variables = api.getVariables(userTask.getExecution());
+		for (QuestionnaireResponseItemComponent item : response.getItem())
+		{
+			if (isDsfItem(item.getLinkId()))
+				continue;
+			Object value = variables.getVariable(item.getLinkId());
+			item.getAnswer().clear();
+			if (value != null)
+				item.addAnswer().setValue(Values.toFhir(value));
+		}
+	}
+}
