@@ -1,1 +1,11 @@
-"""inference"""
+"""Inference: Open Inference Protocol v2 client, reference AI service, result objects.
+
+  phantom   synthetic chest CT study (fake identity) with known lungs, `sample-study`
+  tensors   OIP v2 tensors on the wire: JSON and the binary tensor data extension
+  client    OIP v2 client (health, metadata, infer) with clear errors
+  lungseg   the reference model: classical lung segmentation, no learned weights
+  service   the reference AI service (starlette/uvicorn), `ai-service`
+  volume    study instances → one checked CT volume
+  results   DICOM SEG, DICOM SR TID 1500, FHIR R4 (MII imaging module)
+  step      the `infer` step handler
+"""

@@ -1,4 +1,10 @@
-"""The `infer` step (provider site): study from the gateway → AI service → SEG + SR back to the gateway.
+"""The `infer` step handler (worker contract: omi_dsf/worker/api.py), provider site:
+study from the gateway → AI service → DICOM SEG + SR back to the gateway by STOW-RS.
+
+Inputs: pseudonymized-study-instance-uid (required), ai-service-identifier, study-location.
+Outputs: result-location (DICOMweb URL of the study holding the results), result-study-instance-uid,
+result-series-uids (SEG,SR), status ("completed"), fhir-bundle (JSON: DiagnosticReport, Observations,
+Device, Provenance; subject and study referenced by identifier, to be mapped after re-identification).
 
 Site configuration (`ctx.site`):
   gateway_url       DICOMweb base URL of the provider's OMI gateway (QIDO/WADO/STOW)

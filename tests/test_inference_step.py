@@ -20,7 +20,7 @@ import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
 from conftest import free_port
-from omi_dsf.inference import handler, lungseg, phantom
+from omi_dsf.inference import lungseg, phantom, step
 from omi_dsf.inference.client import ServiceUnavailable
 from omi_dsf.inference.service import LungSegModel, create_app
 from omi_dsf.worker.api import StepContext, StepError
@@ -87,7 +87,7 @@ def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
     orthanc, uids = gateway
     caplog.set_level(logging.INFO)
     before = orthanc.instance_count()
-    out = handler.infer({"pseudonymized-study-instance-uid": uids["good"], "ai-service-identifier": "lung-seg",
+    out = step.infer({"pseudonymized-study-instance-uid": uids["good"], "ai-service-identifier": "lung-seg",
                          "study-location": f"{orthanc.dicomweb_url}/studies/{uids['good']}"},
                         _ctx(orthanc.dicomweb_url, ai_url))
     assert out["status"] == "completed"
@@ -115,7 +115,7 @@ def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
         assert value not in caplog.text
 
     # idempotent: a second run (a retried work item) stores the same objects, not new ones
-    again = handler.infer({"pseudonymized-study-instance-uid": uids["good"]}, _ctx(orthanc.dicomweb_url, ai_url))
+    again = step.infer({"pseudonymized-study-instance-uid": uids["good"]}, _ctx(orthanc.dicomweb_url, ai_url))
     assert again["result-series-uids"] == out["result-series-uids"]
     assert orthanc.instance_count() == before + 2
 
@@ -130,28 +130,28 @@ def test_bad_input_is_a_step_error_naming_the_problem(gateway, ai_url, study, me
     orthanc, uids = gateway
     before = orthanc.instance_count()
     with pytest.raises(StepError, match=message):
-        handler.infer({"pseudonymized-study-instance-uid": uids[study]}, _ctx(orthanc.dicomweb_url, ai_url))
+        step.infer({"pseudonymized-study-instance-uid": uids[study]}, _ctx(orthanc.dicomweb_url, ai_url))
     assert orthanc.instance_count() == before  # nothing stored
 
 
 def test_unknown_study_model_or_service(gateway, ai_url):
     orthanc, uids = gateway
     with pytest.raises(StepError, match="not at the gateway|does not know study"):
-        handler.infer({"pseudonymized-study-instance-uid": "1.2.3.4.5"}, _ctx(orthanc.dicomweb_url, ai_url))
+        step.infer({"pseudonymized-study-instance-uid": "1.2.3.4.5"}, _ctx(orthanc.dicomweb_url, ai_url))
     with pytest.raises(StepError, match="model 'no-such-model' is not available"):
-        handler.infer({"pseudonymized-study-instance-uid": uids["good"]},
+        step.infer({"pseudonymized-study-instance-uid": uids["good"]},
                       _ctx(orthanc.dicomweb_url, ai_url, ai_model="no-such-model"))
     with pytest.raises(StepError, match="AI service 'x-ray-magic' is not offered"):
-        handler.infer({"pseudonymized-study-instance-uid": uids["good"], "ai-service-identifier": "x-ray-magic"},
+        step.infer({"pseudonymized-study-instance-uid": uids["good"], "ai-service-identifier": "x-ray-magic"},
                       StepContext(topic="infer", business_key="bk", site={
                           "gateway_url": orthanc.dicomweb_url, "ai_services": {"lung-seg": {"url": ai_url}}}))
     with pytest.raises(StepError, match="pseudonymized-study-instance-uid is missing"):
-        handler.infer({}, _ctx(orthanc.dicomweb_url, ai_url))
+        step.infer({}, _ctx(orthanc.dicomweb_url, ai_url))
 
 
 def test_unreachable_service_is_transient_not_a_step_error(gateway):
     orthanc, uids = gateway
     with pytest.raises(ServiceUnavailable) as info:
-        handler.infer({"pseudonymized-study-instance-uid": uids["good"]},
+        step.infer({"pseudonymized-study-instance-uid": uids["good"]},
                       _ctx(orthanc.dicomweb_url, f"http://127.0.0.1:{free_port()}"))
     assert not isinstance(info.value, StepError)
