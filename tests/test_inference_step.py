@@ -155,3 +155,26 @@ def test_unreachable_service_is_transient_not_a_step_error(gateway):
         step.infer({"pseudonymized-study-instance-uid": uids["good"]},
                       _ctx(orthanc.dicomweb_url, f"http://127.0.0.1:{free_port()}"))
     assert not isinstance(info.value, StepError)
+
+
+def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
+    """The same step against the project's own DICOMweb gateway with a store backend (provider outbox)."""
+    from omi_dsf.dicomweb.config import parse_config
+    from omi_dsf.dicomweb.server import BackgroundServer
+
+    cfg = parse_config({"listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                        "backends": {"OUTBOX": {"type": "store", "path": str(tmp_path / "store")}}})
+    good = phantom.write_ct_study(tmp_path / "good", slices=6, rows=64, cols=64, seed=20)
+    big = phantom.write_ct_study(tmp_path / "big", slices=MAX_SLICES + 1, rows=32, cols=32, seed=21)
+    with BackgroundServer(cfg) as gw:
+        web = DICOMwebClient(gw.url)
+        web.store_instances([pydicom.dcmread(p) for p in good + big])
+        uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
+        out = step.infer({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url))
+        assert out["result-location"] == f"{gw.url}/studies/{uid}"
+        assert len(web.search_for_instances(uid)) == 6 + 2
+        modalities = {s["00080060"]["Value"][0] for s in web.search_for_series(uid)}
+        assert modalities == {"CT", "SEG", "SR"}
+        with pytest.raises(StepError, match=f"more than the model's limit of {MAX_SLICES}"):
+            step.infer({"pseudonymized-study-instance-uid": str(pydicom.dcmread(big[0]).StudyInstanceUID)},
+                       _ctx(gw.url, ai_url))
