@@ -28,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,6 +284,28 @@ def activity_definition_urls() -> list[str]:
     return urls
 
 
+def jar_activity_definition_urls(jars: list[str]) -> list[str]:
+    """ActivityDefinition urls inside plugin jars (what the BPEs will publish)."""
+    urls: list[str] = []
+    for jar in jars:
+        try:
+            zf = zipfile.ZipFile(jar)
+        except (OSError, zipfile.BadZipFile):
+            continue
+        with zf:
+            for name in zf.namelist():
+                if not name.endswith(".xml") or "ActivityDefinition" not in name:
+                    continue
+                try:
+                    root = etree.fromstring(zf.read(name))
+                except etree.XMLSyntaxError:
+                    continue
+                url = root.find("{http://hl7.org/fhir}url")
+                if root.tag == "{http://hl7.org/fhir}ActivityDefinition" and url is not None:
+                    urls.append(url.get("value"))
+    return sorted(set(u for u in urls if u))
+
+
 def default_plugins() -> list[Path]:
     return sorted((REPO / "dist").glob("*.jar"))
 
@@ -520,7 +543,7 @@ class TestBed:
         deadline = t0 + timeout
         fhir = [s for s in st.servers if s.kind == "fhir"]
         bpe = [s for s in st.servers if s.kind == "bpe"]
-        ad_urls = activity_definition_urls() if st.plugins else []
+        ad_urls = (jar_activity_definition_urls(st.plugins) or activity_definition_urls()) if st.plugins else []
         for group, wait in ((fhir, self._wait_fhir), (bpe, None)):
             for srv in group:
                 if not self._server_alive(srv):

@@ -1,0 +1,348 @@
+"""The DSF test bed: unit tests for its generated parts, integration tests on running DSF 1.9 servers.
+
+The integration tests start (module fixture) a two-site test bed -- requester DIC and AI provider,
+each with a DSF 1.9.0 FHIR and BPE server -- in `.testbed-pytest/` on base port 8400 (override
+with OMI_TESTBED_TEST_DIR / OMI_TESTBED_TEST_PORT), and stop it afterwards. If a test bed is
+already running there, they use it and leave it running. They skip when no DSF distribution is
+found (DSF_HOME, default /opt/dsf-1.9.0).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from lxml import etree
+
+from omi_dsf.cli import UserError
+from omi_dsf.testbed import allowlist
+from omi_dsf.testbed.bed import (
+    REPO,
+    State,
+    TestBed,
+    activity_definition_urls,
+    client,
+    default_plugins,
+    find_dsf_home,
+    pid_alive,
+    ssl_context,
+)
+from omi_dsf.testbed.certs import TestCA, thumbprint
+
+FHIR = "http://hl7.org/fhir"
+NS = {"f": FHIR}
+SID_ORG = "http://dsf.dev/sid/organization-identifier"
+BPMN_MESSAGE = "http://dsf.dev/fhir/CodeSystem/bpmn-message"
+
+TEST_DIR = Path(os.environ.get("OMI_TESTBED_TEST_DIR", REPO / ".testbed-pytest"))
+TEST_PORT = int(os.environ.get("OMI_TESTBED_TEST_PORT", "8400"))
+
+
+# ------------------------------------------------------------------------------------------
+# unit tests: no servers
+
+
+def test_certificates_and_thumbprint(tmp_path):
+    ca = TestCA(tmp_path)
+    ca.ensure()
+    server = ca.issue("srv", "localhost", server=True, client=False)
+    cl = ca.issue("cl", "dic client", server=False, client=True)
+    cert = x509.load_pem_x509_certificate(server.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert len(thumbprint(cl.cert)) == 128  # SHA-512 hex, what DSF stores
+    # the encrypted key loads with its password, and a TLS context accepts the pair
+    ctx = ssl_context(str(ca.cert_path), str(cl.cert), str(cl.key), cl.password)
+    assert isinstance(ctx, ssl.SSLContext)
+    # issuing again reuses the files
+    assert ca.issue("cl", "dic client", server=False, client=True).thumbprint == cl.thumbprint
+
+
+def test_allow_list_bundle_structure():
+    entries = [
+        allowlist.AllowListEntry("dic.omi.test", "Test_DIC", "ab" * 64, "dic-fhir",
+                                 "https://localhost:8201/fhir", ["DIC"]),
+        allowlist.AllowListEntry("ai.omi.test", "Test_AI", "cd" * 64, "ai-fhir",
+                                 "https://localhost:8221/fhir", ["DMS"]),
+    ]
+    root = etree.fromstring(allowlist.build_bundle(entries, "medizininformatik-initiative.de"))
+    assert root.find("f:type", NS).get("value") == "transaction"
+    orgs = root.findall(".//f:Organization", NS)
+    assert len(orgs) == 3
+    thumbs = [e.get("value") for e in root.findall(
+        ".//f:Organization/f:extension[@url='%s']/f:valueString" % allowlist.EXT_THUMBPRINT, NS)]
+    assert thumbs == ["ab" * 64, "cd" * 64]
+    affs = root.findall(".//f:OrganizationAffiliation", NS)
+    assert [a.find("f:code/f:coding/f:code", NS).get("value") for a in affs] == ["DIC", "DMS"]
+    addresses = [e.get("value") for e in root.findall(".//f:Endpoint/f:address", NS)]
+    assert addresses == ["https://localhost:8201/fhir", "https://localhost:8221/fhir"]
+
+
+def test_missing_distribution_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError) as exc:
+        find_dsf_home(str(tmp_path / "nowhere"))
+    msg = str(exc.value)
+    assert "fhir/dsf_fhir.jar" in msg and "does not serve the DSF" in msg and "\n" not in msg
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    try:
+        home = find_dsf_home()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    with socket.socket() as s:
+        for port in range(9150, 9700, 7):  # 4-digit ports: DSF 1.9 Endpoint addresses need them
+            try:
+                s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        s.listen()
+        base = port - 99  # PostgreSQL sits on base+99
+        bed = TestBed(tmp_path / "tb", base_port=base, dsf_home=str(home), plugins=[],
+                      out=lambda *_: None)
+        with pytest.raises(UserError, match=f"port {port} .* in use"):
+            bed.up(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------
+# integration: a running test bed
+
+
+def _skip_reason() -> str | None:
+    try:
+        find_dsf_home()
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def bed() -> State:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    tb = TestBed(TEST_DIR, base_port=TEST_PORT, out=print)
+    old = State.load(TEST_DIR)
+    was_running = old is not None and all(pid_alive(s.pid) for s in old.servers)
+    t0 = time.monotonic()
+    tb.up(timeout=900)
+    print(f"test bed ready after {time.monotonic() - t0:.0f} s")
+    state = State.load(TEST_DIR)
+    yield state
+    if not was_running:
+        tb.down()
+        after = State.load(TEST_DIR)
+        assert not any(pid_alive(s.pid) for s in state.servers)
+        assert after.postgres_pid is None
+
+
+def _plugin_deployed(state: State) -> None:
+    if not state.plugins:
+        pytest.skip("no OMI plugin jar in dist/ (python -m omi_dsf build); BPEs run without it")
+    if not activity_definition_urls():
+        pytest.skip("no fhir_profiles/ActivityDefinition/*.xml in the repository")
+
+
+@pytest.mark.integration
+def test_fhir_servers_answer_over_mtls(bed):
+    for site in bed.sites:
+        with client(bed, site) as c:
+            r = c.get("/metadata")
+        assert r.status_code == 200, r.text
+        assert r.json()["resourceType"] == "CapabilityStatement"
+    # without any client certificate the TLS handshake itself fails (Jetty needs client auth)
+    with pytest.raises((httpx.ConnectError, httpx.ReadError, ssl.SSLError)):
+        httpx.get(bed.sites[0].fhir_url + "/metadata", verify=ssl_context(bed.ca_cert))
+
+
+@pytest.mark.integration
+def test_allow_list_is_loaded(bed):
+    with client(bed, bed.sites[0]) as c:
+        orgs = c.get("/Organization", params={"_count": 50}).json()
+        affs = c.get("/OrganizationAffiliation", params={"_count": 50}).json()
+    by_id = {e["resource"]["identifier"][0]["value"]: e["resource"]
+             for e in orgs.get("entry", [])}
+    assert bed.parent_organization in by_id
+    for site in bed.sites:
+        ext = by_id[site.identifier]["extension"][0]
+        assert ext["valueString"] == thumbprint(Path(site.client_cert))
+    roles = sorted(cc["coding"][0]["code"] for e in affs["entry"] for cc in e["resource"]["code"])
+    assert roles == sorted(s.role_code for s in bed.sites)
+
+
+@pytest.mark.integration
+def test_unlisted_client_certificate_is_refused(bed):
+    # signed by the trusted test CA, so TLS succeeds, but DSF 1.9 answers 401: the thumbprint is
+    # neither a known organization nor a configured local user
+    with client(bed, bed.sites[0], unlisted=True) as c:
+        assert c.get("/metadata").status_code == 401
+        assert c.get("/Organization").status_code == 401
+        r = c.post("/Task", json={"resourceType": "Task", "status": "requested"},
+                   headers={"Content-Type": "application/fhir+json"})
+        assert r.status_code == 401
+
+
+@pytest.mark.integration
+def test_omi_activity_definitions_are_active_everywhere(bed):
+    _plugin_deployed(bed)
+    urls = activity_definition_urls()
+    for site in bed.sites:
+        with client(bed, site) as c:
+            for url in urls:
+                b = c.get("/ActivityDefinition", params={"url": url, "status": "active"}).json()
+                assert b.get("total", 0) >= 1, f"{url} not active on {site.key}"
+
+
+# --- Task based tests: the start Task is built from the generated draft Task ---------------
+
+
+def _start_draft() -> tuple[Path, etree._Element]:
+    """The draft start Task of the requester process (fhir_profiles/Task/*.xml)."""
+    folder = REPO / "fhir_profiles" / "Task"
+    candidates = []
+    for f in sorted(folder.glob("*.xml")):
+        root = etree.parse(str(f)).getroot()
+        canon = root.find("f:instantiatesCanonical", NS)
+        msg = [i for i in root.findall("f:input", NS)
+               if i.find("f:type/f:coding/f:code", NS).get("value") == "message-name"]
+        if canon is not None and msg:
+            candidates.append((f, root, msg[0].find("f:valueString", NS).get("value")))
+    if not candidates:
+        pytest.skip(f"no draft Task in {folder}")
+    # the requester's start message: a draft whose process is not started by a remote role
+    for f, root, message in candidates:
+        if message.startswith("start"):
+            return f, root
+    return candidates[0][0], candidates[0][1]
+
+
+def _resource_version(state: State, site, process_url: str) -> str:
+    with client(state, site) as c:
+        b = c.get("/ActivityDefinition", params={"url": process_url, "status": "active"}).json()
+    return b["entry"][0]["resource"]["version"]
+
+
+def _start_task(state: State, requester, recipient, *, drop_input: str | None = None) -> bytes:
+    """A requested start Task (XML) from the draft: placeholders resolved, inputs filled."""
+    _, draft = _start_draft()
+    text = etree.tostring(draft).decode()
+    canon = draft.find("f:instantiatesCanonical", NS).get("value")
+    process_url = canon.split("|")[0]
+    version = _resource_version(state, recipient, process_url)
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    text = (text.replace("#{version}", version).replace("#{date}", now[:10])
+            .replace("#{organization}", recipient.identifier))
+    task = etree.fromstring(text.encode())
+    for e in task.findall("f:identifier", NS) + task.findall("f:id", NS):
+        task.remove(e)  # draft-only identifier; a requested Task must not carry it
+    task.find("f:status", NS).set("value", "requested")
+    task.find("f:authoredOn", NS).set("value", now)
+    task.find("f:requester/f:identifier/f:value", NS).set("value", requester.identifier)
+    # fill the non-message inputs; provider-organization names the provider site
+    provider = next((s for s in state.sites if s.role == "provider"), state.sites[-1])
+    for inp in task.findall("f:input", NS):
+        code = inp.find("f:type/f:coding/f:code", NS).get("value")
+        if code == "message-name":
+            continue
+        if code == drop_input:
+            task.remove(inp)
+            continue
+        value = {"provider-organization": provider.identifier,
+                 "study-instance-uid": "1.2.826.0.1.3680043.8.498." + str(uuid.uuid4().int)[:20],
+                 "patient-identifier": "PAT-TESTBED-1",
+                 "ai-service-identifier": "omi-reference-lung-seg"}.get(code, f"test-{code}")
+        vs = inp.find("f:valueString", NS)
+        if vs is None:
+            vs = etree.SubElement(inp, f"{{{FHIR}}}valueString")
+        if not vs.get("value") or "#{" in vs.get("value", ""):
+            vs.set("value", value)
+    return etree.tostring(task)
+
+
+def _post_task(state: State, as_site, to_site, body: bytes) -> httpx.Response:
+    ctx = ssl_context(state.ca_cert, as_site.client_cert, as_site.client_key, as_site.key_password)
+    with httpx.Client(base_url=to_site.fhir_url, verify=ctx, timeout=60) as c:
+        return c.post("/Task", content=body, headers={"Content-Type": "application/fhir+xml",
+                                                      "Accept": "application/fhir+json"})
+
+
+def _requester(state: State):
+    return next(s for s in state.sites if s.role == "requester")
+
+
+def _provider(state: State):
+    return next(s for s in state.sites if s.role == "provider")
+
+
+@pytest.mark.integration
+def test_start_task_reaches_first_work_item(bed):
+    _plugin_deployed(bed)
+    dic = _requester(bed)
+    r = _post_task(bed, dic, dic, _start_task(bed, dic, dic))
+    assert r.status_code == 201, r.text
+    task_id = r.json()["id"]
+    deadline = time.monotonic() + 120
+    business_key = None
+    with client(bed, dic) as c:
+        while time.monotonic() < deadline:
+            task = c.get(f"/Task/{task_id}").json()
+            assert task["status"] != "failed", task
+            for inp in task.get("input", []):
+                if inp["type"]["coding"][0]["code"] == "business-key":
+                    business_key = inp["valueString"]
+            if business_key:
+                qrs = c.get("/QuestionnaireResponse",
+                            params={"status": "in-progress", "_count": 100}).json()
+                for e in qrs.get("entry", []):
+                    items = {i["linkId"]: i for i in e["resource"].get("item", [])}
+                    bk = items.get("business-key", {}).get("answer", [{}])[0].get("valueString")
+                    if bk == business_key:
+                        return  # the first external work item is waiting for a worker
+            time.sleep(1)
+    pytest.fail(f"no in-progress QuestionnaireResponse for Task/{task_id} "
+                f"(business key {business_key}) within 120 s")
+
+
+@pytest.mark.integration
+def test_task_breaking_the_profile_is_rejected(bed):
+    _plugin_deployed(bed)
+    dic = _requester(bed)
+    _, draft = _start_draft()
+    inputs = [i.find("f:type/f:coding/f:code", NS).get("value")
+              for i in draft.findall("f:input", NS)]
+    required = next(c for c in inputs if c != "message-name")
+    r = _post_task(bed, dic, dic, _start_task(bed, dic, dic, drop_input=required))
+    # DSF 1.9 answers a profile violation with 403 and the validator's OperationOutcome
+    # (issue code "processing", e.g. "Profile …, Element 'Task.input:x': minimum required = 1")
+    assert r.status_code == 403, r.text
+    oo = r.json()
+    assert oo["resourceType"] == "OperationOutcome"
+    errors = [i for i in oo["issue"] if i.get("severity") in ("error", "fatal")]
+    assert errors and all(i.get("code") == "processing" for i in errors), oo
+    assert any("Profile" in i.get("diagnostics", "") for i in errors), oo
+
+
+@pytest.mark.integration
+def test_task_from_unauthorised_provider_is_refused(bed):
+    _plugin_deployed(bed)
+    dic, ai = _requester(bed), _provider(bed)
+    # the provider asks the DIC to start the requester process: the ActivityDefinition allows
+    # only local requesters for the start message
+    body = _start_task(bed, ai, dic)
+    r = _post_task(bed, ai, dic, body)
+    # DSF 1.9: 403 with issue code "forbidden" ("Operation create forbidden"); the FHIR server
+    # logs which authorization rule refused it
+    assert r.status_code == 403, r.text
+    oo = r.json()
+    assert oo["resourceType"] == "OperationOutcome"
+    assert [i.get("code") for i in oo["issue"]] == ["forbidden"], oo
