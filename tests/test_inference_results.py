@@ -122,6 +122,25 @@ def test_fhir_bundle_follows_mii_imaging_module(made):
     assert {r["reference"] for r in report["result"]} <= urls
 
 
+def test_fhir_can_be_made_again_from_the_sr_alone(made):
+    source, _l, volumes, uids, _seg, sr, bundle = made
+    # e.g. at the requester after re-identification: the SR header then carries the local patient
+    reread = _reread(sr)
+    reread.PatientID = "LOCAL-42"
+    algorithm, got_volumes, got_uids = results.read_measurement_report(reread)
+    assert algorithm == ALGO and got_uids == uids
+    assert got_volumes == pytest.approx(tuple(round(v, 1) for v in volumes))
+    again = results.fhir_bundle_from_report(reread)
+    observations = [e["resource"] for e in again["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert {o["subject"]["identifier"]["value"] for o in observations} == {"LOCAL-42"}
+    assert [o["valueQuantity"] for o in observations] == [
+        e["resource"]["valueQuantity"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    not_a_report = _reread(sr)
+    del not_a_report.ContentSequence[-1]  # drop the imaging measurements
+    with pytest.raises(ValueError, match="not a lung volume report"):
+        results.read_measurement_report(not_a_report)
+
+
 def test_label_slices_must_match_sources(made):
     source, labels, _v, uids, *_ = made
     with pytest.raises(ValueError, match="5 label slices for 6 source images"):

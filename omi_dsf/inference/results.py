@@ -150,6 +150,40 @@ def build_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation
     )
 
 
+def read_measurement_report(sr: Dataset) -> tuple[Algorithm, tuple[float, float], ResultUids]:
+    """Algorithm, (right, left) volumes in ml and result UIDs from a lung SR made by
+    `build_measurement_report` -- e.g. after re-identification at the requester, to make FHIR there."""
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=False)
+    volumes: dict[str, float] = {}
+    algorithm = None
+    seg_uid = seg_series = None
+    for group in report.content.get_volumetric_roi_measurement_groups():
+        children = group[0].ContentSequence
+        texts = {i.ConceptNameCodeSequence[0].CodeValue: i.TextValue for i in children if i.ValueType == "TEXT"}
+        if "111001" in texts:
+            algorithm = Algorithm(texts["111001"], texts.get("111003", "unknown"))
+        for measurement in group.get_measurements():
+            if measurement.name.value == "118565006":
+                volumes[group.finding_sites[0].value.value] = float(measurement.value)
+        seg_uid = group.referenced_segment.referenced_sop_instance_uid
+    right, left = (SEGMENTS[0][2], SEGMENTS[1][2])
+    if algorithm is None or right not in volumes or left not in volumes:
+        raise ValueError("SR is not a lung volume report: needs algorithm and right/left lung volumes")
+    for evidence in sr.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in evidence.ReferencedSeriesSequence:
+            if any(r.ReferencedSOPInstanceUID == seg_uid for r in series.ReferencedSOPSequence):
+                seg_series = str(series.SeriesInstanceUID)
+    uids = ResultUids(seg_series=seg_series or "", seg_instance=str(seg_uid), sr_series=str(sr.SeriesInstanceUID),
+                      sr_instance=str(sr.SOPInstanceUID))
+    return algorithm, (volumes[right], volumes[left]), uids
+
+
+def fhir_bundle_from_report(sr: Dataset, when: dt.datetime | None = None) -> dict:
+    """The FHIR Bundle of `build_fhir_bundle`, made from the SR alone (patient and study from its header)."""
+    algorithm, volumes, uids = read_measurement_report(sr)
+    return build_fhir_bundle(sr, volumes, algorithm, uids, when)
+
+
 def _urn(*parts: str) -> str:
     return f"urn:uuid:{uuid.uuid5(_NS, '|'.join(parts))}"
 
