@@ -54,7 +54,8 @@ def test_segmentation_references_source_and_names_algorithm(made):
     assert seg.SOPInstanceUID == uids.seg_instance and seg.StudyInstanceUID == source[0].StudyInstanceUID
     assert seg.PatientID == source[0].PatientID
     assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
-    referenced = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    referenced = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+                  for r in s.ReferencedInstanceSequence}
     assert referenced == {ds.SOPInstanceUID for ds in source}
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Right lung", "Left lung"]
     algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
 import uvicorn

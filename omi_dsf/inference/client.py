@@ -149,7 +149,9 @@ class OipClient:
         if parameters:
             header["parameters"] = dict(parameters)
         if outputs is not None or binary:
-            names = outputs if outputs is not None else [t["name"] for t in self.model_metadata(model, version)["outputs"]]
+            names = outputs
+            if names is None:
+                names = [t["name"] for t in self.model_metadata(model, version)["outputs"]]
             header["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in names]
         body, headers = tensors.encode(header, "inputs", inputs, binary=binary)
         response = self._request("POST", f"{_model_path(model, version)}/infer", content=body, headers=headers)

@@ -57,7 +57,8 @@ class ResultUids:
 
 def result_uids(source_series_uid: str, algorithm: Algorithm) -> ResultUids:
     def uid(kind: str) -> str:
-        return str(UID(f"2.25.{uuid.uuid5(_NS, f'{source_series_uid}|{algorithm.name}|{algorithm.version}|{kind}').int}"))
+        name = f"{source_series_uid}|{algorithm.name}|{algorithm.version}|{kind}"
+        return str(UID(f"2.25.{uuid.uuid5(_NS, name).int}"))
 
     return ResultUids(uid("seg-series"), uid("seg"), uid("sr-series"), uid("sr"))
 

@@ -155,7 +155,8 @@ def create_app(models: list[Any] | None = None) -> Starlette:
             return _error(400, f"model '{model.name}' has no output {unknown[0]!r} (outputs: {', '.join(declared)})")
         params = message.get("parameters") or {}
         binary = {n for n in declared if params.get("binary_data_output") is True}
-        binary |= {o["name"] for o in requested if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
+        binary |= {o["name"] for o in requested
+                   if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
         try:
             result = await run_in_threadpool(model.infer, inputs)
         except ModelInputError as exc:

@@ -96,8 +96,8 @@ def build_volume(datasets: Sequence[Dataset], min_slices: int = 1, max_slices: i
             i = int(bad[0])
             missing = round(gaps[i] / step) - 1
             hint = f"; about {missing} slice(s) missing" if missing >= 1 else ""
-            raise VolumeError(f"slices are unevenly spaced: {gaps[i]:.2f} mm between instances "
-                              f"{ordered[i].get('InstanceNumber', '?')} and {ordered[i + 1].get('InstanceNumber', '?')}, "
+            a, b = (ordered[j].get("InstanceNumber", "?") for j in (i, i + 1))
+            raise VolumeError(f"slices are unevenly spaced: {gaps[i]:.2f} mm between instances {a} and {b}, "
                               f"{step:.2f} mm elsewhere{hint}")
     else:
         step = float(first.get("SliceThickness", 0) or 0) or 1.0
