@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from io import BytesIO
 from typing import AsyncIterator
 
@@ -40,11 +42,31 @@ CANNOT_UNDERSTAND = 0xC000
 STUDY_MISMATCH = 0xA900  # the instance does not belong to the study in the URL
 
 
+class Stats:
+    """Counters for tests and benchmarks (no patient data)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.times: dict[str, float] = {}   # time.monotonic() of the latest such event
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def mark(self, name: str) -> None:
+        self.times[name] = time.monotonic()
+
+    def get(self, name: str) -> int:
+        return self.counts.get(name, 0)
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
         self.backends, self._close = build_backends(cfg)
         self.limiter = anyio.CapacityLimiter(32)
+        self.stats = Stats()
 
     def close(self) -> None:
         self._close()
@@ -62,8 +84,13 @@ class Gateway:
     def base_url(self, request: Request) -> str:
         if self.cfg.base_url:
             base = self.cfg.base_url.rstrip("/")
-        else:
-            base = str(request.base_url).rstrip("/")
+        else:  # scheme and Host of the request; configure base_url behind a reverse proxy
+            server = request.scope.get("server")
+            host = request.headers.get("host") or (f"{server[0]}:{server[1]}" if server else "localhost")
+            # Some clients (dicomweb-client's STOW) send a Host header without the port.
+            if server and ":" not in host.rsplit("]", 1)[-1] and server[1] not in (80, 443):
+                host = f"{host}:{server[1]}"
+            base = f"{request.url.scheme}://{host}"
         aet = request.path_params.get("aet")
         return f"{base}/aets/{aet}" if aet else base
 
@@ -87,9 +114,18 @@ class Gateway:
 
     async def open_stream(self, backend, level: str, scope: dict, transform=None) -> tuple[ThreadStream, object]:
         """Start the retrieval and wait for its first item (errors before it become HTTP errors)."""
+        stats = self.stats
+
         def produce(emit, token):
-            out = emit if transform is None else (lambda data: emit(transform(data)))
-            backend.retrieve(level, scope, out, token)
+            def out(data):
+                stats.add("instances_received")
+                stats.mark("instance_received")
+                emit(data if transform is None else transform(data))
+            stats.add("streams_active")
+            try:
+                backend.retrieve(level, scope, out, token)
+            finally:
+                stats.add("streams_active", -1)
         stream = ThreadStream(produce, maxsize=self.cfg.stream_queue,
                               stall_timeout=self.stall_timeout(backend)).start()
         try:
@@ -130,6 +166,7 @@ class Gateway:
             sent = 0
             try:
                 yield head
+                self.stats.mark("first_part_sent")
                 yield first
                 sent = 1
                 async for data in stream:

@@ -138,7 +138,7 @@ class LegacyPacs:
     port: int
 
     def __init__(self, workdir: str | Path, aet: str):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.aet = aet
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "server.log"
@@ -244,6 +244,20 @@ class Dcmqrscp(LegacyPacs):
             f"HostTable BEGIN\n{hosts}\nHostTable END\n\nVendorTable BEGIN\nVendorTable END\n\n"
             f"AETable BEGIN\n{self.aet} db RW ({self.max_studies}, 4096mb) ANY\nAETable END\n"
         )
+
+    def association_processes(self) -> int:
+        """How many child processes dcmqrscp runs now (it forks one per open association)."""
+        if self.proc is None:
+            return 0
+        n = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
+                n += 1
+        return n
 
     def start(self) -> "Dcmqrscp":
         self.workdir.mkdir(parents=True, exist_ok=True)

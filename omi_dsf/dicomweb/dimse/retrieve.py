@@ -39,8 +39,10 @@ class RetrieveSummary:
     warning: int = 0
 
 
-def _sink(emit: Emit, summary: RetrieveSummary) -> Callable:
+def _sink(emit: Emit, summary: RetrieveSummary, token: CancelToken) -> Callable:
     def handle(event) -> int:
+        if token.cancelled:
+            return OUT_OF_RESOURCES  # refuse what still comes after the client left
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception:  # noqa: BLE001
@@ -78,11 +80,12 @@ def _final(op: str, pool: AssociationPool, code: int, status: Dataset, summary: 
 
 
 def _run(op: str, pool: AssociationPool, responses_fn, summary: RetrieveSummary, token: CancelToken,
-         assoc) -> RetrieveSummary:
+         assoc, msg_id: int, query_model: str) -> RetrieveSummary:
+    """Drive the C-GET/C-MOVE responses. When the consumer is gone (``token``), send C-CANCEL at
+    the next pending response and release the association instead of pooling it; abort only when
+    the PACS stops answering (then pynetdicom's DIMSE timeout ends the wait)."""
     started = time.monotonic()
-    cancel_cb = lambda: abort(assoc)  # noqa: E731
-    token.on_cancel(cancel_cb)
-    ok = False
+    ok = cancel_sent = False
     try:
         for status, _ident in responses_fn():
             code = getattr(status, "Status", None)
@@ -91,20 +94,28 @@ def _run(op: str, pool: AssociationPool, responses_fn, summary: RetrieveSummary,
                     raise Cancelled()
                 raise lost(op, pool, started)
             if code in (0xFF00, 0xFF01):
+                if token.cancelled and not cancel_sent:
+                    cancel_sent = True
+                    assoc.send_c_cancel(msg_id, query_model=query_model)
                 continue
-            _final(op, pool, code, status, summary)
             ok = True
+            if token.cancelled:
+                raise Cancelled()
+            _final(op, pool, code, status, summary)
             break
         else:
             if token.cancelled:
                 raise Cancelled()
             raise lost(op, pool, started)
     except (RuntimeError, OSError, ValueError) as exc:
+        ok = False
         if token.cancelled:
             raise Cancelled() from None
         raise PacsUnavailable(f"{op}: {exc}") from None
+    except (PacsUnavailable, PacsTimeout):
+        ok = ok and assoc.is_established
+        raise
     finally:
-        token.discard(cancel_cb)
         if not ok:
             abort(assoc)
         pool.release(assoc, reusable=ok and not token.cancelled)
@@ -117,11 +128,12 @@ def c_get(pool: AssociationPool, identifier: Dataset, emit: Emit, token: CancelT
     summary = RetrieveSummary()
     for attempt in (1, 2):
         assoc, reused = pool.acquire()
-        assoc.omi_sink = _sink(emit, summary)
+        assoc.omi_sink = _sink(emit, summary, token)
+        msg_id = next_message_id()
+        model = StudyRootQueryRetrieveInformationModelGet
         try:
-            return _run("C-GET", pool, lambda: assoc.send_c_get(
-                identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=next_message_id()),
-                summary, token, assoc)
+            return _run("C-GET", pool, lambda: assoc.send_c_get(identifier, model, msg_id=msg_id),
+                        summary, token, assoc, msg_id, model)
         except PacsUnavailable:
             if attempt == 1 and reused and summary.received == 0 and not token.cancelled:
                 continue  # a pooled association the PACS had dropped
@@ -187,10 +199,10 @@ def c_move(pool: AssociationPool, scp: MoveScp, identifier: Dataset, emit: Emit,
     summary = RetrieveSummary()
     assoc, _ = pool.acquire()
     msg_id = next_message_id()
-    scp.register(msg_id, _sink(emit, summary), getattr(identifier, "StudyInstanceUID", None))
+    scp.register(msg_id, _sink(emit, summary, token), getattr(identifier, "StudyInstanceUID", None))
+    model = StudyRootQueryRetrieveInformationModelMove
     try:
-        return _run("C-MOVE", pool, lambda: assoc.send_c_move(
-            identifier, scp.aet, StudyRootQueryRetrieveInformationModelMove, msg_id=msg_id),
-            summary, token, assoc)
+        return _run("C-MOVE", pool, lambda: assoc.send_c_move(identifier, scp.aet, model, msg_id=msg_id),
+                    summary, token, assoc, msg_id, model)
     finally:
         scp.unregister(msg_id)

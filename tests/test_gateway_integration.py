@@ -1,0 +1,371 @@
+"""The gateway as a black box, driven by dicomweb-client, over real PACS on 127.0.0.1:
+dcmtk dcmqrscp (C-GET and C-MOVE) and Orthanc (a second, different PACS; its own DICOMweb is the
+reference for the differential test)."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client import DICOMwebClient
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from omi_dsf.dicomweb.config import parse_config
+from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, Orthanc, free_port
+from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.inference.phantom import write_ct_study
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+SLICES = 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("dicomweb-data")
+    ct = write_ct_study(root / "ct", slices=SLICES, seed=3, rows=128, cols=128)
+    extra = [Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("MR_small.dcm"))]
+    first = pydicom.dcmread(ct[0])
+    return {"files": ct + extra, "ct": ct, "study": first.StudyInstanceUID, "series": first.SeriesInstanceUID,
+            "patient_id": first.PatientID, "study_date": first.StudyDate,
+            "mr_study": pydicom.dcmread(extra[1]).StudyInstanceUID}
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory, data):
+    """dcmqrscp + Orthanc holding the same data, and a gateway in front of both."""
+    root = tmp_path_factory.mktemp("dicomweb-bed")
+    move_port = free_port()
+    with Dcmqrscp(root / "dcmqrscp", move_destinations={"OMIGW": ("127.0.0.1", move_port)}) as pacs, \
+            Orthanc(root / "orthanc", modalities={"OMIGW": ("127.0.0.1", move_port)}) as orthanc:
+        pacs.load(data["files"])
+        orthanc.load(data["files"])
+        cfg = parse_config({
+            "listen": {"port": free_port()}, "auth": {"anonymous": True},
+            "dimse": {"calling_aet": "OMIGW", "move_destination": {"aet": "OMIGW", "port": move_port}},
+            "default": "LEGACYPACS",
+            "backends": {
+                "LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "dimse_timeout": 20},
+                "MOVEPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": "LEGACYPACS",
+                             "retrieve": "move"},
+                "ORTHANC": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.port},
+                "DOWN": {"type": "dimse", "host": "127.0.0.1", "port": free_port(), "connect_timeout": 2},
+            }})
+        with BackgroundServer(cfg) as server:
+            yield {"pacs": pacs, "orthanc": orthanc, "url": server.url, "server": server, "cfg": cfg}
+
+
+def client(bed, aet: str | None = None) -> DICOMwebClient:
+    return DICOMwebClient(bed["url"] + (f"/aets/{aet}" if aet else ""))
+
+
+def values(obj: dict, tag: str):
+    return obj.get(tag, {}).get("Value")
+
+
+BACKENDS = [None, "MOVEPACS", "ORTHANC"]
+
+
+# -- QIDO-RS ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aet", [None, "ORTHANC"])
+def test_search_for_studies_fills_in_what_the_pacs_leaves_out(bed, data, aet):
+    studies = {values(s, "0020000D")[0]: s for s in client(bed, aet).search_for_studies()}
+    assert set(studies) >= {data["study"], data["mr_study"]}
+    ct = studies[data["study"]]
+    assert values(ct, "00080061") == ["CT"]
+    assert values(ct, "00201206") == [1]
+    assert values(ct, "00201208") == [SLICES]
+    assert values(ct, "00100020") == [data["patient_id"]]
+    assert values(ct, "00081190")[0].endswith(f"/studies/{data['study']}")
+    assert values(studies[data["mr_study"]], "00080061") == ["MR"]
+
+
+def test_search_matching_kinds(bed, data):
+    c = client(bed)
+    pid = data["patient_id"]
+    assert [values(s, "0020000D")[0] for s in c.search_for_studies(search_filters={"PatientID": pid})] == [data["study"]]
+    assert [values(s, "0020000D")[0] for s in c.search_for_studies(
+        search_filters={"PatientID": pid[:4] + "*"})] == [data["study"]]
+    day = data["study_date"]
+    in_range = c.search_for_studies(search_filters={"StudyDate": f"{day}-{day}"})
+    assert data["study"] in [values(s, "0020000D")[0] for s in in_range]
+    assert c.search_for_studies(search_filters={"StudyDate": "19000101-19000102"}) == []
+    uid_list = c.search_for_studies(search_filters={"StudyInstanceUID": f"{data['study']},{data['mr_study']}"})
+    assert {values(s, "0020000D")[0] for s in uid_list} == {data["study"], data["mr_study"]}
+    mr = c.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})
+    assert [values(s, "0020000D")[0] for s in mr] == [data["mr_study"]]
+    assert len(c.search_for_studies(fuzzymatching=True, search_filters={"PatientID": pid})) == 1
+
+
+def test_search_paging_and_includefield(bed, data):
+    c = client(bed)
+    everything = c.search_for_studies()
+    assert len(everything) == 3
+    page = c.search_for_studies(limit=1, offset=1)
+    assert page == [everything[1]] or values(page[0], "0020000D") == values(everything[1], "0020000D")
+    assert c.search_for_studies(offset=3) == []
+    series = c.search_for_series(data["study"], fields=["SeriesDate", "BodyPartExamined"])
+    assert len(series) == 1 and "0020000E" in series[0]
+    assert values(series[0], "00201209") == [SLICES]
+    all_fields = c.search_for_instances(data["study"], data["series"], fields=["all"], limit=2)
+    assert len(all_fields) == 2 and "00080018" in all_fields[0]
+
+
+def test_relational_searches(bed, data):
+    c = client(bed)
+    mr_series = c.search_for_series(search_filters={"Modality": "MR"})
+    assert [values(s, "0020000D")[0] for s in mr_series] == [data["mr_study"]]
+    assert "00100020" in mr_series[0]  # study attributes come along in a relational search
+    instances = c.search_for_instances(data["study"])
+    assert len(instances) == SLICES
+    assert all(values(i, "0020000E") == [data["series"]] for i in instances)
+    by_patient = c.search_for_instances(search_filters={"PatientID": data["patient_id"]})
+    assert len(by_patient) == SLICES
+
+
+# -- WADO-RS ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aet", BACKENDS)
+def test_retrieve_study_series_instance(bed, data, aet):
+    c = client(bed, aet)
+    study = c.retrieve_study(data["study"])
+    assert len(study) == SLICES
+    assert {d.SOPInstanceUID for d in study} == {pydicom.dcmread(f).SOPInstanceUID for f in data["ct"]}
+    series = c.retrieve_series(data["study"], data["series"])
+    assert len(series) == SLICES
+    one = study[3]
+    instance = c.retrieve_instance(data["study"], data["series"], one.SOPInstanceUID)
+    assert instance.PixelData == one.PixelData
+
+
+@pytest.mark.parametrize("aet", [None, "ORTHANC"])
+def test_metadata_bulkdata_frames_rendered(bed, data, aet):
+    c = client(bed, aet)
+    meta = c.retrieve_study_metadata(data["study"])
+    assert len(meta) == SLICES
+    assert len(c.retrieve_series_metadata(data["study"], data["series"])) == SLICES
+    sop = values(meta[0], "00080018")[0]
+    inst_meta = c.retrieve_instance_metadata(data["study"], data["series"], sop)
+    uri = inst_meta["7FE00010"]["BulkDataURI"]
+    assert uri.endswith(f"/instances/{sop}/bulk/7FE00010")
+    original = next(pydicom.dcmread(f) for f in data["ct"] if pydicom.dcmread(f).SOPInstanceUID == sop)
+    assert c.retrieve_bulkdata(uri)[0] == original.PixelData
+    frames = c.retrieve_instance_frames(data["study"], data["series"], sop, [1])
+    assert frames == [original.PixelData]
+    jpeg = c.retrieve_instance_rendered(data["study"], data["series"], sop)
+    assert Image.open(BytesIO(jpeg)).size == (128, 128)
+    r = httpx.get(f"{c.url_prefix or c.base_url}/studies/{data['study']}/series/{data['series']}/thumbnail"
+                  if False else f"{bed['url']}{'/aets/' + aet if aet else ''}/studies/{data['study']}/thumbnail",
+                  params={"viewport": "64,64"}, headers={"Accept": "image/png"}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert max(Image.open(BytesIO(r.content)).size) == 64
+
+
+# -- STOW-RS ------------------------------------------------------------------------------------------
+
+def _new_instance(study_uid: str | None = None) -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+@pytest.mark.parametrize("aet", [None, "ORTHANC"])
+def test_store_instances_then_find_and_retrieve_them(bed, aet):
+    c = client(bed, aet)
+    ds = _new_instance()
+    answer = c.store_instances([ds])
+    stored = answer.ReferencedSOPSequence
+    assert [item.ReferencedSOPInstanceUID for item in stored] == [ds.SOPInstanceUID]
+    deadline = time.monotonic() + 10
+    while not c.search_for_studies(search_filters={"StudyInstanceUID": ds.StudyInstanceUID}):
+        assert time.monotonic() < deadline, "stored study not found"
+        time.sleep(0.2)
+    back = c.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert back.PixelData == ds.PixelData
+
+
+def _multipart(parts: list[bytes], boundary: str = "b0undary") -> tuple[bytes, dict]:
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                    for p in parts) + b"--" + boundary.encode() + b"--\r\n"
+    return body, {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                  "Accept": "application/dicom+json"}
+
+
+def _encode(ds) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_store_reports_failures_with_status_codes(bed):
+    good = _new_instance()
+    body, headers = _multipart([_encode(good), b"this is not DICOM"])
+    r = httpx.post(f"{bed['url']}/studies", content=body, headers=headers, timeout=30)
+    assert r.status_code == 202
+    answer = r.json()
+    assert answer["00081199"]["Value"][0]["00081155"]["Value"] == [good.SOPInstanceUID]
+    assert answer["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    body, headers = _multipart([b"garbage"])
+    assert httpx.post(f"{bed['url']}/studies", content=body, headers=headers, timeout=30).status_code == 409
+    other = _new_instance()
+    body, headers = _multipart([_encode(other)])
+    r = httpx.post(f"{bed['url']}/studies/{generate_uid()}", content=body, headers=headers, timeout=30)
+    assert r.status_code == 409 and "does not match" in r.text
+    r = httpx.post(f"{bed['url']}/studies", content=b"{}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 415
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+def test_errors_are_clear(bed, data):
+    url = bed["url"]
+    r = httpx.get(f"{url}/studies", params={"limit": "ten"})
+    assert r.status_code == 400 and "limit" in r.json()["error"]
+    r = httpx.get(f"{url}/studies", params={"NoSuchAttribute": "x"})
+    assert r.status_code == 400 and "NoSuchAttribute" in r.json()["error"]
+    r = httpx.get(f"{url}/studies", params={"StudyDate": "yesterday"})
+    assert r.status_code == 400 and "StudyDate" in r.json()["error"]
+    r = httpx.get(f"{url}/studies/not-a-uid/series")
+    assert r.status_code == 400 and "StudyInstanceUID" in r.json()["error"]
+    r = httpx.get(f"{url}/studies/{generate_uid()}", timeout=30)
+    assert r.status_code == 404
+    r = httpx.get(f"{url}/studies/{data['study']}", headers={"Accept": "text/html"})
+    assert r.status_code == 406
+    r = httpx.get(f"{url}/aets/NOSUCHAET/studies")
+    assert r.status_code == 404 and "NOSUCHAET" in r.json()["error"]
+    sop = pydicom.dcmread(data["ct"][0]).SOPInstanceUID
+    r = httpx.get(f"{url}/studies/{data['study']}/series/{data['series']}/instances/{sop}/frames/2", timeout=30)
+    assert r.status_code == 404 and "frame 2" in r.json()["error"]
+
+
+def test_pacs_down_is_502_quickly(bed):
+    started = time.monotonic()
+    r = httpx.get(f"{bed['url']}/aets/DOWN/studies", timeout=30)
+    assert r.status_code == 502 and "DOWN" in r.json()["error"]
+    r = httpx.get(f"{bed['url']}/aets/DOWN/studies/{generate_uid()}", timeout=30)
+    assert r.status_code == 502
+    assert time.monotonic() - started < 15
+
+
+def test_slow_pacs_is_504(tmp_path):
+    """A PACS that accepts the association but never answers the C-FIND."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    release = threading.Event()
+
+    def stall(event):
+        release.wait(15)
+        yield 0x0000, None
+
+    ae = AE(ae_title="SLOWPACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, stall)])
+    try:
+        cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "backends": {
+            "SLOWPACS": {"type": "dimse", "host": "127.0.0.1", "port": port, "dimse_timeout": 1.5}}})
+        with BackgroundServer(cfg) as server:
+            started = time.monotonic()
+            r = httpx.get(f"{server.url}/studies", timeout=30)
+            assert r.status_code == 504, r.text
+            assert "did not answer" in r.json()["error"]
+            assert time.monotonic() - started < 10
+    finally:
+        release.set()
+        scp.shutdown()
+
+
+# -- streaming ----------------------------------------------------------------------------------------
+
+def _gateway_for(pacs: Dcmqrscp, **backend) -> BackgroundServer:
+    cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "stream_queue": 2,
+                        "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port,
+                                                    **backend}}})
+    return BackgroundServer(cfg)
+
+
+def test_study_streams_before_the_last_instance_arrives(bed, data):
+    with _gateway_for(bed["pacs"]) as server:
+        stats = server.server.config.app.gateway.stats
+        with httpx.stream("GET", f"{server.url}/studies/{data['study']}", timeout=30,
+                          headers={"Accept": 'multipart/related; type="application/dicom"'}) as r:
+            assert r.status_code == 200
+            chunks = r.iter_raw(4096)
+            first = next(chunks)
+            assert first.startswith(b"--")
+            rest = b"".join(chunks)
+        # the first part left the gateway before the C-GET delivered the last instance
+        assert stats.times["first_part_sent"] < stats.times["instance_received"]
+        assert stats.get("instances_received") == SLICES
+        boundary = r.headers["content-type"].split("boundary=")[1].split(";")[0]
+        assert (first + rest).count(b"--" + boundary.encode() + b"\r\n") == SLICES
+
+
+def test_client_disconnect_releases_the_association(bed, data):
+    pacs = bed["pacs"]
+    with _gateway_for(pacs) as server:
+        baseline = pacs.association_processes()
+        with httpx.stream("GET", f"{server.url}/studies/{data['study']}", timeout=30) as r:
+            next(r.iter_raw(4096))
+            assert pacs.association_processes() == baseline + 1
+        # the client went away mid-stream: the C-GET association must go, not linger or be pooled
+        deadline = time.monotonic() + 10
+        while pacs.association_processes() > baseline:
+            assert time.monotonic() < deadline, "association still open after the client left"
+            time.sleep(0.1)
+        gw = server.server.config.app.gateway
+        deadline = time.monotonic() + 5
+        while gw.stats.get("streams_active"):
+            assert time.monotonic() < deadline, "producer thread still running"
+            time.sleep(0.1)
+
+
+# -- differential: the gateway over dcmqrscp vs Orthanc's own DICOMweb ------------------------------
+
+def _summary(items: list[dict], key: str, tags: list[str]) -> dict:
+    return {values(i, key)[0]: tuple(str(values(i, t)) for t in tags) for i in items}
+
+
+def test_same_answers_as_orthanc_dicomweb(bed, data):
+    gw = client(bed)
+    ref = DICOMwebClient(bed["orthanc"].dicomweb_url)
+    tags = ["00100020", "00080020", "00080061", "00201206", "00201208"]
+    ours = _summary(gw.search_for_studies(search_filters={"StudyInstanceUID": f"{data['study']},{data['mr_study']}"}),
+                    "0020000D", tags)
+    theirs = _summary(ref.search_for_studies(search_filters={"StudyInstanceUID": data["study"]}) +
+                      ref.search_for_studies(search_filters={"StudyInstanceUID": data["mr_study"]}),
+                      "0020000D", tags)
+    assert ours == theirs
+    series_tags = ["00080060", "00200011", "00201209"]
+    assert _summary(gw.search_for_series(data["study"]), "0020000E", series_tags) == \
+        _summary(ref.search_for_series(data["study"]), "0020000E", series_tags)
+    inst_tags = ["00200013"]  # dcmqrscp answers few IMAGE-level keys (no Rows, Columns, SOPClassUID)
+    ours_inst = gw.search_for_instances(data["study"], data["series"])
+    assert _summary(ours_inst, "00080018", inst_tags) == \
+        _summary(ref.search_for_instances(data["study"], data["series"]), "00080018", inst_tags)
+    # when a PACS returns SOPClassUID (dcmqrscp does not), it must be the right one
+    assert all(values(i, "00080016") in (None, ["1.2.840.10008.5.1.4.1.1.2"]) for i in ours_inst)
+    ours_ds = {d.SOPInstanceUID: d.PixelData for d in gw.retrieve_series(data["study"], data["series"])}
+    theirs_ds = {d.SOPInstanceUID: d.PixelData for d in ref.retrieve_series(data["study"], data["series"])}
+    assert ours_ds == theirs_ds
+    ours_meta = {values(m, "00080018")[0]: m for m in gw.retrieve_series_metadata(data["study"], data["series"])}
+    theirs_meta = {values(m, "00080018")[0]: m for m in ref.retrieve_series_metadata(data["study"], data["series"])}
+    assert set(ours_meta) == set(theirs_meta)
+    for sop, m in ours_meta.items():
+        for tag in ("00100010", "00280010", "00280011", "00200032", "00281050"):
+            assert m.get(tag) == theirs_meta[sop].get(tag), tag
+        assert "BulkDataURI" in m["7FE00010"] and "BulkDataURI" in theirs_meta[sop]["7FE00010"]
