@@ -214,6 +214,8 @@ def write_ct_study(out_dir: Path, slices: int = 20, seed: int = 0, rows: int = 5
         ds.PatientAge = f"{max(age, 0):03d}Y"
         ds.PatientSize = "1.78" if pat["sex"] == "M" else "1.66"
         ds.PatientWeight = "82" if pat["sex"] == "M" else "64"
+        ds.PatientAddress = "Musterweg 5, 12345 Musterstadt"
+        ds.AdditionalPatientHistory = "V.a. Pneumonie"
         ds.BodyPartExamined = "CHEST"
         ds.SliceThickness = f"{slice_thickness:g}"
         ds.KVP = "120"
@@ -231,6 +233,12 @@ def write_ct_study(out_dir: Path, slices: int = 20, seed: int = 0, rows: int = 5
         ds.FilterType = "BODY"
         ds.ConvolutionKernel = "B30f"
         ds.PatientPosition = "HFS"
+        ds.RequestingPhysician = "Station^Stefan^^Dr. med."
+        ds.RequestedProcedureDescription = "CT Thorax"
+        ds.PerformedProcedureStepStartDate = when.strftime("%Y%m%d")
+        ds.PerformedProcedureStepStartTime = when.strftime("%H%M%S")
+        ds.PerformedProcedureStepID = f"PPS{(seed * 7) % 100000:05d}"
+        ds.PerformedProcedureStepDescription = "CT Thorax nativ"
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.StudyID = f"{1000 + seed % 9000}"
