@@ -1,1 +1,1 @@
-"""dsf"""
+"""DSF FHIR client (mTLS, REST, websocket) and the DSF external work item."""

@@ -25,6 +25,8 @@ class StepContext:
     business_key: str           # the DSF process instance's business key
     site: Mapping[str, Any]     # the site configuration (gateway URL, pseudonym domain, …)
     attempt: int = 1
+    outputs: tuple[str, ...] = ()   # the work item's output items (besides error)
+    item_id: str = ""               # the QuestionnaireResponse id, for idempotency keys
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("omi_dsf.step"))
 
 

@@ -1,0 +1,59 @@
+"""`python -m omi_dsf worker --site CONFIG --topics consent,pseudonymize,send,return`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from omi_dsf.cli import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("worker", help="run the step handlers of this site's OMI work items")
+    p.add_argument("--site", required=True, help="site configuration (YAML)")
+    p.add_argument("--topics", required=True, help="comma-separated: consent,pseudonymize,send,infer,return")
+    p.add_argument("--demo", action="store_true", help="answer every item with the demo handler (proves the loop)")
+    p.add_argument("--no-websocket", action="store_true", help="poll only")
+    p.add_argument("--max-items", type=int, help="stop after this many items")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from omi_dsf.dsf.client import DsfClient
+    from omi_dsf.dsf.workitem import topics_from_spec
+    from omi_dsf.worker.config import load_site_config
+    from omi_dsf.worker.lease import open_lease_store
+    from omi_dsf.worker.runtime import Worker, WorkerSettings
+
+    site = load_site_config(args.site)
+    all_topics = topics_from_spec()
+    topics = [t.strip() for t in args.topics.split(",") if t.strip()]
+    unknown = sorted(set(topics) - set(all_topics))
+    if unknown or not topics:
+        raise UserError(f"--topics: unknown topic(s) {unknown or topics}; known: {', '.join(all_topics)}")
+    handlers = {t: site.handler(t, demo=args.demo) for t in topics}
+    w = site.worker
+    settings = WorkerSettings(topics=all_topics, lease_ttl=float(w.get("lease_ttl", 60)),
+                              max_attempts=int(w.get("max_attempts", 3)), backoff=float(w.get("backoff", 2)),
+                              poll_interval=float(w.get("poll_interval", 10)),
+                              websocket=bool(w.get("websocket", True)) and not args.no_websocket)
+    if w.get("owner"):
+        settings.owner = str(w["owner"])
+    client = DsfClient(site.identity)
+    worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, site.raw.get("steps") or {})
+
+    def on_term(signum, frame):
+        if worker.stopping.is_set():
+            raise KeyboardInterrupt    # second signal: give back the item at once
+        logging.getLogger("omi_dsf.worker").info("stopping: finishing the current item")
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    logging.getLogger("omi_dsf.worker").info("worker %s: topics %s at %s", settings.owner, ",".join(topics),
+                                             site.identity.fhir_url)
+    try:
+        worker.run(max_items=args.max_items)
+    finally:
+        client.close()
+    return 0

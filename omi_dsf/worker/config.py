@@ -1,0 +1,80 @@
+"""A site's worker configuration (YAML): where its DSF FHIR server is, its certificate, the lease
+store, which handler serves which topic, and the settings the steps read (ctx.site)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omi_dsf.cli import UserError
+from omi_dsf.dsf.client import Identity, identity_from_files
+from omi_dsf.worker.api import Handler
+
+# The real step handlers, by topic (each part ships its own in <part>/step.py).
+DEFAULT_HANDLERS = {
+    "consent": "omi_dsf.consent.step:consent",
+    "pseudonymize": "omi_dsf.deid.step:pseudonymize",
+    "send": "omi_dsf.worker.transfer:send",
+    "infer": "omi_dsf.inference.step:infer",
+    "return": "omi_dsf.worker.transfer:return_results",
+}
+DEMO_HANDLER = "omi_dsf.worker.demo:demo_step"
+
+
+@dataclass
+class SiteConfig:
+    path: Path
+    raw: dict[str, Any]
+
+    @property
+    def identity(self) -> Identity:
+        r, base = self.raw, self.path.parent
+        for key in ("fhir_url", "ca_file", "client_cert", "client_key"):
+            if not r.get(key):
+                raise UserError(f"{self.path}: '{key}' is missing")
+        return identity_from_files(r["fhir_url"], base / r["ca_file"], base / r["client_cert"], base / r["client_key"],
+                                   key_password_file=(base / r["client_key_password_file"]) if r.get("client_key_password_file") else None,
+                                   key_password_env=r.get("client_key_password_env"))
+
+    @property
+    def lease_store(self) -> str:
+        url = self.raw.get("lease_store", "leases.db")
+        if url.startswith(("postgresql://", "postgres://")):
+            return url
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+        return str(self.path.parent / path)
+
+    @property
+    def worker(self) -> dict[str, Any]:
+        return dict(self.raw.get("worker") or {})
+
+    def handler(self, topic: str, demo: bool = False) -> Handler:
+        ref = DEMO_HANDLER if demo else (self.raw.get("handlers") or {}).get(topic, DEFAULT_HANDLERS.get(topic))
+        if not ref:
+            raise UserError(f"{self.path}: no handler for topic '{topic}' (set handlers.{topic}: module:function)")
+        return load_handler(ref)
+
+
+def load_handler(ref: str) -> Handler:
+    module, _, name = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"handler '{ref}' cannot be loaded: {exc}") from exc
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UserError(f"site config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"site config {path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"site config {path}: must be a mapping")
+    return SiteConfig(path.resolve(), raw)

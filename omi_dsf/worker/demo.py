@@ -1,0 +1,31 @@
+"""A step handler that proves the work-item loop without touching any data: it answers every
+output with a value derived from the inputs, so a test can check each answer came from its item."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from omi_dsf.spec.model import load_spec
+from omi_dsf.worker.api import Answers, StepContext, StepError
+
+_TYPES = {c.code: c.type for c in load_spec().codes.values()}
+
+
+def fingerprint(topic: str, inputs: Answers) -> str:
+    return hashlib.sha256(json.dumps([topic, sorted((k, str(v)) for k, v in inputs.items())]).encode()).hexdigest()[:16]
+
+
+def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
+    # knobs for tests: slow down, or fail, through the site settings
+    delay = float(ctx.site.get("demo_delay", 0) or os.environ.get("OMI_DEMO_DELAY", 0))
+    if delay:
+        time.sleep(delay)
+    if ctx.topic in (ctx.site.get("demo_fail_topics") or []):
+        raise RuntimeError("demo handler told to fail")
+    if ctx.topic in (ctx.site.get("demo_deny_topics") or []):
+        raise StepError("denied by the demo handler")
+    fp = fingerprint(ctx.topic, inputs)
+    return {o: (len(inputs) if _TYPES.get(o) == "integer" else f"{ctx.topic}-{fp}") for o in ctx.outputs}

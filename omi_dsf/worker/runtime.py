@@ -1,0 +1,241 @@
+"""The worker runtime: find work items of our topics, claim, run the step, answer, complete.
+
+poll → claim → handle → complete, with:
+- discovery by search (always, every poll interval: the catch-up) and by websocket notification
+  (when the server pushes: sub-second pickup);
+- a lease per item, renewed while the handler runs, so workers of one site never run an item at
+  the same time and a crashed worker's item is taken over when its lease expires;
+- retries with exponential backoff for unexpected failures, then a clear error answer so that the
+  process ends with that error on its start Task instead of waiting forever;
+- logs that name the business key and the item, never the inputs (they may be patient data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+import socket
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from omi_dsf.dsf.client import DsfClient
+from omi_dsf.dsf.errors import DsfAuthError, DsfConflict, DsfError, DsfNotFound, DsfValidationError
+from omi_dsf.dsf.workitem import WorkItem
+from omi_dsf.worker.api import Handler, StepContext, StepError
+from omi_dsf.worker.lease import LeaseStore
+
+log = logging.getLogger("omi_dsf.worker")
+
+SUBSCRIPTION_CRITERIA = "QuestionnaireResponse?status=in-progress"
+
+
+@dataclass
+class WorkerSettings:
+    topics: Mapping[str, str]                  # topic -> Questionnaire url|version
+    lease_ttl: float = 60.0
+    max_attempts: int = 3
+    backoff: float = 2.0                       # first retry after this many seconds, then doubling
+    poll_interval: float = 10.0
+    websocket: bool = True
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+
+
+@dataclass
+class Outcome:
+    item_id: str
+    business_key: str
+    topic: str
+    status: str               # completed | failed | skipped
+    attempts: int = 0
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a lease while its handler runs; notes when the lease was lost."""
+
+    def __init__(self, leases: LeaseStore, item_id: str, owner: str, ttl: float):
+        super().__init__(daemon=True)
+        self.leases, self.item_id, self.owner, self.ttl = leases, item_id, owner, ttl
+        self.stop = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop.wait(self.ttl / 3):
+            if not self.leases.renew(self.item_id, self.owner, self.ttl):
+                self.lost = True
+                return
+
+
+class Worker:
+    def __init__(self, client: DsfClient, leases: LeaseStore, handlers: Mapping[str, Handler],
+                 settings: WorkerSettings, site: Mapping | None = None):
+        unknown = sorted(set(handlers) - set(settings.topics))
+        if unknown:
+            raise ValueError(f"no work item topic(s) {unknown}; known: {sorted(settings.topics)}")
+        self.client, self.leases, self.handlers, self.settings = client, leases, dict(handlers), settings
+        self.site = dict(site or {})
+        self.by_questionnaire = {settings.topics[t]: t for t in self.handlers}
+        self.notified: queue.Queue[str] = queue.Queue()
+        self.stopping = threading.Event()
+        self.outcomes: list[Outcome] = []
+
+    # -- discovery --------------------------------------------------------------------------
+
+    def search(self) -> list[dict]:
+        found = []
+        for questionnaire in self.by_questionnaire:
+            found += list(self.client.search("QuestionnaireResponse",
+                                             {"status": "in-progress", "questionnaire": questionnaire, "_sort": "_lastUpdated"}))
+        return found
+
+    def _listen(self) -> None:
+        """Websocket listener thread: pushes ids of in-progress items; reconnects with backoff."""
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                sub = self.client.find_or_create_subscription(SUBSCRIPTION_CRITERIA)
+
+                async def consume():
+                    async for res in self.client.notifications(sub):
+                        if self.stopping.is_set():
+                            return
+                        if res and res.get("resourceType") == "QuestionnaireResponse" \
+                                and res.get("questionnaire") in self.by_questionnaire and res.get("status") == "in-progress":
+                            self.notified.put(res["id"])
+
+                log.info("websocket: listening for work items")
+                delay = 1.0
+                asyncio.run(consume())
+            except Exception as exc:  # noqa: BLE001 - polling goes on; reconnect later
+                log.warning("websocket: %s: %s; polling continues, reconnect in %.0fs", type(exc).__name__, exc, delay)
+            self.stopping.wait(delay)
+            delay = min(delay * 2, 30)
+
+    # -- one item -------------------------------------------------------------------------
+
+    def process(self, resource: dict) -> Outcome | None:
+        item = WorkItem(resource)
+        topic = self.by_questionnaire.get(item.questionnaire)
+        if topic is None or item.status != "in-progress" or self.leases.is_done(item.id):
+            return None
+        s = self.settings
+        attempt = self.leases.claim(item.id, s.owner, s.lease_ttl)
+        if attempt is None:
+            return None          # another worker holds it
+        # re-read: the search result may be stale, and the If-Match needs the current version
+        try:
+            item = WorkItem(self.client.read("QuestionnaireResponse", item.id))
+        except DsfNotFound:
+            self.leases.finish(item.id, s.owner)
+            return None
+        if item.status != "in-progress":
+            self.leases.finish(item.id, s.owner)
+            return None
+        log.info("work item %s (%s, business key %s): claimed, attempt %d", item.id, topic, item.business_key, attempt)
+        beat = _Heartbeat(self.leases, item.id, s.owner, s.lease_ttl)
+        beat.start()
+        try:
+            outputs, error = self._run(topic, item, attempt)
+        except BaseException:
+            beat.stop.set()
+            self.leases.release(item.id, s.owner)     # SIGKILL aside, give it back at once
+            raise
+        beat.stop.set()
+        if beat.lost:
+            log.warning("work item %s: lease lost while running; leaving it to its new owner", item.id)
+            return None
+        outcome = self._complete(topic, item, outputs, error, attempt)
+        self.outcomes.append(outcome)
+        return outcome
+
+    def _run(self, topic: str, item: WorkItem, first_attempt: int) -> tuple[dict, str | None]:
+        s, handler = self.settings, self.handlers[topic]
+        outputs_wanted = tuple(i for i in item.item_ids if i not in item.inputs and i != "error")
+        attempt = first_attempt
+        while True:
+            ctx = StepContext(topic=topic, business_key=item.business_key, site=self.site, attempt=attempt,
+                              outputs=outputs_wanted, item_id=item.id,
+                              log=logging.getLogger(f"omi_dsf.step.{topic}"))
+            try:
+                return dict(handler(item.inputs, ctx) or {}), None
+            except StepError as exc:
+                log.info("work item %s (%s, business key %s): step error", item.id, topic, item.business_key)
+                return {}, f"{topic}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - any other failure is retried
+                log.warning("work item %s (%s, business key %s): attempt %d failed: %s",
+                            item.id, topic, item.business_key, attempt, type(exc).__name__)
+                if attempt >= s.max_attempts:
+                    return {}, f"{topic}: failed after {attempt} attempts ({type(exc).__name__})"
+                if self.stopping.wait(s.backoff * 2 ** (attempt - 1)):
+                    raise KeyboardInterrupt("worker stopping") from exc
+                attempt += 1
+
+    def _complete(self, topic: str, item: WorkItem, outputs: dict, error: str | None, attempt: int) -> Outcome:
+        s = self.settings
+        try:
+            try:
+                self.client.update(item.completed(outputs, error))
+            except (ValueError, DsfValidationError) as exc:
+                # answers the server refuses must not leave the process waiting: report that instead
+                log.error("work item %s: answers refused (%s); completing with an error", item.id, type(exc).__name__)
+                error = f"{topic}: worker could not write its answers: {exc}"[:1000]
+                self.client.update(item.completed({}, error))
+        except DsfConflict:
+            log.info("work item %s: changed by someone else meanwhile; not ours any more", item.id)
+            self.leases.finish(item.id, s.owner)
+            return Outcome(item.id, item.business_key, topic, "skipped", attempt)
+        except (DsfAuthError, DsfError):
+            self.leases.release(item.id, s.owner)
+            raise
+        self.leases.finish(item.id, s.owner)
+        status = "failed" if error else "completed"
+        log.info("work item %s (%s, business key %s): %s", item.id, topic, item.business_key, status)
+        return Outcome(item.id, item.business_key, topic, status, attempt)
+
+    # -- loop -----------------------------------------------------------------------------
+
+    def poll_once(self) -> int:
+        handled = 0
+        for resource in self.search():
+            if self.stopping.is_set():
+                break
+            if self.process(resource):
+                handled += 1
+        return handled
+
+    def run(self, max_items: int | None = None, idle_exit: float | None = None) -> None:
+        """Work until stop() (or max_items done, or idle for idle_exit seconds)."""
+        if self.settings.websocket:
+            threading.Thread(target=self._listen, name="omi-ws", daemon=True).start()
+        next_poll, last_work = 0.0, time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                if time.monotonic() >= next_poll:
+                    if self.poll_once():
+                        last_work = time.monotonic()
+                    next_poll = time.monotonic() + self.settings.poll_interval
+                try:
+                    item_id = self.notified.get(timeout=max(0.05, min(1.0, next_poll - time.monotonic())))
+                except queue.Empty:
+                    item_id = None
+                if item_id:
+                    try:
+                        if self.process(self.client.read("QuestionnaireResponse", item_id)):
+                            last_work = time.monotonic()
+                    except DsfNotFound:
+                        pass
+            except DsfError as exc:
+                # server down or restarting: keep trying, lose nothing (items stay in-progress)
+                log.warning("DSF FHIR server: %s; retrying", exc)
+                self.stopping.wait(min(self.settings.poll_interval, 5))
+            if max_items is not None and len(self.outcomes) >= max_items:
+                break
+            if idle_exit is not None and time.monotonic() - last_work > idle_exit:
+                break
+        self.stopping.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
