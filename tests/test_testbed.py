@@ -2,7 +2,8 @@
 
 The integration tests start (module fixture) a two-site test bed -- requester DIC and AI provider,
 each with a DSF 1.9.0 FHIR and BPE server -- in `.testbed-pytest/` on base port 8400 (override
-with OMI_TESTBED_TEST_DIR / OMI_TESTBED_TEST_PORT), and stop it afterwards. If a test bed is
+with OMI_TESTBED_TEST_DIR / OMI_TESTBED_TEST_PORT), freshly created, and stop it afterwards
+(the folder with the logs stays until the next run). If a test bed is
 already running there, they use it and leave it running. They skip when no DSF distribution is
 found (DSF_HOME, default /opt/dsf-1.9.0).
 """
@@ -134,6 +135,8 @@ def bed() -> State:
     tb = TestBed(TEST_DIR, base_port=TEST_PORT, out=print)
     old = State.load(TEST_DIR)
     was_running = old is not None and all(pid_alive(s.pid) for s in old.servers)
+    if not was_running and TEST_DIR.exists():
+        tb.down(purge=True)  # a fresh test bed per run; the folder (logs) stays after the run
     t0 = time.monotonic()
     tb.up(timeout=900)
     print(f"test bed ready after {time.monotonic() - t0:.0f} s")
@@ -264,7 +267,8 @@ def _start_task(state: State, requester, recipient, *, drop_input: str | None = 
         vs = inp.find("f:valueString", NS)
         if vs is None:
             vs = etree.SubElement(inp, f"{{{FHIR}}}valueString")
-        if not vs.get("value") or "#{" in vs.get("value", ""):
+        if code in ("provider-organization", "study-instance-uid") or not vs.get("value") \
+                or "#{" in vs.get("value", ""):
             vs.set("value", value)
     return etree.tostring(task)
 

@@ -306,6 +306,14 @@ def jar_activity_definition_urls(jars: list[str]) -> list[str]:
     return sorted(set(u for u in urls if u))
 
 
+def _same_jars(wanted: list[Path], process_dir: Path) -> bool:
+    """Whether `process_dir` holds exactly the wanted jars, byte for byte."""
+    have = {p.name: p for p in process_dir.glob("*.jar")}
+    if set(have) != {p.name for p in wanted}:
+        return False
+    return all(p.exists() and p.read_bytes() == have[p.name].read_bytes() for p in wanted)
+
+
 def default_plugins() -> list[Path]:
     return sorted((REPO / "dist").glob("*.jar"))
 
@@ -519,9 +527,15 @@ class TestBed:
             running = [s for s in old.servers if self._server_alive(s)]
             if len(running) == len(old.servers) and Cluster(self.dir / "postgres",
                                                              old.postgres_port).pid():
-                self.out(f"test bed in {self.dir} is already running ({len(old.sites)} sites); "
-                         "`testbed status` shows it")
-                return 0
+                wanted = self.plugins if self.plugins is not None else default_plugins()
+                bpes = [s for s in old.servers if s.kind == "bpe"]
+                if all(_same_jars(wanted, Path(b.workdir) / "process") for b in bpes):
+                    self.out(f"test bed in {self.dir} is already running ({len(old.sites)} "
+                             "sites); `testbed status` shows it")
+                    return 0
+                self.out("plugin jars changed: restarting the BPEs with "
+                         + (", ".join(p.name for p in wanted) or "no plugin"))
+                self._stop(bpes)
         st = self._plan(dsf_home)
         if old is not None:  # keep pids of servers still running from an interrupted `up`
             pids = {s.name: s.pid for s in old.servers}
@@ -577,25 +591,9 @@ class TestBed:
             if purge and self.dir.exists():
                 shutil.rmtree(self.dir)
             return 0
-        stopping = [s for s in st.servers if self._server_alive(s)]
-        for s in stopping:
-            try:
-                os.kill(s.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + grace
-        while time.monotonic() < end and any(self._server_alive(s) for s in stopping):
-            time.sleep(0.3)
-        for s in stopping:
-            if self._server_alive(s):
-                log.warning("%s (pid %s) ignored SIGTERM, killing it", s.name, s.pid)
-                os.kill(s.pid, signal.SIGKILL)
-        for s in stopping:
-            for _ in range(50):
-                if not self._server_alive(s):
-                    break
-                time.sleep(0.1)
-            self.out(f"stopped {s.name} (pid {s.pid})")
+        # BPEs first (they hold websockets to their FHIR server), then the FHIR servers
+        self._stop([s for s in st.servers if s.kind == "bpe"], grace)
+        self._stop([s for s in st.servers if s.kind == "fhir"], grace)
         cluster = Cluster(self.dir / "postgres", st.postgres_port)
         if cluster.pid() is not None:
             cluster.stop()
@@ -608,6 +606,31 @@ class TestBed:
             shutil.rmtree(self.dir)
             self.out(f"removed {self.dir}")
         return 0
+
+    def _stop(self, servers: list[Server], grace: float = 30) -> None:
+        """SIGTERM the given servers (by pid), SIGKILL what is still alive after `grace` s."""
+        stopping = [s for s in servers if self._server_alive(s)]
+        for s in stopping:
+            try:
+                os.kill(s.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(self._server_alive(s) for s in stopping):
+            time.sleep(0.3)
+        for s in stopping:
+            if self._server_alive(s):
+                log.warning("%s (pid %s) ignored SIGTERM, killing it", s.name, s.pid)
+                try:
+                    os.kill(s.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for s in stopping:
+            for _ in range(50):
+                if not pid_alive(s.pid):
+                    break
+                time.sleep(0.1)
+            self.out(f"stopped {s.name} (pid {s.pid})")
 
     def status(self) -> int:
         st = State.load(self.dir)
