@@ -350,3 +350,69 @@ def test_task_from_unauthorised_provider_is_refused(bed):
     oo = r.json()
     assert oo["resourceType"] == "OperationOutcome"
     assert [i.get("code") for i in oo["issue"]] == ["forbidden"], oo
+
+
+# --- role-based authorization between the sites (REMOTE_ROLE / LOCAL_ROLE on the allow list) --
+
+
+def _message_task(state: State, process_file: str, requester, recipient) -> dict:
+    """A Task (JSON) for the first message an ActivityDefinition authorises, with the inputs
+    its Task profile requires (read from fhir_profiles, not hard-coded)."""
+    ad = etree.parse(str(REPO / "fhir_profiles" / "ActivityDefinition" / process_file)).getroot()
+    auth = ad.find("f:extension[@url='http://dsf.dev/fhir/StructureDefinition/"
+                   "extension-process-authorization']", NS)
+    message = auth.find("f:extension[@url='message-name']/f:valueString", NS).get("value")
+    profile = auth.find("f:extension[@url='task-profile']/f:valueCanonical", NS).get("value")
+    process_url = ad.find("f:url", NS).get("value")
+    version = _resource_version(state, recipient, process_url)
+    profile = profile.replace("#{version}", version)
+    sd_name = profile.split("|")[0].rsplit("/", 1)[1]
+    sd = etree.parse(str(REPO / "fhir_profiles" / "StructureDefinition" / f"{sd_name}.xml"))
+    inputs = [{"type": {"coding": [{"system": BPMN_MESSAGE, "code": "message-name"}]},
+               "valueString": message}]
+    for el in sd.getroot().iter(f"{{{FHIR}}}element"):
+        eid = el.get("id", "")
+        if not eid.startswith("Task.input:") or "." in eid[len("Task.input:"):]:
+            continue
+        code = eid[len("Task.input:"):]
+        mn = el.find("f:min", NS)
+        if code in ("message-name", "business-key", "correlation-key") or mn is None \
+                or int(mn.get("value")) < 1:
+            continue
+        system = sd.getroot().find(
+            f".//f:element[@id='Task.input:{code}.type.coding.system']/f:fixedUri", NS).get("value")
+        inputs.append({"type": {"coding": [{"system": system, "code": code}]},
+                       "valueString": f"test-{code}"})
+    org = {"system": SID_ORG}
+    return {
+        "resourceType": "Task", "meta": {"profile": [profile]},
+        "instantiatesCanonical": f"{process_url}|{version}", "status": "requested",
+        "intent": "order",
+        "authoredOn": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "requester": {"type": "Organization", "identifier": {**org, "value": requester.identifier}},
+        "restriction": {"recipient": [{"type": "Organization",
+                                       "identifier": {**org, "value": recipient.identifier}}]},
+        "input": inputs,
+    }
+
+
+def _post_json(state: State, as_site, to_site, task: dict) -> httpx.Response:
+    ctx = ssl_context(state.ca_cert, as_site.client_cert, as_site.client_key, as_site.key_password)
+    with httpx.Client(base_url=to_site.fhir_url, verify=ctx, timeout=60) as c:
+        return c.post("/Task", json=task, headers={"Content-Type": "application/fhir+json",
+                                                   "Accept": "application/fhir+json"})
+
+
+@pytest.mark.integration
+def test_role_based_message_between_sites(bed):
+    _plugin_deployed(bed)
+    if not (REPO / "fhir_profiles" / "ActivityDefinition" / "omi-inference-execute.xml").exists():
+        pytest.skip("no omi-inference-execute ActivityDefinition")
+    dic, ai = _requester(bed), _provider(bed)
+    # a DIC (role DIC in the parent organization) may ask the provider (role DMS) to execute
+    r = _post_json(bed, dic, ai, _message_task(bed, "omi-inference-execute.xml", dic, ai))
+    assert r.status_code == 201, r.text
+    # the provider itself is not a remote DIC: the same message from it is refused
+    r = _post_json(bed, ai, ai, _message_task(bed, "omi-inference-execute.xml", ai, ai))
+    assert r.status_code == 403, r.text
+    assert [i.get("code") for i in r.json()["issue"]] == ["forbidden"]
