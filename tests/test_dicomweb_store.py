@@ -1,0 +1,231 @@
+"""The gateway over its embedded store, in process (no servers): STOW → QIDO → WADO, status codes,
+access control with JWTs, configuration errors and the FHIR Endpoint resources."""
+
+from __future__ import annotations
+
+import json
+import time
+from io import BytesIO
+from pathlib import Path
+
+import jwt
+import pydicom
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from starlette.testclient import TestClient
+
+from omi_dsf.dicomweb.app import create_app
+from omi_dsf.dicomweb.config import ConfigError, load_config, parse_config
+from omi_dsf.dicomweb.endpoint import endpoint_resource, endpoint_resources
+from omi_dsf.inference.phantom import write_ct_study
+
+SLICES = 4
+
+
+def _encode(ds) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _multipart(parts: list[bytes], boundary: str = "XbX") -> tuple[bytes, dict]:
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                    for p in parts) + b"--" + boundary.encode() + b"--\r\n"
+    return body, {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("store-data")
+    return write_ct_study(root, slices=SLICES, seed=5, rows=64, cols=64) + [
+        Path(get_testdata_file("MR_small.dcm"))]
+
+
+@pytest.fixture
+def gw(tmp_path, files):
+    cfg = parse_config({"auth": {"anonymous": True}, "max_results": 3,
+                        "backends": {"OUTBOX": {"type": "store", "path": str(tmp_path / "store")}}})
+    with TestClient(create_app(cfg), base_url="http://gw.test") as c:
+        body, headers = _multipart([Path(f).read_bytes() for f in files])
+        r = c.post("/studies", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        yield c
+
+
+def _val(obj, tag):
+    return obj.get(tag, {}).get("Value")
+
+
+def test_stow_answer_lists_what_was_stored(gw, files):
+    ds = pydicom.dcmread(files[0])
+    body, headers = _multipart([files[0].read_bytes()])
+    r = gw.post(f"/studies/{ds.StudyInstanceUID}", content=body, headers=headers)  # again: replaces
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+json"
+    ref = r.json()["00081199"]["Value"][0]
+    assert _val(ref, "00081155") == [ds.SOPInstanceUID]
+    assert _val(ref, "00081190")[0].startswith(f"http://gw.test/studies/{ds.StudyInstanceUID}/series/")
+    again = gw.get("/studies", params={"StudyInstanceUID": ds.StudyInstanceUID}).json()
+    assert _val(again[0], "00201208") == [SLICES]  # stored twice, counted once
+
+
+def test_stow_status_codes(gw, files):
+    body, headers = _multipart([b"not dicom at all"])
+    r = gw.post("/studies", content=body, headers=headers)
+    assert r.status_code == 409
+    failed = r.json()["00081198"]["Value"][0]
+    assert _val(failed, "00081197") == [0xC000]
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = generate_uid()
+    body, headers = _multipart([_encode(ds), b"junk"])
+    assert gw.post("/studies", content=body, headers=headers).status_code == 202
+    body, headers = _multipart([files[1].read_bytes()])
+    r = gw.post(f"/studies/{generate_uid()}", content=body, headers=headers)
+    assert r.status_code == 409 and _val(r.json()["00081198"]["Value"][0], "00081197") == [0xA900]
+    assert gw.post("/studies", content=b"x", headers={"Content-Type": "application/dicom"}).status_code == 415
+    r = gw.post("/studies", content=b"--nope", headers={"Content-Type": "multipart/related; boundary=XbX"})
+    assert r.status_code == 400 and "multipart" in r.json()["error"]
+
+
+def test_qido_over_the_store(gw, files):
+    studies = gw.get("/studies").json()
+    assert len(studies) == 2
+    ct = next(s for s in studies if _val(s, "00080061") == ["CT"])
+    assert _val(ct, "00201208") == [SLICES] and _val(ct, "00201206") == [1]
+    assert gw.get("/studies", params={"ModalitiesInStudy": "MR"}).json()[0]["00080061"]["Value"] == ["MR"]
+    assert len(gw.get("/instances", params={"Modality": "CT"}).json()) == 3   # cut at max_results …
+    r = gw.get("/instances", params={"Modality": "CT"})
+    assert "additional results" in r.headers.get("warning", "")               # … and says so
+    assert len(gw.get("/instances", params={"Modality": "CT", "offset": 3}).json()) == 1
+    study = _val(ct, "0020000D")[0]
+    inst = gw.get(f"/studies/{study}/instances", params={"includefield": "all", "limit": 1}).json()
+    assert "00280030" in inst[0]  # PixelSpacing: only with includefield=all
+    plain = gw.get(f"/studies/{study}/instances", params={"limit": 1}).json()
+    assert "00280030" not in plain[0]
+    assert gw.get("/studies", params={"PatientName": "nobody"}).json() == []
+
+
+def test_wado_over_the_store(gw, files):
+    ds = pydicom.dcmread(files[1])
+    s, se, i = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    r = gw.get(f"/studies/{s}", headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert r.status_code == 200 and r.content.count(b"Content-Type: application/dicom") == SLICES
+    meta = gw.get(f"/studies/{s}/series/{se}/instances/{i}/metadata").json()[0]
+    bulk = meta["7FE00010"]["BulkDataURI"]
+    assert bulk == f"http://gw.test/studies/{s}/series/{se}/instances/{i}/bulk/7FE00010"
+    raw = gw.get(bulk.replace("http://gw.test", ""), headers={"Accept": "application/octet-stream"})
+    assert raw.content == ds.PixelData
+    frame = gw.get(f"/studies/{s}/series/{se}/instances/{i}/frames/1",
+                   headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})
+    assert frame.status_code == 200 and ds.PixelData in frame.content
+    png = gw.get(f"/studies/{s}/series/{se}/instances/{i}/rendered", params={"window": "40,400"},
+                 headers={"Accept": "image/png"})
+    assert Image.open(BytesIO(png.content)).size == (64, 64)
+    thumb = gw.get(f"/studies/{s}/series/{se}/thumbnail", params={"viewport": "32,32"})
+    assert thumb.headers["content-type"] == "image/jpeg" and Image.open(BytesIO(thumb.content)).size == (32, 32)
+    assert gw.get(f"/studies/{s}/series/{se}/instances/{i}/rendered", params={"quality": "0"}).status_code == 400
+    assert gw.get(f"/studies/{s}/series/{se}/instances/{i}/bulk/7FE0").status_code == 400
+    assert gw.get(f"/studies/{s}/series/{se}/instances/{generate_uid()}/frames/1").status_code == 404
+    assert gw.get(f"/aets/OUTBOX/studies/{s}/metadata").status_code == 200
+    assert gw.get("/aets/OTHER/studies").status_code == 404
+
+
+# -- access control ----------------------------------------------------------------------------------
+
+def _rsa():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key, pub
+
+
+def _token(key, **claims) -> str:
+    body = {"iss": "https://idp.test", "aud": "omi-gateway", "sub": "worker", "exp": int(time.time()) + 300}
+    body.update(claims)
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm="RS256",
+                      headers={"kid": "k1"})
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return _rsa(), _rsa()
+
+
+@pytest.mark.parametrize("as_jwks", [False, True])
+def test_bearer_tokens(tmp_path, keys, as_jwks):
+    (key, pub), (other, _) = keys
+    key_file = tmp_path / ("jwks.json" if as_jwks else "idp.pem")
+    if as_jwks:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        key_file.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig"}]}))
+    else:
+        key_file.write_bytes(pub)
+    cfg = parse_config({"auth": {"jwt": [{"issuer": "https://idp.test", "key_file": str(key_file),
+                                          "audience": "omi-gateway", "algorithms": ["RS256"]}]},
+                        "backends": {"OUTBOX": {"type": "store", "path": str(tmp_path / "s")}}})
+    with TestClient(create_app(cfg)) as c:
+        def status(token):
+            return c.get("/studies", headers={"Authorization": f"Bearer {token}"} if token else {}).status_code
+        assert status(_token(key)) == 200
+        assert status(None) == 401
+        assert c.get("/health").status_code == 200
+        assert status(_token(other)) == 401                                   # someone else's key
+        assert status(_token(key, exp=int(time.time()) - 3600)) == 401         # expired
+        assert status(_token(key, exp=None)) == 401                            # no expiry
+        assert status(_token(key, iss="https://evil.test")) == 401             # unknown issuer
+        assert status(_token(key, aud="someone-else")) == 401                  # wrong audience
+        assert status(jwt.encode({"iss": "https://idp.test", "exp": int(time.time()) + 60}, None,
+                                 algorithm="none")) == 401                     # unsigned
+        r = c.get("/studies", headers={"Authorization": "Basic dXNlcjpwdw=="})
+        assert r.status_code == 401 and "Bearer" in r.headers["www-authenticate"]
+
+
+# -- configuration and Endpoint ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("conf, key", [
+    ({"auth": {"anonymous": True}, "backends": {}}, "backends"),
+    ({"auth": {"anonymous": True}, "backends": {"P": {"type": "ftp"}}}, "backends.P.type"),
+    ({"auth": {"anonymous": True}, "backends": {"P": {"type": "dimse", "host": "h"}}}, "backends.P.port"),
+    ({"auth": {"anonymous": True}, "backends": {"P": {"type": "dimse", "host": "h", "port": 70000}}}, "backends.P.port"),
+    ({"auth": {"anonymous": True}, "backends": {"P": {"type": "dimse", "host": "h", "port": 1, "retrieve": "move"}}},
+     "backends.P.retrieve"),
+    ({"auth": {"anonymous": True}, "backends": {"THIS-AE-TITLE-IS-TOO-LONG": {"type": "store", "path": "x"}}},
+     "backends"),
+    ({"backends": {"S": {"type": "store", "path": "x"}}}, "auth"),
+    ({"auth": {"anonymous": "yes"}, "backends": {"S": {"type": "store", "path": "x"}}}, "auth.anonymous"),
+    ({"auth": {"anonymous": True}, "tls": {"certfile": "nope.pem", "keyfile": "k"},
+      "backends": {"S": {"type": "store", "path": "x"}}}, "tls.certfile"),
+    ({"auth": {"anonymous": True}, "default": "X", "backends": {"S": {"type": "store", "path": "x"}}}, "default"),
+    ({"auth": {"anonymous": True}, "bogus": 1, "backends": {"S": {"type": "store", "path": "x"}}}, "bogus"),
+])
+def test_config_errors_name_the_key(tmp_path, conf, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(conf, tmp_path)
+    assert key in str(err.value)
+
+
+def test_config_file_and_endpoints(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text("listen: {port: 8443}\nbase_url: https://gw.example.org/dicomweb\n"
+                    "auth: {anonymous: true}\ndefault: PACS\nbackends:\n"
+                    "  PACS: {type: dimse, host: 10.0.0.5, port: 104}\n"
+                    "  OUTBOX: {type: store, path: outbox}\n")
+    cfg = load_config(path)
+    assert cfg.backends["OUTBOX"].path == tmp_path / "outbox"
+    wado = endpoint_resource(cfg)
+    assert wado["resourceType"] == "Endpoint" and wado["status"] == "active"
+    assert wado["connectionType"]["code"] == "dicom-wado-rs"
+    assert wado["address"] == "https://gw.example.org/dicomweb"
+    every = endpoint_resources(cfg)
+    assert len(every) == 6
+    assert {e["connectionType"]["code"] for e in every} == {"dicom-wado-rs", "dicom-qido-rs", "dicom-stow-rs"}
+    assert "https://gw.example.org/dicomweb/aets/OUTBOX" in {e["address"] for e in every}
+    with pytest.raises(ValueError):
+        endpoint_resource(cfg, "NOPE")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
