@@ -1,0 +1,140 @@
+"""The gateway as a process: `python -m omi_dsf gateway --config FILE`, over TLS with client
+certificates (mutual TLS), and its configuration errors on the command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from omi_dsf.dicomweb.legacy_pacs import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+def _issue(ca_key, ca_cert, cn: str, usage, san=None):
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _ca(cn: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+@pytest.fixture
+def pki(tmp_path) -> dict:
+    ca_key, ca = _ca("OMI test CA")
+    out = {"ca": tmp_path / "ca.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name, usage, san in (("server", ExtendedKeyUsageOID.SERVER_AUTH,
+                              [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             ("client", ExtendedKeyUsageOID.CLIENT_AUTH, None)):
+        key, cert = _issue(ca_key, ca, name, usage, san)
+        _write_key(tmp_path / f"{name}.key", key)
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[name] = (str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"))
+    stranger_key, stranger_ca = _ca("someone else")
+    key, cert = _issue(stranger_key, stranger_ca, "intruder", ExtendedKeyUsageOID.CLIENT_AUTH)
+    _write_key(tmp_path / "intruder.key", key)
+    (tmp_path / "intruder.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["intruder"] = (str(tmp_path / "intruder.pem"), str(tmp_path / "intruder.key"))
+    return out
+
+
+def _tls(ca: Path | None, cert: tuple[str, str] | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+def _wait_up(url: str, proc: subprocess.Popen, **kw) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
+        try:
+            httpx.get(url + "/health", timeout=1, **kw)
+            return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "gateway did not come up"
+            time.sleep(0.2)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_gateway_command_serves_mutual_tls(tmp_path, pki):
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"tls: {{certfile: server.pem, keyfile: server.key, client_ca: ca.pem, require_client_cert: true}}\n"
+        f"backends:\n  OUTBOX: {{type: store, path: outbox}}\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(config)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        _wait_up(url, proc, verify=_tls(pki["ca"], pki["client"]))
+        ok = httpx.get(f"{url}/studies", verify=_tls(pki["ca"], pki["client"]), timeout=10)
+        assert ok.status_code == 200 and ok.json() == []
+        for cert in (None, pki["intruder"]):  # no certificate, or one from another CA: no handshake
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"{url}/studies", verify=_tls(pki["ca"], cert), timeout=10)
+        with pytest.raises(httpx.TransportError):  # and the client checks the gateway too
+            httpx.get(f"{url}/studies", verify=_tls(None, pki["client"]), timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_gateway_command_reports_config_errors(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("auth: {anonymous: true}\nbackends:\n  PACS: {type: dimse, host: pacs.local}\n")
+    r = subprocess.run([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(config)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2
+    assert "backends.PACS.port" in r.stderr
+    config.write_text("auth: {anonymous: true}\nbackends:\n  PACS: {type: dimse, host: pacs.local, port: 104}\n")
+    r = subprocess.run([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(config), "--endpoints"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and '"dicom-qido-rs"' in r.stdout
