@@ -112,3 +112,35 @@ def test_not_deidentified_object_is_refused(clean):
     out.PatientIdentityRemoved = "NO"
     with pytest.raises(LeakError, match="PatientIdentityRemoved"):
         check_outgoing(out, identity)
+
+
+def test_undecoded_sequences_from_file_are_searched(clean, tmp_path):
+    """Read back from disk, sequences stay undecoded; a value deep inside is still found."""
+    import pydicom
+    out, identity = clean
+    inner = Dataset()
+    inner.PatientName = "Schneider^Annegret"
+    item = Dataset()
+    item.ReferencedStudySequence = [inner]
+    out.ReferencedSeriesSequence = [item]
+    out.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "x.dcm")
+    assert isinstance(back.get_item(0x00081115).value, bytes)  # still raw
+    assert find_leaks(back, identity) == [
+        "ReferencedSeriesSequence (0008,1115)[0].ReferencedStudySequence (0008,1110)[0].PatientName (0010,0010)"]
+    del out.ReferencedSeriesSequence
+    out.save_as(tmp_path / "y.dcm", enforce_file_format=True)
+    assert find_leaks(pydicom.dcmread(tmp_path / "y.dcm"), identity) == []
+
+
+def test_utf8_dataset_is_searched_in_its_character_set(tmp_path):
+    import pydicom
+    store = SiteStore()
+    sp = StudyPseudonymizer(key=KEY, domain="omi", provider=EmbeddedProvider(KEY, store), store=store)
+    ds = synthetic.ct_instance(patient={"name": "Müller^Jürgen"})
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    out = sp.process_one(ds, "u")
+    out.ContentDescription = "Befund Jürgen Müller"  # kept by the profile: a leak
+    out.save_as(tmp_path / "u.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "u.dcm")
+    assert find_leaks(back, sp.identity) == ["ContentDescription (0070,0081)"]

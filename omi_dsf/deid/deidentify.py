@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime as dt
 from importlib import resources
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
@@ -46,6 +49,36 @@ def _safe_private() -> set[tuple[int, str, int]]:
 
 
 SAFE_PRIVATE = _safe_private()
+
+
+# VRs whose raw bytes are plain ASCII, so we can read and write them without pydicom's decoding.
+# Keeping elements raw matters: converting and re-encoding every touched element costs more
+# than reading and writing the file.
+_ASCII_VRS = {"UI", "DA", "DT", "TM", "AS", "CS", "IS", "DS"}
+
+
+def _raw_strings(raw) -> list[str] | None:
+    """The values of an undecoded ASCII element, or None if it is decoded or not ASCII."""
+    if not isinstance(raw, RawDataElement) or raw.VR not in _ASCII_VRS:
+        return None
+    text = bytes(raw.value or b"").decode("latin-1").strip("\x00 ")
+    return text.split("\\") if text else []
+
+
+def _raw(tag: int, vr: str, values: list[str], implicit: bool) -> RawDataElement:
+    data = "\\".join(values).encode("latin-1")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    return RawDataElement(tag, vr, len(data), data, 0, implicit, True)
+
+
+def _encode(ds: Dataset, implicit: bool) -> Dataset:
+    """`ds` written and read back: every element raw, ready to be dropped into instances."""
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    buf.seek(0)
+    return read_dataset(buf, implicit, True)
 
 
 def uid_for(key: bytes, domain: str, uid: str) -> str:
@@ -91,6 +124,9 @@ class Deidentifier:
         self.new_uids: dict[str, str] = {}       # replacement -> original, not yet stored
         self._identity = Identity()
         self._shift = 0
+        self._fast = False          # little endian: touched ASCII elements stay raw
+        self._implicit = False
+        self._encoded: dict[tuple, Dataset] = {}
 
     # -- public ----------------------------------------------------------------------------
     def patient_record(self, ds: Dataset) -> dict:
@@ -119,10 +155,12 @@ class Deidentifier:
         """Apply the profile to `ds` in place. `identity` holds this study's identifying values."""
         self._identity = identity
         self._shift = date_shift_days(self.key, self.domain, pseudonym) if self._dates else 0
+        implicit, little = ds.original_encoding
+        self._fast = little is not False
+        self._implicit = bool(implicit)
         self._walk(ds)
-        ds.PatientID = pseudonym
-        ds.PatientName = pseudonym
-        self._record(ds)
+        for elem in self._constant_elements(pseudonym, self._implicit if self._fast else None):
+            ds[elem.tag] = elem
         meta = getattr(ds, "file_meta", None)
         if meta is not None:
             for tag in _META_REMOVE:
@@ -168,6 +206,8 @@ class Deidentifier:
         if action == "X":
             del ds[tag]
             return
+        if self._fast and self._apply_raw(ds, tag, action):
+            return
         elem = ds[tag]
         vr = elem.VR
         if action == "K":
@@ -188,6 +228,64 @@ class Deidentifier:
             self._clean(elem)
         else:  # a table typo must not let a value through
             del ds[tag]
+
+    def _apply_raw(self, ds: Dataset, tag: int, action: str) -> bool:
+        """Handle an undecoded ASCII element without decoding it; False if it needs decoding."""
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement) or raw.VR is None:
+            return False
+        vr = raw.VR
+        if action == "Z" and vr != "SQ":
+            ds[tag] = RawDataElement(tag, vr, 0, b"", 0, self._implicit, True)
+            return True
+        if action == "D" and vr in _TEXT_VRS and vr != "UR":
+            # ASCII dummies are valid in every character set, ISO 2022 ones included
+            ds[tag] = _raw(tag, vr, [str(_DUMMY[vr])], self._implicit)
+            return True
+        values = _raw_strings(raw)
+        if values is None:
+            return False
+        if action == "K":
+            return True
+        if action == "Z":
+            new = []
+        elif action == "U" or (vr == "UI" and action in ("D", "C")):
+            new = [self.map_uid(v) for v in values] if vr == "UI" else []
+        elif action == "D":
+            if vr not in _DUMMY:
+                return False
+            new = [str(_DUMMY[vr])]
+        elif action == "C" and vr in ("DA", "DT", "TM"):
+            if not self._dates:
+                new = [str(_DUMMY[vr])]
+            elif vr == "DA":
+                new = [_shift_da(v, self._shift) for v in values]
+            elif vr == "DT":
+                new = [_shift_dt(v, self._shift) for v in values]
+            else:
+                return True  # TM: whole-day shift keeps the time of day
+        else:
+            return False
+        ds[tag] = _raw(tag, vr, new, self._implicit)
+        return True
+
+    def _constant_elements(self, pseudonym: str, implicit: bool | None):
+        """PatientName/ID and the record-keeping attributes; encoded once per pseudonym."""
+        key = (pseudonym, implicit)
+        cached = self._encoded.get(key)
+        if cached is None:
+            tmpl = Dataset()
+            tmpl.PatientID = pseudonym
+            tmpl.PatientName = pseudonym
+            self._record(tmpl)
+            cached = _encode(tmpl, implicit) if implicit is not None else tmpl
+            if len(self._encoded) > 64:
+                self._encoded.clear()
+            self._encoded[key] = cached
+        if implicit is None:  # big endian: hand out decoded copies
+            import copy
+            return [copy.deepcopy(e) for e in cached]
+        return [cached.get_item(t) for t in cached.keys()]
 
     def _remap(self, elem: DataElement) -> None:
         value = elem.value

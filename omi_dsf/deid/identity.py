@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 # Attributes whose values identify the patient, the visit or the people and site involved.
@@ -18,8 +19,7 @@ NAME_KEYWORDS = ("PatientName", "OtherPatientNames", "PatientBirthName", "Patien
                  "ResponsiblePerson")
 ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID", "MedicalRecordLocator",
                "PatientTelephoneNumbers", "PatientAddress", "InstitutionName", "InstitutionAddress",
-               "AdmissionID", "ServiceEpisodeID", "PerformedProcedureStepID", "RequestedProcedureID",
-               "PatientInsurancePlanCodeSequence")
+               "AdmissionID", "ServiceEpisodeID", "PerformedProcedureStepID", "RequestedProcedureID")
 DATE_KEYWORDS = ("PatientBirthDate",)
 
 _MIN_TOKEN = 3          # shorter name parts ("Li", initials) would hit ordinary words
@@ -43,6 +43,18 @@ def _values(ds: Dataset, keyword: str) -> list[str]:
     return [str(v).strip() for v in items if str(v).strip()]
 
 
+def _raw_bytes(ds: Dataset, keyword: str):
+    tag = _TAGS[keyword]
+    if tag not in ds:
+        return None
+    value = ds.get_item(tag).value
+    return value if isinstance(value, (bytes, str)) else repr(value)
+
+
+_ALL_KEYWORDS = NAME_KEYWORDS + ID_KEYWORDS + DATE_KEYWORDS + ("SpecificCharacterSet",)
+_TAGS = {kw: tag_for_keyword(kw) for kw in _ALL_KEYWORDS}
+
+
 class Identity:
     """Needles for one study; `regex` matches any of them as a whole word, ignoring case."""
 
@@ -51,8 +63,15 @@ class Identity:
         self.dates: set[str] = set()       # YYYYMMDD, matched against DA/DT values
         self.uids: set[str] = set()        # original UIDs, matched exactly
         self._regex: re.Pattern | None = None
+        self._seen: set[tuple] = set()
 
     def add_dataset(self, ds: Dataset) -> None:
+        # The instances of a study repeat the same values: skip decoding when the raw bytes
+        # of every identifying element are ones we have already taken in.
+        fingerprint = tuple(_raw_bytes(ds, kw) for kw in _ALL_KEYWORDS)
+        if fingerprint in self._seen:
+            return
+        self._seen.add(fingerprint)
         before = len(self.texts)
         for kw in NAME_KEYWORDS:
             for name in _values(ds, kw):

@@ -40,47 +40,100 @@ def find_leaks(ds: Dataset, identity: Identity) -> list[str]:
     return hits
 
 
-def _scan(ds: Dataset, identity: Identity, prefix: str, hits: list[str]) -> None:
-    for elem in ds:
-        tag = elem.tag
+# Python codecs for the character sets whose bytes we can search without pydicom's decoding.
+_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8",
+           "ISO_IR 101": "iso8859_2", "ISO_IR 148": "iso8859_9", "ISO_IR 203": "iso8859_15"}
+
+
+def _codec(ds: Dataset) -> str | None:
+    cs = ds.get_item(0x00080005) if 0x00080005 in ds else None
+    if cs is None:
+        return "latin-1"
+    value = cs.value
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, (list, tuple)):
+        value = "\\".join(value)
+    key = str(value or "").strip(" \x00")
+    return _CODECS.get(key)  # None: code extensions (ISO 2022 …): let pydicom decode
+
+
+def _scan(ds: Dataset, identity: Identity, prefix: str, hits: list[str], codec: str | None = None) -> None:
+    # Elements pydicom has not decoded yet are checked on their bytes: decoding every element
+    # would cost more than the rest of the pipeline together, and writing stays cheap.
+    codec = _codec(ds) if codec is None or 0x00080005 in ds else codec
+    for tag in list(ds.keys()):
         if tag in _PIXEL_TAGS:
             continue  # samples, not text; burned-in text is covered by the flag check
-        vr = elem.VR
-        path = prefix + _label(tag, elem.keyword)
+        raw = ds.get_item(tag)
+        vr = raw.VR
+        value = raw.value
+        is_raw = isinstance(value, (bytes, bytearray)) and vr not in _BINARY_VRS
+        if vr == "SQ" and isinstance(value, (bytes, bytearray)) and codec is not None:
+            # An undecoded sequence: search its bytes first (texts, dates and UIDs are ASCII or
+            # in the dataset's character set); decode it only to name the element that hit.
+            if not identity.hits_text(bytes(value).decode(codec, "replace")):
+                continue
+        if vr is None or vr == "SQ" or (is_raw and codec is None):
+            elem = ds[tag]
+            vr, value, is_raw = elem.VR, elem.value, False
         if vr == "SQ":
-            for i, item in enumerate(elem.value or ()):
-                _scan(item, identity, f"{path}[{i}].", hits)
+            path = prefix + _label(tag, _keyword(tag))
+            for i, item in enumerate(value or ()):
+                _scan(item, identity, f"{path}[{i}].", hits, codec)
             continue
-        value = elem.value
         if value is None or value == "" or value == b"":
             continue
-        values = value if isinstance(value, (list, tuple)) or elem.VM > 1 else [value]
-        if vr == "UI":
-            if any(str(v) in identity.uids for v in values):
-                hits.append(path)
-        elif vr == "DA":
-            if any(str(v)[:8] in identity.dates for v in values):
-                hits.append(path)
-        elif vr == "DT":
-            if any(str(v)[:8] in identity.dates for v in values):
-                hits.append(path)
-        elif vr in _TEXT_VRS:
-            if any(identity.hits_text(str(v)) for v in values):
-                hits.append(path)
-        elif vr in _BINARY_VRS and (tag >> 16) & 1 and isinstance(value, (bytes, bytearray)):
-            # undecoded private data: look for the same strings in its bytes
-            if identity.hits_text(bytes(value[:_BINARY_SCAN_LIMIT]).decode("latin-1")):
-                hits.append(path)
+        if is_raw:
+            text = bytes(value).decode(codec, "replace").rstrip("\x00 ")
+            values = text.split("\\") if vr in _MULTI_VRS else [text]
+        else:
+            values = value if isinstance(value, (list, tuple)) else [value]
+        if _hit(vr, tag, values, identity):
+            hits.append(prefix + _label(tag, _keyword(tag)))
+
+
+_MULTI_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "PN", "SH", "UC", "UI", "TM", "DS", "IS"}
+
+
+def _keyword(tag: int) -> str:
+    from pydicom.datadict import keyword_for_tag
+    return keyword_for_tag(tag)
+
+
+def _hit(vr: str, tag: int, values, identity: Identity) -> bool:
+    if vr == "UI":
+        return any(str(v).strip("\x00 ") in identity.uids for v in values)
+    if vr in ("DA", "DT"):
+        return any(str(v).strip()[:8] in identity.dates for v in values)
+    if vr in _TEXT_VRS:
+        return any(identity.hits_text(str(v)) for v in values)
+    if vr in _BINARY_VRS and (tag >> 16) & 1:
+        # undecoded private data: look for the same strings in its bytes
+        for v in values:
+            if isinstance(v, (bytes, bytearray)) and identity.hits_text(
+                    bytes(v[:_BINARY_SCAN_LIMIT]).decode("latin-1")):
+                return True
+    return False
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    if tag not in ds:
+        return ""
+    value = ds.get_item(tag).value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("latin-1").strip("\x00 ")
+    return str(value or "").strip()
 
 
 def burned_in_problem(ds: Dataset) -> str | None:
     """Why the pixels may show identifying text, or None. We do not clean pixel data."""
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    flag = _text(ds, 0x00280301).upper()
     if flag == "YES":
         return "BurnedInAnnotation (0028,0301) is YES and pixel data are not cleaned"
-    if flag != "NO" and "PixelData" in ds:
-        modality = str(ds.get("Modality", "") or "").upper()
-        sop_class = str(ds.get("SOPClassUID", ""))
+    if flag != "NO" and 0x7FE00010 in ds:
+        modality = _text(ds, 0x00080060).upper()
+        sop_class = _text(ds, 0x00080016)
         if modality in _BURNED_IN_PRONE or sop_class.startswith(_SECONDARY_CAPTURE_PREFIX):
             return (f"BurnedInAnnotation (0028,0301) is absent for modality {modality or '?'};"
                     " such images often carry burned-in text")
@@ -89,7 +142,7 @@ def burned_in_problem(ds: Dataset) -> str | None:
 
 def check_outgoing(ds: Dataset, identity: Identity) -> None:
     """Raise LeakError unless `ds` may leave the site."""
-    if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+    if _text(ds, 0x00120062).upper() != "YES":
         raise LeakError("PatientIdentityRemoved (0012,0062) is not YES: object was not de-identified")
     problem = burned_in_problem(ds)
     if problem:

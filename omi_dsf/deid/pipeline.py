@@ -55,17 +55,41 @@ def read_instance(item: Instance, name: str) -> Dataset:
     return ds
 
 
+def text_of(ds: Dataset, tag: int) -> str:
+    """An element's value as text without making pydicom decode (and later re-encode) it."""
+    if tag not in ds:
+        return ""
+    value = ds.get_item(tag).value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("latin-1").strip("\x00 ")
+    return str(value or "").strip()
+
+
+def _us(ds: Dataset, tag: int, default: int | None = None) -> int:
+    if tag not in ds:
+        if default is None:
+            raise AttributeError(tag)
+        return default
+    raw = ds.get_item(tag)
+    if isinstance(raw.value, (bytes, bytearray)) and raw.VR == "US" and len(raw.value) >= 2:
+        return int.from_bytes(raw.value[:2], "little" if raw.is_little_endian else "big")
+    return int(ds[tag].value)
+
+
 def _check_complete(ds: Dataset, name: str) -> None:
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-    if "PixelData" not in ds or ts not in _UNCOMPRESSED:
+    meta = getattr(ds, "file_meta", None)
+    ts = text_of(meta, 0x00020010) if meta is not None else ""
+    if 0x7FE00010 not in ds or ts not in _UNCOMPRESSED:
         return
     try:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
-                    * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8)
+        frames = int(text_of(ds, 0x00280008) or 1)
+        expected = (_us(ds, 0x00280010) * _us(ds, 0x00280011) * frames
+                    * _us(ds, 0x00280002, 1) * _us(ds, 0x00280100) // 8)
     except (AttributeError, TypeError, ValueError):
         raise DeidError(f"{name}: pixel data without a usable image description") from None
-    if len(ds.PixelData) < expected:
-        raise DeidError(f"{name}: truncated: PixelData has {len(ds.PixelData)} of {expected} bytes")
+    have = len(ds.get_item(0x7FE00010).value or b"")  # raw: no need to decode the pixels
+    if have < expected:
+        raise DeidError(f"{name}: truncated: PixelData has {have} of {expected} bytes")
 
 
 class StudyPseudonymizer:
@@ -96,7 +120,7 @@ class StudyPseudonymizer:
         size = len(item) if isinstance(item, (bytes, bytearray)) else (
             Path(item).stat().st_size if isinstance(item, (str, os.PathLike)) and Path(item).exists() else 0)
         ds = read_instance(item, name)
-        patient_id = str(ds.get("PatientID", "") or "").strip()
+        patient_id = text_of(ds, 0x00100020)
         if not patient_id:
             raise DeidError(f"{name}: missing PatientID (0010,0020)")
         if self.expect_patient_id is not None and patient_id != self.expect_patient_id:
@@ -106,8 +130,8 @@ class StudyPseudonymizer:
             self.result.pseudonym = self.provider.pseudonymize(self.domain, patient_id)
         elif patient_id != self._patient_id:
             raise DeidError(f"{name}: instances of more than one patient in one study")
-        study_uid = str(ds.get("StudyInstanceUID", "") or "")
-        if not study_uid or not ds.get("SOPInstanceUID"):
+        study_uid = text_of(ds, 0x0020000D)
+        if not study_uid or not text_of(ds, 0x00080018):
             raise DeidError(f"{name}: missing StudyInstanceUID or SOPInstanceUID")
         if self.expect_study_uid and study_uid != self.expect_study_uid:
             raise DeidError(f"{name}: StudyInstanceUID does not match the requested study")
