@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Benchmark: the DICOMweb gateway vs raw DIMSE on the same dcmqrscp, side by side in one run.
+
+* WADO-RS study retrieval through the gateway vs dcmtk ``getscu --ignore`` (and an in-process
+  pynetdicom C-GET) of the same study: throughput and ratio;
+* QIDO-RS study search vs a direct C-FIND from this process: added latency;
+* the gateway's peak memory (VmHWM) while it streams a small and the big study: must not grow
+  with study size;
+* 8 concurrent clients (QIDO + WADO-RS of the small study): no errors.
+
+The gateway runs as its own process (``python -m omi_dsf gateway --config``), so its memory is
+its own. The last line printed is one JSON object with the figures, the targets and "met".
+
+    python tools/bench/gateway.py                 # 500 CT slices 512x512 (~260 MB), a few minutes
+    python tools/bench/gateway.py --slices 100    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pydicom import dcmread  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt  # noqa: E402
+from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  # noqa: E402
+                                  StudyRootQueryRetrieveInformationModelGet)
+
+from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool, free_port  # noqa: E402
+from omi_dsf.inference.phantom import write_ct_study  # noqa: E402
+
+TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
+           "concurrent_errors_max": 0}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def study_files(cache: Path, slices: int, seed: int, rows: int) -> list[Path]:
+    d = cache / f"ct-{slices}x{rows}-seed{seed}"
+    done = d / ".complete"
+    if done.exists():
+        return sorted(d.glob("*.dcm"))
+    shutil.rmtree(d, ignore_errors=True)
+    t = time.monotonic()
+    files = write_ct_study(d, slices=slices, seed=seed, rows=rows, cols=rows)
+    done.write_text("ok")
+    log(f"generated {slices} slices {rows}x{rows} in {time.monotonic() - t:.1f} s")
+    return files
+
+
+def vm(pid: int, key: str) -> float:
+    """VmHWM / VmRSS of a process in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wado_study(url: str, study: str, client: httpx.Client | None = None) -> tuple[int, int]:
+    """Stream a study, count bytes and parts without keeping them."""
+    c = client or httpx.Client(timeout=120)
+    try:
+        with c.stream("GET", f"{url}/studies/{study}",
+                      headers={"Accept": 'multipart/related; type="application/dicom"'}) as r:
+            r.raise_for_status()
+            marker = b"--" + r.headers["content-type"].split("boundary=")[1].split(";")[0].strip().encode() + b"\r\n"
+            size = parts = 0
+            tail = b""
+            for chunk in r.iter_raw(1 << 20):
+                size += len(chunk)
+                window = tail + chunk
+                parts += window.count(marker)
+                tail = window[-(len(marker) - 1):]
+                parts -= tail.count(marker)  # never, as tail is shorter than the marker
+            return size, parts
+    finally:
+        if client is None:
+            c.close()
+
+
+def getscu(pacs: Dcmqrscp, study: str) -> float:
+    argv = [dcmtk_tool("getscu"), "-S", "--ignore", "-aet", "BENCHSCU", "-aec", pacs.aet,
+            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", pacs.host, str(pacs.port)]
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True, timeout=600)
+    return time.perf_counter() - t
+
+
+def _nodelay(event) -> None:
+    import socket
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def pynetdicom_get(pacs: Dcmqrscp, study: str) -> tuple[float, int]:
+    ae = AE(ae_title="BENCHSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for cx in StoragePresentationContexts[:120]:
+        ae.add_requested_context(cx.abstract_syntax)
+        roles.append(build_role(cx.abstract_syntax, scp_role=True))
+    got = [0]
+
+    def on_store(event):
+        got[0] += len(event.encoded_dataset())
+        return 0x0000
+
+    t = time.perf_counter()
+    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.aet, ext_neg=roles,
+                         evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, _nodelay)])
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study
+    for _status, _ in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet):
+        pass
+    assoc.release()
+    return time.perf_counter() - t, got[0]
+
+
+def cfind_times(pacs: Dcmqrscp, study: str, n: int) -> tuple[list[float], list[float]]:
+    """C-FIND of one study: with a new association each time, and on one open association."""
+    ae = AE(ae_title="BENCHSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study
+    for kw in ("PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+               "ReferringPhysicianName", "PatientBirthDate", "PatientSex"):
+        setattr(ident, kw, "")
+    fresh, reused = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.aet, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        list(assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind))
+        assoc.release()
+        fresh.append((time.perf_counter() - t) * 1000)
+    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.aet, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    for _ in range(n):
+        t = time.perf_counter()
+        list(assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind))
+        reused.append((time.perf_counter() - t) * 1000)
+    assoc.release()
+    return fresh, reused
+
+
+def qido_times(url: str, study: str, n: int) -> list[float]:
+    out = []
+    with httpx.Client(timeout=30) as c:
+        for _ in range(n):
+            t = time.perf_counter()
+            r = c.get(f"{url}/studies", params={"StudyInstanceUID": study},
+                      headers={"Accept": "application/dicom+json"})
+            r.raise_for_status()
+            assert len(r.json()) == 1
+            out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def concurrent_clients(url: str, study: str, expected_parts: int, clients: int) -> tuple[int, float, list[str]]:
+    errors: list[str] = []
+
+    def one(_i):
+        try:
+            with httpx.Client(timeout=300) as c:
+                r = c.get(f"{url}/studies", params={"StudyInstanceUID": study})
+                if r.status_code != 200 or len(r.json()) != 1:
+                    return f"QIDO {r.status_code}"
+                _, parts = wado_study(url, study, c)
+                if parts != expected_parts:
+                    return f"WADO parts {parts} != {expected_parts}"
+        except Exception as exc:  # noqa: BLE001 - counted as an error
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        for result in pool.map(one, range(clients)):
+            if result:
+                errors.append(result)
+    return len(errors), time.perf_counter() - t, errors[:5]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=500)
+    ap.add_argument("--small", type=int, default=50, help="slices of the small study (memory, concurrency)")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=30)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                    / "omi_dsf" / "bench")
+    args = ap.parse_args()
+
+    big = study_files(args.cache, args.slices, 11, args.rows)
+    small = study_files(args.cache, args.small, 12, args.rows)
+    big_uid, small_uid = dcmread(big[0]).StudyInstanceUID, dcmread(small[0]).StudyInstanceUID
+    big_mb = sum(f.stat().st_size for f in big) / 1e6
+    work = Path(tempfile.mkdtemp(prefix="omi-gw-bench-"))
+    gateway = None
+    result: dict = {"bench": "dicomweb-gateway", "study_instances": len(big), "study_mb": round(big_mb, 1)}
+    try:
+        with Dcmqrscp(work / "pacs", max_pdu=65536) as pacs:
+            t = time.monotonic()
+            pacs.load(big + small)
+            log(f"loaded {len(big) + len(small)} files into dcmqrscp in {time.monotonic() - t:.1f} s")
+            port = free_port()
+            cfg = work / "gateway.yaml"
+            cfg.write_text(f"listen: {{host: 127.0.0.1, port: {port}}}\nauth: {{anonymous: true}}\n"
+                           f"backends:\n  LEGACYPACS: {{type: dimse, host: 127.0.0.1, port: {pacs.port}}}\n")
+            gateway = subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(cfg)],
+                                       cwd=ROOT, stdout=subprocess.DEVNULL,
+                                       stderr=open(work / "gateway.log", "wb"))
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(url + "/health", timeout=1)
+                    break
+                except httpx.TransportError:
+                    if gateway.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("gateway did not start: " + (work / "gateway.log").read_text()[-1000:])
+                    time.sleep(0.1)
+
+            # memory: peak RSS after warm-up, after the small study, after the big one
+            qido_times(url, small_uid, 3)
+            hwm0 = vm(gateway.pid, "VmHWM")
+            size_small, parts_small = wado_study(url, small_uid)
+            hwm_small = vm(gateway.pid, "VmHWM")
+            size_big, parts_big = wado_study(url, big_uid)
+            hwm_big = vm(gateway.pid, "VmHWM")
+            assert parts_small == len(small) and parts_big == len(big), (parts_small, parts_big)
+            log(f"gateway VmHWM: {hwm0:.0f} MB idle, {hwm_small:.0f} MB after {len(small)} instances, "
+                f"{hwm_big:.0f} MB after {len(big)} instances")
+
+            # throughput, interleaved runs
+            gw_s, get_s, pnd_s = [], [], []
+            for i in range(args.runs):
+                t = time.perf_counter()
+                size, parts = wado_study(url, big_uid)
+                gw_s.append(time.perf_counter() - t)
+                assert parts == len(big)
+                get_s.append(getscu(pacs, big_uid))
+                secs, _ = pynetdicom_get(pacs, big_uid)
+                pnd_s.append(secs)
+                log(f"run {i + 1}: gateway WADO-RS {gw_s[-1]:.2f} s, getscu {get_s[-1]:.2f} s, "
+                    f"pynetdicom C-GET {pnd_s[-1]:.2f} s")
+            gw_t, get_t, pnd_t = map(statistics.median, (gw_s, get_s, pnd_s))
+
+            # QIDO vs C-FIND
+            qido_times(url, big_uid, 3)
+            q = statistics.median(qido_times(url, big_uid, args.queries))
+            fresh, reused = cfind_times(pacs, big_uid, args.queries)
+            f_fresh, f_reused = statistics.median(fresh), statistics.median(reused)
+            log(f"QIDO-RS {q:.1f} ms; C-FIND {f_fresh:.1f} ms (new association), {f_reused:.1f} ms (open one)")
+
+            n_err, conc_s, samples = concurrent_clients(url, small_uid, len(small), args.clients)
+            log(f"{args.clients} concurrent clients: {n_err} errors in {conc_s:.1f} s {samples}")
+            hwm_end = vm(gateway.pid, "VmHWM")
+
+        result.update({
+            "gateway_wado_s": round(gw_t, 3), "getscu_s": round(get_t, 3), "pynetdicom_get_s": round(pnd_t, 3),
+            "gateway_mb_per_s": round(big_mb / gw_t, 1), "getscu_mb_per_s": round(big_mb / get_t, 1),
+            "throughput_ratio": round(get_t / gw_t, 3),
+            "time_ratio": round(gw_t / get_t, 3),
+            "qido_ms": round(q, 2), "cfind_new_association_ms": round(f_fresh, 2),
+            "cfind_open_association_ms": round(f_reused, 2),
+            "qido_added_ms": round(q - f_fresh, 2), "qido_added_vs_open_association_ms": round(q - f_reused, 2),
+            "gateway_hwm_idle_mb": round(hwm0, 1), "gateway_hwm_small_mb": round(hwm_small, 1),
+            "gateway_hwm_big_mb": round(hwm_big, 1), "gateway_hwm_after_concurrency_mb": round(hwm_end, 1),
+            "memory_growth_mb": round(hwm_big - hwm_small, 1), "small_instances": len(small),
+            "concurrent_clients": args.clients, "concurrent_errors": n_err, "concurrent_s": round(conc_s, 2),
+            "targets": TARGETS,
+        })
+        result["met"] = bool(result["throughput_ratio"] >= TARGETS["throughput_ratio_min"]
+                             and result["qido_added_ms"] <= TARGETS["qido_added_ms_max"]
+                             and result["memory_growth_mb"] <= TARGETS["memory_growth_mb_max"]
+                             and n_err <= TARGETS["concurrent_errors_max"])
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            try:
+                gateway.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
