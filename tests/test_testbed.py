@@ -1,8 +1,9 @@
 """The DSF test bed: unit tests for its generated parts, integration tests on running DSF 1.9 servers.
 
 The integration tests start (module fixture) a two-site test bed -- requester DIC and AI provider,
-each with a DSF 1.9.0 FHIR and BPE server -- in `.testbed-pytest/` on base port 8400 (override
-with OMI_TESTBED_TEST_DIR / OMI_TESTBED_TEST_PORT), freshly created, and stop it afterwards
+each with a DSF 1.9.0 FHIR and BPE server -- in `.testbed-pytest/` (override
+with OMI_TESTBED_TEST_DIR / OMI_TESTBED_TEST_PORT; by default the first base port from 8400
+whose ports are all free), freshly created, and stop it afterwards
 (the folder with the logs stays until the next run). If a test bed is
 already running there, they use it and leave it running. They skip when no DSF distribution is
 found (DSF_HOME, default /opt/dsf-1.9.0).
@@ -32,6 +33,7 @@ from omi_dsf.testbed.bed import (
     client,
     default_plugins,
     find_dsf_home,
+    free_base_port,
     pid_alive,
     ssl_context,
 )
@@ -43,7 +45,7 @@ SID_ORG = "http://dsf.dev/sid/organization-identifier"
 BPMN_MESSAGE = "http://dsf.dev/fhir/CodeSystem/bpmn-message"
 
 TEST_DIR = Path(os.environ.get("OMI_TESTBED_TEST_DIR", REPO / ".testbed-pytest"))
-TEST_PORT = int(os.environ.get("OMI_TESTBED_TEST_PORT", "8400"))
+TEST_PORT = os.environ.get("OMI_TESTBED_TEST_PORT")  # default: the first free base from 8400
 
 
 # ------------------------------------------------------------------------------------------
@@ -132,9 +134,13 @@ def bed() -> State:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    tb = TestBed(TEST_DIR, base_port=TEST_PORT, out=print)
     old = State.load(TEST_DIR)
     was_running = old is not None and all(pid_alive(s.pid) for s in old.servers)
+    if was_running:
+        base = int(old.servers[0].port) - 1
+    else:
+        base = int(TEST_PORT) if TEST_PORT else free_base_port(2, start=8400)
+    tb = TestBed(TEST_DIR, base_port=base, out=print)
     if not was_running and TEST_DIR.exists():
         tb.down(purge=True)  # a fresh test bed per run; the folder (logs) stays after the run
     t0 = time.monotonic()
@@ -300,7 +306,13 @@ def test_start_task_reaches_first_work_item(bed):
     with client(bed, dic) as c:
         while time.monotonic() < deadline:
             task = c.get(f"/Task/{task_id}").json()
-            assert task["status"] != "failed", task
+            if task["status"] == "failed":
+                errors = [o.get("valueString") for o in task.get("output", [])]
+                bpe = next(s for s in bed.servers if s.site == dic.key and s.kind == "bpe")
+                log_lines = [ln for ln in Path(bpe.log_file).read_text().splitlines()
+                             if " ERROR " in ln or "Exception" in ln][:6]
+                pytest.fail(f"Task/{task_id} failed: outputs {errors}; {bpe.name} log "
+                            f"{bpe.log_file}: " + " | ".join(log_lines))
             for inp in task.get("input", []):
                 if inp["type"]["coding"][0]["code"] == "business-key":
                     business_key = inp["valueString"]

@@ -239,6 +239,23 @@ def port_free(port: int) -> bool:
     return True
 
 
+def ports_for(base: int, sites: int) -> list[int]:
+    """Every port a test bed with this base port and number of sites listens on."""
+    ports = [base + 99]
+    for i in range(sites):
+        b = base + 20 * i
+        ports += [b + 1, b + 2, b + 11, b + 12]
+    return ports
+
+
+def free_base_port(sites: int = 2, start: int = 8300, stop: int = 9800, step: int = 100) -> int:
+    """The first base port (4-digit, DSF 1.9 needs that) whose ports are all free right now."""
+    for base in range(start, stop, step):
+        if all(port_free(p) for p in ports_for(base, sites)):
+            return base
+    raise UserError(f"no free base port between {start} and {stop}")
+
+
 def ssl_context(ca: str, cert: str | None = None, key: str | None = None,
                 password: str | None = KEY_PASSWORD) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca)
