@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 
 from omi_dsf.deid import synthetic
 from omi_dsf.deid.leakcheck import LeakError, check_outgoing, find_leaks
-from omi_dsf.deid.pipeline import StudyPseudonymizer
+from omi_dsf.deid.pipeline import StudyPseudonymizer, encode_part10
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.store import SiteStore
 
@@ -42,11 +42,16 @@ def test_clean_object_passes(clean):
     (lambda ds: setattr(ds, "StudyComments", "Annegret"), "StudyComments"),
 ], ids=["name-in-description", "id-in-comment", "iso-birth-date", "accession", "birth-date-DA",
         "institution", "given-name"])
-def test_planted_values_are_found(clean, plant, where):
+@pytest.mark.parametrize("encoded", [False, True], ids=["elements", "bytes-first"])
+def test_planted_values_are_found(clean, plant, where, encoded):
     out, identity = clean
     plant(out)
+    header = None
+    if encoded:  # the send path: one search over the encoded bytes, then the element walk
+        data, end = encode_part10(out)
+        header = data[:end]
     with pytest.raises(LeakError) as err:
-        check_outgoing(out, identity)
+        check_outgoing(out, identity, encoded_header=header)
     assert where in str(err.value)
     for secret in (P["name"], P["id"], P["birth_date"], "Annegret", P["accession"]):
         assert secret not in str(err.value)  # the message names the tag, never the value
@@ -144,3 +149,16 @@ def test_utf8_dataset_is_searched_in_its_character_set(tmp_path):
     out.save_as(tmp_path / "u.dcm", enforce_file_format=True)
     back = pydicom.dcmread(tmp_path / "u.dcm")
     assert find_leaks(back, sp.identity) == ["ContentDescription (0070,0081)"]
+
+
+def test_bytes_first_search_sees_uids_glued_to_tag_bytes(clean):
+    """An even-length UID is followed directly by the next tag, whose bytes can be digits."""
+    out, identity = clean
+    original = sorted(identity.uids)[0]
+    assert identity.may_occur_in("\x00" + original + "24\x00\x10")
+    assert not identity.may_occur_in("\x00" + "1.2.840.10008.5.1.4.1.1.2" + "\x00")
+    out.add_new(0x00321033, "LO", "x")  # group 0x0032: its low byte is the digit "2"
+    out.ReferencedSOPInstanceUID = original
+    data, end = encode_part10(out)
+    with pytest.raises(LeakError, match="ReferencedSOPInstanceUID"):
+        check_outgoing(out, identity, encoded_header=data[:end])

@@ -101,9 +101,10 @@ def test_source_and_sink_are_pluggable(site):
     received = []
 
     class MemorySink:
-        def write(self, ds):
+        def write(self, ds, data):
+            assert data[128:132] == b"DICM"
             received.append(ds)
-            return 1
+            return len(data)
 
         def close(self):
             return "memory:"
@@ -121,3 +122,31 @@ def test_source_and_sink_are_pluggable(site):
     with pytest.raises(StepError, match="unknown instance source kind 'pigeon'"):
         pseudonymize({"study-instance-uid": "1.2"},
                      ctx({"pseudonymization": {**mem["pseudonymization"], "source": {"kind": "pigeon"}}}))
+
+
+def test_pixel_data_pass_through_unchanged(site, tmp_path):
+    """Native and encapsulated pixel data leave exactly as they came in."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    from omi_dsf.deid.pipeline import StudyPseudonymizer
+    from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
+    from omi_dsf.deid.store import SiteStore
+
+    tmp, cfg, first = site
+    native = next((tmp / "pacs" / first.StudyInstanceUID).iterdir())
+    enc = pydicom.dcmread(native)
+    enc.file_meta.TransferSyntaxUID = RLELossless
+    enc.PixelData = encapsulate([b"\x01\x02\x03\x04" * 7, b"\x05\x06" * 9])
+    enc["PixelData"].VR = "OB"
+    enc.NumberOfFrames = 2
+    enc.SOPInstanceUID = enc.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    enc.save_as(tmp_path / "enc.dcm", enforce_file_format=True)
+    store = SiteStore()
+    sp = StudyPseudonymizer(key=b"k" * 20, domain="omi", provider=EmbeddedProvider(b"k" * 20, store),
+                            store=store)
+    for path in (native, tmp_path / "enc.dcm"):
+        out = sp.process_encoded(path, path.name)
+        back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(out.data))
+        assert back.PixelData == pydicom.dcmread(path).PixelData
+        assert back.PatientID == sp.result.pseudonym

@@ -71,8 +71,8 @@ def run(args) -> int:
         else:
             run_ = StudyPseudonymizer(key=key, domain=args.domain, provider=provider, store=store,
                                       options=args.option)
-            for ds in run_.process(source):
-                sink.write(ds)
+            for out in run_.process(source):
+                sink.write(out.dataset, out.data)
             r = run_.result
             summary = {"instances": r.instances, "pseudonym": r.pseudonym,
                        "pseudonymized_study_uids": sorted(r.study_uids.values()), "out": sink.close()}

@@ -63,6 +63,7 @@ class Identity:
         self.dates: set[str] = set()       # YYYYMMDD, matched against DA/DT values
         self.uids: set[str] = set()        # original UIDs, matched exactly
         self._regex: re.Pattern | None = None
+        self._loose: re.Pattern | None = None
         self._seen: set[tuple] = set()
 
     def add_dataset(self, ds: Dataset) -> None:
@@ -88,6 +89,7 @@ class Identity:
                 self.texts.update(_date_forms(da))
         if len(self.texts) != before:
             self._regex = None
+            self._loose = None
 
     def add_uids(self, uids) -> None:
         self.uids.update(uids)
@@ -99,6 +101,22 @@ class Identity:
             alts = "|".join(re.escape(t) for t in sorted(self.texts, key=len, reverse=True))
             self._regex = re.compile(rf"(?<!\w)(?:{alts})(?!\w)", re.IGNORECASE)
         return self._regex
+
+    def may_occur_in(self, blob: str) -> bool:
+        """A superset test over encoded bytes (decoded 1:1): any needle anywhere, no word
+        boundaries (neighbouring tag and length bytes may look like letters or digits), and
+        any original UID, also with up to four characters of a following tag glued to it."""
+        if self.texts:
+            if self._loose is None:
+                alts = "|".join(re.escape(t) for t in sorted(self.texts, key=len, reverse=True))
+                self._loose = re.compile(alts, re.IGNORECASE)
+            if self._loose.search(blob):
+                return True
+        if self.uids:
+            for tok in _UID_TOKEN.findall(blob):
+                if any(tok[:len(tok) - k] in self.uids for k in range(5)):
+                    return True
+        return False
 
     def hits_text(self, text: str) -> bool:
         rx = self.regex

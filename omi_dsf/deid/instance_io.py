@@ -7,6 +7,7 @@ Both are chosen by "kind" from the site configuration; other parts register more
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ class InstanceSource(Protocol):
 
 
 class InstanceSink(Protocol):
-    def write(self, ds: Dataset) -> int: ...       # bytes written
+    def write(self, ds: Dataset, data: bytes) -> int: ...  # data: the checked Part 10 bytes
     def close(self) -> str: ...                      # where the instances are now
     def abort(self) -> None: ...                     # drop what was written (the step failed)
 
@@ -75,13 +76,20 @@ class FolderSink:
         self.path.mkdir(parents=True, exist_ok=True)
         self.written: list[Path] = []
 
-    def write(self, ds: Dataset) -> int:
-        target = self.path / f"{ds.SOPInstanceUID}.dcm"
+    def write(self, ds: Dataset, data: bytes | None = None) -> int:
+        """Write `data` (the bytes the leak check saw) or, without it, `ds` encoded here."""
+        if data is None:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            data = buf.getvalue()
+        uid = ds.get_item(0x00080018).value
+        uid = uid.decode("ascii").strip("\x00 ") if isinstance(uid, bytes) else str(uid)
+        target = self.path / f"{uid}.dcm"
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-            size = os.path.getsize(tmp)
+                fh.write(data)
+            size = len(data)
             os.replace(tmp, target)
             self.written.append(target)
         except BaseException:

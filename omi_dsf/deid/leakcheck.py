@@ -15,7 +15,7 @@ from .identity import Identity
 _TEXT_VRS = {"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"}
 _BINARY_VRS = {"OB", "UN", "OW"}
 _BINARY_SCAN_LIMIT = 1 << 20   # private OB/UN blobs are scanned up to 1 MiB
-_PIXEL_TAGS = {Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009)}
+PIXEL_TAGS = _PIXEL_TAGS = {Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009)}
 # Modalities whose images commonly carry burned-in text when the flag is absent.
 _BURNED_IN_PRONE = {"US", "SC", "OT", "XC", "ES", "GM", "SM", "DOC", "IVUS", "ECG"}
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
@@ -117,6 +117,15 @@ def _hit(vr: str, tag: int, values, identity: Identity) -> bool:
     return False
 
 
+def _bytes_may_leak(ds: Dataset, data: bytes, identity: Identity) -> bool:
+    codec = _codec(ds)
+    if codec is None:
+        return True  # code extensions: let the element-wise check decide
+    texts = {data.decode(codec, "replace")}
+    texts.add(data.decode("latin-1"))  # undecoded private blobs are searched as latin-1
+    return any(identity.may_occur_in(t) for t in texts)
+
+
 def _text(ds: Dataset, tag: int) -> str:
     if tag not in ds:
         return ""
@@ -140,13 +149,20 @@ def burned_in_problem(ds: Dataset) -> str | None:
     return None
 
 
-def check_outgoing(ds: Dataset, identity: Identity) -> None:
-    """Raise LeakError unless `ds` may leave the site."""
+def check_outgoing(ds: Dataset, identity: Identity, encoded_header: bytes | None = None) -> None:
+    """Raise LeakError unless `ds` may leave the site.
+
+    `encoded_header`: the bytes that will be sent, up to the pixel data. When given, one search
+    over them comes first; it matches wherever the element-wise check could, so only when it
+    finds something are the elements walked to name the attribute.
+    """
     if _text(ds, 0x00120062).upper() != "YES":
         raise LeakError("PatientIdentityRemoved (0012,0062) is not YES: object was not de-identified")
     problem = burned_in_problem(ds)
     if problem:
         raise LeakError(problem)
+    if encoded_header is not None and not _bytes_may_leak(ds, encoded_header, identity):
+        return
     hits = find_leaks(ds, identity)
     if hits:
         more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""

@@ -11,10 +11,12 @@ from typing import Iterable, Iterator, Union
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 
 from .deidentify import Deidentifier
 from .identity import Identity
-from .leakcheck import check_outgoing
+from .leakcheck import PIXEL_TAGS, check_outgoing
 from .pseudonyms.base import PseudonymProvider
 from .store import SiteStore
 
@@ -92,6 +94,42 @@ def _check_complete(ds: Dataset, name: str) -> None:
         raise DeidError(f"{name}: truncated: PixelData has {have} of {expected} bytes")
 
 
+@dataclass
+class Outgoing:
+    """A de-identified instance that passed the leak check, and its Part 10 bytes as checked."""
+    dataset: Dataset
+    data: bytes
+
+
+def encode_part10(ds: Dataset) -> tuple[bytes, int]:
+    """(Part 10 bytes, offset where the pixel data start): the leak check reads what precedes it."""
+    pixels = [ds.get_item(t) for t in sorted(PIXEL_TAGS) if t in ds]
+    for elem in pixels:
+        del ds[elem.tag]
+    try:
+        buf = DicomBytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        header_end = buf.tell()
+        if pixels:
+            implicit, little = ds.original_encoding
+            meta = getattr(ds, "file_meta", None)
+            ts = pydicom.uid.UID(text_of(meta, 0x00020010)) if meta is not None else None
+            if ts is not None and ts.is_valid and ts.is_transfer_syntax:
+                implicit, little = ts.is_implicit_VR, ts.is_little_endian
+            buf.is_implicit_VR = bool(implicit)
+            buf.is_little_endian = little is not False
+            for elem in pixels:
+                if not getattr(elem, "is_raw", False) and " or " in (elem.VR or ""):
+                    ds[elem.tag] = elem  # pixel VR "OB or OW" is settled from the image attributes
+                    elem = correct_ambiguous_vr_element(elem, ds, buf.is_little_endian)
+                    del ds[elem.tag]
+                write_data_element(buf, elem)
+        return buf.getvalue(), header_end
+    finally:
+        for elem in pixels:
+            ds[elem.tag] = elem
+
+
 class StudyPseudonymizer:
     """De-identify instances of one patient's study(ies); yields datasets that passed the leak check.
 
@@ -112,11 +150,15 @@ class StudyPseudonymizer:
         self._patient_id: str | None = None
         self._stored_studies: set[str] = set()
 
-    def process(self, instances: Iterable[tuple[str, Instance]]) -> Iterator[Dataset]:
+    def process(self, instances: Iterable[tuple[str, Instance]]) -> Iterator[Outgoing]:
+        """One instance at a time: read, de-identify, encode, leak-check; nothing is buffered."""
         for name, item in instances:
-            yield self.process_one(item, name)
+            yield self.process_encoded(item, name)
 
     def process_one(self, item: Instance, name: str = "instance") -> Dataset:
+        return self.process_encoded(item, name).dataset
+
+    def process_encoded(self, item: Instance, name: str = "instance") -> Outgoing:
         size = len(item) if isinstance(item, (bytes, bytearray)) else (
             Path(item).stat().st_size if isinstance(item, (str, os.PathLike)) and Path(item).exists() else 0)
         ds = read_instance(item, name)
@@ -150,7 +192,8 @@ class StudyPseudonymizer:
         # the map must be at the site before the instance can leave it
         self.store.put_uids(self.domain, self.deid.new_uids)
         self.deid.new_uids = {}
-        check_outgoing(ds, self.identity)
+        data, header_end = encode_part10(ds)
+        check_outgoing(ds, self.identity, encoded_header=data[:header_end])
         self.result.instances += 1
         self.result.bytes_in += size
-        return ds
+        return Outgoing(ds, data)

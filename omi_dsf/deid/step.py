@@ -53,8 +53,8 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
                                  options=options, expect_patient_id=patient_id,
                                  expect_study_uid=study_uid)
         written = 0
-        for ds in run.process(source):
-            written += sink.write(ds)
+        for out in run.process(source):
+            written += sink.write(out.dataset, out.data)
         if run.result.instances == 0:
             raise StepError(f"no instances of the study found in the source")
         location = sink.close()

@@ -56,8 +56,8 @@ def run_ours(in_dir: Path, out: Path, store_path: Path) -> None:
     sp = StudyPseudonymizer(key=KEY, domain="bench", provider=EmbeddedProvider(KEY, store),
                             store=store, options=OPTIONS)
     sink = FolderSink(out)
-    for ds in sp.process(FolderSource(in_dir)):
-        sink.write(ds)
+    for out_ in sp.process(FolderSource(in_dir)):
+        sink.write(out_.dataset, out_.data)
     store.close()
 
 
