@@ -9,6 +9,7 @@ another domain.
 from __future__ import annotations
 
 import datetime as dt
+from functools import lru_cache
 from importlib import resources
 
 from pydicom.dataelem import DataElement, RawDataElement
@@ -92,6 +93,7 @@ def date_shift_days(key: bytes, domain: str, pseudonym: str) -> int:
     return _SHIFT_MIN_DAYS + int.from_bytes(h[:4], "big") % _SHIFT_SPAN_DAYS
 
 
+@lru_cache(maxsize=4096)  # a study repeats the same few dates in every instance
 def _shift_da(value: str, days: int) -> str:
     try:
         d = dt.datetime.strptime(value.strip()[:8], "%Y%m%d")

@@ -63,7 +63,7 @@ class Identity:
         self.dates: set[str] = set()       # YYYYMMDD, matched against DA/DT values
         self.uids: set[str] = set()        # original UIDs, matched exactly
         self._regex: re.Pattern | None = None
-        self._loose: re.Pattern | None = None
+        self._loose: tuple[str, ...] | None = None
         self._seen: set[tuple] = set()
 
     def add_dataset(self, ds: Dataset) -> None:
@@ -108,11 +108,12 @@ class Identity:
         any original UID, also with up to four characters of a following tag glued to it."""
         if self.texts:
             if self._loose is None:
-                alts = "|".join(re.escape(t) for t in sorted(self.texts, key=len, reverse=True))
-                self._loose = re.compile(alts, re.IGNORECASE)
-            if self._loose.search(blob):
+                self._loose = tuple({t.lower() for t in self.texts})
+            low = blob.lower()
+            # plain substring search: one C-level scan per needle beats a big regex alternation
+            if any(n in low for n in self._loose):
                 return True
-        if self.uids:
+        if self.uids and "." in blob:
             for tok in _UID_TOKEN.findall(blob):
                 if any(tok[:len(tok) - k] in self.uids for k in range(5)):
                     return True
