@@ -102,7 +102,7 @@ class GatewayConfig:
     default: str | None = None
     max_results: int = 1000             # QIDO answers without limit are cut here (with a Warning)
     max_upload_mb: int = 2048
-    stream_queue: int = 4               # instances buffered between C-GET and the HTTP answer
+    stream_queue: int = 8               # instances buffered between C-GET and the HTTP answer
     name: str = "OMI DICOMweb gateway"
 
     @property

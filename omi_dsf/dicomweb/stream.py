@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from typing import Any, Callable
 
 from .errors import PacsTimeout
@@ -63,32 +64,41 @@ _END = object()
 
 
 class ThreadStream:
-    """Run ``producer(emit, token)`` in a thread; iterate what it emits with ``async for``."""
+    """Run ``producer(emit, token)`` in a thread; iterate what it emits with ``async for``.
+
+    ``emit`` returns at once while there is room (at most ``maxsize`` items wait): the producer
+    never waits for the event loop, which keeps the loop off the DIMSE critical path.
+    """
 
     def __init__(self, producer: Producer, maxsize: int = 4, stall_timeout: float = 60.0,
                  name: str = "dicomweb-producer"):
         self._producer = producer
-        self._maxsize = maxsize
         self._stall = stall_timeout
         self._name = name
         self.token = CancelToken()
         self.result: Any = None
-        self._queue: asyncio.Queue | None = None
+        self._items: deque = deque()
+        self._space = threading.Semaphore(maxsize)
+        self._ready: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done = False
         self._thread: threading.Thread | None = None
 
+    def _wake(self) -> None:
+        assert self._loop is not None and self._ready is not None
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # event loop closed
+            self.token.cancel()
+
     def _put(self, item: Any) -> None:
-        assert self._loop is not None and self._queue is not None
-        fut = asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop)
-        while True:
-            try:
-                fut.result(timeout=0.25)
-                return
-            except TimeoutError:
-                if self.token.cancelled or self._loop.is_closed():
-                    fut.cancel()
-                    raise Cancelled() from None
+        while not self._space.acquire(timeout=0.25):
+            if self.token.cancelled:
+                raise Cancelled()
+        if self.token.cancelled:
+            raise Cancelled()
+        self._items.append(item)
+        self._wake()
 
     def _run(self) -> None:
         error: BaseException | None = None
@@ -98,16 +108,12 @@ class ThreadStream:
             return
         except BaseException as exc:  # handed to the consumer
             error = exc
-        try:
-            self._put((_END, error))
-        except Cancelled:
-            pass
-        except RuntimeError:  # event loop closed
-            pass
+        self._items.append((_END, error))  # the end marker needs no room
+        self._wake()
 
     def start(self) -> "ThreadStream":
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(self._maxsize)
+        self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
         return self
@@ -116,17 +122,23 @@ class ThreadStream:
         """The next item; raises StopAsyncIteration at the end, or the producer's error."""
         if self._done:
             raise StopAsyncIteration
-        assert self._queue is not None
-        try:
-            item = await asyncio.wait_for(self._queue.get(), self._stall)
-        except asyncio.TimeoutError:
-            self.cancel()
-            raise PacsTimeout(f"no data from the source for {self._stall:.0f} s") from None
+        assert self._ready is not None
+        while not self._items:
+            self._ready.clear()
+            if self._items:
+                break
+            try:
+                await asyncio.wait_for(self._ready.wait(), self._stall)
+            except asyncio.TimeoutError:
+                self.cancel()
+                raise PacsTimeout(f"no data from the source for {self._stall:.0f} s") from None
+        item = self._items.popleft()
         if isinstance(item, tuple) and len(item) == 2 and item[0] is _END:
             self._done = True
             if item[1] is not None:
                 raise item[1]
             raise StopAsyncIteration
+        self._space.release()
         return item
 
     def __aiter__(self):

@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -45,14 +46,54 @@ def next_message_id() -> int:
         return next(_msg_ids) % 65535 + 1
 
 
-def set_nodelay(event) -> None:
-    """EVT_CONN_OPEN handler: TCP_NODELAY on the association's socket."""
+# pynetdicom's DUL thread sleeps this long whenever it finds nothing to do; during a transfer
+# that delay is paid per PDU and per C-STORE response, so busy associations poll faster.
+IDLE_LOOP_DELAY = 0.001
+BUSY_LOOP_DELAY = 0.0002
+
+
+def _recv_exact(self, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv reading straight into one buffer (pynetdicom reads 4 KB at a time)."""
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    while got < nr_bytes:
+        n = self.socket.recv_into(view[got:], nr_bytes - got)
+        if not n:  # connection closed: what we have, as pynetdicom's own recv does
+            return buf[:got]
+        got += n
+    return buf
+
+
+def set_nodelay(event, busy: bool = False) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY on the association's socket, and a faster recv."""
     try:
-        sock = event.assoc.dul.socket.socket
+        wrapper = event.assoc.dul.socket
+        sock = wrapper.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wrapper.recv = types.MethodType(_recv_exact, wrapper)
+        if busy:
+            event.assoc.dul._run_loop_delay = BUSY_LOOP_DELAY
     except (AttributeError, OSError):
-        log.debug("could not set TCP_NODELAY", exc_info=True)
+        log.debug("could not tune the association socket", exc_info=True)
+
+
+def set_nodelay_busy(event) -> None:
+    set_nodelay(event, busy=True)
+
+
+@contextmanager
+def busy(assoc: Association) -> Iterator[None]:
+    """Poll fast while this association transfers data; idle pooled associations poll slowly."""
+    dul = getattr(assoc, "dul", None)
+    if dul is not None:
+        dul._run_loop_delay = BUSY_LOOP_DELAY
+    try:
+        yield
+    finally:
+        if dul is not None:
+            dul._run_loop_delay = IDLE_LOOP_DELAY
 
 
 @dataclass

@@ -8,6 +8,7 @@ sub-operations carry the Move Originator Message ID, which routes them to the wa
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from pynetdicom import StoragePresentationContexts
 
 from ..errors import NotFound, PacsTimeout, PacsUnavailable
 from ..stream import CancelToken, Cancelled
-from .association import STORAGE_SYNTAXES, AssociationPool, abort, next_message_id, set_nodelay
+from .association import (STORAGE_SYNTAXES, AssociationPool, abort, busy, next_message_id,
+                          set_nodelay_busy)
 from .find import lost
 
 log = logging.getLogger(__name__)
@@ -85,35 +87,21 @@ def _run(op: str, pool: AssociationPool, responses_fn, summary: RetrieveSummary,
     the next pending response and release the association instead of pooling it; abort only when
     the PACS stops answering (then pynetdicom's DIMSE timeout ends the wait)."""
     started = time.monotonic()
-    ok = cancel_sent = False
+    ok = False
     try:
-        for status, _ident in responses_fn():
-            code = getattr(status, "Status", None)
-            if code is None:
-                if token.cancelled:
-                    raise Cancelled()
-                raise lost(op, pool, started)
-            if code in (0xFF00, 0xFF01):
-                if token.cancelled and not cancel_sent:
-                    cancel_sent = True
-                    assoc.send_c_cancel(msg_id, query_model=query_model)
-                continue
-            ok = True
-            if token.cancelled:
-                raise Cancelled()
-            _final(op, pool, code, status, summary)
-            break
-        else:
-            if token.cancelled:
-                raise Cancelled()
-            raise lost(op, pool, started)
+        with busy(assoc):
+            _consume(op, pool, responses_fn(), summary, token, assoc, msg_id, query_model, started)
+        ok = True
+    except _CancelledAfterFinal:
+        ok = True
+        raise
     except (RuntimeError, OSError, ValueError) as exc:
         ok = False
         if token.cancelled:
             raise Cancelled() from None
         raise PacsUnavailable(f"{op}: {exc}") from None
     except (PacsUnavailable, PacsTimeout):
-        ok = ok and assoc.is_established
+        ok = assoc.is_established and not isinstance(sys.exc_info()[1], PacsTimeout)
         raise
     finally:
         if not ok:
@@ -122,6 +110,32 @@ def _run(op: str, pool: AssociationPool, responses_fn, summary: RetrieveSummary,
     if summary.received == 0:
         raise NotFound(f"{op}: the PACS has no instances for this request")
     return summary
+
+
+def _consume(op, pool, responses, summary, token, assoc, msg_id, query_model, started) -> None:
+    cancel_sent = False
+    for status, _ident in responses:
+        code = getattr(status, "Status", None)
+        if code is None:
+            if token.cancelled:
+                raise Cancelled()
+            raise lost(op, pool, started)
+        if code in (0xFF00, 0xFF01):
+            if token.cancelled and not cancel_sent:
+                cancel_sent = True
+                assoc.send_c_cancel(msg_id, query_model=query_model)
+            continue
+        if token.cancelled:
+            raise _CancelledAfterFinal()
+        _final(op, pool, code, status, summary)
+        return
+    if token.cancelled:
+        raise Cancelled()
+    raise lost(op, pool, started)
+
+
+class _CancelledAfterFinal(Cancelled):
+    """Cancelled, but the PACS finished the operation: the association is clean."""
 
 
 def c_get(pool: AssociationPool, identifier: Dataset, emit: Emit, token: CancelToken) -> RetrieveSummary:
@@ -158,7 +172,7 @@ class MoveScp:
             ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES)
         ae.maximum_pdu_size = 0
         self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=[
-            (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_C_STORE, self._on_store)])
+            (evt.EVT_CONN_OPEN, set_nodelay_busy), (evt.EVT_C_STORE, self._on_store)])
         return self
 
     def stop(self) -> None:
