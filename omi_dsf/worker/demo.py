@@ -27,5 +27,9 @@ def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
         raise RuntimeError("demo handler told to fail")
     if ctx.topic in (ctx.site.get("demo_deny_topics") or []):
         raise StepError("denied by the demo handler")
+    journal = ctx.site.get("demo_journal")
+    if journal:   # one line per execution, appended atomically: tests count executions per item
+        with open(journal, "a") as f:
+            f.write(f"{ctx.topic} {ctx.item_id} {ctx.business_key} {ctx.attempt}\n")
     fp = fingerprint(ctx.topic, inputs)
     return {o: (len(inputs) if _TYPES.get(o) == "integer" else f"{ctx.topic}-{fp}") for o in ctx.outputs}

@@ -1,7 +1,11 @@
 package de.medizininformatik_initiative.omi.dsf;
 
+import java.util.ArrayList;
+import java.util.List;
+
 import org.camunda.bpm.engine.delegate.DelegateTask;
 import org.hl7.fhir.r4.model.QuestionnaireResponse;
+import org.hl7.fhir.r4.model.QuestionnaireResponse.QuestionnaireResponseItemAnswerComponent;
 import org.hl7.fhir.r4.model.QuestionnaireResponse.QuestionnaireResponseItemComponent;
 
 import dev.dsf.bpe.v1.ProcessPluginApi;
@@ -38,9 +42,11 @@ public class WorkItemListener extends DefaultUserTaskListener
 			if (isDsfItem(item.getLinkId()))
 				continue;
 			Object value = variables.getVariable(item.getLinkId());
-			item.getAnswer().clear();
+			// the DSF's placeholder answer lists are immutable: replace them
+			List<QuestionnaireResponseItemAnswerComponent> answers = new ArrayList<>();
 			if (value != null)
-				item.addAnswer().setValue(Values.toFhir(value));
+				answers.add(new QuestionnaireResponseItemAnswerComponent().setValue(Values.toFhir(value)));
+			item.setAnswer(answers);
 		}
 	}
 }
