@@ -1,0 +1,194 @@
+"""Workers on the real DSF test bed: work items advance, are done exactly once, survive a killed
+worker and a restarted FHIR server, and a failing step ends its instance with a clear error."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from omi_dsf.dsf.client import DsfClient
+from omi_dsf.dsf.tasks import message_task, outputs
+from omi_dsf.dsf.workitem import WorkItem
+from omi_dsf.testbed.bed import find_java
+from omi_dsf.worker.config import load_site_config
+from omi_dsf.worker.demo import fingerprint
+from omi_dsf.worker.sites import write_testbed_site_configs
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+DIC_TOPICS = "consent,pseudonymize,send,return"
+FAST = {"poll_interval": 2, "lease_ttl": 4, "backoff": 0.3, "max_attempts": 2}
+
+
+class Site:
+    """Worker configs for one test, workers as real `python -m omi_dsf worker` processes."""
+
+    def __init__(self, state, folder: Path):
+        self.state, self.folder = state, folder
+        self.journal = folder / "journal.txt"
+        self.journal.touch()
+        self.base = write_testbed_site_configs(state, folder, steps={k: {"demo_journal": str(self.journal)} for k in ("dic", "ai")},
+                                               worker=FAST)
+        self.procs: list[subprocess.Popen] = []
+        self.dic = DsfClient(load_site_config(self.base["dic"]).identity)
+
+    def config(self, key: str, name: str, steps: dict | None = None, worker: dict | None = None) -> Path:
+        raw = yaml.safe_load(self.base[key].read_text())
+        raw["steps"].update(steps or {})
+        raw["worker"].update(worker or {})
+        path = self.folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    def worker(self, config: Path, topics: str, name: str) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "omi_dsf", "worker", "--site", str(config), "--topics", topics, "--demo"],
+                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.procs.append(p)
+        return p
+
+    def submit(self, n: int = 1) -> list[str]:
+        ids = []
+        for i in range(n):
+            task = message_task("startOmiInference", "dic.omi.test", "dic.omi.test",
+                                {"study-instance-uid": f"1.2.826.0.1.3680043.8.498.{os.getpid()}.{time.time_ns()}.{i}",
+                                 "patient-identifier": f"PID-{i}", "ai-service-identifier": "lung-seg",
+                                 "provider-organization": "ai.omi.test"})
+            ids.append(self.dic.create(task)["id"])
+        return ids
+
+    def wait(self, ids: list[str], timeout: float = 300, final=("completed", "failed")) -> dict[str, dict]:
+        end, done = time.monotonic() + timeout, {}
+        while time.monotonic() < end and len(done) < len(ids):
+            for tid in ids:
+                if tid not in done:
+                    try:
+                        t = self.dic.read("Task", tid)
+                    except Exception:  # noqa: BLE001 - the server may be restarting
+                        continue
+                    if t["status"] in final:
+                        done[tid] = t
+            time.sleep(1)
+        assert len(done) == len(ids), f"{len(ids) - len(done)} of {len(ids)} instances not finished in {timeout}s"
+        return done
+
+    def executions(self) -> list[tuple[str, str, str, int]]:
+        lines = [l.split() for l in self.journal.read_text().splitlines() if l.strip()]
+        return [(t, i, bk, int(a)) for t, i, bk, a in lines]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.dic.close()
+
+
+@pytest.fixture
+def site(dsf_testbed, tmp_path):
+    s = Site(dsf_testbed, tmp_path)
+    yield s
+    s.stop()
+
+
+def business_key(task: dict) -> str:
+    return next(i["valueString"] for i in task["input"] if i["type"]["coding"][0]["code"] == "business-key")
+
+
+def test_instance_advances_through_every_work_item(site):
+    site.worker(site.base["dic"], DIC_TOPICS, "dic")
+    site.worker(site.base["ai"], "infer", "ai")
+    (tid,) = site.submit(1)
+    task = site.wait([tid], timeout=180)[tid]
+    assert task["status"] == "completed", outputs(task)
+    out = outputs(task)
+    assert out["result-location"].startswith("infer-") and out["stored-study-instance-uid"].startswith("return-")
+    bk = business_key(task)
+    topics = [t for t, _, k, _ in site.executions() if k == bk]
+    assert sorted(topics) == sorted(["consent", "pseudonymize", "send", "infer", "return"])
+
+
+def test_three_workers_thirty_instances_every_item_exactly_once(site):
+    for n in range(3):
+        site.worker(site.base["dic"], DIC_TOPICS, f"dic{n}")
+    site.worker(site.base["ai"], "infer", "ai")
+    ids = site.submit(30)
+    tasks = site.wait(ids, timeout=600)
+    assert [t["status"] for t in tasks.values()].count("completed") == 30
+    runs = collections.Counter((t, i) for t, i, _, _ in site.executions())
+    assert len(runs) == 30 * 5
+    assert set(runs.values()) == {1}, [k for k, v in runs.items() if v > 1]
+    per_worker = collections.Counter()
+    for n in range(3):
+        per_worker[n] = (site.folder / f"dic{n}.log").read_text().count(": completed")
+    assert sum(per_worker.values()) == 30 * 4
+
+
+def test_killed_worker_item_is_completed_by_another_with_the_same_result(site):
+    slow = site.config("dic", "slow", steps={"demo_delay": 8}, worker={"lease_ttl": 3})
+    a = site.worker(slow, "consent", "a")
+    (tid,) = site.submit(1)
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not site.executions():
+        time.sleep(0.3)
+    assert site.executions(), "worker a never started the consent item"
+    _, item_id, bk, attempt = site.executions()[0]
+    os.kill(a.pid, signal.SIGKILL)            # mid-item: no chance to release the lease
+    a.wait(10)
+    site.worker(site.config("dic", "b", worker={"lease_ttl": 3}), DIC_TOPICS, "b")
+    site.worker(site.base["ai"], "infer", "ai")
+    task = site.wait([tid], timeout=240)[tid]
+    assert task["status"] == "completed", outputs(task)
+    consent_runs = [(i, at) for t, i, k, at in site.executions() if t == "consent" and k == bk]
+    assert consent_runs == [(item_id, 1), (item_id, 2)]   # taken over after the lease expired
+    qr = WorkItem(site.dic.read("QuestionnaireResponse", item_id))
+    answer = next(i["answer"][0]["valueString"] for i in qr.resource["item"] if i["linkId"] == "consent-reference")
+    assert answer == f"consent-{fingerprint('consent', qr.inputs)}"   # what worker a would have answered
+
+
+def test_fhir_server_restart_loses_no_item(site):
+    bed, state = site.state.bed, site.state
+    site.worker(site.config("dic", "dic", steps={"demo_delay": 1}), DIC_TOPICS, "dic")
+    site.worker(site.base["ai"], "infer", "ai")
+    ids = site.submit(5)
+    time.sleep(4)
+    srv = next(s for s in state.servers if s.name == "dic-fhir")
+    bed._stop([srv], grace=30)
+    time.sleep(3)
+    bed._start_server(state, srv, find_java())
+    bed._wait_fhir(state, srv, time.monotonic() + 300)
+    tasks = site.wait(ids, timeout=400)
+    assert all(t["status"] == "completed" for t in tasks.values()), {k: outputs(t) for k, t in tasks.items()}
+    runs = collections.Counter((t, i) for t, i, _, _ in site.executions())
+    assert len(runs) == 5 * 5
+
+
+def test_failing_handler_ends_the_instance_with_its_error(site):
+    failing = site.config("dic", "failing", steps={"demo_fail_topics": ["consent"]})
+    site.worker(failing, DIC_TOPICS, "failing")
+    (tid,) = site.submit(1)
+    task = site.wait([tid], timeout=180)[tid]
+    assert task["status"] == "failed"
+    assert outputs(task)["error"] == "consent: failed after 2 attempts (RuntimeError)"
+    assert [a for t, _, _, a in site.executions() if t == "consent"] == [1, 2]
+
+
+def test_denied_step_ends_the_instance_with_the_reason(site):
+    site.worker(site.config("dic", "deny", steps={"demo_deny_topics": ["pseudonymize"]}), DIC_TOPICS, "deny")
+    (tid,) = site.submit(1)
+    task = site.wait([tid], timeout=180)[tid]
+    assert task["status"] == "failed"
+    assert outputs(task)["error"] == "pseudonymize: denied by the demo handler"
+    assert [t for t, *_ in site.executions()] == ["consent", "pseudonymize"]   # nothing after the denial
