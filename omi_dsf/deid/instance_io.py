@@ -16,6 +16,14 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 from pydicom.dataset import Dataset
 
 
+class SourceError(Exception):
+    """The source cannot deliver the study (not found, refused); retrying will not help."""
+
+
+class SinkError(Exception):
+    """The sink refused the instances; retrying will not help."""
+
+
 class InstanceSource(Protocol):
     def __iter__(self) -> Iterator[tuple[str, Any]]: ...
 
@@ -40,8 +48,14 @@ def register_sink(kind: str, factory: SinkFactory) -> None:
     SINKS[kind] = factory
 
 
+def _load_kinds(kind: str) -> None:
+    if kind == "dicomweb" and kind not in SOURCES:
+        from . import dicomweb_io  # noqa: F401  (registers itself; imported only when used)
+
+
 def open_source(config: Mapping[str, Any], params: Mapping[str, Any]) -> InstanceSource:
     kind = config.get("kind", "folder")
+    _load_kinds(kind)
     if kind not in SOURCES:
         raise ValueError(f"unknown instance source kind {kind!r} (known: {', '.join(sorted(SOURCES))})")
     return SOURCES[kind](config, params)
@@ -49,6 +63,7 @@ def open_source(config: Mapping[str, Any], params: Mapping[str, Any]) -> Instanc
 
 def open_sink(config: Mapping[str, Any], params: Mapping[str, Any]) -> InstanceSink:
     kind = config.get("kind", "folder")
+    _load_kinds(kind)
     if kind not in SINKS:
         raise ValueError(f"unknown instance sink kind {kind!r} (known: {', '.join(sorted(SINKS))})")
     return SINKS[kind](config, params)

@@ -6,8 +6,9 @@ Site configuration, `ctx.site["pseudonymization"]`:
     store        SQLite file kept at the site (UID map, removed attributes, embedded pseudonyms)
     provider     {"kind": "embedded"} | {"kind": "gpas", "wsdl": …} | {"kind": "ttp-fhir", "url": …}
     options      list of option names (see profile.OPTION_NAMES)
-    source       {"kind": "folder", "path": ".../{study_uid}"} or a kind another part registered
-    sink         {"kind": "folder", "path": ".../{business_key}"} likewise
+    source       {"kind": "folder", "path": ".../{study_uid}"} | {"kind": "dicomweb", "url": …}
+                 (WADO-RS; url defaults to the site's gateway_url) | a kind another part registered
+    sink         {"kind": "folder", "path": ".../{business_key}"} | {"kind": "dicomweb", "url": …}
 Inputs: study-instance-uid (required), patient-identifier (optional; checked against the files).
 Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count, byte-count, output-location.
 """
@@ -42,7 +43,8 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         key = load_key(cfg.get("key_file"))
     except (UnknownOptionError, KeyError_) as exc:
         raise StepError(str(exc)) from None
-    params = {"study_uid": study_uid, "business_key": ctx.business_key}
+    params = {"study_uid": study_uid, "business_key": ctx.business_key,
+              "gateway_url": ctx.site.get("gateway_url", "")}
     store = SiteStore(cfg.get("store", "omi-site.sqlite"))
     sink = None
     try:
@@ -58,7 +60,8 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         if run.result.instances == 0:
             raise StepError(f"no instances of the study found in the source")
         location = sink.close()
-    except (DeidError, LeakError, UnknownPseudonymError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (DeidError, LeakError, UnknownPseudonymError, ConfigError, FileNotFoundError, ValueError,
+            instance_io.SourceError, instance_io.SinkError) as exc:
         if sink is not None:
             sink.abort()
         raise StepError(str(exc)) from None
