@@ -214,3 +214,27 @@ def test_overlay_and_curve_groups_removed():
     ds.add_new(0x50000010, "US", 1)
     (out,), _ = run([ds])
     assert not any(t.group in (0x6000, 0x5000) for t in out.keys())
+
+
+def test_group_lengths_and_encrypted_attributes_removed():
+    ds = synthetic.ct_instance()
+    ds.add_new(0x00080000, "UL", 1234)
+    ds.add_new(0x04000500, "SQ", [Dataset()])
+    (out,), _ = run([ds])
+    assert 0x00080000 not in out and 0x04000500 not in out
+
+
+def test_implicit_vr_input_is_walked_into_sequences(tmp_path):
+    """Implicit VR files carry no VR: sequences are found through the dictionary."""
+    import pydicom
+    from pydicom.uid import ImplicitVRLittleEndian
+    ds = synthetic.ct_instance()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds["PixelData"].VR = "OW"
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = synthetic.uid("implicit")
+    ds.ReferencedSeriesSequence = [item]     # not in the table: walked, UID inside remapped
+    ds.save_as(tmp_path / "i.dcm", enforce_file_format=True)
+    (out,), _ = run([pydicom.dcmread(tmp_path / "i.dcm")])
+    assert out.ReferencedSeriesSequence[0].ReferencedSOPInstanceUID == uid_for(KEY, "omi", synthetic.uid("implicit"))
+    assert out.PatientIdentityRemoved == "YES" and out.StudyDate == ""

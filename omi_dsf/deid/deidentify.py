@@ -12,6 +12,7 @@ import datetime as dt
 from functools import lru_cache
 from importlib import resources
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -41,6 +42,16 @@ _PATIENT_ATTRS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirth
 _STUDY_ATTRS = ("AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
                 "ReferringPhysicianName")
 _SHIFT_MIN_DAYS, _SHIFT_SPAN_DAYS = 365, 9 * 365
+
+
+_ENCRYPTED_ATTRIBUTES = 0x04000500
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def _safe_private() -> set[tuple[int, str, int]]:
@@ -190,11 +201,16 @@ class Deidentifier:
                 continue
             action = self.exact.get(tag)
             if action is None:
-                raw = ds.get_item(tag)
-                if raw.VR == "SQ" or raw.VR is None:
-                    elem = ds[tag]
-                    if elem.VR == "SQ":
-                        self._walk_items(elem)
+                if tag & 0xFFFF == 0 or tag == _ENCRYPTED_ATTRIBUTES:
+                    # group lengths would be wrong after our changes; encrypted content cannot
+                    # be checked by the leak check
+                    del ds[tag]
+                    continue
+                vr = ds.get_item(tag).VR
+                if vr is None:  # implicit VR: ask the dictionary instead of decoding the value
+                    vr = _dictionary_vr(tag)
+                if vr == "SQ":
+                    self._walk_items(ds[tag])
                 continue
             self._apply(ds, tag, action)
         if private:
