@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from ..errors import PacsTimeout, PacsUnavailable
-from .association import AssociationPool, abort, next_message_id
+from .association import AssociationPool, abort, busy, next_message_id
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,11 @@ def c_find(pool: AssociationPool, identifier: Dataset) -> list[Dataset]:
         results: list[Dataset] = []
         ok = False
         try:
-            responses = assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind,
-                                          msg_id=next_message_id())
-            for status, ident in responses:
+            with busy(assoc):
+                responses = assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind,
+                                              msg_id=next_message_id())
+                answers = list(responses)
+            for status, ident in answers:
                 code = getattr(status, "Status", None)
                 if code is None:
                     raise lost("C-FIND", pool, started)
