@@ -6,7 +6,6 @@ the TTP-FHIR gateway's $isConsented with FHIR Parameters, as documented by the g
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import threading

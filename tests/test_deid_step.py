@@ -150,3 +150,10 @@ def test_pixel_data_pass_through_unchanged(site, tmp_path):
         back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(out.data))
         assert back.PixelData == pydicom.dcmread(path).PixelData
         assert back.PatientID == sp.result.pseudonym
+
+
+def test_empty_study_folder_is_a_step_error(site):
+    tmp, cfg, first = site
+    (tmp / "pacs" / "1.2.3.empty").mkdir()
+    with pytest.raises(StepError, match="no instances of the study"):
+        pseudonymize({"study-instance-uid": "1.2.3.empty"}, ctx(cfg, "bk-empty"))

@@ -9,7 +9,6 @@ Prints one JSON summary line; exits 2 on bad input with a message naming the fil
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

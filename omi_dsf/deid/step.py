@@ -58,7 +58,7 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         for out in run.process(source):
             written += sink.write(out.dataset, out.data)
         if run.result.instances == 0:
-            raise StepError(f"no instances of the study found in the source")
+            raise StepError("no instances of the study found in the source")
         location = sink.close()
     except (DeidError, LeakError, UnknownPseudonymError, ConfigError, FileNotFoundError, ValueError,
             instance_io.SourceError, instance_io.SinkError) as exc:
