@@ -1,7 +1,7 @@
 """The DSF test bed: unit tests for its generated parts, integration tests on running DSF 1.9 servers.
 
 The integration tests start (module fixture) a two-site test bed -- requester DIC and AI provider,
-each with a DSF 1.9.0 FHIR and BPE server -- in `.testbed-pytest/` (override
+each with a DSF 1.9.0 FHIR and BPE server -- in `test-artifacts/testbed/` (override
 with OMI_TESTBED_TEST_DIR / OMI_TESTBED_TEST_PORT; by default the first base port from 8400
 whose ports are all free), freshly created, and stop it afterwards
 (the folder with the logs stays until the next run). If a test bed is
@@ -44,7 +44,7 @@ NS = {"f": FHIR}
 SID_ORG = "http://dsf.dev/sid/organization-identifier"
 BPMN_MESSAGE = "http://dsf.dev/fhir/CodeSystem/bpmn-message"
 
-TEST_DIR = Path(os.environ.get("OMI_TESTBED_TEST_DIR", REPO / ".testbed-pytest"))
+TEST_DIR = Path(os.environ.get("OMI_TESTBED_TEST_DIR", REPO / "test-artifacts" / "testbed"))
 TEST_PORT = os.environ.get("OMI_TESTBED_TEST_PORT")  # default: the first free base from 8400
 
 

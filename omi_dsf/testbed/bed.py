@@ -620,6 +620,7 @@ class TestBed:
         st.postgres_pid = None
         st.save()
         if purge:
+            cluster.remove()
             shutil.rmtree(self.dir)
             self.out(f"removed {self.dir}")
         return 0

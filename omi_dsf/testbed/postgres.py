@@ -8,6 +8,7 @@ servers connect over JDBC/TCP) and keeps its unix socket in the cluster folder.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import pwd
 import shutil
@@ -40,6 +41,11 @@ class Cluster:
         self.data = folder / "data"
         self.log = folder / "postgres.log"
         self.port = port
+        # unix socket paths are limited to ~107 bytes; fall back to a short folder under /tmp
+        self.socket_dir = folder
+        if len(str(folder / f".s.PGSQL.{port}")) > 100:
+            digest = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
+            self.socket_dir = Path("/tmp") / f"omi-testbed-pg-{digest}"
         self.bin = find_bin_dir()
         self._user = self._run_as_user()
 
@@ -91,6 +97,9 @@ class Cluster:
                 if not st.st_mode & 0o001:
                     raise UserError(f"{p} is not searchable by the 'postgres' user "
                                     f"(chmod o+x {p}), needed for the test bed's PostgreSQL")
+        if self.socket_dir != self.folder:
+            self.socket_dir.mkdir(mode=0o755, exist_ok=True)
+            self._chown(self.socket_dir)
         if self.initialised():
             return
         pwfile = self.folder / "superuser.pw"
@@ -104,7 +113,7 @@ class Cluster:
                 "\n# OMI DSF test bed\n"
                 "listen_addresses = '127.0.0.1'\n"
                 f"port = {self.port}\n"
-                f"unix_socket_directories = '{self.folder}'\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
                 "max_connections = 200\n"
                 "shared_buffers = 64MB\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
@@ -139,7 +148,7 @@ class Cluster:
                      check=False)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
-        proc = self._pg("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.folder),
+        proc = self._pg("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
                         "-p", str(self.port), "-U", "postgres", "-d", db, "-At", stdin=sql)
         return proc.stdout
 
@@ -156,3 +165,5 @@ class Cluster:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.socket_dir != self.folder:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
