@@ -133,9 +133,13 @@ def step_ctx(cfg):
 
 def test_consent_step_from_folder(tmp_path):
     (tmp_path / "PAT-1.json").write_text(json.dumps(
-        {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": broad_consent()}]}))
+        {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": broad_consent(id="bc-1")}]}))
     out = consent({"patient-identifier": "PAT-1"}, step_ctx({"kind": "folder", "path": str(tmp_path)}))
-    assert out["consented"] is True
+    assert out["consented"] is True and out["consent-reference"] == "Consent/bc-1"
+    # as the worker runtime calls it: only the work item's output items are answered
+    ctx = StepContext(topic="consent", business_key="bk", site={"consent": {"kind": "folder", "path": str(tmp_path)}},
+                      outputs=("consent-reference",))
+    assert consent({"patient-identifier": "PAT-1"}, ctx) == {"consent-reference": "Consent/bc-1"}
     with pytest.raises(StepError, match="no consent on record"):
         consent({"patient-identifier": "PAT-2"}, step_ctx({"kind": "folder", "path": str(tmp_path)}))
     (tmp_path / "PAT-3.json").write_text("{broken")
@@ -203,7 +207,8 @@ def test_gics_is_consented_against_stand_in():
     with serve(GicsStandIn) as base:
         cfg = {"kind": "gics", "url": f"{base}/ttp-fhir/fhir/gics", "domain": "MII",
                "identifier_system": "https://example.org/sid/patient-id"}
-        assert consent({"patient-identifier": "PAT-1"}, step_ctx(cfg))["consented"] is True
+        out = consent({"patient-identifier": "PAT-1"}, step_ctx(cfg))
+        assert out["consented"] is True and out["consent-reference"].startswith("gICS $isConsented domain=MII")
         sent = {x["name"]: x for x in GicsStandIn.seen[0]["parameter"]}
         assert sent["domain"]["valueString"] == "MII"
         assert sent["policy"]["valueCoding"] == {"system": MII_POLICY_SYSTEM, "code": OID + "8"}

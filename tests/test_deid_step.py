@@ -51,6 +51,11 @@ def test_pseudonymize_step_writes_deidentified_study(site):
     # a retry of the same work item gives the same result (idempotent outputs)
     again = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg))
     assert again == out
+    # as the worker runtime calls it: only the work item's output items are answered
+    wanted = ("pseudonym", "pseudonymized-study-instance-uid", "instance-count")
+    runtime_ctx = StepContext(topic="pseudonymize", business_key="bk-1", site=cfg, outputs=wanted)
+    assert pseudonymize({"study-instance-uid": first.StudyInstanceUID}, runtime_ctx) == \
+        {k: out[k] for k in wanted}
 
 
 def test_wrong_patient_is_refused_and_nothing_left(site):

@@ -48,7 +48,8 @@ class GicsChecker:
                 return Decision(False, "consent check failed: gICS reply has no 'consented' boolean", codes)
             if not consented:
                 return Decision(False, f"gICS: no consent for {label(code)} in domain {self.domain!r}", codes)
-        return Decision(True, "permitted by gICS: " + ", ".join(label(c) for c in codes), codes)
+        return Decision(True, "permitted by gICS: " + ", ".join(label(c) for c in codes), codes,
+                        f"gICS $isConsented domain={self.domain} policy={','.join(codes)}")
 
     def _request(self, patient_id: str, code: str, day: str) -> dict:
         return {

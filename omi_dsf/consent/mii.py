@@ -23,6 +23,7 @@ class Decision:
     permitted: bool
     reason: str
     codes: tuple[str, ...] = field(default=())
+    reference: str = ""         # which consent decided, e.g. "Consent/123" (no patient data)
 
 
 def _as_datetime(value: Any, end: bool = False) -> dt.datetime | None:
@@ -89,11 +90,12 @@ def evaluate(consent: dict | Consent, codes: Iterable[str], at: dt.datetime | No
         return Decision(False, f"consent is valid only from {_fmt(start)}", codes)
     if end and at > end:
         return Decision(False, f"consent expired on {_fmt(end)}", codes)
+    ref = f"Consent/{c.id}" if c.id else "Consent (without id)"
     for code in codes:
         ok, why = _decide(root, code, at, (start, end), root.type or "deny")
         if not ok:
-            return Decision(False, why, codes)
-    return Decision(True, "permitted: " + ", ".join(label(c_) for c_ in codes), codes)
+            return Decision(False, why, codes, ref)
+    return Decision(True, "permitted: " + ", ".join(label(c_) for c_ in codes), codes, ref)
 
 
 def _decide(prov, code: str, at: dt.datetime, window, inherited: str) -> tuple[bool, str]:

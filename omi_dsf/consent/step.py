@@ -8,7 +8,8 @@ Site configuration, `ctx.site["consent"]`:
     identifier_system  system of the patient identifier (fhir, gics)
     domain             gICS consent domain (gics), e.g. "MII"
     purpose            default "external-ai-service"; codes: override the policy codes
-Inputs: patient-identifier (required). Outputs: consented (true), consent-reason.
+Inputs: patient-identifier (required). Outputs: consent-reference (which consent permitted:
+"Consent/<id>" or the gICS check), and where the work item asks for them consented, consent-reason.
 A deny, including any error while checking, raises StepError with the reason.
 """
 
@@ -60,4 +61,6 @@ def consent(inputs: Answers, ctx: StepContext) -> Answers:
     ctx.log.info("consent for %s: %s", ctx.business_key, "permit" if decision.permitted else "deny")
     if not decision.permitted:
         raise StepError(f"consent denied: {decision.reason}")
-    return {"consented": True, "consent-reason": decision.reason}
+    out = {"consent-reference": decision.reference, "consented": True, "consent-reason": decision.reason}
+    # answer only the items the work item has (the runtime refuses unknown ones)
+    return {k: v for k, v in out.items() if not ctx.outputs or k in ctx.outputs}

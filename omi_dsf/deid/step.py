@@ -10,7 +10,8 @@ Site configuration, `ctx.site["pseudonymization"]`:
                  (WADO-RS; url defaults to the site's gateway_url) | a kind another part registered
     sink         {"kind": "folder", "path": ".../{business_key}"} | {"kind": "dicomweb", "url": …}
 Inputs: study-instance-uid (required), patient-identifier (optional; checked against the files).
-Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count, byte-count, output-location.
+Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count, and where the work item
+asks for them byte-count, output-location (only the work item's output items are answered).
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         store.close()
     ctx.log.info("pseudonymized %d instances (%d bytes) for %s", run.result.instances, written,
                  ctx.business_key)
-    return {
+    out = {
         "pseudonym": run.result.pseudonym,
         "pseudonymized-study-instance-uid": run.result.pseudo_study_uid,
         "instance-count": run.result.instances,
         "byte-count": written,
         "output-location": location,
     }
+    # answer only the items the work item has (the runtime refuses unknown ones)
+    return {k: v for k, v in out.items() if not ctx.outputs or k in ctx.outputs}
