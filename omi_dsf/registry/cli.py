@@ -1,0 +1,29 @@
+"""`python -m omi_dsf registry --config FILE`: run the service registry."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("registry", help="run the OMI service registry (FHIR R4 REST, health checks, status page)")
+    p.add_argument("--config", required=True, help="registry configuration (YAML, see docs/registry.md)")
+    p.add_argument("--port", type=int, help="override the configured port")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from omi_dsf.cli import UserError
+    from omi_dsf.registry.config import load_config
+    from omi_dsf.registry.server import serve
+    from omi_dsf.registry.store import Store
+
+    cfg = load_config(args.config)
+    if args.port:
+        cfg.port = args.port
+    try:
+        Store(cfg.database).close()  # fail here, in one line, if the database is unusable
+    except Exception as exc:
+        raise UserError(f"database {cfg.database.split('@')[-1]}: {str(exc).splitlines()[0]}") from exc
+    serve(cfg)
+    return 0

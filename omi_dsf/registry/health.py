@@ -1,0 +1,121 @@
+"""Health of registered services: active checks of each service's Open Inference Protocol endpoint
+(server ready, model ready) plus the provider's heartbeats.
+
+  up        server and model ready, answered within the latency limit, heartbeat (if any) recent
+  degraded  reachable but the model is not ready, or slow, or the provider's heartbeats stopped
+  down      not reachable, TLS or HTTP error, or the server says it is not ready
+  unknown   not checked yet
+
+A failing service is marked, never deleted: its entry stays searchable with its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from omi_dsf.inference.client import OipClient, OipError
+from omi_dsf.registry import validation as v
+from omi_dsf.registry.store import ServiceState, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HealthSettings:
+    interval: float = 30.0            # seconds between check rounds
+    timeout: float = 5.0              # per HTTP request
+    degraded_latency_ms: float = 1000.0
+    heartbeat_timeout: float = 300.0  # a provider that sends heartbeats must send one this often
+    ca_file: str | None = None        # CA for https service endpoints (default: system CAs)
+
+
+def assess(server_ready: bool, model_ready: bool, latency_ms: float, limit_ms: float) -> tuple[str, str]:
+    if not server_ready:
+        return "down", "server not ready (v2/health/ready)"
+    if not model_ready:
+        return "degraded", "model not ready (v2/models/<model>/ready)"
+    if latency_ms > limit_ms:
+        return "degraded", f"slow: {latency_ms:.0f} ms > {limit_ms:.0f} ms"
+    return "up", "server and model ready"
+
+
+def _age_seconds(stamp: str, now: dt.datetime) -> float:
+    t = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (now - t).total_seconds()
+
+
+def effective(state: ServiceState, settings: HealthSettings, now: dt.datetime | None = None) -> ServiceState:
+    """The state as shown: an 'up' service whose heartbeats stopped is degraded."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if state.status == "up" and state.heartbeat_at and _age_seconds(state.heartbeat_at, now) > settings.heartbeat_timeout:
+        return ServiceState(**{**state.__dict__, "status": "degraded",
+                               "detail": f"no heartbeat for more than {settings.heartbeat_timeout:.0f} s"})
+    return state
+
+
+class HealthChecker:
+    def __init__(self, store: Store, settings: HealthSettings):
+        self.store, self.settings = store, settings
+        self._verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=settings.ca_file)
+                                               if settings.ca_file else True)
+
+    def _targets(self, service: dict) -> tuple[str | None, str | None]:
+        """(OIP base URL, model name) of a HealthcareService."""
+        url = model = None
+        for ref in service.get("endpoint", []):
+            rtype, _, rid = (ref.get("reference") or "").partition("/")
+            got = self.store.read(rtype, rid) if rtype == "Endpoint" else None
+            if got and v.endpoint_kind(got[0]) == "oip" and got[0].get("status") == "active":
+                url = got[0]["address"]
+                break
+        alg = v.algorithm_ref(service)
+        if alg:
+            rtype, _, rid = alg.partition("/")
+            got = self.store.read(rtype, rid)
+            model = v.model_name(got[0]) if got else None
+        return url, model
+
+    def check_service(self, service: dict) -> ServiceState:
+        url, model = self._targets(service)
+        if not url or not model:
+            return self.store.record_check(service["id"], "down", None, "no active OIP endpoint or model name")
+        t0 = time.monotonic()
+        http = httpx.Client(base_url=url.rstrip("/"), timeout=self.settings.timeout, verify=self._verify)
+        try:
+            with OipClient(url, timeout=self.settings.timeout, http=http) as oip:
+                server_ready = oip.server_ready()
+                model_ready = server_ready and oip.model_ready(model)
+        except (OipError, httpx.HTTPError, ssl.SSLError, OSError) as exc:
+            latency = (time.monotonic() - t0) * 1000
+            detail = f"unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+            return self.store.record_check(service["id"], "down", round(latency, 1), detail)
+        latency = (time.monotonic() - t0) * 1000
+        status, detail = assess(server_ready, model_ready, latency, self.settings.degraded_latency_ms)
+        return self.store.record_check(service["id"], status, round(latency, 1), detail)
+
+    def check_all(self) -> dict[str, ServiceState]:
+        out = {}
+        for service in self.store.all("HealthcareService"):
+            if service.get("active", True) is False:
+                continue
+            try:
+                out[service["id"]] = self.check_service(service)
+            except Exception:  # one broken entry must not stop the checks of the others
+                log.exception("health check of HealthcareService/%s failed", service["id"])
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            states = await asyncio.to_thread(self.check_all)
+            log.info("health checks: %s", ", ".join(f"{k} {s.status}" for k, s in sorted(states.items())) or "none")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.interval)
+            except asyncio.TimeoutError:
+                pass
