@@ -253,6 +253,8 @@ class Deidentifier:
         if not isinstance(raw, RawDataElement) or raw.VR is None:
             return False
         vr = raw.VR
+        if action == "K" and vr != "SQ":
+            return True
         if action == "Z" and vr != "SQ":
             ds[tag] = RawDataElement(tag, vr, 0, b"", 0, self._implicit, True)
             return True
