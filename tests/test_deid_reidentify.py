@@ -73,3 +73,70 @@ def test_other_domain_cannot_reidentify(sent):
     seg = synthetic.returned_seg(out)
     with pytest.raises(ReidentifyError):
         Reidentifier(store, provider, "another-domain").reidentify(seg)
+
+
+def _all_uis(ds, out=None):
+    out = [] if out is None else out
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _all_uis(item, out)
+        elif elem.VR == "UI" and elem.value:
+            out.extend(elem.value if elem.VM > 1 else [elem.value])
+    return out
+
+
+def test_real_seg_and_sr_are_mapped_back(tmp_path):
+    """SEG and TID 1500 SR as the reference AI service builds them (highdicom), made from the
+    pseudonymized images: after re-identification no pseudonymized UID is left anywhere."""
+    import pydicom
+
+    import numpy as np
+
+    from omi_dsf.inference.phantom import known_lung_mask, write_ct_study
+    from omi_dsf.inference.results import Algorithm, build_measurement_report, build_segmentation, result_uids
+
+    paths = write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=8)
+    originals = [pydicom.dcmread(p) for p in paths]
+    store = SiteStore(tmp_path / "site.sqlite")
+    provider = EmbeddedProvider(KEY, store)
+    sp = StudyPseudonymizer(key=KEY, domain="omi", provider=provider, store=store)
+    sent = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(sp.process_encoded(p, p.name).data)) for p in paths]
+    pseudo_uids = {d[kw].value for d in sent
+                   for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
+
+    algo = Algorithm("lung-seg", "1.0")
+    uids = result_uids(sent[0].SeriesInstanceUID, algo)
+    mask = known_lung_mask(slices=4, seed=8, rows=32, cols=32)
+    labels = np.where(mask, 1, 0).astype(np.uint8)
+    labels[:, :, 16:] *= 2                                   # left half: segment 2
+    seg = build_segmentation(sent, labels, algo, uids)
+    sr = build_measurement_report(sent, seg, (1000.0, 900.0), algo, uids)
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_encode(seg)))
+    sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_encode(sr)))
+    assert pseudo_uids & set(_all_uis(seg)) and pseudo_uids & set(_all_uis(sr))
+
+    re_id = Reidentifier(store, provider, "omi")
+    for obj in (seg, sr):
+        re_id.reidentify(obj)
+        assert not pseudo_uids & set(_all_uis(obj)), "a pseudonymized UID survived"
+        assert obj.PatientID == originals[0].PatientID and obj.PatientName == originals[0].PatientName
+        assert obj.StudyInstanceUID == originals[0].StudyInstanceUID
+    originals_sop = {o.SOPInstanceUID for o in originals}
+    seg_refs = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert seg_refs == originals_sop
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == originals[0].SeriesInstanceUID
+    assert seg.FrameOfReferenceUID == originals[0].FrameOfReferenceUID
+    frame_src = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                 for f in seg.PerFrameFunctionalGroupsSequence}
+    assert frame_src <= originals_sop
+    evidence = {s.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+                for r in e.ReferencedSeriesSequence for s in r.ReferencedSOPSequence}
+    assert originals_sop <= evidence and uids.seg_instance in evidence   # the AI's own SEG keeps its UID
+
+
+def _encode(ds) -> bytes:
+    import io
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
