@@ -109,6 +109,12 @@ def test_not_active_is_denied(status):
     assert not d.permitted and status in d.reason
 
 
+def test_scope_must_be_research():
+    treatment = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "treatment"}]}
+    d = evaluate(broad_consent(scope=treatment), NEEDED, NOW)
+    assert not d.permitted and "not research" in d.reason
+
+
 def test_other_profile_and_invalid_resource():
     d = evaluate(broad_consent(meta={"profile": ["http://example.org/other"]}), NEEDED, NOW)
     assert not d.permitted and "MII Consent profile" in d.reason

@@ -79,6 +79,9 @@ def evaluate(consent: dict | Consent, codes: Iterable[str], at: dt.datetime | No
     profiles = [str(p) for p in (c.meta.profile if c.meta and c.meta.profile else [])]
     if profiles and not any(p.split("|")[0] == MII_CONSENT_PROFILE for p in profiles):
         return Decision(False, "consent does not claim the MII Consent profile", codes)
+    scope_codes = {cd.code for cd in (c.scope.coding or [])} if c.scope else set()
+    if scope_codes and "research" not in scope_codes:
+        return Decision(False, f"consent scope is {sorted(scope_codes)}, not research", codes)
     signed = _as_datetime(c.dateTime)
     if signed is not None and signed > at:
         return Decision(False, f"consent is dated {_fmt(signed)}, after the time of use", codes)
