@@ -1,0 +1,1 @@
+"""The `omi` client of a DIC: find AI services, submit, follow and fetch inference requests."""

@@ -1,0 +1,223 @@
+"""The `omi` client for a DIC: `services`, `submit`, `status`, `results`.
+
+`services` asks the service registry; the others talk to the site's own DSF FHIR server with the
+site's certificate (the site YAML of the workers). Human-readable output by default, `--json` for
+scripts; every error is one line on stderr (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", help="registry base URL (default: $OMI_REGISTRY_URL or registry_url in --site)")
+    p.add_argument("--registry-ca", help="CA file for the registry's TLS certificate (default: $OMI_REGISTRY_CA, "
+                                         "registry_ca_file in --site, or the system CAs)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("services", help="AI services in the registry, with their status")
+    _registry_args(p)
+    p.add_argument("--site", help="site configuration (YAML) to read registry_url from")
+    p.add_argument("--modality", help="e.g. CT (comma: any of)")
+    p.add_argument("--body-site", help="e.g. 39607008 or http://snomed.info/sct|39607008")
+    p.add_argument("--type", dest="service_type", help="service type, e.g. segmentation")
+    p.add_argument("--organization", help="provider organization (DSF identifier)")
+    p.add_argument("--status", help="up, degraded, down, unknown (comma: any of)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_services)
+
+    p = subparsers.add_parser("submit", help="start an OMI inference request at this site's DSF")
+    p.add_argument("--study", required=True, help="StudyInstanceUID in the local PACS")
+    p.add_argument("--patient", required=True, help="the patient's identifier at this site (never leaves it)")
+    p.add_argument("--service", required=True, help="AI service identifier (registry HealthcareService id)")
+    p.add_argument("--provider", help="provider organization; default: the registry entry's provider")
+    p.add_argument("--site", required=True, help="site configuration (YAML)")
+    _registry_args(p)
+    p.add_argument("--wait", type=float, default=60, help="seconds to wait for the business key (default 60)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_submit)
+
+    p = subparsers.add_parser("status", help="where requests are: consent, pseudonymize, send, infer, return")
+    p.add_argument("business_key", nargs="?", help="one request (default: the newest requests)")
+    p.add_argument("--site", required=True, help="site configuration (YAML)")
+    p.add_argument("--watch", action="store_true", help="follow live until the request completes or fails")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    p.add_argument("--timeout", type=float, help="stop watching after this many seconds (exit code 3)")
+    p.add_argument("--limit", type=int, default=20, help="how many requests to list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+    p = subparsers.add_parser("results", help="the returned objects of a request and where they are stored")
+    p.add_argument("business_key")
+    p.add_argument("--site", required=True, help="site configuration (YAML)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_results)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _site(path: str):
+    from omi_dsf.cli import UserError
+    from omi_dsf.worker.config import load_site_config
+
+    site = load_site_config(path)
+    org = site.raw.get("site")
+    if not org:
+        raise UserError(f"{site.path}: 'site' (this organization's DSF identifier) is missing")
+    return site, str(org)
+
+
+def _registry(args, site=None):
+    from omi_dsf.cli import UserError
+    from omi_dsf.client.registry_client import RegistryClient
+
+    raw = site.raw if site else {}
+    url = args.registry or os.environ.get("OMI_REGISTRY_URL") or raw.get("registry_url")
+    if not url:
+        raise UserError("no registry: give --registry URL, set OMI_REGISTRY_URL, or registry_url in the site YAML")
+    ca = args.registry_ca or os.environ.get("OMI_REGISTRY_CA")
+    if not ca and raw.get("registry_ca_file"):
+        ca = str(site.path.parent / raw["registry_ca_file"])
+    if ca and not os.path.exists(ca):
+        raise UserError(f"registry CA file {ca} does not exist")
+    return RegistryClient(url, ca)
+
+
+def _dsf(site):
+    from omi_dsf.cli import UserError
+    from omi_dsf.dsf.client import DsfClient
+    from omi_dsf.dsf.errors import DsfError
+
+    try:
+        return DsfClient(site.identity)
+    except (DsfError, OSError) as exc:
+        raise UserError(f"{site.path}: {exc}") from None
+
+
+def _emit(args, data, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _services(args) -> int:
+    from omi_dsf.client import render
+
+    site = _site(args.site)[0] if args.site else None
+    filters = {"modality": args.modality, "body-site": args.body_site, "service-type": args.service_type,
+               "organization": args.organization, "health": args.status}
+    with _registry(args, site) as reg:
+        found = reg.services(filters)
+    _emit(args, [s.as_dict() for s in found], render.services_table(found))
+    return 0
+
+
+def _submit(args) -> int:
+    from omi_dsf.cli import UserError
+    from omi_dsf.client.requests import dsf_call, start
+
+    site, org = _site(args.site)
+    provider = args.provider
+    if not provider:
+        with _registry(args, site) as reg:
+            service = reg.service(args.service)
+        provider = service.provider
+        if not provider:
+            raise UserError(f"registry entry {args.service} names no provider organization; give --provider")
+        if service.status == "down":
+            print(f"warning: {args.service} is down at the registry ({service.detail or 'no detail'})", file=sys.stderr)
+    inputs = {"study-instance-uid": args.study, "patient-identifier": args.patient,
+              "ai-service-identifier": args.service, "provider-organization": provider}
+    with _dsf(site) as client:
+        task, key = dsf_call("submit", start, client, org, inputs, wait=args.wait)
+    if task.get("status") == "failed":
+        from omi_dsf.dsf.tasks import outputs
+        raise UserError(f"the DSF refused the request: Task/{task['id']} failed: {outputs(task).get('error') or 'no reason given'}")
+    if not key:
+        raise UserError(f"Task/{task['id']} was accepted but has no business key after {args.wait:g} s "
+                        "(is the OMI plugin deployed in this site's BPE?)")
+    data = {"business_key": key, "task": f"Task/{task['id']}", "status": task.get("status"),
+            "service": args.service, "provider": provider}
+    _emit(args, data, f"submitted: business key {key}\n  Task/{task['id']} {task.get('status')}; "
+                      f"service {args.service} at {provider}\n  follow it: omi status {key} --site {args.site} --watch")
+    return 0
+
+
+def _progress_of(client, task):
+    from omi_dsf.client.progress import business_key, derive
+    from omi_dsf.client.requests import topic_of, work_items
+
+    key = business_key(task)
+    items = work_items(client, key, None) if key else []
+    return derive(task, items, topic_of())
+
+
+def _status(args) -> int:
+    from omi_dsf.client import render
+    from omi_dsf.client.requests import dsf_call, find_task, request_tasks
+
+    site, _ = _site(args.site)
+
+    def snapshot():
+        with _dsf(site) as client:
+            if args.business_key:
+                return dsf_call("status", lambda: _progress_of(client, find_task(client, args.business_key)))
+            return dsf_call("status", lambda: [_progress_of(client, t) for t in request_tasks(client, args.limit)])
+
+    def show(snap) -> str:
+        if args.business_key:
+            return json.dumps(snap.as_dict(), default=str) if args.json else render.progress(snap)
+        return json.dumps([p.as_dict() for p in snap], default=str) if args.json else render.request_list(snap)
+
+    def finished(snap) -> bool:
+        items = [snap] if args.business_key else snap
+        return all(p.task_status in ("completed", "failed") for p in items)
+
+    snap = snapshot()
+    if not args.watch:
+        if args.json:
+            print(json.dumps(snap.as_dict() if args.business_key else [p.as_dict() for p in snap], indent=2, default=str))
+        else:
+            print(show(snap))
+        return 0
+    tty = sys.stdout.isatty() and not args.json
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    last = None
+    while True:
+        text = show(snap)
+        if text != last:
+            if tty:
+                sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place
+            print(text + ("" if args.json else f"\n({time.strftime('%H:%M:%S')}, refresh {args.interval:g} s)"
+                          if tty else ""), flush=True)
+            last = text
+        if finished(snap):
+            return 0
+        if deadline and time.monotonic() >= deadline:
+            print(f"still running after {args.timeout:g} s", file=sys.stderr)
+            return 3
+        time.sleep(args.interval)
+        snap = snapshot()
+
+
+def _results(args) -> int:
+    from omi_dsf.client import render
+    from omi_dsf.client.requests import dsf_call, find_task
+
+    site, _ = _site(args.site)
+    with _dsf(site) as client:
+        p = dsf_call("results", lambda: _progress_of(client, find_task(client, args.business_key)))
+    data = {"business_key": p.business_key, "task": f"Task/{p.task_id}", "status": p.task_status,
+            "result_study_instance_uid": p.outputs.get("result-study-instance-uid"),
+            "result_location": p.outputs.get("result-location"),
+            "stored_study_instance_uid": p.outputs.get("stored-study-instance-uid"), "error": p.error}
+    _emit(args, data, render.results(p))
+    return 0 if p.task_status != "failed" else 1

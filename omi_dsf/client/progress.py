@@ -1,0 +1,112 @@
+"""Where an inference request is: derived from the start Task (status, outputs) and the site's work
+items (QuestionnaireResponses) carrying the request's business key.
+
+The DIC sees its own work items (consent, pseudonymize, send, return) but not the provider's `infer`
+item: infer counts as running once `send` is done and as done once the `return` item exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from omi_dsf.dsf.tasks import BPMN_MESSAGE, input_value, outputs
+from omi_dsf.dsf.workitem import WorkItem
+
+STEPS = ("consent", "pseudonymize", "send", "infer", "return")
+LOCAL_STEPS = ("consent", "pseudonymize", "send", "return")
+
+
+@dataclass
+class StepState:
+    name: str
+    state: str = "pending"            # pending | running | done | failed
+    updated: str | None = None
+    detail: str | None = None
+
+
+@dataclass
+class RequestProgress:
+    business_key: str | None
+    task_id: str
+    task_status: str
+    authored: str | None
+    updated: str | None
+    service: str | None
+    provider: str | None
+    steps: list[StepState] = field(default_factory=list)
+    outputs: dict[str, object] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def current(self) -> str:
+        if self.task_status == "completed":
+            return "completed"
+        if self.task_status == "failed":
+            return "failed"
+        for s in self.steps:
+            if s.state in ("running", "failed"):
+                return s.name
+        return "starting" if self.task_status in ("requested", "draft") else self.task_status
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "current": self.current}
+
+
+def _updated(resource: dict) -> str:
+    return (resource.get("meta") or {}).get("lastUpdated", "")
+
+
+def business_key(task: dict) -> str | None:
+    value = input_value(task, "business-key", BPMN_MESSAGE)
+    return str(value) if value else None
+
+
+def derive(task: dict, items: list[dict], topic_of: dict[str, str]) -> RequestProgress:
+    """`items`: QuestionnaireResponses with the Task's business key; `topic_of`: questionnaire → topic."""
+    out = outputs(task)
+    p = RequestProgress(business_key(task), task.get("id", ""), task.get("status", ""), task.get("authoredOn"),
+                        _updated(task) or None, _str(input_value(task, "ai-service-identifier")),
+                        _str(input_value(task, "provider-organization")), outputs=out,
+                        error=_str(out.get("error")))
+    latest: dict[str, WorkItem] = {}
+    for res in sorted(items, key=_updated):
+        wi = WorkItem(res)
+        topic = topic_of.get(wi.questionnaire)
+        if topic in LOCAL_STEPS:
+            latest[topic] = wi
+    steps = {name: StepState(name) for name in STEPS}
+    for topic, wi in latest.items():
+        s = steps[topic]
+        s.updated = _updated(wi.resource) or None
+        error = next((a.get("valueString") for i in wi.resource.get("item", []) if i.get("linkId") == "error"
+                      for a in i.get("answer", [])), None)
+        if wi.status == "in-progress":
+            s.state, s.detail = "running", "waiting for or being handled by a worker"
+        elif wi.status == "completed" and error:
+            s.state, s.detail = "failed", error
+        elif wi.status == "completed":
+            s.state = "done"
+        else:
+            s.state, s.detail = "failed", f"work item {wi.status}"
+    if "return" in latest:
+        steps["infer"].state = "done"
+    elif steps["send"].state == "done":
+        steps["infer"].state, steps["infer"].detail = "running", f"at the provider {p.provider or ''}".strip()
+        steps["infer"].updated = steps["send"].updated
+    if p.task_status == "completed":
+        for s in steps.values():
+            if s.state in ("pending", "running"):
+                s.state = "done"
+    elif p.task_status == "failed":
+        failed = [s for s in steps.values() if s.state == "failed"]
+        if not failed:
+            target = next((s for s in steps.values() if s.state == "running"), None) or \
+                next((s for s in steps.values() if s.state == "pending"), None)
+            if target:
+                target.state, target.detail = "failed", p.error or "the process failed"
+    p.steps = [steps[n] for n in STEPS]
+    return p
+
+
+def _str(value) -> str | None:
+    return None if value is None else str(value)

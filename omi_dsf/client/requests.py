@@ -1,0 +1,92 @@
+"""Inference requests at the site's own DSF FHIR server: start one, find them, read their work items."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from omi_dsf.cli import UserError
+from omi_dsf.client.progress import business_key
+from omi_dsf.dsf.client import DsfClient
+from omi_dsf.dsf.errors import DsfError
+from omi_dsf.dsf.tasks import message_task
+from omi_dsf.dsf.workitem import topics_from_spec
+from omi_dsf.spec.model import load_spec
+
+START_MESSAGE = "startOmiInference"
+
+
+def start_profile() -> str:
+    spec = load_spec()
+    process, message = spec.message_owner(START_MESSAGE)
+    return spec.profile_url(message)
+
+
+def start(client: DsfClient, organization: str, inputs: dict[str, str], wait: float = 60.0,
+          poll: float = 0.5, sleep: Callable[[float], None] = time.sleep) -> tuple[dict, str | None]:
+    """POST the start Task (requester and recipient: this site) and read it back until the BPE has
+    given it a business key or failed it. Returns (task, business key)."""
+    task = message_task(START_MESSAGE, organization, organization, inputs)
+    created = client.create(task)
+    task_id = created.get("id")
+    if not task_id:
+        raise UserError("the DSF FHIR server accepted the Task but returned no id")
+    deadline = time.monotonic() + wait
+    current = created
+    while True:
+        key = business_key(current)
+        if key or current.get("status") == "failed":
+            return current, key
+        if time.monotonic() >= deadline:
+            return current, None
+        sleep(poll)
+        current = client.read("Task", task_id)
+
+
+def request_tasks(client: DsfClient, limit: int = 20) -> list[dict]:
+    """The newest start Tasks of this site (any status), newest first."""
+    params = {"_profile": start_profile(), "_sort": "-_lastUpdated"}
+    found = []
+    for task in client.search("Task", params, page_size=min(limit, 50)):
+        found.append(task)
+        if len(found) >= limit:
+            break
+    return found
+
+
+def find_task(client: DsfClient, key: str, scan: int = 500) -> dict:
+    for task in client.search("Task", {"_profile": start_profile(), "_sort": "-_lastUpdated"}, page_size=50):
+        if business_key(task) == key:
+            return task
+        scan -= 1
+        if scan <= 0:
+            break
+    raise UserError(f"no OMI inference request with business key {key} at this site")
+
+
+def work_items(client: DsfClient, key: str, since: str | None = None) -> list[dict]:
+    """The site's work items (QuestionnaireResponses, any status) carrying this business key."""
+    topics = topics_from_spec()
+    out = []
+    for topic in ("consent", "pseudonymize", "send", "return"):
+        params = {"questionnaire": topics[topic]}
+        if since:
+            params["_lastUpdated"] = f"ge{since}"
+        for qr in client.search("QuestionnaireResponse", params, page_size=50):
+            items = {i.get("linkId"): i for i in qr.get("item", [])}
+            answers = (items.get("business-key") or {}).get("answer") or [{}]
+            if answers[0].get("valueString") == key:
+                out.append(qr)
+    return out
+
+
+def topic_of() -> dict[str, str]:
+    return {q: t for t, q in topics_from_spec().items()}
+
+
+def dsf_call(what: str, fn, *args, **kw):
+    """Run a DSF call; its error becomes one line for the user."""
+    try:
+        return fn(*args, **kw)
+    except DsfError as exc:
+        raise UserError(f"{what}: {exc}") from None
