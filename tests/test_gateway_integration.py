@@ -57,6 +57,10 @@ def bed(tmp_path_factory, data):
                 "LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "dimse_timeout": 20},
                 "MOVEPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": "LEGACYPACS",
                              "retrieve": "move"},
+                "PNDGET": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": "LEGACYPACS",
+                           "get_engine": "pynetdicom"},
+                "ORTHANCPND": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.port, "called_aet": "ORTHANC",
+                               "get_engine": "pynetdicom"},
                 "ORTHANC": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.port},
                 "DOWN": {"type": "dimse", "host": "127.0.0.1", "port": free_port(), "connect_timeout": 2},
             }})
@@ -72,7 +76,8 @@ def values(obj: dict, tag: str):
     return obj.get(tag, {}).get("Value")
 
 
-BACKENDS = [None, "MOVEPACS", "ORTHANC"]
+# dcmqrscp by the lean C-GET, by C-MOVE and by pynetdicom's C-GET; Orthanc by both C-GETs
+BACKENDS = [None, "MOVEPACS", "PNDGET", "ORTHANC", "ORTHANCPND"]
 
 
 # -- QIDO-RS ------------------------------------------------------------------------------------------
@@ -298,8 +303,9 @@ def _gateway_for(pacs: Dcmqrscp, **backend) -> BackgroundServer:
     return BackgroundServer(cfg)
 
 
-def test_study_streams_before_the_last_instance_arrives(bed, data):
-    with _gateway_for(bed["pacs"]) as server:
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_study_streams_before_the_last_instance_arrives(bed, data, engine):
+    with _gateway_for(bed["pacs"], get_engine=engine) as server:
         stats = server.server.config.app.gateway.stats
         with httpx.stream("GET", f"{server.url}/studies/{data['study']}", timeout=30,
                           headers={"Accept": 'multipart/related; type="application/dicom"'}) as r:
@@ -315,9 +321,10 @@ def test_study_streams_before_the_last_instance_arrives(bed, data):
         assert (first + rest).count(b"--" + boundary.encode() + b"\r\n") == SLICES
 
 
-def test_client_disconnect_releases_the_association(bed, data):
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_client_disconnect_releases_the_association(bed, data, engine):
     pacs = bed["pacs"]
-    with _gateway_for(pacs) as server:
+    with _gateway_for(pacs, get_engine=engine) as server:
         baseline = pacs.association_processes()
         with httpx.stream("GET", f"{server.url}/studies/{data['study']}", timeout=30) as r:
             next(r.iter_raw(4096))

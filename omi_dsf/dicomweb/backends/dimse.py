@@ -13,8 +13,10 @@ from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, MODALITY, N_SERIES_INST
                           N_STUDY_SERIES, QR_LEVEL, SERIES, SERIES_UID, SOP_UID, STUDY, UID_KEYWORD,
                           vr_of)
 from ..config import DimseBackendConfig, GatewayConfig
-from ..dimse.association import AssociationPool, Peer, find_contexts, get_contexts, move_contexts
+from ..dimse.association import (AssociationPool, Peer, find_contexts, get_contexts, move_contexts,
+                                 next_message_id)
 from ..dimse.find import c_find
+from ..dimse.lean_get import lean_c_get
 from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
 from ..dimse.store import c_store
 from ..errors import NotFound, PacsUnavailable
@@ -102,6 +104,7 @@ class DimseBackend:
                                           size=cfg.pool_size)
         self._move = move
         self._summaries: dict[tuple, tuple[float, object]] = {}
+        self._summary_lock = threading.Lock()
         self._cache = _InstanceCache(cfg.cache_mb * 1024 * 1024)
 
     # -- C-FIND --------------------------------------------------------------------------------
@@ -126,13 +129,15 @@ class DimseBackend:
 
     def _cached(self, key: tuple, compute):
         now = time.monotonic()
-        hit = self._summaries.get(key)
+        with self._summary_lock:
+            hit = self._summaries.get(key)
         if hit and now - hit[0] < self.cfg.summary_ttl:
             return hit[1]
         value = compute()
-        if len(self._summaries) > 10000:
-            self._summaries.clear()
-        self._summaries[key] = (now, value)
+        with self._summary_lock:
+            if len(self._summaries) > 10000:
+                self._summaries.clear()
+            self._summaries[key] = (now, value)
         return value
 
     def series_count(self, study: str, series: str) -> int:
@@ -172,7 +177,10 @@ class DimseBackend:
         mode = self.cfg.retrieve
         if mode in ("get", "auto"):
             try:
-                c_get(self._get_pool, ident, emit, token)
+                if self.cfg.get_engine == "lean":
+                    lean_c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id())
+                else:
+                    c_get(self._get_pool, ident, emit, token)
                 return
             except NotFound:
                 if mode == "get":
@@ -195,9 +203,9 @@ class DimseBackend:
     def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str]) -> list[tuple[int, str]]:
         results = c_store(self.calling_aet, self.peer, items)
         for study in study_uids:
-            self._summaries.pop(("study", study), None)
             self._cache.drop_study(study + "/")
-        self._summaries = {k: v for k, v in self._summaries.items() if k[1] not in study_uids}
+        with self._summary_lock:
+            self._summaries = {k: v for k, v in self._summaries.items() if k[1] not in study_uids}
         return results
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove)
 from pynetdicom import StoragePresentationContexts
 
-from ..errors import NotFound, PacsTimeout, PacsUnavailable
+from ..errors import DicomwebError, NotFound, PacsTimeout, PacsUnavailable
 from ..stream import CancelToken, Cancelled
 from .association import (STORAGE_SYNTAXES, AssociationPool, abort, busy, next_message_id,
                           set_nodelay_busy)
@@ -36,6 +36,7 @@ CANNOT_UNDERSTAND = 0xC000
 @dataclass
 class RetrieveSummary:
     received: int = 0
+    error: DicomwebError | None = None   # why our side refused an instance (e.g. cannot convert)
     completed: int = 0
     failed: int = 0
     warning: int = 0
@@ -54,6 +55,9 @@ def _sink(emit: Emit, summary: RetrieveSummary, token: CancelToken) -> Callable:
             emit(data)
         except Cancelled:
             return OUT_OF_RESOURCES
+        except DicomwebError as exc:
+            summary.error = summary.error or exc
+            return CANNOT_UNDERSTAND
         summary.received += 1
         return 0x0000
     return handle
@@ -108,7 +112,7 @@ def _run(op: str, pool: AssociationPool, responses_fn, summary: RetrieveSummary,
             abort(assoc)
         pool.release(assoc, reusable=ok and not token.cancelled)
     if summary.received == 0:
-        raise NotFound(f"{op}: the PACS has no instances for this request")
+        raise summary.error or NotFound(f"{op}: the PACS has no instances for this request")
     return summary
 
 
