@@ -11,10 +11,9 @@ from typing import Iterable, Iterator, Union
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 
 from .deidentify import Deidentifier
+from .encode import encode_part10 as _encode
 from .identity import Identity
 from .leakcheck import PIXEL_TAGS, check_outgoing
 from .pseudonyms.base import PseudonymProvider
@@ -103,31 +102,7 @@ class Outgoing:
 
 def encode_part10(ds: Dataset) -> tuple[bytes, int]:
     """(Part 10 bytes, offset where the pixel data start): the leak check reads what precedes it."""
-    pixels = [ds.get_item(t) for t in sorted(PIXEL_TAGS) if t in ds]
-    for elem in pixels:
-        del ds[elem.tag]
-    try:
-        buf = DicomBytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        header_end = buf.tell()
-        if pixels:
-            implicit, little = ds.original_encoding
-            meta = getattr(ds, "file_meta", None)
-            ts = pydicom.uid.UID(text_of(meta, 0x00020010)) if meta is not None else None
-            if ts is not None and ts.is_valid and ts.is_transfer_syntax:
-                implicit, little = ts.is_implicit_VR, ts.is_little_endian
-            buf.is_implicit_VR = bool(implicit)
-            buf.is_little_endian = little is not False
-            for elem in pixels:
-                if not getattr(elem, "is_raw", False) and " or " in (elem.VR or ""):
-                    ds[elem.tag] = elem  # pixel VR "OB or OW" is settled from the image attributes
-                    elem = correct_ambiguous_vr_element(elem, ds, buf.is_little_endian)
-                    del ds[elem.tag]
-                write_data_element(buf, elem)
-        return buf.getvalue(), header_end
-    finally:
-        for elem in pixels:
-            ds[elem.tag] = elem
+    return _encode(ds, PIXEL_TAGS)
 
 
 class StudyPseudonymizer:

@@ -1,0 +1,116 @@
+"""Encode a de-identified instance as Part 10 bytes, fast for elements that are still undecoded.
+
+pydicom's writer spends most of its time per element, even on elements it only copies. After
+de-identification most elements are still the undecoded bytes read from the file, so we write
+those ourselves (tag, VR, length, the same bytes) and hand every decoded element to pydicom.
+The output is byte for byte what `Dataset.save_as(..., enforce_file_format=True)` writes
+(tests/test_deid_encode.py checks that); datasets whose encoding would change go through
+pydicom entirely.
+"""
+
+from __future__ import annotations
+
+import copy
+import struct
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element, write_file_meta_info
+from pydicom.uid import UID
+
+_LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _pydicom_bytes(ds: Dataset, pixel_tags) -> tuple[bytes, int]:
+    """pydicom writes everything; the pixel data go last so that we know where they start."""
+    pixels = [ds.get_item(t) for t in sorted(pixel_tags) if t in ds]
+    for elem in pixels:
+        del ds[elem.tag]
+    try:
+        buf = DicomBytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        header_end = buf.tell()
+        if pixels:
+            enc = _encoding(ds) or tuple(ds.original_encoding)
+            buf.is_implicit_VR = bool(enc[0])
+            buf.is_little_endian = enc[1] is not False
+            for elem in pixels:
+                if not getattr(elem, "is_raw", False) and " or " in (elem.VR or ""):
+                    ds[elem.tag] = elem  # pixel VR "OB or OW" is settled from the image attributes
+                    elem = correct_ambiguous_vr_element(elem, ds, buf.is_little_endian)
+                    del ds[elem.tag]
+                write_data_element(buf, elem)
+        return buf.getvalue(), header_end
+    finally:
+        for elem in pixels:
+            ds[elem.tag] = elem
+
+
+def _encoding(ds: Dataset) -> tuple[bool, bool] | None:
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        return None
+    ts = UID(str(meta.TransferSyntaxUID))
+    if not ts.is_transfer_syntax or ts.is_deflated:
+        return None
+    return ts.is_implicit_VR, ts.is_little_endian
+
+
+def encode_part10(ds: Dataset, pixel_tags) -> tuple[bytes, int]:
+    """(Part 10 bytes, offset of the first pixel data element): the leak check reads before it."""
+    enc = _encoding(ds)
+    implicit = enc[0] if enc else None
+    same_charset = getattr(ds, "original_character_set", None) == getattr(ds, "_character_set", None)
+    if enc is None or not enc[1] or ds.original_encoding != enc or not same_charset:
+        return _pydicom_bytes(ds, pixel_tags)  # encoding changes: let pydicom re-encode everything
+
+    fp = DicomBytesIO()
+    fp.write(getattr(ds, "preamble", None) or b"\x00" * 128)
+    fp.write(b"DICM")
+    write_file_meta_info(fp, copy.deepcopy(ds.file_meta), enforce_standard=True)
+    fp.is_implicit_VR, fp.is_little_endian = implicit, True
+    charset = ds.get("SpecificCharacterSet", "iso8859") if 0x00080005 in ds else "iso8859"
+    header_end = None
+    write = fp.write
+    for tag in sorted(ds.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # retired group lengths are not written (PS3.5 7.2), as pydicom does
+        if header_end is None and tag in pixel_tags:
+            header_end = fp.tell()
+        elem = ds.get_item(tag)
+        head = _raw_header(elem, implicit) if isinstance(elem, RawDataElement) else None
+        if head is None:
+            full = ds[tag]
+            if " or " in (full.VR or ""):
+                full = correct_ambiguous_vr_element(full, ds, True)
+            write_data_element(fp, full, charset)
+            continue
+        write(head)
+        write(elem.value)
+        if elem.length == _UNDEFINED:
+            write(_SEQ_DELIMITER)
+    data = fp.getvalue()
+    return data, len(data) if header_end is None else header_end
+
+
+def _raw_header(elem: RawDataElement, implicit: bool) -> bytes | None:
+    """Tag, VR and length for an undecoded element, or None when pydicom must write it."""
+    if (elem.is_implicit_VR != implicit or not elem.is_little_endian
+            or getattr(elem, "is_buffered", False) or not isinstance(elem.value, (bytes, bytearray))):
+        return None
+    value, undefined = elem.value, elem.length == _UNDEFINED
+    tag = struct.pack("<HH", elem.tag >> 16, elem.tag & 0xFFFF)
+    length = _UNDEFINED if undefined else len(value)
+    if implicit:
+        return tag + struct.pack("<I", length)
+    vr = elem.VR
+    if not vr or len(vr) != 2:
+        return None
+    if vr in _LONG_LENGTH_VRS:
+        return tag + vr.encode("ascii") + b"\x00\x00" + struct.pack("<I", length)
+    if undefined or length > 0xFFFF:
+        return None  # pydicom turns these into UN with a warning; leave that to it
+    return tag + vr.encode("ascii") + struct.pack("<H", length)
