@@ -31,7 +31,6 @@ from omi_dsf.testbed.bed import (
     TestBed,
     activity_definition_urls,
     client,
-    default_plugins,
     find_dsf_home,
     free_base_port,
     pid_alive,

@@ -19,6 +19,8 @@ The DSF servers are taken from a DSF 1.9.0 distribution (`DSF_HOME`, default /op
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -350,6 +352,17 @@ class TestBed:
         self.plugins = plugins
         self.out = out
 
+    @contextlib.contextmanager
+    def _locked(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.out(f"another testbed command is working on {self.dir}; waiting for it")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
     # ---------------------------------------------------------------- planning
     def _plan(self, dsf_home: Path) -> State:
         if not 2 <= self.n_sites <= len(SITES):
@@ -535,6 +548,11 @@ class TestBed:
                         f"ActivityDefinitions {ad_urls}) in time; see {srv.log_file}")
 
     def up(self, timeout: float = 600) -> int:
+        find_dsf_home(self.dsf_home_arg)  # fail before creating anything
+        with self._locked():
+            return self._up(timeout)
+
+    def _up(self, timeout: float) -> int:
         t0 = time.monotonic()
         dsf_home = find_dsf_home(self.dsf_home_arg)
         java = find_java()
@@ -602,6 +620,13 @@ class TestBed:
 
     # ---------------------------------------------------------------- stopping, status
     def down(self, purge: bool = False, grace: float = 30) -> int:
+        if not self.dir.exists():
+            self.out(f"no test bed in {self.dir}; nothing to stop")
+            return 0
+        with self._locked():
+            return self._down(purge, grace)
+
+    def _down(self, purge: bool, grace: float) -> int:
         st = State.load(self.dir)
         if st is None:
             self.out(f"no test bed state in {self.dir}; nothing to stop")

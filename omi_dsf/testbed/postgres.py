@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from omi_dsf.cli import UserError
