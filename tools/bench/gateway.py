@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark: the DICOMweb gateway vs raw DIMSE on the same dcmqrscp, side by side in one run.
 
-* WADO-RS study retrieval through the gateway vs dcmtk ``getscu --ignore`` (and an in-process
-  pynetdicom C-GET) of the same study: throughput and ratio;
+* WADO-RS study retrieval through the gateway (read by curl, discarding, as ``getscu --ignore``
+  discards) vs dcmtk ``getscu --ignore`` of the same study: throughput and ratio; also the time
+  with a Python client (httpx) and of an in-process pynetdicom C-GET, for reference;
 * QIDO-RS study search vs a direct C-FIND from this process: added latency;
 * the gateway's peak memory (VmHWM) while it streams a small and the big study: must not grow
   with study size;
@@ -92,6 +93,19 @@ def wado_study(url: str, study: str, client: httpx.Client | None = None) -> tupl
     finally:
         if client is None:
             c.close()
+
+
+def curl_study(url: str, study: str) -> tuple[float, int]:
+    """WADO-RS with curl (a native client, as getscu is): seconds and bytes."""
+    t = time.perf_counter()
+    r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                        "-H", 'Accept: multipart/related; type="application/dicom"', f"{url}/studies/{study}"],
+                       check=True, capture_output=True, text=True, timeout=600)
+    secs = time.perf_counter() - t
+    code, size = r.stdout.split()
+    if code != "200":
+        raise RuntimeError(f"WADO-RS answered {code}")
+    return secs, int(size)
 
 
 def getscu(pacs: Dcmqrscp, study: str) -> float:
@@ -200,7 +214,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=500)
     ap.add_argument("--small", type=int, default=50, help="slices of the small study (memory, concurrency)")
     ap.add_argument("--rows", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -248,19 +262,22 @@ def main() -> int:
             log(f"gateway VmHWM: {hwm0:.0f} MB idle, {hwm_small:.0f} MB after {len(small)} instances, "
                 f"{hwm_big:.0f} MB after {len(big)} instances")
 
-            # throughput, interleaved runs
-            gw_s, get_s, pnd_s = [], [], []
+            # throughput, interleaved runs; curl and getscu are both native clients that discard
+            gw_s, py_s, get_s, pnd_s = [], [], [], []
             for i in range(args.runs):
+                secs, size = curl_study(url, big_uid)
+                gw_s.append(secs)
+                assert size >= size_big * 0.99, (size, size_big)
                 t = time.perf_counter()
-                size, parts = wado_study(url, big_uid)
-                gw_s.append(time.perf_counter() - t)
+                _, parts = wado_study(url, big_uid)
+                py_s.append(time.perf_counter() - t)
                 assert parts == len(big)
                 get_s.append(getscu(pacs, big_uid))
                 secs, _ = pynetdicom_get(pacs, big_uid)
                 pnd_s.append(secs)
-                log(f"run {i + 1}: gateway WADO-RS {gw_s[-1]:.2f} s, getscu {get_s[-1]:.2f} s, "
-                    f"pynetdicom C-GET {pnd_s[-1]:.2f} s")
-            gw_t, get_t, pnd_t = map(statistics.median, (gw_s, get_s, pnd_s))
+                log(f"run {i + 1}: gateway WADO-RS {gw_s[-1]:.2f} s (curl), {py_s[-1]:.2f} s (httpx client); "
+                    f"getscu {get_s[-1]:.2f} s; pynetdicom C-GET {pnd_s[-1]:.2f} s")
+            gw_t, py_t, get_t, pnd_t = map(statistics.median, (gw_s, py_s, get_s, pnd_s))
 
             # QIDO vs C-FIND
             qido_times(url, big_uid, 3)
@@ -274,7 +291,7 @@ def main() -> int:
             hwm_end = vm(gateway.pid, "VmHWM")
 
         result.update({
-            "gateway_wado_s": round(gw_t, 3), "getscu_s": round(get_t, 3), "pynetdicom_get_s": round(pnd_t, 3),
+            "gateway_wado_s": round(gw_t, 3), "gateway_wado_httpx_client_s": round(py_t, 3), "getscu_s": round(get_t, 3), "pynetdicom_get_s": round(pnd_t, 3),
             "gateway_mb_per_s": round(big_mb / gw_t, 1), "getscu_mb_per_s": round(big_mb / get_t, 1),
             "throughput_ratio": round(get_t / gw_t, 3),
             "time_ratio": round(gw_t / get_t, 3),
