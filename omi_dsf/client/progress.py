@@ -46,6 +46,8 @@ class RequestProgress:
         for s in self.steps:
             if s.state in ("running", "failed"):
                 return s.name
+        if self.steps and all(s.state == "done" for s in self.steps):
+            return "finishing"
         return "starting" if self.task_status in ("requested", "draft") else self.task_status
 
     def as_dict(self) -> dict:

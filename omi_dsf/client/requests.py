@@ -48,6 +48,8 @@ def request_tasks(client: DsfClient, limit: int = 20) -> list[dict]:
     params = {"_profile": start_profile(), "_sort": "-_lastUpdated"}
     found = []
     for task in client.search("Task", params, page_size=min(limit, 50)):
+        if task.get("status") == "draft":   # the plugin's draft Task (a template), not a request
+            continue
         found.append(task)
         if len(found) >= limit:
             break
