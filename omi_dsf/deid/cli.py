@@ -72,6 +72,7 @@ def run(args) -> int:
                                       options=args.option)
             for out in run_.process(source):
                 sink.write(out.dataset, out.data)
+            store.sync()
             r = run_.result
             summary = {"instances": r.instances, "pseudonym": r.pseudonym,
                        "pseudonymized_study_uids": sorted(r.study_uids.values()), "out": sink.close()}

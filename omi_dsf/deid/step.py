@@ -60,6 +60,7 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
             written += sink.write(out.dataset, out.data)
         if run.result.instances == 0:
             raise StepError("no instances of the study found in the source")
+        store.sync()  # the UID map is durable before the step reports success
         location = sink.close()
     except (DeidError, LeakError, UnknownPseudonymError, ConfigError, FileNotFoundError, ValueError,
             instance_io.SourceError, instance_io.SinkError) as exc:

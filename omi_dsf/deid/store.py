@@ -48,6 +48,14 @@ class SiteStore:
     def close(self) -> None:
         self._db.close()
 
+    def sync(self) -> None:
+        """Make everything written so far durable. Commits run with synchronous=NORMAL (no fsync
+        per instance); one full checkpoint at the end of a study makes the map safe on disk
+        before the step reports success."""
+        if self.path != ":memory:":
+            with self._lock:
+                self._db.execute("PRAGMA wal_checkpoint(FULL)")
+
     # -- embedded pseudonyms -------------------------------------------------------------
     def put_pseudonym(self, domain: str, value: str, pseudonym: str) -> str:
         """Record the pair unless the value already has one; return the stored pseudonym."""
