@@ -1,0 +1,187 @@
+"""`omi services/submit/status/results` against the real DSF test bed (session fixture `dsf_testbed`)
+and a real registry: the provider registers with its DSF client certificate (mutual TLS), the DIC
+submits with its own, demo workers (`python -m omi_dsf worker --demo`) move the request through
+every step, and the client follows it to its results; a denied step shows where and why it failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from conftest import ROOT, free_port
+from omi_dsf.registry.auth import thumbprint
+from omi_dsf.registry.entries import service_bundle
+from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
+from omi_dsf.worker.sites import write_testbed_site_configs
+
+pytestmark = pytest.mark.integration
+DIC_TOPICS = "consent,pseudonymize,send,return"
+
+
+def _omi(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "omi_dsf", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+@pytest.fixture(scope="module")
+def world(dsf_testbed, tmp_path_factory):
+    state = dsf_testbed
+    folder = tmp_path_factory.mktemp("client-dsf")
+    ai, dic = state.site("ai"), state.site("dic")
+    # the registry: its own server certificate, client certificates from the DSF test bed CA
+    ca = TestCA(folder / "registry-pki")
+    ca.ensure()
+    server = ca.issue("registry", "localhost", server=True, client=False)
+    (folder / "key-password").write_text(KEY_PASSWORD)
+    der = x509.load_pem_x509_certificate(Path(ai.client_cert).read_bytes()).public_bytes(serialization.Encoding.DER)
+    port = free_port()
+    cfg = {"host": "127.0.0.1", "port": port, "database": "registry.db",
+           "tls": {"certfile": str(server.cert), "keyfile": str(server.key),
+                   "keyfile_password_file": "key-password", "client_ca": state.ca_cert},
+           "auth": {"organizations": {thumbprint(der): ai.identifier}, "cert_attribute": None},
+           "health": {"interval": 0}}
+    (folder / "registry.yaml").write_text(yaml.safe_dump(cfg))
+    log = (folder / "registry.log").open("wb")
+    registry = subprocess.Popen([sys.executable, "-m", "omi_dsf", "registry", "--config", str(folder / "registry.yaml")],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"https://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca.cert_path))
+        ctx.load_cert_chain(ai.client_cert, ai.client_key, ai.key_password)
+        with httpx.Client(base_url=url, verify=ctx, timeout=10) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if c.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert registry.poll() is None and time.monotonic() < deadline, (folder / "registry.log").read_text()
+                time.sleep(0.2)
+            b = service_bundle(ai.identifier, "lung-seg", name="Lung segmentation", model="lung-seg",
+                               model_version="0.1.0", oip_url="http://127.0.0.1:9", modality=["CT"],
+                               body_site=[("http://snomed.info/sct", "39607008")])
+            r = c.post("/fhir", json=b, headers={"Content-Type": "application/fhir+json"})
+            assert r.status_code == 200, r.text
+        sites = write_testbed_site_configs(state, folder / "sites", worker={"poll_interval": 2, "lease_ttl": 4,
+                                                                             "backoff": 0.3, "max_attempts": 2})
+        raw = yaml.safe_load(sites["dic"].read_text())
+        raw.update(registry_url=url, registry_ca_file=str(ca.cert_path))
+        sites["dic"].write_text(yaml.safe_dump(raw))
+        raw["steps"] = {"demo_deny_topics": ["pseudonymize"]}
+        deny = folder / "sites" / "dic-deny.yaml"
+        deny.write_text(yaml.safe_dump(raw))
+
+        def worker(config: Path, topics: str, name: str) -> subprocess.Popen:
+            out = (folder / f"{name}.log").open("ab")
+            p = subprocess.Popen([sys.executable, "-m", "omi_dsf", "worker", "--site", str(config), "--topics", topics,
+                                  "--demo"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            procs.append(p)
+            return p
+
+        yield {"dic": str(sites["dic"]), "deny": str(deny), "ai": str(sites["ai"]), "worker": worker,
+               "registry": url, "dic_id": dic.identifier, "ai_id": ai.identifier}
+    finally:
+        _stop(procs)
+        _stop([registry])
+
+
+def _study() -> str:
+    return f"1.2.826.0.1.3680043.8.498.{os.getpid()}.{time.time_ns()}"
+
+
+def test_services_from_the_registry_named_in_the_site_config(world):
+    r = _omi("services", "--site", world["dic"], "--json", "--modality", "CT")
+    assert r.returncode == 0, r.stderr
+    (svc,) = json.loads(r.stdout)
+    assert svc["id"] == "lung-seg" and svc["provider"] == world["ai_id"]
+
+
+def test_submit_follow_and_fetch_results(world):
+    dic = world["worker"](Path(world["dic"]), DIC_TOPICS, "dic-worker")
+    ai = world["worker"](Path(world["ai"]), "infer", "ai-worker")
+    study = _study()
+    r = _omi("submit", "--study", study, "--patient", "PID-CLIENT-1", "--service", "lung-seg",
+             "--site", world["dic"], "--json")
+    assert r.returncode == 0, r.stderr
+    sub = json.loads(r.stdout)
+    key = sub["business_key"]
+    assert len(key) >= 32 and sub["provider"] == world["ai_id"] and sub["task"].startswith("Task/")
+    assert "PID-CLIENT-1" not in r.stdout + r.stderr   # the patient id is never echoed
+
+    watch = _omi("status", key, "--site", world["dic"], "--watch", "--interval", "1", "--timeout", "240", timeout=300)
+    assert watch.returncode == 0, watch.stderr
+    frames = watch.stdout.split(f"request {key}: ")
+    assert len(frames) >= 3, watch.stdout            # it showed progress, not just the end
+    assert frames[-1].startswith("completed")
+    assert all(f"[x] {step}" in frames[-1] for step in ("consent", "pseudonymize", "send", "infer", "return"))
+
+    st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
+    assert st["task_status"] == "completed" and st["current"] == "completed"
+    assert [s["state"] for s in st["steps"]] == ["done"] * 5
+    assert st["service"] == "lung-seg" and st["provider"] == world["ai_id"]
+
+    res = _omi("results", key, "--site", world["dic"], "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    # the demo handlers answer every output with '<topic>-<fingerprint of its inputs>'
+    assert out["result_study_instance_uid"].startswith("infer-") and out["result_location"].startswith("infer-")
+    assert out["stored_study_instance_uid"].startswith("return-") and out["error"] is None
+    text = _omi("results", key, "--site", world["dic"]).stdout
+    assert "stored in the local PACS as study: return-" in text
+
+    listing = _omi("status", "--site", world["dic"], "--json", "--limit", "50")
+    assert any(p["business_key"] == key and p["current"] == "completed" for p in json.loads(listing.stdout))
+    _stop([dic, ai])
+
+
+def test_denied_request_shows_where_and_why(world):
+    deny = world["worker"](Path(world["deny"]), DIC_TOPICS, "deny-worker")
+    r = _omi("submit", "--study", _study(), "--patient", "PID-CLIENT-2", "--service", "lung-seg",
+             "--provider", world["ai_id"], "--site", world["dic"], "--json")
+    assert r.returncode == 0, r.stderr
+    key = json.loads(r.stdout)["business_key"]
+    watch = _omi("status", key, "--site", world["dic"], "--watch", "--interval", "1", "--timeout", "180", timeout=240)
+    assert watch.returncode == 0, watch.stderr
+    st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
+    assert st["task_status"] == "failed"
+    steps = {s["name"]: s for s in st["steps"]}
+    assert steps["consent"]["state"] == "done"
+    assert steps["pseudonymize"]["state"] == "failed" and "denied by the demo handler" in steps["pseudonymize"]["detail"]
+    assert [steps[n]["state"] for n in ("send", "infer", "return")] == ["pending"] * 3
+    res = _omi("results", key, "--site", world["dic"])
+    assert res.returncode == 1 and "error: pseudonymize: denied by the demo handler" in res.stdout
+    _stop([deny])
+
+
+def test_client_errors_are_one_line(world):
+    r = _omi("status", "0000-no-such-key", "--site", world["dic"])
+    assert r.returncode == 2 and r.stderr == "error: no OMI inference request with business key 0000-no-such-key at this site\n"
+    r = _omi("submit", "--study", "1.2.3", "--patient", "P", "--service", "no-such-service", "--site", world["dic"])
+    assert r.returncode == 2 and "no AI service 'no-such-service' in the registry" in r.stderr
+    assert r.stderr.count("\n") == 1
