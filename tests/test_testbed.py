@@ -299,15 +299,20 @@ def test_start_task_reaches_first_work_item(bed):
     dic = _requester(bed)
     r = _post_task(bed, dic, dic, _start_task(bed, dic, dic))
     assert r.status_code == 201, r.text
-    task_id = r.json()["id"]
-    deadline = time.monotonic() + 120
+    _wait_for_work_item(bed, dic, r.json()["id"])
+
+
+def _wait_for_work_item(state: State, site, task_id: str, timeout: float = 120) -> dict:
+    """Wait until the process instance started by Task/<task_id> on `site` waits at a work item
+    (an in-progress QuestionnaireResponse carrying the Task's business key); return that QR."""
+    deadline = time.monotonic() + timeout
     business_key = None
-    with client(bed, dic) as c:
+    with client(state, site) as c:
         while time.monotonic() < deadline:
             task = c.get(f"/Task/{task_id}").json()
             if task["status"] == "failed":
                 errors = [o.get("valueString") for o in task.get("output", [])]
-                bpe = next(s for s in bed.servers if s.site == dic.key and s.kind == "bpe")
+                bpe = next(s for s in state.servers if s.site == site.key and s.kind == "bpe")
                 log_lines = [ln for ln in Path(bpe.log_file).read_text().splitlines()
                              if " ERROR " in ln or "Exception" in ln][:6]
                 pytest.fail(f"Task/{task_id} failed: outputs {errors}; {bpe.name} log "
@@ -322,10 +327,10 @@ def test_start_task_reaches_first_work_item(bed):
                     items = {i["linkId"]: i for i in e["resource"].get("item", [])}
                     bk = items.get("business-key", {}).get("answer", [{}])[0].get("valueString")
                     if bk == business_key:
-                        return  # the first external work item is waiting for a worker
+                        return e["resource"]  # the work item is waiting for a worker
             time.sleep(1)
-    pytest.fail(f"no in-progress QuestionnaireResponse for Task/{task_id} "
-                f"(business key {business_key}) within 120 s")
+    pytest.fail(f"no in-progress QuestionnaireResponse for Task/{task_id} on {site.key} "
+                f"(business key {business_key}) within {timeout:.0f} s")
 
 
 @pytest.mark.integration
@@ -423,6 +428,8 @@ def test_role_based_message_between_sites(bed):
     # a DIC (role DIC in the parent organization) may ask the provider (role DMS) to execute
     r = _post_json(bed, dic, ai, _message_task(bed, "omi-inference-execute.xml", dic, ai))
     assert r.status_code == 201, r.text
+    # ... and the provider's BPE starts its process, which waits at its first work item
+    _wait_for_work_item(bed, ai, r.json()["id"])
     # the provider itself is not a remote DIC: the same message from it is refused
     r = _post_json(bed, ai, ai, _message_task(bed, "omi-inference-execute.xml", ai, ai))
     assert r.status_code == 403, r.text
