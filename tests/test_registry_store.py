@@ -1,0 +1,106 @@
+"""The registry's storage on SQLite and on a real PostgreSQL (a throwaway cluster of Debian's
+PostgreSQL on 127.0.0.1): whole-or-nothing registrations, duplicates refused even when two
+registrations race, health history."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from omi_dsf.registry.entries import service_bundle
+from omi_dsf.registry.errors import FhirError
+from omi_dsf.registry.registrations import Registry
+from omi_dsf.registry.store import Store
+
+AI = "ai.omi.test"
+
+
+def _bundle(service_id: str, ident: str | None = None) -> dict:
+    b = service_bundle(AI, service_id, name=service_id, model="lung-seg", model_version="1", oip_url="http://127.0.0.1:9",
+                       modality=["CT"], body_site=[("http://snomed.info/sct", "39607008")])
+    if ident:   # same business identifiers as service `ident`, other ids: a duplicate registration
+        for e in b["entry"]:
+            r = e["resource"]
+            for i in r["identifier"]:
+                i["value"] = i["value"].replace(service_id, ident, 1)
+    return b
+
+
+def _exercise(store: Store) -> None:
+    reg = Registry(store)
+    reg.transaction(_bundle("a"), AI)
+    # a broken second bundle leaves nothing behind
+    broken = _bundle("b")
+    broken["entry"][2]["resource"]["endpoint"] = [{"reference": "Endpoint/missing"}]
+    with pytest.raises(FhirError) as exc:
+        reg.transaction(broken, AI)
+    assert exc.value.status == 422
+    assert [r["id"] for r in store.all("Device")] == ["a-algorithm"]
+    # two registrations of the same service race: exactly one wins, the other is a 409
+    results: list[object] = []
+    barrier = threading.Barrier(2)
+
+    def register(sid: str) -> None:
+        barrier.wait()
+        try:
+            reg.transaction(_bundle(sid, ident="race"), AI)
+            results.append("ok")
+        except FhirError as e:
+            results.append(e.status)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=register, args=(sid,)) for sid in ("race-1", "race-2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(map(str, results)) == ["409", "ok"]
+    assert len(store.all("HealthcareService")) == 2
+    # health history and heartbeats
+    store.record_check("a", "down", 12.5, "unreachable")
+    store.record_check("a", "down", 11.0, "unreachable")
+    store.record_heartbeat("a", "alive")
+    st = store.state("a")
+    assert (st.status, st.failures, st.heartbeat_note) == ("down", 2, "alive")
+    store.record_check("a", "up", 3.0, "ok")
+    assert store.state("a").failures == 0 and len(store.recent_checks("a")) == 3
+
+
+def test_sqlite_store(tmp_path):
+    _exercise(Store(str(tmp_path / "registry.db")))
+
+
+@pytest.mark.integration
+def test_postgresql_store():
+    from omi_dsf.cli import UserError
+    from omi_dsf.testbed.postgres import Cluster
+
+    folder = Path(tempfile.mkdtemp(prefix="omi-registry-pg-"))
+    os.chmod(folder, 0o755)   # the cluster runs as the postgres user when we are root
+    try:
+        cluster = Cluster(folder / "pg", free_port())
+    except UserError as exc:
+        pytest.skip(str(exc))
+    try:
+        cluster.init()
+        cluster.start()
+        cluster.psql("CREATE ROLE omi LOGIN PASSWORD 'omi-test-pw'; CREATE DATABASE registry OWNER omi;")
+        store = Store(f"postgresql://omi:omi-test-pw@127.0.0.1:{cluster.port}/registry")
+        _exercise(store)
+        # the data is in PostgreSQL: a new store on the same URL sees it
+        again = Store(store.url)
+        assert {r["id"] for r in again.all("HealthcareService")} >= {"a"}
+        again.close()
+        store.close()
+    finally:
+        cluster.stop()
+        cluster.remove()
+        shutil.rmtree(folder, ignore_errors=True)
