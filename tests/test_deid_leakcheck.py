@@ -162,3 +162,17 @@ def test_bytes_first_search_sees_uids_glued_to_tag_bytes(clean):
     data, end = encode_part10(out)
     with pytest.raises(LeakError, match="ReferencedSOPInstanceUID"):
         check_outgoing(out, identity, encoded_header=data[:end])
+
+
+def test_other_patient_ids_count_as_identity():
+    ds = synthetic.ct_instance()
+    other = Dataset()
+    other.PatientID = "KIS-998877"
+    other.IssuerOfPatientID = "KIS"
+    ds.OtherPatientIDsSequence = [other]
+    store = SiteStore()
+    sp = StudyPseudonymizer(key=KEY, domain="omi", provider=EmbeddedProvider(KEY, store), store=store)
+    out = sp.process_one(ds, "o")
+    assert "OtherPatientIDsSequence" not in out
+    out.ImageComments = "Fall KIS-998877"
+    assert find_leaks(out, sp.identity) == ["ImageComments (0020,4000)"]

@@ -51,7 +51,7 @@ def _raw_bytes(ds: Dataset, keyword: str):
     return value if isinstance(value, (bytes, str)) else repr(value)
 
 
-_ALL_KEYWORDS = NAME_KEYWORDS + ID_KEYWORDS + DATE_KEYWORDS + ("SpecificCharacterSet",)
+_ALL_KEYWORDS = NAME_KEYWORDS + ID_KEYWORDS + DATE_KEYWORDS + ("SpecificCharacterSet", "OtherPatientIDsSequence")
 _TAGS = {kw: tag_for_keyword(kw) for kw in _ALL_KEYWORDS}
 
 
@@ -83,6 +83,9 @@ class Identity:
                     self.texts.update(p.strip() for p in parts[:3] if len(p.strip()) >= _MIN_TOKEN)
         for kw in ID_KEYWORDS:
             self.texts.update(v for v in _values(ds, kw) if len(v) >= _MIN_TOKEN)
+        if "OtherPatientIDsSequence" in ds:  # IDs the patient has in other systems
+            for item in ds.OtherPatientIDsSequence or ():
+                self.texts.update(v for v in _values(item, "PatientID") if len(v) >= _MIN_TOKEN)
         for kw in DATE_KEYWORDS:
             for da in _values(ds, kw):
                 self.dates.add(da[:8])
