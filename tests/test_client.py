@@ -1,0 +1,178 @@
+"""The `omi` client without servers: progress from a start Task and work items, the business-key
+wait after submitting, the registry view, text output and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from omi_dsf.cli import UserError, main
+from omi_dsf.client import render
+from omi_dsf.client.progress import derive
+from omi_dsf.client.registry_client import RegistryClient
+from omi_dsf.client.requests import start
+from omi_dsf.dsf.tasks import BPMN_MESSAGE, message_task
+from omi_dsf.dsf.workitem import topics_from_spec
+from omi_dsf.spec.model import load_spec
+
+SPEC = load_spec()
+TOPICS = topics_from_spec()
+TOPIC_OF = {q: t for t, q in TOPICS.items()}
+KEY = "6f1c0d1e-0000-4000-8000-000000000001"
+INPUTS = {"study-instance-uid": "1.2.3", "patient-identifier": "PID-9", "ai-service-identifier": "lung-seg",
+          "provider-organization": "ai.omi.test"}
+
+
+def task(status="in-progress", key=KEY, outputs: dict | None = None) -> dict:
+    t = message_task("startOmiInference", "dic.omi.test", "dic.omi.test", INPUTS)
+    t.update(id="t1", status=status, meta={"lastUpdated": "2026-11-28T10:00:00Z"})
+    if key:
+        t["input"].append({"type": {"coding": [{"system": BPMN_MESSAGE, "code": "business-key"}]}, "valueString": key})
+    for code, value in (outputs or {}).items():
+        system = BPMN_MESSAGE if code == "error" else SPEC.code_system_url
+        t.setdefault("output", []).append({"type": {"coding": [{"system": system, "code": code}]}, "valueString": value})
+    return t
+
+
+def item(topic: str, status: str, at: str, key: str = KEY, error: str | None = None) -> dict:
+    items = [{"linkId": "business-key", "answer": [{"valueString": key}]},
+             {"linkId": "user-task-id", "answer": [{"valueString": "u1"}]}]
+    if error:
+        items.append({"linkId": "error", "answer": [{"valueString": error}]})
+    return {"resourceType": "QuestionnaireResponse", "id": f"{topic}-{at}", "status": status,
+            "questionnaire": TOPICS[topic], "meta": {"lastUpdated": at}, "item": items}
+
+
+def states(p) -> dict[str, str]:
+    return {s.name: s.state for s in p.steps}
+
+
+def test_progress_through_the_steps():
+    p = derive(task(), [], TOPIC_OF)
+    assert p.current == "in-progress" and p.business_key == KEY
+    assert states(p) == dict.fromkeys(("consent", "pseudonymize", "send", "infer", "return"), "pending")
+    p = derive(task(), [item("consent", "completed", "1"), item("pseudonymize", "in-progress", "2")], TOPIC_OF)
+    assert states(p)["consent"] == "done" and states(p)["pseudonymize"] == "running" and p.current == "pseudonymize"
+    done3 = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "pseudonymize", "send"))]
+    p = derive(task(), done3, TOPIC_OF)
+    assert states(p)["infer"] == "running" and p.current == "infer" and "ai.omi.test" in p.steps[3].detail
+    p = derive(task(), done3 + [item("return", "in-progress", "9")], TOPIC_OF)
+    assert states(p)["infer"] == "done" and p.current == "return"
+    p = derive(task(), done3 + [item("return", "completed", "9")], TOPIC_OF)
+    assert p.current == "finishing"
+    p = derive(task("completed", outputs={"stored-study-instance-uid": "9.9"}), done3 + [item("return", "completed", "9")],
+               TOPIC_OF)
+    assert p.current == "completed" and set(states(p).values()) == {"done"}
+    assert p.outputs["stored-study-instance-uid"] == "9.9" and p.service == "lung-seg"
+
+
+def test_failed_step_and_failed_task():
+    # a step answered with an error
+    p = derive(task("failed", outputs={"error": "consent: no consent"}),
+               [item("consent", "completed", "1", error="consent: no consent")], TOPIC_OF)
+    assert states(p)["consent"] == "failed" and p.steps[0].detail == "consent: no consent" and p.current == "failed"
+    text = render.progress(p)
+    assert "[!] consent" in text and text.count("no consent") == 1   # not repeated as a separate error line
+    # the Task failed without a failed item (e.g. the message to the provider could not be sent)
+    done3 = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "pseudonymize", "send"))]
+    p = derive(task("failed", outputs={"error": "provider unreachable"}), done3, TOPIC_OF)
+    assert states(p)["infer"] == "failed" and p.steps[3].detail == "provider unreachable"
+    assert "error: provider unreachable" in render.results(p)
+
+
+def test_only_the_newest_item_per_step_counts():
+    # a retried step: the older failed item is superseded by the newer completed one
+    items = [item("consent", "completed", "2026-11-28T10:00:02Z"),
+             item("consent", "stopped", "2026-11-28T10:00:01Z")]
+    assert states(derive(task(), items, TOPIC_OF))["consent"] == "done"
+
+
+class FakeDsf:
+    """create() answers like a DSF FHIR server; read() returns the Task as the BPE changes it."""
+
+    def __init__(self, versions: list[dict]):
+        self.versions, self.created, self.reads = versions, None, 0
+
+    def create(self, resource):
+        self.created = resource
+        return {**resource, "id": "t1", "status": "requested"}
+
+    def read(self, rtype, rid):
+        self.reads += 1
+        return self.versions[min(self.reads, len(self.versions)) - 1]
+
+
+def test_start_waits_for_the_business_key():
+    dsf = FakeDsf([task("requested", key=None), task("in-progress")])
+    t, key = start(dsf, "dic.omi.test", INPUTS, wait=5, sleep=lambda s: None)
+    assert key == KEY and dsf.reads == 2
+    assert dsf.created["requester"]["identifier"]["value"] == "dic.omi.test"
+    assert dsf.created["restriction"]["recipient"][0]["identifier"]["value"] == "dic.omi.test"
+    failed = task("failed", key=None, outputs={"error": "no process"})
+    t, key = start(FakeDsf([failed]), "dic.omi.test", INPUTS, wait=5, sleep=lambda s: None)
+    assert key is None and t["status"] == "failed"
+    t, key = start(FakeDsf([task("requested", key=None)]), "dic.omi.test", INPUTS, wait=0.05, poll=0.01)
+    assert key is None and t["status"] == "requested"
+    with pytest.raises(ValueError, match="missing required input"):
+        start(FakeDsf([]), "dic.omi.test", {**INPUTS, "study-instance-uid": ""}, wait=1)
+
+
+def test_registry_view_and_table(tmp_path):
+    from omi_dsf.registry.app import create_app
+    from omi_dsf.registry.config import parse_config
+    from omi_dsf.registry.entries import service_bundle
+    from omi_dsf.registry.registrations import Registry
+    from omi_dsf.registry.store import Store
+
+    store = Store(str(tmp_path / "r.db"))
+    b = service_bundle("ai.omi.test", "lung-seg", name="Lung", model="lung-seg", model_version="0.1.0",
+                       oip_url="http://127.0.0.1:9", modality=["CT"], body_site=[("http://snomed.info/sct", "39607008")])
+    Registry(store).transaction(b, "ai.omi.test")
+    store.record_check("lung-seg", "degraded", 1500.0, "slow: 1500 ms > 1000 ms")
+    app = create_app(parse_config({"database": str(tmp_path / "r.db"), "health": {"interval": 0}}, tmp_path),
+                     store=store, run_checks=False)
+    with TestClient(app, base_url="http://registry.test") as http:
+        reg = RegistryClient("http://registry.test", http=http)
+        (svc,) = reg.services({"modality": "CT"})
+        assert (svc.status, svc.latency_ms, svc.model, svc.oip_url) == ("degraded", 1500.0, "lung-seg", "http://127.0.0.1:9")
+        assert reg.services({"modality": "MR"}) == []
+        with pytest.raises(UserError, match="no AI service 'x'"):
+            reg.service("x")
+        with pytest.raises(UserError, match=r"HTTP 400: error: unknown search parameter 'colour'"):
+            reg.services({"colour": "red"})
+    table = render.services_table([svc])
+    assert "lung-seg  degraded  ai.omi.test" in table and "1500 ms" in table and "slow: 1500 ms" in table
+
+
+def test_cli_site_errors_are_one_line(tmp_path, capsys):
+    assert main(["status", "--site", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: site config {tmp_path / 'missing.yaml'}:")
+    site = tmp_path / "site.yaml"
+    site.write_text(json.dumps({"fhir_url": "https://127.0.0.1:1/fhir"}))
+    assert main(["results", "KEY", "--site", str(site)]) == 2
+    assert capsys.readouterr().err == f"error: {site}: 'site' (this organization's DSF identifier) is missing\n"
+    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": "https://127.0.0.1:1/fhir"}))
+    assert main(["results", "KEY", "--site", str(site)]) == 2
+    assert capsys.readouterr().err == f"error: {site}: 'ca_file' is missing\n"
+
+
+def test_unreachable_dsf_is_one_line(tmp_path, capsys):
+    from conftest import free_port
+    from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    ca.ensure()
+    cl = ca.issue("dic", "dic client", server=False, client=True)
+    (tmp_path / "pw").write_text(KEY_PASSWORD)
+    site = tmp_path / "site.yaml"
+    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": f"https://127.0.0.1:{free_port()}/fhir",
+                                "ca_file": str(ca.cert_path), "client_cert": str(cl.cert), "client_key": str(cl.key),
+                                "client_key_password_file": "pw"}))
+    assert main(["status", "--site", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: status: GET Task?: cannot connect to https://127.0.0.1:") and err.count("\n") == 1
+    (tmp_path / "pw").write_text("wrong password")
+    assert main(["status", "--site", str(site)]) == 2
+    assert "cannot load client certificate" in capsys.readouterr().err
