@@ -68,8 +68,9 @@ def test_wrong_patient_is_refused_and_nothing_left(site):
 
 def test_unknown_study_and_missing_inputs(site):
     tmp, cfg, first = site
-    with pytest.raises(StepError, match="does not exist"):
+    with pytest.raises(StepError, match="study was not found in the configured source") as err:
         pseudonymize({"study-instance-uid": "1.2.3.4"}, ctx(cfg))
+    assert "1.2.3.4" not in str(err.value) and str(tmp) not in str(err.value)
     with pytest.raises(StepError, match="study-instance-uid is missing"):
         pseudonymize({}, ctx(cfg))
     bad = {"pseudonymization": {**cfg["pseudonymization"], "options": ["retain-all"]}}
@@ -162,3 +163,13 @@ def test_empty_study_folder_is_a_step_error(site):
     (tmp / "pacs" / "1.2.3.empty").mkdir()
     with pytest.raises(StepError, match="no instances of the study"):
         pseudonymize({"study-instance-uid": "1.2.3.empty"}, ctx(cfg, "bk-empty"))
+
+
+def test_step_errors_name_the_instance_not_the_file(site):
+    tmp, cfg, first = site
+    study_dir = tmp / "pacs" / first.StudyInstanceUID
+    (study_dir / "zz_Mustermann_Max.txt").write_text("not an image")
+    with pytest.raises(StepError, match=r"instance 5: not a DICOM file") as err:
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-5"))
+    assert "Mustermann" not in str(err.value)
+    assert list((tmp / "outbox" / "bk-5").glob("*.dcm")) == []

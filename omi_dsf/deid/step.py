@@ -56,13 +56,19 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
                                  options=options, expect_patient_id=patient_id,
                                  expect_study_uid=study_uid)
         written = 0
-        for out in run.process(source):
+        # number the instances: file names may carry patient names, and errors go to the Task
+        numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(source, 1))
+        for out in run.process(numbered):
             written += sink.write(out.dataset, out.data)
         if run.result.instances == 0:
             raise StepError("no instances of the study found in the source")
         store.sync()  # the UID map is durable before the step reports success
         location = sink.close()
-    except (DeidError, LeakError, UnknownPseudonymError, ConfigError, FileNotFoundError, ValueError,
+    except FileNotFoundError:
+        if sink is not None:
+            sink.abort()
+        raise StepError("the study was not found in the configured source") from None
+    except (DeidError, LeakError, UnknownPseudonymError, ConfigError, ValueError,
             instance_io.SourceError, instance_io.SinkError) as exc:
         if sink is not None:
             sink.abort()
