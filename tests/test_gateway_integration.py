@@ -27,6 +27,7 @@ from omi_dsf.inference.phantom import write_ct_study
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 SLICES = 12
+BIG_SLICES = 40
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,11 @@ def data(tmp_path_factory) -> dict:
     ct = write_ct_study(root / "ct", slices=SLICES, seed=3, rows=128, cols=128)
     extra = [Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("MR_small.dcm"))]
     first = pydicom.dcmread(ct[0])
-    return {"files": ct + extra, "ct": ct, "study": first.StudyInstanceUID, "series": first.SeriesInstanceUID,
+    # more data than the socket buffers between gateway and client can hold (~21 MB)
+    big = write_ct_study(root / "big", slices=BIG_SLICES, seed=4, rows=512, cols=512,
+                         patient={"id": "BIGSTUDY01", "name": "Big^Study"})
+    return {"files": ct + extra, "ct": ct, "big": big, "big_study": pydicom.dcmread(big[0]).StudyInstanceUID,
+            "study": first.StudyInstanceUID, "series": first.SeriesInstanceUID,
             "patient_id": first.PatientID, "study_date": first.StudyDate,
             "mr_study": pydicom.dcmread(extra[1]).StudyInstanceUID}
 
@@ -47,7 +52,7 @@ def bed(tmp_path_factory, data):
     move_port = free_port()
     with Dcmqrscp(root / "dcmqrscp", move_destinations={"OMIGW": ("127.0.0.1", move_port)}) as pacs, \
             Orthanc(root / "orthanc", modalities={"OMIGW": ("127.0.0.1", move_port)}) as orthanc:
-        pacs.load(data["files"])
+        pacs.load(data["files"] + data["big"])
         orthanc.load(data["files"])
         cfg = parse_config({
             "listen": {"port": free_port()}, "auth": {"anonymous": True},
@@ -58,9 +63,9 @@ def bed(tmp_path_factory, data):
                 "MOVEPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": "LEGACYPACS",
                              "retrieve": "move"},
                 "PNDGET": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": "LEGACYPACS",
-                           "get_engine": "pynetdicom"},
+                           "engine": "pynetdicom"},
                 "ORTHANCPND": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.port, "called_aet": "ORTHANC",
-                               "get_engine": "pynetdicom"},
+                               "engine": "pynetdicom"},
                 "ORTHANC": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.port},
                 "DOWN": {"type": "dimse", "host": "127.0.0.1", "port": free_port(), "connect_timeout": 2},
             }})
@@ -115,10 +120,10 @@ def test_search_matching_kinds(bed, data):
 def test_search_paging_and_includefield(bed, data):
     c = client(bed)
     everything = c.search_for_studies()
-    assert len(everything) == 3
+    assert len(everything) == 4
     page = c.search_for_studies(limit=1, offset=1)
     assert page == [everything[1]] or values(page[0], "0020000D") == values(everything[1], "0020000D")
-    assert c.search_for_studies(offset=3) == []
+    assert c.search_for_studies(offset=4) == []
     series = c.search_for_series(data["study"], fields=["SeriesDate", "BodyPartExamined"])
     assert len(series) == 1 and "0020000E" in series[0]
     assert values(series[0], "00201209") == [SLICES]
@@ -305,36 +310,44 @@ def _gateway_for(pacs: Dcmqrscp, **backend) -> BackgroundServer:
 
 @pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
 def test_study_streams_before_the_last_instance_arrives(bed, data, engine):
-    with _gateway_for(bed["pacs"], get_engine=engine) as server:
+    with _gateway_for(bed["pacs"], engine=engine) as server:
         stats = server.server.config.app.gateway.stats
-        with httpx.stream("GET", f"{server.url}/studies/{data['study']}", timeout=30,
+        with httpx.stream("GET", f"{server.url}/studies/{data['big_study']}", timeout=60,
                           headers={"Accept": 'multipart/related; type="application/dicom"'}) as r:
             assert r.status_code == 200
-            chunks = r.iter_raw(4096)
+            chunks = r.iter_raw(1 << 16)
             first = next(chunks)
             assert first.startswith(b"--")
-            rest = b"".join(chunks)
+            time.sleep(0.3)  # the client pauses: the gateway holds only a few instances meanwhile
+            assert stats.get("instances_received") < BIG_SLICES
+            boundary = r.headers["content-type"].split("boundary=")[1].split(";")[0]
+            marker = b"--" + boundary.encode() + b"\r\n"
+            parts, tail = first.count(marker), first[-len(marker):]
+            for chunk in chunks:
+                parts += (tail + chunk).count(marker)
+                tail = chunk[-len(marker):]
         # the first part left the gateway before the C-GET delivered the last instance
         assert stats.times["first_part_sent"] < stats.times["instance_received"]
-        assert stats.get("instances_received") == SLICES
-        boundary = r.headers["content-type"].split("boundary=")[1].split(";")[0]
-        assert (first + rest).count(b"--" + boundary.encode() + b"\r\n") == SLICES
+        assert stats.get("instances_received") == BIG_SLICES and parts == BIG_SLICES
 
 
 @pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
 def test_client_disconnect_releases_the_association(bed, data, engine):
     pacs = bed["pacs"]
-    with _gateway_for(pacs, get_engine=engine) as server:
+    with _gateway_for(pacs, engine=engine) as server:
         baseline = pacs.association_processes()
-        with httpx.stream("GET", f"{server.url}/studies/{data['study']}", timeout=30) as r:
-            next(r.iter_raw(4096))
-            assert pacs.association_processes() == baseline + 1
+        with httpx.stream("GET", f"{server.url}/studies/{data['big_study']}", timeout=60) as r:
+            chunks = r.iter_raw(4096)  # (an abandoned iterator would close the response at once)
+            next(chunks)
+            time.sleep(0.2)
+            assert pacs.association_processes() == baseline + 1  # the C-GET is still running
         # the client went away mid-stream: the C-GET association must go, not linger or be pooled
         deadline = time.monotonic() + 10
         while pacs.association_processes() > baseline:
             assert time.monotonic() < deadline, "association still open after the client left"
             time.sleep(0.1)
         gw = server.server.config.app.gateway
+        assert gw.stats.get("instances_received") < BIG_SLICES
         deadline = time.monotonic() + 5
         while gw.stats.get("streams_active"):
             assert time.monotonic() < deadline, "producer thread still running"

@@ -70,7 +70,7 @@ class DimseBackendConfig:
     port: int
     called_aet: str
     retrieve: str = "get"               # get | move | auto (C-GET, then C-MOVE when C-GET finds nothing)
-    get_engine: str = "lean"            # lean (dimse/lean_get.py) | pynetdicom
+    engine: str = "lean"                # C-FIND and C-GET by: lean (dimse/lean_*.py) | pynetdicom
     connect_timeout: float = 5.0
     acse_timeout: float = 10.0
     dimse_timeout: float = 30.0
@@ -189,7 +189,7 @@ def _backend(name: str, d: dict, base: Path) -> DimseBackendConfig | StoreBacken
         return StoreBackendConfig(name=name, path=_path(d["path"], f"{key}.path", base, must_exist=False))
     if kind != "dimse":
         raise ConfigError(f"{key}.type: must be 'dimse' or 'store', got {kind!r}")
-    _unknown(d, {"type", "host", "port", "called_aet", "retrieve", "get_engine", "compute_missing",
+    _unknown(d, {"type", "host", "port", "called_aet", "retrieve", "engine", "compute_missing",
                  *_DIMSE_NUMBERS}, key)
     for req in ("host", "port"):
         if req not in d:
@@ -201,10 +201,10 @@ def _backend(name: str, d: dict, base: Path) -> DimseBackendConfig | StoreBacken
     if retrieve not in ("get", "move", "auto"):
         raise ConfigError(f"{key}.retrieve: must be get, move or auto, got {retrieve!r}")
     cfg.retrieve = retrieve
-    engine = d.get("get_engine", "lean")
+    engine = d.get("engine", "lean")
     if engine not in ("lean", "pynetdicom"):
-        raise ConfigError(f"{key}.get_engine: must be lean or pynetdicom, got {engine!r}")
-    cfg.get_engine = engine
+        raise ConfigError(f"{key}.engine: must be lean or pynetdicom, got {engine!r}")
+    cfg.engine = engine
     if "compute_missing" in d:
         cfg.compute_missing = _typed(d["compute_missing"], bool, f"{key}.compute_missing")
     for attr, kind_ in _DIMSE_NUMBERS.items():

@@ -16,6 +16,7 @@ from ..config import DimseBackendConfig, GatewayConfig
 from ..dimse.association import (AssociationPool, Peer, find_contexts, get_contexts, move_contexts,
                                  next_message_id)
 from ..dimse.find import c_find
+from ..dimse.lean_find import LeanFindPool, lean_c_find
 from ..dimse.lean_get import lean_c_get
 from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
 from ..dimse.store import c_store
@@ -102,6 +103,7 @@ class DimseBackend:
                                          handlers=[(evt.EVT_C_STORE, dispatch_store)])
         self._move_pool = AssociationPool(calling_aet, self.peer, lambda: (move_contexts(), None),
                                           size=cfg.pool_size)
+        self._lean_find_pool = LeanFindPool(calling_aet, self.peer, size=cfg.pool_size)
         self._move = move
         self._summaries: dict[tuple, tuple[float, object]] = {}
         self._summary_lock = threading.Lock()
@@ -125,6 +127,8 @@ class DimseBackend:
         uid_match = match.get({STUDY: 0x0020000D, SERIES: SERIES_UID, INSTANCE: SOP_UID}[level])
         if uid_match:
             setattr(ident, UID_KEYWORD[level], "\\".join(split_uid_list(uid_match)))
+        if self.cfg.engine == "lean":
+            return lean_c_find(self._lean_find_pool, ident, next_message_id())
         return c_find(self._find_pool, ident)
 
     def _cached(self, key: tuple, compute):
@@ -177,7 +181,7 @@ class DimseBackend:
         mode = self.cfg.retrieve
         if mode in ("get", "auto"):
             try:
-                if self.cfg.get_engine == "lean":
+                if self.cfg.engine == "lean":
                     lean_c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id())
                 else:
                     c_get(self._get_pool, ident, emit, token)
@@ -209,5 +213,5 @@ class DimseBackend:
         return results
 
     def close(self) -> None:
-        for pool in (self._find_pool, self._get_pool, self._move_pool):
+        for pool in (self._find_pool, self._get_pool, self._move_pool, self._lean_find_pool):
             pool.close()

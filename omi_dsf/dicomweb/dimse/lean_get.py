@@ -1,246 +1,28 @@
-"""A lean C-GET requestor: one thread, one blocking socket, no polling.
+"""C-GET (Study Root) over the lean Upper Layer client: instances are handed on as they arrive.
 
-pynetdicom moves every PDU through a polling DUL thread, an event queue and a state machine;
-dcmtk PACS send 16 KB PDUs, so a 260 MB study is ~16,000 PDUs and pynetdicom's per-PDU cost
-(0.1-0.5 ms) caps a retrieval at a fraction of what ``getscu`` achieves. For the one hot path of
-the gateway (C-GET, Study Root, receiving C-STORE sub-operations) this module speaks the DICOM
-Upper Layer protocol (PS3.8) and the few DIMSE messages involved (PS3.7) directly:
-
-A-ASSOCIATE-RQ (Get context + storage contexts with SCP role selection) → C-GET-RQ →
+A-ASSOCIATE-RQ (Get context + storage contexts with SCP role) → C-GET-RQ →
 {C-STORE-RQ + data → C-STORE-RSP, C-GET-RSP pending}* → C-GET-RSP final → A-RELEASE.
-
-Each received instance is handed on as Part 10 bytes (file meta + the data set exactly as sent).
-pynetdicom remains the engine for C-FIND, C-MOVE, C-STORE and (``get_engine: pynetdicom``) C-GET.
+Each instance goes to ``emit`` as Part 10 bytes: a file meta group + the data set exactly as sent.
+When the client is gone (``token``), the association is aborted at once.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 import time
-import uuid
 from typing import Callable
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import StoragePresentationContexts
-from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-from ..errors import DicomwebError, NotFound, PacsTimeout, PacsUnavailable
+from ..errors import DicomwebError, NotFound, PacsUnavailable
 from ..stream import CancelToken, Cancelled
-from .association import STORAGE_SYNTAXES, Peer
+from .association import Peer
+from .lean_ul import (C_GET_RQ, C_GET_RSP, C_STORE_RQ, C_STORE_RSP, FIRST_CONTEXT_ID, NO_DATA, command,
+                      encode_identifier, get_proposals, messages, open_association, pad, part10_meta, release,
+                      uid_of, us, us_of)
 from .retrieve import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, RetrieveSummary
 
 log = logging.getLogger(__name__)
-
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
-# Our own implementation class UID, derived from a UUID (PS3.5 §B.2: the 2.25 root).
-IMPLEMENTATION_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:omi-dsf:dicomweb-gateway').int}".encode()
-IMPLEMENTATION_VERSION = b"OMI_GW_1"
-MAX_PDU = 1 << 20          # what we accept; dcmtk sends 16 KB PDUs anyway
-GET_CONTEXT_ID = 1
-
-C_STORE_RQ, C_STORE_RSP, C_GET_RSP, C_CANCEL_RQ, C_GET_RQ = 0x0001, 0x8001, 0x8010, 0x0FFF, 0x0010
-NO_DATA = 0x0101
-
-
-def _pad(uid: bytes) -> bytes:
-    return uid + b"\x00" if len(uid) % 2 else uid
-
-
-def _item(kind: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", kind, 0, len(body)) + body
-
-
-def _command(elements: list[tuple[int, bytes]]) -> bytes:
-    """A command set in Implicit VR Little Endian, with its group length first."""
-    body = b"".join(struct.pack("<HHL", 0x0000, elem, len(v)) + v for elem, v in elements)
-    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
-
-
-def _us(v: int) -> bytes:
-    return struct.pack("<H", v)
-
-
-def _parse_command(data: bytes) -> dict[int, bytes]:
-    out, pos, end = {}, 0, len(data)
-    while pos + 8 <= end:
-        group, elem, length = struct.unpack_from("<HHL", data, pos)
-        pos += 8
-        out[(group << 16) | elem] = data[pos:pos + length]
-        pos += length
-    return out
-
-
-def _us_of(cmd: dict[int, bytes], tag: int, default: int = 0) -> int:
-    v = cmd.get(tag)
-    return struct.unpack("<H", v[:2])[0] if v and len(v) >= 2 else default
-
-
-def _uid_of(cmd: dict[int, bytes], tag: int) -> bytes:
-    return cmd.get(tag, b"").rstrip(b"\x00 ")
-
-
-def _meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes) -> bytes:
-    """Preamble, DICM and the file meta group (Explicit VR Little Endian)."""
-    def el(elem: int, vr: bytes, value: bytes) -> bytes:
-        if vr in (b"OB",):
-            return struct.pack("<HH", 0x0002, elem) + vr + b"\x00\x00" + struct.pack("<L", len(value)) + value
-        return struct.pack("<HH", 0x0002, elem) + vr + struct.pack("<H", len(value)) + value
-    version = IMPLEMENTATION_VERSION + (b" " if len(IMPLEMENTATION_VERSION) % 2 else b"")
-    group = b"".join([el(0x0001, b"OB", b"\x00\x01"), el(0x0002, b"UI", _pad(sop_class)),
-                      el(0x0003, b"UI", _pad(sop_instance)), el(0x0010, b"UI", _pad(transfer_syntax)),
-                      el(0x0012, b"UI", _pad(IMPLEMENTATION_UID)), el(0x0013, b"SH", version)])
-    return b"\x00" * 128 + b"DICM" + el(0x0000, b"UL", struct.pack("<L", len(group))) + group
-
-
-class _Connection:
-    """The socket side: read whole PDUs, write P-DATA."""
-
-    def __init__(self, peer: Peer):
-        self.peer = peer
-        try:
-            self.sock = socket.create_connection((peer.host, peer.port), timeout=peer.connect_timeout)
-        except OSError as exc:
-            raise PacsUnavailable(f"PACS {peer.aet} at {peer.host}:{peer.port} is not reachable "
-                                  f"({exc.strerror or exc})") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(peer.dimse_timeout)
-        self.reader = self.sock.makefile("rb", buffering=1 << 18)
-        self.peer_max_pdu = 16384
-        self.closed = False
-
-    def read_exact(self, n: int) -> bytes:
-        try:
-            data = self.reader.read(n)
-        except socket.timeout:
-            raise PacsTimeout(f"PACS {self.peer.aet} did not answer within {self.peer.dimse_timeout:g} s") from None
-        except OSError as exc:
-            raise PacsUnavailable(f"PACS {self.peer.aet}: connection lost ({exc.strerror or exc})") from None
-        if len(data) != n:
-            raise PacsUnavailable(f"PACS {self.peer.aet} closed the connection")
-        return data
-
-    def read_pdu(self) -> tuple[int, bytes]:
-        kind, _, length = struct.unpack(">BBL", self.read_exact(6))
-        if length > 64 * MAX_PDU:
-            raise PacsUnavailable(f"PACS {self.peer.aet} sent a PDU of {length} bytes")
-        return kind, self.read_exact(length)
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise PacsUnavailable(f"PACS {self.peer.aet}: connection lost ({exc.strerror or exc})") from None
-
-    def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
-        room = max(self.peer_max_pdu, 4096) - 6 if self.peer_max_pdu else 1 << 20
-        chunks = []
-        for control, payload in ((0x01, command), (0x00, dataset)):
-            if payload is None:
-                continue
-            for start in range(0, max(len(payload), 1), room):
-                piece = payload[start:start + room]
-                last = 0x02 if start + room >= len(payload) else 0x00
-                pdv = struct.pack(">LBB", len(piece) + 2, context_id, control | last) + piece
-                chunks.append(struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv)
-        self.send(b"".join(chunks))
-
-    def abort(self) -> None:
-        if self.closed:
-            return
-        try:
-            self.sock.sendall(struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0))
-        except OSError:
-            pass
-        self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        try:
-            self.reader.close()
-            self.sock.close()
-        except OSError:
-            pass
-
-
-def _associate_rq(calling: str, peer: Peer) -> tuple[bytes, dict[int, bytes]]:
-    """The A-ASSOCIATE-RQ PDU and the abstract syntax of each proposed context id."""
-    contexts: dict[int, bytes] = {}
-    items = [_item(0x10, APPLICATION_CONTEXT)]
-    proposals = [(StudyRootQueryRetrieveInformationModelGet, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-    proposals += [(cx.abstract_syntax, STORAGE_SYNTAXES) for cx in StoragePresentationContexts[:127]]
-    roles = []
-    for index, (abstract, syntaxes) in enumerate(proposals):
-        cid = 2 * index + 1
-        uid = str(abstract).encode()
-        contexts[cid] = uid
-        body = struct.pack(">BBBB", cid, 0, 0, 0) + _item(0x30, uid) + b"".join(
-            _item(0x40, str(ts).encode()) for ts in syntaxes)
-        items.append(_item(0x20, body))
-        if index:
-            roles.append(_item(0x54, struct.pack(">H", len(uid)) + uid + b"\x00\x01"))
-    user = (_item(0x51, struct.pack(">L", MAX_PDU)) + _item(0x52, IMPLEMENTATION_UID) + b"".join(roles)
-            + _item(0x55, IMPLEMENTATION_VERSION))
-    items.append(_item(0x50, user))
-    variable = b"".join(items)
-    fixed = (struct.pack(">HH", 1, 0) + peer.aet.encode("ascii").ljust(16)[:16]
-             + calling.encode("ascii").ljust(16)[:16] + b"\x00" * 32)
-    body = fixed + variable
-    return struct.pack(">BBL", 0x01, 0, len(body)) + body, contexts
-
-
-def _parse_accept(data: bytes) -> tuple[dict[int, bytes], int]:
-    """Accepted context id → transfer syntax, and the peer's maximum PDU length."""
-    accepted, max_pdu, pos = {}, 16384, 68
-    while pos + 4 <= len(data):
-        kind, _, length = struct.unpack_from(">BBH", data, pos)
-        body = data[pos + 4:pos + 4 + length]
-        pos += 4 + length
-        if kind == 0x21 and len(body) >= 4:
-            cid, result = body[0], body[2]
-            if result == 0 and len(body) >= 8:
-                _, _, ts_len = struct.unpack_from(">BBH", body, 4)
-                accepted[cid] = bytes(body[8:8 + ts_len]).rstrip(b"\x00 ")
-        elif kind == 0x50:
-            sub = 0
-            while sub + 4 <= len(body):
-                skind, _, slen = struct.unpack_from(">BBH", body, sub)
-                if skind == 0x51 and slen == 4:
-                    max_pdu = struct.unpack_from(">L", body, sub + 4)[0]
-                sub += 4 + slen
-    return accepted, max_pdu
-
-
-def _encode_identifier(ds: Dataset, transfer_syntax: bytes) -> bytes:
-    data = encode(ds, transfer_syntax == ImplicitVRLittleEndian.encode(), True)
-    if data is None:
-        raise PacsUnavailable("C-GET: could not encode the identifier")
-    return data
-
-
-def open_get_association(calling_aet: str, peer: Peer) -> tuple[_Connection, dict[int, bytes], dict[int, bytes]]:
-    conn = _Connection(peer)
-    try:
-        rq, proposed = _associate_rq(calling_aet, peer)
-        conn.sock.settimeout(peer.acse_timeout)
-        conn.send(rq)
-        kind, data = conn.read_pdu()
-        conn.sock.settimeout(peer.dimse_timeout)
-        if kind == 0x03:
-            raise PacsUnavailable(f"PACS {peer.aet} at {peer.host}:{peer.port} rejected the association")
-        if kind != 0x02:
-            raise PacsUnavailable(f"PACS {peer.aet} at {peer.host}:{peer.port} aborted the association "
-                                  "(wrong AE title, or not answering)")
-        accepted, conn.peer_max_pdu = _parse_accept(data)
-        if GET_CONTEXT_ID not in accepted:
-            raise PacsUnavailable(f"PACS {peer.aet} does not accept Study Root C-GET")
-        return conn, accepted, proposed
-    except BaseException:
-        conn.abort()
-        raise
 
 
 def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable[[bytes], None],
@@ -248,107 +30,56 @@ def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable
     """C-GET ``identifier`` and ``emit`` every instance as it arrives (Part 10 bytes)."""
     summary = RetrieveSummary()
     started = time.monotonic()
-    conn, accepted, proposed = open_get_association(calling_aet, peer)
-    clean = False
+    conn, accepted, proposed = open_association(calling_aet, peer, get_proposals(), scp_roles=True)
+    done = False
     try:
-        get_ts = accepted[GET_CONTEXT_ID]
-        conn.send_message(GET_CONTEXT_ID, _command([
-            (0x0002, _pad(proposed[GET_CONTEXT_ID])), (0x0100, _us(C_GET_RQ)), (0x0110, _us(msg_id)),
-            (0x0700, _us(0)), (0x0800, _us(0x0000))]), _encode_identifier(identifier, get_ts))
-        command = bytearray()
-        fragments: list[bytes] = []
-        store: dict[int, bytes] | None = None
-        store_cid = 0
-        final: dict[int, bytes] | None = None
-        final_with_data: dict[int, bytes] | None = None
-        while final is None:
-            if token.cancelled:
-                raise Cancelled()
-            kind, pdu = conn.read_pdu()
-            if kind == 0x07:
-                raise PacsUnavailable(f"C-GET: PACS {peer.aet} aborted the association")
-            if kind != 0x04:
-                raise PacsUnavailable(f"C-GET: unexpected PDU type 0x{kind:02X} from PACS {peer.aet}")
-            view = memoryview(pdu)
-            pos = 0
-            while pos + 6 <= len(view):
-                length, cid, control = struct.unpack_from(">LBB", view, pos)
-                value = view[pos + 6:pos + 4 + length]
-                pos += 4 + length
-                if control & 0x01:  # command fragment
-                    command += value
-                    if not control & 0x02:
-                        continue
-                    cmd = _parse_command(bytes(command))
-                    command = bytearray()
-                    field = _us_of(cmd, 0x00000100)
-                    has_data = _us_of(cmd, 0x00000800, NO_DATA) != NO_DATA
-                    if field == C_STORE_RQ:
-                        store, store_cid = cmd, cid
-                    elif field == C_GET_RSP:
-                        status = _us_of(cmd, 0x00000900)
-                        if status in (0xFF00, 0xFF01):
-                            continue
-                        summary.completed = _us_of(cmd, 0x00001021)
-                        summary.failed = _us_of(cmd, 0x00001022)
-                        summary.warning = _us_of(cmd, 0x00001023)
-                        if has_data:  # a list of failed UIDs follows; read it, then finish
-                            store, final_with_data = None, cmd
-                        else:
-                            final = cmd
+        conn.send_message(FIRST_CONTEXT_ID, command([
+            (0x0002, pad(proposed[FIRST_CONTEXT_ID])), (0x0100, us(C_GET_RQ)), (0x0110, us(msg_id)),
+            (0x0700, us(0)), (0x0800, us(0x0000))]), encode_identifier(identifier, accepted[FIRST_CONTEXT_ID]))
+        final = None
+        for cid, cmd, data in messages(conn, token):
+            field = us_of(cmd, 0x00000100)
+            if field == C_GET_RSP:
+                status = us_of(cmd, 0x00000900)
+                if status in (0xFF00, 0xFF01):
                     continue
-                # data fragment
-                fragments.append(value)
-                if not control & 0x02:
-                    continue
-                if store is None:  # data of a final C-GET-RSP: not needed
-                    fragments = []
-                    if final_with_data is not None:
-                        final = final_with_data
-                    continue
-                sop_class, sop = _uid_of(store, 0x00000002), _uid_of(store, 0x00001000)
-                ts = accepted.get(store_cid)
-                status = 0x0000
-                if ts is None:
+                final = status
+                summary.completed = us_of(cmd, 0x00001021)
+                summary.failed = us_of(cmd, 0x00001022)
+                summary.warning = us_of(cmd, 0x00001023)
+                break
+            if field != C_STORE_RQ:
+                raise PacsUnavailable(f"C-GET: unexpected DIMSE command 0x{field:04X} from PACS {peer.aet}")
+            sop_class, sop = uid_of(cmd, 0x00000002), uid_of(cmd, 0x00001000)
+            ts = accepted.get(cid)
+            status = 0x0000
+            if ts is None or data is None:
+                status = CANNOT_UNDERSTAND
+            else:
+                try:
+                    emit(part10_meta(sop_class, sop, ts) + data)
+                    summary.received += 1
+                except Cancelled:
+                    status = OUT_OF_RESOURCES
+                except DicomwebError as exc:
+                    summary.error = summary.error or exc
                     status = CANNOT_UNDERSTAND
-                else:
-                    data = _meta(sop_class, sop, ts) + b"".join(fragments)
-                    try:
-                        emit(data)
-                        summary.received += 1
-                    except Cancelled:
-                        status = OUT_OF_RESOURCES
-                    except DicomwebError as exc:
-                        summary.error = summary.error or exc
-                        status = CANNOT_UNDERSTAND
-                fragments = []
-                conn.send_message(store_cid, _command([
-                    (0x0002, _pad(sop_class)), (0x0100, _us(C_STORE_RSP)),
-                    (0x0120, store.get(0x00000110, _us(0))), (0x0800, _us(NO_DATA)),
-                    (0x0900, _us(status)), (0x1000, _pad(sop))]))
-                store = None
-                if status == OUT_OF_RESOURCES:
-                    raise Cancelled()
-        code = _us_of(final, 0x00000900)
-        if code == 0xFE00:
+            if status == OUT_OF_RESOURCES:
+                raise Cancelled()
+            conn.send_message(cid, command([
+                (0x0002, pad(sop_class)), (0x0100, us(C_STORE_RSP)), (0x0120, cmd.get(0x00000110, us(0))),
+                (0x0800, us(NO_DATA)), (0x0900, us(status)), (0x1000, pad(sop))]))
+        if final == 0xFE00:
             raise PacsUnavailable("C-GET was cancelled by the PACS")
-        if code not in (0x0000, 0xB000) and summary.received == 0:
-            raise PacsUnavailable(f"C-GET: PACS {peer.aet} answered with failure status 0x{code:04X}")
-        # A-RELEASE
-        conn.send(struct.pack(">BBLL", 0x05, 0, 4, 0))
-        try:
-            conn.sock.settimeout(min(peer.acse_timeout, 5))
-            kind, _ = conn.read_pdu()
-            clean = kind == 0x06
-        except (PacsTimeout, PacsUnavailable):
-            clean = False
+        if final not in (0x0000, 0xB000) and summary.received == 0:
+            raise PacsUnavailable(f"C-GET: PACS {peer.aet} answered with failure status 0x{final:04X}")
+        done = True
     finally:
-        if clean:
-            conn.close()
+        if done:
+            release(conn)
         else:
-            conn.abort()
+            conn.abort()  # also when the client went away: the association goes at once
     log.debug("C-GET: %d instances in %.2f s", summary.received, time.monotonic() - started)
     if summary.received == 0:
         raise summary.error or NotFound("C-GET: the PACS has no instances for this request")
     return summary
-
