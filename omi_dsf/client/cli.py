@@ -138,14 +138,17 @@ def _submit(args) -> int:
               "ai-service-identifier": args.service, "provider-organization": provider}
     with _dsf(site) as client:
         task, key = dsf_call("submit", start, client, org, inputs, wait=args.wait)
-    if task.get("status") == "failed":
-        from omi_dsf.dsf.tasks import outputs
-        raise UserError(f"the DSF refused the request: Task/{task['id']} failed: {outputs(task).get('error') or 'no reason given'}")
+    from omi_dsf.dsf.tasks import outputs
+    error = outputs(task).get("error")
+    if task.get("status") == "failed" and not key:   # refused before the process started
+        raise UserError(f"the DSF refused the request: Task/{task['id']} failed: {error or 'no reason given'}")
     if not key:
         raise UserError(f"Task/{task['id']} was accepted but has no business key after {args.wait:g} s "
                         "(is the OMI plugin deployed in this site's BPE?)")
     data = {"business_key": key, "task": f"Task/{task['id']}", "status": task.get("status"),
-            "service": args.service, "provider": provider}
+            "service": args.service, "provider": provider, "error": error}
+    if task.get("status") == "failed":   # started, and already failed (e.g. a fast denial)
+        print(f"warning: the request already failed: {error or 'no reason given'}", file=sys.stderr)
     _emit(args, data, f"submitted: business key {key}\n  Task/{task['id']} {task.get('status')}; "
                       f"service {args.service} at {provider}\n  follow it: omi status {key} --site {args.site} --watch")
     return 0
@@ -156,21 +159,49 @@ def _progress_of(client, task):
     from omi_dsf.client.requests import topic_of, work_items
 
     key = business_key(task)
-    items = work_items(client, key, None) if key else []
+    items = work_items(client, key, _since(task)).get(key, []) if key else []
     return derive(task, items, topic_of())
+
+
+def _since(task: dict) -> str | None:
+    # work items are created after their Task; a minute of slack for clock differences
+    import datetime as dt
+    try:
+        t = dt.datetime.fromisoformat(str(task.get("authoredOn")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (t - dt.timedelta(minutes=1)).isoformat()
+
+
+def _progress_list(client, limit: int):
+    from omi_dsf.client.progress import business_key, derive
+    from omi_dsf.client.requests import request_tasks, topic_of, work_items
+
+    tasks = request_tasks(client, limit)
+    stamps = [s for s in (_since(t) for t in tasks) if s]
+    items = work_items(client, None, min(stamps)) if stamps and len(stamps) == len(tasks) else work_items(client, None)
+    topics = topic_of()
+    return [derive(t, items.get(business_key(t) or "", []), topics) for t in tasks]
 
 
 def _status(args) -> int:
     from omi_dsf.client import render
-    from omi_dsf.client.requests import dsf_call, find_task, request_tasks
+    from omi_dsf.client.requests import dsf_call, find_task
 
     site, _ = _site(args.site)
+    client = _dsf(site)
+    task_id = None
 
     def snapshot():
-        with _dsf(site) as client:
-            if args.business_key:
-                return dsf_call("status", lambda: _progress_of(client, find_task(client, args.business_key)))
-            return dsf_call("status", lambda: [_progress_of(client, t) for t in request_tasks(client, args.limit)])
+        nonlocal task_id
+        if not args.business_key:
+            return dsf_call("status", _progress_list, client, args.limit)
+        if task_id is None:   # find the request once, then follow its Task by id
+            task = dsf_call("status", find_task, client, args.business_key)
+            task_id = task["id"]
+        else:
+            task = dsf_call("status", client.read, "Task", task_id)
+        return dsf_call("status", _progress_of, client, task)
 
     def show(snap) -> str:
         if args.business_key:
@@ -181,31 +212,34 @@ def _status(args) -> int:
         items = [snap] if args.business_key else snap
         return all(p.task_status in ("completed", "failed") for p in items)
 
-    snap = snapshot()
-    if not args.watch:
-        if args.json:
-            print(json.dumps(snap.as_dict() if args.business_key else [p.as_dict() for p in snap], indent=2, default=str))
-        else:
-            print(show(snap))
-        return 0
-    tty = sys.stdout.isatty() and not args.json
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    last = None
-    while True:
-        text = show(snap)
-        if text != last:
-            if tty:
-                sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place
-            print(text + ("" if args.json else f"\n({time.strftime('%H:%M:%S')}, refresh {args.interval:g} s)"
-                          if tty else ""), flush=True)
-            last = text
-        if finished(snap):
-            return 0
-        if deadline and time.monotonic() >= deadline:
-            print(f"still running after {args.timeout:g} s", file=sys.stderr)
-            return 3
-        time.sleep(args.interval)
+    try:
         snap = snapshot()
+        if not args.watch:
+            data = snap.as_dict() if args.business_key else [p.as_dict() for p in snap]
+            print(json.dumps(data, indent=2, default=str) if args.json else show(snap))
+            return 0
+        tty = sys.stdout.isatty() and not args.json
+        deadline = time.monotonic() + args.timeout if args.timeout else None
+        last = None
+        while True:
+            text = show(snap)
+            if text != last:   # without a terminal: one frame per change
+                if tty:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place
+                    text_out = f"{text}\n({time.strftime('%H:%M:%S')}, every {args.interval:g} s, Ctrl-C to stop)"
+                else:
+                    text_out = text
+                print(text_out, flush=True)
+                last = text
+            if finished(snap):
+                return 0
+            if deadline and time.monotonic() >= deadline:
+                print(f"error: still running after {args.timeout:g} s", file=sys.stderr)
+                return 3
+            time.sleep(args.interval)
+            snap = snapshot()
+    finally:
+        client.close()
 
 
 def _results(args) -> int:

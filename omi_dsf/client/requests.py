@@ -66,19 +66,20 @@ def find_task(client: DsfClient, key: str, scan: int = 500) -> dict:
     raise UserError(f"no OMI inference request with business key {key} at this site")
 
 
-def work_items(client: DsfClient, key: str, since: str | None = None) -> list[dict]:
-    """The site's work items (QuestionnaireResponses, any status) carrying this business key."""
+def work_items(client: DsfClient, key: str | None, since: str | None = None) -> dict[str, list[dict]]:
+    """The site's work items (QuestionnaireResponses, any status) by business key; only `key`'s if
+    given. `since` (the oldest request's authoredOn) keeps the searches short on a busy site."""
     topics = topics_from_spec()
-    out = []
+    out: dict[str, list[dict]] = {}
     for topic in ("consent", "pseudonymize", "send", "return"):
         params = {"questionnaire": topics[topic]}
         if since:
             params["_lastUpdated"] = f"ge{since}"
         for qr in client.search("QuestionnaireResponse", params, page_size=50):
             items = {i.get("linkId"): i for i in qr.get("item", [])}
-            answers = (items.get("business-key") or {}).get("answer") or [{}]
-            if answers[0].get("valueString") == key:
-                out.append(qr)
+            bk = ((items.get("business-key") or {}).get("answer") or [{}])[0].get("valueString")
+            if bk and (key is None or bk == key):
+                out.setdefault(bk, []).append(qr)
     return out
 
 
