@@ -4,7 +4,6 @@ registrations race, health history."""
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile

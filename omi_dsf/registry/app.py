@@ -28,7 +28,7 @@ from omi_dsf.registry import page, search
 from omi_dsf.registry import validation as v
 from omi_dsf.registry.auth import Authenticator
 from omi_dsf.registry.config import RegistryConfig
-from omi_dsf.registry.errors import FhirError, invalid, operation_outcome
+from omi_dsf.registry.errors import FhirError, invalid
 from omi_dsf.registry.health import HealthChecker
 from omi_dsf.registry.registrations import Registry
 from omi_dsf.registry.store import Store

@@ -198,6 +198,9 @@ class Registry:
         resources = self.store.all(rtype)
         states = self.states() if rtype == "HealthcareService" else {}
         cache: dict[str, dict | None] = {}
+        if rtype == "HealthcareService":   # their Devices and Endpoints, in one read each
+            for t in ("Device", "Endpoint"):
+                cache.update({f"{t}/{r['id']}": r for r in self.store.all(t)})
 
         def resolve(ref: str) -> dict | None:
             if ref not in cache:
