@@ -240,9 +240,9 @@ class Dcmqrscp(LegacyPacs):
         hosts = "\n".join(f"dest{i} = ({aet}, {host}, {port})"
                           for i, (aet, (host, port)) in enumerate(sorted(self.move_destinations.items())))
         return (
-            f"NetworkTCPPort  = {self.port}\nMaxPDUSize      = {self.max_pdu}\nMaxAssociations = 32\n\n"
+            f"NetworkTCPPort  = {self.port}\nMaxPDUSize      = {self.max_pdu}\nMaxAssociations = 64\n\n"
             f"HostTable BEGIN\n{hosts}\nHostTable END\n\nVendorTable BEGIN\nVendorTable END\n\n"
-            f"AETable BEGIN\n{self.aet} db RW ({self.max_studies}, 4096mb) ANY\nAETable END\n"
+            f"AETable BEGIN\n{self.aet} db RW ({self.max_studies}, 1024mb) ANY\nAETable END\n"
         )
 
     def association_processes(self) -> int:

@@ -160,6 +160,9 @@ def cfind_times(pacs: Dcmqrscp, study: str, n: int) -> tuple[list[float], list[f
     for _ in range(n):
         t = time.perf_counter()
         assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.aet, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        if not assoc.is_established:
+            raise RuntimeError(f"C-FIND association refused by dcmqrscp ({pacs.association_processes()} "
+                               f"associations open):\n{pacs.log_tail()}")
         list(assoc.send_c_find(ident, StudyRootQueryRetrieveInformationModelFind))
         assoc.release()
         fresh.append((time.perf_counter() - t) * 1000)

@@ -37,7 +37,14 @@ def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable
             (0x0002, pad(proposed[FIRST_CONTEXT_ID])), (0x0100, us(C_GET_RQ)), (0x0110, us(msg_id)),
             (0x0700, us(0)), (0x0800, us(0x0000))]), encode_identifier(identifier, accepted[FIRST_CONTEXT_ID]))
         final = None
-        for cid, cmd, data in messages(conn, token):
+
+        def meta(cid: int, cmd: dict[int, bytes]) -> bytes:
+            ts = accepted.get(cid)
+            if ts is None or us_of(cmd, 0x00000100) != C_STORE_RQ:
+                return b""
+            return part10_meta(uid_of(cmd, 0x00000002), uid_of(cmd, 0x00001000), ts)
+
+        for cid, cmd, data in messages(conn, token, prefix=meta):
             field = us_of(cmd, 0x00000100)
             if field == C_GET_RSP:
                 status = us_of(cmd, 0x00000900)
@@ -57,7 +64,7 @@ def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable
                 status = CANNOT_UNDERSTAND
             else:
                 try:
-                    emit(part10_meta(sop_class, sop, ts) + data)
+                    emit(data)  # Part 10: meta() put the file meta group in front
                     summary.received += 1
                 except Cancelled:
                     status = OUT_OF_RESOURCES

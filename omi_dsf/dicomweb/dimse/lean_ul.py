@@ -249,8 +249,12 @@ def open_association(calling_aet: str, peer: Peer, proposals, scp_roles: bool = 
         raise
 
 
-def messages(conn: Connection, token: CancelToken | None = None) -> Iterator[tuple[int, dict[int, bytes], bytes | None]]:
-    """Complete DIMSE messages as they arrive: (context id, command set, data set bytes or None)."""
+def messages(conn: Connection, token: CancelToken | None = None,
+             prefix=None) -> Iterator[tuple[int, dict[int, bytes], bytes | None]]:
+    """Complete DIMSE messages as they arrive: (context id, command set, data set bytes or None).
+
+    ``prefix(context_id, command)`` may give bytes to put in front of a data set (a Part 10
+    header), so that the data set is copied only once."""
     command = bytearray()
     fragments: list = []
     cmd: dict[int, bytes] | None = None
@@ -280,7 +284,8 @@ def messages(conn: Connection, token: CancelToken | None = None) -> Iterator[tup
             else:
                 fragments.append(value)
                 if control & 0x02:
-                    data = b"".join(fragments)
+                    head = prefix(cid, cmd) if (prefix is not None and cmd is not None) else b""
+                    data = b"".join([head, *fragments]) if head else b"".join(fragments)
                     fragments = []
                     if cmd is not None:
                         yield cid, cmd, data
