@@ -151,6 +151,21 @@ def test_bad_search_is_400_naming_the_parameter(reg, query, named):
     assert named in diagnostics(r)
 
 
+def test_unsupported_interactions_answer_with_operation_outcome(reg, keys):
+    register(reg, keys[1])
+    r = reg.delete("/fhir/HealthcareService/lung-seg", headers=hdr(keys[1]))
+    assert r.status_code == 405 and "DELETE /fhir/HealthcareService/lung-seg" in diagnostics(r)
+    r = reg.get("/fhir/HealthcareService/lung-seg/_history")
+    assert r.status_code == 404 and "_history" in diagnostics(r)
+    # a client cannot store a health status of its own
+    b = bundle()
+    b["entry"][2]["resource"]["extension"].append(
+        {"url": d.EXT_HEALTH, "extension": [{"url": "status", "valueCode": "up"}]})
+    stored = register(reg, keys[1], b)["entry"][2]["resource"]
+    assert [e["url"] for e in stored["extension"]] == [d.EXT_ALGORITHM]
+    assert ids(reg.get("/fhir/HealthcareService?health=up")) == []
+
+
 def test_capability_statement_declares_the_search_parameters(reg):
     cs = reg.get("/fhir/metadata").json()
     hs = next(r for r in cs["rest"][0]["resource"] if r["type"] == "HealthcareService")

@@ -28,7 +28,7 @@ from omi_dsf.registry import page, search
 from omi_dsf.registry import validation as v
 from omi_dsf.registry.auth import Authenticator
 from omi_dsf.registry.config import RegistryConfig
-from omi_dsf.registry.errors import FhirError, invalid
+from omi_dsf.registry.errors import FhirError, invalid, operation_outcome
 from omi_dsf.registry.health import HealthChecker
 from omi_dsf.registry.registrations import Registry
 from omi_dsf.registry.store import Store
@@ -179,6 +179,14 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
         Route("/fhir/{rtype}", guarded(type_level), methods=["GET", "POST"]),
         Route("/fhir/{rtype}/{rid}", guarded(instance), methods=["GET", "PUT"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request: Request, exc) -> Response:
+        # FHIR clients get an OperationOutcome for unknown paths and methods too
+        if not request.url.path.startswith("/fhir"):
+            return Response(exc.detail, status_code=exc.status_code)
+        code = "not-supported" if exc.status_code == 405 else "not-found"
+        return FhirResponse(operation_outcome(f"{request.method} {request.url.path}: {exc.detail}", code),
+                            status_code=exc.status_code)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: http_error, 405: http_error})
     app.state.registry, app.state.checker, app.state.store = registry, checker, store
     return app

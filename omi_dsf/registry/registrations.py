@@ -77,6 +77,8 @@ class Registry:
             if entry.get("fullUrl"):
                 mapping[entry["fullUrl"]] = f"{rtype}/{resource['id']}"
             v.check_owner(resource, organization)
+            if "extension" in resource:   # health is the registry's to say: never stored from a client
+                resource["extension"] = [e for e in resource["extension"] if e.get("url") != d.EXT_HEALTH]
             work.append((method, resource))
         for _, resource in work:
             _walk_references(resource, mapping)
