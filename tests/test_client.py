@@ -82,6 +82,20 @@ def test_failed_step_and_failed_task():
     assert "error: provider unreachable" in render.results(p)
 
 
+def test_the_providers_answer_decides_infer():
+    done3 = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "pseudonymize", "send"))]
+    answer = message_task("omiInferenceResult", "ai.omi.test", "dic.omi.test", {"error": "model not ready"},
+                          business_key=KEY)
+    answer["authoredOn"] = "2026-11-28T10:05:00Z"
+    p = derive(task(), done3 + [item("return", "in-progress", "9")], TOPIC_OF, answer)
+    assert states(p)["infer"] == "failed" and p.steps[3].detail == "at the provider: model not ready"
+    assert p.steps[3].updated == "2026-11-28T10:05:00Z"
+    ok = message_task("omiInferenceResult", "ai.omi.test", "dic.omi.test", {"result-location": "https://x"},
+                      business_key=KEY)
+    p = derive(task(), done3, TOPIC_OF, ok)
+    assert states(p)["infer"] == "done" and states(p)["return"] == "pending"
+
+
 def test_only_the_newest_item_per_step_counts():
     # a retried step: the older failed item is superseded by the newer completed one
     items = [item("consent", "completed", "2026-11-28T10:00:02Z"),

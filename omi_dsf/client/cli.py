@@ -156,11 +156,14 @@ def _submit(args) -> int:
 
 def _progress_of(client, task):
     from omi_dsf.client.progress import business_key, derive
-    from omi_dsf.client.requests import topic_of, work_items
+    from omi_dsf.client.requests import result_messages, topic_of, work_items
 
     key = business_key(task)
-    items = work_items(client, key, _since(task)).get(key, []) if key else []
-    return derive(task, items, topic_of())
+    if not key:
+        return derive(task, [], topic_of())
+    since = _since(task)
+    return derive(task, work_items(client, key, since).get(key, []), topic_of(),
+                  result_messages(client, key, since).get(key))
 
 
 def _since(task: dict) -> str | None:
@@ -175,13 +178,14 @@ def _since(task: dict) -> str | None:
 
 def _progress_list(client, limit: int):
     from omi_dsf.client.progress import business_key, derive
-    from omi_dsf.client.requests import request_tasks, topic_of, work_items
+    from omi_dsf.client.requests import request_tasks, result_messages, topic_of, work_items
 
     tasks = request_tasks(client, limit)
     stamps = [s for s in (_since(t) for t in tasks) if s]
-    items = work_items(client, None, min(stamps)) if stamps and len(stamps) == len(tasks) else work_items(client, None)
-    topics = topic_of()
-    return [derive(t, items.get(business_key(t) or "", []), topics) for t in tasks]
+    since = min(stamps) if stamps and len(stamps) == len(tasks) else None
+    items, answers, topics = work_items(client, None, since), result_messages(client, None, since), topic_of()
+    return [derive(t, items.get(business_key(t) or "", []), topics, answers.get(business_key(t) or ""))
+            for t in tasks]
 
 
 def _status(args) -> int:

@@ -2,7 +2,8 @@
 items (QuestionnaireResponses) carrying the request's business key.
 
 The DIC sees its own work items (consent, pseudonymize, send, return) but not the provider's `infer`
-item: infer counts as running once `send` is done and as done once the `return` item exists.
+item: infer counts as running once `send` is done, and as done (or failed, with the provider's error)
+once the provider's result message (an omiInferenceResult Task at this site) has arrived.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def business_key(task: dict) -> str | None:
     return str(value) if value else None
 
 
-def derive(task: dict, items: list[dict], topic_of: dict[str, str]) -> RequestProgress:
-    """`items`: QuestionnaireResponses with the Task's business key; `topic_of`: questionnaire → topic."""
+def derive(task: dict, items: list[dict], topic_of: dict[str, str], result_message: dict | None = None) -> RequestProgress:
+    """`items`: QuestionnaireResponses with the Task's business key; `topic_of`: questionnaire → topic;
+    `result_message`: the provider's omiInferenceResult Task for this business key, once it arrived."""
     out = outputs(task)
     p = RequestProgress(business_key(task), task.get("id", ""), task.get("status", ""), task.get("authoredOn"),
                         _updated(task) or None, _str(input_value(task, "ai-service-identifier")),
@@ -90,7 +92,12 @@ def derive(task: dict, items: list[dict], topic_of: dict[str, str]) -> RequestPr
             s.state = "done"
         else:
             s.state, s.detail = "failed", f"work item {wi.status}"
-    if "return" in latest:
+    if result_message is not None:   # the provider answered: its error, if any, is the infer step's
+        infer = steps["infer"]
+        infer.updated = result_message.get("authoredOn") or _updated(result_message) or None
+        error = input_value(result_message, "error")
+        infer.state, infer.detail = ("failed", f"at the provider: {error}") if error else ("done", None)
+    elif "return" in latest:
         steps["infer"].state = "done"
     elif steps["send"].state == "done":
         steps["infer"].state, steps["infer"].detail = "running", f"at the provider {p.provider or ''}".strip()

@@ -83,6 +83,21 @@ def work_items(client: DsfClient, key: str | None, since: str | None = None) -> 
     return out
 
 
+def result_messages(client: DsfClient, key: str | None, since: str | None = None) -> dict[str, dict]:
+    """The providers' omiInferenceResult Tasks received at this site, by business key."""
+    spec = load_spec()
+    _, message = spec.message_owner("omiInferenceResult")
+    params = {"_profile": spec.profile_url(message)}
+    if since:
+        params["_lastUpdated"] = f"ge{since}"
+    out = {}
+    for task in client.search("Task", params, page_size=50):
+        bk = business_key(task)
+        if bk and (key is None or bk == key):
+            out[bk] = task
+    return out
+
+
 def topic_of() -> dict[str, str]:
     return {q: t for t, q in topics_from_spec().items()}
 
