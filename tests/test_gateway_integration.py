@@ -270,10 +270,12 @@ def test_pacs_down_is_502_quickly(bed):
     assert time.monotonic() - started < 15
 
 
-def test_slow_pacs_is_504(tmp_path):
-    """A PACS that accepts the association but never answers the C-FIND."""
+@pytest.mark.parametrize("engine", ["lean", "pynetdicom"])
+def test_slow_pacs_is_504(engine):
+    """A PACS that accepts the association but never answers the C-FIND or the C-GET."""
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+    from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
+                                      StudyRootQueryRetrieveInformationModelGet)
 
     release = threading.Event()
 
@@ -281,19 +283,28 @@ def test_slow_pacs_is_504(tmp_path):
         release.wait(15)
         yield 0x0000, None
 
+    def stall_get(event):
+        release.wait(15)
+        yield 0
+        yield 0x0000, None
+
     ae = AE(ae_title="SLOWPACS")
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
     port = free_port()
-    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, stall)])
+    scp = ae.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_C_FIND, stall), (evt.EVT_C_GET, stall_get)])
     try:
         cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "backends": {
-            "SLOWPACS": {"type": "dimse", "host": "127.0.0.1", "port": port, "dimse_timeout": 1.5}}})
+            "SLOWPACS": {"type": "dimse", "host": "127.0.0.1", "port": port, "dimse_timeout": 1.5,
+                         "engine": engine}}})
         with BackgroundServer(cfg) as server:
-            started = time.monotonic()
-            r = httpx.get(f"{server.url}/studies", timeout=30)
-            assert r.status_code == 504, r.text
-            assert "did not answer" in r.json()["error"]
-            assert time.monotonic() - started < 10
+            for path in ("/studies", f"/studies/{generate_uid()}"):
+                started = time.monotonic()
+                r = httpx.get(f"{server.url}{path}", timeout=30)
+                assert r.status_code == 504, r.text
+                assert "did not answer" in r.json()["error"] or "no data" in r.json()["error"]
+                assert time.monotonic() - started < 12
     finally:
         release.set()
         scp.shutdown()

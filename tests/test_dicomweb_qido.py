@@ -1,0 +1,164 @@
+"""Unit tests of the QIDO engine against a quirky in-memory "PACS" (no servers), and of the lean
+Upper Layer encoding."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from omi_dsf.dicomweb.attributes import INSTANCE, SERIES, STUDY
+from omi_dsf.dicomweb.dimse.association import Peer
+from omi_dsf.dicomweb.dimse.lean_ul import (associate_rq, command, find_proposals, get_proposals, parse_accept,
+                                            parse_command, part10_meta, us_of)
+from omi_dsf.dicomweb.qido import search
+from omi_dsf.dicomweb.query import parse_qido
+
+S1, S2 = "1.2.826.1.1", "1.2.826.1.2"
+
+
+def _ds(**kw) -> Dataset:
+    ds = Dataset()
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+class QuirkyPacs:
+    """Like a legacy PACS: ignores keys it does not know, leaves out ModalitiesInStudy and the
+    NumberOf… attributes, returns one study match per instance (pynetdicom's qrscp does)."""
+
+    trusts_matching = True
+
+    def __init__(self):
+        self.series = {S1: [("1.2.826.1.1.1", "CT", 3), ("1.2.826.1.1.2", "SR", 1)], S2: [("1.2.826.1.2.1", "MR", 2)]}
+        self.finds: list[tuple[str, dict]] = []
+        self.summaries = 0
+
+    def find(self, level, match, returns, scope):
+        self.finds.append((level, dict(match)))
+        if level == STUDY:
+            out = []
+            for study, pid in ((S1, "P1"), (S2, "P2")):
+                if 0x00100020 in match and match[0x00100020] != pid:
+                    continue
+                n = sum(k for _, _, k in self.series[study])
+                out += [_ds(StudyInstanceUID=study, PatientID=pid, PatientName="Doe^J") for _ in range(n)]
+            return out
+        if level == SERIES:
+            return [_ds(StudyInstanceUID=scope[STUDY], SeriesInstanceUID=uid, Modality=m)
+                    for uid, m, _ in self.series[scope[STUDY]]]
+        uid, _, n = next(s for s in self.series[scope[STUDY]] if s[0] == scope[SERIES])
+        return [_ds(SOPInstanceUID=f"{uid}.{i}", InstanceNumber=i) for i in range(1, n + 1)]
+
+    def study_summary(self, study):
+        self.summaries += 1
+        series = self.series[study]
+        return {0x00080061: sorted({m for _, m, _ in series}), 0x00201206: len(series),
+                0x00201208: sum(n for *_, n in series)}
+
+    def series_count(self, study, series):
+        return next(n for uid, _, n in self.series[study] if uid == series)
+
+
+def _v(obj, tag):
+    return obj.get(tag, {}).get("Value")
+
+
+def test_duplicates_merged_and_missing_attributes_computed():
+    pacs = QuirkyPacs()
+    result = search(pacs, parse_qido([], STUDY), "http://gw", 100)
+    assert [_v(s, "0020000D")[0] for s in result.items] == [S1, S2]   # 6 matches → 2 studies
+    first = result.items[0]
+    assert _v(first, "00080061") == ["CT", "SR"] and _v(first, "00201206") == [2] and _v(first, "00201208") == [4]
+    assert _v(first, "00081190") == [f"http://gw/studies/{S1}"]
+    assert not result.truncated
+
+
+def test_modalities_in_study_is_matched_even_though_the_pacs_ignores_it():
+    pacs = QuirkyPacs()
+    result = search(pacs, parse_qido([("ModalitiesInStudy", "MR")], STUDY), "http://gw", 100)
+    assert [_v(s, "0020000D")[0] for s in result.items] == [S2]
+    result = search(pacs, parse_qido([("ModalitiesInStudy", "SR")], STUDY), "http://gw", 100)
+    assert [_v(s, "0020000D")[0] for s in result.items] == [S1]
+
+
+def test_summaries_are_computed_only_for_the_page():
+    pacs = QuirkyPacs()
+    result = search(pacs, parse_qido([("limit", "1"), ("offset", "1")], STUDY), "http://gw", 100)
+    assert [_v(s, "0020000D")[0] for s in result.items] == [S2]
+    assert pacs.summaries == 1
+
+
+def test_relational_series_search_walks_down_with_study_attributes():
+    pacs = QuirkyPacs()
+    result = search(pacs, parse_qido([("PatientID", "P1"), ("Modality", "CT")], SERIES), "http://gw", 100)
+    assert len(result.items) == 1
+    series = result.items[0]
+    assert _v(series, "00100020") == ["P1"] and _v(series, "00201209") == [3]
+    assert _v(series, "00081190") == [f"http://gw/studies/{S1}/series/1.2.826.1.1.1"]
+    assert pacs.finds[0] == (STUDY, {0x00100020: "P1"})
+    assert pacs.finds[1][0] == SERIES and pacs.finds[1][1] == {0x00080060: "CT"}
+
+
+def test_instances_within_a_study_carry_their_series_and_are_cut_with_a_warning():
+    pacs = QuirkyPacs()
+    result = search(pacs, parse_qido([], INSTANCE, study_uid=S1), "http://gw", 3)
+    assert len(result.items) == 3 and result.truncated
+    assert {_v(i, "0020000E")[0] for i in result.items} == {"1.2.826.1.1.1"}
+    everything = search(pacs, parse_qido([("limit", "10")], INSTANCE, study_uid=S1), "http://gw", 100)
+    assert len(everything.items) == 4 and not everything.truncated
+
+
+def test_includefield_limits_what_comes_back():
+    pacs = QuirkyPacs()
+    plain = search(pacs, parse_qido([], STUDY), "http://gw", 100).items[0]
+    assert "00100010" in plain  # PatientName is a default return attribute
+    q = parse_qido([("includefield", "StudyDescription")], SERIES, study_uid=S1)
+    series = search(pacs, q, "http://gw", 100).items[0]
+    assert "00100020" not in series  # study attributes are not repeated when the URL fixes the study
+
+
+# -- lean Upper Layer encoding ------------------------------------------------------------------------
+
+def test_command_set_round_trip():
+    cmd = command([(0x0002, b"1.2.3\x00"), (0x0100, struct.pack("<H", 0x0020)), (0x0110, struct.pack("<H", 7))])
+    parsed = parse_command(cmd)
+    assert struct.unpack("<L", parsed[0x00000000])[0] == len(cmd) - 12  # group length after itself
+    assert us_of(parsed, 0x00000100) == 0x0020 and us_of(parsed, 0x00000110) == 7
+    assert parsed[0x00000002] == b"1.2.3\x00"
+
+
+def test_part10_header_is_readable_by_pydicom():
+    body = BytesIO()
+    ds = _ds(SOPClassUID="1.2.840.10008.5.1.4.1.1.2", SOPInstanceUID="1.2.3.4", PatientID="X")
+    from pydicom.filewriter import write_dataset
+    from pydicom.filebase import DicomBytesIO
+    raw = DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, False
+    write_dataset(raw, ds)
+    body.write(part10_meta(b"1.2.840.10008.5.1.4.1.1.2", b"1.2.3.4", b"1.2.840.10008.1.2.1") + raw.getvalue())
+    back = dcmread(BytesIO(body.getvalue()))
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and back.PatientID == "X"
+    assert back.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+
+
+def test_associate_request_and_accept_parsing():
+    peer = Peer("LEGACYPACS", "127.0.0.1", 104)
+    pdu, contexts = associate_rq("OMIGW", peer, get_proposals(), scp_roles=True)
+    kind, _, length = struct.unpack(">BBL", pdu[:6])
+    assert kind == 0x01 and length == len(pdu) - 6
+    assert pdu[10:26] == b"LEGACYPACS      " and pdu[26:42] == b"OMIGW           "
+    assert len(contexts) <= 128 and all(cid % 2 == 1 for cid in contexts)
+    assert pdu.count(b"\x54\x00") >= len(contexts) - 1  # a role selection per storage class
+    _, find_contexts = associate_rq("OMIGW", peer, find_proposals(), scp_roles=False)
+    assert list(find_contexts) == [1]
+    # an A-ASSOCIATE-AC accepting context 1 with Explicit VR LE, max PDU 16384
+    ts = b"1.2.840.10008.1.2.1"
+    item = struct.pack(">BBBB", 1, 0, 0, 0) + struct.pack(">BBH", 0x40, 0, len(ts)) + ts
+    user = struct.pack(">BBHL", 0x51, 0, 4, 16384)
+    body = b"\x00" * 68 + struct.pack(">BBH", 0x21, 0, len(item)) + item + struct.pack(">BBH", 0x50, 0, len(user)) + user
+    accepted, max_pdu = parse_accept(body)
+    assert accepted == {1: ts} and max_pdu == 16384
