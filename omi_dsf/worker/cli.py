@@ -39,8 +39,14 @@ def _run(args) -> int:
                               websocket=bool(w.get("websocket", True)) and not args.no_websocket)
     if w.get("owner"):
         settings.owner = str(w["owner"])
+    from omi_dsf.audit import AuditTrail, certificate_subject
+
     client = DsfClient(site.identity)
-    worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, site.raw.get("steps") or {})
+    audit = AuditTrail(site.audit_path)
+    steps = dict(site.raw.get("steps") or {})
+    steps.setdefault("audit", str(site.audit_path))
+    worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, steps, audit=audit,
+                    actor=certificate_subject(site.identity.cert_file))
 
     def on_term(signum, frame):
         if worker.stopping.is_set():

@@ -49,6 +49,10 @@ class SiteConfig:
         return str(self.path.parent / path)
 
     @property
+    def audit_path(self) -> Path:
+        return self.path.parent / self.raw.get("audit", "audit.sqlite")
+
+    @property
     def worker(self) -> dict[str, Any]:
         return dict(self.raw.get("worker") or {})
 

@@ -71,7 +71,7 @@ class _Heartbeat(threading.Thread):
 
 class Worker:
     def __init__(self, client: DsfClient, leases: LeaseStore, handlers: Mapping[str, Handler],
-                 settings: WorkerSettings, site: Mapping | None = None):
+                 settings: WorkerSettings, site: Mapping | None = None, audit=None, actor: str = ""):
         unknown = sorted(set(handlers) - set(settings.topics))
         if unknown:
             raise ValueError(f"no work item topic(s) {unknown}; known: {sorted(settings.topics)}")
@@ -81,6 +81,7 @@ class Worker:
         self.notified: queue.Queue[str] = queue.Queue()
         self.stopping = threading.Event()
         self.outcomes: list[Outcome] = []
+        self.audit, self.actor = audit, actor or settings.owner
 
     # -- discovery --------------------------------------------------------------------------
 
@@ -155,6 +156,8 @@ class Worker:
         s, handler = self.settings, self.handlers[topic]
         outputs_wanted = tuple(i for i in item.item_ids if i not in item.inputs and i != "error")
         attempt = first_attempt
+        if attempt > s.max_attempts:   # earlier holders crashed or were killed on every attempt
+            return {}, f"{topic}: gave up after {attempt - 1} attempts"
         while True:
             ctx = StepContext(topic=topic, business_key=item.business_key, site=self.site, attempt=attempt,
                               outputs=outputs_wanted, item_id=item.id,
@@ -178,21 +181,30 @@ class Worker:
         try:
             try:
                 self.client.update(item.completed(outputs, error))
-            except (ValueError, DsfValidationError) as exc:
-                # answers the server refuses must not leave the process waiting: report that instead
-                log.error("work item %s: answers refused (%s); completing with an error", item.id, type(exc).__name__)
-                error = f"{topic}: worker could not write its answers: {exc}"[:1000]
+            except (ValueError, DsfValidationError, DsfAuthError) as exc:
+                # answers the server refuses (the DSF answers 403 to a response that breaks its
+                # Questionnaire) must not leave the process waiting: report that instead
+                log.error("work item %s: answers refused: %s; completing with an error", item.id, exc)
+                error = f"{topic}: the DSF refused the step's answers ({getattr(exc, 'status', None) or 'invalid'})"
                 self.client.update(item.completed({}, error))
         except DsfConflict:
             log.info("work item %s: changed by someone else meanwhile; not ours any more", item.id)
             self.leases.finish(item.id, s.owner)
             return Outcome(item.id, item.business_key, topic, "skipped", attempt)
-        except (DsfAuthError, DsfError):
-            self.leases.release(item.id, s.owner)
+        except (DsfAuthError, DsfValidationError) as exc:
+            # not even the error answer is accepted: retrying cannot help; the step's timeout ends it
+            log.error("work item %s (business key %s): cannot be completed: %s", item.id, item.business_key, exc)
+            self.leases.finish(item.id, s.owner)
+            return Outcome(item.id, item.business_key, topic, "stuck", attempt)
+        except DsfError:
+            self.leases.release(item.id, s.owner)   # server unreachable: someone retries later
             raise
         self.leases.finish(item.id, s.owner)
         status = "failed" if error else "completed"
         log.info("work item %s (%s, business key %s): %s", item.id, topic, item.business_key, status)
+        if self.audit is not None:
+            self.audit.record(item.business_key, f"step-{status}", self.actor, item_id=item.id, outcome=topic,
+                              attempt=attempt, error=error)
         return Outcome(item.id, item.business_key, topic, status, attempt)
 
     # -- loop -----------------------------------------------------------------------------
