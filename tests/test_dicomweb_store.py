@@ -106,6 +106,13 @@ def test_qido_over_the_store(gw, files):
     plain = gw.get(f"/studies/{study}/instances", params={"limit": 1}).json()
     assert "00280030" not in plain[0]
     assert gw.get("/studies", params={"PatientName": "nobody"}).json() == []
+    # the study-list query of the OHIF viewer
+    pid = _val(ct, "00100020")[0]
+    ohif = gw.get("/studies", params={"00100020": f"*{pid[2:]}*", "limit": "101", "offset": "0",
+                                      "fuzzymatching": "false",
+                                      "includefield": "00081030,00080060,00080090,00100030"})
+    assert ohif.status_code == 200 and [_val(s, "0020000D") for s in ohif.json()] == [_val(ct, "0020000D")]
+    assert "00100030" in ohif.json()[0] and "00081030" in ohif.json()[0]
 
 
 def test_wado_over_the_store(gw, files):
