@@ -96,6 +96,10 @@ def world(dsf_testbed, tmp_path_factory):
         raw["steps"] = {"demo_deny_topics": ["pseudonymize"]}
         deny = folder / "sites" / "dic-deny.yaml"
         deny.write_text(yaml.safe_dump(raw))
+        raw_ai = yaml.safe_load(sites["ai"].read_text())
+        raw_ai["steps"] = {"demo_deny_topics": ["infer"]}
+        ai_deny = folder / "sites" / "ai-deny.yaml"
+        ai_deny.write_text(yaml.safe_dump(raw_ai))
 
         def worker(config: Path, topics: str, name: str) -> subprocess.Popen:
             out = (folder / f"{name}.log").open("ab")
@@ -104,7 +108,8 @@ def world(dsf_testbed, tmp_path_factory):
             procs.append(p)
             return p
 
-        yield {"dic": str(sites["dic"]), "deny": str(deny), "ai": str(sites["ai"]), "worker": worker,
+        yield {"dic": str(sites["dic"]), "deny": str(deny), "ai": str(sites["ai"]), "ai_deny": str(ai_deny),
+               "worker": worker,
                "registry": url, "dic_id": dic.identifier, "ai_id": ai.identifier}
     finally:
         _stop(procs)
@@ -178,6 +183,25 @@ def test_denied_request_shows_where_and_why(world):
     res = _omi("results", key, "--site", world["dic"])
     assert res.returncode == 1 and "error: pseudonymize: denied by the demo handler" in res.stdout
     _stop([deny])
+
+
+def test_provider_error_shows_at_infer(world):
+    procs = [world["worker"](Path(world["dic"]), DIC_TOPICS, "dic-worker-2"),
+             world["worker"](Path(world["ai_deny"]), "infer", "ai-deny-worker")]
+    r = _omi("submit", "--study", _study(), "--patient", "PID-CLIENT-3", "--service", "lung-seg",
+             "--site", world["dic"], "--json")
+    assert r.returncode == 0, r.stderr
+    key = json.loads(r.stdout)["business_key"]
+    watch = _omi("status", key, "--site", world["dic"], "--watch", "--interval", "1", "--timeout", "180", timeout=240)
+    assert watch.returncode == 0, watch.stderr
+    st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
+    steps = {s["name"]: s for s in st["steps"]}
+    assert st["task_status"] == "failed" and st["current"] == "failed"
+    assert [steps[n]["state"] for n in ("consent", "pseudonymize", "send")] == ["done"] * 3
+    assert steps["infer"]["state"] == "failed"
+    assert steps["infer"]["detail"] == "at the provider: infer: denied by the demo handler"
+    assert steps["return"]["state"] == "pending"
+    _stop(procs)
 
 
 def test_client_errors_are_one_line(world):

@@ -34,7 +34,7 @@ def progress(p: RequestProgress) -> str:
     for s in p.steps:
         extra = f"  {s.detail}" if s.detail else ""
         lines.append(f"  {MARK.get(s.state, '[?]')} {s.name:<13}{s.state:<8} {_short(s.updated) if s.updated else ''}{extra}".rstrip())
-    if p.error and not any(s.detail == p.error for s in p.steps):
+    if p.error and not any(p.error in (s.detail or "") for s in p.steps):
         lines.append(f"  error: {p.error}")
     return "\n".join(lines)
 
