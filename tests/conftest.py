@@ -35,7 +35,7 @@ import time  # noqa: E402
 def dsf_testbed():
     """A two-site DSF 1.9.0 test bed (requester DIC + AI provider) with the OMI plugin deployed.
 
-    Started once per test session in .testbed-pytest/ (OMI_TESTBED_TEST_DIR to change it) on the
+    Started once per test session in test-artifacts/testbed/ (OMI_TESTBED_TEST_DIR to change it) on the
     first free base port from 8400, and stopped at the end; if one is already running there it is
     used and left running. Skips when no DSF 1.9 distribution is found (DSF_HOME): the DSF server
     artifacts are not served by the Maven registry reachable here (see docs/testbed.md).
@@ -47,7 +47,7 @@ def dsf_testbed():
         find_dsf_home()
     except UserError as exc:
         pytest.skip(str(exc))
-    folder = Path(os.environ.get("OMI_TESTBED_TEST_DIR", ROOT / ".testbed-pytest"))
+    folder = Path(os.environ.get("OMI_TESTBED_TEST_DIR", ARTIFACTS / "testbed"))
     old = State.load(folder)
     was_running = old is not None and all(pid_alive(s.pid) for s in old.servers)
     base = int(old.servers[0].port) - 1 if was_running else free_base_port(2, start=8400)

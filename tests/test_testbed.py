@@ -1,18 +1,14 @@
 """The DSF test bed: unit tests for its generated parts, integration tests on running DSF 1.9 servers.
 
-The integration tests start (module fixture) a two-site test bed -- requester DIC and AI provider,
-each with a DSF 1.9.0 FHIR and BPE server -- in `test-artifacts/testbed/` (override
-with OMI_TESTBED_TEST_DIR / OMI_TESTBED_TEST_PORT; by default the first base port from 8400
-whose ports are all free), freshly created, and stop it afterwards
-(the folder with the logs stays until the next run). If a test bed is
-already running there, they use it and leave it running. They skip when no DSF distribution is
-found (DSF_HOME, default /opt/dsf-1.9.0).
+The integration tests use the session's two-site test bed (fixture `dsf_testbed` in
+tests/conftest.py): requester DIC and AI provider, each with a DSF 1.9.0 FHIR and BPE server, in
+`test-artifacts/testbed/` (OMI_TESTBED_TEST_DIR to change it). They skip when no DSF distribution
+is found (DSF_HOME, default /opt/dsf-1.9.0).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import ssl
 import time
 import uuid
@@ -32,8 +28,6 @@ from omi_dsf.testbed.bed import (
     activity_definition_urls,
     client,
     find_dsf_home,
-    free_base_port,
-    pid_alive,
     ssl_context,
 )
 from omi_dsf.testbed.certs import TestCA, thumbprint
@@ -43,8 +37,6 @@ NS = {"f": FHIR}
 SID_ORG = "http://dsf.dev/sid/organization-identifier"
 BPMN_MESSAGE = "http://dsf.dev/fhir/CodeSystem/bpmn-message"
 
-TEST_DIR = Path(os.environ.get("OMI_TESTBED_TEST_DIR", REPO / "test-artifacts" / "testbed"))
-TEST_PORT = os.environ.get("OMI_TESTBED_TEST_PORT")  # default: the first free base from 8400
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,38 +112,10 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 # integration: a running test bed
 
 
-def _skip_reason() -> str | None:
-    try:
-        find_dsf_home()
-    except UserError as exc:
-        return str(exc)
-    return None
-
-
 @pytest.fixture(scope="module")
-def bed() -> State:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    old = State.load(TEST_DIR)
-    was_running = old is not None and all(pid_alive(s.pid) for s in old.servers)
-    if was_running:
-        base = int(old.servers[0].port) - 1
-    else:
-        base = int(TEST_PORT) if TEST_PORT else free_base_port(2, start=8400)
-    tb = TestBed(TEST_DIR, base_port=base, out=print)
-    if not was_running and TEST_DIR.exists():
-        tb.down(purge=True)  # a fresh test bed per run; the folder (logs) stays after the run
-    t0 = time.monotonic()
-    tb.up(timeout=900)
-    print(f"test bed ready after {time.monotonic() - t0:.0f} s")
-    state = State.load(TEST_DIR)
-    yield state
-    if not was_running:
-        tb.down()
-        after = State.load(TEST_DIR)
-        assert not any(pid_alive(s.pid) for s in state.servers)
-        assert after.postgres_pid is None
+def bed(dsf_testbed) -> State:
+    """The session's test bed (tests/conftest.py): one DSF test bed for every module that needs it."""
+    return dsf_testbed
 
 
 def _plugin_deployed(state: State) -> None:

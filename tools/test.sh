@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+# the DSF test bed deploys the plugin jar from dist/, so build it before the tests start
+python3 -m omi_dsf build
 python3 -m pytest "$@"

@@ -76,7 +76,9 @@ def render(spec: Spec) -> Rendered:
         for step in proc.steps:
             if step.kind != "work_item":
                 continue
-            items = [(c, True) for c in step.inputs] + [(c, True) for c in step.outputs]
+            # inputs are answered by the BPE, so required; outputs are not answered when the step fails,
+            # and the DSF FHIR server rejects a completed response that misses a required answer
+            items = [(c, True) for c in step.inputs] + [(c, False) for c in step.outputs]
             items.append((spec.codes["error"], False))
             files.append(put(f"fhir_profiles/Questionnaire/omi-{step.name}.xml", "Questionnaire.xml.j2",
                              step=step, items=items))

@@ -675,6 +675,22 @@ class TestBed:
                 time.sleep(0.1)
             self.out(f"stopped {s.name} (pid {s.pid})")
 
+    def restart(self, server: str, timeout: float = 300) -> None:
+        """Stop one server (e.g. dic-fhir) and start it again; returns when it answers again."""
+        st = State.load(self.dir)
+        if st is None:
+            raise UserError(f"no test bed in {self.dir}")
+        srv = next((s for s in st.servers if s.name == server), None)
+        if srv is None:
+            raise UserError(f"no server {server}; known: {', '.join(s.name for s in st.servers)}")
+        self._stop([srv])
+        self._start_server(st, srv, find_java())
+        deadline = time.monotonic() + timeout
+        if srv.kind == "fhir":
+            self._wait_fhir(st, srv, deadline)
+        else:
+            self._wait_bpe(st, srv, deadline, [])
+
     def status(self) -> int:
         st = State.load(self.dir)
         if st is None:
