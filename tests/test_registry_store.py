@@ -103,3 +103,13 @@ def test_postgresql_store():
         cluster.stop()
         cluster.remove()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_unreachable_database_is_one_line_without_the_password(tmp_path, capsys):
+    from omi_dsf.cli import main
+
+    cfg = tmp_path / "registry.yaml"
+    cfg.write_text(f"database: postgresql://omi:s3cret-pw@127.0.0.1:{free_port()}/registry\n")
+    assert main(["registry", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: database 127.0.0.1:") and "s3cret-pw" not in err and err.count("\n") == 1
