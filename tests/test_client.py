@@ -190,3 +190,20 @@ def test_unreachable_dsf_is_one_line(tmp_path, capsys):
     (tmp_path / "pw").write_text("wrong password")
     assert main(["status", "--site", str(site)]) == 2
     assert "cannot load client certificate" in capsys.readouterr().err
+
+
+def test_submit_with_an_empty_input_is_one_line(tmp_path, capsys):
+    from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
+
+    ca = TestCA(tmp_path / "pki")
+    ca.ensure()
+    cl = ca.issue("dic", "dic client", server=False, client=True)
+    (tmp_path / "pw").write_text(KEY_PASSWORD)
+    site = tmp_path / "site.yaml"
+    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": "https://127.0.0.1:1/fhir",
+                                "ca_file": str(ca.cert_path), "client_cert": str(cl.cert), "client_key": str(cl.key),
+                                "client_key_password_file": "pw"}))
+    assert main(["submit", "--study", "", "--patient", "P", "--service", "s", "--provider", "ai.omi.test",
+                 "--site", str(site)]) == 2
+    assert capsys.readouterr().err == ("error: submit: startOmiInference: missing required input(s) "
+                                       "['study-instance-uid']\n")

@@ -137,7 +137,10 @@ def _submit(args) -> int:
     inputs = {"study-instance-uid": args.study, "patient-identifier": args.patient,
               "ai-service-identifier": args.service, "provider-organization": provider}
     with _dsf(site) as client:
-        task, key = dsf_call("submit", start, client, org, inputs, wait=args.wait)
+        try:
+            task, key = dsf_call("submit", start, client, org, inputs, wait=args.wait)
+        except ValueError as exc:   # an input the spec does not allow (e.g. an empty --study)
+            raise UserError(f"submit: {exc}") from None
     from omi_dsf.dsf.tasks import outputs
     error = outputs(task).get("error")
     if task.get("status") == "failed" and not key:   # refused before the process started
