@@ -119,9 +119,13 @@ class HealthChecker:
             return {sid: st for sid, st in pool.map(one, services) if st is not None}
 
     async def run(self, stop: asyncio.Event) -> None:
+        seen: dict[str, str] = {}
         while not stop.is_set():
             states = await asyncio.to_thread(self.check_all)
-            log.info("health checks: %s", ", ".join(f"{k} {s.status}" for k, s in sorted(states.items())) or "none")
+            for sid, st in sorted(states.items()):   # log changes only: a round every 30 s is not news
+                if seen.get(sid) != st.status:
+                    log.info("HealthcareService/%s: %s (%s)", sid, st.status, st.detail)
+            seen = {sid: st.status for sid, st in states.items()}
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.interval)
             except asyncio.TimeoutError:
