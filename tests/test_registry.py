@@ -334,6 +334,22 @@ def test_cli_refuses_bad_config_in_one_line(tmp_path, capsys):
     assert err == f"error: {p}: port must be a number"
 
 
+def test_provider_registers_its_dicomweb_gateway_endpoint(reg, keys):
+    from omi_dsf.client.registry_client import services_from_bundle
+    from omi_dsf.dicomweb.config import parse_config as gateway_config
+    from omi_dsf.dicomweb.endpoint import endpoint_resource
+
+    gw = gateway_config({"auth": {"anonymous": True}, "base_url": "https://ai.omi.test/dicomweb",
+                         "backends": {"INBOX": {"type": "store", "path": "/nonexistent-not-opened"}}})
+    ep = endpoint_resource(gw, connection_type="dicom-stow-rs")
+    register(reg, keys[1], bundle(dicomweb_endpoints=[ep]))
+    r = reg.get("/fhir/Endpoint?connection-type=dicom-stow-rs&organization=ai.omi.test")
+    assert ids(r) == [ep["id"]]
+    found = reg.get("/fhir/HealthcareService?_include=HealthcareService:endpoint&_include=HealthcareService:algorithm")
+    (svc,) = services_from_bundle(found.json())
+    assert svc.dicomweb == [ep["address"]] and svc.oip_url == "http://127.0.0.1:9/"
+
+
 # -- the FHIR↔DICOM link ------------------------------------------------------------------------
 
 
