@@ -1,0 +1,90 @@
+"""Where the requester keeps the FHIR result: a folder (default) or a FHIR server.
+
+Site settings, `ctx.site["fhir_results"]`: a folder path, or
+{"url": FHIR base, "ca_file", "client_cert", "client_key", "token_file", "timeout"}.
+Folder: <folder>/<business key>.json (the collection Bundle), written whole and renamed.
+Server: the Bundle as a transaction with PUT and ids derived from the result, so that a retried
+step updates the same resources instead of creating new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import requests
+
+from omi_dsf.worker.api import StepError
+
+
+class FhirUnavailable(ConnectionError):
+    """The FHIR server did not answer or answered 5xx: retried."""
+
+
+def _as_transaction(bundle: dict) -> dict:
+    entries = []
+    for entry in bundle.get("entry", []):
+        res = dict(entry["resource"])
+        rid = entry["fullUrl"].rsplit(":", 1)[-1]       # urn:uuid:<deterministic uuid>
+        res["id"] = rid
+        entries.append({"fullUrl": entry["fullUrl"], "resource": res,
+                        "request": {"method": "PUT", "url": f"{res['resourceType']}/{rid}"}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def write_fhir_result(site: Mapping[str, Any], bundle: dict, business_key: str) -> str:
+    """Store the bundle where the site says; returns where (for the audit: a folder or a base URL)."""
+    target = site.get("fhir_results")
+    if not target:
+        raise StepError("site configuration steps.fhir_results is missing (a folder or {url: FHIR base})")
+    if isinstance(target, (str, os.PathLike)):
+        return _to_folder(Path(target), bundle, business_key)
+    if isinstance(target, Mapping) and target.get("url"):
+        return _to_server(target, bundle)
+    if isinstance(target, Mapping) and target.get("folder"):
+        return _to_folder(Path(target["folder"]), bundle, business_key)
+    raise StepError("steps.fhir_results must be a folder path, {folder: …} or {url: …}")
+
+
+def _to_folder(folder: Path, bundle: dict, business_key: str) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", business_key) or "result"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(bundle, fh, indent=1)
+        os.replace(tmp, folder / f"{name}.json")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(folder)
+
+
+def _to_server(cfg: Mapping[str, Any], bundle: dict) -> str:
+    base = str(cfg["url"]).rstrip("/")
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(cfg["ca_file"]) if cfg.get("ca_file") else True
+    if cfg.get("client_cert"):
+        session.cert = (str(cfg["client_cert"]), str(cfg["client_key"]))
+    if cfg.get("token_file"):
+        session.headers["Authorization"] = "Bearer " + Path(cfg["token_file"]).read_text().strip()
+    try:
+        resp = session.post(base, data=json.dumps(_as_transaction(bundle)),
+                            headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+                            timeout=float(cfg.get("timeout", 60)))
+    except requests.exceptions.SSLError:
+        raise StepError("TLS with the FHIR result server failed (check steps.fhir_results ca_file)") from None
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise FhirUnavailable(f"the FHIR result server does not answer ({type(exc).__name__})") from None
+    finally:
+        session.close()
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise FhirUnavailable(f"the FHIR result server answered HTTP {resp.status_code}")
+    if resp.status_code >= 400:
+        raise StepError(f"the FHIR result server refused the result bundle (HTTP {resp.status_code})")
+    return base

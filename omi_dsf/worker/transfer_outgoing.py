@@ -1,0 +1,153 @@
+"""What the send step may let leave the site: the pseudonymize step's output, leak-checked whole.
+
+The instances are read from where `steps.pseudonymization.sink` put them (a folder, or a DICOMweb
+store via WADO-RS, spooled to a temporary folder). Before the first byte leaves, every instance
+is checked against the study's identifying values as the site store knows them: the patient and
+study attributes de-identification removed (names, IDs, birth date, accession number, …) and the
+original UIDs behind every pseudonymized UID in the study. One hit stops the whole send.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from omi_dsf.deid import instance_io
+from omi_dsf.deid.identity import Identity
+from omi_dsf.deid.leakcheck import LeakError, check_outgoing
+from omi_dsf.deid.store import SiteStore
+from omi_dsf.worker.api import StepError
+
+
+@dataclass
+class OutgoingStudy:
+    pseudo_study_uid: str
+    files: list[Path] = field(default_factory=list)      # Part 10 files, in instance order
+    sop_uids: list[str] = field(default_factory=list)
+    bytes: int = 0
+    _spool: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.cleanup()
+            self._spool = None
+
+
+def _uid_values(ds: Dataset) -> Iterator[str]:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                yield from _uid_values(item)
+        elif elem.VR == "UI" and elem.value:
+            values = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
+            yield from (str(v).strip("\x00 ") for v in values)
+
+
+def identity_from_store(store: SiteStore, domain: str, pseudonym: str, pseudo_study_uid: str) -> Identity:
+    """The study's identifying values as far as the site kept them (UIDs are added per instance)."""
+    identity = Identity()
+    for record in (store.patient(domain, pseudonym), store.study(domain, pseudo_study_uid)):
+        if record:
+            identity.add_dataset(Dataset.from_json(record))
+    return identity
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise StepError(f"a de-identified instance is unreadable ({type(exc).__name__})") from None
+
+
+def _header_bytes(ds: Dataset, data: bytes) -> bytes | None:
+    """The encoded bytes before the pixel data (the leak check's fast path), or None."""
+    if 0x7FE00010 not in ds:
+        return None
+    tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
+    return data[:tell] if tell else None
+
+
+def _spool_from_dicomweb(sink: Mapping[str, Any], params: Mapping[str, Any], study: OutgoingStudy) -> None:
+    study._spool = tempfile.TemporaryDirectory(prefix="omi-send-")
+    source = instance_io.open_source({**sink, "kind": "dicomweb"}, params)
+    for n, (_, ds) in enumerate(source, 1):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        target = Path(study._spool.name) / f"{n:06d}.dcm"
+        target.write_bytes(buf.getvalue())
+        study.files.append(target)
+
+
+def collect(pseudo_cfg: Mapping[str, Any], store: SiteStore, pseudo_study_uid: str,
+            business_key: str, gateway_url: str) -> OutgoingStudy:
+    """The de-identified instances of the study, each checked; StepError on the first leak."""
+    domain = str(pseudo_cfg.get("domain") or "")
+    original_study = store.original_uid(domain, pseudo_study_uid)
+    if original_study is None:
+        raise StepError("the study was not pseudonymized at this site (its UID is not in the site store)")
+    params = {"study_uid": original_study, "business_key": business_key, "gateway_url": gateway_url}
+    sink = dict(pseudo_cfg.get("sink") or {})
+    study = OutgoingStudy(pseudo_study_uid)
+    try:
+        if sink.get("kind", "folder") == "folder":
+            folder = Path(str(sink["path"]).format(**params))
+            candidates = sorted(p for p in folder.glob("*.dcm")) if folder.is_dir() else []
+        elif sink.get("kind") == "dicomweb":
+            _spool_from_dicomweb(sink, {**params, "study_uid": pseudo_study_uid}, study)
+            candidates, study.files = study.files, []
+        else:
+            raise StepError(f"send cannot read instances from a pseudonymization sink of kind {sink.get('kind')!r}")
+        _check_all(candidates, store, domain, pseudo_study_uid, study)
+    except BaseException:
+        study.close()
+        raise
+    if not study.files:
+        raise StepError("no de-identified instances of the study found where the pseudonymize step wrote them")
+    return study
+
+
+def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_study_uid: str,
+               study: OutgoingStudy) -> None:
+    # Pass 1 (headers only): which files belong to the study, and every original UID behind them,
+    # so that an original UID of instance 7 is caught in instance 2 as well.
+    mine: list[Path] = []
+    originals: set[str] = set()
+    pseudonym = None
+    for path in candidates:
+        try:
+            head = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise StepError(f"a de-identified instance is unreadable ({type(exc).__name__})") from None
+        if str(head.get("StudyInstanceUID", "")) != pseudo_study_uid:
+            continue  # another study in a shared outbox folder
+        if pseudonym is None:
+            pseudonym = str(head.get("PatientID", "") or "")
+        mine.append(path)
+        for uid in set(_uid_values(head)):
+            original = store.original_uid(domain, uid)
+            if original:
+                originals.add(original)
+    if not mine:
+        return
+    identity = identity_from_store(store, domain, pseudonym or "", pseudo_study_uid)
+    identity.add_uids(originals)
+    # Pass 2: the leak check on every object as it will be sent, before anything is sent.
+    for n, path in enumerate(mine, 1):
+        data = path.read_bytes()
+        ds = _read(path)
+        if str(ds.get("PatientID", "") or "") != pseudonym:
+            raise StepError(f"leak check stopped the send: instance {n} has another PatientID than the "
+                            "study's pseudonym")
+        try:
+            check_outgoing(ds, identity, encoded_header=_header_bytes(ds, data))
+        except LeakError as exc:  # names the attribute by tag, never the value
+            raise StepError(f"leak check stopped the send: instance {n}: {exc}") from None
+        study.files.append(path)
+        study.sop_uids.append(str(ds.SOPInstanceUID))
+        study.bytes += len(data)
