@@ -100,8 +100,9 @@ def test_search_for_studies_fills_in_what_the_pacs_leaves_out(bed, data, aet):
     assert values(studies[data["mr_study"]], "00080061") == ["MR"]
 
 
-def test_search_matching_kinds(bed, data):
-    c = client(bed)
+@pytest.mark.parametrize("aet", [None, "ORTHANC"])
+def test_search_matching_kinds(bed, data, aet):
+    c = client(bed, aet)
     pid = data["patient_id"]
     assert [values(s, "0020000D")[0] for s in c.search_for_studies(search_filters={"PatientID": pid})] == [data["study"]]
     assert [values(s, "0020000D")[0] for s in c.search_for_studies(
@@ -131,8 +132,9 @@ def test_search_paging_and_includefield(bed, data):
     assert len(all_fields) == 2 and "00080018" in all_fields[0]
 
 
-def test_relational_searches(bed, data):
-    c = client(bed)
+@pytest.mark.parametrize("aet", [None, "ORTHANC"])
+def test_relational_searches(bed, data, aet):
+    c = client(bed, aet)
     mr_series = c.search_for_series(search_filters={"Modality": "MR"})
     assert [values(s, "0020000D")[0] for s in mr_series] == [data["mr_study"]]
     assert "00100020" in mr_series[0]  # study attributes come along in a relational search
