@@ -68,6 +68,7 @@ def bed(tmp_path_factory, data):
                                "engine": "pynetdicom"},
                 "ORTHANC": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.port},
                 "DOWN": {"type": "dimse", "host": "127.0.0.1", "port": free_port(), "connect_timeout": 2},
+                "WRONGAE": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": "NOSUCHAE"},
             }})
         with BackgroundServer(cfg) as server:
             yield {"pacs": pacs, "orthanc": orthanc, "url": server.url, "server": server, "cfg": cfg}
@@ -269,6 +270,8 @@ def test_pacs_down_is_502_quickly(bed):
     assert r.status_code == 502 and "DOWN" in r.json()["error"]
     r = httpx.get(f"{bed['url']}/aets/DOWN/studies/{generate_uid()}", timeout=30)
     assert r.status_code == 502
+    r = httpx.get(f"{bed['url']}/aets/WRONGAE/studies", timeout=30)
+    assert r.status_code == 502 and "NOSUCHAE" in r.json()["error"] and "reject" in r.json()["error"]
     assert time.monotonic() - started < 15
 
 
