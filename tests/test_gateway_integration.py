@@ -405,3 +405,23 @@ def test_same_answers_as_orthanc_dicomweb(bed, data):
         for tag in ("00100010", "00280010", "00280011", "00200032", "00281050"):
             assert m.get(tag) == theirs_meta[sop].get(tag), tag
         assert "BulkDataURI" in m["7FE00010"] and "BulkDataURI" in theirs_meta[sop]["7FE00010"]
+
+
+# -- privacy ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aet", [None, "PNDGET"])
+def test_no_patient_data_in_the_logs(bed, data, aet, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    c = client(bed, aet)
+    found = c.search_for_studies(search_filters={"PatientID": data["patient_id"]}, fields=["PatientName"])
+    name = found[0]["00100010"]["Value"][0]["Alphabetic"]
+    c.search_for_series(data["study"])
+    c.retrieve_series_metadata(data["study"], data["series"])
+    httpx.get(f"{bed['url']}{'/aets/' + aet if aet else ''}/studies/{generate_uid()}", timeout=30)  # a 404
+    ours = [r for r in caplog.records if r.name.split(".")[0] in ("omi_dsf", "pynetdicom", "uvicorn", "starlette")]
+    assert ours, "the gateway logged nothing: the test would prove nothing"
+    text = "\n".join(r.getMessage() for r in ours)
+    assert data["patient_id"] not in text
+    assert name.split("^")[0] not in text
