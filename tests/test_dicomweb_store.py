@@ -232,6 +232,8 @@ def test_config_file_and_endpoints(tmp_path):
     assert "https://gw.example.org/dicomweb/aets/OUTBOX" in {e["address"] for e in every}
     with pytest.raises(ValueError):
         endpoint_resource(cfg, "NOPE")
+    bare = parse_config({"auth": {"anonymous": True}}, tmp_path)  # no backends: the embedded store
+    assert bare.default_backend == "STORE" and bare.backends["STORE"].path == tmp_path / "dicom-store"
     bad = tmp_path / "bad.yaml"
     bad.write_text("backends: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):

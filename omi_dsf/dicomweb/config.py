@@ -292,6 +292,8 @@ def parse_config(data: Any, base: Path = Path(".")) -> GatewayConfig:
             host=_typed(md.get("host", "127.0.0.1"), str, "dimse.move_destination.host"))
         if md.get("bind") is not None:
             cfg.move_destination.bind = _typed(md["bind"], str, "dimse.move_destination.bind")
+    if "backends" not in top:  # no PACS: the embedded store (a provider's inbox/outbox, the demo)
+        top = {**top, "backends": {"STORE": {"type": "store", "path": "dicom-store"}}}
     backends = _map(top.get("backends"), "backends")
     if not backends:
         raise ConfigError("backends: at least one backend is required")
