@@ -207,3 +207,33 @@ def test_submit_with_an_empty_input_is_one_line(tmp_path, capsys):
                  "--site", str(site)]) == 2
     assert capsys.readouterr().err == ("error: submit: startOmiInference: missing required input(s) "
                                        "['study-instance-uid']\n")
+
+
+def test_stored_result_series_from_the_gateway(tmp_path):
+    from pathlib import Path
+
+    import pydicom
+
+    from omi_dsf.client.stored import stored_series
+    from omi_dsf.dicomweb.app import create_app as gateway_app
+    from omi_dsf.dicomweb.config import parse_config as gateway_config
+    from omi_dsf.inference.phantom import write_ct_study
+
+    files = write_ct_study(tmp_path / "study", slices=2, seed=3, rows=32, cols=32)
+    cfg = gateway_config({"auth": {"anonymous": True},
+                          "backends": {"PACS": {"type": "store", "path": str(tmp_path / "store")}}})
+    with TestClient(gateway_app(cfg), base_url="http://gw.test") as gw:
+        body = b"".join(b"--B\r\nContent-Type: application/dicom\r\n\r\n" + Path(f).read_bytes() + b"\r\n"
+                        for f in files) + b"--B--\r\n"
+        assert gw.post("/studies", content=body, headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=B'}).status_code == 200
+        ds = pydicom.dcmread(files[0])
+        (series,) = stored_series(gw, "http://gw.test", ds.StudyInstanceUID)
+        assert series == {"series_instance_uid": ds.SeriesInstanceUID, "modality": "CT",
+                          "description": ds.SeriesDescription, "instances": 2}
+        assert stored_series(gw, "http://gw.test", "1.2.3.999") == []
+        with pytest.raises(UserError, match="HTTP 404: no PACS or store named 'NOPE'"):
+            stored_series(gw, "http://gw.test/aets/NOPE", ds.StudyInstanceUID)
+    text = render.stored("http://gw.test/studies/1.2", [series])
+    assert "CT      2 instance(s)" in text and ds.SeriesInstanceUID in text
+    assert render.stored("http://gw.test/studies/9", []) == "  not (yet) in the local PACS at http://gw.test/studies/9"

@@ -88,6 +88,22 @@ def world(dsf_testbed, tmp_path_factory):
                                body_site=[("http://snomed.info/sct", "39607008")])
             r = c.post("/fhir", json=b, headers={"Content-Type": "application/fhir+json"})
             assert r.status_code == 200, r.text
+        # the DIC's DICOMweb gateway (embedded store) that `omi results` lists the stored series from
+        gw_port = free_port()
+        (folder / "gateway.yaml").write_text(yaml.safe_dump({
+            "listen": {"host": "127.0.0.1", "port": gw_port}, "auth": {"anonymous": True},
+            "backends": {"PACS": {"type": "store", "path": str(folder / "pacs")}}}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(folder / "gateway.yaml")],
+                                      cwd=ROOT, stdout=(folder / "gateway.log").open("wb"), stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{gw_port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (folder / "gateway.log").read_text()
+            time.sleep(0.2)
         sites = write_testbed_site_configs(state, folder / "sites", worker={"poll_interval": 2, "lease_ttl": 4,
                                                                              "backoff": 0.3, "max_attempts": 2})
         raw = yaml.safe_load(sites["dic"].read_text())
@@ -109,7 +125,7 @@ def world(dsf_testbed, tmp_path_factory):
             return p
 
         yield {"dic": str(sites["dic"]), "deny": str(deny), "ai": str(sites["ai"]), "ai_deny": str(ai_deny),
-               "worker": worker,
+               "worker": worker, "gateway": f"http://127.0.0.1:{gw_port}",
                "registry": url, "dic_id": dic.identifier, "ai_id": ai.identifier}
     finally:
         _stop(procs)
@@ -127,9 +143,17 @@ def test_services_from_the_registry_named_in_the_site_config(world):
     assert svc["id"] == "lung-seg" and svc["provider"] == world["ai_id"]
 
 
-def test_submit_follow_and_fetch_results(world):
+@pytest.fixture
+def stop_after():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    _stop(procs)   # also when the test failed: a left-over worker would take the next test's items
+
+
+def test_submit_follow_and_fetch_results(world, stop_after):
     dic = world["worker"](Path(world["dic"]), DIC_TOPICS, "dic-worker")
     ai = world["worker"](Path(world["ai"]), "infer", "ai-worker")
+    stop_after += [dic, ai]
     study = _study()
     r = _omi("submit", "--study", study, "--patient", "PID-CLIENT-1", "--service", "lung-seg",
              "--site", world["dic"], "--json")
@@ -158,16 +182,24 @@ def test_submit_follow_and_fetch_results(world):
     # the demo handlers answer every output with '<topic>-<fingerprint of its inputs>'
     assert out["result_study_instance_uid"].startswith("infer-") and out["result_location"].startswith("infer-")
     assert out["stored_study_instance_uid"].startswith("return-") and out["error"] is None
+    assert "stored_series" not in out   # no gateway configured: the Task's outputs only
     text = _omi("results", key, "--site", world["dic"]).stdout
     assert "stored in the local PACS as study: return-" in text
+    # the demo's stored "UID" is a fingerprint, not a DICOM UID: the gateway refuses the query and says why
+    r = _omi("results", key, "--site", world["dic"], "--gateway", world["gateway"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"'{out['stored_study_instance_uid']}' is not a valid UID" in r.stderr
+    r = _omi("results", key, "--site", world["dic"], "--gateway", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 2 and r.stderr.startswith("error: gateway http://127.0.0.1:") and r.stderr.count("\n") == 1
 
     listing = _omi("status", "--site", world["dic"], "--json", "--limit", "50")
     assert any(p["business_key"] == key and p["current"] == "completed" for p in json.loads(listing.stdout))
     _stop([dic, ai])
 
 
-def test_denied_request_shows_where_and_why(world):
+def test_denied_request_shows_where_and_why(world, stop_after):
     deny = world["worker"](Path(world["deny"]), DIC_TOPICS, "deny-worker")
+    stop_after.append(deny)
     r = _omi("submit", "--study", _study(), "--patient", "PID-CLIENT-2", "--service", "lung-seg",
              "--provider", world["ai_id"], "--site", world["dic"], "--json")
     assert r.returncode == 0, r.stderr
@@ -185,9 +217,10 @@ def test_denied_request_shows_where_and_why(world):
     _stop([deny])
 
 
-def test_provider_error_shows_at_infer(world):
+def test_provider_error_shows_at_infer(world, stop_after):
     procs = [world["worker"](Path(world["dic"]), DIC_TOPICS, "dic-worker-2"),
              world["worker"](Path(world["ai_deny"]), "infer", "ai-deny-worker")]
+    stop_after += procs
     r = _omi("submit", "--study", _study(), "--patient", "PID-CLIENT-3", "--service", "lung-seg",
              "--site", world["dic"], "--json")
     assert r.returncode == 0, r.stderr

@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("results", help="the returned objects of a request and where they are stored")
     p.add_argument("business_key")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
+    p.add_argument("--gateway", help="the site's DICOMweb gateway (service root) to list the stored result "
+                                     "series from (default: gateway_url in --site; none: outputs only)")
+    p.add_argument("--gateway-ca", help="CA file for the gateway's certificate (default: gateway_ca_file in --site)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_results)
 
@@ -249,16 +252,49 @@ def _status(args) -> int:
         client.close()
 
 
+def _gateway_client(args, site):
+    """An HTTP client for the site's gateway: TLS verified, the site's certificate for mutual TLS."""
+    import ssl
+
+    import httpx
+
+    from omi_dsf.cli import UserError
+
+    url = args.gateway or site.raw.get("gateway_url")
+    if not url:
+        return None, None
+    ca = args.gateway_ca or (str(site.path.parent / site.raw["gateway_ca_file"]) if site.raw.get("gateway_ca_file") else None)
+    if ca and not os.path.exists(ca):
+        raise UserError(f"gateway CA file {ca} does not exist")
+    ctx = ssl.create_default_context(cafile=ca)
+    ident = site.identity
+    try:
+        ctx.load_cert_chain(ident.cert_file, ident.key_file, ident.key_password)
+    except (ssl.SSLError, OSError) as exc:
+        raise UserError(f"{site.path}: cannot load client certificate {ident.cert_file}: {exc}") from None
+    return url, httpx.Client(verify=ctx, timeout=30)
+
+
 def _results(args) -> int:
     from omi_dsf.client import render
     from omi_dsf.client.requests import dsf_call, find_task
+    from omi_dsf.client.stored import stored_series
 
     site, _ = _site(args.site)
     with _dsf(site) as client:
         p = dsf_call("results", lambda: _progress_of(client, find_task(client, args.business_key)))
+    stored_uid = p.outputs.get("stored-study-instance-uid")
     data = {"business_key": p.business_key, "task": f"Task/{p.task_id}", "status": p.task_status,
             "result_study_instance_uid": p.outputs.get("result-study-instance-uid"),
             "result_location": p.outputs.get("result-location"),
-            "stored_study_instance_uid": p.outputs.get("stored-study-instance-uid"), "error": p.error}
-    _emit(args, data, render.results(p))
+            "stored_study_instance_uid": stored_uid, "error": p.error}
+    text = render.results(p)
+    url, http = _gateway_client(args, site)
+    if url and stored_uid:
+        with http:
+            series = stored_series(http, url, str(stored_uid))
+        data["stored_series"] = series
+        data["stored_at"] = f"{url.rstrip('/')}/studies/{stored_uid}"
+        text += "\n" + render.stored(data["stored_at"], series)
+    _emit(args, data, text)
     return 0 if p.task_status != "failed" else 1

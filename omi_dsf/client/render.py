@@ -70,3 +70,13 @@ def results(p: RequestProgress) -> str:
         lines.append("  no results yet" + ("" if p.task_status in ("completed", "failed") else
                                             f" (the request is at step {p.current}; see omi status {p.business_key})"))
     return "\n".join(lines)
+
+
+def stored(location: str, series: list[dict]) -> str:
+    if not series:
+        return f"  not (yet) in the local PACS at {location}"
+    lines = [f"  in the local PACS at {location}:"]
+    for s in series:
+        lines.append(f"    {s['modality'] or '?':<4} {s['instances'] if s['instances'] is not None else '?':>4} instance(s)  "
+                     f"{s['description'] or ''}  series {s['series_instance_uid']}".rstrip())
+    return "\n".join(lines)
