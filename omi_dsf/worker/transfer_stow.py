@@ -16,7 +16,7 @@ from pathlib import Path
 from omi_dsf.worker.api import StepError
 from omi_dsf.worker.transfer_provider import ProviderGateway
 
-SOP_UID, FAILED_SOP_SEQ, FAILURE_REASON = "00081155", "00081198", "00081197"
+SOP_UID, FAILED_SOP_SEQ, FAILURE_REASON = "00080018", "00081198", "00081197"
 BATCH_BYTES = 32 << 20
 BATCH_INSTANCES = 64
 

@@ -1,0 +1,444 @@
+"""The requester's send and return steps against real servers on 127.0.0.1.
+
+The provider's gateway is the project's DICOMweb gateway (store backend) over TLS with a test CA
+made here; the requester's legacy PACS is dcmtk dcmqrscp; the provider's part in between is the
+real `infer` step with the reference AI service (`python -m omi_dsf ai-service`). Studies are
+small phantoms (8 slices of 128×128) with fake identities.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from omi_dsf.audit import AuditTrail
+from omi_dsf.deid.identity import Identity
+from omi_dsf.deid.leakcheck import find_leaks
+from omi_dsf.deid.step import pseudonymize
+from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, StoreBackendConfig, TlsConfig
+from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
+from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.inference import phantom
+from omi_dsf.inference.step import infer
+from omi_dsf.worker import transfer, transfer_stow
+from omi_dsf.worker.api import StepContext, StepError
+from omi_dsf.worker.transfer_pacs import PacsUnavailable
+from omi_dsf.worker.transfer_provider import ProviderUnreachable
+
+pytestmark = pytest.mark.integration
+
+PROVIDER = "ai.omi.test"
+SLICES, SIZE = 8, 128
+
+
+# -- a test PKI: one CA for the provider's gateway, a client certificate, and a stranger CA ------
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _ca(cn: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def _leaf(ca_key, ca_cert, cn: str, usage, san=None):
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+    if san:
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return key, b.sign(ca_key, hashes.SHA256())
+
+
+def _write(folder: Path, name: str, key, cert) -> tuple[str, str]:
+    (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(folder / f"{name}.pem"), str(folder / f"{name}.key")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca = _ca("OMI transfer test CA")
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    server = _write(d, "gateway", *_leaf(ca_key, ca, "gateway.ai.omi.test", ExtendedKeyUsageOID.SERVER_AUTH,
+                                         [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    client = _write(d, "dic", *_leaf(ca_key, ca, "dic.omi.test", ExtendedKeyUsageOID.CLIENT_AUTH))
+    _, other = _ca("someone else's CA")
+    (d / "other-ca.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    return {"ca": str(d / "ca.pem"), "other_ca": str(d / "other-ca.pem"), "server": server, "client": client}
+
+
+# -- the provider: gateway (store backend, TLS) and the reference AI service ----------------------
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, pki):
+    store = tmp_path_factory.mktemp("provider-store")
+    cfg = GatewayConfig(host="127.0.0.1", port=free_port(),
+                        tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"])),
+                        auth=AuthConfig(anonymous=True),
+                        backends={"INBOX": StoreBackendConfig("INBOX", store)}, default="INBOX")
+    with BackgroundServer(cfg) as server:
+        yield server.url, store
+
+
+@pytest.fixture(scope="module")
+def ai_url(tmp_path_factory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("ai") / "ai-service.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/v2/models/lung-seg/ready", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "AI service did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    with Dcmqrscp(tmp_path_factory.mktemp("dcmqrscp"), aet="DICPACS") as p:
+        yield p
+
+
+# -- the requester site ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, pki, gateway, pacs) -> dict:
+    root = tmp_path_factory.mktemp("requester")
+    key = root / "site.key"
+    key.write_text("transfer-test-site-key-0123456789")
+    return {
+        "root": root,
+        "steps": {
+            "pseudonymization": {
+                "domain": "omi-transfer-test", "key_file": str(key), "store": str(root / "site.sqlite"),
+                "source": {"kind": "folder", "path": str(root / "pacs-export" / "{study_uid}")},
+                "sink": {"kind": "folder", "path": str(root / "outbox" / "{business_key}")},
+            },
+            "providers": {PROVIDER: {"gateway_url": gateway[0], "ca_file": pki["ca"],
+                                     "client_cert": pki["client"][0], "client_key": pki["client"][1]}},
+            "pacs": {"host": pacs.host, "port": pacs.port, "ae_title": pacs.aet, "calling_ae": "OMIWORKER"},
+            "fhir_results": str(root / "fhir-results"),
+            "audit": str(root / "audit.sqlite"),
+        },
+    }
+
+
+def _study(site: dict, seed: int) -> tuple[str, list[Path]]:
+    staging = site["root"] / "staging" / str(seed)
+    paths = phantom.write_ct_study(staging, slices=SLICES, seed=seed, rows=SIZE, cols=SIZE)
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    folder = site["root"] / "pacs-export" / first.StudyInstanceUID
+    folder.mkdir(parents=True)
+    moved = []
+    for p in paths:
+        p.rename(folder / p.name)
+        moved.append(folder / p.name)
+    return str(first.StudyInstanceUID), moved
+
+
+def _ctx(steps: dict, topic: str, key: str, **extra) -> StepContext:
+    return StepContext(topic=topic, business_key=key, site={**steps, **extra}, item_id=f"qr-{topic}-{key}")
+
+
+def _pseudonymized(site: dict, seed: int, key: str) -> tuple[dict, str, list[Path]]:
+    study_uid, paths = _study(site, seed)
+    original = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    out = pseudonymize({"study-instance-uid": study_uid, "patient-identifier": str(original.PatientID)},
+                       _ctx(site["steps"], "pseudonymize", key))
+    return out, study_uid, paths
+
+
+def _send_inputs(pseudo: dict) -> dict:
+    return {"pseudonymized-study-instance-uid": pseudo["pseudonymized-study-instance-uid"],
+            "ai-service-identifier": "lung-seg", "provider-organization": PROVIDER}
+
+
+def _index(store: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(store / "index.sqlite") as db:
+        return db.execute("SELECT study_uid, sop_uid FROM instances").fetchall()
+
+
+def _at_gateway(store: Path, study_uid: str) -> tuple[int, int]:
+    """(index rows, files on disk) of one study in the provider's store."""
+    rows = [r for r in _index(store) if r[0] == study_uid]
+    files = list((store / "files" / study_uid).rglob("*.dcm")) if (store / "files" / study_uid).exists() else []
+    return len(rows), len(files)
+
+
+def _original_identity(paths: list[Path]) -> Identity:
+    identity = Identity()
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        identity.add_dataset(ds)
+        identity.add_uids({str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                           str(ds.FrameOfReferenceUID)})
+    return identity
+
+
+def _c_find(pacs, level: str, **keys) -> list[pydicom.Dataset]:
+    ae = AE(ae_title="OMITEST")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.aet)
+    assert assoc.is_established
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(query, k, v)
+    found = []
+    try:
+        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if status and status.Status in (0xFF00, 0xFF01) and ident is not None:
+                found.append(ident)
+    finally:
+        assoc.release()
+    return found
+
+
+# -- the whole requester round trip ---------------------------------------------------------------
+def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypatch):
+    steps, (gw_url, store) = site["steps"], gateway
+    pseudo, study_uid, paths = _pseudonymized(site, seed=21, key="bk-round-trip")
+    original = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+
+    t0 = time.monotonic()
+    sent = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
+    t_send = time.monotonic() - t0
+    assert sent["study-location"] == f"{gw_url}/studies/{pseudo_uid}"
+    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+
+    # a second send (a retried work item) leaves exactly one copy per SOP Instance UID
+    again = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
+    assert again["study-location"] == sent["study-location"]
+    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+
+    # the provider's part: the real infer step against its gateway (trusting the test CA)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki["ca"])
+    t0 = time.monotonic()
+    inferred = infer({"pseudonymized-study-instance-uid": pseudo_uid, "ai-service-identifier": "lung-seg",
+                      "study-location": sent["study-location"]},
+                     StepContext(topic="infer", business_key="bk-round-trip",
+                                 site={"gateway_url": gw_url, "ai_service_url": ai_url, "ai_timeout_s": 120}))
+    t_infer = time.monotonic() - t0
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+
+    t0 = time.monotonic()
+    returned = transfer.return_results(
+        {"result-location": inferred["result-location"],
+         "result-study-instance-uid": inferred["result-study-instance-uid"],
+         "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
+         "study-instance-uid": study_uid},
+        _ctx(steps, "return", "bk-round-trip"))
+    t_return = time.monotonic() - t0
+    print(f"send {t_send:.2f} s, infer {t_infer:.2f} s, return {t_return:.2f} s")
+    assert returned == {"stored-study-instance-uid": study_uid}
+
+    # the legacy PACS finds SEG and SR under the ORIGINAL PatientID, in the original study
+    studies = _c_find(pacs, "STUDY", PatientID=str(original.PatientID), StudyInstanceUID="", PatientName="")
+    assert [str(s.StudyInstanceUID) for s in studies] == [study_uid]
+    assert str(studies[0].PatientName) == str(original.PatientName)
+    series = _c_find(pacs, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality="")
+    assert sorted(str(s.Modality) for s in series) == ["SEG", "SR"]
+    # the SEG points at the original CT instances again
+    seg_file = next(p for p in (pacs.workdir / "db").rglob("*") if p.is_file() and p.name.startswith("SG"))
+    seg = pydicom.dcmread(seg_file, stop_before_pixels=True)
+    originals = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+    referenced = {str(r.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
+                  for r in s.ReferencedInstanceSequence}
+    assert referenced and referenced <= originals
+    assert str(seg.PatientID) == str(original.PatientID) and seg.PatientIdentityRemoved == "NO"
+
+    # a retried return stores the same objects again, not more of them
+    transfer.return_results({"result-location": inferred["result-location"],
+                             "result-study-instance-uid": inferred["result-study-instance-uid"],
+                             "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
+                             "study-instance-uid": study_uid}, _ctx(steps, "return", "bk-round-trip"))
+    series = _c_find(pacs, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality="")
+    per_series = {str(s.Modality): _c_find(pacs, "IMAGE", StudyInstanceUID=study_uid,
+                                           SeriesInstanceUID=str(s.SeriesInstanceUID), SOPInstanceUID="")
+                  for s in series}
+    assert {m: len(found) for m, found in per_series.items()} == {"SEG": 1, "SR": 1}
+
+    # the FHIR result names the original patient and study
+    bundle = json.loads((Path(steps["fhir_results"]) / "bk-round-trip.json").read_text())
+    report = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    assert report["subject"]["identifier"]["value"] == str(original.PatientID)
+    assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study_uid}"
+
+    # nothing at the provider carries the original identity: every stored object, scanned
+    identity = _original_identity(paths)
+    stored = [p for p in (store / "files").rglob("*.dcm")]
+    assert len(stored) >= SLICES + 2
+    for p in stored:
+        assert find_leaks(pydicom.dcmread(p), identity) == [], p.name
+
+    # the audit trail: sent, received, stored; no patient data in it
+    actions = [e.action for e in AuditTrail(steps["audit"]).events("bk-round-trip")]
+    assert actions.count("sent") == 2 and "received" in actions and "stored" in actions
+    sent_event = next(e for e in AuditTrail(steps["audit"]).events("bk-round-trip") if e.action == "sent")
+    assert sent_event.details["instances"] == SLICES and sent_event.details["pseudonym_domain"] == "omi-transfer-test"
+    assert sent_event.actor == "CN=dic.omi.test"
+    audit_text = Path(steps["audit"]).read_bytes().decode("latin-1")
+    for value in (str(original.PatientID), str(original.PatientName).split("^")[0], study_uid):
+        assert value not in audit_text
+
+
+# -- send: leak, crash and retry, TLS, unreachable ------------------------------------------------
+def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
+    steps, (_, store) = site["steps"], gateway
+    pseudo, _, paths = _pseudonymized(site, seed=22, key="bk-leak")
+    name = str(pydicom.dcmread(paths[0], stop_before_pixels=True).PatientName)
+    victim = sorted((site["root"] / "outbox" / "bk-leak").glob("*.dcm"))[5]
+    ds = pydicom.dcmread(victim)
+    ds.PatientName = name                      # planted: the original name in a de-identified instance
+    ds.save_as(victim)
+    with pytest.raises(StepError) as err:
+        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
+    message = str(err.value)
+    assert "leak check stopped the send" in message and "PatientName (0010,0010)" in message
+    assert name not in message and name.split("^")[0] not in message
+    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
+
+
+def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypatch):
+    steps, (gw_url, store) = site["steps"], gateway
+    pseudo, _, _ = _pseudonymized(site, seed=23, key="bk-crash")
+    pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+    ctx = _ctx(steps, "send", "bk-crash", send={"batch_instances": 3})
+    real_post = transfer_stow._post
+    calls = []
+
+    def crash_after_first_batch(gw, study_uid, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise ProviderUnreachable("simulated crash of the worker mid-send")
+        return real_post(gw, study_uid, batch)
+
+    monkeypatch.setattr(transfer_stow, "_post", crash_after_first_batch)
+    with pytest.raises(ProviderUnreachable):
+        transfer.send(_send_inputs(pseudo), ctx)
+    assert _at_gateway(store, pseudo_uid) == (3, 3)
+    monkeypatch.setattr(transfer_stow, "_post", real_post)
+    out = transfer.send(_send_inputs(pseudo), ctx)          # the runtime's retry
+    assert out["study-location"].endswith(pseudo_uid)
+    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+    event = [e for e in AuditTrail(steps["audit"]).events("bk-crash") if e.action == "sent"]
+    assert len(event) == 1 and event[0].details["instances"] == SLICES
+
+    # and the gateway itself: a second STOW of an instance it holds replaces it (still one copy)
+    one = sorted((site["root"] / "outbox" / "bk-crash").glob("*.dcm"))[0]
+    sop = str(pydicom.dcmread(one, stop_before_pixels=True).SOPInstanceUID)
+    from omi_dsf.worker.transfer_provider import open_gateway
+    gw = open_gateway(steps, PROVIDER)
+    transfer_stow._post(gw, pseudo_uid, [one.read_bytes()])
+    gw.close()
+    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+    assert sum(1 for _, s in _index(store) if s == sop) == 1
+
+
+def test_untrusted_gateway_certificate_is_a_clear_step_error(site, pki, gateway):
+    pseudo, _, _ = _pseudonymized(site, seed=24, key="bk-tls")
+    steps = dict(site["steps"])
+    steps["providers"] = {PROVIDER: {**steps["providers"][PROVIDER], "ca_file": pki["other_ca"]}}
+    with pytest.raises(StepError, match="not trusted by the configured ca_file"):
+        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
+    assert _at_gateway(gateway[1], pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
+    # plain http is refused before anything is read
+    steps["providers"] = {PROVIDER: {**steps["providers"][PROVIDER], "gateway_url": "http://127.0.0.1:1"}}
+    with pytest.raises(StepError, match="must be an https:// URL"):
+        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
+
+
+def test_unreachable_provider_is_retried_not_a_step_error(site, pki):
+    pseudo, _, _ = _pseudonymized(site, seed=25, key="bk-down")
+    steps = dict(site["steps"])
+    steps["providers"] = {PROVIDER: {**steps["providers"][PROVIDER],
+                                     "gateway_url": f"https://127.0.0.1:{free_port()}", "timeout": 5}}
+    with pytest.raises(ProviderUnreachable) as err:
+        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-down"))
+    assert not isinstance(err.value, StepError)
+
+
+# -- return: bad input --------------------------------------------------------------------------
+def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
+    steps, (gw_url, _) = site["steps"], gateway
+    pseudo, study_uid, paths = _pseudonymized(site, seed=26, key="bk-stranger")
+    base = {"result-location": f"{gw_url}/studies/2.25.1234", "result-study-instance-uid": "2.25.1234",
+            "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid}
+    with pytest.raises(StepError, match="never sent it"):
+        transfer.return_results(base, _ctx(steps, "return", "bk-stranger"))
+    pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+    elsewhere = {**base, "result-study-instance-uid": pseudo_uid,
+                 "result-location": f"https://results.example.org/studies/{pseudo_uid}"}
+    with pytest.raises(StepError, match="not at the gateway of any configured provider"):
+        transfer.return_results(elsewhere, _ctx(steps, "return", "bk-stranger"))
+    # sent, but no results at the provider yet
+    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-stranger"))
+    pending = {**base, "result-study-instance-uid": pseudo_uid, "result-location": f"{gw_url}/studies/{pseudo_uid}"}
+    with pytest.raises(StepError, match="has no SEG or SR series"):
+        transfer.return_results(pending, _ctx(steps, "return", "bk-stranger"))
+
+
+def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monkeypatch):
+    steps, (gw_url, _) = site["steps"], gateway
+    pseudo, study_uid, paths = _pseudonymized(site, seed=27, key="bk-pacs")
+    pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-pacs"))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki["ca"])
+    inferred = infer({"pseudonymized-study-instance-uid": pseudo_uid},
+                     StepContext(topic="infer", business_key="bk-pacs",
+                                 site={"gateway_url": gw_url, "ai_service_url": ai_url, "ai_timeout_s": 120}))
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    inputs = {"result-location": inferred["result-location"], "result-study-instance-uid": pseudo_uid,
+              "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid}
+    refusing = {**steps["pacs"], "ae_title": "NOSUCHAE"}
+    with pytest.raises(StepError, match="rejected the association"):
+        transfer.return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=refusing))
+    absent = {**steps["pacs"], "port": free_port(), "timeout": 5}
+    with pytest.raises(PacsUnavailable):
+        transfer.return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=absent))
+    # a pseudonym that is not this request's: refused before anything is re-identified
+    with pytest.raises(StepError, match="another PatientID than this request's pseudonym"):
+        transfer.return_results({**inputs, "pseudonym": "PSN-NOTHIS"}, _ctx(steps, "return", "bk-pacs"))
