@@ -4,8 +4,6 @@ reference for the differential test)."""
 
 from __future__ import annotations
 
-import copy
-import socket
 import threading
 import time
 from io import BytesIO

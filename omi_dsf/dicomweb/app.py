@@ -27,7 +27,7 @@ from .auth import AuthMiddleware
 from .backends import build_backends
 from .backends.dimse import DimseBackend
 from .config import GatewayConfig
-from .dicomjson import array_chunks, dumps
+from .dicomjson import dumps
 from .errors import (BadRequest, DicomwebError, NotAcceptable, NotFound, PayloadTooLarge,
                      UnsupportedMediaType)
 from .multipart import (CRLF, closing, content_type, new_boundary, parse_accept, parse_media_type,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Iterable
-
 from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -45,16 +43,6 @@ def to_json(ds: Dataset, bulk_base: str | None = None, tags: set[int] | None = N
 
 def dumps(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def array_chunks(objects: Iterable[dict]) -> Iterable[bytes]:
-    """A JSON array, written one element at a time (for streamed metadata)."""
-    first = True
-    yield b"["
-    for obj in objects:
-        yield (b"" if first else b",") + dumps(obj)
-        first = False
-    yield b"]"
 
 
 def from_json(obj: dict) -> Dataset:

@@ -2,7 +2,8 @@
 
 The queue between them is small, so memory does not grow with the study: a slow client slows the
 C-STORE sub-operations down instead of piling instances up. Closing the consumer (a client that
-went away) cancels the producer, and the cancel callbacks abort its association.
+went away) sets the producer's token; the DIMSE code then gives up its association (C-CANCEL and
+release, or abort).
 """
 
 from __future__ import annotations
@@ -23,38 +24,17 @@ class Cancelled(Exception):
 
 
 class CancelToken:
+    """Set once the consumer is gone; producers check it between units of work."""
+
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._callbacks: list[Callable[[], Any]] = []
-        self._lock = threading.Lock()
 
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
 
-    def on_cancel(self, fn: Callable[[], Any]) -> None:
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(fn)
-                return
-        fn()
-
-    def discard(self, fn: Callable[[], Any]) -> None:
-        with self._lock:
-            if fn in self._callbacks:
-                self._callbacks.remove(fn)
-
     def cancel(self) -> None:
-        with self._lock:
-            if self._event.is_set():
-                return
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - best effort clean-up
-                log.debug("cancel callback failed", exc_info=True)
+        self._event.set()
 
 
 Emit = Callable[[Any], None]
@@ -148,10 +128,5 @@ class ThreadStream:
         return await self.next()
 
     def cancel(self) -> None:
-        if not self._done:
-            self._done = True
-            threading.Thread(target=self.token.cancel, name="dicomweb-cancel", daemon=True).start()
-
-    @property
-    def finished(self) -> bool:
-        return self._done
+        self._done = True
+        self.token.cancel()

@@ -24,7 +24,7 @@ from pynetdicom import AE, StoragePresentationContexts, build_context, build_rol
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
-                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+                                  StudyRootQueryRetrieveInformationModelMove)
 
 from ..errors import PacsUnavailable
 
@@ -125,10 +125,6 @@ def get_contexts():
         contexts.append(build_context(cx.abstract_syntax, STORAGE_SYNTAXES))
         roles.append(build_role(cx.abstract_syntax, scp_role=True))
     return contexts, roles
-
-
-def echo_contexts():
-    return [build_context(Verification)]
 
 
 def make_ae(calling_aet: str, peer: Peer) -> AE:
