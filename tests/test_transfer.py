@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -237,7 +238,8 @@ def _c_find(pacs, level: str, **keys) -> list[pydicom.Dataset]:
 
 
 # -- the whole requester round trip ---------------------------------------------------------------
-def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypatch):
+def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG, logger="omi_dsf")
     steps, (gw_url, store) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=21, key="bk-round-trip")
     original = pydicom.dcmread(paths[0], stop_before_pixels=True)
@@ -323,6 +325,8 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     audit_text = Path(steps["audit"]).read_bytes().decode("latin-1")
     for value in (str(original.PatientID), str(original.PatientName).split("^")[0], study_uid):
         assert value not in audit_text
+        assert value not in caplog.text   # nor in what the steps logged
+    assert "send bk-round-trip: 8 instances" in caplog.text
 
 
 # -- send: leak, crash and retry, TLS, unreachable ------------------------------------------------
@@ -442,3 +446,25 @@ def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monke
     # a pseudonym that is not this request's: refused before anything is re-identified
     with pytest.raises(StepError, match="another PatientID than this request's pseudonym"):
         transfer.return_results({**inputs, "pseudonym": "PSN-NOTHIS"}, _ctx(steps, "return", "bk-pacs"))
+
+
+def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
+    """A provider gateway that requires client certificates: with ours the send goes through,
+    without it the step fails with a message that hints at it."""
+    pseudo, _, _ = _pseudonymized(site, seed=28, key="bk-mtls")
+    cfg = GatewayConfig(host="127.0.0.1", port=free_port(),
+                        tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"]),
+                                      require_client_cert=True),
+                        backends={"INBOX": StoreBackendConfig("INBOX", tmp_path / "store")}, default="INBOX")
+    with BackgroundServer(cfg) as server:
+        steps = dict(site["steps"])
+        with_cert = {**steps["providers"][PROVIDER], "gateway_url": server.url}
+        steps["providers"] = {PROVIDER: {k: v for k, v in with_cert.items() if k not in ("client_cert", "client_key")}}
+        # TLS 1.3 gives no alert for a missing client certificate, only a closed connection: retried,
+        # with a hint in the message that the runtime puts on the Task after the last attempt
+        with pytest.raises(ProviderUnreachable, match="requires a client certificate"):
+            transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
+        steps["providers"] = {PROVIDER: with_cert}
+        out = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
+        assert out["study-location"].startswith(server.url)
+        assert _at_gateway(tmp_path / "store", pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)

@@ -48,8 +48,13 @@ class ProviderGateway:
         except requests.exceptions.SSLError as exc:
             raise StepError(f"TLS with the gateway of {self.organization} failed: {_tls_reason(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
+            hint = ""
+            if not self.client_cert and "RemoteDisconnected" in str(exc):
+                # TLS 1.3: a gateway that requires a client certificate just closes the connection
+                hint = ("; it closed the connection after the TLS handshake, as a gateway that requires a "
+                        "client certificate does (none is configured for this provider)")
             raise ProviderUnreachable(f"the gateway of {self.organization} ({self.base_url}) does not answer: "
-                                      f"{type(exc).__name__}") from None
+                                      f"{type(exc).__name__}{hint}") from None
 
     def close(self) -> None:
         self.session.close()
