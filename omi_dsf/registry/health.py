@@ -67,6 +67,7 @@ class HealthChecker:
         self.store, self.settings = store, settings
         # one context for all checks: building one per client costs more than a check on a LAN
         self._verify = ssl.create_default_context(cafile=settings.ca_file)
+        self._pool: ThreadPoolExecutor | None = None
 
     def _targets(self, service: dict) -> tuple[str | None, str | None]:
         """(OIP base URL, model name) of a HealthcareService."""
@@ -111,14 +112,25 @@ class HealthChecker:
             except Exception:  # one broken entry must not stop the checks of the others
                 log.exception("health check of HealthcareService/%s failed", service["id"])
                 return service["id"], None
-            finally:
-                self.store.close()   # the pool's threads end with the round: close their connections
 
-        # the checks wait on the network, not the CPU: a few at a time keep a round short
-        with ThreadPoolExecutor(max_workers=self.settings.parallel, thread_name_prefix="health") as pool:
-            return {sid: st for sid, st in pool.map(one, services) if st is not None}
+        # the checks wait on the network, not the CPU: a few at a time keep a round short; the
+        # pool lives across rounds so its threads keep their database connections
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.settings.parallel, thread_name_prefix="health")
+        return {sid: st for sid, st in self._pool.map(one, services) if st is not None}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._rounds(stop)
+        finally:
+            self.close()
+
+    async def _rounds(self, stop: asyncio.Event) -> None:
         seen: dict[str, str] = {}
         while not stop.is_set():
             states = await asyncio.to_thread(self.check_all)
