@@ -188,6 +188,15 @@ def test_invalid_fhir_is_refused_and_nothing_is_stored(reg, keys):
     assert r.status_code == 400 and "not JSON" in diagnostics(r)
     r = reg.post("/fhir/Patient", content=json.dumps({"resourceType": "Patient"}), headers=hdr(keys[1]))
     assert r.status_code == 404
+    device = bundle()["entry"][0]["resource"]
+    r = reg.put("/fhir/Device/other-id", content=json.dumps(device), headers=hdr(keys[1]))
+    assert r.status_code == 400 and "differs from request.url 'Device/other-id'" in diagnostics(r)
+    r = reg.post("/fhir/Device", content=json.dumps(bundle()["entry"][1]["resource"]), headers=hdr(keys[1]))
+    assert r.status_code == 400 and "expected a Device resource, got 'Endpoint'" in diagnostics(r)
+    r = reg.post("/fhir", content=json.dumps([device]), headers=hdr(keys[1]))
+    assert r.status_code == 400 and "expected a Bundle" in diagnostics(r)
+    r = reg.post("/fhir", content=json.dumps(bundle()), headers={**hdr(keys[1]), "Content-Type": "text/plain"})
+    assert r.status_code == 415
     assert count_all(reg) == 0
 
 
