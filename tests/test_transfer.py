@@ -418,9 +418,11 @@ def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
                  "result-location": f"https://results.example.org/studies/{pseudo_uid}"}
     with pytest.raises(StepError, match="not at the gateway of any configured provider"):
         transfer.return_results(elsewhere, _ctx(steps, "return", "bk-stranger"))
-    # sent, but no results at the provider yet
+    # sent, but no results at the provider yet; the location names the provider gateway by an inner
+    # address (as a provider worker behind a loopback listener would): read from where we sent it
     transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-stranger"))
-    pending = {**base, "result-study-instance-uid": pseudo_uid, "result-location": f"{gw_url}/studies/{pseudo_uid}"}
+    pending = {**base, "result-study-instance-uid": pseudo_uid,
+               "result-location": f"https://127.0.0.1:1/studies/{pseudo_uid}"}
     with pytest.raises(StepError, match="has no SEG or SR series"):
         transfer.return_results(pending, _ctx(steps, "return", "bk-stranger"))
 
@@ -468,3 +470,53 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
         out = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
         assert out["study-location"].startswith(server.url)
         assert _at_gateway(tmp_path / "store", pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
+
+
+def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
+    """The FHIR destination as a URL. No general FHIR server runs here: a small HTTP server on
+    127.0.0.1 records what arrives (a stand-in, it checks only what the step sends)."""
+    import http.server
+    import threading
+
+    from omi_dsf.worker.transfer_fhir import FhirUnavailable, write_fhir_result
+
+    received, answers = [], [200, 200, 503, 422]
+
+    class Fhir(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.headers["Content-Type"],
+                             json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(answers[len(received) - 1])
+            self.send_header("Content-Type", "application/fhir+json")
+            self.end_headers()
+            self.wfile.write(b'{"resourceType":"Bundle","type":"transaction-response"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fhir)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+            {"fullUrl": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000001",
+             "resource": {"resourceType": "Observation", "status": "final"}},
+            {"fullUrl": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000002",
+             "resource": {"resourceType": "DiagnosticReport", "status": "final",
+                          "result": [{"reference": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000001"}]}}]}
+        site = {"fhir_results": {"url": f"http://127.0.0.1:{server.server_port}/fhir"}}
+        write_fhir_result(site, bundle, "bk-1")
+        write_fhir_result(site, bundle, "bk-1")               # a retried step
+        ctype, first = received[0]
+        assert ctype == "application/fhir+json" and first["type"] == "transaction"
+        assert [e["request"] for e in first["entry"]] == [
+            {"method": "PUT", "url": "Observation/6f1c1d2e-0000-5000-8000-000000000001"},
+            {"method": "PUT", "url": "DiagnosticReport/6f1c1d2e-0000-5000-8000-000000000002"}]
+        assert received[1][1] == first                        # same ids: updates, not new resources
+        with pytest.raises(FhirUnavailable):
+            write_fhir_result(site, bundle, "bk-1")           # 503: retried by the runtime
+        with pytest.raises(StepError, match="refused the result bundle \\(HTTP 422\\)"):
+            write_fhir_result(site, bundle, "bk-1")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -72,6 +72,15 @@ def _audit(ctx: StepContext, action: str, gw: ProviderGateway | None, **details)
                             attempt=ctx.attempt, **details)
 
 
+def _sent_to(ctx: StepContext) -> str | None:
+    """The provider organization this request's study was sent to, from the site's audit trail."""
+    path = ctx.site.get("audit")
+    if not path:
+        return None
+    sent = [e for e in AuditTrail(path).events(ctx.business_key) if e.action == "sent"]
+    return sent[-1].details.get("organization") if sent else None
+
+
 def send(inputs: Answers, ctx: StepContext) -> Answers:
     pseudo_uid = _text(inputs, "pseudonymized-study-instance-uid")
     organization = _text(inputs, "provider-organization")
@@ -116,7 +125,7 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
             provider = make_provider(cfg.get("provider"), load_key(cfg.get("key_file")), store)
         except (KeyError_, ConfigError) as exc:
             raise StepError(str(exc)) from None
-        gw = gateway_for_location(ctx.site, location)
+        gw = gateway_for_location(ctx.site, location, _sent_to(ctx), result_uid)
         try:
             results = fetch_results(gw, result_uid, pseudonym, modalities)
         finally:

@@ -114,12 +114,18 @@ def open_gateway(site: Mapping[str, Any], organization: str) -> ProviderGateway:
                            str(cert) if cert else None)
 
 
-def gateway_for_location(site: Mapping[str, Any], location: str) -> ProviderGateway:
+def gateway_for_location(site: Mapping[str, Any], location: str, sent_to: str | None = None,
+                         study_uid: str = "") -> ProviderGateway:
     """The configured provider whose gateway serves `location` (a result URL from a DSF message).
 
-    We only fetch from gateways we have a CA for: a location elsewhere is refused, not followed."""
+    We only fetch from gateways we have a CA for: a location elsewhere is not followed. The
+    provider's worker may name its gateway by an inner address (loopback); then a location of the
+    form …/studies/<result study UID> is read from the gateway of `sent_to`, the provider this
+    request's study went to."""
     for organization, cfg in (site.get("providers") or {}).items():
         base = str((cfg or {}).get("gateway_url") or "").rstrip("/")
         if base and (location == base or location.startswith(base + "/")):
             return open_gateway(site, organization)
+    if sent_to and study_uid and location.rstrip("/").endswith(f"/studies/{study_uid}"):
+        return open_gateway(site, sent_to)
     raise StepError("result-location is not at the gateway of any configured provider (steps.providers)")
