@@ -520,3 +520,22 @@ def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_send_reads_a_dicomweb_outbox(site, gateway, tmp_path):
+    """The pseudonymize step may write into a DICOMweb store at the site (sink kind dicomweb):
+    send reads the study from there (WADO-RS), checks it whole and sends it on."""
+    outbox_cfg = GatewayConfig(host="127.0.0.1", port=free_port(), auth=AuthConfig(anonymous=True),
+                               backends={"OUTBOX": StoreBackendConfig("OUTBOX", tmp_path / "outbox")},
+                               default="OUTBOX")
+    with BackgroundServer(outbox_cfg) as outbox:
+        steps = dict(site["steps"])
+        steps["pseudonymization"] = {**steps["pseudonymization"], "sink": {"kind": "dicomweb", "url": outbox.url}}
+        study_uid, paths = _study(site, 29)
+        original = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        pseudo = pseudonymize({"study-instance-uid": study_uid, "patient-identifier": str(original.PatientID)},
+                              _ctx(steps, "pseudonymize", "bk-outbox"))
+        pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+        assert _at_gateway(tmp_path / "outbox", pseudo_uid) == (SLICES, SLICES)
+        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-outbox"))
+        assert _at_gateway(gateway[1], pseudo_uid) == (SLICES, SLICES)
