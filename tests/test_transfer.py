@@ -347,7 +347,7 @@ def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
 
 
 def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypatch):
-    steps, (gw_url, store) = site["steps"], gateway
+    steps, (_, store) = site["steps"], gateway
     pseudo, _, _ = _pseudonymized(site, seed=23, key="bk-crash")
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
     ctx = _ctx(steps, "send", "bk-crash", send={"batch_instances": 3})

@@ -145,8 +145,10 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
         from omi_dsf.inference.results import fhir_bundle_from_report
         try:
             bundle = fhir_bundle_from_report(reports[0])
-        except ValueError as exc:
-            raise StepError(f"the result SR cannot be read: {exc}") from None
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:
+            # the type only: after re-identification a message could quote an original UID
+            raise StepError(f"the result SR is not a report this site can turn into FHIR "
+                            f"({type(exc).__name__})") from None
 
     pacs = store_in_pacs(ctx.site, results.datasets)
     fhir_target = write_fhir_result(ctx.site, bundle, ctx.business_key) if bundle is not None else None
