@@ -462,8 +462,9 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
         steps = dict(site["steps"])
         with_cert = {**steps["providers"][PROVIDER], "gateway_url": server.url}
         steps["providers"] = {PROVIDER: {k: v for k, v in with_cert.items() if k not in ("client_cert", "client_key")}}
-        # TLS 1.3 gives no alert for a missing client certificate, only a closed connection: retried,
-        # with a hint in the message that the runtime puts on the Task after the last attempt
+        # TLS 1.3 gives no alert for a missing client certificate, only a closed connection: a
+        # transient failure (retried), whose message hints at the cause (the runtime's final Task
+        # error names only the exception type, ProviderUnreachable)
         with pytest.raises(ProviderUnreachable, match="requires a client certificate"):
             transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
         steps["providers"] = {PROVIDER: with_cert}
