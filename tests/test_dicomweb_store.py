@@ -42,7 +42,7 @@ def _multipart(parts: list[bytes], boundary: str = "XbX") -> tuple[bytes, dict]:
 def files(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("store-data")
     return write_ct_study(root, slices=SLICES, seed=5, rows=64, cols=64) + [
-        Path(get_testdata_file("MR_small.dcm"))]
+        Path(get_testdata_file("MR_small.dcm")), Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))]
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_stow_status_codes(gw, files):
 
 def test_qido_over_the_store(gw, files):
     studies = gw.get("/studies").json()
-    assert len(studies) == 2
+    assert len(studies) == 3
     ct = next(s for s in studies if _val(s, "00080061") == ["CT"])
     assert _val(ct, "00201208") == [SLICES] and _val(ct, "00201206") == [1]
     assert gw.get("/studies", params={"ModalitiesInStudy": "MR"}).json()[0]["00080061"]["Value"] == ["MR"]
@@ -138,6 +138,22 @@ def test_wado_over_the_store(gw, files):
     assert gw.get(f"/studies/{s}/series/{se}/instances/{generate_uid()}/frames/1").status_code == 404
     assert gw.get(f"/aets/OUTBOX/studies/{s}/metadata").status_code == 200
     assert gw.get("/aets/OTHER/studies").status_code == 404
+
+
+def test_compressed_instances_stay_compressed_in_the_store(gw, files):
+    jpeg = pydicom.dcmread(files[-1])
+    path = f"/studies/{jpeg.StudyInstanceUID}/series/{jpeg.SeriesInstanceUID}/instances/{jpeg.SOPInstanceUID}"
+    whole = gw.get(path, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert whole.status_code == 200 and jpeg.PixelData in whole.content
+    frame = gw.get(path + "/frames/1", headers={"Accept": 'multipart/related; type="image/jpeg"'})
+    assert frame.status_code == 200 and 'type="image/jpeg"' in frame.headers["content-type"]
+    assert "transfer-syntax=1.2.840.10008.1.2.4.50" in frame.headers["content-type"]
+    assert b"\r\n\r\n\xff\xd8" in frame.content  # the JPEG stream itself
+    plain = gw.get(path + "/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert plain.status_code == 406 and "transfer-syntax" in plain.json()["error"]  # no decompression
+    asked = gw.get(path, headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                            'transfer-syntax=1.2.840.10008.1.2.1'})
+    assert asked.status_code == 406
 
 
 # -- access control ----------------------------------------------------------------------------------

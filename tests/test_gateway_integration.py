@@ -33,6 +33,8 @@ def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dicomweb-data")
     ct = write_ct_study(root / "ct", slices=SLICES, seed=3, rows=128, cols=128)
     extra = [Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("MR_small.dcm"))]
+    # JPEG baseline, for Orthanc only: dcmqrscp, like many legacy PACS, takes uncompressed data only
+    jpeg = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
     first = pydicom.dcmread(ct[0])
     # more data than the socket buffers between gateway and client can hold (~21 MB)
     big = write_ct_study(root / "big", slices=BIG_SLICES, seed=4, rows=512, cols=512,
@@ -40,7 +42,7 @@ def data(tmp_path_factory) -> dict:
     return {"files": ct + extra, "ct": ct, "big": big, "big_study": pydicom.dcmread(big[0]).StudyInstanceUID,
             "study": first.StudyInstanceUID, "series": first.SeriesInstanceUID,
             "patient_id": first.PatientID, "study_date": first.StudyDate,
-            "mr_study": pydicom.dcmread(extra[1]).StudyInstanceUID}
+            "mr_study": pydicom.dcmread(extra[1]).StudyInstanceUID, "jpeg_file": jpeg, "jpeg": pydicom.dcmread(jpeg)}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def bed(tmp_path_factory, data):
     with Dcmqrscp(root / "dcmqrscp", move_destinations={"OMIGW": ("127.0.0.1", move_port)}) as pacs, \
             Orthanc(root / "orthanc", modalities={"OMIGW": ("127.0.0.1", move_port)}) as orthanc:
         pacs.load(data["files"] + data["big"])
-        orthanc.load(data["files"])
+        orthanc.load(data["files"] + [data["jpeg_file"]])
         cfg = parse_config({
             "listen": {"port": free_port()}, "auth": {"anonymous": True},
             "dimse": {"calling_aet": "OMIGW", "move_destination": {"aet": "OMIGW", "port": move_port}},
@@ -180,6 +182,24 @@ def test_metadata_bulkdata_frames_rendered(bed, data, aet):
                   params={"viewport": "64,64"}, headers={"Accept": "image/png"}, timeout=30)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert max(Image.open(BytesIO(r.content)).size) == 64
+
+
+@pytest.mark.parametrize("aet", ["ORTHANC", "ORTHANCPND"])
+def test_a_jpeg_instance_comes_back_as_the_pacs_sends_it(bed, data, aet):
+    """The gateway proposes uncompressed syntaxes first (never lossy re-compression), so Orthanc
+    decompresses the stored JPEG for the C-GET; frames are then plain pixels."""
+    import numpy as np
+
+    c = client(bed, aet)
+    jpeg = data["jpeg"]
+    s, se, i = jpeg.StudyInstanceUID, jpeg.SeriesInstanceUID, jpeg.SOPInstanceUID
+    back = c.retrieve_instance(s, se, i)
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.abs(back.pixel_array.astype(int) - jpeg.pixel_array.astype(int)).mean() < 2
+    frame = c.retrieve_instance_frames(s, se, i, [1])[0]
+    assert len(frame) == jpeg.Rows * jpeg.Columns * 3
+    png = c.retrieve_instance_rendered(s, se, i, media_types=("image/png",))
+    assert Image.open(BytesIO(png)).mode == "RGB"
 
 
 # -- STOW-RS ------------------------------------------------------------------------------------------

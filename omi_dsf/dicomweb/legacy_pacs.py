@@ -204,23 +204,39 @@ class LegacyPacs:
         self.stop()
 
     # -- data ------------------------------------------------------------------------------------
+    # storescu proposes uncompressed syntaxes unless told to propose the file's compressed one
+    _PROPOSE = {"1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+                "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
+                "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+                "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+                "1.2.840.10008.1.2.5": "-xr"}
+
     def load(self, files: Iterable[str | Path], calling_aet: str = "OMILOADER", timeout: float = 300) -> int:
-        """C-STORE the files with dcmtk ``storescu`` (one association); returns how many were sent."""
-        paths = [str(f) for f in files]
-        if not paths:
-            return 0
-        listing = self.workdir / "load-list.txt"
+        """C-STORE the files with dcmtk ``storescu``; returns how many were stored.
+
+        Files are grouped by transfer syntax (compressed ones are proposed as they are); any file
+        the PACS did not take is a :class:`PacsError` naming it.
+        """
+        from pydicom import dcmread
+
+        groups: dict[str, list[str]] = {}
+        for f in files:
+            ts = str(dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
+                     .get("TransferSyntaxUID", ""))
+            groups.setdefault(self._PROPOSE.get(ts, ""), []).append(str(f))
         sent = 0
-        for i in range(0, len(paths), 500):  # keep argv short
-            chunk = paths[i:i + 500]
-            argv = [dcmtk_tool("storescu"), "-aet", calling_aet, "-aec", self.aet, "-nh",
-                    self.host, str(self.port), *chunk]
-            r = subprocess.run(argv, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True,
-                               text=True, timeout=timeout)
-            if r.returncode != 0:
-                raise PacsError(f"storescu to {self.aet} failed ({r.returncode}): {r.stderr.strip()[-800:]}")
-            sent += len(chunk)
-        listing.write_text("\n".join(paths))
+        for option, paths in groups.items():
+            for i in range(0, len(paths), 500):  # keep argv short
+                chunk = paths[i:i + 500]
+                argv = [dcmtk_tool("storescu"), *([option] if option else []), "-aet", calling_aet,
+                        "-aec", self.aet, "-nh", self.host, str(self.port), *chunk]
+                r = subprocess.run(argv, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True,
+                                   text=True, timeout=timeout)
+                failed = [line for line in r.stderr.splitlines() if "Store Failed" in line]
+                if r.returncode != 0 or failed:
+                    raise PacsError(f"storescu to {self.aet} failed ({r.returncode}): "
+                                    f"{(chr(10).join(failed) or r.stderr.strip())[-800:]}")
+                sent += len(chunk)
         return sent
 
 
