@@ -206,6 +206,18 @@ def test_bearer_tokens(tmp_path, keys, as_jwks):
         assert r.status_code == 401 and "Bearer" in r.headers["www-authenticate"]
 
 
+def test_cors_for_browser_viewers(tmp_path):
+    cfg = parse_config({"auth": {"anonymous": True}, "cors_origins": ["https://viewer.test"],
+                        "backends": {"S": {"type": "store", "path": str(tmp_path / "s")}}})
+    with TestClient(create_app(cfg)) as c:
+        pre = c.options("/studies", headers={"Origin": "https://viewer.test", "Access-Control-Request-Method": "GET"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://viewer.test"
+        r = c.get("/studies", headers={"Origin": "https://viewer.test"})
+        assert r.headers["access-control-allow-origin"] == "https://viewer.test"
+        other = c.options("/studies", headers={"Origin": "https://evil.test", "Access-Control-Request-Method": "GET"})
+        assert other.status_code == 400
+
+
 # -- configuration and Endpoint ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("conf, key", [

@@ -424,5 +424,10 @@ def create_app(cfg: GatewayConfig) -> Starlette:
                     lifespan=lifespan)
     app.state.gateway = gw
     wrapped = AuthMiddleware(app, cfg)
+    if cfg.cors_origins:  # outermost: answers preflight requests, which carry no credentials
+        from starlette.middleware.cors import CORSMiddleware
+        wrapped = CORSMiddleware(wrapped, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                                 allow_headers=["Authorization", "Accept", "Content-Type"],
+                                 expose_headers=["Content-Type", "Warning"])
     wrapped.gateway = gw
     return wrapped

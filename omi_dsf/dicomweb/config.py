@@ -105,6 +105,7 @@ class GatewayConfig:
     max_upload_mb: int = 2048
     stream_queue: int = 8               # instances buffered between C-GET and the HTTP answer
     name: str = "OMI DICOMweb gateway"
+    cors_origins: list[str] = field(default_factory=list)   # browser viewers on other origins
 
     @property
     def default_backend(self) -> str:
@@ -219,7 +220,7 @@ def _backend(name: str, d: dict, base: Path) -> DimseBackendConfig | StoreBacken
 def parse_config(data: Any, base: Path = Path(".")) -> GatewayConfig:
     top = _map(data, "config")
     _unknown(top, {"listen", "base_url", "tls", "auth", "dimse", "backends", "default", "max_results",
-                   "max_upload_mb", "stream_queue", "name"}, "config")
+                   "max_upload_mb", "stream_queue", "name", "cors_origins"}, "config")
     cfg = GatewayConfig()
     listen = _map(top.get("listen"), "listen")
     _unknown(listen, {"host", "port"}, "listen")
@@ -231,6 +232,11 @@ def parse_config(data: Any, base: Path = Path(".")) -> GatewayConfig:
             raise ConfigError(f"base_url: {cfg.base_url!r} is not an http(s) URL")
     if "name" in top:
         cfg.name = _typed(top["name"], str, "name")
+    if top.get("cors_origins") is not None:
+        origins = top["cors_origins"]
+        if not isinstance(origins, list) or any(not isinstance(o, str) or not o for o in origins):
+            raise ConfigError("cors_origins: expected a list of origins (https://viewer.example.org)")
+        cfg.cors_origins = origins
     for attr in ("max_results", "max_upload_mb", "stream_queue"):
         if attr in top:
             setattr(cfg, attr, _typed(top[attr], int, attr))
