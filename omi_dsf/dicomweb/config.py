@@ -75,7 +75,8 @@ class DimseBackendConfig:
     acse_timeout: float = 10.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
-    pool_size: int = 4
+    pool_size: int = 4                  # idle associations kept per kind
+    max_associations: int = 16          # at most this many operations at once on this PACS
     compute_missing: bool = True        # ModalitiesInStudy / NumberOf* by lower-level C-FINDs
     summary_ttl: float = 60.0           # seconds the computed study/series summaries are cached
     max_pdu: int = 0                    # 0 = unlimited
@@ -176,7 +177,7 @@ def _port(value: Any, key: str) -> int:
 
 
 _DIMSE_NUMBERS = {"connect_timeout": float, "acse_timeout": float, "dimse_timeout": float,
-                  "network_timeout": float, "pool_size": int, "summary_ttl": float, "max_pdu": int,
+                  "network_timeout": float, "pool_size": int, "max_associations": int, "summary_ttl": float, "max_pdu": int,
                   "cache_mb": int}
 
 
@@ -211,7 +212,7 @@ def _backend(name: str, d: dict, base: Path) -> DimseBackendConfig | StoreBacken
     for attr, kind_ in _DIMSE_NUMBERS.items():
         if attr in d:
             value = _typed(d[attr], kind_, f"{key}.{attr}")
-            if value < 0 or (attr in ("pool_size",) and value < 1):
+            if value < 0 or (attr in ("pool_size", "max_associations") and value < 1):
                 raise ConfigError(f"{key}.{attr}: out of range")
             setattr(cfg, attr, value)
     return cfg

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 
 from pydicom.dataset import Dataset
 
@@ -20,7 +21,7 @@ from ..dimse.lean_find import LeanFindPool, lean_c_find
 from ..dimse.lean_get import lean_c_get
 from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
 from ..dimse.store import c_store
-from ..errors import NotFound, PacsUnavailable
+from ..errors import NotFound, PacsTimeout, PacsUnavailable
 from ..query import split_uid_list
 from ..stream import CancelToken
 from pynetdicom import evt
@@ -108,6 +109,17 @@ class DimseBackend:
         self._summaries: dict[tuple, tuple[float, object]] = {}
         self._summary_lock = threading.Lock()
         self._cache = _InstanceCache(cfg.cache_mb * 1024 * 1024)
+        self._slots = threading.BoundedSemaphore(cfg.max_associations)
+
+    @contextmanager
+    def _slot(self):
+        """One of ``max_associations``; waiting longer than a DIMSE timeout is a 504, not a hang."""
+        if not self._slots.acquire(timeout=self.cfg.dimse_timeout):
+            raise PacsTimeout(f"all {self.cfg.max_associations} associations to PACS {self.name} are busy")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     # -- C-FIND --------------------------------------------------------------------------------
     def find(self, level: str, match: dict[int, str], returns: set[int], scope: dict[str, str]) -> list[Dataset]:
@@ -127,9 +139,10 @@ class DimseBackend:
         uid_match = match.get({STUDY: 0x0020000D, SERIES: SERIES_UID, INSTANCE: SOP_UID}[level])
         if uid_match:
             setattr(ident, UID_KEYWORD[level], "\\".join(split_uid_list(uid_match)))
-        if self.cfg.engine == "lean":
-            return lean_c_find(self._lean_find_pool, ident, next_message_id())
-        return c_find(self._find_pool, ident)
+        with self._slot():
+            if self.cfg.engine == "lean":
+                return lean_c_find(self._lean_find_pool, ident, next_message_id())
+            return c_find(self._find_pool, ident)
 
     def _cached(self, key: tuple, compute):
         now = time.monotonic()
@@ -177,6 +190,10 @@ class DimseBackend:
         return ident
 
     def retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken) -> None:
+        with self._slot():
+            self._retrieve(level, scope, emit, token)
+
+    def _retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken) -> None:
         ident = self._identifier(level, scope)
         mode = self.cfg.retrieve
         if mode in ("get", "auto"):
@@ -205,7 +222,8 @@ class DimseBackend:
 
     # -- C-STORE -------------------------------------------------------------------------------
     def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str]) -> list[tuple[int, str]]:
-        results = c_store(self.calling_aet, self.peer, items)
+        with self._slot():
+            results = c_store(self.calling_aet, self.peer, items)
         for study in study_uids:
             self._cache.drop_study(study + "/")
         with self._summary_lock:
