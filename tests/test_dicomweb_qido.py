@@ -162,3 +162,19 @@ def test_associate_request_and_accept_parsing():
     body = b"\x00" * 68 + struct.pack(">BBH", 0x21, 0, len(item)) + item + struct.pack(">BBH", 0x50, 0, len(user)) + user
     accepted, max_pdu = parse_accept(body)
     assert accepted == {1: ts} and max_pdu == 16384
+
+
+def test_storage_scp_negotiation_round_trip():
+    from omi_dsf.dicomweb.dimse.lean_scp import accept_pdu, parse_request
+
+    peer = Peer("OMIGW", "127.0.0.1", 104)
+    proposals = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"]),
+                 ("1.2.840.10008.5.1.4.1.1.4", ["1.2.3.4.5.6"])]  # a transfer syntax nobody knows
+    rq, _ = associate_rq("LEGACYPACS", peer, proposals, scp_roles=False)
+    called, calling, contexts, max_pdu = parse_request(rq[6:])
+    assert called.strip() == b"OMIGW" and calling.strip() == b"LEGACYPACS" and max_pdu == 1 << 20
+    assert contexts[0] == (1, b"1.2.840.10008.5.1.4.1.1.2", [b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.1"])
+    ac, accepted = accept_pdu(called, calling, contexts)
+    assert accepted == {1: b"1.2.840.10008.1.2.4.50"}  # the proposer's first choice, as stored
+    back, _ = parse_accept(ac[6:])
+    assert back == accepted

@@ -49,8 +49,9 @@ def data(tmp_path_factory) -> dict:
 def bed(tmp_path_factory, data):
     """dcmqrscp + Orthanc holding the same data, and a gateway in front of both."""
     root = tmp_path_factory.mktemp("dicomweb-bed")
-    move_port = free_port()
-    with Dcmqrscp(root / "dcmqrscp", move_destinations={"OMIGW": ("127.0.0.1", move_port)}) as pacs, \
+    move_port, move_port_pnd = free_port(), free_port()
+    with Dcmqrscp(root / "dcmqrscp", move_destinations={"OMIGW": ("127.0.0.1", move_port),
+                                                        "OMIGWPND": ("127.0.0.1", move_port_pnd)}) as pacs, \
             Orthanc(root / "orthanc", modalities={"OMIGW": ("127.0.0.1", move_port)}) as orthanc:
         pacs.load(data["files"] + data["big"])
         orthanc.load(data["files"] + [data["jpeg_file"]])
@@ -71,7 +72,8 @@ def bed(tmp_path_factory, data):
                 "WRONGAE": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": "NOSUCHAE"},
             }})
         with BackgroundServer(cfg) as server:
-            yield {"pacs": pacs, "orthanc": orthanc, "url": server.url, "server": server, "cfg": cfg}
+            yield {"pacs": pacs, "orthanc": orthanc, "url": server.url, "server": server, "cfg": cfg,
+                   "move_port_pnd": move_port_pnd}
 
 
 def client(bed, aet: str | None = None) -> DICOMwebClient:
@@ -159,6 +161,19 @@ def test_retrieve_study_series_instance(bed, data, aet):
     one = study[3]
     instance = c.retrieve_instance(data["study"], data["series"], one.SOPInstanceUID)
     assert instance.PixelData == one.PixelData
+
+
+def test_c_move_into_pynetdicom_storage_scp(bed, data):
+    """The other engine's C-MOVE destination (the lean one serves MOVEPACS above)."""
+    cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True},
+                        "dimse": {"calling_aet": "OMIGWPND",
+                                  "move_destination": {"aet": "OMIGWPND", "port": bed["move_port_pnd"]}},
+                        "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": bed["pacs"].port,
+                                                    "retrieve": "move", "engine": "pynetdicom"}}})
+    with BackgroundServer(cfg) as server:
+        study = DICOMwebClient(server.url).retrieve_study(data["study"])
+        assert {d.SOPInstanceUID for d in study} == {pydicom.dcmread(f).SOPInstanceUID for f in data["ct"]}
+        assert DICOMwebClient(server.url).retrieve_study(data["mr_study"])[0].Modality == "MR"
 
 
 @pytest.mark.parametrize("aet", [None, "ORTHANC"])

@@ -19,6 +19,7 @@ from ..dimse.association import (AssociationPool, Peer, find_contexts, get_conte
 from ..dimse.find import c_find
 from ..dimse.lean_find import LeanFindPool, lean_c_find
 from ..dimse.lean_get import lean_c_get
+from ..dimse.lean_scp import LeanMoveScp
 from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
 from ..dimse.store import c_store
 from ..errors import NotFound, PacsTimeout, PacsUnavailable
@@ -34,17 +35,19 @@ class MoveScpHolder:
 
     def __init__(self, cfg: GatewayConfig):
         self._dest = cfg.move_destination
-        self._scp: MoveScp | None = None
+        self._scp = None
         self._lock = threading.Lock()
 
-    def get(self) -> MoveScp:
+    def get(self, engine: str = "lean"):
+        """The running SCP; the first backend to need it decides its engine (both work for all)."""
         with self._lock:
             if self._scp is None:
                 if self._dest is None:
                     raise PacsUnavailable("C-MOVE needs dimse.move_destination in the configuration")
                 d = self._dest
+                kind = LeanMoveScp if engine == "lean" else MoveScp
                 try:
-                    self._scp = MoveScp(d.aet, d.bind or d.host, d.port).start()
+                    self._scp = kind(d.aet, d.bind or d.host, d.port).start()
                 except OSError as exc:
                     raise PacsUnavailable(f"cannot listen for C-MOVE on port {d.port}: {exc}") from None
             return self._scp
@@ -207,7 +210,7 @@ class DimseBackend:
                 if mode == "get":
                     raise
                 log.info("C-GET found nothing on %s; trying C-MOVE", self.name)
-        c_move(self._move_pool, self._move.get(), ident, emit, token)
+        c_move(self._move_pool, self._move.get(self.cfg.engine), ident, emit, token)
 
     def instance(self, study: str, series: str, sop: str) -> bytes:
         key = f"{study}/{series}/{sop}"

@@ -90,16 +90,22 @@ def part10_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: bytes) -
     return b"\x00" * 128 + b"DICM" + el(0x0000, b"UL", struct.pack("<L", len(group))) + group
 
 
+class ReleaseRequested(PacsUnavailable):
+    """The peer sent A-RELEASE-RQ (normal for a storage SCP, a failure for our requests)."""
+
+
 class Connection:
     """The socket side: read whole PDUs, write P-DATA."""
 
-    def __init__(self, peer: Peer):
+    def __init__(self, peer: Peer, sock: socket.socket | None = None):
         self.peer = peer
-        try:
-            self.sock = socket.create_connection((peer.host, peer.port), timeout=peer.connect_timeout)
-        except OSError as exc:
-            raise PacsUnavailable(f"PACS {peer.aet} at {peer.host}:{peer.port} is not reachable "
-                                  f"({exc.strerror or exc})") from None
+        if sock is None:
+            try:
+                sock = socket.create_connection((peer.host, peer.port), timeout=peer.connect_timeout)
+            except OSError as exc:
+                raise PacsUnavailable(f"PACS {peer.aet} at {peer.host}:{peer.port} is not reachable "
+                                      f"({exc.strerror or exc})") from None
+        self.sock = sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(peer.dimse_timeout)
         self.reader = self.sock.makefile("rb", buffering=1 << 18)
@@ -265,6 +271,8 @@ def messages(conn: Connection, token: CancelToken | None = None,
         kind, pdu = conn.read_pdu()
         if kind == 0x07:
             raise PacsUnavailable(f"PACS {conn.peer.aet} aborted the association")
+        if kind == 0x05:
+            raise ReleaseRequested(f"PACS {conn.peer.aet} released the association")
         if kind != 0x04:
             raise PacsUnavailable(f"unexpected PDU type 0x{kind:02X} from PACS {conn.peer.aet}")
         view = memoryview(pdu)
