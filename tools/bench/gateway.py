@@ -232,14 +232,18 @@ def main() -> int:
     gateway = None
     result: dict = {"bench": "dicomweb-gateway", "study_instances": len(big), "study_mb": round(big_mb, 1)}
     try:
-        with Dcmqrscp(work / "pacs", max_pdu=65536) as pacs:
+        move_port = free_port()
+        with Dcmqrscp(work / "pacs", max_pdu=65536, move_destinations={"OMIGW": ("127.0.0.1", move_port)}) as pacs:
             t = time.monotonic()
             pacs.load(big + small)
             log(f"loaded {len(big) + len(small)} files into dcmqrscp in {time.monotonic() - t:.1f} s")
             port = free_port()
             cfg = work / "gateway.yaml"
             cfg.write_text(f"listen: {{host: 127.0.0.1, port: {port}}}\nauth: {{anonymous: true}}\n"
-                           f"backends:\n  LEGACYPACS: {{type: dimse, host: 127.0.0.1, port: {pacs.port}}}\n")
+                           f"dimse: {{calling_aet: OMIGW, move_destination: {{aet: OMIGW, port: {move_port}}}}}\n"
+                           f"backends:\n  LEGACYPACS: {{type: dimse, host: 127.0.0.1, port: {pacs.port}}}\n"
+                           f"  MOVEPACS: {{type: dimse, host: 127.0.0.1, port: {pacs.port}, "
+                           f"called_aet: LEGACYPACS, retrieve: move}}\n")
             gateway = subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(cfg)],
                                        cwd=ROOT, stdout=subprocess.DEVNULL,
                                        stderr=open(work / "gateway.log", "wb"))
@@ -266,7 +270,7 @@ def main() -> int:
                 f"{hwm_big:.0f} MB after {len(big)} instances")
 
             # throughput, interleaved runs; curl and getscu are both native clients that discard
-            gw_s, py_s, get_s, pnd_s = [], [], [], []
+            gw_s, py_s, get_s, pnd_s, mv_s = [], [], [], [], []
             for i in range(args.runs):
                 secs, size = curl_study(url, big_uid)
                 gw_s.append(secs)
@@ -278,9 +282,12 @@ def main() -> int:
                 get_s.append(getscu(pacs, big_uid))
                 secs, _ = pynetdicom_get(pacs, big_uid)
                 pnd_s.append(secs)
-                log(f"run {i + 1}: gateway WADO-RS {gw_s[-1]:.2f} s (curl), {py_s[-1]:.2f} s (httpx client); "
-                    f"getscu {get_s[-1]:.2f} s; pynetdicom C-GET {pnd_s[-1]:.2f} s")
-            gw_t, py_t, get_t, pnd_t = map(statistics.median, (gw_s, py_s, get_s, pnd_s))
+                secs, size = curl_study(url + "/aets/MOVEPACS", big_uid)
+                assert size >= size_big * 0.99, (size, size_big)
+                mv_s.append(secs)
+                log(f"run {i + 1}: gateway WADO-RS {gw_s[-1]:.2f} s (curl), {py_s[-1]:.2f} s (httpx client), "
+                    f"{mv_s[-1]:.2f} s (by C-MOVE); getscu {get_s[-1]:.2f} s; pynetdicom C-GET {pnd_s[-1]:.2f} s")
+            gw_t, py_t, get_t, pnd_t, mv_t = map(statistics.median, (gw_s, py_s, get_s, pnd_s, mv_s))
 
             # QIDO vs C-FIND
             qido_times(url, big_uid, 3)
@@ -294,7 +301,8 @@ def main() -> int:
             hwm_end = vm(gateway.pid, "VmHWM")
 
         result.update({
-            "gateway_wado_s": round(gw_t, 3), "gateway_wado_httpx_client_s": round(py_t, 3), "getscu_s": round(get_t, 3), "pynetdicom_get_s": round(pnd_t, 3),
+            "gateway_wado_s": round(gw_t, 3), "gateway_wado_httpx_client_s": round(py_t, 3),
+            "gateway_wado_by_cmove_s": round(mv_t, 3), "getscu_s": round(get_t, 3), "pynetdicom_get_s": round(pnd_t, 3),
             "gateway_mb_per_s": round(big_mb / gw_t, 1), "getscu_mb_per_s": round(big_mb / get_t, 1),
             "throughput_ratio": round(get_t / gw_t, 3),
             "time_ratio": round(gw_t / get_t, 3),
