@@ -77,6 +77,13 @@ def test_duplicates_merged_and_missing_attributes_computed():
     assert not result.truncated
 
 
+def test_computing_can_be_switched_off():
+    pacs = QuirkyPacs()
+    pacs.compute_missing = False
+    first = search(pacs, parse_qido([], STUDY), "http://gw", 100).items[0]
+    assert "00080061" not in first and "00201208" not in first and pacs.summaries == 0
+
+
 def test_modalities_in_study_is_matched_even_though_the_pacs_ignores_it():
     pacs = QuirkyPacs()
     result = search(pacs, parse_qido([("ModalitiesInStudy", "MR")], STUDY), "http://gw", 100)

@@ -80,7 +80,8 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int) -> SearchResu
     level_pos = _ORDER.index(q.level)
     limit = min(q.limit, max_results) if q.limit else max_results
     wanted = q.offset + limit + 1
-    filter_on_computed = MODALITIES_IN_STUDY in q.match and trust
+    compute = getattr(backend, "compute_missing", True)
+    filter_on_computed = MODALITIES_IN_STUDY in q.match and trust and compute
 
     def run(level: str, scope: dict[str, str], parent: Dataset | None) -> list[Dataset]:
         match = q.match_at(level)
@@ -125,7 +126,7 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int) -> SearchResu
 
     # Attributes the PACS left out, for the page only.
     returns = {lvl: _returns(q, lvl) for lvl in _ORDER[:level_pos + 1]}
-    for ds in page:
+    for ds in page if compute else []:
         if STUDY in returns and q.level == STUDY and returns[STUDY] & COMPUTED[STUDY]:
             if any(_missing(ds, t) for t in returns[STUDY] & COMPUTED[STUDY]):
                 _fill_study(backend, ds)

@@ -95,6 +95,10 @@ class _InstanceCache:
 class DimseBackend:
     trusts_matching = True   # the PACS already matched; an attribute it left out is not a mismatch
 
+    @property
+    def compute_missing(self) -> bool:
+        return self.cfg.compute_missing
+
     def __init__(self, cfg: DimseBackendConfig, calling_aet: str, move: MoveScpHolder):
         self.cfg = cfg
         self.name = cfg.name
