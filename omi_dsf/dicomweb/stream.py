@@ -62,6 +62,7 @@ class ThreadStream:
         self._ready: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done = False
+        self._waiting = False   # the consumer sleeps on _ready: only then is a wake-up needed
         self._thread: threading.Thread | None = None
 
     def _wake(self) -> None:
@@ -78,7 +79,8 @@ class ThreadStream:
         if self.token.cancelled:
             raise Cancelled()
         self._items.append(item)
-        self._wake()
+        if self._waiting:  # (read after the append: a consumer that missed the item is waiting)
+            self._wake()
 
     def _run(self) -> None:
         error: BaseException | None = None
@@ -104,14 +106,18 @@ class ThreadStream:
             raise StopAsyncIteration
         assert self._ready is not None
         while not self._items:
+            self._waiting = True
             self._ready.clear()
             if self._items:
+                self._waiting = False
                 break
             try:
                 await asyncio.wait_for(self._ready.wait(), self._stall)
             except asyncio.TimeoutError:
                 self.cancel()
                 raise PacsTimeout(f"no data from the source for {self._stall:.0f} s") from None
+            finally:
+                self._waiting = False
         item = self._items.popleft()
         if isinstance(item, tuple) and len(item) == 2 and item[0] is _END:
             self._done = True
