@@ -9,6 +9,7 @@ drops the connection raises `PacsUnavailable` (retried).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Mapping, Sequence
 
 from pydicom.dataset import Dataset
@@ -48,7 +49,13 @@ def store_in_pacs(site: Mapping[str, Any], datasets: Sequence[Dataset]) -> str:
             seen.add(key)
             syntaxes = list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
             ae.add_requested_context(str(ds.SOPClassUID), syntaxes)
-    assoc = ae.associate(host, port, ae_title=called)
+    for attempt in range(3):
+        assoc = ae.associate(host, port, ae_title=called)
+        if assoc.is_established or assoc.is_rejected:
+            break
+        # dcmqrscp now and then drops the connection instead of sending its A-ASSOCIATE-RJ; only
+        # a few tries tell a PACS that refuses us from one that is down
+        time.sleep(0.2 * (attempt + 1))
     if assoc.is_rejected:
         raise StepError(f"the PACS {called} rejected the association (check steps.pacs ae_title and calling_ae)")
     if not assoc.is_established:
