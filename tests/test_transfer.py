@@ -345,6 +345,18 @@ def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
     assert name not in message and name.split("^")[0] not in message
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
 
+    # every instance with the original PatientID (as if de-identification had not run on it)
+    original_id = str(pydicom.dcmread(paths[0], stop_before_pixels=True).PatientID)
+    for path in (site["root"] / "outbox" / "bk-leak").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.PatientID = original_id
+        ds.PatientName = "Anonymous^"
+        ds.save_as(path)
+    with pytest.raises(StepError, match="not a pseudonym this site issued") as err:
+        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
+    assert original_id not in str(err.value)
+    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
+
 
 def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypatch):
     steps, (_, store) = site["steps"], gateway

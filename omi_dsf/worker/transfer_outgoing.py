@@ -135,7 +135,11 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
                 originals.add(original)
     if not mine:
         return
-    identity = identity_from_store(store, domain, pseudonym or "", pseudo_study_uid)
+    if not pseudonym or store.patient(domain, pseudonym) is None:
+        # without the patient's record we would not know the values to look for: refuse
+        raise StepError("leak check stopped the send: the instances' PatientID is not a pseudonym this site "
+                        "issued in this domain")
+    identity = identity_from_store(store, domain, pseudonym, pseudo_study_uid)
     identity.add_uids(originals)
     # Pass 2: the leak check on every object as it will be sent, before anything is sent.
     for n, path in enumerate(mine, 1):
