@@ -22,6 +22,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("omi_dsf.deid.cli", ("deid",)),
     ("omi_dsf.registry.cli", ("registry",)),
     ("omi_dsf.client.cli", ("services", "submit", "status", "results")),
+    ("omi_dsf.audit", ("audit",)),
 ]
 
 

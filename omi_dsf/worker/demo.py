@@ -20,9 +20,6 @@ def fingerprint(topic: str, inputs: Answers) -> str:
 
 def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
     # knobs for tests: slow down, or fail, through the site settings
-    delay = float(ctx.site.get("demo_delay", 0) or os.environ.get("OMI_DEMO_DELAY", 0))
-    if delay:
-        time.sleep(delay)
     if ctx.topic in (ctx.site.get("demo_fail_topics") or []):
         raise RuntimeError("demo handler told to fail")
     if ctx.topic in (ctx.site.get("demo_deny_topics") or []):
@@ -31,5 +28,8 @@ def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
     if journal:   # one line per execution, appended atomically: tests count executions per item
         with open(journal, "a") as f:
             f.write(f"{ctx.topic} {ctx.item_id} {ctx.business_key} {ctx.attempt}\n")
+    delay = float(ctx.site.get("demo_delay", 0) or os.environ.get("OMI_DEMO_DELAY", 0))
+    if delay:
+        time.sleep(delay)
     fp = fingerprint(ctx.topic, inputs)
     return {o: (len(inputs) if _TYPES.get(o) == "integer" else f"{ctx.topic}-{fp}") for o in ctx.outputs}
