@@ -23,6 +23,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("omi_dsf.registry.cli", ("registry",)),
     ("omi_dsf.client.cli", ("services", "submit", "status", "results")),
     ("omi_dsf.audit", ("audit",)),
+    ("omi_dsf.demo", ("demo",)),
 ]
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import time
+from email.utils import parsedate_to_datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -76,6 +78,7 @@ class DsfClient:
         self._ssl = identity.ssl_context()
         self._http = httpx.Client(base_url=self.base, verify=self._ssl, timeout=timeout,
                                   headers={"Accept": FHIR_JSON})
+        self.clock_offset = 0.0
 
     def close(self) -> None:
         self._http.close()
@@ -101,7 +104,17 @@ class DsfClient:
                 raise DsfTlsError(f"{what}: TLS with {self.base} failed: {exc}") from exc
             raise DsfConnectionError(f"{what}: {self.base}: {type(exc).__name__}: {exc}") from exc
         raise_for_status(resp, what)
+        date = resp.headers.get("Date")
+        if date:
+            try:
+                self.clock_offset = parsedate_to_datetime(date).timestamp() - time.time()
+            except (TypeError, ValueError):
+                pass
         return resp
+
+    def server_now(self) -> float:
+        """The server's clock (epoch seconds), from the Date header of its last answer."""
+        return time.time() + self.clock_offset
 
     # -- REST -----------------------------------------------------------------------------
 

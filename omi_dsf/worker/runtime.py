@@ -13,6 +13,7 @@ poll → claim → handle → complete, with:
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import queue
 import threading
@@ -41,6 +42,9 @@ class WorkerSettings:
     backoff: float = 2.0                       # first retry after this many seconds, then doubling
     poll_interval: float = 10.0
     websocket: bool = True
+    # The DSF creates a work item inside the BPE's transaction; answered before that commits, the
+    # BPE cannot find its user task and drops the answer. So an item is answered only this old.
+    settle: float = 2.0
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -176,8 +180,18 @@ class Worker:
                     raise KeyboardInterrupt("worker stopping") from exc
                 attempt += 1
 
+    def _settle(self, item: WorkItem) -> None:
+        updated = (item.resource.get("meta") or {}).get("lastUpdated")
+        if not updated:
+            return
+        created = dt.datetime.fromisoformat(updated.replace("Z", "+00:00")).timestamp()
+        wait = created + self.settings.settle - self.client.server_now()
+        if wait > 0:
+            time.sleep(min(wait, self.settings.settle))
+
     def _complete(self, topic: str, item: WorkItem, outputs: dict, error: str | None, attempt: int) -> Outcome:
         s = self.settings
+        self._settle(item)
         try:
             try:
                 self.client.update(item.completed(outputs, error))

@@ -1,0 +1,308 @@
+"""The whole OMI flow on one machine: two DSF sites (the test bed), the requester's legacy PACS,
+both sites' DICOMweb gateways, the reference AI service and the workers of both sites.
+
+`python -m omi_dsf demo` brings it up, runs one inference end to end, prints what happened at each
+step and where the results are, and shuts everything down (`--keep` leaves the DSF test bed
+running). The end-to-end tests drive the same `Demo` class, with faults switched in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import requests
+from cryptography.hazmat.primitives import serialization
+
+from omi_dsf.dicomweb.config import AuthConfig, DimseBackendConfig, GatewayConfig, StoreBackendConfig, TlsConfig
+from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
+from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.dsf.client import DsfClient
+from omi_dsf.dsf.tasks import message_task, outputs
+from omi_dsf.inference import phantom
+from omi_dsf.testbed.certs import TestCA
+from omi_dsf.worker.config import load_site_config
+from omi_dsf.worker.sites import write_testbed_site_configs
+
+REQUESTER, PROVIDER = "dic.omi.test", "ai.omi.test"
+STEPS = ("consent", "pseudonymize", "send", "infer", "return")
+MII_POLICY = "urn:oid:2.16.840.1.113883.3.1937.777.24.5.3"
+
+
+def broad_consent(patient_id: str) -> dict:
+    """An MII Broad Consent permitting scientific use of medical data (what the consent step needs)."""
+    return {
+        "resourceType": "Consent", "status": "active",
+        "meta": {"profile": ["https://www.medizininformatik-initiative.de/fhir/modul-consent/StructureDefinition/mii-pr-consent-einwilligung"]},
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+        "patient": {"identifier": {"value": patient_id}}, "dateTime": "2025-01-15",
+        "policy": [{"uri": "urn:oid:2.16.840.1.113883.3.1937.777.24.2.1791"}],
+        "provision": {"type": "deny", "period": {"start": "2025-01-15", "end": "2055-01-14"}, "provision": [
+            {"type": "permit", "period": {"start": "2025-01-15", "end": "2055-01-14"},
+             "code": [{"coding": [{"system": MII_POLICY, "code": f"2.16.840.1.113883.3.1937.777.24.5.3.{n}"}]}]}
+            for n in (6, 7, 8)]},
+    }
+
+
+def _plain_key(encrypted: Path, password: str, dest: Path) -> Path:
+    """The gateway and the HTTP client read unencrypted keys; keep such copies 0600 in the demo folder."""
+    key = serialization.load_pem_private_key(encrypted.read_bytes(), password.encode())
+    dest.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    dest.chmod(0o600)
+    return dest
+
+
+@dataclass
+class Study:
+    uid: str
+    patient_id: str
+    patient_name: str
+    files: list[Path]
+
+
+@dataclass
+class Demo:
+    state: object                      # the running test bed (omi_dsf.testbed.bed.State)
+    folder: Path
+    slices: int = 20
+    size: int = 256
+    worker_settings: dict = field(default_factory=lambda: {"poll_interval": 2, "lease_ttl": 20, "backoff": 1,
+                                                           "max_attempts": 3})
+    out: object = print
+
+    def __post_init__(self):
+        self.folder = Path(self.folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.servers: list = []
+        self.studies: list[Study] = []
+
+    # -- the non-DSF parts of both sites ------------------------------------------------------
+
+    def start(self) -> "Demo":
+        f = self.folder
+        ca = TestCA(f / "pki")
+        ca.ensure()
+        self.ca = str(ca.cert_path)
+        gw_cert = ca.issue("gateway", "localhost", server=True, client=False)
+        dic_client = ca.issue("dic-gateway-client", "dic.omi.test gateway client", server=False, client=True)
+        gw_key = _plain_key(gw_cert.key, gw_cert.password, f / "pki" / "gateway.plain.key")
+        self.dic_client = (str(dic_client.cert), str(_plain_key(dic_client.key, dic_client.password,
+                                                                 f / "pki" / "dic-gateway-client.plain.key")))
+        tls = TlsConfig(gw_cert.cert, gw_key, client_ca=ca.cert_path)
+
+        self.pacs = Dcmqrscp(f / "pacs", aet="DICPACS").start()
+        self.servers.append(self.pacs)
+        requester_gw = BackgroundServer(GatewayConfig(
+            host="127.0.0.1", port=free_port(), tls=tls, auth=AuthConfig(anonymous=True),
+            backends={"DICPACS": DimseBackendConfig("DICPACS", self.pacs.host, self.pacs.port, self.pacs.aet)},
+            default="DICPACS")).start()
+        provider_store = f / "provider-gateway"
+        provider_gw = BackgroundServer(GatewayConfig(
+            host="127.0.0.1", port=free_port(), tls=tls, auth=AuthConfig(anonymous=True),
+            backends={"INBOX": StoreBackendConfig("INBOX", provider_store)}, default="INBOX")).start()
+        self.servers += [requester_gw, provider_gw]
+        self.requester_gw, self.provider_gw, self.provider_store = requester_gw.url, provider_gw.url, provider_store
+        self.start_ai_service()
+        (f / "consents").mkdir(exist_ok=True)
+        key = f / "requester-deid.key"
+        if not key.exists():
+            key.write_text(os.urandom(32).hex())
+            key.chmod(0o600)
+        steps = {
+            "dic": {
+                "gateway_url": self.requester_gw,
+                "consent": {"kind": "folder", "path": str(f / "consents")},
+                "pseudonymization": {
+                    "domain": "omi-demo", "key_file": str(key), "store": str(f / "requester-pseudonyms.sqlite"),
+                    "source": {"kind": "dicomweb", "url": self.requester_gw, "verify": self.ca},
+                    "sink": {"kind": "folder", "path": str(f / "outbox" / "{business_key}")},
+                },
+                "providers": {PROVIDER: {"gateway_url": self.provider_gw, "ca_file": self.ca,
+                                         "client_cert": self.dic_client[0], "client_key": self.dic_client[1]}},
+                "pacs": {"host": self.pacs.host, "port": self.pacs.port, "ae_title": self.pacs.aet,
+                         "calling_ae": "OMIWORKER"},
+                "fhir_results": str(f / "fhir-results"),
+            },
+            "ai": {"gateway_url": self.provider_gw, "ai_services": {"lung-seg": {"url": self.ai_url, "model": "lung-seg"}},
+                   "ai_timeout_s": 300},
+        }
+        self.sites = write_testbed_site_configs(self.state, f / "sites", steps=steps, worker=self.worker_settings)
+        for key_ in ("dic", "ai"):   # each site keeps its audit trail in its own folder
+            cfg = self.sites[key_]
+            raw = cfg.read_text() + f"audit: {key_}-audit.sqlite\n"
+            cfg.write_text(raw)
+        self.dsf = DsfClient(load_site_config(self.sites["dic"]).identity)
+        return self
+
+    def start_ai_service(self) -> None:
+        port = free_port()
+        self.ai_url = f"http://127.0.0.1:{port}"
+        self._spawn("ai-service", ["ai-service", "--host", "127.0.0.1", "--port", str(port)])
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{self.ai_url}/v2/models/lung-seg/ready", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.procs["ai-service"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"reference AI service did not start; see {self.folder / 'ai-service.log'}")
+            time.sleep(0.3)
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def stop_process(self, name: str, kill: bool = False) -> None:
+        proc = self.procs.pop(name, None)
+        if proc and proc.poll() is None:
+            proc.kill() if kill else proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def start_workers(self, dic_topics: str = "consent,pseudonymize,send,return", name: str = "dic-worker") -> None:
+        self._spawn(name, ["worker", "--site", str(self.sites["dic"]), "--topics", dic_topics])
+        if "ai-worker" not in self.procs:
+            # the provider's worker reads its own gateway over TLS: trust the site CA
+            self._spawn("ai-worker", ["worker", "--site", str(self.sites["ai"]), "--topics", "infer"],
+                        env={"REQUESTS_CA_BUNDLE": self.ca})
+
+    # -- a request ------------------------------------------------------------------------------
+
+    def add_study(self, seed: int, consent: bool = True) -> Study:
+        files = phantom.write_ct_study(self.folder / "studies" / str(seed), slices=self.slices, seed=seed,
+                                       rows=self.size, cols=self.size)
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        self.pacs.load(files)
+        study = Study(str(ds.StudyInstanceUID), str(ds.PatientID), str(ds.PatientName), files)
+        if consent:
+            (self.folder / "consents" / f"{study.patient_id}.json").write_text(json.dumps(broad_consent(study.patient_id)))
+        self.studies.append(study)
+        return study
+
+    def submit(self, study: Study, service: str = "lung-seg") -> str:
+        task = message_task("startOmiInference", REQUESTER, REQUESTER, {
+            "study-instance-uid": study.uid, "patient-identifier": study.patient_id,
+            "ai-service-identifier": service, "provider-organization": PROVIDER})
+        return self.dsf.create(task)["id"]
+
+    def business_key(self, task_id: str, timeout: float = 120) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            task = self.dsf.read("Task", task_id)
+            bk = next((i["valueString"] for i in task.get("input", [])
+                       if i["type"]["coding"][0]["code"] == "business-key"), None)
+            if bk:
+                return bk
+            time.sleep(0.5)
+        raise TimeoutError(f"the DSF did not start Task/{task_id}")
+
+    def step_states(self, business_key: str) -> dict[str, str]:
+        """Work item status per step at both sites (the provider's infer from its own FHIR server)."""
+        states = {}
+        for key, client in (("dic", self.dsf), ("ai", None)):
+            c = client or DsfClient(load_site_config(self.sites[key]).identity)
+            try:
+                for qr in c.search("QuestionnaireResponse", {"_sort": "_lastUpdated"}):
+                    items = {i["linkId"]: i for i in qr.get("item", [])}
+                    bk = (items.get("business-key", {}).get("answer") or [{}])[0].get("valueString")
+                    if bk != business_key:
+                        continue
+                    topic = qr["questionnaire"].split("/omi-")[-1].split("|")[0]
+                    failed = bool(items.get("error", {}).get("answer"))
+                    states[topic] = "failed" if failed else qr["status"]
+            finally:
+                if client is None:
+                    c.close()
+        return states
+
+    def wait(self, task_id: str, timeout: float = 600, show: bool = False) -> dict:
+        end, seen, t0 = time.monotonic() + timeout, {}, time.monotonic()
+        bk = self.business_key(task_id)
+        while time.monotonic() < end:
+            task = self.dsf.read("Task", task_id)
+            if show:
+                for step, st in self.step_states(bk).items():
+                    if seen.get(step) != st:
+                        seen[step] = st
+                        self.out(f"  {time.monotonic() - t0:6.1f} s  {step:13s} {st}")
+            if task["status"] in ("completed", "failed"):
+                return task
+            time.sleep(1)
+        raise TimeoutError(f"Task/{task_id} not finished within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.stop_process(name)
+        for s in reversed(self.servers):
+            s.stop()
+        self.servers.clear()
+        if getattr(self, "dsf", None):
+            self.dsf.close()
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="two DSF sites on this machine: one inference end to end")
+    p.add_argument("--dir", default=".testbed", help="test bed folder (default .testbed)")
+    p.add_argument("--slices", type=int, default=40)
+    p.add_argument("--keep", action="store_true", help="leave the DSF test bed running afterwards")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from omi_dsf.audit import AuditTrail
+    from omi_dsf.testbed.bed import State, TestBed, pid_alive
+
+    folder = Path(args.dir)
+    st = State.load(folder)
+    bed = TestBed(folder)
+    if not (st and all(pid_alive(s.pid) for s in st.servers)):
+        print("starting the DSF test bed (two sites; takes a few minutes) …")
+        bed.up(timeout=900)
+    st = State.load(folder)
+    demo = Demo(st, folder / "demo", slices=args.slices)
+    try:
+        print("starting the legacy PACS, both gateways, the AI service and the workers …")
+        demo.start()
+        demo.start_workers()
+        study = demo.add_study(seed=int(time.time()) % 100000)
+        print(f"requester's PACS holds a {args.slices}-slice CT study of a synthetic patient (fake identity)")
+        task_id = demo.submit(study)
+        bk = demo.business_key(task_id)
+        print(f"started: Task/{task_id} at {st.site('dic').fhir_url}, business key {bk}")
+        task = demo.wait(task_id, show=True)
+        out = outputs(task)
+        print(f"start Task: {task['status']}")
+        for k, v in out.items():
+            print(f"  {k}: {v}")
+        if task["status"] == "completed":
+            print(f"results stored in the legacy PACS {demo.pacs.aet}@{demo.pacs.host}:{demo.pacs.port} under the "
+                  f"original patient's study; FHIR result in {demo.folder / 'fhir-results' / (bk + '.json')}")
+        for site in ("dic", "ai"):
+            for e in AuditTrail(demo.folder / "sites" / f"{site}-audit.sqlite").events(bk):
+                print(f"  audit {site}: {e.time} {e.action} {json.dumps(e.details, sort_keys=True)}")
+        return 0 if task["status"] == "completed" else 1
+    finally:
+        demo.stop()
+        if not args.keep:
+            bed.down()
+        else:
+            print(f"DSF test bed left running: python -m omi_dsf testbed status --dir {folder}")
