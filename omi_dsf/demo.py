@@ -144,8 +144,10 @@ class Demo:
         return self
 
     def start_ai_service(self) -> None:
-        port = free_port()
-        self.ai_url = f"http://127.0.0.1:{port}"
+        """(Re)start the reference AI service, on the port it had before if any."""
+        if not getattr(self, "ai_url", None):
+            self.ai_url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.ai_url.rsplit(":", 1)[1])
         self._spawn("ai-service", ["ai-service", "--host", "127.0.0.1", "--port", str(port)])
         deadline = time.monotonic() + 90
         while True:

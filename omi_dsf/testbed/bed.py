@@ -675,21 +675,33 @@ class TestBed:
                 time.sleep(0.1)
             self.out(f"stopped {s.name} (pid {s.pid})")
 
-    def restart(self, server: str, timeout: float = 300) -> None:
-        """Stop one server (e.g. dic-fhir) and start it again; returns when it answers again."""
+    def _server(self, name: str) -> tuple[State, Server]:
         st = State.load(self.dir)
         if st is None:
             raise UserError(f"no test bed in {self.dir}")
-        srv = next((s for s in st.servers if s.name == server), None)
+        srv = next((s for s in st.servers if s.name == name), None)
         if srv is None:
-            raise UserError(f"no server {server}; known: {', '.join(s.name for s in st.servers)}")
-        self._stop([srv])
+            raise UserError(f"no server {name}; known: {', '.join(s.name for s in st.servers)}")
+        return st, srv
+
+    def stop_server(self, name: str) -> None:
+        """Stop one server (e.g. ai-fhir), as if its site went away."""
+        self._stop([self._server(name)[1]])
+
+    def start_server(self, name: str, timeout: float = 300) -> None:
+        """Start one stopped server again; returns when it answers."""
+        st, srv = self._server(name)
         self._start_server(st, srv, find_java())
         deadline = time.monotonic() + timeout
         if srv.kind == "fhir":
             self._wait_fhir(st, srv, deadline)
         else:
             self._wait_bpe(st, srv, deadline, [])
+
+    def restart(self, name: str, timeout: float = 300) -> None:
+        """Stop one server and start it again; returns when it answers."""
+        self.stop_server(name)
+        self.start_server(name, timeout)
 
     def status(self) -> int:
         st = State.load(self.dir)

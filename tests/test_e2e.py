@@ -1,0 +1,163 @@
+"""End to end on the DSF test bed: a DIC's legacy PACS → consent → pseudonymize → send (STOW-RS over
+TLS) → the provider's DSF and AI service → result message → re-identified results in the PACS.
+Plus the failure paths, each ending with a clear error on the requester's Task and nothing
+identifying at the provider."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from omi_dsf.audit import AuditTrail
+from omi_dsf.deid.identity import Identity
+from omi_dsf.deid.leakcheck import find_leaks
+from omi_dsf.demo import Demo
+from omi_dsf.dsf.tasks import outputs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def demo(dsf_testbed, tmp_path_factory):
+    d = Demo(dsf_testbed, tmp_path_factory.mktemp("e2e"), slices=12, size=128)
+    d.start()
+    d.start_workers()
+    yield d
+    d.stop()
+
+
+def c_find(demo, level: str, **keys) -> list:
+    ae = AE(ae_title="OMITEST")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(demo.pacs.host, demo.pacs.port, ae_title=demo.pacs.aet)
+    assert assoc.is_established
+    q = pydicom.Dataset()
+    q.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(q, k, v)
+    try:
+        return [i for s, i in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)
+                if s and s.Status in (0xFF00, 0xFF01) and i is not None]
+    finally:
+        assoc.release()
+
+
+def provider_files(demo) -> list[Path]:
+    return sorted((demo.provider_store / "files").rglob("*.dcm")) if (demo.provider_store / "files").exists() else []
+
+
+def assert_nothing_identifying_at_provider(demo) -> None:
+    identity = Identity()
+    for study in demo.studies:
+        for p in study.files:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            identity.add_dataset(ds)
+            identity.add_uids({str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)})
+    for p in provider_files(demo):
+        assert find_leaks(pydicom.dcmread(p), identity) == [], p.name
+
+
+def test_inference_end_to_end(demo):
+    study = demo.add_study(seed=4101)
+    task_id = demo.submit(study)
+    bk = demo.business_key(task_id)
+    task = demo.wait(task_id, timeout=600)
+    out = outputs(task)
+    assert task["status"] == "completed", out
+    assert out["stored-study-instance-uid"] == study.uid
+    assert out["result-location"].startswith(demo.provider_gw + "/studies/")
+
+    # the legacy PACS: SEG and SR in the ORIGINAL study, found under the ORIGINAL PatientID
+    studies = c_find(demo, "STUDY", PatientID=study.patient_id, StudyInstanceUID="")
+    assert [str(s.StudyInstanceUID) for s in studies] == [study.uid]
+    series = c_find(demo, "SERIES", StudyInstanceUID=study.uid, Modality="", SeriesInstanceUID="")
+    assert sorted(str(s.Modality) for s in series) == ["CT", "SEG", "SR"]
+
+    # the FHIR result names the original patient
+    bundle = json.loads((demo.folder / "fhir-results" / f"{bk}.json").read_text())
+    report = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+    assert report["subject"]["identifier"]["value"] == study.patient_id
+
+    # nothing identifying at the provider: every object it holds passes the leak check
+    assert len(provider_files(demo)) >= demo.slices + 2
+    assert_nothing_identifying_at_provider(demo)
+
+    # audit trails at both sites: what was sent and received, by whom, in which domain; no patient data
+    dic = AuditTrail(demo.folder / "sites" / "dic-audit.sqlite").events(bk)
+    ai = AuditTrail(demo.folder / "sites" / "ai-audit.sqlite").events(bk)
+    sent = next(e for e in dic if e.action == "sent")
+    assert sent.details["pseudonym_domain"] == "omi-demo" and sent.details["instances"] == demo.slices
+    assert {"received", "stored"} <= {e.action for e in dic}
+    assert any(e.action == "step-completed" and e.details.get("outcome") == "infer" for e in ai)
+    for db in ("dic-audit.sqlite", "ai-audit.sqlite"):
+        text = (demo.folder / "sites" / db).read_bytes().decode("latin-1")
+        assert study.patient_id not in text and study.patient_name.split("^")[0] not in text and study.uid not in text
+
+
+def test_consent_denied_sends_nothing(demo):
+    before = len(provider_files(demo))
+    study = demo.add_study(seed=4102, consent=False)
+    task = demo.wait(demo.submit(study), timeout=300)
+    assert task["status"] == "failed"
+    assert outputs(task)["error"].startswith("consent: ")
+    assert "no consent" in outputs(task)["error"].lower() or "consent" in outputs(task)["error"]
+    assert len(provider_files(demo)) == before   # nothing sent at all
+
+
+def test_ai_service_down_ends_with_a_clear_error(demo):
+    demo.stop_process("ai-service")
+    try:
+        study = demo.add_study(seed=4103)
+        task = demo.wait(demo.submit(study), timeout=600)
+        assert task["status"] == "failed"
+        error = outputs(task)["error"]
+        assert error.startswith("infer: "), error
+        assert_nothing_identifying_at_provider(demo)
+    finally:
+        demo.start_ai_service()
+
+
+def test_provider_dsf_unreachable_ends_with_a_clear_error(demo):
+    bed = demo.state.bed
+    bed.stop_server("ai-fhir")
+    try:
+        study = demo.add_study(seed=4104)
+        task = demo.wait(demo.submit(study), timeout=600)
+        assert task["status"] == "failed"
+        error = outputs(task)["error"]
+        assert "executeOmiInference" in error and "ai.omi.test" in error, error
+        assert_nothing_identifying_at_provider(demo)
+    finally:
+        bed.start_server("ai-fhir")
+
+
+def test_worker_killed_mid_send_does_not_duplicate_the_study(demo):
+    study = demo.add_study(seed=4105)
+    demo.stop_process("dic-worker")
+    log = demo.folder / "dic-worker-a.log"
+    demo.start_workers(name="dic-worker-a")
+    task_id = demo.submit(study)
+    end = time.monotonic() + 300
+    while time.monotonic() < end and "(send, business key" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.05)
+    demo.procs["dic-worker-a"].send_signal(signal.SIGKILL)   # in the middle of the send
+    demo.stop_process("dic-worker-a")
+    demo.start_workers(name="dic-worker")
+    task = demo.wait(task_id, timeout=600)
+    assert task["status"] == "completed", outputs(task)
+    # exactly one copy of each instance at the provider: index rows and files agree, study by study
+    with sqlite3.connect(demo.provider_store / "index.sqlite") as db:
+        rows = dict(db.execute("SELECT study_uid, COUNT(DISTINCT sop_uid) FROM instances GROUP BY study_uid").fetchall())
+    for study_uid, instances in rows.items():
+        assert len(list((demo.provider_store / "files" / study_uid).rglob("*.dcm"))) == instances
+    sent_events = [e for e in AuditTrail(demo.folder / "sites" / "dic-audit.sqlite").events(demo.business_key(task_id))
+                   if e.action == "sent"]
+    assert sent_events and all(e.details["instances"] <= demo.slices for e in sent_events)
