@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Set up, then run the main job: build the OMI DSF process plugin into dist/.
+# Set up, build the DSF process plugin, then run the demo: two DSF 1.9 sites on this machine, one
+# inference end to end (legacy PACS → consent → pseudonymize → send → infer → return), shut down.
+# Pass --keep to leave the DSF test bed running. Needs a DSF 1.9 distribution (DSF_HOME, see
+# docs/testbed.md); without one the build still runs and the demo says what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-python3 -m omi_dsf build "$@"
+python3 -m omi_dsf build
+python3 -m omi_dsf demo "$@"
