@@ -16,21 +16,22 @@ import numpy as np
 
 from omi_dsf.inference import tensors
 from omi_dsf.inference.tensors import TensorError
+from omi_dsf.worker.api import RetryableStepError  # the service's state, fit for the Task
 
 
 class OipError(Exception):
     """Inference through the Open Inference Protocol failed."""
 
 
-class ServiceUnavailable(OipError):
+class ServiceUnavailable(OipError, RetryableStepError):
     """The server cannot be reached or answers with a server error."""
 
 
-class InferenceTimeout(OipError):
+class InferenceTimeout(OipError, RetryableStepError):
     """The server did not answer within the client's timeout."""
 
 
-class ModelNotReady(OipError):
+class ModelNotReady(OipError, RetryableStepError):
     """The model is unknown to the server or not ready to infer."""
 
 

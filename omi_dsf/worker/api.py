@@ -19,6 +19,11 @@ class StepError(Exception):
     """The step cannot succeed with these inputs; retrying will not help."""
 
 
+class RetryableStepError(Exception):
+    """A failure worth retrying (a peer down, a timeout) whose message is fit for the requester's
+    Task: after the last attempt the runtime reports it instead of just the exception's type."""
+
+
 @dataclass(frozen=True)
 class StepContext:
     topic: str                  # e.g. "pseudonymize"

@@ -44,9 +44,10 @@ def _run(args) -> int:
     client = DsfClient(site.identity)
     audit = AuditTrail(site.audit_path)
     steps = dict(site.raw.get("steps") or {})
+    actor = certificate_subject(site.identity.cert_file)
     steps.setdefault("audit", str(site.audit_path))
-    worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, steps, audit=audit,
-                    actor=certificate_subject(site.identity.cert_file))
+    steps.setdefault("actor", actor)   # the steps' audit events name the site's certificate too
+    worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, steps, audit=audit, actor=actor)
 
     def on_term(signum, frame):
         if worker.stopping.is_set():

@@ -26,7 +26,7 @@ from typing import Mapping
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfAuthError, DsfConflict, DsfError, DsfNotFound, DsfValidationError
 from omi_dsf.dsf.workitem import WorkItem
-from omi_dsf.worker.api import Handler, StepContext, StepError
+from omi_dsf.worker.api import Handler, RetryableStepError, StepContext, StepError
 from omi_dsf.worker.lease import LeaseStore
 
 log = logging.getLogger("omi_dsf.worker")
@@ -175,6 +175,8 @@ class Worker:
                 log.warning("work item %s (%s, business key %s): attempt %d failed: %s",
                             item.id, topic, item.business_key, attempt, type(exc).__name__)
                 if attempt >= s.max_attempts:
+                    if isinstance(exc, RetryableStepError):   # its message is meant for the Task
+                        return {}, f"{topic}: {exc} (after {attempt} attempts)"
                     return {}, f"{topic}: failed after {attempt} attempts ({type(exc).__name__})"
                 if self.stopping.wait(s.backoff * 2 ** (attempt - 1)):
                     raise KeyboardInterrupt("worker stopping") from exc

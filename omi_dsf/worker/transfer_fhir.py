@@ -18,10 +18,10 @@ from typing import Any, Mapping
 
 import requests
 
-from omi_dsf.worker.api import StepError
+from omi_dsf.worker.api import RetryableStepError, StepError
 
 
-class FhirUnavailable(ConnectionError):
+class FhirUnavailable(ConnectionError, RetryableStepError):
     """The FHIR server did not answer or answered 5xx: retried."""
 
 

@@ -16,13 +16,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from omi_dsf.worker.api import StepError
+from omi_dsf.worker.api import RetryableStepError, StepError
 
 # pynetdicom logs association and DIMSE details (UIDs among them) at INFO and DEBUG.
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-class PacsUnavailable(ConnectionError):
+class PacsUnavailable(ConnectionError, RetryableStepError):
     """The PACS did not take the objects now; a later attempt may succeed."""
 
 

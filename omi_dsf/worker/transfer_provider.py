@@ -21,10 +21,10 @@ from typing import Any, Mapping
 
 import requests
 
-from omi_dsf.worker.api import StepError
+from omi_dsf.worker.api import RetryableStepError, StepError
 
 
-class ProviderUnreachable(ConnectionError):
+class ProviderUnreachable(ConnectionError, RetryableStepError):
     """The provider's gateway did not answer (refused, reset, timed out): transient, retried."""
 
 
