@@ -27,6 +27,9 @@ _BATCH_COUNT = 64
 def _session(config: Mapping[str, Any]) -> requests.Session:
     s = requests.Session()
     s.verify = config.get("verify", True)
+    if s.verify is not True:
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify: not here
+        s.trust_env = False
     if config.get("cert"):
         s.cert = (config["cert"], config["key"]) if config.get("key") else config["cert"]
     if config.get("token_file"):  # a bearer token from a file, never from the configuration itself
