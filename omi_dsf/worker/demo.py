@@ -20,14 +20,14 @@ def fingerprint(topic: str, inputs: Answers) -> str:
 
 def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
     # knobs for tests: slow down, or fail, through the site settings
-    if ctx.topic in (ctx.site.get("demo_fail_topics") or []):
-        raise RuntimeError("demo handler told to fail")
-    if ctx.topic in (ctx.site.get("demo_deny_topics") or []):
-        raise StepError("denied by the demo handler")
     journal = ctx.site.get("demo_journal")
     if journal:   # one line per execution, appended atomically: tests count executions per item
         with open(journal, "a") as f:
             f.write(f"{ctx.topic} {ctx.item_id} {ctx.business_key} {ctx.attempt}\n")
+    if ctx.topic in (ctx.site.get("demo_fail_topics") or []):
+        raise RuntimeError("demo handler told to fail")
+    if ctx.topic in (ctx.site.get("demo_deny_topics") or []):
+        raise StepError("denied by the demo handler")
     delay = float(ctx.site.get("demo_delay", 0) or os.environ.get("OMI_DEMO_DELAY", 0))
     if delay:
         time.sleep(delay)
