@@ -167,7 +167,9 @@ class Worker:
                               outputs=outputs_wanted, item_id=item.id,
                               log=logging.getLogger(f"omi_dsf.step.{topic}"))
             try:
-                return dict(handler(item.inputs, ctx) or {}), None
+                answers = dict(handler(item.inputs, ctx) or {})
+                # a handler may say more than this work item asks (other processes ask more)
+                return {k: v for k, v in answers.items() if k in outputs_wanted}, None
             except StepError as exc:
                 log.info("work item %s (%s, business key %s): step error", item.id, topic, item.business_key)
                 return {}, f"{topic}: {exc}"
