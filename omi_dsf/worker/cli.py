@@ -36,6 +36,7 @@ def _run(args) -> int:
     settings = WorkerSettings(topics=all_topics, lease_ttl=float(w.get("lease_ttl", 60)),
                               max_attempts=int(w.get("max_attempts", 3)), backoff=float(w.get("backoff", 2)),
                               poll_interval=float(w.get("poll_interval", 10)),
+                              concurrency=int(w.get("concurrency", 8)),
                               websocket=bool(w.get("websocket", True)) and not args.no_websocket)
     if w.get("owner"):
         settings.owner = str(w["owner"])

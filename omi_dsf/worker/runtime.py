@@ -16,10 +16,11 @@ import asyncio
 import datetime as dt
 import logging
 import queue
+import socket
 import threading
 import time
 import uuid
-import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -42,9 +43,10 @@ class WorkerSettings:
     backoff: float = 2.0                       # first retry after this many seconds, then doubling
     poll_interval: float = 10.0
     websocket: bool = True
+    concurrency: int = 8                       # items one worker process handles at once
     # The DSF creates a work item inside the BPE's transaction; answered before that commits, the
     # BPE cannot find its user task and drops the answer. So an item is answered only this old.
-    settle: float = 2.0
+    settle: float = 1.0
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -85,6 +87,9 @@ class Worker:
         self.notified: queue.Queue[str] = queue.Queue()
         self.stopping = threading.Event()
         self.outcomes: list[Outcome] = []
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(settings.concurrency)
         self.audit, self.actor = audit, actor or settings.owner
 
     # -- discovery --------------------------------------------------------------------------
@@ -227,45 +232,81 @@ class Worker:
 
     # -- loop -----------------------------------------------------------------------------
 
-    def poll_once(self) -> int:
+    def _dispatch(self, pool: ThreadPoolExecutor, resource: dict) -> bool:
+        """Hand an item to the pool unless this worker already runs it or is full."""
+        rid = resource.get("id")
+        with self._lock:
+            if not rid or rid in self._inflight:
+                return False
+            self._inflight.add(rid)
+        # wait for a free slot rather than drop the item: a notification is not sent twice
+        while not self._slots.acquire(timeout=0.5):
+            if self.stopping.is_set():
+                with self._lock:
+                    self._inflight.discard(rid)
+                return False
+        pool.submit(self._guarded, resource)
+        return True
+
+    def _guarded(self, resource: dict) -> None:
+        try:
+            self.process(resource)
+        except DsfError as exc:
+            # server down or restarting: the item stays in-progress and is found again later
+            log.warning("DSF FHIR server: %s; the item will be retried", exc)
+        except Exception:  # noqa: BLE001 - a bug in one item must not stop the worker
+            log.exception("work item %s: unexpected error", resource.get("id"))
+        finally:
+            with self._lock:
+                self._inflight.discard(resource.get("id"))
+            self._slots.release()
+
+    def poll_once(self, pool: ThreadPoolExecutor | None = None) -> int:
+        """Dispatch every in-progress item of our topics (processed inline without a pool)."""
         handled = 0
         for resource in self.search():
             if self.stopping.is_set():
                 break
-            if self.process(resource):
+            if pool is None:
+                handled += 1 if self.process(resource) else 0
+            elif self._dispatch(pool, resource):
                 handled += 1
         return handled
 
     def run(self, max_items: int | None = None, idle_exit: float | None = None) -> None:
-        """Work until stop() (or max_items done, or idle for idle_exit seconds)."""
+        """Work until stop() (or max_items done, or idle for idle_exit seconds); on stop, the items
+        being handled are finished before it returns."""
         if self.settings.websocket:
             threading.Thread(target=self._listen, name="omi-ws", daemon=True).start()
         next_poll, last_work = 0.0, time.monotonic()
-        while not self.stopping.is_set():
-            try:
-                if time.monotonic() >= next_poll:
-                    if self.poll_once():
-                        last_work = time.monotonic()
-                    next_poll = time.monotonic() + self.settings.poll_interval
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency, thread_name_prefix="omi-item") as pool:
+            while not self.stopping.is_set():
                 try:
-                    item_id = self.notified.get(timeout=max(0.05, min(1.0, next_poll - time.monotonic())))
-                except queue.Empty:
-                    item_id = None
-                if item_id:
-                    try:
-                        if self.process(self.client.read("QuestionnaireResponse", item_id)):
+                    if time.monotonic() >= next_poll:
+                        if self.poll_once(pool):
                             last_work = time.monotonic()
-                    except DsfNotFound:
-                        pass
-            except DsfError as exc:
-                # server down or restarting: keep trying, lose nothing (items stay in-progress)
-                log.warning("DSF FHIR server: %s; retrying", exc)
-                self.stopping.wait(min(self.settings.poll_interval, 5))
-            if max_items is not None and len(self.outcomes) >= max_items:
-                break
-            if idle_exit is not None and time.monotonic() - last_work > idle_exit:
-                break
-        self.stopping.set()
+                        next_poll = time.monotonic() + self.settings.poll_interval
+                    try:
+                        item_id = self.notified.get(timeout=max(0.05, min(1.0, next_poll - time.monotonic())))
+                    except queue.Empty:
+                        item_id = None
+                    if item_id and item_id not in self._inflight:
+                        try:
+                            if self._dispatch(pool, self.client.read("QuestionnaireResponse", item_id)):
+                                last_work = time.monotonic()
+                        except DsfNotFound:
+                            pass
+                except DsfError as exc:
+                    # server down or restarting: keep trying, lose nothing (items stay in-progress)
+                    log.warning("DSF FHIR server: %s; retrying", exc)
+                    self.stopping.wait(min(self.settings.poll_interval, 5))
+                if max_items is not None and len(self.outcomes) >= max_items:
+                    break
+                if self._inflight:
+                    last_work = time.monotonic()
+                if idle_exit is not None and time.monotonic() - last_work > idle_exit:
+                    break
+            self.stopping.set()
 
     def stop(self) -> None:
         self.stopping.set()
