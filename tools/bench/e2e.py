@@ -98,6 +98,7 @@ def main() -> int:
             demo.start()
             demo.start_workers()
             study = demo.add_study(seed=777)
+            mb = sum(f.stat().st_size for f in study.files) / 2**20
             raw = raw_transfer(demo, study.uid, Path(tmp))
             model = model_time(study.files)
             t0 = time.monotonic()
@@ -111,7 +112,6 @@ def main() -> int:
             demo.stop()
             if bed is not None:
                 bed.down()
-    mb = sum(f.stat().st_size for f in study.files) / 2**20
     ratio = (total - model) / raw
     print(f"study: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB")
     print(f"raw transfer (getscu + storescu): {raw:.1f} s; model alone: {model:.1f} s")
