@@ -55,7 +55,11 @@ def dsf_testbed():
     if not was_running and folder.exists():
         bed.down(purge=True)   # fresh per run; the folder with the logs stays afterwards
     t0 = time.monotonic()
-    bed.up(timeout=900)
+    try:
+        bed.up(timeout=900)
+    except BaseException:
+        bed.down()   # leave no PostgreSQL or JVM behind when the test bed does not come up
+        raise
     print(f"test bed ready after {time.monotonic() - t0:.0f} s")
     state = State.load(folder)
     state.bed = bed
