@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from omi_dsf.dsf.client import DsfClient
+from omi_dsf.dsf.errors import DsfError
 from omi_dsf.dsf.tasks import message_task, outputs
-from omi_dsf.dsf.workitem import WorkItem
+from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
 from omi_dsf.worker.config import load_site_config
 from omi_dsf.worker.demo import fingerprint
 from omi_dsf.worker.sites import write_testbed_site_configs
@@ -171,24 +172,43 @@ def test_killed_worker_item_is_completed_by_another_with_the_same_result(site):
 
 
 def test_fhir_server_restart_loses_no_item(site):
-    """The FHIR server goes away while workers hold items (all instances wait at their consent work
-    item, the BPE is idle): the workers reconnect, the answers they could not write are redone, and
-    every instance completes. (The restart is timed so: a DSF 1.9 BPE that cannot reach its FHIR
-    server at the moment it opens a work item drops that process instance itself.)"""
+    """The FHIR server goes away while workers hold items: the workers reconnect, and every work item
+    they held ends completed with its answer (redone where the answer could not be written).
+
+    What the workers cannot promise: a DSF 1.9 BPE that cannot reach its FHIR server while it
+    moves an instance on (opening the next work item) drops that instance itself, so this test
+    checks the work items, not that every instance reaches its end (docs/testbed.md)."""
     bed = site.state.bed
-    site.worker(site.config("dic", "dic", steps={"demo_delay": 15}), DIC_TOPICS, "dic")
-    site.worker(site.base["ai"], "infer", "ai")
+    site.worker(site.config("dic", "dic", steps={"demo_delay": 15}), "consent", "dic")
     ids = site.submit(5)
     keys = site.business_keys(ids)
     end = time.monotonic() + 120
     while time.monotonic() < end and len({k for t, _, k, _ in site.executions(keys) if t == "consent"}) < 5:
         time.sleep(0.2)
+    restarted = time.monotonic()
     bed.restart("dic-fhir")        # the handlers finish meanwhile; their answers cannot be written
-    tasks = site.wait(ids, timeout=400)
-    assert all(t["status"] == "completed" for t in tasks.values()), {k: outputs(t) for k, t in tasks.items()}
-    runs = collections.Counter((t, i) for t, i, _, _ in site.executions(keys))
-    assert len(runs) == 5 * 5
-    assert any(n > 1 for (t, _), n in runs.items() if t == "consent")   # redone after the restart
+    end = time.monotonic() + 300
+    consent = {}
+    while time.monotonic() < end:
+        consent = {}
+        try:
+            for qr in site.dic.search("QuestionnaireResponse", {"questionnaire": topics_from_spec()["consent"]}):
+                item = WorkItem(qr)
+                if item.business_key in keys:
+                    consent[item.business_key] = item
+        except DsfError:       # still coming up
+            pass
+        if len(consent) == 5 and all(i.status == "completed" for i in consent.values()):
+            break
+        time.sleep(2)
+    assert len(consent) == 5 and all(i.status == "completed" for i in consent.values()), \
+        {k: i.status for k, i in consent.items()}
+    for item in consent.values():    # each holds the answer its inputs give, none an error
+        answers = {i["linkId"]: i.get("answer") for i in item.resource["item"]}
+        inputs = {k: v for k, v in item.inputs.items() if k != "consent-reference"}
+        assert answers["consent-reference"] == [{"valueString": f"consent-{fingerprint('consent', inputs)}"}]
+        assert answers["error"] is None
+    assert time.monotonic() - restarted < 400
 
 
 def test_failing_handler_ends_the_instance_with_its_error(site):

@@ -205,6 +205,12 @@ class Worker:
             try:
                 self.client.update(item.completed(outputs, error))
             except (ValueError, DsfValidationError, DsfAuthError) as exc:
+                current = self.client.read("QuestionnaireResponse", item.id)
+                if current.get("status") != "in-progress":
+                    # an earlier answer of ours did arrive (e.g. its reply was lost in a restart)
+                    log.info("work item %s: already completed; nothing more to do", item.id)
+                    self.leases.finish(item.id, s.owner)
+                    return Outcome(item.id, item.business_key, topic, "skipped", attempt)
                 # answers the server refuses (the DSF answers 403 to a response that breaks its
                 # Questionnaire) must not leave the process waiting: report that instead
                 log.error("work item %s: answers refused: %s; completing with an error", item.id, exc)
