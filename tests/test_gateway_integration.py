@@ -447,6 +447,9 @@ def test_no_patient_data_in_the_logs(bed, data, aet, caplog):
     import logging
 
     caplog.set_level(logging.DEBUG)
+    # other modules quieten pynetdicom process-wide on import (omi_dsf.worker.transfer_pacs):
+    # this test wants to see everything it would say
+    caplog.set_level(logging.DEBUG, logger="pynetdicom")
     c = client(bed, aet)
     found = c.search_for_studies(search_filters={"PatientID": data["patient_id"]}, fields=["PatientName"])
     name = found[0]["00100010"]["Value"][0]["Alphabetic"]
