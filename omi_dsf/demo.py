@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-import requests
 from cryptography.hazmat.primitives import serialization
 
 from omi_dsf.dicomweb.config import AuthConfig, DimseBackendConfig, GatewayConfig, StoreBackendConfig, TlsConfig
@@ -26,6 +25,7 @@ from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.tasks import message_task, outputs
 from omi_dsf.inference import phantom
+from omi_dsf.inference.launch import AiServiceProcess
 from omi_dsf.testbed.certs import TestCA
 from omi_dsf.worker.config import load_site_config
 from omi_dsf.worker.sites import write_testbed_site_configs
@@ -136,29 +136,17 @@ class Demo:
                    "ai_timeout_s": 300},
         }
         self.sites = write_testbed_site_configs(self.state, f / "sites", steps=steps, worker=self.worker_settings)
-        for key_ in ("dic", "ai"):   # each site keeps its audit trail in its own folder
-            cfg = self.sites[key_]
-            raw = cfg.read_text() + f"audit: {key_}-audit.sqlite\n"
-            cfg.write_text(raw)
         self.dsf = DsfClient(load_site_config(self.sites["dic"]).identity)
         return self
 
     def start_ai_service(self) -> None:
         """(Re)start the reference AI service, on the port it had before if any."""
-        if not getattr(self, "ai_url", None):
-            self.ai_url = f"http://127.0.0.1:{free_port()}"
-        port = int(self.ai_url.rsplit(":", 1)[1])
-        self._spawn("ai-service", ["ai-service", "--host", "127.0.0.1", "--port", str(port)])
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{self.ai_url}/v2/models/lung-seg/ready", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if self.procs["ai-service"].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"reference AI service did not start; see {self.folder / 'ai-service.log'}")
-            time.sleep(0.3)
+        port = int(self.ai_url.rsplit(":", 1)[1]) if getattr(self, "ai_url", None) else None
+        self.ai_service = AiServiceProcess(port, log=self.folder / "ai-service.log", timeout=90).start()
+        self.ai_url = self.ai_service.url
+
+    def stop_ai_service(self) -> None:
+        self.ai_service.stop()
 
     def _spawn(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")
@@ -252,6 +240,8 @@ class Demo:
     def stop(self) -> None:
         for name in list(self.procs):
             self.stop_process(name)
+        if getattr(self, "ai_service", None):
+            self.ai_service.stop()
         for s in reversed(self.servers):
             s.stop()
         self.servers.clear()

@@ -113,7 +113,7 @@ def test_consent_denied_sends_nothing(demo):
 
 
 def test_ai_service_down_ends_with_a_clear_error(demo):
-    demo.stop_process("ai-service")
+    demo.stop_ai_service()
     try:
         study = demo.add_study(seed=4103)
         task = demo.wait(demo.submit(study), timeout=600)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 import warnings
 
@@ -13,6 +11,7 @@ import pytest
 
 from conftest import free_port
 from omi_dsf.inference import lungseg, phantom
+from omi_dsf.inference.launch import AiServiceProcess
 from omi_dsf.inference.client import (InferenceRejected, InferenceTimeout, ModelNotReady, OipClient,
                                       ServiceUnavailable, TensorMismatch)
 from omi_dsf.inference.service import LungSegModel, create_app
@@ -148,32 +147,11 @@ def test_timeout_and_unreachable_server():
 
 @pytest.mark.integration
 def test_ai_service_command_serves_the_protocol():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--host", "127.0.0.1",
-                             "--port", str(port), "--max-slices", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        with OipClient(f"http://127.0.0.1:{port}", timeout=30) as ai:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if ai.server_live():
-                        break
-                except ServiceUnavailable:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(proc.stdout.read().decode()) from None
-                    time.sleep(0.1)
-            ai.wait_until_ready("lung-seg", timeout=10)
-            assert ai.model_metadata("lung-seg")["parameters"]["max_slices"] == 30
-            hu, truth = phantom.phantom_hu(10, 2, 256, 256), phantom.known_lung_mask(10, 2, 256, 256)
-            result = ai.infer("lung-seg", {"HU": hu, "SPACING_MM": np.array([2.5, 1.4, 1.4], np.float32)})
-            d = lungseg.dice(result.outputs["LUNG_LABELS"] > 0, truth)
-            print(f"Dice over HTTP (256x256x10): {d:.4f}")
-            assert d > 0.9
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    with AiServiceProcess(args=("--max-slices", "30"), timeout=40) as service, \
+            OipClient(service.url, timeout=30) as ai:
+        assert ai.model_metadata("lung-seg")["parameters"]["max_slices"] == 30
+        hu, truth = phantom.phantom_hu(10, 2, 256, 256), phantom.known_lung_mask(10, 2, 256, 256)
+        result = ai.infer("lung-seg", {"HU": hu, "SPACING_MM": np.array([2.5, 1.4, 1.4], np.float32)})
+        d = lungseg.dice(result.outputs["LUNG_LABELS"] > 0, truth)
+        print(f"Dice over HTTP (256x256x10): {d:.4f}")
+        assert d > 0.9

@@ -13,14 +13,11 @@ import ipaddress
 import json
 import logging
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,6 +33,7 @@ from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, StoreBackendConfi
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
 from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.inference import phantom
+from omi_dsf.inference.launch import AiServiceProcess
 from omi_dsf.inference.step import infer
 from omi_dsf.worker import transfer, transfer_stow
 from omi_dsf.worker.api import StepContext, StepError
@@ -111,30 +109,8 @@ def gateway(tmp_path_factory, pki):
 
 @pytest.fixture(scope="module")
 def ai_url(tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("ai") / "ai-service.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/v2/models/lung-seg/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "AI service did not start"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+    with AiServiceProcess(log=tmp_path_factory.mktemp("ai") / "ai-service.log") as service:
+        yield service.url
 
 
 @pytest.fixture(scope="module")

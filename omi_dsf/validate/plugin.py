@@ -105,8 +105,6 @@ def _cross_check(models: list[BpmnModel], resources: list[FhirResource], example
             if system and not system.startswith(("http://dsf.dev/", "http://hl7.org/", "http://terminology.hl7.org/")) and system not in css:
                 out.append(Finding(vs.file, "compose.include", "xref-code-system", f"CodeSystem {system} is not part of the plugin"))
 
-    for t in by_type.get("Task", {}).values() or []:
-        pass
     for task in [r for r in resources if r.type == "Task"] + examples:
         for p in task.profiles:
             if bare(p) not in sds:

@@ -24,6 +24,7 @@ def write_testbed_site_configs(state, folder: Path, steps: dict[str, dict] | Non
             "client_key": site.client_key,
             "client_key_password_file": str(pw),
             "lease_store": f"sqlite:///{folder / (site.key + '-leases.db')}",
+            "audit": f"{site.key}-audit.sqlite",
             "worker": dict(worker or {}),
             "steps": dict((steps or {}).get(site.key, {})),
         }

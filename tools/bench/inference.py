@@ -16,25 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 from omi_dsf.inference import lungseg, phantom
-from omi_dsf.inference.client import OipClient, ServiceUnavailable
+from omi_dsf.inference.launch import AiServiceProcess  # noqa: E402
+from omi_dsf.inference.client import OipClient
 from omi_dsf.inference.service import LungSegModel
 
 TARGETS = {"binary_over_json_max": 0.5, "binary_over_direct_max": 1.5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -59,22 +52,13 @@ def main() -> int:
     inputs = {"HU": hu, "SPACING_MM": spacing}
     model = LungSegModel()
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        with OipClient(f"http://127.0.0.1:{port}", timeout=120) as ai:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if ai.server_live():
-                        break
-                except ServiceUnavailable:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        print(proc.stderr.read().decode(), file=sys.stderr)
-                        return 1
-                    time.sleep(0.1)
-            ai.wait_until_ready("lung-seg")
+        service = AiServiceProcess(timeout=60).start()
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        with OipClient(service.url, timeout=120) as ai:
             results = {}
             for name, binary in (("binary", True), ("json", False)):
                 out = ai.infer("lung-seg", inputs, binary=binary)  # warm-up, and a correctness check
@@ -83,11 +67,7 @@ def main() -> int:
             binary_s = _median_seconds(lambda: ai.infer("lung-seg", inputs, binary=True), args.repeats)
             json_s = _median_seconds(lambda: ai.infer("lung-seg", inputs, binary=False), args.repeats)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        service.stop()
 
     n = args.slices
     figures = {

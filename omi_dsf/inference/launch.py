@@ -1,0 +1,69 @@
+"""The reference AI service as a child process (`python -m omi_dsf ai-service`), for the demo,
+tests and benchmarks: started on a loopback port, returned once its model is ready, stopped."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omi_dsf.inference.client import OipClient, ServiceUnavailable
+
+MODEL = "lung-seg"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AiServiceProcess:
+    def __init__(self, port: int | None = None, log: Path | None = None, args: tuple[str, ...] = (),
+                 timeout: float = 60.0):
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log, self.args, self.timeout = log, args, timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "AiServiceProcess":
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--host", "127.0.0.1",
+                                          "--port", str(self.port), *self.args],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if self.log:
+                out.close()
+        deadline = time.monotonic() + self.timeout
+        with OipClient(self.url, timeout=10) as ai:
+            while True:   # up at all (or dead), then the model ready
+                try:
+                    if ai.server_live():
+                        break
+                except ServiceUnavailable:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"reference AI service did not start on {self.url}"
+                                       + (f"; see {self.log}" if self.log else ""))
+                time.sleep(0.1)
+            ai.wait_until_ready(MODEL, timeout=max(1.0, deadline - time.monotonic()))
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "AiServiceProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
