@@ -112,8 +112,10 @@ class Gateway:
                 out[level] = check_uid(p[key], f"{what} in the URL:")
         return out
 
-    async def open_stream(self, backend, level: str, scope: dict, transform=None) -> tuple[ThreadStream, object]:
-        """Start the retrieval and wait for its first item (errors before it become HTTP errors)."""
+    async def open_stream(self, backend, level: str, scope: dict, transform=None,
+                          head=None) -> tuple[ThreadStream, object]:
+        """Start the retrieval and wait for its first item (errors before it become HTTP errors).
+        ``head``: see the backends' ``retrieve``; not together with ``transform``."""
         stats = self.stats
 
         def produce(emit, token):
@@ -123,7 +125,7 @@ class Gateway:
                 emit(data if transform is None else transform(data))
             stats.add("streams_active")
             try:
-                backend.retrieve(level, scope, out, token)
+                backend.retrieve(level, scope, out, token, head)
             finally:
                 stats.add("streams_active", -1)
         stream = ThreadStream(produce, maxsize=self.cfg.stream_queue,
@@ -157,22 +159,40 @@ class Gateway:
         scope = self.scope(request)
         choice = wado.choose_instance_media(parse_accept(request.headers.get("accept")))
         backend = self.backend(request)
-        transform = None if choice.transfer_syntax is None else (lambda d: wado.convert(d, choice))
-        stream, first = await self.open_stream(backend, level, scope, transform)
         boundary = new_boundary()
         head = part_head(boundary, wado.DICOM)
+        if choice.transfer_syntax is None:
+            # The backend puts each part's header in front of its instance, in the buffer it
+            # fills anyway: one write per instance, no copy here.
+            heads = iter([head])  # the first part has no CRLF before its delimiter
+
+            def next_head() -> bytes:
+                return next(heads, CRLF + head)
+            stream, first = await self.open_stream(backend, level, scope, head=next_head)
+            framed = True
+        else:
+            stream, first = await self.open_stream(backend, level, scope, lambda d: wado.convert(d, choice))
+            framed = False
 
         async def body() -> AsyncIterator[bytes]:
             sent = 0
             try:
-                yield head
-                self.stats.mark("first_part_sent")
-                yield first
-                sent = 1
-                async for data in stream:
-                    yield CRLF + head
-                    yield data
-                    sent += 1
+                if framed:
+                    yield first
+                    self.stats.mark("first_part_sent")
+                    sent = 1
+                    async for data in stream:
+                        yield data
+                        sent += 1
+                else:
+                    yield head
+                    self.stats.mark("first_part_sent")
+                    yield first
+                    sent = 1
+                    async for data in stream:
+                        yield CRLF + head
+                        yield data
+                        sent += 1
                 yield CRLF + closing(boundary)
             except DicomwebError as exc:
                 log.warning("retrieval of a %s ended after %d instances: %s", level, sent, exc.message)

@@ -6,8 +6,9 @@ Both offer the same blocking operations (run in worker threads by the web layer)
   upper levels fixed by ``scope`` ({level: uid}); like a Study Root C-FIND;
 * ``study_summary(study_uid)`` / ``series_count(study_uid, series_uid)`` -- ModalitiesInStudy and
   the NumberOf… attributes, for answers that lack them;
-* ``retrieve(level, scope, emit, token)`` -- every instance (Part 10 bytes) at or below a level,
-  handed to ``emit`` as soon as it arrives; raises NotFound when there is none;
+* ``retrieve(level, scope, emit, token, head=None)`` -- every instance (Part 10 bytes) at or below
+  a level, handed to ``emit`` as soon as it arrives, each after ``head()`` (a multipart part
+  header) when given; raises NotFound when there is none;
 * ``instance(study, series, sop) -> bytes`` -- one instance (cached), for frames/bulk/rendered;
 * ``store(items) -> [(status, comment)]`` -- STOW-RS.
 """

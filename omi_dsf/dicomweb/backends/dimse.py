@@ -196,25 +196,26 @@ class DimseBackend:
                 setattr(ident, UID_KEYWORD[lvl], scope[lvl])
         return ident
 
-    def retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken) -> None:
+    def retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken, head=None) -> None:
         with self._slot():
-            self._retrieve(level, scope, emit, token)
+            self._retrieve(level, scope, emit, token, head)
 
-    def _retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken) -> None:
+    def _retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken, head) -> None:
         ident = self._identifier(level, scope)
         mode = self.cfg.retrieve
+        framed = emit if head is None else (lambda data: emit(head() + data))
         if mode in ("get", "auto"):
             try:
                 if self.cfg.engine == "lean":
-                    lean_c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id())
+                    lean_c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id(), head)
                 else:
-                    c_get(self._get_pool, ident, emit, token)
+                    c_get(self._get_pool, ident, framed, token)
                 return
             except NotFound:
                 if mode == "get":
                     raise
                 log.info("C-GET found nothing on %s; trying C-MOVE", self.name)
-        c_move(self._move_pool, self._move.get(self.cfg.engine), ident, emit, token)
+        c_move(self._move_pool, self._move.get(self.cfg.engine), ident, framed, token)
 
     def instance(self, study: str, series: str, sop: str) -> bytes:
         key = f"{study}/{series}/{sop}"

@@ -142,14 +142,15 @@ class StoreBackend:
         return [r[0] for r in self._rows(f"SELECT path FROM instances{where} "
                                          "ORDER BY series_uid, stored_at", args)]
 
-    def retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken) -> None:
+    def retrieve(self, level: str, scope: dict[str, str], emit, token: CancelToken, head=None) -> None:
         paths = self._paths(scope)
         if not paths:
             raise NotFound(f"no such {level} in store {self.name}")
         for rel in paths:
             if token.cancelled:
                 return
-            emit((self.root / rel).read_bytes())
+            data = (self.root / rel).read_bytes()
+            emit(data if head is None else head() + data)
 
     def instance(self, study: str, series: str, sop: str) -> bytes:
         paths = self._paths({STUDY: study, SERIES: series, INSTANCE: sop})

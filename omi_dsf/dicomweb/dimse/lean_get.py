@@ -4,6 +4,11 @@ A-ASSOCIATE-RQ (Get context + storage contexts with SCP role) → C-GET-RQ →
 {C-STORE-RQ + data → C-STORE-RSP, C-GET-RSP pending}* → C-GET-RSP final → A-RELEASE.
 Each instance goes to ``emit`` as Part 10 bytes: a file meta group + the data set exactly as sent.
 When the client is gone (``token``), the association is aborted at once.
+
+With ``head`` (the WADO-RS multipart part header), each instance is emitted as head + Part 10 in
+the one buffer the PDV fragments are joined into anyway, and its C-STORE-RSP goes out before the
+instance is handed on: the PACS starts the next sub-operation while the HTTP side wakes up, and
+the HTTP side writes one buffer per instance.
 """
 
 from __future__ import annotations
@@ -25,9 +30,16 @@ from .retrieve import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, RetrieveSummary
 log = logging.getLogger(__name__)
 
 
+def store_rsp(cmd: dict[int, bytes], sop_class: bytes, sop: bytes, status: int) -> bytes:
+    return command([(0x0002, pad(sop_class)), (0x0100, us(C_STORE_RSP)), (0x0120, cmd.get(0x00000110, us(0))),
+                    (0x0800, us(NO_DATA)), (0x0900, us(status)), (0x1000, pad(sop))])
+
+
 def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable[[bytes], None],
-               token: CancelToken, msg_id: int = 1) -> RetrieveSummary:
-    """C-GET ``identifier`` and ``emit`` every instance as it arrives (Part 10 bytes)."""
+               token: CancelToken, msg_id: int = 1,
+               head: Callable[[], bytes] | None = None) -> RetrieveSummary:
+    """C-GET ``identifier`` and ``emit`` every instance as it arrives (Part 10 bytes, after
+    ``head()`` if given; then ``emit`` may only raise :class:`Cancelled`)."""
     summary = RetrieveSummary()
     started = time.monotonic()
     conn, accepted, proposed = open_association(calling_aet, peer, get_proposals(), scp_roles=True)
@@ -42,7 +54,8 @@ def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable
             ts = accepted.get(cid)
             if ts is None or us_of(cmd, 0x00000100) != C_STORE_RQ:
                 return b""
-            return part10_meta(uid_of(cmd, 0x00000002), uid_of(cmd, 0x00001000), ts)
+            group = part10_meta(uid_of(cmd, 0x00000002), uid_of(cmd, 0x00001000), ts)
+            return group if head is None else head() + group
 
         for cid, cmd, data in messages(conn, token, prefix=meta):
             field = us_of(cmd, 0x00000100)
@@ -62,6 +75,12 @@ def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable
             status = 0x0000
             if ts is None or data is None:
                 status = CANNOT_UNDERSTAND
+            elif head is not None:
+                # Answer first: the PACS waits for this answer before it sends the next instance.
+                conn.send_message(cid, store_rsp(cmd, sop_class, sop, status))
+                emit(data)  # raises Cancelled when the client is gone: the association is aborted
+                summary.received += 1
+                continue
             else:
                 try:
                     emit(data)  # Part 10: meta() put the file meta group in front
@@ -73,9 +92,7 @@ def lean_c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Callable
                     status = CANNOT_UNDERSTAND
             if status == OUT_OF_RESOURCES:
                 raise Cancelled()
-            conn.send_message(cid, command([
-                (0x0002, pad(sop_class)), (0x0100, us(C_STORE_RSP)), (0x0120, cmd.get(0x00000110, us(0))),
-                (0x0800, us(NO_DATA)), (0x0900, us(status)), (0x1000, pad(sop))]))
+            conn.send_message(cid, store_rsp(cmd, sop_class, sop, status))
         if final == 0xFE00:
             raise PacsUnavailable("C-GET was cancelled by the PACS")
         if final not in (0x0000, 0xB000) and summary.received == 0:
