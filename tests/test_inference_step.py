@@ -19,7 +19,7 @@ import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
 from conftest import free_port
-from omi_dsf.inference import lungseg, phantom, step
+from omi_dsf.inference import lungseg, phantom, results, step
 from omi_dsf.inference.client import ServiceUnavailable
 from omi_dsf.inference.service import LungSegModel, create_app
 from omi_dsf.worker.api import StepContext, StepError
@@ -107,7 +107,10 @@ def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
     print(f"Dice through gateway + service: {d:.4f}")
     assert d > 0.9
     assert sr_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-    assert '"resourceType":"DiagnosticReport"' in out["fhir-bundle"]
+    # FHIR is the requester's to make, from the SR after re-identification; the step answers none
+    assert "fhir-bundle" not in out
+    bundle = results.fhir_bundle_from_report(sr_ds)
+    assert {e["resource"]["resourceType"] for e in bundle["entry"]} >= {"DiagnosticReport", "Observation"}
 
     # nothing identifying in the log: not the fake patient's name or ID, nor the UIDs
     for value in (str(source[0].PatientName), str(source[0].PatientID), uids["good"]):

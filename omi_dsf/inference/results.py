@@ -108,8 +108,15 @@ def build_segmentation(source: Sequence[Dataset], labels: np.ndarray, algorithm:
 
 def build_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation, volumes_ml: tuple[float, float],
                              algorithm: Algorithm, uids: ResultUids) -> hd.sr.Comprehensive3DSR:
-    """TID 1500 Measurement Report: one volumetric ROI group per lung with its volume in ml."""
+    """TID 1500 Measurement Report: one volumetric ROI group per lung with its volume in ml.
+
+    Each group references its segment in the SEG and, by TID 1411's "Source series for
+    segmentation", the CT series; the SEG itself references every source image (and the SR's
+    evidence lists them all). Listing the images again per segment (as
+    `ReferencedSegment.from_segmentation` does) made 400 content items for a 200-slice study
+    and most of the SR's build time."""
     algo = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
+    series = hd.sr.SourceSeriesForSegmentation(str(source[0].SeriesInstanceUID))
     groups = []
     for (number, label, code, meaning), volume in zip(SEGMENTS, volumes_ml):
         site = hd.sr.CodedConcept(code, "SCT", meaning)
@@ -117,7 +124,8 @@ def build_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=str(UID(f"2.25.{uuid.uuid5(_NS, uids.sr_instance + '|' + str(number)).int}")),
                 identifier=label),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number),
+            referenced_segment=hd.sr.ReferencedSegment(seg.SOPClassUID, seg.SOPInstanceUID, number,
+                                                       source_series=series),
             finding_type=codes.SCT.Lung,
             finding_sites=[hd.sr.FindingSite(site)],
             algorithm_id=algo,

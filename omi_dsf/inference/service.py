@@ -10,13 +10,14 @@ modality, body part, slice limits, label meaning, algorithm name and version.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from omi_dsf.inference import lungseg, tensors
@@ -158,18 +159,27 @@ def create_app(models: list[Any] | None = None) -> Starlette:
         binary |= {o["name"] for o in requested
                    if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
         try:
+            start = time.perf_counter()
             result = await run_in_threadpool(model.infer, inputs)
+            model_ms = (time.perf_counter() - start) * 1000
         except ModelInputError as exc:
             return _error(400, str(exc))
         except Exception:
             log.exception("model %s failed", model.name)  # tensors are never logged
             return _error(500, f"model '{model.name}' failed; see the service log")
-        header: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
+        # the model's own compute time lets a caller tell model from protocol and transfer cost
+        header: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
+                                  "parameters": {"model_time_ms": round(model_ms, 1)}}
         if "id" in message:
             header["id"] = message["id"]
-        out_body, headers = await run_in_threadpool(
-            tensors.encode, header, "outputs", {n: result[n] for n in names}, binary)
-        return Response(out_body, headers=headers)
+        parts, headers = await run_in_threadpool(
+            tensors.encode_parts, header, "outputs", {n: result[n] for n in names}, binary)
+
+        async def body_chunks():  # slices of the label volume as they are, not one joined copy
+            for chunk in tensors.chunks(parts):
+                yield chunk
+
+        return StreamingResponse(body_chunks(), headers=headers)
 
     routes = [
         Route("/v2", server_metadata),

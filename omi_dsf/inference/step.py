@@ -2,9 +2,12 @@
 study from the gateway → AI service → DICOM SEG + SR back to the gateway by STOW-RS.
 
 Inputs: pseudonymized-study-instance-uid (required), ai-service-identifier, study-location.
-Outputs: result-location (DICOMweb URL of the study holding the results), result-study-instance-uid,
-result-series-uids (SEG,SR), status ("completed"), fhir-bundle (JSON: DiagnosticReport, Observations,
-Device, Provenance; subject and study referenced by identifier, to be mapped after re-identification).
+Outputs: result-location (DICOMweb URL of the study holding the results), result-study-instance-uid
+(both declared in the spec and sent back), result-series-uids (SEG,SR) and status ("completed")
+for local callers. No FHIR here: the requester's `return` step makes the FHIR result
+(DiagnosticReport, Observations, Device, Provenance) from the SR after re-identification
+(`results.fhir_bundle_from_report`), so it names the real patient and study; one made here
+would name the pseudonyms and never travel back (the work item does not declare it).
 
 Site configuration (`ctx.site`):
   gateway_url       DICOMweb base URL of the provider's OMI gateway (QIDO/WADO/STOW)
@@ -21,15 +24,17 @@ retry after a crash stores the same objects again rather than new ones.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import requests
 from dicomweb_client.api import DICOMwebClient
 
 from omi_dsf.inference import client as oip
+from omi_dsf.inference import fetch
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
 from omi_dsf.worker.api import Answers, StepContext, StepError
@@ -92,7 +97,39 @@ def _choose_series(dicomweb: DICOMwebClient, study_uid: str, modality: str, max_
     return series_uid
 
 
+class Timings:
+    """Seconds per phase of one `infer` run, in the order the phases ran; "model" is the service's own
+    compute time when it reports one (parameter model_time_ms), inside "oip_request"."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self._start if "total" not in self.seconds else self.seconds["total"]
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
+
+
 def infer(inputs: Answers, ctx: StepContext) -> Answers:
+    answers, timings = infer_timed(inputs, ctx)
+    ctx.log.info("infer %s: timings %s", ctx.business_key, timings.summary())
+    return answers
+
+
+def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
+    """`infer`, also answering how long each phase took."""
+    t = Timings()
     study_uid = str(inputs.get("pseudonymized-study-instance-uid") or inputs.get("study-instance-uid") or "")
     if not study_uid:
         raise StepError("input pseudonymized-study-instance-uid is missing")
@@ -102,7 +139,8 @@ def infer(inputs: Answers, ctx: StepContext) -> Answers:
 
     with oip.OipClient(service_url, timeout=timeout) as ai:
         try:
-            meta = ai.model_metadata(model)
+            with t.phase("oip_metadata"):
+                meta = ai.model_metadata(model)
         except oip.ModelNotReady as exc:
             raise StepError(str(exc)) from None
         limits = meta.get("parameters") or {}
@@ -112,21 +150,31 @@ def infer(inputs: Answers, ctx: StepContext) -> Answers:
         algorithm = results.Algorithm(str(limits.get("algorithm_name", model)),
                                       str(limits.get("algorithm_version") or (meta.get("versions") or ["unknown"])[0]))
 
-        dicomweb = DICOMwebClient(gateway, timeout=timeout)
-        series_uid = _choose_series(dicomweb, study_uid, modality, max_slices)
-        datasets = dicomweb.retrieve_series(study_uid, series_uid)
+        session = requests.Session()
+        dicomweb = DICOMwebClient(gateway, session=session, timeout=timeout)
+        with t.phase("qido"):
+            series_uid = _choose_series(dicomweb, study_uid, modality, max_slices)
+        with t.phase("wado"):
+            datasets = fetch.retrieve_series(session, gateway, study_uid, series_uid, timeout)
         try:
-            volume = build_volume(pick_series(datasets, modality, series_uid), min_slices, max_slices)
+            with t.phase("volume"):
+                volume = build_volume(pick_series(datasets, modality, series_uid), min_slices, max_slices)
         except VolumeError as exc:
             raise StepError(str(exc)) from None
         ctx.log.info("infer %s: %d slices to model %s", ctx.business_key, volume.hu.shape[0], model)
 
+        oip_times: dict[str, float] = {}
         try:
             answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
-                              binary=True, request_id=ctx.business_key)
+                              binary=True, request_id=ctx.business_key, timings=oip_times)
         except (oip.TensorMismatch, oip.InferenceRejected) as exc:
             raise StepError(str(exc)) from None
         # ModelNotReady, InferenceTimeout, ServiceUnavailable: transient, the runtime retries
+        for name, seconds in oip_times.items():
+            t.seconds[f"oip_{name}"] = seconds
+        model_ms = answer.parameters.get("model_time_ms")
+        if isinstance(model_ms, (int, float)):
+            t.seconds["model"] = float(model_ms) / 1000
 
     labels = answer.outputs["LUNG_LABELS"]
     if labels.shape != volume.hu.shape:
@@ -134,15 +182,17 @@ def infer(inputs: Answers, ctx: StepContext) -> Answers:
                         f"{list(volume.hu.shape)}")
     volumes_ml = tuple(float(v) for v in answer.outputs["LUNG_VOLUME_ML"][:2])
     uids = results.result_uids(volume.series_uid, algorithm)
-    seg = results.build_segmentation(volume.datasets, labels, algorithm, uids)
-    sr = results.build_measurement_report(volume.datasets, seg, volumes_ml, algorithm, uids)
-    bundle = results.build_fhir_bundle(volume.datasets[0], volumes_ml, algorithm, uids)
-    dicomweb.store_instances([seg, sr])
+    with t.phase("seg"):
+        seg = results.build_segmentation(volume.datasets, labels, algorithm, uids)
+    with t.phase("sr"):
+        sr = results.build_measurement_report(volume.datasets, seg, volumes_ml, algorithm, uids)
+    with t.phase("stow"):
+        dicomweb.store_instances([seg, sr])
     ctx.log.info("infer %s: stored SEG and SR (%s %s)", ctx.business_key, algorithm.name, algorithm.version)
+    t.seconds["total"] = time.perf_counter() - t._start
     return {
         "result-location": f"{gateway}/studies/{study_uid}",
         "result-study-instance-uid": study_uid,
         "result-series-uids": f"{uids.seg_series},{uids.sr_series}",
         "status": "completed",
-        "fhir-bundle": json.dumps(bundle, separators=(",", ":")),
-    }
+    }, t

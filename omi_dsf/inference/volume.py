@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
@@ -105,6 +106,8 @@ def build_volume(datasets: Sequence[Dataset], min_slices: int = 1, max_slices: i
     for k, ds in enumerate(ordered):
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        if _native_hu(ds, slope, intercept, hu[k]):
+            continue
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # undecodable transfer syntax, truncated data
@@ -113,3 +116,34 @@ def build_volume(datasets: Sequence[Dataset], min_slices: int = 1, max_slices: i
         hu[k] = np.clip(np.rint(pixels.astype(np.float32) * slope + intercept), -32768, 32767)
     row_mm, col_mm = (float(v) for v in first.PixelSpacing)
     return CtVolume(hu=hu, spacing_mm=(step, row_mm, col_mm), datasets=list(ordered))
+
+
+_NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def _native_hu(ds: Dataset, slope: float, intercept: float, out: np.ndarray) -> bool:
+    """HU of one slice straight from uncompressed 16-bit data, in integers: the common CT case
+    (slope 1, whole-number intercept) without pydicom's decoder or a float copy per slice. Same
+    values as the general path: stored bits masked or sign-extended as pydicom does. False when
+    the slice needs the general path."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if (ts not in _NATIVE_LE or slope != 1 or not intercept.is_integer() or int(ds.get("BitsAllocated", 0)) != 16
+            or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("PixelRepresentation", 0)) not in (0, 1)):
+        return False
+    rows, cols = out.shape
+    data = ds.PixelData
+    if len(data) < rows * cols * 2:
+        return False
+    signed = int(ds.PixelRepresentation) == 1
+    raw = np.frombuffer(data, "<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+    bits = int(ds.get("BitsStored", 16) or 16)
+    if 0 < bits < 16:
+        if signed:  # sign-extend from the top stored bit
+            raw = (raw << (16 - bits)) >> (16 - bits)
+        else:
+            raw = raw & np.uint16((1 << bits) - 1)
+    low, high = int(raw.min()) + int(intercept), int(raw.max()) + int(intercept)
+    if low < -32768 or high > 32767 or (not signed and int(raw.max()) > 32767):
+        return False  # rare: let the general path clip
+    np.add(raw.view(np.int16), np.int16(intercept), out=out)
+    return True
