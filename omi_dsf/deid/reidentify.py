@@ -69,11 +69,17 @@ class Reidentifier:
         return self._uid_cache[uid]
 
     def _map_uids(self, ds: Dataset) -> None:
-        for elem in ds:
-            if elem.VR == "SQ":
-                for item in elem.value or ():
+        # Walk the raw elements: converting every value (a SEG has thousands of per-frame numbers)
+        # costs more than the walk; only sequences and UIDs need converting.
+        for raw in ds.elements():
+            vr = raw.VR or ds[raw.tag].VR     # implicit VR: known once converted
+            if vr == "SQ":
+                for item in ds[raw.tag].value or ():
                     self._map_uids(item)
-            elif elem.VR == "UI" and elem.value:
+            elif vr == "UI":
+                elem = ds[raw.tag]
+                if not elem.value:
+                    continue
                 if isinstance(elem.value, (list, tuple)) or elem.VM > 1:
                     elem.value = [self._original(str(v)) or v for v in elem.value]
                 else:

@@ -124,6 +124,13 @@ class DsfClient:
     def read(self, rtype: str, rid: str) -> dict:
         return self._request("GET", f"/{rtype}/{rid}", f"GET {rtype}/{rid}").json()
 
+    def history(self, rtype: str, rid: str) -> list[dict]:
+        """Every stored version of one resource, oldest first."""
+        bundle = self._request("GET", f"/{rtype}/{rid}/_history", f"GET {rtype}/{rid}/_history",
+                               params={"_count": 1000}).json()
+        return sorted((e["resource"] for e in bundle.get("entry", []) if "resource" in e),
+                      key=lambda r: int(r["meta"]["versionId"]))
+
     def create(self, resource: dict) -> dict:
         rtype = resource["resourceType"]
         resp = self._request("POST", f"/{rtype}", f"POST {rtype}", content=json.dumps(resource),

@@ -31,6 +31,8 @@ from omi_dsf.deid.pseudonyms import make_provider
 from omi_dsf.deid.pseudonyms.factory import ConfigError
 from omi_dsf.deid.reidentify import Reidentifier
 from omi_dsf.deid.store import SiteStore
+# highdicom and friends take most of a second to import: at worker start, not in the first return
+from omi_dsf.inference.results import fhir_bundle_from_report
 from omi_dsf.worker.api import Answers, StepContext, StepError
 from omi_dsf.worker.transfer_fhir import write_fhir_result
 from omi_dsf.worker.transfer_outgoing import collect
@@ -142,7 +144,6 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
     if ctx.site.get("fhir_results"):
         if not reports:
             raise StepError("the results hold no SR, so no FHIR result can be made")
-        from omi_dsf.inference.results import fhir_bundle_from_report
         try:
             bundle = fhir_bundle_from_report(reports[0])
         except (ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:

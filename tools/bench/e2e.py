@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import subprocess
@@ -65,19 +66,40 @@ def model_time(files: list[Path]) -> float:
     return time.monotonic() - t0
 
 
-def step_times(demo: Demo, business_key: str) -> dict[str, float]:
-    """Per work item: from the DSF opening it to the worker completing it (server timestamps)."""
-    out = {}
+def _business_key(resource: dict) -> str | None:
+    for item in resource.get("item", []):          # QuestionnaireResponse
+        if item.get("linkId") == "business-key":
+            return (item.get("answer") or [{}])[0].get("valueString")
+    for inp in resource.get("input", []):          # Task
+        if inp["type"]["coding"][0]["code"] == "business-key":
+            return inp.get("valueString")
+    return None
+
+
+def timeline(demo: Demo, business_key: str, start_task_id: str) -> tuple[dict[str, float], list[tuple[float, str]]]:
+    """Server timestamps of the request: each work item opened and answered, each Task created and
+    ended. Returns the steps (opened → answered) and the events in order, seconds after the start."""
+    steps, events = {}, []
     for key in ("dic", "ai"):
         with DsfClient(load_site_config(demo.sites[key]).identity) as c:
             for qr in c.search("QuestionnaireResponse", {"status": "completed"}):
-                items = {i["linkId"]: i for i in qr.get("item", [])}
-                if (items.get("business-key", {}).get("answer") or [{}])[0].get("valueString") != business_key:
+                if _business_key(qr) != business_key:
                     continue
-                first = c.read("QuestionnaireResponse", f"{qr['id']}/_history/1")
+                versions = c.history("QuestionnaireResponse", qr["id"])
                 topic = qr["questionnaire"].split("/omi-")[-1].split("|")[0]
-                out[topic] = round(ts(qr["meta"]["lastUpdated"]) - ts(first["meta"]["lastUpdated"]), 2)
-    return out
+                opened, answered = ts(versions[0]["meta"]["lastUpdated"]), ts(qr["meta"]["lastUpdated"])
+                steps[topic] = round(answered - opened, 2)
+                events += [(opened, f"{key}: {topic} opened"), (answered, f"{key}: {topic} answered")]
+            for task in itertools.islice(c.search("Task", {"_sort": "-_lastUpdated"}), 100):
+                if _business_key(task) != business_key and task.get("id") != start_task_id:
+                    continue
+                name = task["instantiatesCanonical"].split("/")[-1].split("|")[0]
+                versions = c.history("Task", task["id"])
+                events.append((ts(versions[0]["meta"]["lastUpdated"]), f"{key}: Task {name} created"))
+                events.append((ts(task["meta"]["lastUpdated"]), f"{key}: Task {name} {task['status']}"))
+    events.sort()
+    t0 = events[0][0] if events else 0.0
+    return steps, [(round(t - t0, 2), what) for t, what in events]
 
 
 def main() -> int:
@@ -107,7 +129,7 @@ def main() -> int:
             total = time.monotonic() - t0
             if task["status"] != "completed":
                 raise SystemExit(f"request failed: {task.get('output')}")
-            steps = step_times(demo, demo.business_key(task_id))
+            steps, events = timeline(demo, demo.business_key(task_id), task_id)
         finally:
             demo.stop()
             if bed is not None:
@@ -118,9 +140,14 @@ def main() -> int:
     print(f"OMI round trip: {total:.1f} s; without the model {total - model:.1f} s = {ratio:.2f}x the raw transfer")
     for step, secs in steps.items():
         print(f"  {step:13s} {secs:6.1f} s")
+    in_steps = sum(steps.values())
+    print(f"in work items {in_steps:.1f} s; between them (DSF: BPE, messages, pickup) {total - in_steps:.1f} s")
+    print("timeline (server clocks, s after the start Task):")
+    for t, what in events:
+        print(f"  {t:7.2f}  {what}")
     print(json.dumps({"benchmark": "e2e", "slices": args.slices, "study_mb": round(mb, 1),
                       "raw_transfer_s": round(raw, 2), "model_s": round(model, 2), "round_trip_s": round(total, 2),
-                      "steps_s": steps, "ratio_round_trip_without_model_vs_raw": round(ratio, 2),
+                      "steps_s": steps, "between_steps_s": round(total - sum(steps.values()), 2), "ratio_round_trip_without_model_vs_raw": round(ratio, 2),
                       "targets": {"ratio_max": 3.0}, "met": ratio <= 3.0}))
     return 0
 
