@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
+from ..attributes import (INSTANCE, LEVEL_ATTRIBUTES, MODALITIES_IN_STUDY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
                           N_STUDY_SERIES, SERIES, SERIES_UID, SOP_UID, STUDY, STUDY_UID, level_of)
 from ..config import StoreBackendConfig
 from ..dicomjson import from_json, to_json
@@ -55,12 +55,16 @@ CANNOT_UNDERSTAND = 0xC000
 
 def split_levels(ds: Dataset) -> tuple[dict, dict, dict]:
     """The dataset's top-level attributes as three DICOM JSON objects, one per query level."""
-    levels: dict[str, set[int]] = {STUDY: set(), SERIES: set(), INSTANCE: set()}
-    for elem in ds:
-        levels[level_of(int(elem.tag), INSTANCE)].add(int(elem.tag))
-    levels[SERIES].add(STUDY_UID)
-    levels[INSTANCE].update({STUDY_UID, SERIES_UID})
-    return tuple(to_json(ds, None, levels[lvl]) for lvl in (STUDY, SERIES, INSTANCE))
+    # one conversion, then split: converting per level walked (and decoded) the dataset 3 times
+    levels: dict[str, dict] = {STUDY: {}, SERIES: {}, INSTANCE: {}}
+    for key, value in to_json(ds).items():
+        levels[level_of(int(key, 16), INSTANCE)][key] = value
+    for lvl, tags in ((SERIES, (STUDY_UID,)), (INSTANCE, (STUDY_UID, SERIES_UID))):
+        for tag in tags:
+            key = f"{tag:08X}"
+            if key in levels[STUDY] or key in levels[SERIES]:
+                levels[lvl][key] = levels[STUDY].get(key) or levels[SERIES][key]
+    return levels[STUDY], levels[SERIES], levels[INSTANCE]
 
 
 class StoreBackend:
@@ -104,12 +108,21 @@ class StoreBackend:
     def find(self, level: str, match: dict[int, str], returns: set[int], scope: dict[str, str]) -> list[Dataset]:
         where, args = self._where(level, match, scope)
         out: list[Dataset] = []
+        # Decode only what the query returns or matches: a stored header has ~100 attributes and
+        # decoding all of them for each of a study's instances dominated QIDO. includefield=all
+        # (every attribute of the level asked for) still gets everything the store has.
+        keys = None if set(LEVEL_ATTRIBUTES[level]) <= returns else {f"{t:08X}" for t in returns | set(match) | {STUDY_UID, SERIES_UID, SOP_UID}}
+
+        def load(text: str) -> Dataset:
+            obj = json.loads(text)
+            return from_json(obj if keys is None else {k: v for k, v in obj.items() if k in keys})
+
         if level == STUDY:
             rows = self._rows(
                 "SELECT study_json, COUNT(*), COUNT(DISTINCT series_uid), GROUP_CONCAT(DISTINCT modality) "
                 f"FROM instances{where} GROUP BY study_uid ORDER BY MIN(stored_at)", args)
             for study_json, n_inst, n_series, modalities in rows:
-                ds = from_json(json.loads(study_json))
+                ds = load(study_json)
                 ds.add_new(MODALITIES_IN_STUDY, "CS", sorted(set((modalities or "").split(",")) - {""}))
                 ds.add_new(N_STUDY_SERIES, "IS", n_series)
                 ds.add_new(N_STUDY_INSTANCES, "IS", n_inst)
@@ -118,12 +131,12 @@ class StoreBackend:
             rows = self._rows(f"SELECT series_json, COUNT(*) FROM instances{where} "
                               "GROUP BY study_uid, series_uid ORDER BY MIN(stored_at)", args)
             for series_json, n_inst in rows:
-                ds = from_json(json.loads(series_json))
+                ds = load(series_json)
                 ds.add_new(N_SERIES_INSTANCES, "IS", n_inst)
                 out.append(ds)
         else:
             rows = self._rows(f"SELECT instance_json FROM instances{where} ORDER BY stored_at", args)
-            out = [from_json(json.loads(r[0])) for r in rows]
+            out = [load(r[0]) for r in rows]
         return out
 
     def study_summary(self, study: str) -> dict[int, object]:
@@ -160,17 +173,24 @@ class StoreBackend:
 
     # -- storage -------------------------------------------------------------------------------
     def put(self, data: bytes) -> tuple[int, str]:
+        status, comment, row = self._write(data)
+        if row:
+            self._index([row])
+        return status, comment
+
+    def _write(self, data: bytes) -> tuple[int, str, list | None]:
+        """Write one instance's file; its index row, or the failure status and reason."""
         try:
             ds = dcmread(BytesIO(data), stop_before_pixels=True)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
-            return CANNOT_UNDERSTAND, f"not a DICOM Part 10 file ({type(exc).__name__})"
+            return CANNOT_UNDERSTAND, f"not a DICOM Part 10 file ({type(exc).__name__})", None
         study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID",
                                                               "SOPInstanceUID"))
         sop_class = str(ds.get("SOPClassUID", ""))
         for what, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
                           ("SOPInstanceUID", sop), ("SOPClassUID", sop_class)):
             if not is_uid(uid):
-                return CANNOT_UNDERSTAND, f"{what} missing or invalid"
+                return CANNOT_UNDERSTAND, f"{what} missing or invalid", None
         ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
         rel = f"files/{study}/{series}/{sop}.dcm"
         target = self.root / rel
@@ -179,16 +199,30 @@ class StoreBackend:
             tmp = target.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
             tmp.write_bytes(data)
             os.replace(tmp, target)
-            study_json, series_json, instance_json = split_levels(ds)
-            with self._lock:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [sop, study, series, sop_class, ts, str(ds.get("Modality", "") or ""), rel, len(data),
-                     json.dumps(study_json), json.dumps(series_json), json.dumps(instance_json),
-                     time.time()])
         except OSError as exc:
-            return PROCESSING_FAILURE, f"could not write: {exc.strerror}"
-        return 0x0000, ""
+            return PROCESSING_FAILURE, f"could not write: {exc.strerror}", None
+        study_json, series_json, instance_json = split_levels(ds)
+        return 0x0000, "", [sop, study, series, sop_class, ts, str(ds.get("Modality", "") or ""), rel, len(data),
+                            json.dumps(study_json), json.dumps(series_json), json.dumps(instance_json), time.time()]
+
+    def _index(self, rows: list[list]) -> None:
+        # one transaction for the request's instances: a commit per instance costs a WAL sync each
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str]) -> list[tuple[int, str]]:
-        return [self.put(data) for _, _, _, data in items]
+        written = [self._write(data) for _, _, _, data in items]
+        rows = [row for _, _, row in written if row]
+        if rows:
+            try:
+                self._index(rows)
+            except sqlite3.Error as exc:
+                return [(PROCESSING_FAILURE, f"could not index: {type(exc).__name__}") if row else (status, comment)
+                        for status, comment, row in written]
+        return [(status, comment) for status, comment, _ in written]
