@@ -40,13 +40,17 @@ class OutgoingStudy:
 
 
 def _uid_values(ds: Dataset) -> Iterator[str]:
-    for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value or ():
+    # raw walk: only sequences and UIDs are decoded (see deid/reidentify.py)
+    for raw in ds.elements():
+        vr = raw.VR or ds[raw.tag].VR
+        if vr == "SQ":
+            for item in ds[raw.tag].value or ():
                 yield from _uid_values(item)
-        elif elem.VR == "UI" and elem.value:
-            values = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
-            yield from (str(v).strip("\x00 ") for v in values)
+        elif vr == "UI":
+            elem = ds[raw.tag]
+            if elem.value:
+                values = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
+                yield from (str(v).strip("\x00 ") for v in values)
 
 
 def identity_from_store(store: SiteStore, domain: str, pseudonym: str, pseudo_study_uid: str) -> Identity:
@@ -118,6 +122,7 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
     # so that an original UID of instance 7 is caught in instance 2 as well.
     mine: list[Path] = []
     originals: set[str] = set()
+    seen: set[str] = set()
     pseudonym = None
     for path in candidates:
         try:
@@ -129,7 +134,8 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
         if pseudonym is None:
             pseudonym = str(head.get("PatientID", "") or "")
         mine.append(path)
-        for uid in set(_uid_values(head)):
+        for uid in set(_uid_values(head)) - seen:   # study and series UIDs repeat in every instance
+            seen.add(uid)
             original = store.original_uid(domain, uid)
             if original:
                 originals.add(original)
