@@ -234,7 +234,7 @@ class Demo:
                         self.out(f"  {time.monotonic() - t0:6.1f} s  {step:13s} {st}")
             if task["status"] in ("completed", "failed"):
                 return task
-            time.sleep(1)
+            time.sleep(0.2)
         raise TimeoutError(f"Task/{task_id} not finished within {timeout:.0f} s")
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,20 +42,24 @@ def ts(value: str) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def raw_transfer(demo: Demo, study_uid: str, folder: Path) -> float:
-    """getscu of the study from the requester's PACS, then storescu of it into another PACS."""
+def raw_transfer(demo: Demo, study_uid: str, folder: Path, runs: int = 3) -> float:
+    """getscu of the study from the requester's PACS, then storescu of it into another PACS; the
+    median of `runs` (one run varies by half on two shared cores)."""
     env = dict(os.environ, TCP_NODELAY="1")
-    out = folder / "getscu"
-    out.mkdir()
+    times = []
     with Dcmqrscp(folder / "other-pacs", aet="OTHERPACS") as other:
-        t0 = time.monotonic()
-        subprocess.run([dcmtk_tool("getscu"), "-S", "-aet", "BENCHSCU", "-aec", demo.pacs.aet, "-od", str(out),
-                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-                        demo.pacs.host, str(demo.pacs.port)], check=True, env=env, capture_output=True)
-        files = sorted(out.iterdir())
-        subprocess.run([dcmtk_tool("storescu"), "-aet", "BENCHSCU", "-aec", other.aet, other.host, str(other.port),
-                        *map(str, files)], check=True, env=env, capture_output=True)
-        return time.monotonic() - t0
+        for n in range(runs):
+            out = folder / f"getscu-{n}"
+            out.mkdir()
+            t0 = time.monotonic()
+            subprocess.run([dcmtk_tool("getscu"), "-S", "-aet", "BENCHSCU", "-aec", demo.pacs.aet, "-od", str(out),
+                            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                            demo.pacs.host, str(demo.pacs.port)], check=True, env=env, capture_output=True)
+            files = sorted(out.iterdir())
+            subprocess.run([dcmtk_tool("storescu"), "-aet", "BENCHSCU", "-aec", other.aet, other.host,
+                            str(other.port), *map(str, files)], check=True, env=env, capture_output=True)
+            times.append(time.monotonic() - t0)
+    return statistics.median(times)
 
 
 def model_time(files: list[Path]) -> float:
@@ -93,7 +98,8 @@ def timeline(demo: Demo, business_key: str, start_task_id: str) -> tuple[dict[st
             for task in itertools.islice(c.search("Task", {"_sort": "-_lastUpdated"}), 100):
                 if _business_key(task) != business_key and task.get("id") != start_task_id:
                     continue
-                name = task["instantiatesCanonical"].split("/")[-1].split("|")[0]
+                name = next((i.get("valueString") for i in task.get("input", [])
+                             if i["type"]["coding"][0]["code"] == "message-name"), task["id"])
                 versions = c.history("Task", task["id"])
                 events.append((ts(versions[0]["meta"]["lastUpdated"]), f"{key}: Task {name} created"))
                 events.append((ts(task["meta"]["lastUpdated"]), f"{key}: Task {name} {task['status']}"))
@@ -126,17 +132,22 @@ def main() -> int:
             t0 = time.monotonic()
             task_id = demo.submit(study)
             task = demo.wait(task_id, timeout=1800)
-            total = time.monotonic() - t0
+            client_wall = time.monotonic() - t0
             if task["status"] != "completed":
                 raise SystemExit(f"request failed: {task.get('output')}")
             steps, events = timeline(demo, demo.business_key(task_id), task_id)
+            # the round trip by the requester's DSF: start Task created -> completed (no polling in it)
+            ends = [t for t, what in events if what.startswith("dic: Task startOmiInference ")]
+            total = max(ends) - min(ends)
         finally:
             demo.stop()
             if bed is not None:
                 bed.down()
     ratio = (total - model) / raw
     print(f"study: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB")
-    print(f"raw transfer (getscu + storescu): {raw:.1f} s; model alone: {model:.1f} s")
+    print(f"raw transfer (getscu + storescu, median of 3): {raw:.2f} s; model alone: {model:.1f} s")
+    print(f"OMI round trip (start Task created -> completed, DSF clock): {total:.1f} s "
+          f"(client wall, incl. submit and polling: {client_wall:.1f} s)")
     print(f"OMI round trip: {total:.1f} s; without the model {total - model:.1f} s = {ratio:.2f}x the raw transfer")
     for step, secs in steps.items():
         print(f"  {step:13s} {secs:6.1f} s")
@@ -146,7 +157,7 @@ def main() -> int:
     for t, what in events:
         print(f"  {t:7.2f}  {what}")
     print(json.dumps({"benchmark": "e2e", "slices": args.slices, "study_mb": round(mb, 1),
-                      "raw_transfer_s": round(raw, 2), "model_s": round(model, 2), "round_trip_s": round(total, 2),
+                      "raw_transfer_s": round(raw, 2), "model_s": round(model, 2), "round_trip_s": round(total, 2), "client_wall_s": round(client_wall, 2),
                       "steps_s": steps, "between_steps_s": round(total - sum(steps.values()), 2), "ratio_round_trip_without_model_vs_raw": round(ratio, 2),
                       "targets": {"ratio_max": 3.0}, "met": ratio <= 3.0}))
     return 0
