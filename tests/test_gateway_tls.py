@@ -3,7 +3,6 @@ certificates (mutual TLS), and its configuration errors on the command line."""
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import os
 import signal
@@ -16,64 +15,24 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from helpers_pki import issue, make_ca, write_ca, write_pem
 
 from omi_dsf.dicomweb.legacy_pacs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(path: Path, key) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-
-
-def _issue(ca_key, ca_cert, cn: str, usage, san=None):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def _ca(cn: str):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
 @pytest.fixture
 def pki(tmp_path) -> dict:
-    ca_key, ca = _ca("OMI test CA")
-    out = {"ca": tmp_path / "ca.pem"}
-    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for name, usage, san in (("server", ExtendedKeyUsageOID.SERVER_AUTH,
-                              [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                             ("client", ExtendedKeyUsageOID.CLIENT_AUTH, None)):
-        key, cert = _issue(ca_key, ca, name, usage, san)
-        _write_key(tmp_path / f"{name}.key", key)
-        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[name] = (str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"))
-    stranger_key, stranger_ca = _ca("someone else")
-    key, cert = _issue(stranger_key, stranger_ca, "intruder", ExtendedKeyUsageOID.CLIENT_AUTH)
-    _write_key(tmp_path / "intruder.key", key)
-    (tmp_path / "intruder.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    out["intruder"] = (str(tmp_path / "intruder.pem"), str(tmp_path / "intruder.key"))
+    ca_key, ca = make_ca("OMI test CA")
+    out = {"ca": Path(write_ca(tmp_path / "ca.pem", ca))}
+    out["server"] = write_pem(tmp_path, "server", *issue(ca_key, ca, "server", ExtendedKeyUsageOID.SERVER_AUTH,
+                                                         [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    out["client"] = write_pem(tmp_path, "client", *issue(ca_key, ca, "client", ExtendedKeyUsageOID.CLIENT_AUTH))
+    stranger_key, stranger_ca = make_ca("someone else")
+    out["intruder"] = write_pem(tmp_path, "intruder",
+                                *issue(stranger_key, stranger_ca, "intruder", ExtendedKeyUsageOID.CLIENT_AUTH))
     return out
 
 

@@ -8,7 +8,6 @@ small phantoms (8 slices of 128×128) with fake identities.
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import json
 import logging
@@ -19,9 +18,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from helpers_pki import issue, make_ca, write_ca, write_pem
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -46,53 +44,17 @@ PROVIDER = "ai.omi.test"
 SLICES, SIZE = 8, 128
 
 
-# -- a test PKI: one CA for the provider's gateway, a client certificate, and a stranger CA ------
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _ca(cn: str):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def _leaf(ca_key, ca_cert, cn: str, usage, san=None):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-    if san:
-        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return key, b.sign(ca_key, hashes.SHA256())
-
-
-def _write(folder: Path, name: str, key, cert) -> tuple[str, str]:
-    (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(folder / f"{name}.pem"), str(folder / f"{name}.key")
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict:
+    """One CA for the provider's gateway, a client certificate, and a stranger CA."""
     d = tmp_path_factory.mktemp("pki")
-    ca_key, ca = _ca("OMI transfer test CA")
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    server = _write(d, "gateway", *_leaf(ca_key, ca, "gateway.ai.omi.test", ExtendedKeyUsageOID.SERVER_AUTH,
-                                         [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
-    client = _write(d, "dic", *_leaf(ca_key, ca, "dic.omi.test", ExtendedKeyUsageOID.CLIENT_AUTH))
-    _, other = _ca("someone else's CA")
-    (d / "other-ca.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
-    return {"ca": str(d / "ca.pem"), "other_ca": str(d / "other-ca.pem"), "server": server, "client": client}
+    ca_key, ca = make_ca("OMI transfer test CA")
+    server = write_pem(d, "gateway", *issue(ca_key, ca, "gateway.ai.omi.test", ExtendedKeyUsageOID.SERVER_AUTH,
+                                            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    client = write_pem(d, "dic", *issue(ca_key, ca, "dic.omi.test", ExtendedKeyUsageOID.CLIENT_AUTH))
+    _, other = make_ca("someone else's CA")
+    return {"ca": write_ca(d / "ca.pem", ca), "other_ca": write_ca(d / "other-ca.pem", other),
+            "server": server, "client": client}
 
 
 # -- the provider: gateway (store backend, TLS) and the reference AI service ----------------------
