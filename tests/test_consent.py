@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from helpers_http import serve
 
 from omi_dsf.consent.gics import GicsChecker
 from omi_dsf.consent.mii import evaluate, evaluate_all
@@ -159,20 +158,7 @@ def test_consent_step_from_folder(tmp_path):
         consent({}, step_ctx({"kind": "folder", "path": str(tmp_path)}))
 
 
-# -- stand-in servers ---------------------------------------------------------------------------
-@contextmanager
-def serve(handler_cls):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
+# -- stand-in servers (helpers_http.serve) ---------------------------------------------------
 class GicsStandIn(BaseHTTPRequestHandler):
     """Stand-in for the TTP-FHIR gateway's gICS $isConsented (not gICS itself)."""
 

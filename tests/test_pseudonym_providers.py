@@ -11,11 +11,10 @@ wire format and error handling, not gPAS itself.
 from __future__ import annotations
 
 import json
-import threading
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from helpers_http import serve
 from lxml import etree
 
 from omi_dsf.deid.keys import KeyError_, load_key
@@ -71,20 +70,7 @@ def test_factory_rejects_bad_config():
         make_provider({"kind": "ttp-fhir"}, KEY, SiteStore())
 
 
-# -- stand-in servers ---------------------------------------------------------------------------
-@contextmanager
-def serve(handler_cls):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
+# -- stand-in servers (helpers_http.serve) ---------------------------------------------------
 WSDL = """<?xml version="1.0" encoding="UTF-8"?>
 <definitions xmlns="http://schemas.xmlsoap.org/wsdl/" xmlns:soap="http://schemas.xmlsoap.org/wsdl/soap/"
   xmlns:xs="http://www.w3.org/2001/XMLSchema" xmlns:tns="{ns}" targetNamespace="{ns}" name="PSNManagerBeanService">

@@ -1,0 +1,23 @@
+"""Serve a stdlib request handler on 127.0.0.1 for the length of a test (stand-ins for remote
+services that cannot run here: gPAS, gICS, a TTP-FHIR gateway)."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
+from typing import Iterator
+
+
+@contextmanager
+def serve(handler_cls) -> Iterator[str]:
+    """The base URL of a server running `handler_cls` on a free port; stopped on exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
