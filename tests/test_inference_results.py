@@ -146,3 +146,25 @@ def test_label_slices_must_match_sources(made):
     source, labels, _v, uids, *_ = made
     with pytest.raises(ValueError, match="5 label slices for 6 source images"):
         results.build_segmentation(source, labels[:5], ALGO, uids)
+
+
+@pytest.mark.parametrize("size", [64, 30])  # 30x30: frames of 900 bits, not whole bytes
+def test_prepared_segmentation_equals_highdicoms_own(tmp_path, size):
+    """The SEG made before the mask is known and filled afterwards holds the same frames as
+    highdicom makes from the mask, and its bytes read back as that mask."""
+    paths = phantom.write_ct_study(tmp_path, slices=5, rows=size, cols=size, seed=8)
+    source = [pydicom.dcmread(p) for p in paths][::-1]  # any order: frames follow `source`
+    labels = lungseg.segment_lungs(np.stack([phantom.phantom_hu(5, 8, size, size)[int(ds.InstanceNumber) - 1]
+                                             for ds in source]))
+    assert set(np.unique(labels)) == {0, lungseg.RIGHT, lungseg.LEFT}
+    uids = results.result_uids(source[0].SeriesInstanceUID, ALGO)
+    direct = results._segmentation(source, labels, ALGO, uids)
+    seg, blob = results.prepare_segmentation(source, ALGO, uids).fill(labels)
+    packed = (int(direct.NumberOfFrames) * size * size + 7) // 8
+    assert seg.PixelData[:packed] == direct.PixelData[:packed]  # the padding byte may differ: ours is 0
+    assert np.array_equal(seg.pixel_array, direct.pixel_array)
+    reread = hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(blob)))
+    mask = reread.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], combine_segments=True)
+    assert np.array_equal(mask, labels)
+    with pytest.raises(ValueError, match="label slices of 16x16 for images of"):
+        results.prepare_segmentation(source, ALGO, uids).fill(np.zeros((5, 16, 16), np.uint8))

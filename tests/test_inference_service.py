@@ -59,6 +59,7 @@ def test_segmentation_matches_phantom_lungs(ai, study, binary):
     result = ai.infer("lung-seg", {"HU": hu, "SPACING_MM": SPACING}, binary=binary, request_id="r-7")
     labels = result.outputs["LUNG_LABELS"]
     assert result.id == "r-7" and result.model_version == lungseg.VERSION
+    assert result.parameters["model_time_ms"] > 0  # the service's own compute time, for the step's timings
     assert labels.dtype == np.uint8 and labels.shape == hu.shape
     d = lungseg.dice(labels > 0, truth)
     print(f"Dice ({'binary' if binary else 'JSON'}): {d:.4f}")

@@ -7,6 +7,7 @@ speaks standard QIDO/WADO/STOW, so any DICOMweb server will do.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -112,6 +113,7 @@ def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
     bundle = results.fhir_bundle_from_report(sr_ds)
     assert {e["resource"]["resourceType"] for e in bundle["entry"]} >= {"DiagnosticReport", "Observation"}
 
+    assert re.search(r"infer bk-test: timings .*wado [\d.]+ s.*model [\d.]+ s.*stow [\d.]+ s, total", caplog.text)
     # nothing identifying in the log: not the fake patient's name or ID, nor the UIDs
     for value in (str(source[0].PatientName), str(source[0].PatientID), uids["good"]):
         assert value not in caplog.text
@@ -172,8 +174,15 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
         web = DICOMwebClient(gw.url)
         web.store_instances([pydicom.dcmread(p) for p in good + big])
         uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
-        out = step.infer({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url))
+        out, timings = step.infer_timed({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url))
         assert out["result-location"] == f"{gw.url}/studies/{uid}"
+        # every phase is timed; the model's time is the service's own and lies inside the request
+        seconds = timings.seconds
+        assert {"qido", "wado", "volume", "oip_encode", "oip_request", "oip_decode", "model", "seg", "sr",
+                "stow", "total"} <= set(seconds)
+        assert 0 < seconds["model"] <= seconds["oip_request"]
+        assert sum(v for k, v in seconds.items() if k not in ("model", "total")) <= seconds["total"]
+        assert timings.overlapped["seg_prepare"] > 0
         assert len(web.search_for_instances(uid)) == 6 + 2
         modalities = {s["00080060"]["Value"][0] for s in web.search_for_series(uid)}
         assert modalities == {"CT", "SEG", "SR"}

@@ -90,3 +90,17 @@ def test_shape_wildcards():
     assert tensors.shape_matches((3,), [3])
     assert not tensors.shape_matches((3, 4), [-1, -1, -1])
     assert not tensors.shape_matches((2,), [3])
+
+
+def test_parts_are_views_of_the_arrays_and_chunks_rebuild_the_body():
+    hu = np.arange(3 * 5 * 7, dtype=np.int16).reshape(3, 5, 7)
+    spacing = np.array([2.5, 0.7, 0.7], np.float32)
+    parts, headers = tensors.encode_parts({"id": "x"}, "inputs", {"HU": hu, "SPACING_MM": spacing}, binary=True)
+    assert np.shares_memory(np.frombuffer(parts[1], np.int16), hu)  # no copy of the volume
+    body = b"".join(bytes(c) for c in tensors.chunks(parts, size=16))
+    assert all(len(c) <= 16 for c in tensors.chunks(parts, size=16))
+    assert int(headers["Content-Length"]) == len(body)
+    assert (body, {k: v for k, v in headers.items()}) == tensors.encode({"id": "x"}, "inputs",
+                                                                         {"HU": hu, "SPACING_MM": spacing}, True)
+    _, out = tensors.decode(body, headers[HEADER_LENGTH], "inputs")
+    assert np.array_equal(out["HU"], hu) and np.shares_memory(out["HU"], np.frombuffer(body, np.uint8))

@@ -83,3 +83,36 @@ def test_pick_series(series):
         pick_series(mr, series_uid="1.2.3")
     with pytest.raises(VolumeError, match="no instances"):
         pick_series([])
+
+
+def _general_path(ds):
+    """HU as pydicom decodes them, in floats: what the integer shortcut must equal."""
+    hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+
+
+@pytest.mark.parametrize("signed, bits_stored, junk_high_bits", [(False, 12, True), (False, 16, False),
+                                                                 (True, 12, True), (True, 16, False)])
+def test_integer_shortcut_equals_pydicom_decoding(series, signed, bits_stored, junk_high_bits):
+    dss = fresh(series)
+    rng = np.random.default_rng(bits_stored)
+    for ds in dss:
+        # unsigned: bits 12-14 set now and then, which pydicom masks off (bit 15 would leave int16 anyway)
+        raw = rng.integers(0, 1 << (16 if signed else 15), (32, 32)).astype(np.uint16)
+        if not junk_high_bits and not signed:
+            raw >>= 3
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), bits_stored, bits_stored - 1
+        ds.RescaleIntercept = 0 if signed else -1024
+        ds.PixelData = raw.tobytes()
+    vol = build_volume(dss)
+    assert np.array_equal(vol.hu, np.stack([_general_path(ds) for ds in vol.datasets]))
+
+
+def test_rescale_slope_and_out_of_range_values_take_the_general_path(series):
+    dss = fresh(series)
+    dss[0].RescaleSlope = 0.5
+    dss[1].RescaleIntercept = 40000  # unsigned 12-bit + 40000 leaves int16: clipped, as before
+    vol = build_volume(dss)
+    for k, ds in enumerate(vol.datasets):
+        assert np.array_equal(vol.hu[k], _general_path(ds)), k
+    assert vol.hu[[int(ds.InstanceNumber) for ds in vol.datasets].index(2)].max() == 32767

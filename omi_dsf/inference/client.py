@@ -160,7 +160,7 @@ class OipClient:
         t0 = time.perf_counter()
         parts, headers = tensors.encode_parts(header, "inputs", inputs, binary=binary)
         t1 = time.perf_counter()
-        # streamed in slices with a Content-Length (so not chunked): no 100 MB join, no quadratic resend
+        # streamed in 4 MB slices with a Content-Length (so not chunked): no 100 MB join, no quadratic resend
         response = self._request("POST", f"{_model_path(model, version)}/infer",
                                  content=tensors.chunks(parts), headers=headers)
         t2 = time.perf_counter()

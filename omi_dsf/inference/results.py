@@ -16,8 +16,10 @@ fhir.resources offers R4B classes, whose JSON for these resources is valid R4.
 from __future__ import annotations
 
 import datetime as dt
+import struct
 import uuid
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Sequence
 
 import highdicom as hd
@@ -71,8 +73,11 @@ def _algorithm_sequence(algorithm: Algorithm) -> hd.AlgorithmIdentificationSeque
 def build_segmentation(source: Sequence[Dataset], labels: np.ndarray, algorithm: Algorithm,
                        uids: ResultUids) -> hd.seg.Segmentation:
     """A binary DICOM SEG of both lungs; `labels` (z-y-x) lines up with `source` (same slice order)."""
-    if labels.shape[0] != len(source):
-        raise ValueError(f"{labels.shape[0]} label slices for {len(source)} source images")
+    return prepare_segmentation(source, algorithm, uids).fill(labels)[0]
+
+
+def _segmentation(source: Sequence[Dataset], labels: np.ndarray, algorithm: Algorithm,
+                  uids: ResultUids) -> hd.seg.Segmentation:
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -88,7 +93,7 @@ def build_segmentation(source: Sequence[Dataset], labels: np.ndarray, algorithm:
     ]
     return hd.seg.Segmentation(
         source_images=list(source),
-        pixel_array=labels.astype(np.uint8),
+        pixel_array=labels.astype(np.uint8, copy=False),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=uids.seg_series,
@@ -102,8 +107,73 @@ def build_segmentation(source: Sequence[Dataset], labels: np.ndarray, algorithm:
         content_description=f"Lungs by {algorithm.name} {algorithm.version}",
         content_label="LUNGS",
         series_description=f"AI lung segmentation ({algorithm.name} {algorithm.version})",
-        omit_empty_frames=False,
+        omit_empty_frames=False,  # every (slice, segment) has a frame: the layout does not depend on the mask
     )
+
+
+# Explicit VR little endian header of Pixel Data (7FE0,0010) OB, before its 4-byte length
+_PIXEL_DATA_HEADER = b"\xe0\x7f\x10\x00OB\x00\x00"
+
+
+@dataclass
+class PreparedSegmentation:
+    """A SEG made before the mask is known, to be filled in once it is.
+
+    With every frame kept, all a SEG holds except its Pixel Data follows from the source images:
+    per-frame functional groups, references, positions. That part (most of the cost: highdicom's
+    construction and pydicom's encoding of 400 per-frame items for 200 slices) can run while the
+    model does; `fill` then packs the mask into the frames in the SEG's own frame order and appends
+    it to the already encoded header, so the result is stored without encoding it again."""
+
+    seg: hd.seg.Segmentation
+    frame_slices: np.ndarray     # per frame: index of its source image in `source`
+    frame_segments: np.ndarray   # per frame: segment number
+    head: bytes                  # Part 10 bytes up to the Pixel Data value
+    slices: int                  # number of source images
+
+    def fill(self, labels: np.ndarray) -> tuple[hd.seg.Segmentation, bytes]:
+        """The SEG with `labels` as its mask, and its Part 10 bytes."""
+        rows, cols = int(self.seg.Rows), int(self.seg.Columns)
+        if labels.ndim != 3 or labels.shape[0] != self.slices:
+            raise ValueError(f"{labels.shape[0] if labels.ndim else 0} label slices for {self.slices} source images")
+        if labels.shape[1:] != (rows, cols):
+            raise ValueError(f"label slices of {labels.shape[1]}x{labels.shape[2]} for images of {rows}x{cols}")
+        masks = np.empty((len(self.frame_slices), rows, cols), bool)
+        for i, (k, number) in enumerate(zip(self.frame_slices, self.frame_segments)):
+            np.equal(labels[k], number, out=masks[i])
+        # DICOM bit packing (PS3.5 8.1.1): frames back to back, first pixel in the lowest bit, even length
+        packed = np.packbits(masks, axis=None, bitorder="little").tobytes()
+        if len(packed) % 2:
+            packed += b"\x00"
+        self.seg.PixelData = packed
+        return self.seg, self.head + packed
+
+
+def prepare_segmentation(source: Sequence[Dataset], algorithm: Algorithm, uids: ResultUids) -> PreparedSegmentation:
+    """Everything of the lung SEG for `source` except the mask; see `PreparedSegmentation`."""
+    rows, cols = int(source[0].Rows), int(source[0].Columns)
+    seg = _segmentation(source, np.zeros((len(source), rows, cols), np.uint8), algorithm, uids)
+    index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(source)}
+    frames = seg.PerFrameFunctionalGroupsSequence
+    slices = np.array([index[str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
+                       for f in frames], np.intp)
+    numbers = np.array([int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in frames], np.uint8)
+    size = (len(frames) * rows * cols + 7) // 8
+    size += size % 2
+    seg.PixelData = bytes(size)  # a placeholder of the final length
+    buf = BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    blob = buf.getvalue()
+    head = blob[:len(blob) - size]
+    if not head.endswith(_PIXEL_DATA_HEADER + struct.pack("<I", size)):
+        raise ValueError("SEG encoding does not end with its Pixel Data")  # an encoding we did not expect
+    return PreparedSegmentation(seg, slices, numbers, head, len(source))
+
+
+def to_part10(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def build_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation, volumes_ml: tuple[float, float],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -34,7 +35,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from omi_dsf.inference import client as oip
-from omi_dsf.inference import fetch
+from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
 from omi_dsf.worker.api import Answers, StepContext, StepError
@@ -99,11 +100,20 @@ def _choose_series(dicomweb: DICOMwebClient, study_uid: str, modality: str, max_
 
 class Timings:
     """Seconds per phase of one `infer` run, in the order the phases ran; "model" is the service's own
-    compute time when it reports one (parameter model_time_ms), inside "oip_request"."""
+    compute time when it reports one (parameter model_time_ms), inside "oip_request"; "total" the
+    step's wall time. `overlapped` holds work done in the background while the model ran."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.overlapped: dict[str, float] = {}
         self._start = time.perf_counter()
+
+    def background(self, name: str, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.overlapped[name] = time.perf_counter() - start
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -113,12 +123,9 @@ class Timings:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self._start if "total" not in self.seconds else self.seconds["total"]
-
     def summary(self) -> str:
-        return ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items())
+        return ", ".join([f"{k} {v:.2f} s" for k, v in self.seconds.items()]
+                         + [f"{k} {v:.2f} s (alongside the model)" for k, v in self.overlapped.items()])
 
 
 def infer(inputs: Answers, ctx: StepContext) -> Answers:
@@ -155,7 +162,7 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
         with t.phase("qido"):
             series_uid = _choose_series(dicomweb, study_uid, modality, max_slices)
         with t.phase("wado"):
-            datasets = fetch.retrieve_series(session, gateway, study_uid, series_uid, timeout)
+            datasets = transfer.retrieve_series(session, gateway, study_uid, series_uid, timeout)
         try:
             with t.phase("volume"):
                 volume = build_volume(pick_series(datasets, modality, series_uid), min_slices, max_slices)
@@ -163,33 +170,42 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
             raise StepError(str(exc)) from None
         ctx.log.info("infer %s: %d slices to model %s", ctx.business_key, volume.hu.shape[0], model)
 
-        oip_times: dict[str, float] = {}
+        uids = results.result_uids(volume.series_uid, algorithm)
+        # The SEG's header depends on the source images only: make and encode it while the model runs.
+        background = ThreadPoolExecutor(1, thread_name_prefix="infer-seg")
         try:
-            answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
-                              binary=True, request_id=ctx.business_key, timings=oip_times)
-        except (oip.TensorMismatch, oip.InferenceRejected) as exc:
-            raise StepError(str(exc)) from None
-        # ModelNotReady, InferenceTimeout, ServiceUnavailable: transient, the runtime retries
-        for name, seconds in oip_times.items():
-            t.seconds[f"oip_{name}"] = seconds
-        model_ms = answer.parameters.get("model_time_ms")
-        if isinstance(model_ms, (int, float)):
-            t.seconds["model"] = float(model_ms) / 1000
+            prepared = background.submit(t.background, "seg_prepare", results.prepare_segmentation,
+                                         volume.datasets, algorithm, uids)
+            oip_times: dict[str, float] = {}
+            try:
+                answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
+                                  binary=True, request_id=ctx.business_key, timings=oip_times)
+            except (oip.TensorMismatch, oip.InferenceRejected) as exc:
+                raise StepError(str(exc)) from None
+            # ModelNotReady, InferenceTimeout, ServiceUnavailable: transient, the runtime retries
+            for name, seconds in oip_times.items():
+                t.seconds[f"oip_{name}"] = seconds
+            model_ms = answer.parameters.get("model_time_ms")
+            if isinstance(model_ms, (int, float)):
+                t.seconds["model"] = float(model_ms) / 1000
 
-    labels = answer.outputs["LUNG_LABELS"]
-    if labels.shape != volume.hu.shape:
-        raise StepError(f"model '{model}' answered a mask of shape {list(labels.shape)} for a volume of "
-                        f"{list(volume.hu.shape)}")
-    volumes_ml = tuple(float(v) for v in answer.outputs["LUNG_VOLUME_ML"][:2])
-    uids = results.result_uids(volume.series_uid, algorithm)
-    with t.phase("seg"):
-        seg = results.build_segmentation(volume.datasets, labels, algorithm, uids)
+            labels = answer.outputs["LUNG_LABELS"]
+            if labels.shape != volume.hu.shape:
+                raise StepError(f"model '{model}' answered a mask of shape {list(labels.shape)} for a volume of "
+                                f"{list(volume.hu.shape)}")
+            volumes_ml = tuple(float(v) for v in answer.outputs["LUNG_VOLUME_ML"][:2])
+            with t.phase("seg"):
+                seg, seg_bytes = prepared.result().fill(labels)
+        finally:
+            background.shutdown(wait=False, cancel_futures=True)
+
     with t.phase("sr"):
         sr = results.build_measurement_report(volume.datasets, seg, volumes_ml, algorithm, uids)
+        sr_bytes = results.to_part10(sr)
     with t.phase("stow"):
-        dicomweb.store_instances([seg, sr])
+        transfer.store_instances(session, gateway, [seg_bytes, sr_bytes], timeout)
     ctx.log.info("infer %s: stored SEG and SR (%s %s)", ctx.business_key, algorithm.name, algorithm.version)
-    t.seconds["total"] = time.perf_counter() - t._start
+    t.seconds["total"] = time.perf_counter() - t._start  # wall time of the whole step
     return {
         "result-location": f"{gateway}/studies/{study_uid}",
         "result-study-instance-uid": study_uid,

@@ -180,7 +180,7 @@ def encode_parts(header: Mapping[str, Any], key: str, tensors: Mapping[str, np.n
                             "Content-Length": length}
 
 
-def chunks(parts: Iterable[bytes | memoryview], size: int = 1 << 20) -> Iterator[memoryview]:
+def chunks(parts: Iterable[bytes | memoryview], size: int = 4 << 20) -> Iterator[memoryview]:
     """The parts in slices of at most `size` bytes, for streaming a body: an HTTP client handed one
     100 MB buffer may copy what is left of it after every partial socket write."""
     for part in parts:

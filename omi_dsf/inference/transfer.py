@@ -1,13 +1,16 @@
-"""WADO-RS retrieval of one series for the `infer` step: the multipart answer is parsed part by part
-as it streams in, so decoding overlaps the gateway's sending instead of following it.
+"""DICOMweb transfers of the `infer` step: one series in by WADO-RS, result objects out by STOW-RS.
 
-Instances are asked for with transfer-syntax=* (as stored): a gateway then need not parse each
-instance to see whether it must convert it, and the volume check decides what it can decode.
+WADO-RS: the multipart answer is parsed part by part as it streams in, so decoding overlaps the
+gateway's sending instead of following it. Instances are asked for with transfer-syntax=* (as
+stored): a gateway then need not parse each instance to see whether it must convert it, and the
+volume check decides what it can decode.
+STOW-RS: instances go as the Part 10 bytes they already are (a prepared SEG is never re-encoded).
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from io import BytesIO
 
 import requests
@@ -83,3 +86,22 @@ def retrieve_series(session: requests.Session, base_url: str, study_uid: str, se
             datasets.extend(dcmread(BytesIO(body)) for body in parser.feed(chunk))
         parser.close()
     return datasets
+
+
+class StoreFailed(RuntimeError):
+    """The gateway did not store every instance (HTTP 202: some failed); transient, retried."""
+
+
+def store_instances(session: requests.Session, base_url: str, instances: list[bytes], timeout: float) -> None:
+    """STOW-RS of Part 10 instances in one request; raises unless the gateway stored them all."""
+    boundary = secrets.token_hex(16)
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+    body = b"".join(part for blob in instances for part in (head, blob, b"\r\n")) + f"--{boundary}--\r\n".encode()
+    response = session.post(f"{base_url.rstrip('/')}/studies", data=body, timeout=timeout, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})
+    response.raise_for_status()
+    if response.status_code != 200:
+        # the answer names the failed instances by UID; the status alone is enough for the Task
+        raise StoreFailed(f"the gateway stored only some of the {len(instances)} result objects "
+                          f"(STOW-RS HTTP {response.status_code})")

@@ -1,0 +1,77 @@
+"""The infer step's DICOMweb transfers: the streaming multipart parser, WADO-RS and STOW-RS against
+the project's gateway (store backend)."""
+
+from __future__ import annotations
+
+import random
+
+import pydicom
+import pytest
+import requests
+
+from conftest import free_port
+from omi_dsf.inference import phantom, results
+from omi_dsf.inference.transfer import (MultipartError, MultipartParser, boundary_of, retrieve_series,
+                                        store_instances)
+
+
+def _message(boundary: bytes, bodies: list[bytes]) -> bytes:
+    return (b"preamble to ignore\r\n"
+            + b"".join(b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + body + b"\r\n"
+                       for body in bodies)
+            + b"--" + boundary + b"--\r\nepilogue")
+
+
+def test_parser_finds_every_body_however_the_bytes_arrive():
+    rng = random.Random(7)
+    boundary = b"b0undary-7"
+    # bodies that hold pieces of the delimiter, line breaks and nothing at all
+    bodies = [rng.randbytes(rng.randint(0, 4000)) for _ in range(15)]
+    bodies += [b"", b"\r\n--b0undary", b"--b0undary-", b"\r\n\r\n", b"x\r\n--b0undary-"]
+    message = _message(boundary, bodies)
+    for _ in range(200):
+        parser, got, pos = MultipartParser(boundary), [], 0
+        while pos < len(message):
+            step = rng.choice([1, 2, 7, 64, 999, 5000])
+            got += parser.feed(message[pos:pos + step])
+            pos += step
+        parser.close()
+        assert got == bodies
+
+
+def test_truncated_body_and_missing_boundary_are_errors():
+    parser = MultipartParser(b"xyz")
+    message = _message(b"xyz", [b"abc", b"def"])
+    assert parser.feed(message[:message.index(b"\r\n--xyz--")]) == [b"abc"]  # "def" may go on
+    with pytest.raises(MultipartError, match="ends before its closing delimiter"):
+        parser.close()
+    assert boundary_of('multipart/related; type="application/dicom"; boundary="a b"') == b"a b"
+    assert boundary_of("multipart/related; boundary=abc; type=application/dicom") == b"abc"
+    with pytest.raises(MultipartError, match="no multipart boundary"):
+        boundary_of("multipart/related")
+
+
+@pytest.mark.integration
+def test_series_in_and_results_out_through_the_gateway(tmp_path):
+    from omi_dsf.dicomweb.config import parse_config
+    from omi_dsf.dicomweb.server import BackgroundServer
+    from dicomweb_client.api import DICOMwebClient
+
+    cfg = parse_config({"listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                        "backends": {"INBOX": {"type": "store", "path": str(tmp_path / "store")}}})
+    paths = phantom.write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=30)
+    sent = {str(pydicom.dcmread(p).SOPInstanceUID): p.read_bytes() for p in paths}
+    first = pydicom.dcmread(paths[0])
+    with BackgroundServer(cfg) as gw, requests.Session() as session:
+        DICOMwebClient(gw.url).store_instances([pydicom.dcmread(p) for p in paths])
+        got = retrieve_series(session, gw.url, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), 30)
+        assert {str(ds.SOPInstanceUID) for ds in got} == set(sent)
+        for ds in got:  # as stored, not converted
+            assert ds.PixelData == pydicom.dcmread(paths[int(ds.InstanceNumber) - 1]).PixelData
+        with pytest.raises(requests.HTTPError):
+            retrieve_series(session, gw.url, str(first.StudyInstanceUID), "1.2.3.4", 30)
+
+        sr_like = results.to_part10(first)  # any instance: STOW takes the bytes as they are
+        store_instances(session, gw.url, [sr_like], 30)
+        with pytest.raises(Exception, match="STOW-RS HTTP 409|409"):
+            store_instances(session, gw.url, [b"not DICOM at all"], 30)
