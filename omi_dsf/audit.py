@@ -13,7 +13,7 @@ from pathlib import Path
 # the attributes an event may carry; anything else is refused so nothing identifying slips in
 ALLOWED_DETAILS = {"study_uid", "pseudonymized_study_uid", "result_study_uid", "instances", "bytes", "target",
                    "source", "pseudonym_domain", "organization", "certificate", "outcome", "error", "attempt",
-                   "item_id", "series_uids"}
+                   "item_id", "series_uids", "sent_now", "already_there"}
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ class Demo:
     worker_settings: dict = field(default_factory=lambda: {"poll_interval": 2, "lease_ttl": 20, "backoff": 1,
                                                            "max_attempts": 3})
     out: object = print
+    send: dict = field(default_factory=dict)   # the requester's `send` step settings (batch_mb, batch_instances)
 
     def __post_init__(self):
         self.folder = Path(self.folder).resolve()
@@ -131,6 +132,7 @@ class Demo:
                 "pacs": {"host": self.pacs.host, "port": self.pacs.port, "ae_title": self.pacs.aet,
                          "calling_ae": "OMIWORKER"},
                 "fhir_results": str(f / "fhir-results"),
+                **({"send": self.send} if self.send else {}),
             },
             "ai": {"gateway_url": self.provider_gw, "ai_services": {"lung-seg": {"url": self.ai_url, "model": "lung-seg"}},
                    "ai_timeout_s": 300},

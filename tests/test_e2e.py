@@ -27,7 +27,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def demo(dsf_testbed, tmp_path_factory):
-    d = Demo(dsf_testbed, tmp_path_factory.mktemp("e2e"), slices=12, size=128)
+    # one instance per STOW request, so that a worker can be killed in the middle of a send
+    d = Demo(dsf_testbed, tmp_path_factory.mktemp("e2e"), slices=12, size=128, send={"batch_instances": 1})
     d.start()
     d.start_workers()
     yield d
@@ -139,17 +140,28 @@ def test_provider_dsf_unreachable_ends_with_a_clear_error(demo):
         bed.start_server("ai-fhir")
 
 
+def _stored_instances(demo) -> int:
+    """Images at the provider (the results it stores beside them, SEG and SR, not counted)."""
+    index = demo.provider_store / "index.sqlite"
+    if not index.exists():
+        return 0
+    with sqlite3.connect(index, timeout=5) as db:
+        return db.execute("SELECT COUNT(*) FROM instances WHERE modality = 'CT'").fetchone()[0]
+
+
 def test_worker_killed_mid_send_does_not_duplicate_the_study(demo):
     study = demo.add_study(seed=4105)
     demo.stop_process("dic-worker")
-    log = demo.folder / "dic-worker-a.log"
     demo.start_workers(name="dic-worker-a")
+    before = _stored_instances(demo)
     task_id = demo.submit(study)
     end = time.monotonic() + 300
-    while time.monotonic() < end and "(send, business key" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.05)
-    demo.procs["dic-worker-a"].send_signal(signal.SIGKILL)   # in the middle of the send
+    while time.monotonic() < end and _stored_instances(demo) == before:
+        time.sleep(0.005)
+    demo.procs["dic-worker-a"].send_signal(signal.SIGKILL)   # some instances are at the provider
+    at_kill = _stored_instances(demo) - before
     demo.stop_process("dic-worker-a")
+    assert 0 < at_kill < demo.slices, f"not killed in the middle of the send ({at_kill} of {demo.slices} there)"
     demo.start_workers(name="dic-worker")
     task = demo.wait(task_id, timeout=600)
     assert task["status"] == "completed", outputs(task)
@@ -158,6 +170,10 @@ def test_worker_killed_mid_send_does_not_duplicate_the_study(demo):
         rows = dict(db.execute("SELECT study_uid, COUNT(DISTINCT sop_uid) FROM instances GROUP BY study_uid").fetchall())
     for study_uid, instances in rows.items():
         assert len(list((demo.provider_store / "files" / study_uid).rglob("*.dcm"))) == instances
-    sent_events = [e for e in AuditTrail(demo.folder / "sites" / "dic-audit.sqlite").events(demo.business_key(task_id))
-                   if e.action == "sent"]
-    assert sent_events and all(e.details["instances"] <= demo.slices for e in sent_events)
+    assert _stored_instances(demo) - before == demo.slices
+    # the retry sent only what was missing
+    sent = [e for e in AuditTrail(demo.folder / "sites" / "dic-audit.sqlite").events(demo.business_key(task_id))
+            if e.action == "sent"]
+    assert len(sent) == 1, sent
+    assert sent[0].details["already_there"] >= at_kill
+    assert sent[0].details["sent_now"] + sent[0].details["already_there"] == demo.slices

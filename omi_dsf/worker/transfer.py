@@ -104,6 +104,7 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     ctx.log.info("send %s: %d instances to %s (%d sent now, %d already there)", ctx.business_key,
                  len(study.sop_uids), organization, outcome.sent, outcome.skipped)
     _audit(ctx, "sent", gw, pseudonymized_study_uid=pseudo_uid, instances=len(study.sop_uids),
+           sent_now=outcome.sent, already_there=outcome.skipped,
            bytes=study.bytes, target=gw.base_url, organization=organization, pseudonym_domain=domain)
     return _answer({"study-location": f"{gw.base_url}/studies/{pseudo_uid}",
                     "instance-count": len(study.sop_uids), "byte-count": study.bytes}, ctx)
