@@ -126,7 +126,8 @@ def _bytes_may_leak(ds: Dataset, data: bytes, identity: Identity) -> bool:
     return any(identity.may_occur_in(t) for t in texts)
 
 
-def _text(ds: Dataset, tag: int) -> str:
+def text_of(ds: Dataset, tag: int) -> str:
+    """An element's value as text without making pydicom decode (and later re-encode) it."""
     if tag not in ds:
         return ""
     value = ds.get_item(tag).value
@@ -137,12 +138,12 @@ def _text(ds: Dataset, tag: int) -> str:
 
 def burned_in_problem(ds: Dataset) -> str | None:
     """Why the pixels may show identifying text, or None. We do not clean pixel data."""
-    flag = _text(ds, 0x00280301).upper()
+    flag = text_of(ds, 0x00280301).upper()
     if flag == "YES":
         return "BurnedInAnnotation (0028,0301) is YES and pixel data are not cleaned"
     if flag != "NO" and 0x7FE00010 in ds:
-        modality = _text(ds, 0x00080060).upper()
-        sop_class = _text(ds, 0x00080016)
+        modality = text_of(ds, 0x00080060).upper()
+        sop_class = text_of(ds, 0x00080016)
         if modality in _BURNED_IN_PRONE or sop_class.startswith(_SECONDARY_CAPTURE_PREFIX):
             return (f"BurnedInAnnotation (0028,0301) is absent for modality {modality or '?'};"
                     " such images often carry burned-in text")
@@ -156,7 +157,7 @@ def check_outgoing(ds: Dataset, identity: Identity, encoded_header: bytes | None
     over them comes first; it matches wherever the element-wise check could, so only when it
     finds something are the elements walked to name the attribute.
     """
-    if _text(ds, 0x00120062).upper() != "YES":
+    if text_of(ds, 0x00120062).upper() != "YES":
         raise LeakError("PatientIdentityRemoved (0012,0062) is not YES: object was not de-identified")
     problem = burned_in_problem(ds)
     if problem:

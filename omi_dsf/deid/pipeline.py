@@ -15,7 +15,7 @@ from pydicom.errors import InvalidDicomError
 from .deidentify import Deidentifier
 from .encode import encode_part10 as _encode
 from .identity import Identity
-from .leakcheck import PIXEL_TAGS, check_outgoing
+from .leakcheck import PIXEL_TAGS, check_outgoing, text_of
 from .pseudonyms.base import PseudonymProvider
 from .store import SiteStore
 
@@ -54,16 +54,6 @@ def read_instance(item: Instance, name: str) -> Dataset:
         raise DeidError(f"{name}: unreadable DICOM ({type(exc).__name__}); truncated or corrupt") from None
     _check_complete(ds, name)
     return ds
-
-
-def text_of(ds: Dataset, tag: int) -> str:
-    """An element's value as text without making pydicom decode (and later re-encode) it."""
-    if tag not in ds:
-        return ""
-    value = ds.get_item(tag).value
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("latin-1").strip("\x00 ")
-    return str(value or "").strip()
 
 
 def _us(ds: Dataset, tag: int, default: int | None = None) -> int:
