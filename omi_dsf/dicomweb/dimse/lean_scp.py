@@ -19,7 +19,7 @@ from .association import STORAGE_SYNTAXES, Peer
 from .lean_ul import (APPLICATION_CONTEXT, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, MAX_PDU,
                       C_STORE_RQ, C_STORE_RSP, NO_DATA, Connection, ReleaseRequested, _item, command, messages,
                       pad, part10_meta, uid_of, us, us_of)
-from .retrieve import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from .retrieve import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, MoveRoutes
 from ..errors import PacsTimeout, PacsUnavailable
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,12 @@ def accept_pdu(called: bytes, calling: bytes, contexts) -> tuple[bytes, dict[int
     return struct.pack(">BBL", 0x02, 0, len(body)) + body, accepted
 
 
-class LeanMoveScp:
+class LeanMoveScp(MoveRoutes):
     """Same interface as :class:`~.retrieve.MoveScp`: ``start``, ``stop``, ``register``, ``unregister``."""
 
     def __init__(self, aet: str, bind: str, port: int, timeout: float = 60.0):
+        super().__init__()
         self.aet, self.bind, self.port, self.timeout = aet, bind, port, timeout
-        self._sinks: dict[int, tuple[Callable, str | None]] = {}
-        self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = False
 
@@ -101,14 +100,6 @@ class LeanMoveScp:
             self._listener.close()
             self._listener = None
 
-    def register(self, msg_id: int, sink: Callable, study_uid: str | None) -> None:
-        with self._lock:
-            self._sinks[msg_id] = (sink, study_uid)
-
-    def unregister(self, msg_id: int) -> None:
-        with self._lock:
-            self._sinks.pop(msg_id, None)
-
     def _accept_loop(self) -> None:
         while not self._stopping and self._listener is not None:
             try:
@@ -121,11 +112,7 @@ class LeanMoveScp:
                              daemon=True).start()
 
     def _sink_for(self, cmd: dict[int, bytes]) -> Callable | None:
-        msg_id = us_of(cmd, 0x00001031, -1) if 0x00001031 in cmd else None
-        with self._lock:
-            entry = self._sinks.get(msg_id) if msg_id is not None else None
-            if entry is None and len(self._sinks) == 1:
-                entry = next(iter(self._sinks.values()))
+        entry, _ = self.route(us_of(cmd, 0x00001031, -1) if 0x00001031 in cmd else None)
         return entry[0] if entry else None
 
     def _serve(self, sock: socket.socket, addr) -> None:

@@ -161,13 +161,37 @@ def c_get(pool: AssociationPool, identifier: Dataset, emit: Emit, token: CancelT
     raise AssertionError("unreachable")
 
 
-class MoveScp:
+class MoveRoutes:
+    """Which pending C-MOVE an incoming C-STORE belongs to: the one whose Message ID it carries
+    (Move Originator Message ID); for a PACS that leaves that out, the only pending one."""
+
+    def __init__(self) -> None:
+        self._sinks: dict[int, tuple[Callable, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, msg_id: int, sink: Callable, study_uid: str | None) -> None:
+        with self._lock:
+            self._sinks[msg_id] = (sink, study_uid)
+
+    def unregister(self, msg_id: int) -> None:
+        with self._lock:
+            self._sinks.pop(msg_id, None)
+
+    def route(self, msg_id: int | None) -> tuple[tuple[Callable, str | None] | None, list]:
+        """(sink, study UID) of the move, or None and every pending move to choose from."""
+        with self._lock:
+            entry = self._sinks.get(msg_id) if msg_id is not None else None
+            if entry is None and len(self._sinks) == 1:
+                entry = next(iter(self._sinks.values()))
+            return entry, (list(self._sinks.values()) if entry is None else [])
+
+
+class MoveScp(MoveRoutes):
     """The gateway's storage SCP: the destination of its own C-MOVE requests."""
 
     def __init__(self, aet: str, bind: str, port: int):
+        super().__init__()
         self.aet, self.bind, self.port = aet, bind, port
-        self._sinks: dict[int, tuple[Callable, str | None]] = {}
-        self._lock = threading.Lock()
         self._server = None
 
     def start(self) -> "MoveScp":
@@ -184,22 +208,8 @@ class MoveScp:
             self._server.shutdown()
             self._server = None
 
-    def register(self, msg_id: int, sink: Callable, study_uid: str | None) -> None:
-        with self._lock:
-            self._sinks[msg_id] = (sink, study_uid)
-
-    def unregister(self, msg_id: int) -> None:
-        with self._lock:
-            self._sinks.pop(msg_id, None)
-
     def _on_store(self, event) -> int:
-        req = event.request
-        msg_id = getattr(req, "MoveOriginatorMessageID", None)
-        with self._lock:
-            entry = self._sinks.get(msg_id) if msg_id is not None else None
-            if entry is None and len(self._sinks) == 1:
-                entry = next(iter(self._sinks.values()))
-            candidates = list(self._sinks.values()) if entry is None else []
+        entry, candidates = self.route(getattr(event.request, "MoveOriginatorMessageID", None))
         if entry is None and candidates:
             try:
                 study = event.dataset.StudyInstanceUID
