@@ -156,3 +156,12 @@ def test_ai_service_command_serves_the_protocol():
         d = lungseg.dice(result.outputs["LUNG_LABELS"] > 0, truth)
         print(f"Dice over HTTP (256x256x10): {d:.4f}")
         assert d > 0.9
+
+
+def test_on_sent_is_called_once_after_the_body_went_out(ai, study):
+    hu, _ = study
+    calls, timings = [], {}
+    ai.infer("lung-seg", {"HU": hu, "SPACING_MM": SPACING}, on_sent=lambda: calls.append(time.perf_counter()),
+             timings=timings)
+    assert len(calls) == 1
+    assert set(timings) == {"encode", "request", "decode"} and all(v >= 0 for v in timings.values())

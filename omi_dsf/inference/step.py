@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -171,15 +171,20 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
         ctx.log.info("infer %s: %d slices to model %s", ctx.business_key, volume.hu.shape[0], model)
 
         uids = results.result_uids(volume.series_uid, algorithm)
-        # The SEG's header depends on the source images only: make and encode it while the model runs.
+        # The SEG's header depends on the source images only: make and encode it while the model runs,
+        # starting once the volume is sent (its GIL-heavy start would otherwise hold up the sending).
         background = ThreadPoolExecutor(1, thread_name_prefix="infer-seg")
+        prepared: list[Future] = []
+
+        def prepare() -> None:
+            if not prepared:
+                prepared.append(background.submit(t.background, "seg_prepare", results.prepare_segmentation,
+                                                  volume.datasets, algorithm, uids))
         try:
-            prepared = background.submit(t.background, "seg_prepare", results.prepare_segmentation,
-                                         volume.datasets, algorithm, uids)
             oip_times: dict[str, float] = {}
             try:
                 answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
-                                  binary=True, request_id=ctx.business_key, timings=oip_times)
+                                  binary=True, request_id=ctx.business_key, timings=oip_times, on_sent=prepare)
             except (oip.TensorMismatch, oip.InferenceRejected) as exc:
                 raise StepError(str(exc)) from None
             # ModelNotReady, InferenceTimeout, ServiceUnavailable: transient, the runtime retries
@@ -195,7 +200,8 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
                                 f"{list(volume.hu.shape)}")
             volumes_ml = tuple(float(v) for v in answer.outputs["LUNG_VOLUME_ML"][:2])
             with t.phase("seg"):
-                seg, seg_bytes = prepared.result().fill(labels)
+                prepare()  # (a server that answered before reading the whole request)
+                seg, seg_bytes = prepared[0].result().fill(labels)
         finally:
             background.shutdown(wait=False, cancel_futures=True)
 
