@@ -123,6 +123,9 @@ class Timings:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
+    def finish(self) -> None:
+        self.seconds["total"] = time.perf_counter() - self._start  # wall time of the whole step
+
     def summary(self) -> str:
         return ", ".join([f"{k} {v:.2f} s" for k, v in self.seconds.items()]
                          + [f"{k} {v:.2f} s (alongside the model)" for k, v in self.overlapped.items()])
@@ -211,7 +214,7 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
     with t.phase("stow"):
         transfer.store_instances(session, gateway, [seg_bytes, sr_bytes], timeout)
     ctx.log.info("infer %s: stored SEG and SR (%s %s)", ctx.business_key, algorithm.name, algorithm.version)
-    t.seconds["total"] = time.perf_counter() - t._start  # wall time of the whole step
+    t.finish()
     return {
         "result-location": f"{gateway}/studies/{study_uid}",
         "result-study-instance-uid": study_uid,
