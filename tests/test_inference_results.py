@@ -168,3 +168,23 @@ def test_prepared_segmentation_equals_highdicoms_own(tmp_path, size):
     assert np.array_equal(mask, labels)
     with pytest.raises(ValueError, match="label slices of 16x16 for images of"):
         results.prepare_segmentation(source, ALGO, uids).fill(np.zeros((5, 16, 16), np.uint8))
+
+
+def test_a_seg_whose_frames_cannot_be_told_is_made_whole_from_the_mask(made, monkeypatch):
+    source, labels, _v, uids, *_ = made
+    real = results._segmentation
+
+    def without_derivation(*args):
+        seg = real(*args)
+        for frame in seg.PerFrameFunctionalGroupsSequence:
+            del frame.DerivationImageSequence
+        return seg
+
+    monkeypatch.setattr(results, "_segmentation", without_derivation)
+    prepared = results.prepare_segmentation(source, ALGO, uids)
+    assert not isinstance(prepared, results.PreparedSegmentation)
+    seg, blob = prepared.fill(labels)
+    assert seg.PixelData == real(source, labels, ALGO, uids).PixelData  # the mask, as highdicom packs it
+    assert pydicom.dcmread(BytesIO(blob)).SOPInstanceUID == uids.seg_instance
+    with pytest.raises(ValueError, match="5 label slices for 6 source images"):
+        prepared.fill(labels[:5])

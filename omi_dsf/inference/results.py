@@ -149,24 +149,42 @@ class PreparedSegmentation:
         return self.seg, self.head + packed
 
 
-def prepare_segmentation(source: Sequence[Dataset], algorithm: Algorithm, uids: ResultUids) -> PreparedSegmentation:
+@dataclass
+class _UnpreparedSegmentation:
+    """The fallback when a SEG's frames cannot be told from its header: made whole from the mask."""
+
+    source: Sequence[Dataset]
+    algorithm: Algorithm
+    uids: ResultUids
+
+    def fill(self, labels: np.ndarray) -> tuple[hd.seg.Segmentation, bytes]:
+        if labels.shape[0] != len(self.source):
+            raise ValueError(f"{labels.shape[0]} label slices for {len(self.source)} source images")
+        seg = _segmentation(self.source, labels, self.algorithm, self.uids)
+        return seg, to_part10(seg)
+
+
+def prepare_segmentation(source: Sequence[Dataset], algorithm: Algorithm,
+                         uids: ResultUids) -> PreparedSegmentation | _UnpreparedSegmentation:
     """Everything of the lung SEG for `source` except the mask; see `PreparedSegmentation`."""
     rows, cols = int(source[0].Rows), int(source[0].Columns)
     seg = _segmentation(source, np.zeros((len(source), rows, cols), np.uint8), algorithm, uids)
     index = {str(ds.SOPInstanceUID): k for k, ds in enumerate(source)}
     frames = seg.PerFrameFunctionalGroupsSequence
-    slices = np.array([index[str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
-                       for f in frames], np.intp)
-    numbers = np.array([int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in frames], np.uint8)
+    try:  # highdicom names each frame's source image when the SEG keeps the source geometry
+        slices = np.array([index[str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
+                           for f in frames], np.intp)
+        numbers = np.array([int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in frames],
+                           np.uint8)
+    except (AttributeError, KeyError, IndexError):
+        return _UnpreparedSegmentation(source, algorithm, uids)
     size = (len(frames) * rows * cols + 7) // 8
     size += size % 2
     seg.PixelData = bytes(size)  # a placeholder of the final length
-    buf = BytesIO()
-    seg.save_as(buf, enforce_file_format=True)
-    blob = buf.getvalue()
+    blob = to_part10(seg)
     head = blob[:len(blob) - size]
     if not head.endswith(_PIXEL_DATA_HEADER + struct.pack("<I", size)):
-        raise ValueError("SEG encoding does not end with its Pixel Data")  # an encoding we did not expect
+        return _UnpreparedSegmentation(source, algorithm, uids)  # Pixel Data not last: encode at the end
     return PreparedSegmentation(seg, slices, numbers, head, len(source))
 
 
