@@ -1,8 +1,9 @@
 """One OMI request end to end for a 200-slice CT study, split by step, against moving the same study
 once with dcmtk (getscu from the requester's PACS + storescu into a second PACS) on this machine.
 
-Target: the whole round trip, model time excluded, within 3× that raw transfer. Model time is the
-reference model's own run on the same volume, measured separately (in process).
+Target: the whole round trip, model time excluded, within 3× that raw transfer. Model time is what
+the AI service reports for this request (model_time_ms); the model's run in this process on the
+same volume is printed beside it (and used if the service reported nothing).
 
     python tools/bench/e2e.py [--dir DIR] [--slices 200] [--size 512]
 
@@ -17,6 +18,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -60,6 +62,15 @@ def raw_transfer(demo: Demo, study_uid: str, folder: Path, runs: int = 3) -> flo
                             str(other.port), *map(str, files)], check=True, env=env, capture_output=True)
             times.append(time.monotonic() - t0)
     return statistics.median(times)
+
+
+def service_model_time(demo: Demo, business_key: str) -> float | None:
+    """The model's own time in this request, as the AI service reported it to the infer step
+    (the provider worker logs the step's phase timings, numbers only)."""
+    log = demo.folder / "ai-worker.log"
+    found = re.findall(rf"infer {re.escape(business_key)}: timings .*?\bmodel ([0-9.]+) s",
+                       log.read_text(errors="replace") if log.exists() else "")
+    return float(found[-1]) if found else None
 
 
 def model_time(files: list[Path]) -> float:
@@ -136,6 +147,7 @@ def main() -> int:
             if task["status"] != "completed":
                 raise SystemExit(f"request failed: {task.get('output')}")
             steps, events = timeline(demo, demo.business_key(task_id), task_id)
+            served_model = service_model_time(demo, demo.business_key(task_id))
             # the round trip by the requester's DSF: start Task created -> completed (no polling in it)
             ends = [t for t, what in events if what.startswith("dic: Task startOmiInference ")]
             total = max(ends) - min(ends)
@@ -143,12 +155,15 @@ def main() -> int:
             demo.stop()
             if bed is not None:
                 bed.down()
-    ratio = (total - model) / raw
+    # the model's time in this very request when the service reported it, else the in-process run
+    excluded = served_model if served_model is not None else model
+    ratio = (total - excluded) / raw
     print(f"study: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB")
-    print(f"raw transfer (getscu + storescu, median of 3): {raw:.2f} s; model alone: {model:.1f} s")
+    print(f"raw transfer (getscu + storescu, median of 3): {raw:.2f} s; model alone: {model:.1f} s in process, "
+          f"{served_model if served_model is not None else float('nan'):.1f} s in the service for this request")
     print(f"OMI round trip (start Task created -> completed, DSF clock): {total:.1f} s "
           f"(client wall, incl. submit and polling: {client_wall:.1f} s)")
-    print(f"OMI round trip: {total:.1f} s; without the model {total - model:.1f} s = {ratio:.2f}x the raw transfer")
+    print(f"OMI round trip: {total:.1f} s; without the model {total - excluded:.1f} s = {ratio:.2f}x the raw transfer")
     for step, secs in steps.items():
         print(f"  {step:13s} {secs:6.1f} s")
     in_steps = sum(steps.values())
@@ -157,7 +172,8 @@ def main() -> int:
     for t, what in events:
         print(f"  {t:7.2f}  {what}")
     print(json.dumps({"benchmark": "e2e", "slices": args.slices, "study_mb": round(mb, 1),
-                      "raw_transfer_s": round(raw, 2), "model_s": round(model, 2), "round_trip_s": round(total, 2), "client_wall_s": round(client_wall, 2),
+                      "raw_transfer_s": round(raw, 2), "model_s": round(model, 2),
+                      "service_model_s": served_model, "model_excluded_s": round(excluded, 2), "round_trip_s": round(total, 2), "client_wall_s": round(client_wall, 2),
                       "steps_s": steps, "between_steps_s": round(total - sum(steps.values()), 2), "ratio_round_trip_without_model_vs_raw": round(ratio, 2),
                       "targets": {"ratio_max": 3.0}, "met": ratio <= 3.0}))
     return 0
