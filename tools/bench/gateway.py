@@ -217,7 +217,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=500)
     ap.add_argument("--small", type=int, default=50, help="slices of the small study (memory, concurrency)")
     ap.add_argument("--rows", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
