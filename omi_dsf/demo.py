@@ -19,6 +19,7 @@ from pathlib import Path
 import pydicom
 from cryptography.hazmat.primitives import serialization
 
+from omi_dsf import procs
 from omi_dsf.dicomweb.config import AuthConfig, DimseBackendConfig, GatewayConfig, StoreBackendConfig, TlsConfig
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
 from omi_dsf.dicomweb.server import BackgroundServer
@@ -159,14 +160,7 @@ class Demo:
         return proc
 
     def stop_process(self, name: str, kill: bool = False) -> None:
-        proc = self.procs.pop(name, None)
-        if proc and proc.poll() is None:
-            proc.kill() if kill else proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        procs.stop(self.procs.pop(name, None), grace=30, kill=kill)
 
     def start_workers(self, dic_topics: str = "consent,pseudonymize,send,return", name: str = "dic-worker") -> None:
         self._spawn(name, ["worker", "--site", str(self.sites["dic"]), "--topics", dic_topics])

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from omi_dsf import procs
 from omi_dsf.inference.client import OipClient, ServiceUnavailable
 
 MODEL = "lung-seg"
@@ -54,13 +55,7 @@ class AiServiceProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        procs.stop(self.proc)
 
     def __enter__(self) -> "AiServiceProcess":
         return self.start()

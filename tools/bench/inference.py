@@ -43,6 +43,7 @@ from dicomweb_client.api import DICOMwebClient
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from omi_dsf import procs  # noqa: E402
 from omi_dsf.inference import lungseg, phantom, step  # noqa: E402
 from omi_dsf.inference.client import OipClient  # noqa: E402
 from omi_dsf.inference.launch import AiServiceProcess, _free_port  # noqa: E402
@@ -82,13 +83,7 @@ class Gateway:
             time.sleep(0.1)
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        procs.stop(self.proc)
 
 
 def protocol_figures(url: str, size: int, repeats: int) -> dict:
