@@ -140,6 +140,27 @@ def test_wado_over_the_store(gw, files):
     assert gw.get("/aets/OTHER/studies").status_code == 404
 
 
+def test_frame_descriptions_are_in_the_metadata_not_in_the_index(gw, files):
+    # a multi-frame object describes each frame in functional group sequences: a 200-slice SEG
+    # carries 400 such items, too much to decode for every QIDO; WADO-RS metadata still has them
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = generate_uid()
+    frame = pydicom.Dataset()
+    frame.FrameContentSequence = [pydicom.Dataset()]
+    frame.FrameContentSequence[0].DimensionIndexValues = [1, 1]
+    ds.PerFrameFunctionalGroupsSequence = [frame]
+    ds.SharedFunctionalGroupsSequence = [pydicom.Dataset()]
+    body, headers = _multipart([_encode(ds)])
+    assert gw.post(f"/studies/{ds.StudyInstanceUID}", content=body, headers=headers).status_code == 200
+    found = gw.get(f"/studies/{ds.StudyInstanceUID}/instances",
+                   params={"SOPInstanceUID": ds.SOPInstanceUID, "includefield": "all"}).json()
+    assert len(found) == 1 and "00280030" in found[0]
+    assert "52009230" not in found[0] and "52009229" not in found[0]
+    meta = gw.get(f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+                  f"{ds.SOPInstanceUID}/metadata").json()[0]
+    assert _val(_val(_val(meta, "52009230")[0], "00209111")[0], "00209157") == [1, 1]
+
+
 def test_compressed_instances_stay_compressed_in_the_store(gw, files):
     jpeg = pydicom.dcmread(files[-1])
     path = f"/studies/{jpeg.StudyInstanceUID}/series/{jpeg.SeriesInstanceUID}/instances/{jpeg.SOPInstanceUID}"
