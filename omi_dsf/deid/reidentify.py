@@ -8,6 +8,9 @@ AI service created itself (its own series and instances) are not in the map and 
 
 from __future__ import annotations
 
+from typing import Iterator
+
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from .pseudonyms.base import PseudonymProvider, UnknownPseudonymError
@@ -69,18 +72,24 @@ class Reidentifier:
         return self._uid_cache[uid]
 
     def _map_uids(self, ds: Dataset) -> None:
-        # Walk the raw elements: converting every value (a SEG has thousands of per-frame numbers)
-        # costs more than the walk; only sequences and UIDs need converting.
-        for raw in ds.elements():
-            vr = raw.VR or ds[raw.tag].VR     # implicit VR: known once converted
-            if vr == "SQ":
-                for item in ds[raw.tag].value or ():
-                    self._map_uids(item)
-            elif vr == "UI":
-                elem = ds[raw.tag]
-                if not elem.value:
-                    continue
-                if isinstance(elem.value, (list, tuple)) or elem.VM > 1:
-                    elem.value = [self._original(str(v)) or v for v in elem.value]
-                else:
-                    elem.value = self._original(str(elem.value)) or elem.value
+        for elem in uid_elements(ds):
+            if isinstance(elem.value, (list, tuple)) or elem.VM > 1:
+                elem.value = [self._original(str(v)) or v for v in elem.value]
+            else:
+                elem.value = self._original(str(elem.value)) or elem.value
+
+
+def uid_elements(ds: Dataset) -> Iterator[DataElement]:
+    """Every UID element with a value, in `ds` and all its sequence items, converted in place.
+
+    Walks the raw elements: converting every value (a SEG has thousands of per-frame numbers)
+    costs more than the walk; only sequences and UIDs need converting."""
+    for raw in ds.elements():
+        vr = raw.VR or ds[raw.tag].VR     # implicit VR: known once converted
+        if vr == "SQ":
+            for item in ds[raw.tag].value or ():
+                yield from uid_elements(item)
+        elif vr == "UI":
+            elem = ds[raw.tag]
+            if elem.value:
+                yield elem

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from omi_dsf.deid import instance_io
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import LeakError, check_outgoing
+from omi_dsf.deid.reidentify import uid_elements
 from omi_dsf.deid.store import SiteStore
 from omi_dsf.worker.api import StepError
 
@@ -40,17 +41,9 @@ class OutgoingStudy:
 
 
 def _uid_values(ds: Dataset) -> Iterator[str]:
-    # raw walk: only sequences and UIDs are decoded (see deid/reidentify.py)
-    for raw in ds.elements():
-        vr = raw.VR or ds[raw.tag].VR
-        if vr == "SQ":
-            for item in ds[raw.tag].value or ():
-                yield from _uid_values(item)
-        elif vr == "UI":
-            elem = ds[raw.tag]
-            if elem.value:
-                values = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
-                yield from (str(v).strip("\x00 ") for v in values)
+    for elem in uid_elements(ds):
+        values = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
+        yield from (str(v).strip("\x00 ") for v in values)
 
 
 def identity_from_store(store: SiteStore, domain: str, pseudonym: str, pseudo_study_uid: str) -> Identity:
