@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -265,6 +266,10 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
         assert value not in audit_text
         assert value not in caplog.text   # nor in what the steps logged
     assert "send bk-round-trip: 8 instances" in caplog.text
+    # each step says where its time went (phase names and seconds only)
+    assert re.search(r"send bk-round-trip: timings leak_check [\d.]+ s, stow [\d.]+ s, total", caplog.text)
+    assert re.search(r"return bk-round-trip: timings wado [\d.]+ s, reidentify [\d.]+ s, fhir [\d.]+ s, "
+                     r"c_store [\d.]+ s, total", caplog.text)
 
 
 # -- send: leak, crash and retry, TLS, unreachable ------------------------------------------------

@@ -25,10 +25,8 @@ retry after a crash stores the same objects again rather than new ones.
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import requests
@@ -38,7 +36,7 @@ from omi_dsf.inference import client as oip
 from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
-from omi_dsf.worker.api import Answers, StepContext, StepError
+from omi_dsf.worker.api import Answers, StepContext, StepError, Timings
 
 DEFAULT_MODEL = "lung-seg"
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
@@ -96,39 +94,6 @@ def _choose_series(dicomweb: DICOMwebClient, study_uid: str, modality: str, max_
     if max_slices is not None and count > max_slices:
         raise StepError(f"series has {count} slices, more than the model's limit of {max_slices}")
     return series_uid
-
-
-class Timings:
-    """Seconds per phase of one `infer` run, in the order the phases ran; "model" is the service's own
-    compute time when it reports one (parameter model_time_ms), inside "oip_request"; "total" the
-    step's wall time. `overlapped` holds work done in the background while the model ran."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.overlapped: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    def background(self, name: str, fn, *args):
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.overlapped[name] = time.perf_counter() - start
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def finish(self) -> None:
-        self.seconds["total"] = time.perf_counter() - self._start  # wall time of the whole step
-
-    def summary(self) -> str:
-        return ", ".join([f"{k} {v:.2f} s" for k, v in self.seconds.items()]
-                         + [f"{k} {v:.2f} s (alongside the model)" for k, v in self.overlapped.items()])
 
 
 def infer(inputs: Answers, ctx: StepContext) -> Answers:

@@ -9,8 +9,10 @@ answers. A `StepError` is a business failure with a message fit for the requeste
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 Answers = Mapping[str, str | int | bool | float]
 
@@ -33,6 +35,40 @@ class StepContext:
     outputs: tuple[str, ...] = ()   # the work item's output items (besides error)
     item_id: str = ""               # the QuestionnaireResponse id, for idempotency keys
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("omi_dsf.step"))
+
+
+class Timings:
+    """Seconds per phase of one step run, in the order the phases ran, for the step's log line
+    (numbers only: phase names and seconds, nothing about the patient or the study). "total" is
+    the step's wall time; `overlapped` holds work done in the background meanwhile (the infer
+    step builds its SEG while the model runs; its "model" is the AI service's own compute time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.overlapped: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def background(self, name: str, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.overlapped[name] = time.perf_counter() - start
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def finish(self) -> None:
+        self.seconds["total"] = time.perf_counter() - self._start  # wall time of the whole step
+
+    def summary(self) -> str:
+        return ", ".join([f"{k} {v:.2f} s" for k, v in self.seconds.items()]
+                         + [f"{k} {v:.2f} s (alongside the model)" for k, v in self.overlapped.items()])
 
 
 Handler = Callable[[Answers, StepContext], Answers]

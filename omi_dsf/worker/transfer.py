@@ -33,7 +33,7 @@ from omi_dsf.deid.reidentify import Reidentifier
 from omi_dsf.deid.store import SiteStore
 # highdicom and friends take most of a second to import: at worker start, not in the first return
 from omi_dsf.inference.results import fhir_bundle_from_report
-from omi_dsf.worker.api import Answers, StepContext, StepError
+from omi_dsf.worker.api import Answers, StepContext, StepError, Timings
 from omi_dsf.worker.transfer_fhir import write_fhir_result
 from omi_dsf.worker.transfer_outgoing import collect
 from omi_dsf.worker.transfer_pacs import store_in_pacs
@@ -84,6 +84,7 @@ def _sent_to(ctx: StepContext) -> str | None:
 
 
 def send(inputs: Answers, ctx: StepContext) -> Answers:
+    t = Timings()
     pseudo_uid = _text(inputs, "pseudonymized-study-instance-uid")
     organization = _text(inputs, "provider-organization")
     cfg, domain = _pseudonymization(ctx.site)
@@ -91,13 +92,15 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     gw = open_gateway(ctx.site, organization)     # config errors before any file is read
     store = SiteStore(cfg.get("store", "omi-site.sqlite"))
     try:
-        study = collect(cfg, store, pseudo_uid, ctx.business_key, str(ctx.site.get("gateway_url", "")))
+        with t.phase("leak_check"):
+            study = collect(cfg, store, pseudo_uid, ctx.business_key, str(ctx.site.get("gateway_url", "")))
     finally:
         store.close()
     try:
-        outcome = stow_study(gw, pseudo_uid, study.files, study.sop_uids,
-                             batch_bytes=int(float(batching.get("batch_mb", 32)) * (1 << 20)),
-                             batch_instances=int(batching.get("batch_instances", BATCH_INSTANCES)))
+        with t.phase("stow"):
+            outcome = stow_study(gw, pseudo_uid, study.files, study.sop_uids,
+                                 batch_bytes=int(float(batching.get("batch_mb", 32)) * (1 << 20)),
+                                 batch_instances=int(batching.get("batch_instances", BATCH_INSTANCES)))
     finally:
         study.close()
         gw.close()
@@ -106,11 +109,14 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     _audit(ctx, "sent", gw, pseudonymized_study_uid=pseudo_uid, instances=len(study.sop_uids),
            sent_now=outcome.sent, already_there=outcome.skipped,
            bytes=study.bytes, target=gw.base_url, organization=organization, pseudonym_domain=domain)
+    t.finish()
+    ctx.log.info("send %s: timings %s", ctx.business_key, t.summary())
     return _answer({"study-location": f"{gw.base_url}/studies/{pseudo_uid}",
                     "instance-count": len(study.sop_uids), "byte-count": study.bytes}, ctx)
 
 
 def return_results(inputs: Answers, ctx: StepContext) -> Answers:
+    t = Timings()
     location = _text(inputs, "result-location")
     result_uid = _text(inputs, "result-study-instance-uid")
     pseudonym = _text(inputs, "pseudonym")
@@ -130,13 +136,15 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
             raise StepError(str(exc)) from None
         gw = gateway_for_location(ctx.site, location, _sent_to(ctx), result_uid)
         try:
-            results = fetch_results(gw, result_uid, pseudonym, modalities)
+            with t.phase("wado"):
+                results = fetch_results(gw, result_uid, pseudonym, modalities)
         finally:
             gw.close()
         _audit(ctx, "received", gw, result_study_uid=result_uid, instances=len(results.datasets),
                bytes=results.bytes, source=gw.base_url, organization=gw.organization,
                series_uids=",".join(results.series_uids), pseudonym_domain=domain)
-        reidentify_all(results.datasets, Reidentifier(store, provider, domain), patient_id, study_uid)
+        with t.phase("reidentify"):
+            reidentify_all(results.datasets, Reidentifier(store, provider, domain), patient_id, study_uid)
     finally:
         store.close()
 
@@ -146,16 +154,20 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
         if not reports:
             raise StepError("the results hold no SR, so no FHIR result can be made")
         try:
-            bundle = fhir_bundle_from_report(reports[0])
+            with t.phase("fhir"):
+                bundle = fhir_bundle_from_report(reports[0])
         except (ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:
             # the type only: after re-identification a message could quote an original UID
             raise StepError(f"the result SR is not a report this site can turn into FHIR "
                             f"({type(exc).__name__})") from None
 
-    pacs = store_in_pacs(ctx.site, results.datasets)
+    with t.phase("c_store"):
+        pacs = store_in_pacs(ctx.site, results.datasets)
     fhir_target = write_fhir_result(ctx.site, bundle, ctx.business_key) if bundle is not None else None
     ctx.log.info("return %s: %d result objects stored in %s%s", ctx.business_key, len(results.datasets), pacs,
                  ", FHIR result written" if fhir_target else "")
     _audit(ctx, "stored", gw, result_study_uid=result_uid, instances=len(results.datasets), target=pacs,
            series_uids=",".join(results.series_uids), pseudonym_domain=domain)
+    t.finish()
+    ctx.log.info("return %s: timings %s", ctx.business_key, t.summary())
     return _answer({"stored-study-instance-uid": study_uid}, ctx)

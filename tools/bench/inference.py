@@ -9,7 +9,7 @@ Figures, medians over the runs:
   slices/s of the service  -- slices over the service's own model time (it reports model_time_ms)
                               and over the whole OIP request as the step sees it (encode, transfer,
                               the service's decode/encode, model)
-  step breakdown           -- seconds per phase of the step (step.Timings)
+  step breakdown           -- seconds per phase of the step (omi_dsf.worker.api.Timings)
   overhead share           -- (step − model) / step, the part of the step spent outside the model
 Baseline, side by side: the model (`LungSegModel.infer`, what the service times) called in this
 process on the same volume between the step runs; step / in-process model is the ratio printed.
