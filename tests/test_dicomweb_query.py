@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 from omi_dsf.dicomweb.attributes import INSTANCE, SERIES, STUDY
 from omi_dsf.dicomweb.errors import BadRequest, NotAcceptable
 from omi_dsf.dicomweb.matching import matches
-from omi_dsf.dicomweb.multipart import (closing, parse_accept, parse_media_type, parse_multipart,
+from omi_dsf.dicomweb.multipart import (MultipartReader, closing, parse_accept, parse_media_type, parse_multipart,
                                         part_head)
 from omi_dsf.dicomweb.query import parse_qido
 from omi_dsf.dicomweb.wado import choose_frame_media, choose_instance_media, parse_frame_list
@@ -124,6 +124,31 @@ def test_multipart_round_trip_and_binary_safety():
     parts = parse_multipart(body, "B0")
     assert [p.body for p in parts] == payloads
     assert parts[0].content_type == "application/dicom"
+
+
+def test_multipart_reader_gives_the_same_parts_however_the_body_arrives():
+    payloads = [b"\r\n--B1 lookalike\r\n--B", bytes(range(256)) * 3, b"", b"x"]
+    body = (b"preamble\r\n" + b"".join(part_head("B0", "application/dicom") + p + b"\r\n" for p in payloads)
+            + closing("B0") + b"epilogue")
+    for size in (1, 2, 3, 5, 7, 64, len(body)):
+        reader, parts = MultipartReader("B0"), []
+        for i in range(0, len(body), size):
+            parts += reader.feed(body[i:i + size])
+        reader.close()
+        assert [p.body for p in parts] == payloads, size
+        assert all(p.content_type == "application/dicom" for p in parts)
+
+
+def test_multipart_reader_says_where_the_body_broke():
+    for body, problem in ((b"--B0\r\nContent-Type: x\r\n\r\nno end", "closing boundary missing"),
+                          (b"--B0\r\nContent-Type: x", "part headers not terminated"),
+                          (b"nothing", "boundary not found")):
+        reader = MultipartReader("B0")
+        reader.feed(body)
+        with pytest.raises(BadRequest, match=problem):
+            reader.close()
+    with pytest.raises(BadRequest, match="more than 1 parts"):
+        MultipartReader("B0", max_parts=1).feed(part_head("B0", "x") + b"a\r\n" + part_head("B0", "x") + b"b\r\n--B0--")
 
 
 @pytest.mark.parametrize("body", [b"no boundary here", b"--B0\r\nContent-Type: x\r\n\r\ndata never closed",

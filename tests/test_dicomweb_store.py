@@ -90,6 +90,32 @@ def test_stow_status_codes(gw, files):
     assert r.status_code == 400 and "multipart" in r.json()["error"]
 
 
+def test_stow_stores_batches_while_the_body_arrives(gw, files, monkeypatch):
+    from omi_dsf.dicomweb import app as app_module
+    monkeypatch.setattr(app_module, "STOW_BATCH_PARTS", 2)   # several batches from a small body
+    base = pydicom.dcmread(files[0])
+    copies = []
+    for _ in range(5):
+        base.SOPInstanceUID = generate_uid()
+        copies.append((str(base.SOPInstanceUID), _encode(base)))
+    body, headers = _multipart([data for _, data in copies])
+    r = gw.post("/studies", content=body, headers=headers)
+    assert r.status_code == 200
+    assert sorted(_val(i, "00081155")[0] for i in r.json()["00081199"]["Value"]) == sorted(u for u, _ in copies)
+    # a body that breaks after some batches: 400 naming the problem and what was kept
+    more = []
+    for _ in range(3):
+        base.SOPInstanceUID = generate_uid()
+        more.append((str(base.SOPInstanceUID), _encode(base)))
+    body, headers = _multipart([data for _, data in more])
+    broken = body[:body.rindex(b"--XbX--")] + b"--XbX\r\nno header end"
+    r = gw.post("/studies", content=broken, headers=headers)
+    assert r.status_code == 400
+    assert "part headers not terminated" in r.json()["error"] and "2 instances before it were stored" in r.json()["error"]
+    kept = gw.get(f"/studies/{base.StudyInstanceUID}/instances", params={"SOPInstanceUID": more[0][0]}).json()
+    assert len(kept) == 1
+
+
 def test_qido_over_the_store(gw, files):
     studies = gw.get("/studies").json()
     assert len(studies) == 3

@@ -11,8 +11,9 @@ import requests
 
 from conftest import free_port
 from omi_dsf.inference import phantom, results
-from omi_dsf.inference.transfer import (MultipartError, MultipartParser, boundary_of, retrieve_series,
-                                        store_instances)
+from omi_dsf.dicomweb.errors import BadRequest
+from omi_dsf.dicomweb.multipart import MultipartReader
+from omi_dsf.inference.transfer import MultipartError, boundary_of, retrieve_series, store_instances
 
 
 def _message(boundary: bytes, bodies: list[bytes]) -> bytes:
@@ -30,23 +31,23 @@ def test_parser_finds_every_body_however_the_bytes_arrive():
     bodies += [b"", b"\r\n--b0undary", b"--b0undary-", b"\r\n\r\n", b"x\r\n--b0undary-"]
     message = _message(boundary, bodies)
     for _ in range(200):
-        parser, got, pos = MultipartParser(boundary), [], 0
+        parser, got, pos = MultipartReader(boundary.decode()), [], 0
         while pos < len(message):
             step = rng.choice([1, 2, 7, 64, 999, 5000])
-            got += parser.feed(message[pos:pos + step])
+            got += [part.body for part in parser.feed(message[pos:pos + step])]
             pos += step
         parser.close()
         assert got == bodies
 
 
 def test_truncated_body_and_missing_boundary_are_errors():
-    parser = MultipartParser(b"xyz")
+    parser = MultipartReader("xyz")
     message = _message(b"xyz", [b"abc", b"def"])
-    assert parser.feed(message[:message.index(b"\r\n--xyz--")]) == [b"abc"]  # "def" may go on
-    with pytest.raises(MultipartError, match="ends before its closing delimiter"):
+    assert [p.body for p in parser.feed(message[:message.index(b"\r\n--xyz--")])] == [b"abc"]  # "def" may go on
+    with pytest.raises(BadRequest, match="closing boundary missing"):
         parser.close()
-    assert boundary_of('multipart/related; type="application/dicom"; boundary="a b"') == b"a b"
-    assert boundary_of("multipart/related; boundary=abc; type=application/dicom") == b"abc"
+    assert boundary_of('multipart/related; type="application/dicom"; boundary="a b"') == "a b"
+    assert boundary_of("multipart/related; boundary=abc; type=application/dicom") == "abc"
     with pytest.raises(MultipartError, match="no multipart boundary"):
         boundary_of("multipart/related")
 

@@ -6,6 +6,7 @@ Blocking backend calls run in worker threads; retrieval streams through :class:`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -30,8 +31,8 @@ from .config import GatewayConfig
 from .dicomjson import dumps
 from .errors import (BadRequest, DicomwebError, NotAcceptable, NotFound, PayloadTooLarge,
                      UnsupportedMediaType)
-from .multipart import (CRLF, closing, content_type, new_boundary, parse_accept, parse_media_type,
-                        parse_multipart, part_head)
+from .multipart import (CRLF, MultipartReader, closing, content_type, new_boundary, parse_accept,
+                        parse_media_type, part_head)
 from .query import check_uid, parse_qido
 from .stream import ThreadStream
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 CANNOT_UNDERSTAND = 0xC000
 STUDY_MISMATCH = 0xA900  # the instance does not belong to the study in the URL
+STOW_BATCH_BYTES, STOW_BATCH_PARTS = 8 << 20, 32   # stored while the rest of a STOW body arrives
 
 
 class Stats:
@@ -309,18 +311,55 @@ class Gateway:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
             raise PayloadTooLarge(f"request body larger than {self.cfg.max_upload_mb} MB")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise PayloadTooLarge(f"request body larger than {self.cfg.max_upload_mb} MB")
-        parts = parse_multipart(bytes(body), ctype.params.get("boundary", ""))
-        if not parts:
-            raise BadRequest("multipart body: no parts")
+        reader = MultipartReader(ctype.params.get("boundary", ""))
         backend = self.backend(request)
         base = self.base_url(request)
-        outcome = await self.run(self._store_parts, backend, parts, scope.get(STUDY))
-        return self._stow_response(outcome, base, scope.get(STUDY))
+        url_study = scope.get(STUDY)
+        # Parts are stored in batches while the rest of the body still arrives (one batch at a
+        # time, in order), so receiving and storing overlap and memory stays at about a batch.
+        stored: list = []
+        failed: list = []
+        batch: list = []
+        batch_bytes = received = 0
+        in_flight: asyncio.Future | None = None
+
+        async def settle() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                done, in_flight = in_flight, None
+                s_, f_ = await done
+                stored.extend(s_)
+                failed.extend(f_)
+
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLarge(f"request body larger than {self.cfg.max_upload_mb} MB")
+                for part in reader.feed(chunk):
+                    batch.append(part)
+                    batch_bytes += len(part.body)
+                    if batch_bytes >= STOW_BATCH_BYTES or len(batch) >= STOW_BATCH_PARTS:
+                        await settle()
+                        in_flight = asyncio.ensure_future(self.run(self._store_parts, backend, batch, url_study))
+                        batch, batch_bytes = [], 0
+            reader.close()
+            if not reader.count:
+                raise BadRequest("multipart body: no parts")
+        except DicomwebError as exc:
+            await settle()
+            if stored:   # say so: those instances are kept (a STOW of them again replaces them)
+                exc.message = f"{exc.message}; the {len(stored)} instances before it were stored"
+            raise
+        except BaseException:
+            await settle()   # the client went away: finish the batch being stored, then give up
+            raise
+        await settle()
+        if batch:
+            s_, f_ = await self.run(self._store_parts, backend, batch, url_study)
+            stored.extend(s_)
+            failed.extend(f_)
+        return self._stow_response((stored, failed), base, url_study)
 
     @staticmethod
     def _store_parts(backend, parts, url_study):

@@ -116,30 +116,41 @@ class Part:
         return self.headers.get("content-type", "")
 
 
-def parse_multipart(body: bytes, boundary: str, max_parts: int = 100000) -> list[Part]:
-    """Split a multipart body; raises :class:`BadRequest` for a malformed one."""
-    if not boundary or len(boundary) > 200:
-        raise BadRequest("Content-Type: missing or bad multipart boundary")
-    delim = b"--" + boundary.encode("latin-1")
-    start = body.find(delim)
-    if start < 0:
-        raise BadRequest("multipart body: boundary not found")
-    parts: list[Part] = []
-    pos = start + len(delim)
-    while True:
-        if body[pos:pos + 2] == b"--":
-            break  # closing delimiter
-        eol = body.find(CRLF, pos)
+class MultipartReader:
+    """Incremental multipart/related parser: `feed` bytes as they arrive, get the parts completed
+    so far; `close` at the end. Holds at most one part and what came after it, so a STOW-RS body
+    is stored while it still arrives instead of after it was read whole. Malformed input raises
+    :class:`BadRequest` naming what is wrong."""
+
+    MAX_HEAD = 16384
+
+    def __init__(self, boundary: str, max_parts: int = 100000):
+        if not boundary or len(boundary) > 200:
+            raise BadRequest("Content-Type: missing or bad multipart boundary")
+        self.delim = b"--" + boundary.encode("latin-1")
+        self.max_parts = max_parts
+        self.count = 0
+        self._buf = bytearray()
+        self._state = "preamble"          # preamble → headers → body → headers … → done
+        self._scan = 0                    # where to look for the next delimiter in a body
+        self._headers: dict[str, str] = {}
+
+    def _after_delimiter(self, start: int) -> int | None:
+        """Offset just past the line of a delimiter that ends at `start`: "done" sets the state;
+        None while that line has not arrived whole."""
+        if len(self._buf) < start + 2:
+            return None
+        if self._buf[start:start + 2] == b"--":
+            self._state = "done"
+            return start + 2
+        eol = self._buf.find(CRLF, start)
         if eol < 0:
-            raise BadRequest("multipart body: truncated after a boundary")
-        pos = eol + 2
-        head_end = body.find(CRLF + CRLF, pos)
-        if body[pos:pos + 2] == CRLF:  # a part without headers
-            head_end, head = pos - 2, b""
-        elif head_end < 0:
-            raise BadRequest("multipart body: part headers not terminated")
-        else:
-            head = body[pos:head_end]
+            if len(self._buf) - start > self.MAX_HEAD:
+                raise BadRequest("multipart body: truncated after a boundary")
+            return None
+        return eol + 2
+
+    def _parse_headers(self, head: bytes) -> dict[str, str]:
         headers = {}
         for line in head.split(CRLF):
             if not line.strip():
@@ -148,12 +159,68 @@ def parse_multipart(body: bytes, boundary: str, max_parts: int = 100000) -> list
             if not colon:
                 raise BadRequest("multipart body: bad part header line")
             headers[name.strip().lower()] = value.strip()
-        data_start = head_end + 4
-        nxt = body.find(CRLF + delim, data_start)
-        if nxt < 0:
-            raise BadRequest("multipart body: closing boundary missing")
-        parts.append(Part(headers, body[data_start:nxt]))
-        if len(parts) > max_parts:
-            raise BadRequest(f"multipart body: more than {max_parts} parts")
-        pos = nxt + 2 + len(delim)
+        return headers
+
+    def feed(self, data: bytes) -> list[Part]:
+        self._buf += data
+        parts: list[Part] = []
+        while self._state != "done":
+            buf = self._buf
+            if self._state == "preamble":
+                i = buf.find(self.delim)
+                if i < 0:
+                    del buf[:max(0, len(buf) - len(self.delim))]   # keep what may start one
+                    break
+                end = self._after_delimiter(i + len(self.delim))
+                if end is None:
+                    break
+                del buf[:end]
+                if self._state != "done":
+                    self._state = "headers"
+            elif self._state == "headers":
+                if buf[:2] == CRLF:   # a part without headers
+                    head, end = b"", 2
+                else:
+                    j = buf.find(CRLF + CRLF)
+                    if j < 0:
+                        if len(buf) > self.MAX_HEAD:
+                            raise BadRequest("multipart body: part headers not terminated")
+                        break
+                    head, end = bytes(buf[:j]), j + 4
+                self._headers = self._parse_headers(head)
+                del buf[:end]   # cheap: CPython moves a bytearray's start, nothing is copied
+                self._state, self._scan = "body", 0
+            else:  # body: up to CRLF + delimiter
+                i = buf.find(CRLF + self.delim, self._scan)
+                if i < 0:
+                    self._scan = max(0, len(buf) - len(self.delim) - 1)
+                    break
+                end = self._after_delimiter(i + 2 + len(self.delim))
+                if end is None:
+                    self._scan = i
+                    break
+                parts.append(Part(self._headers, bytes(buf[:i])))
+                self.count += 1
+                if self.count > self.max_parts:
+                    raise BadRequest(f"multipart body: more than {self.max_parts} parts")
+                del buf[:end]
+                if self._state != "done":
+                    self._state = "headers"
+        if self._state == "done":
+            self._buf.clear()   # the epilogue is ignored
+        return parts
+
+    def close(self) -> None:
+        """The body has ended: BadRequest unless it ended with the closing delimiter."""
+        problem = {"preamble": "boundary not found", "headers": "part headers not terminated",
+                   "body": "closing boundary missing"}.get(self._state)
+        if problem:
+            raise BadRequest(f"multipart body: {problem}")
+
+
+def parse_multipart(body: bytes, boundary: str, max_parts: int = 100000) -> list[Part]:
+    """Split a whole multipart body; raises :class:`BadRequest` for a malformed one."""
+    reader = MultipartReader(boundary, max_parts)
+    parts = reader.feed(body)
+    reader.close()
     return parts

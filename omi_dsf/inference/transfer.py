@@ -1,7 +1,7 @@
 """DICOMweb transfers of the `infer` step: one series in by WADO-RS, result objects out by STOW-RS.
 
-WADO-RS: the multipart answer is parsed part by part as it streams in, so decoding overlaps the
-gateway's sending instead of following it. Instances are asked for with transfer-syntax=* (as
+WADO-RS: the multipart answer is parsed part by part as it streams in (the gateway's own
+incremental reader), so decoding overlaps the gateway's sending instead of following it. Instances are asked for with transfer-syntax=* (as
 stored): a gateway then need not parse each instance to see whether it must convert it, and the
 volume check decides what it can decode.
 STOW-RS: instances go as the Part 10 bytes they already are (a prepared SEG is never re-encoded).
@@ -17,6 +17,9 @@ import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from omi_dsf.dicomweb.errors import BadRequest
+from omi_dsf.dicomweb.multipart import MultipartReader
+
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 CHUNK = 1 << 20
 
@@ -25,53 +28,11 @@ class MultipartError(ValueError):
     """The answer is not the multipart/related body it claims to be."""
 
 
-def boundary_of(content_type: str) -> bytes:
+def boundary_of(content_type: str) -> str:
     found = re.search(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', content_type, re.IGNORECASE)
     if not found:
         raise MultipartError(f"Content-Type has no multipart boundary: {content_type[:80]!r}")
-    return (found.group(1) or found.group(2)).encode("ascii")
-
-
-class MultipartParser:
-    """Incremental multipart/related (RFC 2046) parser: `feed` bytes, get the bodies completed so far."""
-
-    def __init__(self, boundary: bytes):
-        self.delimiter = b"\r\n--" + boundary
-        self.buf = bytearray(b"\r\n")  # the first delimiter need not follow a line break
-        self.scan = 0                  # where to look for the next delimiter (earlier bytes hold none)
-        self.in_part = False           # buf starts with a part's body
-        self.done = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self.buf += data
-        bodies = []
-        while not self.done:
-            i = self.buf.find(self.delimiter, self.scan)
-            if i < 0:
-                self.scan = max(self.scan, len(self.buf) - len(self.delimiter) + 1)
-                break
-            after = i + len(self.delimiter)
-            if len(self.buf) < after + 2:
-                self.scan = i
-                break
-            if self.in_part:
-                with memoryview(self.buf) as view:
-                    bodies.append(bytes(view[:i]))
-            if self.buf[after:after + 2] == b"--":
-                self.done, self.in_part = True, False
-                break
-            headers_end = self.buf.find(b"\r\n\r\n", after)
-            if headers_end < 0:  # the next part's headers are still coming: keep from its delimiter on
-                del self.buf[:i]
-                self.scan, self.in_part = 0, False
-                break
-            del self.buf[:headers_end + 4]  # cheap: CPython moves a bytearray's start, no copy
-            self.in_part, self.scan = True, 0
-        return bodies
-
-    def close(self) -> None:
-        if not self.done:
-            raise MultipartError("multipart body ends before its closing delimiter")
+    return found.group(1) or found.group(2)
 
 
 def retrieve_series(session: requests.Session, base_url: str, study_uid: str, series_uid: str,
@@ -80,11 +41,14 @@ def retrieve_series(session: requests.Session, base_url: str, study_uid: str, se
     url = f"{base_url.rstrip('/')}/studies/{study_uid}/series/{series_uid}"
     with session.get(url, headers={"Accept": ACCEPT}, stream=True, timeout=timeout) as response:
         response.raise_for_status()
-        parser = MultipartParser(boundary_of(response.headers.get("Content-Type", "")))
+        reader = MultipartReader(boundary_of(response.headers.get("Content-Type", "")))
         datasets = []
-        for chunk in response.iter_content(CHUNK):
-            datasets.extend(dcmread(BytesIO(body)) for body in parser.feed(chunk))
-        parser.close()
+        try:
+            for chunk in response.iter_content(CHUNK):
+                datasets.extend(dcmread(BytesIO(part.body)) for part in reader.feed(chunk))
+            reader.close()
+        except BadRequest as exc:   # the gateway's own parser: here it is the answer that is broken
+            raise MultipartError(f"WADO-RS answer: {exc.message}") from None
     return datasets
 
 
