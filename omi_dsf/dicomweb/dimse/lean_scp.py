@@ -18,7 +18,7 @@ from typing import Callable
 from .association import STORAGE_SYNTAXES, Peer
 from .lean_ul import (APPLICATION_CONTEXT, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, MAX_PDU,
                       C_STORE_RQ, C_STORE_RSP, NO_DATA, Connection, ReleaseRequested, _item, command, messages,
-                      pad, part10_meta, uid_of, us, us_of)
+                      pad, part10_meta, uid_of, us, us_of, user_max_pdu)
 from .retrieve import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, MoveRoutes
 from ..errors import PacsTimeout, PacsUnavailable
 
@@ -49,12 +49,7 @@ def parse_request(data: bytes) -> tuple[bytes, bytes, list[tuple[int, bytes, lis
                 sub += 4 + slen
             contexts.append((cid, abstract, syntaxes))
         elif kind == 0x50:
-            sub = 0
-            while sub + 4 <= len(body):
-                skind, _, slen = struct.unpack_from(">BBH", body, sub)
-                if skind == 0x51 and slen == 4:
-                    max_pdu = struct.unpack_from(">L", body, sub + 4)[0]
-                sub += 4 + slen
+            max_pdu = user_max_pdu(body, max_pdu)
     return called, calling, contexts, max_pdu
 
 

@@ -204,6 +204,17 @@ def associate_rq(calling: str, peer: Peer, proposals: list[tuple[str, list[str]]
     return struct.pack(">BBL", 0x01, 0, len(body)) + body, contexts
 
 
+def user_max_pdu(user_info: bytes, default: int) -> int:
+    """The Maximum Length sub-item (0x51) of an association's User Information item, if any."""
+    sub = 0
+    while sub + 4 <= len(user_info):
+        kind, _, length = struct.unpack_from(">BBH", user_info, sub)
+        if kind == 0x51 and length == 4:
+            return struct.unpack_from(">L", user_info, sub + 4)[0]
+        sub += 4 + length
+    return default
+
+
 def parse_accept(data: bytes) -> tuple[dict[int, bytes], int]:
     """Accepted context id → transfer syntax, and the peer's maximum PDU length."""
     accepted, max_pdu, pos = {}, 16384, 68
@@ -217,12 +228,7 @@ def parse_accept(data: bytes) -> tuple[dict[int, bytes], int]:
                 _, _, ts_len = struct.unpack_from(">BBH", body, 4)
                 accepted[cid] = bytes(body[8:8 + ts_len]).rstrip(b"\x00 ")
         elif kind == 0x50:
-            sub = 0
-            while sub + 4 <= len(body):
-                skind, _, slen = struct.unpack_from(">BBH", body, sub)
-                if skind == 0x51 and slen == 4:
-                    max_pdu = struct.unpack_from(">L", body, sub + 4)[0]
-                sub += 4 + slen
+            max_pdu = user_max_pdu(body, max_pdu)
     return accepted, max_pdu
 
 
