@@ -172,8 +172,8 @@ def test_cli_site_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {site}: 'ca_file' is missing\n"
 
 
-def test_unreachable_dsf_is_one_line(tmp_path, capsys):
-    from conftest import free_port
+def _client_site(tmp_path, fhir_url: str):
+    """A client site file with a test PKI's client certificate; its key password in tmp_path/pw."""
     from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
 
     ca = TestCA(tmp_path / "pki")
@@ -181,9 +181,16 @@ def test_unreachable_dsf_is_one_line(tmp_path, capsys):
     cl = ca.issue("dic", "dic client", server=False, client=True)
     (tmp_path / "pw").write_text(KEY_PASSWORD)
     site = tmp_path / "site.yaml"
-    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": f"https://127.0.0.1:{free_port()}/fhir",
-                                "ca_file": str(ca.cert_path), "client_cert": str(cl.cert), "client_key": str(cl.key),
+    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": fhir_url, "ca_file": str(ca.cert_path),
+                                "client_cert": str(cl.cert), "client_key": str(cl.key),
                                 "client_key_password_file": "pw"}))
+    return site
+
+
+def test_unreachable_dsf_is_one_line(tmp_path, capsys):
+    from conftest import free_port
+
+    site = _client_site(tmp_path, f"https://127.0.0.1:{free_port()}/fhir")
     assert main(["status", "--site", str(site)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: status: GET Task?: cannot connect to https://127.0.0.1:") and err.count("\n") == 1
@@ -193,16 +200,7 @@ def test_unreachable_dsf_is_one_line(tmp_path, capsys):
 
 
 def test_submit_with_an_empty_input_is_one_line(tmp_path, capsys):
-    from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
-
-    ca = TestCA(tmp_path / "pki")
-    ca.ensure()
-    cl = ca.issue("dic", "dic client", server=False, client=True)
-    (tmp_path / "pw").write_text(KEY_PASSWORD)
-    site = tmp_path / "site.yaml"
-    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": "https://127.0.0.1:1/fhir",
-                                "ca_file": str(ca.cert_path), "client_cert": str(cl.cert), "client_key": str(cl.key),
-                                "client_key_password_file": "pw"}))
+    site = _client_site(tmp_path, "https://127.0.0.1:1/fhir")
     assert main(["submit", "--study", "", "--patient", "P", "--service", "s", "--provider", "ai.omi.test",
                  "--site", str(site)]) == 2
     assert capsys.readouterr().err == ("error: submit: startOmiInference: missing required input(s) "
