@@ -104,6 +104,11 @@ def infer(inputs: Answers, ctx: StepContext) -> Answers:
 
 def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
     """`infer`, also answering how long each phase took."""
+    with requests.Session() as session:   # one connection pool to the gateway for the whole step
+        return _infer(inputs, ctx, session)
+
+
+def _infer(inputs: Answers, ctx: StepContext, session: requests.Session) -> tuple[Answers, Timings]:
     t = Timings()
     study_uid = str(inputs.get("pseudonymized-study-instance-uid") or inputs.get("study-instance-uid") or "")
     if not study_uid:
@@ -125,7 +130,6 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
         algorithm = results.Algorithm(str(limits.get("algorithm_name", model)),
                                       str(limits.get("algorithm_version") or (meta.get("versions") or ["unknown"])[0]))
 
-        session = requests.Session()
         dicomweb = DICOMwebClient(gateway, session=session, timeout=timeout)
         with t.phase("qido"):
             series_uid = _choose_series(dicomweb, study_uid, modality, max_slices)
