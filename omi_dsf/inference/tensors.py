@@ -79,14 +79,10 @@ def _bytes_from_wire(name: str, raw: bytes, count: int) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def to_wire(array: np.ndarray) -> bytes:
-    """Raw bytes of a tensor for the binary extension (row-major, little-endian)."""
-    return bytes(_wire_view(array))
-
-
 def _wire_view(array: np.ndarray) -> bytes | memoryview:
-    """The tensor's wire bytes without a copy when the array is already contiguous little-endian
-    (a 200-slice CT is 100 MB: every copy costs tens of milliseconds and as much memory)."""
+    """Raw bytes of a tensor for the binary extension (row-major, little-endian), without a copy
+    when the array already is that (a 200-slice CT is 100 MB: every copy costs tens of
+    milliseconds and as much memory)."""
     if datatype_of(array) == "BYTES":
         return _bytes_to_wire(array)
     wire = np.ascontiguousarray(array, dtype=DTYPES[datatype_of(array)])

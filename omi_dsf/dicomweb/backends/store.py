@@ -179,12 +179,6 @@ class StoreBackend:
         return (self.root / paths[0]).read_bytes()
 
     # -- storage -------------------------------------------------------------------------------
-    def put(self, data: bytes) -> tuple[int, str]:
-        status, comment, row = self._write(data)
-        if row:
-            self._index([row])
-        return status, comment
-
     def _write(self, data: bytes) -> tuple[int, str, list | None]:
         """Write one instance's file; its index row, or the failure status and reason."""
         try:
