@@ -62,5 +62,4 @@ def consent(inputs: Answers, ctx: StepContext) -> Answers:
     if not decision.permitted:
         raise StepError(f"consent denied: {decision.reason}")
     out = {"consent-reference": decision.reference, "consented": True, "consent-reason": decision.reason}
-    # answer only the items the work item has (the runtime refuses unknown ones)
-    return {k: v for k, v in out.items() if not ctx.outputs or k in ctx.outputs}
+    return ctx.wanted(out)

@@ -88,5 +88,4 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         "byte-count": written,
         "output-location": location,
     }
-    # answer only the items the work item has (the runtime refuses unknown ones)
-    return {k: v for k, v in out.items() if not ctx.outputs or k in ctx.outputs}
+    return ctx.wanted(out)

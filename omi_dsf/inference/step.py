@@ -184,9 +184,9 @@ def _infer(inputs: Answers, ctx: StepContext, session: requests.Session) -> tupl
         transfer.store_instances(session, gateway, [seg_bytes, sr_bytes], timeout)
     ctx.log.info("infer %s: stored SEG and SR (%s %s)", ctx.business_key, algorithm.name, algorithm.version)
     t.finish()
-    return {
+    return ctx.wanted({
         "result-location": f"{gateway}/studies/{study_uid}",
         "result-study-instance-uid": study_uid,
         "result-series-uids": f"{uids.seg_series},{uids.sr_series}",
         "status": "completed",
-    }, t
+    }), t

@@ -36,6 +36,11 @@ class StepContext:
     item_id: str = ""               # the QuestionnaireResponse id, for idempotency keys
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("omi_dsf.step"))
 
+    def wanted(self, answers: Mapping[str, Any]) -> dict:
+        """The answers this work item has items for (all of them when no outputs are given, as
+        when a step is called outside the runtime)."""
+        return {k: v for k, v in answers.items() if not self.outputs or k in self.outputs}
+
 
 class Timings:
     """Seconds per phase of one step run, in the order the phases ran, for the step's log line

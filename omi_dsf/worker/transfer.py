@@ -58,11 +58,6 @@ def _pseudonymization(site: Mapping[str, Any]) -> tuple[dict, str]:
     return cfg, str(cfg["domain"])
 
 
-def _answer(out: dict, ctx: StepContext) -> dict:
-    # only the items the work item has (the runtime refuses unknown ones)
-    return {k: v for k, v in out.items() if not ctx.outputs or k in ctx.outputs}
-
-
 def _audit(ctx: StepContext, action: str, gw: ProviderGateway | None, **details) -> None:
     path = ctx.site.get("audit")
     if not path:
@@ -111,8 +106,8 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
            bytes=study.bytes, target=gw.base_url, organization=organization, pseudonym_domain=domain)
     t.finish()
     ctx.log.info("send %s: timings %s", ctx.business_key, t.summary())
-    return _answer({"study-location": f"{gw.base_url}/studies/{pseudo_uid}",
-                    "instance-count": len(study.sop_uids), "byte-count": study.bytes}, ctx)
+    return ctx.wanted({"study-location": f"{gw.base_url}/studies/{pseudo_uid}",
+                       "instance-count": len(study.sop_uids), "byte-count": study.bytes})
 
 
 def return_results(inputs: Answers, ctx: StepContext) -> Answers:
@@ -170,4 +165,4 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
            series_uids=",".join(results.series_uids), pseudonym_domain=domain)
     t.finish()
     ctx.log.info("return %s: timings %s", ctx.business_key, t.summary())
-    return _answer({"stored-study-instance-uid": study_uid}, ctx)
+    return ctx.wanted({"stored-study-instance-uid": study_uid})
