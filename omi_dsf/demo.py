@@ -20,9 +20,8 @@ import pydicom
 from cryptography.hazmat.primitives import serialization
 
 from omi_dsf import procs
-from omi_dsf.dicomweb.config import AuthConfig, DimseBackendConfig, GatewayConfig, StoreBackendConfig, TlsConfig
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
-from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.dicomweb.process import GatewayProcess
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.tasks import message_task, outputs
 from omi_dsf.inference import phantom
@@ -99,19 +98,22 @@ class Demo:
         gw_key = _plain_key(gw_cert.key, gw_cert.password, f / "pki" / "gateway.plain.key")
         self.dic_client = (str(dic_client.cert), str(_plain_key(dic_client.key, dic_client.password,
                                                                  f / "pki" / "dic-gateway-client.plain.key")))
-        tls = TlsConfig(gw_cert.cert, gw_key, client_ca=ca.cert_path)
-
+        tls = {"certfile": str(gw_cert.cert), "keyfile": str(gw_key), "client_ca": self.ca}
         self.pacs = Dcmqrscp(f / "pacs", aet="DICPACS").start()
         self.servers.append(self.pacs)
-        requester_gw = BackgroundServer(GatewayConfig(
-            host="127.0.0.1", port=free_port(), tls=tls, auth=AuthConfig(anonymous=True),
-            backends={"DICPACS": DimseBackendConfig("DICPACS", self.pacs.host, self.pacs.port, self.pacs.aet)},
-            default="DICPACS")).start()
+        # each site's gateway in its own process, configured as an operator would (docs/gateway.md)
+        requester_gw = GatewayProcess({
+            "listen": {"host": "127.0.0.1", "port": free_port()}, "tls": tls, "auth": {"anonymous": True},
+            "backends": {"DICPACS": {"type": "dimse", "host": self.pacs.host, "port": self.pacs.port,
+                                     "called_aet": self.pacs.aet}},
+            "default": "DICPACS"}, f / "gateways", "requester-gateway", ca_file=self.ca).start()
+        self.servers.append(requester_gw)
         provider_store = f / "provider-gateway"
-        provider_gw = BackgroundServer(GatewayConfig(
-            host="127.0.0.1", port=free_port(), tls=tls, auth=AuthConfig(anonymous=True),
-            backends={"INBOX": StoreBackendConfig("INBOX", provider_store)}, default="INBOX")).start()
-        self.servers += [requester_gw, provider_gw]
+        provider_gw = GatewayProcess({
+            "listen": {"host": "127.0.0.1", "port": free_port()}, "tls": tls, "auth": {"anonymous": True},
+            "backends": {"INBOX": {"type": "store", "path": str(provider_store)}}, "default": "INBOX"},
+            f / "gateways", "provider-gateway", ca_file=self.ca).start()
+        self.servers.append(provider_gw)
         self.requester_gw, self.provider_gw, self.provider_store = requester_gw.url, provider_gw.url, provider_store
         self.start_ai_service()
         (f / "consents").mkdir(exist_ok=True)
