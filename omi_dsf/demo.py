@@ -164,11 +164,15 @@ class Demo:
     def stop_process(self, name: str, kill: bool = False) -> None:
         procs.stop(self.procs.pop(name, None), grace=30, kill=kill)
 
-    def start_workers(self, dic_topics: str = "consent,pseudonymize,send,return", name: str = "dic-worker") -> None:
-        self._spawn(name, ["worker", "--site", str(self.sites["dic"]), "--topics", dic_topics])
+    def start_workers(self, dic_topics: str = "consent,pseudonymize,send,return", name: str = "dic-worker",
+                      no_op: bool = False) -> None:
+        """Both sites' workers; `no_op`: with the demo handler, which answers at once and moves no data
+        (what the DSF alone costs a request)."""
+        extra = ["--demo"] if no_op else []
+        self._spawn(name, ["worker", "--site", str(self.sites["dic"]), "--topics", dic_topics, *extra])
         if "ai-worker" not in self.procs:
             # the provider's worker reads its own gateway over TLS: trust the site CA
-            self._spawn("ai-worker", ["worker", "--site", str(self.sites["ai"]), "--topics", "infer"],
+            self._spawn("ai-worker", ["worker", "--site", str(self.sites["ai"]), "--topics", "infer", *extra],
                         env={"REQUESTS_CA_BUNDLE": self.ca})
 
     # -- a request ------------------------------------------------------------------------------
