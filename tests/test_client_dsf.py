@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import ROOT, free_port
+from omi_dsf.dicomweb.process import GatewayProcess
 from omi_dsf.registry.auth import thumbprint
 from omi_dsf.registry.entries import service_bundle
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
@@ -89,21 +90,10 @@ def world(dsf_testbed, tmp_path_factory):
             r = c.post("/fhir", json=b, headers={"Content-Type": "application/fhir+json"})
             assert r.status_code == 200, r.text
         # the DIC's DICOMweb gateway (embedded store) that `omi results` lists the stored series from
-        gw_port = free_port()
-        (folder / "gateway.yaml").write_text(yaml.safe_dump({
-            "listen": {"host": "127.0.0.1", "port": gw_port}, "auth": {"anonymous": True},
-            "backends": {"PACS": {"type": "store", "path": str(folder / "pacs")}}}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(folder / "gateway.yaml")],
-                                      cwd=ROOT, stdout=(folder / "gateway.log").open("wb"), stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{gw_port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (folder / "gateway.log").read_text()
-            time.sleep(0.2)
+        gateway = GatewayProcess({"listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                                  "backends": {"PACS": {"type": "store", "path": str(folder / "pacs")}}},
+                                 folder, timeout=60).start()
+        procs.append(gateway.proc)
         sites = write_testbed_site_configs(state, folder / "sites", worker={"poll_interval": 2, "lease_ttl": 4,
                                                                              "backoff": 0.3, "max_attempts": 2})
         raw = yaml.safe_load(sites["dic"].read_text())
@@ -125,7 +115,7 @@ def world(dsf_testbed, tmp_path_factory):
             return p
 
         yield {"dic": str(sites["dic"]), "deny": str(deny), "ai": str(sites["ai"]), "ai_deny": str(ai_deny),
-               "worker": worker, "gateway": f"http://127.0.0.1:{gw_port}",
+               "worker": worker, "gateway": gateway.url,
                "registry": url, "dic_id": dic.identifier, "ai_id": ai.identifier}
     finally:
         _stop(procs)

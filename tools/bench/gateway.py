@@ -42,6 +42,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  #
                                   StudyRootQueryRetrieveInformationModelGet)
 
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool, free_port  # noqa: E402
+from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
 from omi_dsf.inference.phantom import write_ct_study  # noqa: E402
 
 TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
@@ -237,34 +238,21 @@ def main() -> int:
             t = time.monotonic()
             pacs.load(big + small)
             log(f"loaded {len(big) + len(small)} files into dcmqrscp in {time.monotonic() - t:.1f} s")
-            port = free_port()
-            cfg = work / "gateway.yaml"
-            cfg.write_text(f"listen: {{host: 127.0.0.1, port: {port}}}\nauth: {{anonymous: true}}\n"
-                           f"dimse: {{calling_aet: OMIGW, move_destination: {{aet: OMIGW, port: {move_port}}}}}\n"
-                           f"backends:\n  LEGACYPACS: {{type: dimse, host: 127.0.0.1, port: {pacs.port}}}\n"
-                           f"  MOVEPACS: {{type: dimse, host: 127.0.0.1, port: {pacs.port}, "
-                           f"called_aet: LEGACYPACS, retrieve: move}}\n")
-            gateway = subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(cfg)],
-                                       cwd=ROOT, stdout=subprocess.DEVNULL,
-                                       stderr=open(work / "gateway.log", "wb"))
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(url + "/health", timeout=1)
-                    break
-                except httpx.TransportError:
-                    if gateway.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("gateway did not start: " + (work / "gateway.log").read_text()[-1000:])
-                    time.sleep(0.1)
+            gateway = GatewayProcess({
+                "listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                "dimse": {"calling_aet": "OMIGW", "move_destination": {"aet": "OMIGW", "port": move_port}},
+                "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port},
+                             "MOVEPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port,
+                                          "called_aet": "LEGACYPACS", "retrieve": "move"}}}, work).start()
+            url = gateway.url
 
             # memory: peak RSS after warm-up, after the small study, after the big one
             qido_times(url, small_uid, 3)
-            hwm0 = vm(gateway.pid, "VmHWM")
+            hwm0 = vm(gateway.proc.pid, "VmHWM")
             size_small, parts_small = wado_study(url, small_uid)
-            hwm_small = vm(gateway.pid, "VmHWM")
+            hwm_small = vm(gateway.proc.pid, "VmHWM")
             size_big, parts_big = wado_study(url, big_uid)
-            hwm_big = vm(gateway.pid, "VmHWM")
+            hwm_big = vm(gateway.proc.pid, "VmHWM")
             assert parts_small == len(small) and parts_big == len(big), (parts_small, parts_big)
             log(f"gateway VmHWM: {hwm0:.0f} MB idle, {hwm_small:.0f} MB after {len(small)} instances, "
                 f"{hwm_big:.0f} MB after {len(big)} instances")
@@ -298,7 +286,7 @@ def main() -> int:
 
             n_err, conc_s, samples = concurrent_clients(url, small_uid, len(small), args.clients)
             log(f"{args.clients} concurrent clients: {n_err} errors in {conc_s:.1f} s {samples}")
-            hwm_end = vm(gateway.pid, "VmHWM")
+            hwm_end = vm(gateway.proc.pid, "VmHWM")
 
         result.update({
             "gateway_wado_s": round(gw_t, 3), "gateway_wado_httpx_client_s": round(py_t, 3),
@@ -321,11 +309,7 @@ def main() -> int:
                              and n_err <= TARGETS["concurrent_errors_max"])
     finally:
         if gateway is not None:
-            gateway.terminate()
-            try:
-                gateway.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+            gateway.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
     return 0

@@ -28,62 +28,27 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pydicom
-import yaml
 from dicomweb_client.api import DICOMwebClient
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from omi_dsf import procs  # noqa: E402
 from omi_dsf.inference import lungseg, phantom, step  # noqa: E402
 from omi_dsf.inference.client import OipClient  # noqa: E402
-from omi_dsf.inference.launch import AiServiceProcess, _free_port  # noqa: E402
+from omi_dsf.dicomweb.legacy_pacs import free_port  # noqa: E402
+from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
+from omi_dsf.inference.launch import AiServiceProcess  # noqa: E402
 from omi_dsf.inference.service import LungSegModel  # noqa: E402
 from omi_dsf.worker.api import StepContext  # noqa: E402
 
 TARGETS = {"overhead_share_max": 0.20}
-
-
-class Gateway:
-    """The OMI DICOMweb gateway as its own process (as at a provider), store backend."""
-
-    def __init__(self, folder: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = folder / "gateway.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "listen": {"host": "127.0.0.1", "port": self.port}, "auth": {"anonymous": True},
-            "backends": {"INBOX": {"type": "store", "path": str(folder / "inbox")}}}))
-        self.log = folder / "gateway.log"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Gateway":
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"gateway did not start; see {self.log}")
-            time.sleep(0.1)
-
-    def __exit__(self, *exc) -> None:
-        procs.stop(self.proc)
 
 
 def protocol_figures(url: str, size: int, repeats: int) -> dict:
@@ -127,7 +92,9 @@ def main() -> int:
         paths = phantom.write_ct_study(folder / "study", slices=n, seed=7, rows=args.size, cols=args.size)
         study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         hu_truth = phantom.known_lung_mask(n, 7, args.size, args.size)
-        with Gateway(folder) as gw, AiServiceProcess(log=folder / "ai.log", timeout=60) as ai:
+        inbox = {"listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                 "backends": {"INBOX": {"type": "store", "path": str(folder / "inbox")}}}
+        with GatewayProcess(inbox, folder) as gw, AiServiceProcess(log=folder / "ai.log", timeout=60) as ai:
             web = DICOMwebClient(gw.url)
             for i in range(0, n, 50):
                 web.store_instances([pydicom.dcmread(p) for p in paths[i:i + 50]])
