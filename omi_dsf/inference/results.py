@@ -16,6 +16,7 @@ fhir.resources offers R4B classes, whose JSON for these resources is valid R4.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import struct
 import uuid
 from dataclasses import dataclass
@@ -24,11 +25,18 @@ from typing import Sequence
 
 import highdicom as hd
 import numpy as np
+from fhir.resources.R4B.bundle import Bundle as FhirBundle
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 from omi_dsf.inference import lungseg
+
+# The FHIR model classes build their validators when first imported (0.25 s in all): load the ones
+# a result bundle needs with this module (at worker start), not inside the first return step.
+for _model in ("codeableconcept", "coding", "device", "diagnosticreport", "extension", "identifier", "meta",
+               "observation", "provenance", "quantity", "reference"):
+    importlib.import_module(f"fhir.resources.R4B.{_model}")
 
 MANUFACTURER = "OMI on DSF"
 _NS = uuid.uuid5(uuid.NAMESPACE_URL, "urn:omi-dsf:inference-results")
@@ -290,8 +298,6 @@ def build_fhir_bundle(source: Dataset, volumes_ml: tuple[float, float], algorith
     """A FHIR R4 collection Bundle: Device, three Observations (right, left, both lungs), DiagnosticReport,
     Provenance. Patient and ImagingStudy are referenced by identifier (DICOM Patient ID, Study UID):
     the requester maps them to its own resources after re-identification."""
-    from fhir.resources.R4B.bundle import Bundle
-
     when = when or dt.datetime.now(dt.timezone.utc)
     issued = when.isoformat(timespec="seconds")
     study_uid = str(source.StudyInstanceUID)
@@ -376,4 +382,4 @@ def build_fhir_bundle(source: Dataset, volumes_ml: tuple[float, float], algorith
     bundle = {"resourceType": "Bundle", "type": "collection", "timestamp": issued,
               "entry": [{"fullUrl": url, "resource": res} for url, res in entries]}
     # Validate through the model classes: raises on any structural error.
-    return Bundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)
+    return FhirBundle.model_validate(bundle).model_dump(mode="json", exclude_none=True)
