@@ -2,7 +2,8 @@
 
 Source config: {"kind": "dicomweb", "url": DICOMweb base (else the site's gateway_url),
 "verify", "cert", "key", "token_file"}. The gateway streams the study as multipart; instances
-are handed on as they arrive, so no study is held in memory whole.
+are handed on as they arrive, as their Part 10 bytes (the pipeline parses each once), so no
+study is held in memory whole.
 Sink config: the same keys; instances go to POST {url}/studies in batches. STOW-RS is not
 transactional: when a later instance fails the leak check, instances already stored stay
 (each of them passed the check); the batch not yet sent is dropped.
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+
+from omi_dsf.dicomweb.errors import BadRequest
+from omi_dsf.dicomweb.multipart import MultipartReader, parse_media_type
 
 from .instance_io import SinkError, SourceError, register_sink, register_source
 
@@ -44,20 +47,49 @@ def _base(config: Mapping[str, Any], params: Mapping[str, Any]) -> str:
     return str(url).format(**params).rstrip("/")
 
 
-class WadoStudySource:
-    def __init__(self, url: str, study_uid: str, session: requests.Session, timeout: float = 60):
-        self.client = DICOMwebClient(url, session=session, timeout=timeout)
-        self.study_uid = study_uid
+class WadoTruncated(requests.ConnectionError):
+    """The WADO-RS answer ended before its closing boundary: transient, the worker retries."""
 
-    def __iter__(self) -> Iterator[tuple[str, Dataset]]:
-        try:
-            for n, ds in enumerate(self.client.iter_study(self.study_uid), 1):
-                yield f"WADO-RS instance {n}", ds
-        except requests.HTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else 0
+
+_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+_CHUNK = 1 << 20
+
+
+class WadoStudySource:
+    """WADO-RS of a study, parsed part by part as it streams in (the gateway's own reader)."""
+
+    def __init__(self, url: str, study_uid: str, session: requests.Session, timeout: float = 60):
+        self.url = f"{url}/studies/{study_uid}"
+        self.session = session
+        self.timeout = timeout
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        with self.session.get(self.url, headers={"Accept": _ACCEPT}, stream=True,
+                              timeout=self.timeout) as resp:
+            status = resp.status_code
+            if status == 204:
+                return  # no instances: the step says so
             if 400 <= status < 500:
-                raise SourceError(f"WADO-RS retrieve of the study failed: HTTP {status}") from None
-            raise  # 5xx: the gateway may recover, let the worker retry
+                raise SourceError(f"WADO-RS retrieve of the study failed: HTTP {status}")
+            resp.raise_for_status()  # 5xx: the gateway may recover, let the worker retry
+            ctype = parse_media_type(resp.headers.get("Content-Type", ""))
+            if ctype.mime != "multipart/related":
+                raise SourceError(f"WADO-RS answer is {ctype.mime or 'untyped'}, not multipart/related")
+            try:
+                reader = MultipartReader(ctype.params.get("boundary", ""))
+            except BadRequest as exc:
+                raise SourceError(f"WADO-RS answer: {exc.message}") from None
+            n = 0
+            try:
+                for chunk in resp.iter_content(_CHUNK):
+                    for part in reader.feed(chunk):
+                        n += 1
+                        yield f"WADO-RS instance {n}", part.body
+                if reader.midway:
+                    raise WadoTruncated(f"WADO-RS answer ended after {n} instances")
+                reader.close()
+            except BadRequest as exc:
+                raise SourceError(f"WADO-RS answer: {exc.message}") from None
 
 
 class StowSink:

@@ -210,6 +210,11 @@ class MultipartReader:
             self._buf.clear()   # the epilogue is ignored
         return parts
 
+    @property
+    def midway(self) -> bool:
+        """A delimiter came but not the closing one: a body ending now was cut off."""
+        return self._state in ("headers", "body")
+
     def close(self) -> None:
         """The body has ended: BadRequest unless it ended with the closing delimiter."""
         problem = {"preamble": "boundary not found", "headers": "part headers not terminated",

@@ -73,11 +73,9 @@ def _header_bytes(ds: Dataset, data: bytes) -> bytes | None:
 def _spool_from_dicomweb(sink: Mapping[str, Any], params: Mapping[str, Any], study: OutgoingStudy) -> None:
     study._spool = tempfile.TemporaryDirectory(prefix="omi-send-")
     source = instance_io.open_source({**sink, "kind": "dicomweb"}, params)
-    for n, (_, ds) in enumerate(source, 1):
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
+    for n, (_, data) in enumerate(source, 1):   # Part 10 bytes as stored: checked as they are
         target = Path(study._spool.name) / f"{n:06d}.dcm"
-        target.write_bytes(buf.getvalue())
+        target.write_bytes(data)
         study.files.append(target)
 
 

@@ -1,0 +1,118 @@
+"""The pseudonymize step's WADO-RS source: the multipart answer parsed as it streams, and what a
+broken answer becomes (a step error, or a retry when it was cut off)."""
+
+from __future__ import annotations
+
+from http.server import BaseHTTPRequestHandler
+
+import pydicom
+import pytest
+import requests
+
+from helpers_http import serve
+from omi_dsf.deid.dicomweb_io import WadoStudySource, WadoTruncated
+from omi_dsf.deid.instance_io import SourceError
+from omi_dsf.deid.step import pseudonymize
+from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.worker.api import StepContext, StepError
+
+B = "b0undary"
+
+
+def _body(blobs: list[bytes], close: bool = True) -> bytes:
+    parts = b"".join(f"--{B}\r\nContent-Type: application/dicom\r\n\r\n".encode() + b + b"\r\n" for b in blobs)
+    return b"preamble\r\n" + parts + (f"--{B}--\r\n".encode() if close else b"")
+
+
+def _handler(status: int, body: bytes, ctype: str = f'multipart/related; type="application/dicom"; boundary={B}'):
+    class H(BaseHTTPRequestHandler):
+        seen: list[tuple[str, str]] = []
+
+        def do_GET(self):
+            H.seen.append((self.path, self.headers.get("Accept", "")))
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(0, len(body), 7000):   # small writes: parts span chunks
+                self.wfile.write(body[i:i + 7000])
+
+        def log_message(self, *args):
+            pass
+    return H
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    paths = write_ct_study(tmp_path_factory.mktemp("wado") / "in", slices=3, rows=32, cols=32, seed=5)
+    return [p.read_bytes() for p in paths], pydicom.dcmread(paths[0])
+
+
+def _items(url: str) -> list[tuple[str, bytes]]:
+    return list(WadoStudySource(url, "1.2.3", requests.Session(), timeout=10))
+
+
+def test_instances_arrive_as_their_bytes_in_order(study):
+    blobs, _ = study
+    handler = _handler(200, _body(blobs))
+    with serve(handler) as url:
+        items = _items(url)
+    assert [data for _, data in items] == blobs
+    assert [name for name, _ in items] == ["WADO-RS instance 1", "WADO-RS instance 2", "WADO-RS instance 3"]
+    path, accept = handler.seen[0]
+    assert path == "/studies/1.2.3" and 'type="application/dicom"' in accept
+
+
+def test_answer_cut_off_inside_a_part_is_transient(study):
+    blobs, _ = study
+    body = _body(blobs, close=False)[:-500]
+    with serve(_handler(200, body)) as url:
+        with pytest.raises(WadoTruncated, match="ended after 2 instances"):
+            _items(url)
+    assert issubclass(WadoTruncated, requests.ConnectionError)   # not a StepError: retried
+
+
+@pytest.mark.parametrize("status,body,ctype,message", [
+    (404, b"", "application/json", "failed: HTTP 404"),
+    (200, b"{}", "application/dicom+json", "not multipart/related"),
+    (200, b"no delimiter at all", f"multipart/related; boundary={B}", "boundary not found"),
+    (200, b"x", "multipart/related", "missing or bad multipart boundary"),
+])
+def test_bad_answers_are_source_errors(status, body, ctype, message):
+    with serve(_handler(status, body, ctype)) as url:
+        with pytest.raises(SourceError, match=message):
+            _items(url)
+
+
+def test_server_error_is_left_to_the_retry():
+    with serve(_handler(503, b"busy", "text/plain")) as url:
+        with pytest.raises(requests.HTTPError):
+            _items(url)
+
+
+def test_step_over_wado_source(study, tmp_path):
+    blobs, first = study
+    key = tmp_path / "key"
+    key.write_text("wado-source-test-key-0123456789")
+    site = {"pseudonymization": {
+        "domain": "omi-wado", "key_file": str(key), "store": str(tmp_path / "site.sqlite"),
+        "source": {"kind": "dicomweb"}, "sink": {"kind": "folder", "path": str(tmp_path / "out")}}}
+    with serve(_handler(200, _body(blobs))) as url:
+        ctx = StepContext(topic="pseudonymize", business_key="bk", site={**site, "gateway_url": url},
+                          outputs=("instance-count", "byte-count"))
+        out = pseudonymize({"study-instance-uid": str(first.StudyInstanceUID)}, ctx)
+    assert out["instance-count"] == 3
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    assert len(written) == 3 and sum(p.stat().st_size for p in written) == out["byte-count"]
+    ds = pydicom.dcmread(written[0])
+    assert ds.PatientIdentityRemoved == "YES" and ds.PatientName != first.PatientName
+    # a broken answer fails the step with the reason, and nothing stays in the sink
+    with serve(_handler(200, b"garbage", "text/html")) as url:
+        with pytest.raises(StepError, match="not multipart/related"):
+            pseudonymize({"study-instance-uid": str(first.StudyInstanceUID)},
+                         StepContext(topic="pseudonymize", business_key="bk2",
+                                     site={**site, "gateway_url": url,
+                                           "pseudonymization": {**site["pseudonymization"],
+                                                                "sink": {"kind": "folder",
+                                                                         "path": str(tmp_path / "out2")}}}))
+    assert not list((tmp_path / "out2").glob("*.dcm"))
