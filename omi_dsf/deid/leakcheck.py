@@ -117,8 +117,14 @@ def _hit(vr: str, tag: int, values, identity: Identity) -> bool:
     return False
 
 
-def _bytes_may_leak(ds: Dataset, data: bytes, identity: Identity) -> bool:
-    codec = _codec(ds)
+def codec_of(ds: Dataset) -> str | None:
+    """The Python codec of the dataset's character set; None: only the element-wise check fits."""
+    return _codec(ds)
+
+
+def bytes_may_leak(data: bytes, codec: str | None, identity: Identity) -> bool:
+    """Whether encoded bytes (decoded with `codec`) may hold an identifying value; a superset
+    of what the element-wise check finds in the elements they encode."""
     if codec is None:
         return True  # code extensions: let the element-wise check decide
     texts = {data.decode(codec, "replace")}
@@ -150,6 +156,15 @@ def burned_in_problem(ds: Dataset) -> str | None:
     return None
 
 
+def check_flags(ds: Dataset) -> None:
+    """The checks that need no identity: de-identified at all, and no burned-in text."""
+    if text_of(ds, 0x00120062).upper() != "YES":
+        raise LeakError("PatientIdentityRemoved (0012,0062) is not YES: object was not de-identified")
+    problem = burned_in_problem(ds)
+    if problem:
+        raise LeakError(problem)
+
+
 def check_outgoing(ds: Dataset, identity: Identity, encoded_header: bytes | None = None) -> None:
     """Raise LeakError unless `ds` may leave the site.
 
@@ -157,12 +172,8 @@ def check_outgoing(ds: Dataset, identity: Identity, encoded_header: bytes | None
     over them comes first; it matches wherever the element-wise check could, so only when it
     finds something are the elements walked to name the attribute.
     """
-    if text_of(ds, 0x00120062).upper() != "YES":
-        raise LeakError("PatientIdentityRemoved (0012,0062) is not YES: object was not de-identified")
-    problem = burned_in_problem(ds)
-    if problem:
-        raise LeakError(problem)
-    if encoded_header is not None and not _bytes_may_leak(ds, encoded_header, identity):
+    check_flags(ds)
+    if encoded_header is not None and not bytes_may_leak(encoded_header, _codec(ds), identity):
         return
     hits = find_leaks(ds, identity)
     if hits:

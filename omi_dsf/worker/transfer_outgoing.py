@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from omi_dsf.deid import instance_io
 from omi_dsf.deid.identity import Identity
-from omi_dsf.deid.leakcheck import LeakError, check_outgoing
+from omi_dsf.deid.leakcheck import LeakError, bytes_may_leak, check_flags, check_outgoing, codec_of, text_of
 from omi_dsf.deid.reidentify import uid_elements
 from omi_dsf.deid.store import SiteStore
 from omi_dsf.worker.api import StepError
@@ -55,19 +55,22 @@ def identity_from_store(store: SiteStore, domain: str, pseudonym: str, pseudo_st
     return identity
 
 
-def _read(path: Path) -> Dataset:
+def _read(data: bytes) -> Dataset:
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # pydicom raises many kinds on damaged files
         raise StepError(f"a de-identified instance is unreadable ({type(exc).__name__})") from None
 
 
-def _header_bytes(ds: Dataset, data: bytes) -> bytes | None:
-    """The encoded bytes before the pixel data (the leak check's fast path), or None."""
+def _searchable_bytes(ds: Dataset, data: bytes) -> bytes | None:
+    """The encoded bytes without the pixel samples (the leak check's fast path), or None."""
     if 0x7FE00010 not in ds:
         return None
-    tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
-    return data[:tell] if tell else None
+    pixels = ds.get_item(0x7FE00010)
+    tell = getattr(pixels, "value_tell", None)
+    if not tell or not isinstance(pixels.value, (bytes, bytearray)):
+        return None
+    return data[:tell] + data[tell + len(pixels.value):]   # elements after the pixels count too
 
 
 def _spool_from_dicomweb(sink: Mapping[str, Any], params: Mapping[str, Any], study: OutgoingStudy) -> None:
@@ -107,29 +110,46 @@ def collect(pseudo_cfg: Mapping[str, Any], store: SiteStore, pseudo_study_uid: s
     return study
 
 
+@dataclass
+class _Checked:
+    """What pass 2 needs of an instance read in pass 1; the dataset itself is not kept."""
+    path: Path
+    number: int
+    searchable: bytes | None     # the file without its pixel samples
+    codec: str | None            # how to decode `searchable`; None: walk the elements
+
+
 def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_study_uid: str,
                study: OutgoingStudy) -> None:
-    # Pass 1 (headers only): which files belong to the study, and every original UID behind them,
-    # so that an original UID of instance 7 is caught in instance 2 as well.
-    mine: list[Path] = []
+    # Pass 1 reads each file once: which files belong to the study, and every original UID
+    # behind them, so that an original UID of instance 7 is caught in instance 2 as well.
+    mine: list[_Checked] = []
     originals: set[str] = set()
     seen: set[str] = set()
     pseudonym = None
     for path in candidates:
-        try:
-            head = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:
-            raise StepError(f"a de-identified instance is unreadable ({type(exc).__name__})") from None
-        if str(head.get("StudyInstanceUID", "")) != pseudo_study_uid:
+        data = path.read_bytes()
+        ds = _read(data)
+        if text_of(ds, 0x0020000D) != pseudo_study_uid:
             continue  # another study in a shared outbox folder
+        n = len(mine) + 1
         if pseudonym is None:
-            pseudonym = str(head.get("PatientID", "") or "")
-        mine.append(path)
-        for uid in set(_uid_values(head)) - seen:   # study and series UIDs repeat in every instance
+            pseudonym = text_of(ds, 0x00100020)
+        elif text_of(ds, 0x00100020) != pseudonym:
+            raise StepError(f"leak check stopped the send: instance {n} has another PatientID than the "
+                            "study's pseudonym")
+        try:
+            check_flags(ds)
+        except LeakError as exc:
+            raise StepError(f"leak check stopped the send: instance {n}: {exc}") from None
+        for uid in set(_uid_values(ds)) - seen:   # study and series UIDs repeat in every instance
             seen.add(uid)
             original = store.original_uid(domain, uid)
             if original:
                 originals.add(original)
+        mine.append(_Checked(path, n, _searchable_bytes(ds, data), codec_of(ds)))
+        study.sop_uids.append(text_of(ds, 0x00080018))
+        study.bytes += len(data)
     if not mine:
         return
     if not pseudonym or store.patient(domain, pseudonym) is None:
@@ -138,17 +158,13 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
                         "issued in this domain")
     identity = identity_from_store(store, domain, pseudonym, pseudo_study_uid)
     identity.add_uids(originals)
-    # Pass 2: the leak check on every object as it will be sent, before anything is sent.
-    for n, path in enumerate(mine, 1):
-        data = path.read_bytes()
-        ds = _read(path)
-        if str(ds.get("PatientID", "") or "") != pseudonym:
-            raise StepError(f"leak check stopped the send: instance {n} has another PatientID than the "
-                            "study's pseudonym")
-        try:
-            check_outgoing(ds, identity, encoded_header=_header_bytes(ds, data))
-        except LeakError as exc:  # names the attribute by tag, never the value
-            raise StepError(f"leak check stopped the send: instance {n}: {exc}") from None
-        study.files.append(path)
-        study.sop_uids.append(str(ds.SOPInstanceUID))
-        study.bytes += len(data)
+    # Pass 2: the leak check on every object as it will be sent, before anything is sent. The
+    # bytes search is a superset of the element-wise one; only where it finds something (or
+    # cannot decide) is the file read again and walked, to confirm and name the attribute.
+    for item in mine:
+        if item.searchable is None or bytes_may_leak(item.searchable, item.codec, identity):
+            try:
+                check_outgoing(_read(item.path.read_bytes()), identity)
+            except LeakError as exc:  # names the attribute by tag, never the value
+                raise StepError(f"leak check stopped the send: instance {item.number}: {exc}") from None
+        study.files.append(item.path)
