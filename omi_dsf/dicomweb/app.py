@@ -363,7 +363,7 @@ class Gateway:
 
     @staticmethod
     def _store_parts(backend, parts, url_study):
-        failed, items, meta = [], [], []
+        failed, items, meta, headers = [], [], [], []
         for part in parts:
             ptype = parse_media_type(part.content_type).mime if part.content_type else wado.DICOM
             if ptype != wado.DICOM:
@@ -381,10 +381,11 @@ class Gateway:
                 failed.append((sop_class, sop, STUDY_MISMATCH, "StudyInstanceUID does not match the URL"))
                 continue
             items.append((sop_class, sop, ts, part.body))
+            headers.append(ds)
             meta.append((sop_class, sop, study, str(ds.get("SeriesInstanceUID", ""))))
         stored = []
         if items:
-            results = backend.store(items, {m[2] for m in meta})
+            results = backend.store(items, {m[2] for m in meta}, headers)
             for (sop_class, sop, study, series), (status, comment) in zip(meta, results):
                 if status == 0x0000 or status >> 12 == 0xB:
                     stored.append((sop_class, sop, study, series, status, comment))

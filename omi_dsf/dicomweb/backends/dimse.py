@@ -229,7 +229,8 @@ class DimseBackend:
         return data
 
     # -- C-STORE -------------------------------------------------------------------------------
-    def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str]) -> list[tuple[int, str]]:
+    def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str],
+              headers=None) -> list[tuple[int, str]]:  # headers: parsed by the store backend only
         with self._slot():
             results = c_store(self.calling_aet, self.peer, items)
         for study in study_uids:

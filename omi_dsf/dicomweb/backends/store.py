@@ -179,10 +179,13 @@ class StoreBackend:
         return (self.root / paths[0]).read_bytes()
 
     # -- storage -------------------------------------------------------------------------------
-    def _write(self, data: bytes) -> tuple[int, str, list | None]:
-        """Write one instance's file; its index row, or the failure status and reason."""
+    def _write(self, data: bytes, ds: Dataset | None = None) -> tuple[int, str, list | None]:
+        """Write one instance's file; its index row, or the failure status and reason.
+
+        ``ds``: the instance's header if the caller has already parsed it (STOW-RS has).
+        """
         try:
-            ds = dcmread(BytesIO(data), stop_before_pixels=True)
+            ds = ds if ds is not None else dcmread(BytesIO(data), stop_before_pixels=True)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
             return CANNOT_UNDERSTAND, f"not a DICOM Part 10 file ({type(exc).__name__})", None
         study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID",
@@ -217,8 +220,10 @@ class StoreBackend:
                 raise
             self._db.execute("COMMIT")
 
-    def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str]) -> list[tuple[int, str]]:
-        written = [self._write(data) for _, _, _, data in items]
+    def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str],
+              headers: list[Dataset] | None = None) -> list[tuple[int, str]]:
+        """Write and index the instances; ``headers`` (their parsed headers, if any) spares a re-parse."""
+        written = [self._write(data, ds) for (_, _, _, data), ds in zip(items, headers or [None] * len(items))]
         rows = [row for _, _, row in written if row]
         if rows:
             try:
