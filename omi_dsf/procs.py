@@ -15,3 +15,21 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0, kill: bool = False)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+class ChildProcess:
+    """A server OMI runs as a child process: `start()` returns once it serves; a context manager."""
+
+    proc: subprocess.Popen | None = None
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

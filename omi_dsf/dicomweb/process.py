@@ -17,7 +17,7 @@ import yaml
 from omi_dsf import procs
 
 
-class GatewayProcess:
+class GatewayProcess(procs.ChildProcess):
     def __init__(self, config: Mapping[str, Any], folder: Path, name: str = "gateway",
                  ca_file: str | os.PathLike | None = None, timeout: float = 30.0):
         self.folder = Path(folder)
@@ -46,12 +46,3 @@ class GatewayProcess:
                     self.stop()
                     raise RuntimeError(f"gateway did not start on {self.url}; see {self.log}")
                 time.sleep(0.1)
-
-    def stop(self) -> None:
-        procs.stop(self.proc)
-
-    def __enter__(self) -> "GatewayProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

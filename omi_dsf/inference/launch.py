@@ -21,7 +21,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class AiServiceProcess:
+class AiServiceProcess(procs.ChildProcess):
     def __init__(self, port: int | None = None, log: Path | None = None, args: tuple[str, ...] = (),
                  timeout: float = 60.0):
         self.port = port or _free_port()
@@ -53,12 +53,3 @@ class AiServiceProcess:
                 time.sleep(0.1)
             ai.wait_until_ready(MODEL, timeout=max(1.0, deadline - time.monotonic()))
         return self
-
-    def stop(self) -> None:
-        procs.stop(self.proc)
-
-    def __enter__(self) -> "AiServiceProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
