@@ -12,8 +12,8 @@ import requests
 from conftest import free_port
 from omi_dsf.inference import phantom, results
 from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import MultipartReader
-from omi_dsf.inference.transfer import MultipartError, boundary_of, retrieve_series, store_instances
+from omi_dsf.dicomweb.multipart import MultipartReader, Truncated, iter_bodies
+from omi_dsf.inference.transfer import retrieve_series, store_instances
 
 
 def _message(boundary: bytes, bodies: list[bytes]) -> bytes:
@@ -46,10 +46,20 @@ def test_truncated_body_and_missing_boundary_are_errors():
     assert [p.body for p in parser.feed(message[:message.index(b"\r\n--xyz--")])] == [b"abc"]  # "def" may go on
     with pytest.raises(BadRequest, match="closing boundary missing"):
         parser.close()
-    assert boundary_of('multipart/related; type="application/dicom"; boundary="a b"') == "a b"
-    assert boundary_of("multipart/related; boundary=abc; type=application/dicom") == "abc"
-    with pytest.raises(MultipartError, match="no multipart boundary"):
-        boundary_of("multipart/related")
+
+
+def test_client_reads_bodies_and_tells_cut_off_from_malformed():
+    message = _message(b"a b", [b"abc", b"def"])
+    chunks = [message[i:i + 5] for i in range(0, len(message), 5)]
+    assert list(iter_bodies('multipart/related; type="application/dicom"; boundary="a b"', chunks)) == [b"abc", b"def"]
+    cut = message[:message.index(b"def") + 1]
+    with pytest.raises(Truncated, match="ended inside part 2"):
+        list(iter_bodies('multipart/related; boundary="a b"', [cut]))
+    for ctype, problem in (("multipart/related", "missing or bad multipart boundary"),
+                           ("application/dicom+json", "application/dicom\\+json, not multipart/related")):
+        with pytest.raises(BadRequest, match=problem) as err:
+            list(iter_bodies(ctype, [message]))
+        assert not isinstance(err.value, Truncated)   # malformed, not cut off
 
 
 @pytest.mark.integration

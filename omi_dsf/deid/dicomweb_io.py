@@ -19,7 +19,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import MultipartReader, parse_media_type
+from omi_dsf.dicomweb.multipart import Truncated, iter_bodies
 
 from .instance_io import SinkError, SourceError, register_sink, register_source
 
@@ -72,24 +72,15 @@ class WadoStudySource:
             if 400 <= status < 500:
                 raise SourceError(f"WADO-RS retrieve of the study failed: HTTP {status}")
             resp.raise_for_status()  # 5xx: the gateway may recover, let the worker retry
-            ctype = parse_media_type(resp.headers.get("Content-Type", ""))
-            if ctype.mime != "multipart/related":
-                raise SourceError(f"WADO-RS answer is {ctype.mime or 'untyped'}, not multipart/related")
-            try:
-                reader = MultipartReader(ctype.params.get("boundary", ""))
-            except BadRequest as exc:
-                raise SourceError(f"WADO-RS answer: {exc.message}") from None
             n = 0
+            bodies = iter_bodies(resp.headers.get("Content-Type", ""), resp.iter_content(_CHUNK))
             try:
-                for chunk in resp.iter_content(_CHUNK):
-                    for part in reader.feed(chunk):
-                        n += 1
-                        yield f"WADO-RS instance {n}", part.body
-                if reader.midway:
-                    raise WadoTruncated(f"WADO-RS answer ended after {n} instances")
-                reader.close()
+                for n, body in enumerate(bodies, 1):
+                    yield f"WADO-RS instance {n}", body
+            except Truncated:
+                raise WadoTruncated(f"WADO-RS answer ended after {n} instances") from None
             except BadRequest as exc:
-                raise SourceError(f"WADO-RS answer: {exc.message}") from None
+                raise SourceError(f"WADO-RS {exc.message}") from None
 
 
 class StowSink:

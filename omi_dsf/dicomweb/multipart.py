@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 from .errors import BadRequest
 
@@ -229,3 +230,25 @@ def parse_multipart(body: bytes, boundary: str, max_parts: int = 100000) -> list
     parts = reader.feed(body)
     reader.close()
     return parts
+
+
+class Truncated(BadRequest):
+    """A multipart body that ended inside a part: cut off on the way, not malformed."""
+
+
+def iter_bodies(content_type: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The part bodies of a multipart/related answer (a client reading WADO-RS) as its chunks
+    arrive. :class:`Truncated` when it ends inside a part, :class:`BadRequest` when it is not a
+    multipart/related body; each caller maps these to its own retry policy."""
+    ctype = parse_media_type(content_type)
+    if ctype.mime != "multipart/related":
+        raise BadRequest(f"answer is {ctype.mime or 'untyped'}, not multipart/related")
+    reader = MultipartReader(ctype.params.get("boundary", ""))
+    n = 0
+    for chunk in chunks:
+        for part in reader.feed(chunk):
+            n += 1
+            yield part.body
+    if reader.midway:
+        raise Truncated(f"answer ended inside part {n + 1}")
+    reader.close()

@@ -9,7 +9,6 @@ STOW-RS: instances go as the Part 10 bytes they already are (a prepared SEG is n
 
 from __future__ import annotations
 
-import re
 import secrets
 from io import BytesIO
 
@@ -18,21 +17,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import MultipartReader
+from omi_dsf.dicomweb.multipart import iter_bodies
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 CHUNK = 1 << 20
 
 
 class MultipartError(ValueError):
-    """The answer is not the multipart/related body it claims to be."""
-
-
-def boundary_of(content_type: str) -> str:
-    found = re.search(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', content_type, re.IGNORECASE)
-    if not found:
-        raise MultipartError(f"Content-Type has no multipart boundary: {content_type[:80]!r}")
-    return found.group(1) or found.group(2)
+    """The answer is not the multipart/related body it claims to be (or was cut off): retried."""
 
 
 def retrieve_series(session: requests.Session, base_url: str, study_uid: str, series_uid: str,
@@ -41,15 +33,11 @@ def retrieve_series(session: requests.Session, base_url: str, study_uid: str, se
     url = f"{base_url.rstrip('/')}/studies/{study_uid}/series/{series_uid}"
     with session.get(url, headers={"Accept": ACCEPT}, stream=True, timeout=timeout) as response:
         response.raise_for_status()
-        reader = MultipartReader(boundary_of(response.headers.get("Content-Type", "")))
-        datasets = []
+        bodies = iter_bodies(response.headers.get("Content-Type", ""), response.iter_content(CHUNK))
         try:
-            for chunk in response.iter_content(CHUNK):
-                datasets.extend(dcmread(BytesIO(part.body)) for part in reader.feed(chunk))
-            reader.close()
+            return [dcmread(BytesIO(body)) for body in bodies]
         except BadRequest as exc:   # the gateway's own parser: here it is the answer that is broken
-            raise MultipartError(f"WADO-RS answer: {exc.message}") from None
-    return datasets
+            raise MultipartError(f"WADO-RS {exc.message}") from None
 
 
 class StoreFailed(RuntimeError):

@@ -16,8 +16,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from omi_dsf.deid.reidentify import Reidentifier, ReidentifyError
-from omi_dsf.dicomweb.errors import DicomwebError
-from omi_dsf.dicomweb.multipart import parse_media_type, parse_multipart
+from omi_dsf.dicomweb.errors import BadRequest
+from omi_dsf.dicomweb.multipart import iter_bodies
 from omi_dsf.worker.api import StepError
 from omi_dsf.worker.transfer_provider import ProviderGateway
 from omi_dsf.worker.transfer_stow import GatewayBusy, raise_for_status, first_value
@@ -52,12 +52,10 @@ def _retrieve_series(gw: ProviderGateway, study_uid: str, series_uid: str) -> li
     if resp.status_code == 404:
         raise StepError("a result series listed by the provider's gateway cannot be retrieved (HTTP 404)")
     raise_for_status(resp, "WADO-RS retrieve of a result series")
-    ctype = parse_media_type(resp.headers.get("content-type", ""))
     try:
-        parts = parse_multipart(resp.content, ctype.params.get("boundary", ""))
-    except DicomwebError:
+        return list(iter_bodies(resp.headers.get("content-type", ""), [resp.content]))
+    except BadRequest:
         raise GatewayBusy("WADO-RS answer from the provider's gateway is not a complete multipart body") from None
-    return [p.body for p in parts]
 
 
 def fetch_results(gw: ProviderGateway, study_uid: str, pseudonym: str,
