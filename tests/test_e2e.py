@@ -103,6 +103,40 @@ def test_inference_end_to_end(demo):
         assert study.patient_id not in text and study.patient_name.split("^")[0] not in text and study.uid not in text
 
 
+def _pacs_results(demo) -> list[pydicom.Dataset]:
+    """The SEG and SR objects the legacy PACS holds (headers), from its storage area."""
+    found = []
+    for path in (demo.folder / "pacs").rglob("*"):
+        if path.is_file() and path.name != "index.dat":
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if str(ds.get("Modality", "")) in ("SEG", "SR"):
+                found.append(ds)
+    return found
+
+
+def test_two_requests_at_once_keep_their_results_apart(demo):
+    studies = [demo.add_study(seed=4111), demo.add_study(seed=4112)]
+    assert studies[0].patient_id != studies[1].patient_id
+    task_ids = [demo.submit(s) for s in studies]          # both in flight: the workers take both
+    tasks = [demo.wait(t, timeout=600) for t in task_ids]
+    assert [t["status"] for t in tasks] == ["completed", "completed"], [outputs(t) for t in tasks]
+    results = _pacs_results(demo)
+    for study, task_id, task in zip(studies, task_ids, tasks):
+        assert outputs(task)["stored-study-instance-uid"] == study.uid
+        ct_series = str(pydicom.dcmread(study.files[0], stop_before_pixels=True).SeriesInstanceUID)
+        mine = [r for r in results if str(r.StudyInstanceUID) == study.uid]
+        assert sorted(str(r.Modality) for r in mine) == ["SEG", "SR"]
+        for r in mine:   # each result carries its own patient and points at its own images
+            assert str(r.PatientID) == study.patient_id and str(r.PatientName) == study.patient_name
+        seg = next(r for r in mine if r.Modality == "SEG")
+        assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == ct_series
+        bundle = json.loads((demo.folder / "fhir-results" / f"{demo.business_key(task_id)}.json").read_text())
+        subjects = {e["resource"]["subject"]["identifier"]["value"]
+                    for e in bundle["entry"] if "subject" in e["resource"]}
+        assert subjects == {study.patient_id}
+    assert_nothing_identifying_at_provider(demo)
+
+
 def test_consent_denied_sends_nothing(demo):
     before = len(provider_files(demo))
     study = demo.add_study(seed=4102, consent=False)
