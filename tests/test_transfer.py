@@ -331,10 +331,114 @@ def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypat
     sop = str(pydicom.dcmread(one, stop_before_pixels=True).SOPInstanceUID)
     from omi_dsf.worker.transfer_provider import open_gateway
     gw = open_gateway(steps, PROVIDER)
-    transfer_stow._post(gw, pseudo_uid, [one.read_bytes()])
+    transfer_stow._post(gw, pseudo_uid, [one])
     gw.close()
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
     assert sum(1 for _, s in _index(store) if s == sop) == 1
+
+
+def _count_listings(monkeypatch) -> list[str]:
+    """Spy on the full QIDO-RS listings stow_study asks for."""
+    calls, real = [], transfer_stow.instances_at_gateway
+
+    def spy(gw, study_uid):
+        calls.append(study_uid)
+        return real(gw, study_uid)
+
+    monkeypatch.setattr(transfer_stow, "instances_at_gateway", spy)
+    return calls
+
+
+def test_send_checks_the_gateway_cheaply_when_every_instance_is_accounted_for(site, gateway, monkeypatch):
+    steps, (_, store) = site["steps"], gateway
+    pseudo, _, _ = _pseudonymized(site, seed=41, key="bk-cheap")
+    listings = _count_listings(monkeypatch)
+    out = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-cheap", send={"batch_instances": 3}))
+    assert out["instance-count"] == SLICES
+    assert len(listings) == 1          # the listing before sending; after it, the study's count sufficed
+    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
+
+
+def test_gateway_losing_an_instance_after_answering_stored_is_detected(site, gateway, monkeypatch):
+    """The STOW-RS answers name every instance stored, but one is gone when we look: GatewayBusy
+    (retried), and the retry sends just that one."""
+    steps, (_, store) = site["steps"], gateway
+    pseudo, _, _ = _pseudonymized(site, seed=42, key="bk-lost")
+    pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+    real_post = transfer_stow._post
+    posts = []
+
+    def post_then_lose_one(gw, study_uid, batch):
+        stored = real_post(gw, study_uid, batch)
+        posts.append(len(batch))
+        if len(posts) == 1:
+            sop = str(pydicom.dcmread(batch[0], stop_before_pixels=True).SOPInstanceUID)
+            with sqlite3.connect(store / "index.sqlite") as db:
+                db.execute("DELETE FROM instances WHERE sop_uid = ?", (sop,))
+        return stored
+
+    monkeypatch.setattr(transfer_stow, "_post", post_then_lose_one)
+    ctx = _ctx(steps, "send", "bk-lost", send={"batch_instances": 4})
+    with pytest.raises(transfer_stow.GatewayBusy, match=f"lists {SLICES - 1} of {SLICES} instances"):
+        transfer.send(_send_inputs(pseudo), ctx)
+    posts.clear()
+    monkeypatch.setattr(transfer_stow, "_post", real_post)
+    transfer.send(_send_inputs(pseudo), ctx)
+    assert _at_gateway(store, pseudo_uid)[0] == SLICES
+    event = [e for e in AuditTrail(steps["audit"]).events("bk-lost") if e.action == "sent"]
+    assert event[-1].details["sent_now"] == 1 and event[-1].details["already_there"] == SLICES - 1
+
+
+def test_gateway_answer_not_naming_an_instance_falls_back_to_the_listing(site, gateway, monkeypatch):
+    steps, (_, store) = site["steps"], gateway
+    pseudo, _, _ = _pseudonymized(site, seed=43, key="bk-unnamed")
+    real_post = transfer_stow._post
+    monkeypatch.setattr(transfer_stow, "_post", lambda gw, s, batch: set(sorted(real_post(gw, s, batch))[1:]))
+    listings = _count_listings(monkeypatch)
+    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-unnamed"))   # all stored, as the listing shows
+    assert len(listings) == 2
+    # and a gateway that gives no usable count: the listing decides too
+    pseudo, _, _ = _pseudonymized(site, seed=44, key="bk-nocount")
+    monkeypatch.setattr(transfer_stow, "_post", real_post)
+    monkeypatch.setattr(transfer_stow, "study_instance_count", lambda gw, s: None)
+    listings.clear()
+    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-nocount"))
+    assert len(listings) == 2
+    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
+
+
+def test_stow_body_is_streamed_with_a_content_length_and_refuses_a_changed_file(tmp_path):
+    import requests
+    files = []
+    for n, size in enumerate((10, 0, 3000)):
+        files.append(tmp_path / f"{n}.dcm")
+        files[-1].write_bytes(bytes([n]) * size)
+    body = transfer_stow._Body("b0undary", files)
+    data = b"".join(body)
+    assert len(body) == len(data) and data.endswith(b"--b0undary--\r\n") and data.count(b"--b0undary\r\n") == 3
+    prepared = requests.Request("POST", "https://gw.invalid/studies", data=body).prepare()
+    assert prepared.headers["Content-Length"] == str(len(data)) and "Transfer-Encoding" not in prepared.headers
+    files[2].write_bytes(b"x")   # not what was measured (nor what was leak-checked)
+    with pytest.raises(StepError, match="changed while it was being sent"):
+        b"".join(body)
+
+
+def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_path):
+    staging = phantom.write_ct_study(tmp_path / "big", slices=4, seed=45, rows=512, cols=512)   # > 1 MB
+    uid = str(pydicom.dcmread(staging[0], stop_before_pixels=True).StudyInstanceUID)
+    cfg = GatewayConfig(host="127.0.0.1", port=free_port(), max_upload_mb=1,
+                        tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"])),
+                        auth=AuthConfig(anonymous=True),
+                        backends={"INBOX": StoreBackendConfig("INBOX", tmp_path / "store")}, default="INBOX")
+    from omi_dsf.worker.transfer_provider import open_gateway
+    with BackgroundServer(cfg) as server:
+        steps = {"providers": {PROVIDER: {**site["steps"]["providers"][PROVIDER], "gateway_url": server.url}}}
+        gw = open_gateway(steps, PROVIDER)
+        try:
+            with pytest.raises(StepError, match=r"refused the size \(HTTP 413\); lower send.batch_mb"):
+                transfer_stow.stow_study(gw, uid, staging, ["1.2.3.%d" % n for n in range(4)])
+        finally:
+            gw.close()
 
 
 def test_untrusted_gateway_certificate_is_a_clear_step_error(site, pki, gateway):
