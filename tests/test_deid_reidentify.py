@@ -140,3 +140,112 @@ def _encode(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _real_seg(tmp_path, transfer_syntax=None):
+    """A highdicom SEG made from pseudonymized images, as Part 10 bytes (optionally re-encoded)."""
+    import pydicom
+
+    import numpy as np
+
+    from omi_dsf.inference.phantom import known_lung_mask, write_ct_study
+    from omi_dsf.inference.results import Algorithm, build_segmentation, result_uids
+
+    paths = write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=9)
+    originals = [pydicom.dcmread(p) for p in paths]
+    store = SiteStore(tmp_path / "site.sqlite")
+    provider = EmbeddedProvider(KEY, store)
+    sp = StudyPseudonymizer(key=KEY, domain="omi", provider=provider, store=store)
+    sent = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(sp.process_encoded(p, p.name).data)) for p in paths]
+    pseudo_uids = {d[kw].value for d in sent for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                                                         "FrameOfReferenceUID")}
+    algo = Algorithm("lung-seg", "1.0")
+    labels = np.where(known_lung_mask(slices=4, seed=9, rows=32, cols=32), 1, 0).astype(np.uint8)
+    labels[:, :, 16:] *= 2
+    seg = build_segmentation(sent, labels, algo, result_uids(sent[0].SeriesInstanceUID, algo))
+    if transfer_syntax is not None:
+        seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_encode(seg)))
+        seg.file_meta.TransferSyntaxUID = transfer_syntax
+        buf = pydicom.filebase.DicomBytesIO()
+        seg.save_as(buf, implicit_vr=transfer_syntax.is_implicit_VR, little_endian=True)
+        return store, provider, originals, pseudo_uids, buf.getvalue()
+    return store, provider, originals, pseudo_uids, _encode(seg)
+
+
+def test_uid_deep_in_per_frame_items_is_mapped_and_untouched_sequences_stay_raw(tmp_path):
+    """Read from bytes as the return step does: the source image UID three sequences deep in every
+    per-frame item is mapped back, while sequences without any UID element are neither converted
+    nor changed, so they are written out byte for byte as they came."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+
+    store, provider, originals, pseudo_uids, data = _real_seg(tmp_path)
+    before = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    Reidentifier(store, provider, "omi").reidentify(seg)
+
+    frames = seg.PerFrameFunctionalGroupsSequence
+    assert len(frames) == 8
+    src = [f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID for f in frames]
+    assert set(src) == {o.SOPInstanceUID for o in originals}
+    untouched = (0x00209111, 0x00209113, 0x0062000A)   # frame content, plane position, segment identification
+    for f in frames:
+        for tag in untouched:
+            assert isinstance(f.get_item(tag), RawDataElement)
+        assert isinstance(f.DerivationImageSequence[0].get_item(0x00089215), RawDataElement)  # derivation code
+    assert isinstance(seg.get_item(0x52009229), RawDataElement)   # shared functional groups
+
+    out = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_encode(seg)))
+    assert out.get_item(0x52009229).value == before.get_item(0x52009229).value
+    for f_out, f_in in zip(out.PerFrameFunctionalGroupsSequence, before.PerFrameFunctionalGroupsSequence):
+        for tag in untouched:
+            assert f_out.get_item(tag).value == f_in.get_item(tag).value
+    assert not pseudo_uids & set(_all_uis(out)), "a pseudonymized UID survived"
+
+
+def test_implicit_vr_seg_is_mapped_back_everywhere(tmp_path):
+    """Implicit VR names no VR in the bytes: every sequence is looked into."""
+    import pydicom
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    store, provider, originals, pseudo_uids, data = _real_seg(tmp_path, ImplicitVRLittleEndian)
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    assert seg.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert pseudo_uids & set(_all_uis(seg))
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    Reidentifier(store, provider, "omi").reidentify(seg)
+    assert not pseudo_uids & set(_all_uis(seg)), "a pseudonymized UID survived"
+    assert seg.StudyInstanceUID == originals[0].StudyInstanceUID
+
+
+def test_uid_in_an_undefined_length_un_inside_an_explicit_sequence_is_mapped(sent):
+    """An undefined-length UN element is read as an implicit VR sequence: the explicit VR
+    sequence around it spells "UN" but not "UI", and must still be looked into."""
+    import io
+
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.tag import Tag
+
+    store, provider, originals, out = sent
+    seg = synthetic.returned_seg(out)
+    inner = pydicom.Dataset()
+    inner.ReferencedSOPInstanceUID = out[1].SOPInstanceUID
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, inner)
+    items = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + buf.getvalue() + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+    holder = pydicom.Dataset()
+    holder.add_new(0x00090010, "LO", "OMI TEST")
+    holder._dict[Tag(0x00091001)] = RawDataElement(Tag(0x00091001), "UN", 0xFFFFFFFF, items, 0, False, True)
+    seg.ContributingEquipmentSequence = [holder]
+    data = io.BytesIO()
+    seg.save_as(data, implicit_vr=False, little_endian=True)
+    back = pydicom.dcmread(io.BytesIO(data.getvalue()), force=True)
+    raw = back.get_item(0x0018A001)   # contributing equipment
+    assert b"UN" in raw.value and b"UI" not in raw.value
+    Reidentifier(store, provider, "omi").reidentify(back)
+    assert back.ContributingEquipmentSequence[0][0x00091001].value[0].ReferencedSOPInstanceUID == \
+        originals[1].SOPInstanceUID

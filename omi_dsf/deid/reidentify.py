@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from .pseudonyms.base import PseudonymProvider, UnknownPseudonymError
@@ -73,23 +73,40 @@ class Reidentifier:
 
     def _map_uids(self, ds: Dataset) -> None:
         for elem in uid_elements(ds):
+            # set only what changes: each assignment validates the value again
             if isinstance(elem.value, (list, tuple)) or elem.VM > 1:
-                elem.value = [self._original(str(v)) or v for v in elem.value]
+                mapped = [self._original(str(v)) for v in elem.value]
+                if any(mapped):
+                    elem.value = [m or v for m, v in zip(mapped, elem.value)]
             else:
-                elem.value = self._original(str(elem.value)) or elem.value
+                original = self._original(str(elem.value))
+                if original:
+                    elem.value = original
 
 
 def uid_elements(ds: Dataset) -> Iterator[DataElement]:
     """Every UID element with a value, in `ds` and all its sequence items, converted in place.
 
     Walks the raw elements: converting every value (a SEG has thousands of per-frame numbers)
-    costs more than the walk; only sequences and UIDs need converting."""
+    costs more than the walk; only sequences and UIDs need converting, and only sequences that
+    can hold a UID (`_may_hold_uid`): what stays raw is later encoded by copying its bytes."""
     for raw in ds.elements():
         vr = raw.VR or ds[raw.tag].VR     # implicit VR: known once converted
         if vr == "SQ":
+            if not _may_hold_uid(raw):
+                continue
             for item in ds[raw.tag].value or ():
                 yield from uid_elements(item)
         elif vr == "UI":
             elem = ds[raw.tag]
             if elem.value:
                 yield elem
+
+
+def _may_hold_uid(raw: DataElement | RawDataElement) -> bool:
+    """False only for a still-raw explicit VR sequence whose bytes spell neither "UI" nor "UN":
+    in explicit VR every nested element writes its VR, so such a sequence has no UID element (an
+    undefined-length UN inside is read as an implicit VR sequence, whose UIDs name no VR)."""
+    if not isinstance(raw, RawDataElement) or raw.VR != "SQ" or not isinstance(raw.value, bytes):
+        return True
+    return b"UI" in raw.value or b"UN" in raw.value
