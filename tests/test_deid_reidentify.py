@@ -86,17 +86,14 @@ def _all_uis(ds, out=None):
     return out
 
 
-def test_real_seg_and_sr_are_mapped_back(tmp_path):
-    """SEG and TID 1500 SR as the reference AI service builds them (highdicom), made from the
-    pseudonymized images: after re-identification no pseudonymized UID is left anywhere."""
+def _pseudonymized_study(tmp_path, seed: int):
+    """A 4-slice CT study pseudonymized into a site store: (store, provider, originals, the
+    pseudonymized datasets as sent, their pseudonymized UIDs)."""
     import pydicom
 
-    import numpy as np
+    from omi_dsf.inference.phantom import write_ct_study
 
-    from omi_dsf.inference.phantom import known_lung_mask, write_ct_study
-    from omi_dsf.inference.results import Algorithm, build_measurement_report, build_segmentation, result_uids
-
-    paths = write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=8)
+    paths = write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=seed)
     originals = [pydicom.dcmread(p) for p in paths]
     store = SiteStore(tmp_path / "site.sqlite")
     provider = EmbeddedProvider(KEY, store)
@@ -104,6 +101,20 @@ def test_real_seg_and_sr_are_mapped_back(tmp_path):
     sent = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(sp.process_encoded(p, p.name).data)) for p in paths]
     pseudo_uids = {d[kw].value for d in sent
                    for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
+    return store, provider, originals, sent, pseudo_uids
+
+
+def test_real_seg_and_sr_are_mapped_back(tmp_path):
+    """SEG and TID 1500 SR as the reference AI service builds them (highdicom), made from the
+    pseudonymized images: after re-identification no pseudonymized UID is left anywhere."""
+    import pydicom
+
+    import numpy as np
+
+    from omi_dsf.inference.phantom import known_lung_mask
+    from omi_dsf.inference.results import Algorithm, build_measurement_report, build_segmentation, result_uids
+
+    store, provider, originals, sent, pseudo_uids = _pseudonymized_study(tmp_path, seed=8)
 
     algo = Algorithm("lung-seg", "1.0")
     uids = result_uids(sent[0].SeriesInstanceUID, algo)
@@ -148,17 +159,10 @@ def _real_seg(tmp_path, transfer_syntax=None):
 
     import numpy as np
 
-    from omi_dsf.inference.phantom import known_lung_mask, write_ct_study
+    from omi_dsf.inference.phantom import known_lung_mask
     from omi_dsf.inference.results import Algorithm, build_segmentation, result_uids
 
-    paths = write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=9)
-    originals = [pydicom.dcmread(p) for p in paths]
-    store = SiteStore(tmp_path / "site.sqlite")
-    provider = EmbeddedProvider(KEY, store)
-    sp = StudyPseudonymizer(key=KEY, domain="omi", provider=provider, store=store)
-    sent = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(sp.process_encoded(p, p.name).data)) for p in paths]
-    pseudo_uids = {d[kw].value for d in sent for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                                                         "FrameOfReferenceUID")}
+    store, provider, originals, sent, pseudo_uids = _pseudonymized_study(tmp_path, seed=9)
     algo = Algorithm("lung-seg", "1.0")
     labels = np.where(known_lung_mask(slices=4, seed=9, rows=32, cols=32), 1, 0).astype(np.uint8)
     labels[:, :, 16:] *= 2
