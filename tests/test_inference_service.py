@@ -165,3 +165,12 @@ def test_on_sent_is_called_once_after_the_body_went_out(ai, study):
              timings=timings)
     assert len(calls) == 1
     assert set(timings) == {"encode", "request", "decode"} and all(v >= 0 for v in timings.values())
+
+
+def test_clients_share_one_verifying_tls_context():
+    """Each step makes a new client; the CA bundle is loaded once per process, still verifying."""
+    import ssl
+    with OipClient("https://127.0.0.1:1") as one, OipClient("http://127.0.0.1:2") as two:
+        contexts = [c._http._transport._pool._ssl_context for c in (one, two)]
+    assert contexts[0] is contexts[1]
+    assert contexts[0].verify_mode == ssl.CERT_REQUIRED and contexts[0].check_hostname

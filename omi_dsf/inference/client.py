@@ -7,6 +7,8 @@ Errors are `OipError` subclasses with messages fit for a Task's error output.
 
 from __future__ import annotations
 
+import functools
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -61,7 +63,7 @@ class OipClient:
         """`http` replaces the HTTP client, e.g. a starlette TestClient for in-process tests."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout, verify=_ssl_context())
         self._metadata: dict[tuple[str, str | None], dict] = {}
 
     def close(self) -> None:
@@ -219,6 +221,13 @@ def _body(parts: list, on_sent: Callable[[], None] | None) -> Iterator[memoryvie
     yield from tensors.chunks(parts)
     if on_sent is not None:  # the client asks for more only after the last slice went out
         on_sent()
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """httpx's default context (CA bundle, SSL_CERT_FILE/DIR), made once per process: loading the CA
+    bundle takes 40 ms or more, which each step's new client would otherwise pay again."""
+    return httpx.create_ssl_context()
 
 
 def _model_path(model: str, version: str | None) -> str:
