@@ -91,3 +91,14 @@ def test_cli_writes_study(tmp_path):
     assert len(files) == 2
     name = str(pydicom.dcmread(files[0]).PatientName)
     assert name not in r.stdout + r.stderr  # no patient data on the console
+
+
+def test_cached_study_is_written_once_and_an_interrupted_one_again(tmp_path):
+    first = phantom.cached_ct_study(tmp_path, slices=2, seed=3, rows=16)
+    assert len(first) == 2
+    stamp = first[0].stat().st_mtime_ns
+    assert phantom.cached_ct_study(tmp_path, slices=2, seed=3, rows=16) == first
+    assert first[0].stat().st_mtime_ns == stamp            # reused, not written again
+    (first[0].parent / ".complete").unlink()                # as if interrupted while written
+    first[1].unlink()
+    assert len(phantom.cached_ct_study(tmp_path, slices=2, seed=3, rows=16)) == 2

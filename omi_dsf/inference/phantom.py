@@ -14,6 +14,7 @@ gives the same UIDs and the same bytes; another seed gives another patient and s
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,18 @@ def write_ct_study(out_dir: Path, slices: int = 20, seed: int = 0, rows: int = 5
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def cached_ct_study(cache: Path, slices: int, seed: int, rows: int) -> list[Path]:
+    """`write_ct_study` once per (slices, seed, rows) into `cache` (benchmarks reuse it): a study
+    interrupted while written is written again."""
+    folder = Path(cache) / f"ct-{slices}x{rows}-seed{seed}"
+    done = folder / ".complete"
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_ct_study(folder, slices=slices, seed=seed, rows=rows, cols=rows)
+        done.write_text("ok")
+    return sorted(folder.glob("*.dcm"))
 
 
 def lung_volume_ml(mask: np.ndarray, spacing: tuple[float, float], slice_thickness: float) -> float:

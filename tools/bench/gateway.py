@@ -43,7 +43,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  #
 
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool, free_port  # noqa: E402
 from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
-from omi_dsf.inference.phantom import write_ct_study  # noqa: E402
+from omi_dsf.inference.phantom import cached_ct_study  # noqa: E402
 
 TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
            "concurrent_errors_max": 0}
@@ -51,19 +51,6 @@ TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def study_files(cache: Path, slices: int, seed: int, rows: int) -> list[Path]:
-    d = cache / f"ct-{slices}x{rows}-seed{seed}"
-    done = d / ".complete"
-    if done.exists():
-        return sorted(d.glob("*.dcm"))
-    shutil.rmtree(d, ignore_errors=True)
-    t = time.monotonic()
-    files = write_ct_study(d, slices=slices, seed=seed, rows=rows, cols=rows)
-    done.write_text("ok")
-    log(f"generated {slices} slices {rows}x{rows} in {time.monotonic() - t:.1f} s")
-    return files
 
 
 def vm(pid: int, key: str) -> float:
@@ -225,8 +212,8 @@ def main() -> int:
                     / "omi_dsf" / "bench")
     args = ap.parse_args()
 
-    big = study_files(args.cache, args.slices, 11, args.rows)
-    small = study_files(args.cache, args.small, 12, args.rows)
+    big = cached_ct_study(args.cache, args.slices, 11, args.rows)
+    small = cached_ct_study(args.cache, args.small, 12, args.rows)
     big_uid, small_uid = dcmread(big[0]).StudyInstanceUID, dcmread(small[0]).StudyInstanceUID
     big_mb = sum(f.stat().st_size for f in big) / 1e6
     work = Path(tempfile.mkdtemp(prefix="omi-gw-bench-"))

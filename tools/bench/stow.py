@@ -40,7 +40,7 @@ from pydicom import dcmread  # noqa: E402
 
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool, free_port  # noqa: E402
 from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
-from omi_dsf.inference.phantom import write_ct_study  # noqa: E402
+from omi_dsf.inference.phantom import cached_ct_study  # noqa: E402
 
 TARGETS = {"stow_over_storescu_max": 2.0}
 CLK = os.sysconf("SC_CLK_TCK")
@@ -48,15 +48,6 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def study_files(cache: Path, slices: int, rows: int) -> list[Path]:
-    d = cache / f"ct-{slices}x{rows}-seed21"
-    if not (d / ".complete").exists():
-        shutil.rmtree(d, ignore_errors=True)
-        write_ct_study(d, slices=slices, seed=21, rows=rows, cols=rows)
-        (d / ".complete").write_text("ok")
-    return sorted(d.glob("*.dcm"))
 
 
 def multipart_body(files: list[Path], out: Path) -> str:
@@ -129,7 +120,7 @@ def main() -> int:
                     / "omi_dsf" / "bench")
     args = ap.parse_args()
 
-    files = study_files(args.cache, args.slices, args.rows)
+    files = cached_ct_study(args.cache, args.slices, 21, args.rows)
     study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     mb = sum(f.stat().st_size for f in files) / 1e6
     work = Path(tempfile.mkdtemp(prefix="omi-stow-bench-"))
