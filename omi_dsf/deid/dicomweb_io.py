@@ -11,7 +11,6 @@ transactional: when a later instance fails the leak check, instances already sto
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -19,7 +18,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import Truncated, iter_bodies
+from omi_dsf.dicomweb.multipart import Truncated, dicom_body, iter_bodies
 
 from .instance_io import SinkError, SourceError, register_sink, register_source
 
@@ -107,13 +106,8 @@ class StowSink:
     def _flush(self) -> None:
         if not self._batch:
             return
-        boundary = uuid.uuid4().hex
-        parts = []
-        for data in self._batch:
-            parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n")
-        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                   "Accept": "application/dicom+json"}
+        body, ctype = dicom_body(self._batch)
+        headers = {"Content-Type": ctype, "Accept": "application/dicom+json"}
         resp = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
         if 400 <= resp.status_code < 500 or resp.status_code == 409:
             raise SinkError(f"STOW-RS refused the instances: HTTP {resp.status_code}")

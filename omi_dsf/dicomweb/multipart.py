@@ -107,6 +107,14 @@ def closing(boundary: str) -> bytes:
     return f"--{boundary}--\r\n".encode("ascii")
 
 
+def dicom_body(instances: Iterable[bytes]) -> tuple[bytes, str]:
+    """A STOW-RS request of Part 10 instances: its body and its Content-Type."""
+    boundary = new_boundary()
+    head = part_head(boundary, "application/dicom")
+    body = b"".join(part for data in instances for part in (head, data, CRLF)) + closing(boundary)
+    return body, content_type(boundary, "application/dicom")
+
+
 @dataclass
 class Part:
     headers: dict[str, str]

@@ -9,7 +9,6 @@ STOW-RS: instances go as the Part 10 bytes they already are (a prepared SEG is n
 
 from __future__ import annotations
 
-import secrets
 from io import BytesIO
 
 import requests
@@ -17,7 +16,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import iter_bodies
+from omi_dsf.dicomweb.multipart import dicom_body, iter_bodies
 
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 CHUNK = 1 << 20
@@ -46,12 +45,9 @@ class StoreFailed(RuntimeError):
 
 def store_instances(session: requests.Session, base_url: str, instances: list[bytes], timeout: float) -> None:
     """STOW-RS of Part 10 instances in one request; raises unless the gateway stored them all."""
-    boundary = secrets.token_hex(16)
-    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-    body = b"".join(part for blob in instances for part in (head, blob, b"\r\n")) + f"--{boundary}--\r\n".encode()
-    response = session.post(f"{base_url.rstrip('/')}/studies", data=body, timeout=timeout, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json"})
+    body, ctype = dicom_body(instances)
+    response = session.post(f"{base_url.rstrip('/')}/studies", data=body, timeout=timeout,
+                            headers={"Content-Type": ctype, "Accept": "application/dicom+json"})
     response.raise_for_status()
     if response.status_code != 200:
         # the answer names the failed instances by UID; the status alone is enough for the Task

@@ -15,10 +15,10 @@ what that implies; otherwise, or when the gateway gives no count, its full QIDO-
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from omi_dsf.dicomweb.multipart import closing, content_type, new_boundary, part_head
 from omi_dsf.worker.api import StepError
 from omi_dsf.worker.transfer_provider import ProviderGateway
 
@@ -100,8 +100,8 @@ class _Body:
     once), not chunked."""
 
     def __init__(self, boundary: str, files: list[Path]):
-        self.head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        self.tail = f"--{boundary}--\r\n".encode()
+        self.head = part_head(boundary, "application/dicom")
+        self.tail = closing(boundary)
         self.files = files
         self.sizes = [p.stat().st_size for p in files]
         self.length = sum(len(self.head) + n + 2 for n in self.sizes) + len(self.tail)
@@ -120,8 +120,8 @@ class _Body:
 
 def _post(gw: ProviderGateway, study_uid: str, batch: list[Path]) -> set[str]:
     """STOW-RS of one batch; the SOP Instance UIDs the gateway's answer names as stored."""
-    boundary = uuid.uuid4().hex
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+    boundary = new_boundary()
+    headers = {"Content-Type": content_type(boundary, "application/dicom"),
                "Accept": "application/dicom+json"}
     resp = gw.request("POST", f"/studies/{study_uid}", data=_Body(boundary, batch), headers=headers)
     if resp.status_code == 409 or resp.status_code == 202:
