@@ -254,10 +254,13 @@ class Demo:
 # -- the command ------------------------------------------------------------------------------
 
 def register(sub) -> None:
+    from omi_dsf.testbed.cli import add_dsf_home_arguments
+
     p = sub.add_parser("demo", help="two DSF sites on this machine: one inference end to end")
     p.add_argument("--dir", default=".testbed", help="test bed folder (default .testbed)")
     p.add_argument("--slices", type=int, default=40)
     p.add_argument("--keep", action="store_true", help="leave the DSF test bed running afterwards")
+    add_dsf_home_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -267,11 +270,12 @@ def _run(args) -> int:
 
     folder = Path(args.dir)
     st = State.load(folder)
-    bed = TestBed(folder)
+    bed = TestBed(folder, dsf_home=args.dsf_home, site_dsf_homes=dict(args.site_dsf_home))
     if not (st and all(pid_alive(s.pid) for s in st.servers)):
         print("starting the DSF test bed (two sites; takes a few minutes) …")
-        bed.up(timeout=900)
+    bed.up(timeout=900)   # a running one is used as it is, if it runs the DSF versions asked for
     st = State.load(folder)
+    print("DSF: " + ", ".join(f"{s.key} {s.dsf_version}" for s in st.sites))
     demo = Demo(st, folder / "demo", slices=args.slices)
     try:
         print("starting the legacy PACS, both gateways, the AI service and the workers …")

@@ -68,6 +68,17 @@ def test_progress_through_the_steps():
     assert p.outputs["stored-study-instance-uid"] == "9.9" and p.service == "lung-seg"
 
 
+def test_amended_work_items_count_as_answered():
+    # DSF 2.x sets a completed QuestionnaireResponse `amended` once its BPE has taken the answer
+    amended = [item(t, "amended", str(i)) for i, t in enumerate(("consent", "pseudonymize", "send"))]
+    p = derive(task(), amended, TOPIC_OF)
+    assert [states(p)[t] for t in ("consent", "pseudonymize", "send")] == ["done"] * 3 and p.current == "infer"
+    p = derive(task(), [item("consent", "amended", "1", error="consent: no consent")], TOPIC_OF)
+    assert states(p)["consent"] == "failed" and p.steps[0].detail == "consent: no consent"
+    p = derive(task(), [item("consent", "stopped", "1")], TOPIC_OF)
+    assert states(p)["consent"] == "failed" and p.steps[0].detail == "work item stopped"
+
+
 def test_failed_step_and_failed_task():
     # a step answered with an error
     p = derive(task("failed", outputs={"error": "consent: no consent"}),

@@ -21,6 +21,7 @@ from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import find_leaks
 from omi_dsf.demo import Demo
 from omi_dsf.dsf.tasks import outputs
+from omi_dsf.testbed.bed import plugin_problems
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,9 @@ def assert_nothing_identifying_at_provider(demo) -> None:
         assert find_leaks(pydicom.dcmread(p), identity) == [], p.name
 
 
-def test_inference_end_to_end(demo):
+@pytest.mark.dsf_mixed
+def test_inference_end_to_end(demo, dsf_testbed):
+    bpe_logs = {s.log_file: s.log_file.stat().st_size for s in dsf_testbed.servers if s.kind == "bpe"}
     study = demo.add_study(seed=4101)
     task_id = demo.submit(study)
     bk = demo.business_key(task_id)
@@ -101,6 +104,10 @@ def test_inference_end_to_end(demo):
     for db in ("dic-audit.sqlite", "ai-audit.sqlite"):
         text = (demo.folder / "sites" / db).read_bytes().decode("latin-1")
         assert study.patient_id not in text and study.patient_name.split("^")[0] not in text and study.uid not in text
+
+    # neither BPE met a plugin class it could not load or create on the way
+    for log_file, size in bpe_logs.items():
+        assert plugin_problems(log_file, since=size) == [], log_file
 
 
 def _pacs_results(demo) -> list[pydicom.Dataset]:

@@ -1,9 +1,9 @@
-"""The DSF test bed: unit tests for its generated parts, integration tests on running DSF 1.9 servers.
+"""The DSF test bed: unit tests for its generated parts, integration tests on running DSF servers.
 
 The integration tests use the session's two-site test bed (fixture `dsf_testbed` in
-tests/conftest.py): requester DIC and AI provider, each with a DSF 1.9.0 FHIR and BPE server, in
-`test-artifacts/testbed/` (OMI_TESTBED_TEST_DIR to change it). They skip when no DSF distribution
-is found (DSF_HOME, default /opt/dsf-1.9.0).
+tests/conftest.py): requester DIC and AI provider, each with a DSF FHIR and BPE server, once per
+DSF version found (/opt/dsf-1.9.0, /opt/dsf-2.1.0, DSF_HOME). They skip when no DSF distribution
+is found.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lxml import etree
 
 from omi_dsf.cli import UserError
 from omi_dsf.testbed import allowlist
+from omi_dsf.dsf.workitem import WorkItem
 from omi_dsf.testbed.bed import (
     REPO,
     State,
@@ -28,8 +29,10 @@ from omi_dsf.testbed.bed import (
     activity_definition_urls,
     client,
     find_dsf_home,
+    plugin_problems,
     ssl_context,
 )
+from omi_dsf.testbed.distribution import Distribution
 from omi_dsf.testbed.certs import TestCA, thumbprint
 
 FHIR = "http://hl7.org/fhir"
@@ -84,6 +87,64 @@ def test_missing_distribution_is_a_clear_error(tmp_path):
         find_dsf_home(str(tmp_path / "nowhere"))
     msg = str(exc.value)
     assert "fhir/dsf_fhir.jar" in msg and "does not serve the DSF" in msg and "\n" not in msg
+
+
+def _fake_distribution(root: Path, version: str, class_major: int) -> Path:
+    """A folder with a distribution's layout whose server jar holds one class of the given version."""
+    import zipfile
+
+    for kind in ("fhir", "bpe"):
+        (root / kind / "lib").mkdir(parents=True)
+        (root / kind / f"dsf_{kind}.jar").write_bytes(b"")
+        with zipfile.ZipFile(root / kind / "lib" / f"dsf-{kind}-server-{version}.jar", "w") as zf:
+            zf.writestr("dev/dsf/X.class", b"\xca\xfe\xba\xbe\x00\x00" + class_major.to_bytes(2, "big"))
+    return root
+
+
+def test_distribution_version_java_and_settings(tmp_path):
+    old = Distribution.find(_fake_distribution(tmp_path / "a", "1.9.0", 61))
+    assert (old.version, old.major, old.label, old.java_release) == ("1.9.0", 1, "1.9", 17)
+    assert old.unlisted_client_status == 401 and old.bpe_engine_user_key().endswith(".camunda")
+    new_home = _fake_distribution(tmp_path / "b", "2.1.0", 69)
+    with pytest.raises(UserError, match="bpe/api/v1, bpe/api/v2"):
+        Distribution.find(new_home)
+    for v in ("v1", "v2"):
+        (new_home / "bpe" / "api" / v).mkdir(parents=True)
+    new = Distribution.find(new_home)
+    assert (new.version, new.major, new.java_release) == ("2.1.0", 2, 25)
+    assert new.unlisted_client_status == 403 and new.bpe_engine_user_key().endswith(".engine")
+    (tmp_path / "wd" / "conf").mkdir(parents=True)
+    bpe = new.settings("bpe", "/ca.pem", tmp_path / "wd")
+    assert bpe["dev.dsf.server.certificate.chain"] == "/ca.pem"
+    assert bpe["dev.dsf.bpe.process.api.directory"] == str(new.home / "bpe" / "api")
+    assert bpe["dev.dsf.bpe.fhir.client.connections.config.default.trust.server.certificate.cas"] == "/ca.pem"
+    assert "dev.dsf.bpe.process.api.directory" not in new.settings("fhir", "/ca.pem", tmp_path / "wd")
+
+
+def test_site_dsf_home_must_name_a_site(tmp_path):
+    home = _fake_distribution(tmp_path / "a", "1.9.0", 61)
+    bed = TestBed(tmp_path / "tb", dsf_home=str(home), site_dsf_homes={"lab": str(home)}, out=lambda *_: None)
+    with pytest.raises(UserError, match="names no site of this test bed: lab"):
+        bed.distributions()
+    bed = TestBed(tmp_path / "tb", dsf_home=str(home), site_dsf_homes={"ai": str(tmp_path / "none")},
+                  out=lambda *_: None)
+    with pytest.raises(UserError, match="no DSF distribution at"):
+        bed.distributions()
+
+
+def test_plugin_problems_include_jar_level_and_run_time_lines(tmp_path):
+    log = tmp_path / "bpe.log"
+    log.write_text("\n".join([
+        "INFO  ProcessPluginLoaderImpl - Loaded plugin omi-0.1.0.jar",
+        "WARN  ProcessPluginLoaderImpl - Ignoring /bpe/process/omi-0.1.0.jar: Unable to load process plugin: "
+        "java.lang.NoSuchMethodError - x",
+        "WARN  AbstractProcessPlugin - Ignoring process plugin omi-0.1 from x.jar: No valid processes",
+        "WARN  ProcessPluginImpl - Unable to create org.operaton.bpm.engine.delegate.ExecutionListener for "
+        "de.medizininformatik_initiative.omi.dsf.WorkItemAnswers: java.lang.NoClassDefFoundError - y",
+        "DEBUG Something - fine",
+    ]))
+    assert len(plugin_problems(log)) == 3
+    assert plugin_problems(log, since=log.stat().st_size) == []   # only what came after the offset
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):
@@ -154,14 +215,16 @@ def test_allow_list_is_loaded(bed):
 
 @pytest.mark.integration
 def test_unlisted_client_certificate_is_refused(bed):
-    # signed by the trusted test CA, so TLS succeeds, but DSF 1.9 answers 401: the thumbprint is
-    # neither a known organization nor a configured local user
-    with client(bed, bed.sites[0], unlisted=True) as c:
-        assert c.get("/metadata").status_code == 401
-        assert c.get("/Organization").status_code == 401
-        r = c.post("/Task", json={"resourceType": "Task", "status": "requested"},
-                   headers={"Content-Type": "application/fhir+json"})
-        assert r.status_code == 401
+    # signed by the trusted test CA, so TLS succeeds, but the thumbprint is neither a known
+    # organization nor a configured local user: DSF 1.9 answers 401, DSF 2.x 403
+    for site in bed.sites:
+        want = _dist(bed, site).unlisted_client_status
+        with client(bed, site, unlisted=True) as c:
+            assert c.get("/metadata").status_code == want, site.dsf_version
+            assert c.get("/Organization").status_code == want
+            r = c.post("/Task", json={"resourceType": "Task", "status": "requested"},
+                       headers={"Content-Type": "application/fhir+json"})
+            assert r.status_code == want
 
 
 @pytest.mark.integration
@@ -258,17 +321,40 @@ def _provider(state: State):
 
 
 @pytest.mark.integration
-def test_start_task_reaches_first_work_item(bed):
+def test_start_task_reaches_first_work_item_and_its_answer_the_next(bed):
+    """The first work item appears, and answering it moves the process on to the next one: on DSF
+    2.x the answer goes through the plugin's listener classes as its class loader rewrote them."""
     _plugin_deployed(bed)
     dic = _requester(bed)
     r = _post_task(bed, dic, dic, _start_task(bed, dic, dic))
     assert r.status_code == 201, r.text
-    _wait_for_work_item(bed, dic, r.json()["id"])
+    task_id = r.json()["id"]
+    bpe = next(s for s in bed.servers if s.site == dic.key and s.kind == "bpe")
+    log_size = bpe.log_file.stat().st_size
+    first = WorkItem(_wait_for_work_item(bed, dic, task_id))
+    outputs = {i: f"test-{i}" for i in first.item_ids if i != "error" and i not in first.inputs}
+    time.sleep(1)   # as a worker settles: the BPE may show the item before its user task is committed
+    with client(bed, dic) as c:
+        put = c.put(f"/QuestionnaireResponse/{first.id}", json=first.completed(outputs),
+                    headers={"Content-Type": "application/fhir+json"})
+        assert put.status_code == 200, put.text
+    second = WorkItem(_wait_for_work_item(bed, dic, task_id, not_questionnaire=first.questionnaire))
+    assert second.business_key == first.business_key and second.id != first.id
+    assert plugin_problems(bpe.log_file, since=log_size) == []
+    with client(bed, dic) as c:   # the first answer stays answered (DSF 2.x: amended)
+        assert WorkItem(c.get(f"/QuestionnaireResponse/{first.id}").json()).answered
 
 
-def _wait_for_work_item(state: State, site, task_id: str, timeout: float = 120) -> dict:
+def _dist(state: State, site) -> Distribution:
+    server = next(s for s in state.servers if s.site == site.key)
+    return server.distribution
+
+
+def _wait_for_work_item(state: State, site, task_id: str, timeout: float = 120,
+                        not_questionnaire: str | None = None) -> dict:
     """Wait until the process instance started by Task/<task_id> on `site` waits at a work item
-    (an in-progress QuestionnaireResponse carrying the Task's business key); return that QR."""
+    (an in-progress QuestionnaireResponse carrying the Task's business key, for another
+    Questionnaire than `not_questionnaire`); return that QR."""
     deadline = time.monotonic() + timeout
     business_key = None
     with client(state, site) as c:
@@ -290,7 +376,7 @@ def _wait_for_work_item(state: State, site, task_id: str, timeout: float = 120) 
                 for e in qrs.get("entry", []):
                     items = {i["linkId"]: i for i in e["resource"].get("item", [])}
                     bk = items.get("business-key", {}).get("answer", [{}])[0].get("valueString")
-                    if bk == business_key:
+                    if bk == business_key and e["resource"].get("questionnaire") != not_questionnaire:
                         return e["resource"]  # the work item is waiting for a worker
             time.sleep(1)
     pytest.fail(f"no in-progress QuestionnaireResponse for Task/{task_id} on {site.key} "
@@ -306,14 +392,15 @@ def test_task_breaking_the_profile_is_rejected(bed):
               for i in draft.findall("f:input", NS)]
     required = next(c for c in inputs if c != "message-name")
     r = _post_task(bed, dic, dic, _start_task(bed, dic, dic, drop_input=required))
-    # DSF 1.9 answers a profile violation with 403 and the validator's OperationOutcome
-    # (issue code "processing", e.g. "Profile …, Element 'Task.input:x': minimum required = 1")
+    # DSF answers a profile violation with 403 and the validator's OperationOutcome, issue code
+    # "processing": 1.9 "Profile …, Element 'Task.input:x': minimum required = 1", 2.x
+    # "Task.input: minimum required = 5, but only found 4 (from …|0.1)"
     assert r.status_code == 403, r.text
     oo = r.json()
     assert oo["resourceType"] == "OperationOutcome"
     errors = [i for i in oo["issue"] if i.get("severity") in ("error", "fatal")]
     assert errors and all(i.get("code") == "processing" for i in errors), oo
-    assert any("Profile" in i.get("diagnostics", "") for i in errors), oo
+    assert any("minimum required" in i.get("diagnostics", "") for i in errors), oo
 
 
 @pytest.mark.integration

@@ -86,9 +86,9 @@ def derive(task: dict, items: list[dict], topic_of: dict[str, str], result_messa
                       for a in i.get("answer", [])), None)
         if wi.status == "in-progress":
             s.state, s.detail = "running", "waiting for or being handled by a worker"
-        elif wi.status == "completed" and error:
+        elif wi.answered and error:
             s.state, s.detail = "failed", error
-        elif wi.status == "completed":
+        elif wi.answered:
             s.state = "done"
         else:
             s.state, s.detail = "failed", f"work item {wi.status}"

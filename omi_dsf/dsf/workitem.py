@@ -12,6 +12,8 @@ from typing import Mapping
 from omi_dsf.spec.model import Spec, load_spec
 
 DSF_ITEMS = ("business-key", "user-task-id")
+# A worker sets `completed`; DSF 2.x sets a completed response `amended` once its BPE has taken it.
+ANSWERED = ("completed", "amended")
 VALUE_KEYS = ("valueString", "valueInteger", "valueBoolean", "valueDecimal", "valueUri", "valueUrl", "valueDate",
               "valueDateTime", "valueTime", "valueReference")
 
@@ -59,6 +61,11 @@ class WorkItem:
     @property
     def status(self) -> str:
         return self.resource.get("status", "")
+
+    @property
+    def answered(self) -> bool:
+        """Answered by a worker (completed; amended once a DSF 2.x BPE has taken the answer)."""
+        return self.status in ANSWERED
 
     def _items(self) -> dict[str, dict]:
         return {i.get("linkId"): i for i in self.resource.get("item", [])}

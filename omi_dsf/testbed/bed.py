@@ -1,4 +1,4 @@
-"""A multi-site DSF 1.9 test bed on 127.0.0.1: PostgreSQL + per site a FHIR and a BPE server.
+"""A multi-site DSF test bed on 127.0.0.1: PostgreSQL + per site a FHIR and a BPE server.
 
 Layout of the test bed folder (default `.testbed/`):
 
@@ -7,14 +7,15 @@ Layout of the test bed folder (default `.testbed/`):
     allow-list.xml            the generated allow list (copied to every FHIR server)
     postgres/                 the PostgreSQL cluster (data/, postgres.log, unix socket)
     <site>/fhir/              working directory of the site's FHIR server
-        conf/{config,jetty}.properties, conf/bundle.xml, conf/log4j2.xml
+        conf/{config,jetty}.properties, conf/bundle.xml, conf/log4j2.xml (1.x)
         log/fhir.log, console.log
     <site>/bpe/               working directory of the site's BPE
         conf/..., process/*.jar (the plugin), log/bpe.log, console.log
 
-The DSF servers are taken from a DSF 1.9.0 distribution (`DSF_HOME`, default /opt/dsf-1.9.0) with
-`fhir/` (dsf_fhir.jar + lib/) and `bpe/` (dsf_bpe.jar + lib/ + lib_external/), the layout of the
-1.9.0 docker images. They run with the HTTPS main classes, which terminate mTLS themselves.
+The DSF servers are taken from a DSF 1.9 or 2.x distribution (`DSF_HOME`, default /opt/dsf-1.9.0;
+see distribution.py), by default the same for every site; one site may run another version
+(`site_dsf_homes`), so a 1.9 DIC and a 2.1 provider form one federation. They run with the HTTPS
+main classes, which terminate mTLS themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,25 +44,19 @@ from lxml import etree
 from omi_dsf.cli import UserError
 from omi_dsf.testbed import allowlist
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA, thumbprint
+from omi_dsf.testbed.distribution import Distribution
 from omi_dsf.testbed.postgres import LIQUIBASE_PASSWORD, Cluster
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll is noise
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DSF_HOME = Path("/opt/dsf-1.9.0")
 DEFAULT_DIR = Path(".testbed")
 DEFAULT_BASE_PORT = 8200
 DB_PASSWORD = "db-password"  # test bed only
 
 FHIR_MAIN = "dev.dsf.fhir.FhirJettyServerHttps"
 BPE_MAIN = "dev.dsf.bpe.BpeJettyServerHttps"
-
-NO_DSF_HINT = (
-    "the Maven registry reachable here does not serve the DSF 1.9.0 server artifacts "
-    "(dsf-fhir-server-jetty, dsf-bpe-server-jetty and their dsf-common-* dependencies), so a DSF "
-    "distribution must be provided: set DSF_HOME or --dsf-home (see docs/testbed.md)"
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +101,12 @@ class Server:
     workdir: str
     url: str
     pid: int | None = None
+    dsf_home: str = ""
+    dsf_version: str = ""
+
+    @property
+    def distribution(self) -> Distribution:
+        return Distribution(Path(self.dsf_home), self.dsf_version)
 
     @property
     def log_file(self) -> Path:
@@ -135,6 +137,7 @@ class SiteInfo:
     client_cert: str
     client_key: str
     key_password: str = KEY_PASSWORD
+    dsf_version: str = ""
 
 
 @dataclass
@@ -180,30 +183,8 @@ class State:
 
 
 def find_dsf_home(explicit: str | None = None) -> Path:
-    """The DSF distribution, or a UserError saying what is missing."""
-    home = Path(explicit or os.environ.get("DSF_HOME") or DEFAULT_DSF_HOME)
-    missing = []
-    for rel in ("fhir/dsf_fhir.jar", "fhir/lib", "bpe/dsf_bpe.jar", "bpe/lib"):
-        if not (home / rel).exists():
-            missing.append(rel)
-    if missing:
-        raise UserError(f"no DSF 1.9.0 distribution at {home} (missing {', '.join(missing)}); "
-                        + NO_DSF_HINT)
-    if not list((home / "fhir" / "lib").glob("dsf-fhir-server-*.jar")):
-        raise UserError(f"{home}/fhir/lib has no dsf-fhir-server-*.jar; " + NO_DSF_HINT)
-    if not list((home / "bpe" / "lib").glob("dsf-bpe-server-*.jar")):
-        raise UserError(f"{home}/bpe/lib has no dsf-bpe-server-*.jar; " + NO_DSF_HINT)
-    return home
-
-
-def find_java() -> str:
-    for cand in (os.environ.get("OMI_DSF_JAVA"),
-                 os.environ.get("JAVA_HOME") and str(Path(os.environ["JAVA_HOME"]) / "bin/java"),
-                 "/usr/lib/jvm/java-17-openjdk-amd64/bin/java",
-                 shutil.which("java")):
-        if cand and Path(cand).exists():
-            return cand
-    raise UserError("no Java runtime found (DSF 1.9 needs Java 17); set OMI_DSF_JAVA")
+    """The DSF distribution's folder, or a UserError saying what is missing."""
+    return Distribution.find(explicit).home
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,10 +324,11 @@ class TestBed:
     def __init__(self, folder: Path = DEFAULT_DIR, *, sites: int = 2,
                  dsf_home: str | None = None, base_port: int = DEFAULT_BASE_PORT,
                  heap: str = "512m", plugins: list[Path] | None = None,
-                 out=print):
+                 site_dsf_homes: dict[str, str] | None = None, out=print):
         self.dir = folder.resolve()
         self.n_sites = sites
         self.dsf_home_arg = dsf_home
+        self.site_dsf_homes = dict(site_dsf_homes or {})
         self.base_port = base_port
         self.heap = heap
         self.plugins = plugins
@@ -364,9 +346,21 @@ class TestBed:
             yield
 
     # ---------------------------------------------------------------- planning
+    def distributions(self) -> dict[str, Distribution]:
+        """The distribution of every site (its own, else the default), or a UserError."""
+        keys = [spec.key for spec in SITES[: self.n_sites]]
+        unknown = sorted(set(self.site_dsf_homes) - set(keys))
+        if unknown:
+            raise UserError(f"--site-dsf-home names no site of this test bed: {', '.join(unknown)} "
+                            f"(sites: {', '.join(keys)})")
+        default = Distribution.find(self.dsf_home_arg)
+        return {k: Distribution.find(self.site_dsf_homes[k]) if k in self.site_dsf_homes else default
+                for k in keys}
+
     def _plan(self, dsf_home: Path) -> State:
         if not 2 <= self.n_sites <= len(SITES):
             raise UserError(f"--sites must be 2 or 3, not {self.n_sites}")
+        dists = self.distributions()
         pki = self.dir / "pki"
         ca = TestCA(pki)
         ca.ensure()
@@ -381,12 +375,14 @@ class TestBed:
             cl = ca.issue(f"{spec.key}-client", f"{spec.identifier} client", server=False, client=True)
             fhir_url = f"https://localhost:{fhir_port}/fhir"
             bpe_url = f"https://localhost:{bpe_port}/bpe"
+            dist = dists[spec.key]
             sites.append(SiteInfo(spec.key, spec.identifier, spec.name, spec.role,
                                   roles.get(spec.role, "DIC"), fhir_url, bpe_url,
-                                  str(cl.cert), str(cl.key)))
+                                  str(cl.cert), str(cl.key), dsf_version=dist.version))
             for kind, port, url in (("fhir", fhir_port, fhir_url), ("bpe", bpe_port, bpe_url)):
                 servers.append(Server(f"{spec.key}-{kind}", spec.key, kind, port, port + 10,
-                                      str(self.dir / spec.key / kind), url))
+                                      str(self.dir / spec.key / kind), url,
+                                      dsf_home=str(dist.home), dsf_version=dist.version))
         unlisted = ca.issue("unlisted-client", "not on the allow list", server=False, client=True)
         plugins = self.plugins if self.plugins is not None else default_plugins()
         return State(str(self.dir), str(dsf_home), str(ca.cert_path), self.base_port + 99, None,
@@ -402,13 +398,14 @@ class TestBed:
         ]
         bundle = allowlist.build_bundle(entries, st.parent_organization)
         (self.dir / "allow-list.xml").write_bytes(bundle)
-        dsf_home = Path(st.dsf_home)
         for srv in st.servers:
             site = st.site(srv.site)
+            dist = srv.distribution
             wd = Path(srv.workdir)
             for sub in ("conf", "log", "ui") + (("process",) if srv.kind == "bpe" else ()):
                 (wd / sub).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(dsf_home / srv.kind / "conf" / "log4j2.xml", wd / "conf" / "log4j2.xml")
+            for stale in (wd / "conf").glob("log4j2.xml"):   # a 1.x config must not steer a 2.x server
+                stale.unlink()
             scert = ca.issue(f"{srv.name}-server", "localhost", server=True, client=False)
             props: dict[str, object] = {
                 "dev.dsf.server.api.host": "127.0.0.1",
@@ -420,7 +417,7 @@ class TestBed:
                 "dev.dsf.server.certificate.key": scert.key,
                 "dev.dsf.server.certificate.key.password": scert.password,
                 "dev.dsf.server.auth.trust.client.certificate.cas": st.ca_cert,
-                "dev.dsf.log4j.config": "conf/log4j2.xml",
+                **dist.settings(srv.kind, st.ca_cert, wd),
             }
             db = f"{site.key}_{srv.kind}"
             if srv.kind == "fhir":
@@ -449,9 +446,9 @@ class TestBed:
                     "dev.dsf.bpe.db.user.group": f"{db}_users",
                     "dev.dsf.bpe.db.user.username": f"{db}_server_user",
                     "dev.dsf.bpe.db.user.password": DB_PASSWORD,
-                    "dev.dsf.bpe.db.user.camunda.group": f"{db}_camunda_users",
-                    "dev.dsf.bpe.db.user.camunda.username": f"{db}_camunda_user",
-                    "dev.dsf.bpe.db.user.camunda.password": DB_PASSWORD,
+                    f"{dist.bpe_engine_user_key()}.group": f"{db}_engine_users",
+                    f"{dist.bpe_engine_user_key()}.username": f"{db}_engine_user",
+                    f"{dist.bpe_engine_user_key()}.password": DB_PASSWORD,
                     "dev.dsf.bpe.server.base.url": site.bpe_url,
                     "dev.dsf.bpe.fhir.server.base.url": site.fhir_url,
                     "dev.dsf.bpe.fhir.client.trust.server.certificate.cas": st.ca_cert,
@@ -478,17 +475,13 @@ class TestBed:
             shutil.copyfile(src, process_dir / name)
 
     # ---------------------------------------------------------------- starting
-    def _start_server(self, st: State, srv: Server, java: str) -> None:
+    def _start_server(self, st: State, srv: Server) -> None:
         for port in (srv.port, srv.status_port):
             if not port_free(port):
                 raise UserError(f"port {port} on 127.0.0.1 ({srv.name}) is in use; stop whatever "
                                 "uses it or pick other ports with --base-port")
-        home = Path(st.dsf_home) / srv.kind
-        cp = [str(home / "lib" / "*")]
-        if srv.kind == "bpe":
-            cp.append(str(home / "lib_external" / "*"))
-        cp.append(str(home / f"dsf_{srv.kind}.jar"))
-        cmd = [java, f"-Xmx{self.heap}", "-Xss512k", "-XX:+UseSerialGC",
+        cp = srv.distribution.classpath(srv.kind)
+        cmd = [srv.distribution.java(), f"-Xmx{self.heap}", "-Xss512k", "-XX:+UseSerialGC",
                "-XX:TieredStopAtLevel=1", "-Djdk.tls.acknowledgeCloseNotify=true",
                f"-Domi.testbed.server={srv.name}", "-cp", ":".join(cp), srv.main_class]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEV_DSF_")}
@@ -548,18 +541,23 @@ class TestBed:
                         f"ActivityDefinitions {ad_urls}) in time; see {srv.log_file}")
 
     def up(self, timeout: float = 600) -> int:
-        find_dsf_home(self.dsf_home_arg)  # fail before creating anything
+        for dist in set(self.distributions().values()):  # fail before creating anything
+            dist.java()
         with self._locked():
             return self._up(timeout)
 
     def _up(self, timeout: float) -> int:
         t0 = time.monotonic()
-        dsf_home = find_dsf_home(self.dsf_home_arg)
-        java = find_java()
+        dsf_home = Distribution.find(self.dsf_home_arg).home
         self.dir.mkdir(parents=True, exist_ok=True)
         old = State.load(self.dir)
         if old is not None:
             running = [s for s in old.servers if self._server_alive(s)]
+            wanted_versions = {k: d.version for k, d in self.distributions().items()}
+            have_versions = {s.key: s.dsf_version for s in old.sites}
+            if running and have_versions != wanted_versions:
+                raise UserError(f"the test bed in {self.dir} runs DSF {_versions(have_versions)}, not "
+                                f"{_versions(wanted_versions)}; stop it first (testbed down --dir {self.dir})")
             if len(running) == len(old.servers) and Cluster(self.dir / "postgres",
                                                              old.postgres_port).pid():
                 wanted = self.plugins if self.plugins is not None else default_plugins()
@@ -596,7 +594,7 @@ class TestBed:
         for group, wait in ((fhir, self._wait_fhir), (bpe, None)):
             for srv in group:
                 if not self._server_alive(srv):
-                    self._start_server(st, srv, java)
+                    self._start_server(st, srv)
             with ThreadPoolExecutor(len(group)) as pool:
                 if wait is not None:
                     futs = [pool.submit(wait, st, s, deadline) for s in group]
@@ -691,7 +689,7 @@ class TestBed:
     def start_server(self, name: str, timeout: float = 300) -> None:
         """Start one stopped server again; returns when it answers."""
         st, srv = self._server(name)
-        self._start_server(st, srv, find_java())
+        self._start_server(st, srv)
         deadline = time.monotonic() + timeout
         if srv.kind == "fhir":
             self._wait_fhir(st, srv, deadline)
@@ -709,7 +707,8 @@ class TestBed:
             self.out(f"no test bed in {self.dir} (run `python -m omi_dsf testbed up`)")
             return 1
         pg = Cluster(self.dir / "postgres", st.postgres_port).pid()
-        self.out(f"test bed {self.dir}  DSF {st.dsf_home}  (last up took {st.up_seconds} s)")
+        versions = {s.key: s.dsf_version for s in st.sites}
+        self.out(f"test bed {self.dir}  DSF {_versions(versions)}  (last up took {st.up_seconds} s)")
         self.out(f"  {'postgres':<9} {'running' if pg else 'stopped':<8} "
                  f"127.0.0.1:{st.postgres_port:<26} pid {pg or '-':<7} "
                  f"log {self.dir / 'postgres' / 'postgres.log'}")
@@ -718,7 +717,7 @@ class TestBed:
             alive = self._server_alive(s)
             all_up &= alive
             self.out(f"  {s.name:<9} {'running' if alive else 'stopped':<8} {s.url:<36} "
-                     f"pid {(s.pid if alive else '-'):<7} log {s.log_file}")
+                     f"DSF {s.dsf_version or '?':<6} pid {(s.pid if alive else '-'):<7} log {s.log_file}")
         for site in st.sites:
             self.out(f"  site {site.key}: {site.identifier} ({site.name}, role {site.role_code}) "
                      f"client cert {site.client_cert}")
@@ -747,6 +746,13 @@ class TestBed:
 # helpers shared with the tests
 
 
+def _versions(by_site: dict[str, str]) -> str:
+    """"2.1.0" when every site runs it, else "1.9.0 (dic), 2.1.0 (ai)"."""
+    if len(set(by_site.values())) == 1:
+        return next(iter(by_site.values())) or "?"
+    return ", ".join(f"{v or '?'} ({k})" for k, v in by_site.items())
+
+
 def tail(path: Path, n: int = 20) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -755,15 +761,26 @@ def tail(path: Path, n: int = 20) -> str:
     return " | ".join(lines[-n:])
 
 
-def plugin_problems(bpe_log: Path) -> list[str]:
-    """BPE log lines saying that a plugin (or one of its parts) was not deployed."""
+# BPE log lines that say a plugin, one of its parts, or one of its classes at run time was not
+# usable: at start (jar, plugin, BPMN model, FHIR resource ignored; Spring context) and later
+# (a listener or delegate the BPE could not create, e.g. a class the DSF 2.x loader rewrote badly).
+PLUGIN_PROBLEM = re.compile(
+    r"Ignoring (process plugin|BPMN model|FHIR resource|\S+\.jar: )"
+    r"|Unable to create spring application context|Error loading process plugins"
+    r"|Error while executing process plugins resource bundle"
+    r"|Unable to create \S+ for |NoClassDefFoundError|Unable to complete UserTask")
+
+
+def plugin_problems(bpe_log: Path, since: int = 0) -> list[str]:
+    """BPE log lines saying that a plugin (or one of its parts) was not deployed or not usable;
+    only those after byte offset `since` (a log size taken earlier)."""
     try:
-        text = bpe_log.read_text(errors="replace")
+        with open(bpe_log, "rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode(errors="replace")
     except OSError:
         return []
-    keys = ("Ignoring process plugin", "Error loading process plugins",
-            "Error while executing process plugins resource bundle")
-    return [ln for ln in text.splitlines() if any(k in ln for k in keys)]
+    return [ln for ln in text.splitlines() if PLUGIN_PROBLEM.search(ln)]
 
 
 def ad_active(st: State, site: SiteInfo, url: str) -> bool:

@@ -10,8 +10,8 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "testbed",
-        help="a multi-site DSF 1.9 test bed on 127.0.0.1 (FHIR + BPE per site, PostgreSQL, mTLS)",
-        description="Start, inspect and stop a DSF 1.9 test bed: a requester DIC and an AI provider "
+        help="a multi-site DSF test bed on 127.0.0.1 (FHIR + BPE per site, PostgreSQL, mTLS)",
+        description="Start, inspect and stop a DSF 1.9 or 2.x test bed: a requester DIC and an AI provider "
         "(optionally a second DIC), each with a DSF FHIR and BPE server, one PostgreSQL cluster, a "
         "generated test CA and allow list, and the OMI plugin from dist/ in every BPE.",
     )
@@ -23,8 +23,7 @@ def register(subparsers) -> None:
 
     up = act.add_parser("up", parents=[common], help="start everything and wait until the plugin is deployed")
     up.add_argument("--sites", type=int, default=2, help="2 (DIC + AI provider) or 3 (+ a 2nd DIC)")
-    up.add_argument("--dsf-home", help="DSF 1.9.0 distribution with fhir/ and bpe/ "
-                    "(default: $DSF_HOME or /opt/dsf-1.9.0)")
+    add_dsf_home_arguments(up)
     up.add_argument("--base-port", type=int, default=8200,
                     help="site i uses base+20i+1 (FHIR), +2 (BPE), +11/+12 (status); "
                     "PostgreSQL base+99 (default 8200)")
@@ -51,6 +50,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
+def add_dsf_home_arguments(p: argparse.ArgumentParser) -> None:
+    """--dsf-home and --site-dsf-home, shared by `testbed up` and `demo`."""
+    p.add_argument("--dsf-home", help="DSF distribution (1.9 or 2.x) with fhir/ and bpe/ for every site "
+                   "(default: $DSF_HOME or /opt/dsf-1.9.0); the version is read from it")
+    p.add_argument("--site-dsf-home", action="append", default=[], type=_site_home, metavar="SITE=PATH",
+                   help="another distribution for one site (repeatable), e.g. ai=/opt/dsf-2.1.0 for a "
+                   "1.9 DIC and a 2.1 provider in one federation")
+
+
+def _site_home(text: str) -> tuple[str, str]:
+    site, sep, path = text.partition("=")
+    if not sep or not site or not path:
+        raise argparse.ArgumentTypeError(f"expected SITE=PATH (e.g. ai=/opt/dsf-2.1.0), not {text!r}")
+    return site, path
+
+
 def _bed(args: argparse.Namespace, **kw):
     from omi_dsf.testbed.bed import TestBed
 
@@ -60,7 +75,7 @@ def _bed(args: argparse.Namespace, **kw):
 def _up(args: argparse.Namespace) -> int:
     plugins = [] if args.no_plugin else args.plugin
     bed = _bed(args, sites=args.sites, dsf_home=args.dsf_home, base_port=args.base_port,
-               heap=args.heap, plugins=plugins)
+               heap=args.heap, plugins=plugins, site_dsf_homes=dict(args.site_dsf_home))
     return bed.up(timeout=args.timeout)
 
 
