@@ -742,6 +742,25 @@ class TestBed:
                         "(or <server>-console)")
 
 
+@contextlib.contextmanager
+def running_testbed(folder: Path, *, dsf_home: str | None = None, site_dsf_homes: dict[str, str] | None = None,
+                    timeout: float = 900, out=print):
+    """The test bed running in `folder` (used as it is), else one brought up there on the first free
+    base port from 8400 with the given distribution(s) and brought down again afterwards."""
+    st = State.load(folder)
+    bed = None
+    if not (st and all(pid_alive(s.pid) for s in st.servers)):
+        bed = TestBed(folder, base_port=free_base_port(2, start=8400), dsf_home=dsf_home,
+                      site_dsf_homes=site_dsf_homes, out=out)
+        bed.up(timeout=timeout)
+        st = State.load(folder)
+    try:
+        yield st
+    finally:
+        if bed is not None:
+            bed.down()
+
+
 # --------------------------------------------------------------------------------------------
 # helpers shared with the tests
 

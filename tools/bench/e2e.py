@@ -8,9 +8,11 @@ same volume is printed beside it (and used if the service reported nothing).
 Beside it, what the DSF alone costs: the same request through the same sites with workers whose
 steps answer at once and move no data (`worker --demo`), as a ratio to the same raw transfer.
 
-    python tools/bench/e2e.py [--dir DIR] [--slices 200] [--size 512]
+    python tools/bench/e2e.py [--dir DIR] [--slices 200] [--size 512] [--dsf-home PATH ...]
 
-Uses a DSF test bed running in DIR, else brings one up there (and down afterwards).
+Uses a DSF test bed running in DIR, else brings one up there (and down afterwards). With several
+--dsf-home, one test bed per DSF version in DIR/<version>, measured one after the other in this run,
+and each later version's figures as a ratio to the first's.
 Last line: one JSON object with the figures, the targets and "met".
 """
 
@@ -39,7 +41,8 @@ from omi_dsf.demo import Demo  # noqa: E402
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool  # noqa: E402
 from omi_dsf.dsf.client import DsfClient  # noqa: E402
 from omi_dsf.inference.lungseg import segment_lungs  # noqa: E402
-from omi_dsf.testbed.bed import State, TestBed, free_base_port, pid_alive  # noqa: E402
+from omi_dsf.testbed.bed import running_testbed  # noqa: E402
+from omi_dsf.testbed.distribution import Distribution  # noqa: E402
 from omi_dsf.worker.config import load_site_config  # noqa: E402
 
 
@@ -152,20 +155,10 @@ def timeline(demo: Demo, business_key: str, start_task_id: str) -> tuple[dict[st
     return steps, [(round(t - t0, 2), what) for t, what in events]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=ROOT / "test-artifacts" / "bench-testbed")
-    ap.add_argument("--slices", type=int, default=200)
-    ap.add_argument("--size", type=int, default=512)
-    args = ap.parse_args()
-    st = State.load(args.dir)
-    bed = None
-    if not (st and all(pid_alive(s.pid) for s in st.servers)):
-        bed = TestBed(args.dir, base_port=free_base_port(2, start=8400), out=lambda *a: print(*a, file=sys.stderr))
-        bed.up(timeout=900)
-        st = State.load(args.dir)
+def measure(st, slices: int, size: int) -> dict:
+    """One request end to end on the test bed `st`, the raw transfer and the DSF-alone figure."""
     with tempfile.TemporaryDirectory() as tmp:
-        demo = Demo(st, Path(tmp) / "demo", slices=args.slices, size=args.size, out=lambda *a: None)
+        demo = Demo(st, Path(tmp) / "demo", slices=slices, size=size, out=lambda *a: None)
         try:
             demo.start()
             study = demo.add_study(seed=777)
@@ -188,12 +181,12 @@ def main() -> int:
             total = max(ends) - min(ends)
         finally:
             demo.stop()
-            if bed is not None:
-                bed.down()
     # the model's time in this very request when the service reported it, else the in-process run
     excluded = served_model if served_model is not None else model
     ratio = (total - excluded) / raw
-    print(f"study: {args.slices} slices {args.size}x{args.size}, {mb:.0f} MB")
+    dsf = ", ".join(sorted({s.dsf_version for s in st.sites}))
+    print(f"== DSF {dsf}")
+    print(f"study: {slices} slices {size}x{size}, {mb:.0f} MB")
     print(f"raw transfer (getscu + storescu, median of 3): {raw:.2f} s; model alone: {model:.1f} s in process, "
           f"{served_model if served_model is not None else float('nan'):.1f} s in the service for this request")
     print(f"OMI round trip (start Task created -> completed, DSF clock): {total:.1f} s "
@@ -208,13 +201,48 @@ def main() -> int:
     print("timeline (server clocks, s after the start Task):")
     for t, what in events:
         print(f"  {t:7.2f}  {what}")
-    print(json.dumps({"benchmark": "e2e", "slices": args.slices, "study_mb": round(mb, 1),
-                      "raw_transfer_s": round(raw, 2), "model_s": round(model, 2),
-                      "service_model_s": served_model, "model_excluded_s": round(excluded, 2), "round_trip_s": round(total, 2), "client_wall_s": round(client_wall, 2),
-                      "steps_s": steps, "step_phases": phases, "between_steps_s": round(total - sum(steps.values()), 2), "ratio_round_trip_without_model_vs_raw": round(ratio, 2),
-                      "dsf_alone_s": round(floor, 2), "dsf_alone_between_items_s": round(floor_between, 2),
-                      "ratio_dsf_alone_vs_raw": round(floor / raw, 2),
-                      "targets": {"ratio_max": 3.0}, "met": ratio <= 3.0}))
+    return {"dsf": dsf, "slices": slices, "study_mb": round(mb, 1),
+            "raw_transfer_s": round(raw, 2), "model_s": round(model, 2),
+            "service_model_s": served_model, "model_excluded_s": round(excluded, 2), "round_trip_s": round(total, 2),
+            "client_wall_s": round(client_wall, 2), "steps_s": steps, "step_phases": phases,
+            "between_steps_s": round(total - sum(steps.values()), 2),
+            "ratio_round_trip_without_model_vs_raw": round(ratio, 2),
+            "dsf_alone_s": round(floor, 2), "dsf_alone_between_items_s": round(floor_between, 2),
+            "ratio_dsf_alone_vs_raw": round(floor / raw, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=ROOT / "test-artifacts" / "bench-testbed")
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--dsf-home", action="append", default=[], metavar="PATH",
+                    help="DSF distribution to measure on (repeatable: each gets its own test bed in "
+                    "DIR/<version>, one after the other in this run; default: DSF_HOME or /opt/dsf-1.9.0, "
+                    "or the test bed already running in DIR)")
+    args = ap.parse_args()
+    load = os.getloadavg()
+    runs = []
+    log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+    if not args.dsf_home:
+        with running_testbed(args.dir, out=log) as st:
+            runs.append(measure(st, args.slices, args.size))
+    for home in args.dsf_home:
+        dist = Distribution.find(home)
+        with running_testbed(args.dir / dist.version, dsf_home=home, out=log) as st:
+            runs.append(measure(st, args.slices, args.size))
+    summary = {"benchmark": "e2e", "load_avg_1m_at_start": round(load[0], 2), "runs": runs,
+               "targets": {"ratio_max": 3.0},
+               "met": all(r["ratio_round_trip_without_model_vs_raw"] <= 3.0 for r in runs)}
+    if len(runs) > 1:   # later versions against the first, within this run
+        base = runs[0]
+        summary["versus_first"] = {r["dsf"]: {k: round(r[k] / base[k], 2) for k in
+                                              ("round_trip_s", "dsf_alone_s", "between_steps_s", "raw_transfer_s")}
+                                   for r in runs[1:]}
+        for r in runs[1:]:
+            print(f"DSF {r['dsf']} vs {base['dsf']}: " + ", ".join(
+                f"{k} {v}x" for k, v in summary["versus_first"][r["dsf"]].items()))
+    print(json.dumps(summary))
     return 0
 
 
