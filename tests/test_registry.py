@@ -322,13 +322,13 @@ def test_store_keeps_a_bounded_check_history(tmp_path):
 def test_config_errors_are_one_line(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("port: 1\nbogus: 2\n")
-    with pytest.raises(UserError, match="unknown key.*bogus"):
+    with pytest.raises(UserError, match="bogus: unknown key"):
         load_config(p)
     p.write_text("tls: {certfile: nope.crt, keyfile: nope.key}\n")
-    with pytest.raises(UserError, match="tls.certfile .*nope.crt does not exist"):
+    with pytest.raises(UserError, match="tls.certfile: file .*nope.crt does not exist"):
         load_config(p)
     p.write_text("auth: {cert_attribute: serialNumber}\n")
-    with pytest.raises(UserError, match="cert_attribute"):
+    with pytest.raises(UserError, match="auth.cert_attribute: "):
         load_config(p)
     with pytest.raises(UserError, match="No such file"):
         load_config(tmp_path / "missing.yaml")
@@ -340,7 +340,7 @@ def test_cli_refuses_bad_config_in_one_line(tmp_path, capsys):
     p.write_text("port: [1]\n")
     assert main(["registry", "--config", str(p)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {p}: port must be a number"
+    assert err == f"error: {p}: port: expected an integer, got [1]"
 
 
 def test_provider_registers_its_dicomweb_gateway_endpoint(reg, keys):

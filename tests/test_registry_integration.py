@@ -72,7 +72,7 @@ def env(tmp_path_factory):
 
     ai_port, reg_port = free_port(), free_port()
     ai_log, reg_log = folder / "ai-service.log", folder / "registry.log"
-    ai = _start(["ai-service", "--host", "127.0.0.1", "--port", str(ai_port)], ai_log)
+    ai = _start(["ai-service", "--anonymous", "--host", "127.0.0.1", "--port", str(ai_port)], ai_log)
     cfg = {"host": "127.0.0.1", "port": reg_port, "database": "registry.db",
            "tls": {"certfile": str(server.cert), "keyfile": str(server.key),
                    "keyfile_password_file": "key-password", "client_ca": str(ca.cert_path)},

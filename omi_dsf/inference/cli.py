@@ -16,8 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_sample_study)
 
     p = subparsers.add_parser("ai-service", help="run the reference AI service (Open Inference Protocol v2)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8500)
+    p.add_argument("--config", help="configuration (YAML: listen, tls, auth, limits, max_slices; docs/inference.md)")
+    p.add_argument("--anonymous", action="store_true",
+                   help="without --config: serve plain HTTP with no authentication (tests, the demo)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1, or listen.host)")
+    p.add_argument("--port", type=int, help="port (default 8500, or listen.port)")
     p.add_argument("--max-slices", type=int, default=None, help="model limit announced in metadata")
     p.set_defaults(func=_ai_service)
 
@@ -36,7 +39,26 @@ def _sample_study(args: argparse.Namespace) -> int:
 
 
 def _ai_service(args: argparse.Namespace) -> int:
+    from omi_dsf.cli import UserError
+    from omi_dsf.inference.config import ServiceConfig
     from omi_dsf.inference.service import serve
+    from omi_dsf.serving import config
 
-    serve(args.host, args.port, max_slices=args.max_slices)
+    if args.config and args.anonymous:
+        raise UserError("--anonymous is for running without --config; set auth.anonymous in the file instead")
+    if args.config:
+        cfg = config.load(ServiceConfig, args.config)
+    elif args.anonymous:
+        cfg = config.parse(ServiceConfig, {"auth": {"anonymous": True}}, Path("."), "ai-service")
+    else:   # anonymous is a choice, never a default
+        raise UserError("ai-service: no way in: give --config FILE (auth.jwt or tls.require_client_cert; see "
+                        "docs/inference.md), or --anonymous for plain HTTP without authentication")
+    data = cfg.model_dump()
+    for key, value in (("host", args.host), ("port", args.port)):
+        if value is not None:
+            data["listen"][key] = value
+    if args.max_slices is not None:
+        data["max_slices"] = args.max_slices
+    cfg = config.parse(ServiceConfig, data, Path("."), args.config or "ai-service")
+    serve(cfg, log_level="debug" if getattr(args, "verbose", False) else "warning")
     return 0

@@ -24,9 +24,11 @@ def _free_port() -> int:
 class AiServiceProcess(procs.ChildProcess):
     def __init__(self, port: int | None = None, log: Path | None = None, args: tuple[str, ...] = (),
                  timeout: float = 60.0):
+        """Without `--config` in `args`: plain HTTP on loopback, no authentication (`--anonymous`)."""
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log, self.args, self.timeout = log, args, timeout
+        self.log, self.timeout = log, timeout
+        self.args = tuple(args) if "--config" in args else ("--anonymous", *args)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "AiServiceProcess":

@@ -13,7 +13,9 @@ Site configuration (`ctx.site`):
   gateway_url       DICOMweb base URL of the provider's OMI gateway (QIDO/WADO/STOW)
   ai_service_url    base URL of an Open Inference Protocol v2 server
   ai_model          model name on that server (default "lung-seg")
-  ai_services       optional {ai-service-identifier: {"url": …, "model": …}} overriding the two above
+  ai_services       optional {ai-service-identifier: {"url": …, "model": …}} overriding the two above;
+                    for a service behind TLS or authentication also ca_file, client_cert, client_key,
+                    client_key_password_file (mutual TLS) and token_file (a bearer token, read per step)
   ai_timeout_s      seconds to wait for one inference (default 600)
 
 Failures the requester must fix (wrong modality, gaps between slices, too many slices, an
@@ -25,7 +27,9 @@ retry after a crash stores the same objects again rather than new ones.
 from __future__ import annotations
 
 import logging
+import ssl
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,16 +50,34 @@ for _noisy in ("highdicom", "dicomweb_client"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
-def _service(inputs: Answers, site: Any) -> tuple[str, str]:
+def _service(inputs: Answers, site: Any) -> tuple[str, str, dict]:
+    """URL, model and connection settings (OipClient's verify and token) of the requested service."""
     identifier = str(inputs.get("ai-service-identifier", "") or "")
     services = site.get("ai_services") or {}
     if identifier and identifier in services:
         entry = services[identifier]
-        return str(entry["url"]), str(entry.get("model", DEFAULT_MODEL))
+        return str(entry["url"]), str(entry.get("model", DEFAULT_MODEL)), _connection(entry, identifier)
     if not site.get("ai_service_url"):
         known = ", ".join(services) or "none configured"
         raise StepError(f"AI service '{identifier}' is not offered at this site (services: {known})")
-    return str(site["ai_service_url"]), str(site.get("ai_model", DEFAULT_MODEL))
+    return str(site["ai_service_url"]), str(site.get("ai_model", DEFAULT_MODEL)), {}
+
+
+def _connection(entry: dict, identifier: str) -> dict:
+    key = f"ai_services.{identifier}"
+    out: dict[str, Any] = {}
+    try:
+        if entry.get("ca_file") or entry.get("client_cert"):
+            password = None
+            if entry.get("client_key_password_file"):
+                password = Path(entry["client_key_password_file"]).read_text().strip()
+            out["verify"] = oip.tls_context(entry.get("ca_file"), entry.get("client_cert"),
+                                            entry.get("client_key"), password)
+        if entry.get("token_file"):
+            out["token"] = Path(entry["token_file"]).read_text().strip()
+    except (OSError, ssl.SSLError) as exc:
+        raise StepError(f"{key}: cannot load its TLS files or token: {exc}") from None
+    return out
 
 
 def _gateway_url(inputs: Answers, site: Any, study_uid: str) -> str:
@@ -113,11 +135,11 @@ def _infer(inputs: Answers, ctx: StepContext, session: requests.Session) -> tupl
     study_uid = str(inputs.get("pseudonymized-study-instance-uid") or inputs.get("study-instance-uid") or "")
     if not study_uid:
         raise StepError("input pseudonymized-study-instance-uid is missing")
-    service_url, model = _service(inputs, ctx.site)
+    service_url, model, connection = _service(inputs, ctx.site)
     gateway = _gateway_url(inputs, ctx.site, study_uid)
     timeout = float(ctx.site.get("ai_timeout_s", 600))
 
-    with oip.OipClient(service_url, timeout=timeout) as ai:
+    with oip.OipClient(service_url, timeout=timeout, **connection) as ai:
         try:
             with t.phase("oip_metadata"):
                 meta = ai.model_metadata(model)

@@ -19,6 +19,8 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -32,10 +34,11 @@ from omi_dsf.registry.errors import FhirError, invalid, operation_outcome
 from omi_dsf.registry.health import HealthChecker
 from omi_dsf.registry.registrations import Registry
 from omi_dsf.registry.store import Store
+from omi_dsf.serving.limits import LimitsMiddleware, limit_error_handler
 
 log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
-MAX_BODY = 1 << 20
+OPEN_PATHS = {"/health"}
 
 
 class FhirResponse(JSONResponse):
@@ -63,6 +66,27 @@ def capability_statement(base_url: str) -> dict:
             "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": resources}]}
 
 
+def limit_answer(status: int, message: str) -> Response:
+    """A limit's answer (413, 414, 408, 503, …): an OperationOutcome, the registry's error format."""
+    code = {408: "timeout", 413: "too-costly", 414: "too-costly", 503: "transient"}.get(status, "invalid")
+    return FhirResponse(operation_outcome(message, code), status_code=status)
+
+
+def heartbeat_note(params: object) -> str | None:
+    """The `note` of a $heartbeat's Parameters, or a 400 naming what is wrong with them."""
+    if not isinstance(params, dict) or params.get("resourceType") != "Parameters":
+        raise invalid("$heartbeat takes an optional Parameters resource (parameter 'note')")
+    items = params.get("parameter", [])
+    if not isinstance(items, list) or not all(isinstance(p, dict) for p in items):
+        raise invalid("Parameters.parameter must be a list of objects", "Parameters.parameter")
+    for i, p in enumerate(items):
+        if p.get("name") == "note":
+            if not isinstance(p.get("valueString"), str):
+                raise invalid("the 'note' parameter needs a valueString", f"Parameters.parameter[{i}]")
+            return p["valueString"]
+    return None
+
+
 def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool = True) -> Starlette:
     store = store or Store(cfg.database)
     registry = Registry(store, cfg.health)
@@ -78,11 +102,11 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
         if ctype not in (FHIR_JSON, "application/json"):
             raise FhirError(415, "not-supported", f"Content-Type {ctype or '(none)'!r} is not supported; "
                             f"send {FHIR_JSON}")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise FhirError(413, "too-costly", f"request body larger than {MAX_BODY} bytes")
+        raw = await request.body()   # at most limits.max_body_mb (the limits middleware)
         try:
             return json.loads(raw)
+        except RecursionError:
+            raise invalid("request body is nested too deeply") from None
         except ValueError as exc:
             raise invalid(f"request body is not JSON: {exc}") from None
 
@@ -136,14 +160,13 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
         org = organization(request)
         note = None
         if await request.body():
-            params = await body_json(request)
-            if not isinstance(params, dict) or params.get("resourceType") != "Parameters":
-                raise invalid("$heartbeat takes an optional Parameters resource (parameter 'note')")
-            note = next((p.get("valueString") for p in params.get("parameter", []) if p.get("name") == "note"), None)
+            note = heartbeat_note(await body_json(request))
         at = await run_in_threadpool(registry.heartbeat, request.path_params["rid"], org, note)
         return FhirResponse({"resourceType": "Parameters", "parameter": [{"name": "received", "valueDateTime": at}]})
 
     async def status_page(request: Request) -> Response:
+        if not cfg.auth.public_read:
+            organization(request)
         def gather():
             services = store.all("HealthcareService")
             devices, checks = {}, {}
@@ -171,7 +194,7 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
                     await asyncio.wait_for(task, timeout=cfg.health.timeout * 3)
 
     routes = [
-        Route("/", status_page, methods=["GET"]),
+        Route("/", guarded(status_page), methods=["GET"]),
         Route("/health", alive, methods=["GET"]),
         Route("/fhir/metadata", guarded(metadata), methods=["GET"]),
         Route("/fhir", guarded(transaction), methods=["POST"]),
@@ -184,9 +207,11 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
         if not request.url.path.startswith("/fhir"):
             return Response(exc.detail, status_code=exc.status_code)
         code = "not-supported" if exc.status_code == 405 else "not-found"
-        return FhirResponse(operation_outcome(f"{request.method} {request.url.path}: {exc.detail}", code),
+        return FhirResponse(operation_outcome(f"{request.method} {request.url.path[:200]}: {exc.detail}", code),
                             status_code=exc.status_code)
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: http_error, 405: http_error})
+    middleware = [Middleware(LimitsMiddleware, limits=cfg.limits, exempt=OPEN_PATHS.__contains__, respond=limit_answer)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
+                    exception_handlers={404: http_error, 405: http_error, HTTPException: limit_error_handler(limit_answer)})
     app.state.registry, app.state.checker, app.state.store = registry, checker, store
     return app

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from typing import Literal
 
 import jwt
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
+from pydantic import Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from omi_dsf.dicomweb.auth import TokenChecker
-from omi_dsf.dicomweb.config import JwtIssuer
 from omi_dsf.registry.errors import forbidden, unauthenticated
+from omi_dsf.serving.auth import TokenChecker, bearer_token
+from omi_dsf.serving.config import JwtIssuer, Name, Section
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,14 @@ class PeerCertH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
-@dataclass
 class JwtProvider(JwtIssuer):
-    organization_claim: str = "organization"
+    organization_claim: Name = "organization"
 
 
-@dataclass
-class AuthSettings:
-    organizations: dict[str, str] = field(default_factory=dict)   # thumbprint or CN -> organization
-    cert_attribute: str | None = "organizationIdentifier"
-    jwt: list[JwtProvider] = field(default_factory=list)
+class AuthSettings(Section):
+    organizations: dict[str, str] = Field(default_factory=dict)   # thumbprint or CN -> organization
+    cert_attribute: Literal["organizationIdentifier", "O", "CN", "OU"] | None = "organizationIdentifier"
+    jwt: list[JwtProvider] = Field(default_factory=list)
     public_read: bool = True
 
 
@@ -89,13 +88,14 @@ class Authenticator:
     def organization(self, scope: dict, authorization: str | None) -> str:
         """The caller's organization, or a 401/403 FhirError."""
         if authorization:
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise unauthenticated("Authorization: only Bearer tokens are accepted")
+            try:
+                token = bearer_token(authorization)
+            except jwt.InvalidTokenError as exc:
+                raise unauthenticated(str(exc)) from None
             if self.checker is None:
                 raise unauthenticated("bearer tokens are not configured on this registry")
             try:
-                claims = self.checker.check(token.strip())
+                claims = self.checker.check(token)
             except jwt.InvalidTokenError as exc:
                 log.info("bearer token refused: %s", type(exc).__name__)
                 raise unauthenticated(f"bearer token refused: {exc}") from None

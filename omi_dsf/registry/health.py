@@ -17,25 +17,40 @@ import logging
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
+from pydantic import Field, model_validator
 
-from omi_dsf.inference.client import OipClient, OipError
+from omi_dsf.inference.client import OipClient, OipError, tls_context
 from omi_dsf.registry import validation as v
 from omi_dsf.registry.store import ServiceState, Store
+from omi_dsf.serving.config import ExistingFile, Section
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class HealthSettings:
-    interval: float = 30.0            # seconds between check rounds
-    timeout: float = 5.0              # per HTTP request
-    degraded_latency_ms: float = 1000.0
-    heartbeat_timeout: float = 300.0  # a provider that sends heartbeats must send one this often
-    ca_file: str | None = None        # CA for https service endpoints (default: system CAs)
-    parallel: int = 8                 # checks at a time
+class HealthSettings(Section):
+    interval: float = Field(30.0, ge=0)            # seconds between check rounds (0: no checks)
+    timeout: float = Field(5.0, gt=0)              # per HTTP request
+    degraded_latency_ms: float = Field(1000.0, gt=0)
+    heartbeat_timeout: float = Field(300.0, gt=0)  # a provider that sends heartbeats must send one this often
+    ca_file: ExistingFile | None = None            # CA for https service endpoints (default: system CAs)
+    client_cert: ExistingFile | None = None        # for services that require mutual TLS
+    client_key: ExistingFile | None = None
+    client_key_password_file: ExistingFile | None = None
+    parallel: int = Field(8, ge=1, le=64)          # checks at a time
+
+    @model_validator(mode="after")
+    def _key_for_cert(self) -> "HealthSettings":
+        if self.client_cert and not self.client_key:
+            raise ValueError("client_cert needs client_key")
+        return self
+
+    def tls_context(self) -> ssl.SSLContext:
+        password = self.client_key_password_file.read_text().strip() if self.client_key_password_file else None
+        return tls_context(str(self.ca_file) if self.ca_file else None,
+                           str(self.client_cert) if self.client_cert else None,
+                           str(self.client_key) if self.client_key else None, password)
 
 
 def assess(server_ready: bool, model_ready: bool, latency_ms: float, limit_ms: float) -> tuple[str, str]:
@@ -66,7 +81,7 @@ class HealthChecker:
     def __init__(self, store: Store, settings: HealthSettings):
         self.store, self.settings = store, settings
         # one context for all checks: building one per client costs more than a check on a LAN
-        self._verify = ssl.create_default_context(cafile=settings.ca_file)
+        self._verify = settings.tls_context()
         self._pool: ThreadPoolExecutor | None = None
 
     def _targets(self, service: dict) -> tuple[str | None, str | None]:

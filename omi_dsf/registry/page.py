@@ -1,7 +1,12 @@
-"""The registry's status page: one HTML document, no scripts, refreshed by the browser."""
+"""The registry's status page: one HTML document, no scripts, refreshed by the browser.
+
+It shows what a check found, not where: no endpoint addresses, and a failed check's detail only up to
+its kind (``unreachable: ConnectError``), since the exception text names internal hosts and URLs.
+"""
 
 from __future__ import annotations
 
+import re
 from html import escape
 
 from omi_dsf.registry import validation as v
@@ -18,6 +23,17 @@ th{background:#eef1f4}
 .checks span{display:inline-block;width:.8rem;height:.8rem;margin-right:2px;border-radius:2px}
 .detail{color:#555;font-size:.8rem}
 """
+
+
+_ADDRESS = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S*|\b\d{1,3}(\.\d{1,3}){3}(:\d+)?\b|\[[0-9a-fA-F:]+\](:\d+)?")
+
+
+def public_detail(detail: str | None) -> str:
+    """A check's detail fit for the public page: the kind of failure, no addresses."""
+    text = detail or ""
+    if text.startswith("unreachable:"):
+        text = ":".join(text.split(":")[:2])
+    return _ADDRESS.sub("(address)", text)
 
 
 def render(services: list[dict], states: dict[str, ServiceState], devices: dict[str, dict],
@@ -39,7 +55,7 @@ def render(services: list[dict], states: dict[str, ServiceState], devices: dict[
             f'<span class="detail">{escape(s["id"])}</span></td>'
             f"<td>{escape(provider)}</td><td>{escape(stype)}</td><td>{escape(modality)}</td><td>{escape(site)}</td>"
             f'<td><span class="st {escape(st.status)}">{escape(st.status)}</span>'
-            f'<br><span class="detail">{escape(st.detail or "")}</span></td>'
+            f'<br><span class="detail">{escape(public_detail(st.detail))}</span></td>'
             f"<td>{escape(st.checked_at or '–')}</td><td>{latency}</td><td>{escape(st.heartbeat_at or '–')}</td>"
             f'<td class="checks">{recent}</td></tr>')
     body = "\n".join(rows) or '<tr><td colspan="10">no services registered</td></tr>'

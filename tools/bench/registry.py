@@ -62,7 +62,7 @@ def main() -> int:
            "auth": {"jwt": [{"issuer": ISSUER, "key_file": "idp.pem"}]},
            "health": {"interval": 0, "timeout": 5}}
     (work / "registry.yaml").write_text(yaml.safe_dump(cfg))
-    procs = [subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--port", str(ai_port)], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--anonymous", "--port", str(ai_port)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([sys.executable, "-m", "omi_dsf", "registry", "--config", str(work / "registry.yaml")],
                               cwd=ROOT, stdout=(work / "registry.log").open("wb"), stderr=subprocess.STDOUT)]
