@@ -70,7 +70,7 @@ def test_missing_patient_id():
     del ds.PatientID
     store = SiteStore()
     sp = StudyPseudonymizer(key=KEY, domain="omi", provider=EmbeddedProvider(KEY, store), store=store)
-    with pytest.raises(DeidError, match=r"x\.dcm: missing PatientID \(0010,0020\)"):
+    with pytest.raises(DeidError, match=r"^x\.dcm \(SOPInstanceUID 2\.25\.\d+\): missing PatientID \(0010,0020\) \(rule: "):
         sp.process_one(ds, "x.dcm")
 
 
@@ -78,7 +78,7 @@ def test_two_patients_in_one_study_refused():
     store = SiteStore()
     sp = StudyPseudonymizer(key=KEY, domain="omi", provider=EmbeddedProvider(KEY, store), store=store)
     sp.process_one(synthetic.ct_instance(), "a")
-    with pytest.raises(DeidError, match="more than one patient"):
+    with pytest.raises(DeidError, match=r"PatientID \(0010,0020\) differs from the study's first instance \(rule: one patient per study\)"):
         sp.process_one(synthetic.ct_instance(patient={"id": "SOMEONE-ELSE"}), "b")
 
 

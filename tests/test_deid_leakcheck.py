@@ -8,8 +8,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from omi_dsf.deid import synthetic
-from omi_dsf.deid.leakcheck import LeakError, check_outgoing, find_leaks
-from omi_dsf.deid.pipeline import StudyPseudonymizer, encode_part10
+from omi_dsf.deid.encode import encode_part10 as encode
+from omi_dsf.deid.leakcheck import PIXEL_TAGS, LeakError, check_outgoing, find_leaks
+from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.store import SiteStore
 
@@ -46,12 +47,12 @@ def test_clean_object_passes(clean):
 def test_planted_values_are_found(clean, plant, where, encoded):
     out, identity = clean
     plant(out)
-    header = None
+    data = skip = None
     if encoded:  # the send path: one search over the encoded bytes, then the element walk
-        data, end = encode_part10(out)
-        header = data[:end]
+        data, start, end = encode(out, PIXEL_TAGS)
+        skip = (start, end)
     with pytest.raises(LeakError) as err:
-        check_outgoing(out, identity, encoded_header=header)
+        check_outgoing(out, identity, data, skip)
     assert where in str(err.value)
     for secret in (P["name"], P["id"], P["birth_date"], "Annegret", P["accession"]):
         assert secret not in str(err.value)  # the message names the tag, never the value
@@ -159,9 +160,9 @@ def test_bytes_first_search_sees_uids_glued_to_tag_bytes(clean):
     assert not identity.may_occur_in("\x00" + "1.2.840.10008.5.1.4.1.1.2" + "\x00")
     out.add_new(0x00321033, "LO", "x")  # group 0x0032: its low byte is the digit "2"
     out.ReferencedSOPInstanceUID = original
-    data, end = encode_part10(out)
+    data, start, end = encode(out, PIXEL_TAGS)
     with pytest.raises(LeakError, match="ReferencedSOPInstanceUID"):
-        check_outgoing(out, identity, encoded_header=data[:end])
+        check_outgoing(out, identity, data, (start, end))
 
 
 def test_other_patient_ids_count_as_identity():

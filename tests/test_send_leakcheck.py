@@ -62,7 +62,7 @@ def test_value_after_the_pixel_data_is_found(outbox):
         block = ds.private_block(0x7FE1, "OMI TEST", create=True)   # written after (7FE0,0010)
         block.add_new(0x10, "LO", name)
     _edit(files[2], plant)
-    with pytest.raises(StepError, match=r"instance 3: identifying value in private \(7FE1,1010\)") as err:
+    with pytest.raises(StepError, match=r"instance 3 \(SOPInstanceUID 2\.25\.\d+\): identifying value in private \(7FE1,1010\): PatientName \(rule: ") as err:
         _collect(cfg, pseudo_uid)
     assert name not in str(err.value)
 
@@ -77,14 +77,14 @@ def test_original_uid_of_a_later_instance_is_found_in_an_earlier_one(outbox):
         ref.ReferencedSOPInstanceUID = sorted(later)[-1]     # an original UID, from any instance
         ds.ReferencedImageSequence = Sequence([ref])
     _edit(files[0], plant)
-    with pytest.raises(StepError, match=r"instance 1: identifying value in ReferencedImageSequence"):
+    with pytest.raises(StepError, match=r"instance 1 \(SOPInstanceUID 2\.25\.\d+\): identifying value in ReferencedImageSequence \(0008,1140\)\[0\]\.ReferencedSOPInstanceUID \(0008,1155\): original UID"):
         _collect(cfg, pseudo_uid)
 
 
 def test_other_patient_id_and_missing_flags_stop_the_send(outbox):
     cfg, pseudo_uid, files, _ = outbox
     _edit(files[3], lambda ds: setattr(ds, "PatientIdentityRemoved", "NO"))
-    with pytest.raises(StepError, match=r"instance 4: PatientIdentityRemoved \(0012,0062\) is not YES"):
+    with pytest.raises(StepError, match=r"instance 4 \(SOPInstanceUID 2\.25\.\d+\): PatientIdentityRemoved \(0012,0062\) is not YES"):
         _collect(cfg, pseudo_uid)
     _edit(files[3], lambda ds: setattr(ds, "PatientIdentityRemoved", "YES"))
     _edit(files[1], lambda ds: setattr(ds, "PatientID", "PSN-SOMEONEELSE"))

@@ -12,7 +12,6 @@ import datetime as dt
 from functools import lru_cache
 from importlib import resources
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -21,7 +20,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from . import profile
+from . import profile, un
 from .identity import Identity
 from .keys import derive
 
@@ -45,13 +44,6 @@ _SHIFT_MIN_DAYS, _SHIFT_SPAN_DAYS = 365, 9 * 365
 
 
 _ENCRYPTED_ATTRIBUTES = 0x04000500
-
-
-def _dictionary_vr(tag: int) -> str | None:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return None
 
 
 def _safe_private() -> set[tuple[int, str, int]]:
@@ -206,12 +198,17 @@ class Deidentifier:
                     # be checked by the leak check
                     del ds[tag]
                     continue
-                vr = ds.get_item(tag).VR
-                if vr is None:  # implicit VR: ask the dictionary instead of decoding the value
-                    vr = _dictionary_vr(tag)
+                vr = un.declared_vr(ds, tag)  # implicit VR: the dictionary's, without decoding
+                if vr == "UN":
+                    vr = un.resolve(ds, tag)     # a sequence stored as UN is put in place
+                    if vr == un.OPAQUE:
+                        del ds[tag]   # a value nobody can interpret and no rule keeps: it may identify
+                        continue
                 if vr == "SQ":
                     self._walk_items(ds[tag])
                 continue
+            if ds.get_item(tag).VR in (None, "UN"):
+                un.value_vr(ds, tag)  # stored as UN: a sequence is parsed now, not as pydicom would
             self._apply(ds, tag, action)
         if private:
             self._private(ds, private)
@@ -388,7 +385,7 @@ class Deidentifier:
             name = str(creator.value).strip().upper() if creator is not None else ""
             if (group, name, elem_no & 0xFF) in SAFE_PRIVATE:
                 keep_blocks.add(creator_tag)
-                if ds[tag].VR == "SQ":
+                if un.value_vr(ds, tag) == "SQ":   # kept by the rule: a UN value stays as it is
                     self._walk_items(ds[tag])
             else:
                 del ds[tag]

@@ -24,8 +24,8 @@ _SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _UNDEFINED = 0xFFFFFFFF
 
 
-def _pydicom_bytes(ds: Dataset, pixel_tags) -> tuple[bytes, int]:
-    """pydicom writes everything; the pixel data go last so that we know where they start."""
+def _pydicom_bytes(ds: Dataset, pixel_tags) -> tuple[bytes, int, int]:
+    """pydicom writes everything; the pixel data go last so that we know where they are."""
     pixels = [ds.get_item(t) for t in sorted(pixel_tags) if t in ds]
     for elem in pixels:
         del ds[elem.tag]
@@ -43,7 +43,8 @@ def _pydicom_bytes(ds: Dataset, pixel_tags) -> tuple[bytes, int]:
                     elem = correct_ambiguous_vr_element(elem, ds, buf.is_little_endian)
                     del ds[elem.tag]
                 write_data_element(buf, elem)
-        return buf.getvalue(), header_end
+        data = buf.getvalue()
+        return data, header_end, len(data)
     finally:
         for elem in pixels:
             ds[elem.tag] = elem
@@ -59,8 +60,8 @@ def _encoding(ds: Dataset) -> tuple[bool, bool] | None:
     return ts.is_implicit_VR, ts.is_little_endian
 
 
-def encode_part10(ds: Dataset, pixel_tags) -> tuple[bytes, int]:
-    """(Part 10 bytes, offset of the first pixel data element): the leak check reads before it."""
+def encode_part10(ds: Dataset, pixel_tags) -> tuple[bytes, int, int]:
+    """(Part 10 bytes, start, end of the pixel data elements): the leak check skips that range."""
     enc = _encoding(ds)
     implicit = enc[0] if enc else None
     same_charset = getattr(ds, "original_character_set", None) == getattr(ds, "_character_set", None)
@@ -73,13 +74,15 @@ def encode_part10(ds: Dataset, pixel_tags) -> tuple[bytes, int]:
     write_file_meta_info(fp, copy.deepcopy(ds.file_meta), enforce_standard=True)
     fp.is_implicit_VR, fp.is_little_endian = implicit, True
     charset = ds.get("SpecificCharacterSet", "iso8859") if 0x00080005 in ds else "iso8859"
-    header_end = None
+    header_end = pixels_end = None
     write = fp.write
     for tag in sorted(ds.keys()):
         if tag.element == 0 and tag.group > 6:
             continue  # retired group lengths are not written (PS3.5 7.2), as pydicom does
-        if header_end is None and tag in pixel_tags:
-            header_end = fp.tell()
+        if tag in pixel_tags:
+            header_end = fp.tell() if header_end is None else header_end
+        elif header_end is not None and pixels_end is None:
+            pixels_end = fp.tell()
         elem = ds.get_item(tag)
         head = _raw_header(elem, implicit) if isinstance(elem, RawDataElement) else None
         if head is None:
@@ -93,7 +96,9 @@ def encode_part10(ds: Dataset, pixel_tags) -> tuple[bytes, int]:
         if elem.length == _UNDEFINED:
             write(_SEQ_DELIMITER)
     data = fp.getvalue()
-    return data, len(data) if header_end is None else header_end
+    if header_end is None:
+        return data, len(data), len(data)
+    return data, header_end, len(data) if pixels_end is None else pixels_end
 
 
 def _raw_header(elem: RawDataElement, implicit: bool) -> bytes | None:

@@ -13,6 +13,7 @@ from typing import Iterator
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
+from . import un
 from .pseudonyms.base import PseudonymProvider, UnknownPseudonymError
 from .store import SiteStore
 
@@ -87,11 +88,14 @@ class Reidentifier:
 def uid_elements(ds: Dataset) -> Iterator[DataElement]:
     """Every UID element with a value, in `ds` and all its sequence items, converted in place.
 
-    Walks the raw elements: converting every value (a SEG has thousands of per-frame numbers)
+    Elements stored as UN are read as sequences where they are ones (`un.resolve`). Walks the
+    raw elements: converting every value (a SEG has thousands of per-frame numbers)
     costs more than the walk; only sequences and UIDs need converting, and only sequences that
     can hold a UID (`_may_hold_uid`): what stays raw is later encoded by copying its bytes."""
-    for raw in ds.elements():
-        vr = raw.VR or ds[raw.tag].VR     # implicit VR: known once converted
+    for raw in list(ds.elements()):
+        vr = raw.VR
+        if vr is None or vr == "UN":      # implicit VR, or UN: a sequence stored as UN is parsed
+            vr = un.value_vr(ds, raw.tag)
         if vr == "SQ":
             if not _may_hold_uid(raw):
                 continue

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from omi_dsf.deid import instance_io
 from omi_dsf.deid.identity import Identity
-from omi_dsf.deid.leakcheck import LeakError, bytes_may_leak, check_flags, check_outgoing, codec_of, text_of
+from omi_dsf.deid.leakcheck import LeakError, bytes_may_leak, check_flags, codec_of, encoded_hits, text_of
 from omi_dsf.deid.reidentify import uid_elements
 from omi_dsf.deid.store import SiteStore
 from omi_dsf.worker.api import StepError
@@ -62,15 +62,20 @@ def _read(data: bytes) -> Dataset:
         raise StepError(f"a de-identified instance is unreadable ({type(exc).__name__})") from None
 
 
-def _searchable_bytes(ds: Dataset, data: bytes) -> bytes | None:
-    """The encoded bytes without the pixel samples (the leak check's fast path), or None."""
+def _pixel_range(ds: Dataset) -> tuple[int, int] | None:
+    """Where the pixel samples are in the file (the leak check skips them), or None."""
     if 0x7FE00010 not in ds:
         return None
     pixels = ds.get_item(0x7FE00010)
     tell = getattr(pixels, "value_tell", None)
     if not tell or not isinstance(pixels.value, (bytes, bytearray)):
         return None
-    return data[:tell] + data[tell + len(pixels.value):]   # elements after the pixels count too
+    return tell, tell + len(pixels.value)
+
+
+def _searchable_bytes(data: bytes, skip: tuple[int, int] | None) -> bytes:
+    """The encoded bytes without the pixel samples (the leak check's fast path)."""
+    return data if skip is None else data[:skip[0]] + data[skip[1]:]  # elements after the pixels count too
 
 
 def _spool_from_dicomweb(sink: Mapping[str, Any], params: Mapping[str, Any], study: OutgoingStudy) -> None:
@@ -115,8 +120,10 @@ class _Checked:
     """What pass 2 needs of an instance read in pass 1; the dataset itself is not kept."""
     path: Path
     number: int
-    searchable: bytes | None     # the file without its pixel samples
+    skip: tuple[int, int] | None  # where the pixel samples are
+    searchable: bytes            # the file without its pixel samples
     codec: str | None            # how to decode `searchable`; None: walk the elements
+    sop_uid: str
 
 
 def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_study_uid: str,
@@ -141,13 +148,15 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
         try:
             check_flags(ds)
         except LeakError as exc:
-            raise StepError(f"leak check stopped the send: instance {n}: {exc}") from None
+            exc.locate(f"instance {n}", text_of(ds, 0x00080018))
+            raise StepError(f"leak check stopped the send: {exc}") from None
         for uid in set(_uid_values(ds)) - seen:   # study and series UIDs repeat in every instance
             seen.add(uid)
             original = store.original_uid(domain, uid)
             if original:
                 originals.add(original)
-        mine.append(_Checked(path, n, _searchable_bytes(ds, data), codec_of(ds)))
+        skip = _pixel_range(ds)
+        mine.append(_Checked(path, n, skip, _searchable_bytes(data, skip), codec_of(ds), text_of(ds, 0x00080018)))
         study.sop_uids.append(text_of(ds, 0x00080018))
         study.bytes += len(data)
     if not mine:
@@ -160,11 +169,12 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
     identity.add_uids(originals)
     # Pass 2: the leak check on every object as it will be sent, before anything is sent. The
     # bytes search is a superset of the element-wise one; only where it finds something (or
-    # cannot decide) is the file read again and walked, to confirm and name the attribute.
+    # cannot decide) is the file read again and walked, to confirm and name the attribute; a
+    # find that no element explains refuses the instance too (leakcheck.encoded_hits).
     for item in mine:
-        if item.searchable is None or bytes_may_leak(item.searchable, item.codec, identity):
-            try:
-                check_outgoing(_read(item.path.read_bytes()), identity)
-            except LeakError as exc:  # names the attribute by tag, never the value
-                raise StepError(f"leak check stopped the send: instance {item.number}: {exc}") from None
+        if bytes_may_leak(item.searchable, item.codec, identity):
+            hits = encoded_hits(item.path.read_bytes(), identity, item.codec, item.skip)
+            if hits:  # names attribute, rule and kind, never the value
+                exc = LeakError(hits=hits).locate(f"instance {item.number}", item.sop_uid)
+                raise StepError(f"leak check stopped the send: {exc}")
         study.files.append(item.path)

@@ -1,0 +1,30 @@
+"""Why one instance may not leave the site, said so that a reader can act on the line alone.
+
+Every refusal names the file (its path, or "instance N" where paths may carry patient names),
+the instance (its pseudonymized SOPInstanceUID once known: never an original UID), the
+attribute (keyword and tag), the rule, and for a leak-check hit the kind of identifying value
+that matched (never the value).
+"""
+
+from __future__ import annotations
+
+
+class Refused(Exception):
+    """One instance is refused. `reason` names attribute, rule (and kind); `locate` adds where."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.file = ""
+        self.instance = ""
+
+    def locate(self, file: str, instance: str = "") -> "Refused":
+        self.file = self.file or file
+        self.instance = self.instance or instance
+        return self
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.instance:
+            where += f" (SOPInstanceUID {self.instance})" if where else f"SOPInstanceUID {self.instance}"
+        return f"{where}: {self.reason}" if where else self.reason
