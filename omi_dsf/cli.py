@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 # (module, commands it registers) -- the command names let `--help` stay cheap.
@@ -31,8 +32,31 @@ class UserError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
 
 
+# C0 and C1 control characters (terminal escapes start with ESC or CSI) and the bidirectional
+# overrides that reorder what a terminal shows; newline and tab are layout, kept where text is multi-line
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, lines: bool = True) -> str:
+    """`text` (e.g. from a server) safe to print on a terminal: control characters and terminal escapes
+    as visible escapes (ESC as \\x1b); with `lines` False also newlines and tabs (one line)."""
+    out = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return out if lines else out.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def _error_line(text: str) -> str:
+    return "error: " + printable(text, lines=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2 (the usage itself is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{_error_line(message)} (see {self.prog} --help)\n")
+
+
 def _parser(wanted: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m omi_dsf", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m omi_dsf", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module, commands in PARTS:
@@ -66,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_error_line(str(exc)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:   # a case no part foresaw: still one line, the traceback only with -v
+        if args.verbose:
+            logging.getLogger(__name__).exception("%s failed", args.command)
+        detail = str(exc).strip() or "no detail"
+        print(_error_line(f"{type(exc).__name__}: {detail}") + ("" if args.verbose else " (-v for details)"),
+              file=sys.stderr)
+        return 2
 
 
 def omi_main() -> int:

@@ -212,10 +212,10 @@ def test_unreachable_dsf_is_one_line(tmp_path, capsys):
 
 def test_submit_with_an_empty_input_is_one_line(tmp_path, capsys):
     site = _client_site(tmp_path, "https://127.0.0.1:1/fhir")
-    assert main(["submit", "--study", "", "--patient", "P", "--service", "s", "--provider", "ai.omi.test",
+    assert main(["submit", "--study", "1.2.3", "--patient", "", "--service", "s", "--provider", "ai.omi.test",
                  "--site", str(site)]) == 2
     assert capsys.readouterr().err == ("error: submit: startOmiInference: missing required input(s) "
-                                       "['study-instance-uid']\n")
+                                       "['patient-identifier']\n")
 
 
 def test_stored_result_series_from_the_gateway(tmp_path):

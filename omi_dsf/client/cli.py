@@ -3,6 +3,10 @@
 `services` asks the service registry; the others talk to the site's own DSF FHIR server with the
 site's certificate (the site YAML of the workers). Human-readable output by default, `--json` for
 scripts; every error is one line on stderr (exit code 2).
+
+What it sends is checked first: URLs (http or https with a host; plain http only to the registry,
+which gets no patient data, unless the site file says `insecure: true`), UIDs (PS3.5 9.1), numbers.
+What servers answer is printed with control characters and terminal escapes made visible.
 """
 
 from __future__ import annotations
@@ -12,6 +16,26 @@ import json
 import os
 import sys
 import time
+
+
+def _positive(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not n > 0 or n == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {value!r}")
+    return n
+
+
+def _not_negative(value: str) -> float:
+    return 0.0 if value.strip() in ("0", "0.0") else _positive(value)
+
+
+def _count(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 1000, got {value!r}")
+    return int(value)
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--provider", help="provider organization; default: the registry entry's provider")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
     _registry_args(p)
-    p.add_argument("--wait", type=float, default=60, help="seconds to wait for the business key (default 60)")
+    p.add_argument("--wait", type=_not_negative, default=60, help="seconds to wait for the business key (default 60)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_submit)
 
@@ -47,9 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("business_key", nargs="?", help="one request (default: the newest requests)")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
     p.add_argument("--watch", action="store_true", help="follow live until the request completes or fails")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
-    p.add_argument("--timeout", type=float, help="stop watching after this many seconds (exit code 3)")
-    p.add_argument("--limit", type=int, default=20, help="how many requests to list")
+    p.add_argument("--interval", type=_positive, default=2.0, help="seconds between refreshes with --watch")
+    p.add_argument("--timeout", type=_positive, help="stop watching after this many seconds (exit code 3)")
+    p.add_argument("--limit", type=_count, default=20, help="how many requests to list (1 to 1000)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_status)
 
@@ -64,6 +88,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _url(url: str, what: str, site=None, patient_data: bool = False) -> str:
+    """`url` if it is an http(s) URL with a host; plain http only where no patient data goes, or
+    where the site file says `insecure: true` (a test set-up)."""
+    import httpx
+
+    from omi_dsf.cli import UserError
+
+    try:
+        parsed = httpx.URL(str(url))
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise UserError(f"{what} {str(url)[:200]!r} is not a valid URL ({exc})") from None
+    if parsed.scheme not in ("http", "https"):
+        raise UserError(f"{what} {str(url)[:200]!r}: unsupported URL scheme {parsed.scheme!r} (http or https)")
+    if not parsed.host or parsed.port is not None and not 0 < parsed.port < 65536:
+        raise UserError(f"{what} {str(url)[:200]!r} has no valid host and port")
+    if patient_data and parsed.scheme == "http" and not (site is not None and site.raw.get("insecure") is True):
+        where = f"set insecure: true in {site.path}" if site is not None else "use https://"
+        raise UserError(f"{what} {url} is plain http://: patient identifiers would travel in clear text; "
+                        f"use https:// (or, for a test set-up only, {where})")
+    return str(url)
+
+
+def _tls(what: str, ca_file: str | None, cert=None, key=None, password=None):
+    """A verifying TLS context, or one line saying which file is wrong."""
+    import ssl
+
+    from omi_dsf.cli import UserError
+    from omi_dsf.tls import client_context
+
+    if ca_file and not os.path.exists(ca_file):
+        raise UserError(f"{what} CA file {ca_file} does not exist")
+    try:
+        ctx = client_context(ca_file)
+    except ssl.SSLError as exc:
+        raise UserError(f"{what} CA file {ca_file} holds no PEM certificate ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise UserError(f"{what} CA file {ca_file}: {exc.strerror}") from None
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key, password)
+        except (ssl.SSLError, OSError) as exc:
+            raise UserError(f"{what}: cannot load client certificate {cert}: {exc}") from None
+    return ctx
+
+
+def _uid(value: str, what: str) -> str:
+    """A DICOM UID (PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters), or one line."""
+    from omi_dsf.cli import UserError
+    from omi_dsf.dicomweb.query import is_uid
+
+    if not (value.isascii() and value.isprintable() and is_uid(value)):
+        raise UserError(f"{what} {value[:80]!r} is not a valid DICOM UID (digits and dots, no leading zeros "
+                        "in a component, at most 64 characters)")
+    return value
 
 
 def _site(path: str):
@@ -88,9 +168,8 @@ def _registry(args, site=None):
     ca = args.registry_ca or os.environ.get("OMI_REGISTRY_CA")
     if not ca and raw.get("registry_ca_file"):
         ca = str(site.path.parent / raw["registry_ca_file"])
-    if ca and not os.path.exists(ca):
-        raise UserError(f"registry CA file {ca} does not exist")
-    return RegistryClient(url, ca)
+    # the registry learns which services are searched for, nothing about patients: http is allowed
+    return RegistryClient(_url(url, "registry"), verify=_tls("registry", ca))
 
 
 def _dsf(site):
@@ -98,14 +177,24 @@ def _dsf(site):
     from omi_dsf.dsf.client import DsfClient
     from omi_dsf.dsf.errors import DsfError
 
+    identity = site.identity
+    _url(identity.fhir_url, f"{site.path}: fhir_url", site, patient_data=True)
     try:
-        return DsfClient(site.identity)
+        return DsfClient(identity)
     except (DsfError, OSError) as exc:
         raise UserError(f"{site.path}: {exc}") from None
 
 
 def _emit(args, data, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else text)
+    from omi_dsf.cli import printable
+
+    print(json.dumps(data, indent=2, default=str) if args.json else printable(text))
+
+
+def _warn(text: str) -> None:
+    from omi_dsf.cli import printable
+
+    print(f"warning: {printable(text, lines=False)}", file=sys.stderr)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -127,6 +216,7 @@ def _submit(args) -> int:
     from omi_dsf.cli import UserError
     from omi_dsf.client.requests import dsf_call, start
 
+    _uid(args.study, "--study")
     site, org = _site(args.site)
     provider = args.provider
     if not provider:
@@ -136,7 +226,7 @@ def _submit(args) -> int:
         if not provider:
             raise UserError(f"registry entry {args.service} names no provider organization; give --provider")
         if service.status == "down":
-            print(f"warning: {args.service} is down at the registry ({service.detail or 'no detail'})", file=sys.stderr)
+            _warn(f"{args.service} is down at the registry ({service.detail or 'no detail'})")
     inputs = {"study-instance-uid": args.study, "patient-identifier": args.patient,
               "ai-service-identifier": args.service, "provider-organization": provider}
     with _dsf(site) as client:
@@ -154,7 +244,7 @@ def _submit(args) -> int:
     data = {"business_key": key, "task": f"Task/{task['id']}", "status": task.get("status"),
             "service": args.service, "provider": provider, "error": error}
     if task.get("status") == "failed":   # started, and already failed (e.g. a fast denial)
-        print(f"warning: the request already failed: {error or 'no reason given'}", file=sys.stderr)
+        _warn(f"the request already failed: {error or 'no reason given'}")
     _emit(args, data, f"submitted: business key {key}\n  Task/{task['id']} {task.get('status')}; "
                       f"service {args.service} at {provider}\n  follow it: omi status {key} --site {args.site} --watch")
     return 0
@@ -195,6 +285,7 @@ def _progress_list(client, limit: int):
 
 
 def _status(args) -> int:
+    from omi_dsf.cli import printable
     from omi_dsf.client import render
     from omi_dsf.client.requests import dsf_call, find_task
 
@@ -215,8 +306,8 @@ def _status(args) -> int:
 
     def show(snap) -> str:
         if args.business_key:
-            return json.dumps(snap.as_dict(), default=str) if args.json else render.progress(snap)
-        return json.dumps([p.as_dict() for p in snap], default=str) if args.json else render.request_list(snap)
+            return json.dumps(snap.as_dict(), default=str) if args.json else printable(render.progress(snap))
+        return json.dumps([p.as_dict() for p in snap], default=str) if args.json else printable(render.request_list(snap))
 
     def finished(snap) -> bool:
         items = [snap] if args.business_key else snap
@@ -254,24 +345,16 @@ def _status(args) -> int:
 
 def _gateway_client(args, site):
     """An HTTP client for the site's gateway: TLS verified, the site's certificate for mutual TLS."""
-    import ssl
-
     import httpx
-
-    from omi_dsf.cli import UserError
 
     url = args.gateway or site.raw.get("gateway_url")
     if not url:
         return None, None
+    # QIDO-RS there names the study of a real patient
+    url = _url(url, "gateway", site, patient_data=True)
     ca = args.gateway_ca or (str(site.path.parent / site.raw["gateway_ca_file"]) if site.raw.get("gateway_ca_file") else None)
-    if ca and not os.path.exists(ca):
-        raise UserError(f"gateway CA file {ca} does not exist")
-    ctx = ssl.create_default_context(cafile=ca)
     ident = site.identity
-    try:
-        ctx.load_cert_chain(ident.cert_file, ident.key_file, ident.key_password)
-    except (ssl.SSLError, OSError) as exc:
-        raise UserError(f"{site.path}: cannot load client certificate {ident.cert_file}: {exc}") from None
+    ctx = _tls(f"{site.path}: gateway", ca, ident.cert_file, ident.key_file, ident.key_password)
     return url, httpx.Client(verify=ctx, timeout=30)
 
 
@@ -281,20 +364,24 @@ def _results(args) -> int:
     from omi_dsf.client.stored import stored_series
 
     site, _ = _site(args.site)
-    with _dsf(site) as client:
-        p = dsf_call("results", lambda: _progress_of(client, find_task(client, args.business_key)))
-    stored_uid = p.outputs.get("stored-study-instance-uid")
-    data = {"business_key": p.business_key, "task": f"Task/{p.task_id}", "status": p.task_status,
-            "result_study_instance_uid": p.outputs.get("result-study-instance-uid"),
-            "result_location": p.outputs.get("result-location"),
-            "stored_study_instance_uid": stored_uid, "error": p.error}
-    text = render.results(p)
-    url, http = _gateway_client(args, site)
-    if url and stored_uid:
-        with http:
+    url, http = _gateway_client(args, site)   # its settings are checked before anything is asked
+    try:
+        with _dsf(site) as client:
+            p = dsf_call("results", lambda: _progress_of(client, find_task(client, args.business_key)))
+        stored_uid = p.outputs.get("stored-study-instance-uid")
+        data = {"business_key": p.business_key, "task": f"Task/{p.task_id}", "status": p.task_status,
+                "result_study_instance_uid": p.outputs.get("result-study-instance-uid"),
+                "result_location": p.outputs.get("result-location"),
+                "stored_study_instance_uid": stored_uid, "error": p.error}
+        text = render.results(p)
+        if url and stored_uid:
+            _uid(str(stored_uid), "the request's stored-study-instance-uid")
             series = stored_series(http, url, str(stored_uid))
-        data["stored_series"] = series
-        data["stored_at"] = f"{url.rstrip('/')}/studies/{stored_uid}"
-        text += "\n" + render.stored(data["stored_at"], series)
+            data["stored_series"] = series
+            data["stored_at"] = f"{url.rstrip('/')}/studies/{stored_uid}"
+            text += "\n" + render.stored(data["stored_at"], series)
+    finally:
+        if http is not None:
+            http.close()
     _emit(args, data, text)
     return 0 if p.task_status != "failed" else 1

@@ -70,11 +70,12 @@ def services_from_bundle(bundle: dict) -> list[Service]:
 
 
 class RegistryClient:
-    def __init__(self, url: str, ca_file: str | None = None, timeout: float = 15.0, http: httpx.Client | None = None):
+    def __init__(self, url: str, verify: ssl.SSLContext | None = None, timeout: float = 15.0,
+                 http: httpx.Client | None = None):
+        """`verify`: the TLS context (omi_dsf.tls.client_context: a private CA); default the system CAs.
+        Verification is always on."""
         self.url = url.rstrip("/")
-        # verification always on: system CAs, or a private CA from a file
-        verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
-        self._http = http or httpx.Client(timeout=timeout, verify=verify)
+        self._http = http or httpx.Client(timeout=timeout, verify=verify or True)
 
     def close(self) -> None:
         self._http.close()
@@ -95,16 +96,28 @@ class RegistryClient:
             from omi_dsf.dsf.errors import operation_outcome_text
             try:
                 text = operation_outcome_text(r.json())
-            except ValueError:
+            except (ValueError, TypeError, AttributeError, KeyError):
                 text = r.text[:200]
             raise UserError(f"registry {self.url}: HTTP {r.status_code}: {text}")
-        return r.json()
+        try:
+            data = r.json()
+        except ValueError:
+            raise UserError(f"registry {self.url}: the answer is not JSON "
+                            f"({r.headers.get('content-type', 'no Content-Type')})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"registry {self.url}: the answer is a JSON {type(data).__name__}, not a FHIR resource")
+        return data
 
     def services(self, filters: dict[str, str] | None = None) -> list[Service]:
         params = [(k, val) for k, val in (filters or {}).items() if val]
         params += [("_include", "HealthcareService:algorithm"), ("_include", "HealthcareService:endpoint"),
                    ("_count", "1000")]
-        return services_from_bundle(self._get("HealthcareService", params))
+        bundle = self._get("HealthcareService", params)
+        try:
+            return services_from_bundle(bundle)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise UserError(f"registry {self.url}: the answer is not a searchset Bundle of services "
+                            f"({type(exc).__name__}: {str(exc)[:100]})") from None
 
     def service(self, service_id: str) -> Service:
         found = self.services({"_id": service_id})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable
 
@@ -103,8 +104,12 @@ def topic_of() -> dict[str, str]:
 
 
 def dsf_call(what: str, fn, *args, **kw):
-    """Run a DSF call; its error becomes one line for the user."""
+    """Run a DSF call; its error, or an answer that is not the FHIR JSON expected (HTML, a list where
+    a resource is due), becomes one line for the user."""
     try:
         return fn(*args, **kw)
     except DsfError as exc:
         raise UserError(f"{what}: {exc}") from None
+    except (json.JSONDecodeError, AttributeError, TypeError, KeyError) as exc:
+        raise UserError(f"{what}: the DSF FHIR server's answer is not the FHIR JSON expected "
+                        f"({type(exc).__name__}: {str(exc)[:100]})") from None

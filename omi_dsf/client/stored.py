@@ -31,9 +31,13 @@ def stored_series(http: httpx.Client, service_root: str, study_uid: str) -> list
             reason = ""
         raise UserError(f"gateway {service_root}: QIDO-RS series of the stored study: HTTP {r.status_code}"
                         + (f": {reason}" if reason else ""))
-    out = []
-    for s in r.json():
-        n = _first(s, "00201209")
-        out.append({"series_instance_uid": _first(s, "0020000E"), "modality": _first(s, "00080060"),
-                    "description": _first(s, "0008103E"), "instances": None if n is None else int(n)})
+    try:
+        out = []
+        for s in r.json():
+            n = _first(s, "00201209")
+            out.append({"series_instance_uid": _first(s, "0020000E"), "modality": _first(s, "00080060"),
+                        "description": _first(s, "0008103E"), "instances": None if n is None else int(n)})
+    except (ValueError, TypeError, AttributeError) as exc:   # HTML, an object, odd values
+        raise UserError(f"gateway {service_root}: the QIDO-RS answer is not a DICOM JSON list of series "
+                        f"({type(exc).__name__})") from None
     return out

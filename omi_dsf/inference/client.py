@@ -62,7 +62,7 @@ class OipClient:
     def __init__(self, base_url: str, timeout: float = 120.0, http: httpx.Client | None = None,
                  verify: ssl.SSLContext | None = None, token: str | None = None):
         """`http` replaces the HTTP client, e.g. a starlette TestClient for in-process tests. `verify`:
-        the TLS context (`tls_context`: a private CA, a client certificate for mutual TLS; default the
+        the TLS context (`omi_dsf.tls.client_context`: a private CA, a client certificate for mutual TLS; default the
         system CAs); `token`: a bearer token for the service."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -233,16 +233,6 @@ def _ssl_context() -> ssl.SSLContext:
     """httpx's default context (CA bundle, SSL_CERT_FILE/DIR), made once per process: loading the CA
     bundle takes 40 ms or more, which each step's new client would otherwise pay again."""
     return httpx.create_ssl_context()
-
-
-def tls_context(ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
-                key_password: str | None = None) -> ssl.SSLContext:
-    """A verifying client context: `ca_file` (else the system CAs) and, for mutual TLS, a client
-    certificate. OSError or ssl.SSLError name what could not be loaded."""
-    ctx = ssl.create_default_context(cafile=ca_file) if ca_file else httpx.create_ssl_context()
-    if cert_file:
-        ctx.load_cert_chain(cert_file, key_file, key_password)
-    return ctx
 
 
 def _model_path(model: str, version: str | None) -> str:

@@ -40,6 +40,7 @@ from omi_dsf.inference import client as oip
 from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
+from omi_dsf.tls import client_context
 from omi_dsf.worker.api import Answers, StepContext, StepError, Timings
 
 DEFAULT_MODEL = "lung-seg"
@@ -71,7 +72,7 @@ def _connection(entry: dict, identifier: str) -> dict:
             password = None
             if entry.get("client_key_password_file"):
                 password = Path(entry["client_key_password_file"]).read_text().strip()
-            out["verify"] = oip.tls_context(entry.get("ca_file"), entry.get("client_cert"),
+            out["verify"] = client_context(entry.get("ca_file"), entry.get("client_cert"),
                                             entry.get("client_key"), password)
         if entry.get("token_file"):
             out["token"] = Path(entry["token_file"]).read_text().strip()

@@ -21,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from pydantic import Field, model_validator
 
-from omi_dsf.inference.client import OipClient, OipError, tls_context
+from omi_dsf.inference.client import OipClient, OipError
 from omi_dsf.registry import validation as v
 from omi_dsf.registry.store import ServiceState, Store
 from omi_dsf.serving.config import ExistingFile, Section
+from omi_dsf.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class HealthSettings(Section):
 
     def tls_context(self) -> ssl.SSLContext:
         password = self.client_key_password_file.read_text().strip() if self.client_key_password_file else None
-        return tls_context(str(self.ca_file) if self.ca_file else None,
+        return client_context(str(self.ca_file) if self.ca_file else None,
                            str(self.client_cert) if self.client_cert else None,
                            str(self.client_key) if self.client_key else None, password)
 

@@ -54,8 +54,14 @@ class Registry:
             where = f"Bundle.entry[{i}]"
             if not isinstance(entry, dict):
                 raise invalid(f"{where} is not an object", where)
-            request = entry.get("request") or {}
-            method, url = request.get("method"), (request.get("url") or "").strip("/")
+            request = entry.get("request")
+            if not isinstance(request, dict) or not isinstance(request.get("url"), str):
+                raise invalid(f"{where}.request must be an object with a method and a url (a string)",
+                              f"{where}.request")
+            method, url = request.get("method"), request["url"].strip("/")
+            full_url = entry.get("fullUrl")
+            if full_url is not None and not isinstance(full_url, str):
+                raise invalid(f"{where}.fullUrl must be a string", f"{where}.fullUrl")
             resource = v.check_fhir(copy.deepcopy(entry.get("resource")), where)
             rtype = resource["resourceType"]
             if method == "POST":
@@ -73,9 +79,10 @@ class Registry:
                     raise invalid(f"{where}.request.url: {rid!r} is not a valid FHIR id", f"{where}.request.url")
                 resource["id"] = rid
             else:
-                raise invalid(f"{where}.request.method must be POST or PUT, not {method!r}", f"{where}.request.method")
-            if entry.get("fullUrl"):
-                mapping[entry["fullUrl"]] = f"{rtype}/{resource['id']}"
+                raise invalid(f"{where}.request.method must be POST or PUT, not {str(method)[:40]!r}",
+                              f"{where}.request.method")
+            if full_url:
+                mapping[full_url] = f"{rtype}/{resource['id']}"
             v.check_owner(resource, organization)
             if "extension" in resource:   # health is the registry's to say: never stored from a client
                 resource["extension"] = [e for e in resource["extension"] if e.get("url") != d.EXT_HEALTH]

@@ -36,6 +36,9 @@ def check_fhir(resource: object, where: str = "") -> dict:
     if rtype not in d.RESOURCE_TYPES:
         raise invalid(f"{prefix}resourceType {rtype!r} is not registered here "
                       f"(registry types: {', '.join(d.RESOURCE_TYPES)})", "resourceType")
+    null = _null_at(resource, rtype)
+    if null:
+        raise invalid(f"{prefix}{null}: null is not allowed in FHIR JSON (leave the element out)", null)
     rid = resource.get("id")
     if rid is not None and (not isinstance(rid, str) or not ID_RE.match(rid)):
         raise invalid(f"{prefix}{rtype}.id {rid!r} is not a valid FHIR id", f"{rtype}.id")
@@ -50,6 +53,19 @@ def check_fhir(resource: object, where: str = "") -> dict:
     except (ValueError, TypeError) as exc:  # fhir.resources raises these for some primitive checks
         raise invalid(f"{prefix}not valid FHIR R4 {rtype}: {exc}".splitlines()[0]) from None
     return resource
+
+
+def _null_at(node: object, where: str) -> str | None:
+    """Where the first null is (FHIR JSON has none; the models would take one as absent)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        here = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}"
+        if value is None:
+            return here
+        found = _null_at(value, here)
+        if found:
+            return found
+    return None
 
 
 def owner_of(resource: dict) -> str | None:
