@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from omi_dsf.dicomweb.attributes import INSTANCE, SERIES, STUDY
-from omi_dsf.dicomweb.errors import BadRequest, NotAcceptable
+from omi_dsf.dicomweb.errors import BadRequest, NotAcceptable, PayloadTooLarge
 from omi_dsf.dicomweb.matching import matches
 from omi_dsf.dicomweb.multipart import (MultipartReader, closing, parse_accept, parse_media_type, parse_multipart,
                                         part_head)
@@ -147,7 +147,7 @@ def test_multipart_reader_says_where_the_body_broke():
         reader.feed(body)
         with pytest.raises(BadRequest, match=problem):
             reader.close()
-    with pytest.raises(BadRequest, match="more than 1 parts"):
+    with pytest.raises(PayloadTooLarge, match=r"more than max_parts \(1\) parts"):   # a limit: 413
         MultipartReader("B0", max_parts=1).feed(part_head("B0", "x") + b"a\r\n" + part_head("B0", "x") + b"b\r\n--B0--")
 
 

@@ -85,24 +85,23 @@ def level_of(tag: int, default: str) -> str:
     return _LEVEL_OF.get(int(tag), default)
 
 
+_HEX = set("0123456789abcdefABCDEF")
+
+
 def parse_tag(text: str) -> int | None:
     """A tag from a keyword (``PatientName``) or 8 hex digits (``00100010``); None if neither."""
     text = text.strip()
-    if len(text) == 8:
-        try:
-            value = int(text, 16)
-        except ValueError:
-            value = None
-        if value is not None:
-            return value
+    if len(text) == 8 and set(text) <= _HEX:   # int(…, 16) alone would take "-0000001" or "0x100010"
+        return int(text, 16)
     tag = tag_for_keyword(text)
     return int(tag) if tag is not None else None
 
 
 def vr_of(tag: int) -> str:
+    """The dictionary VR (the first of "US or SS" and the like); "UN" for tags it does not know."""
     try:
-        return dictionary_VR(Tag(tag))
-    except KeyError:
+        return dictionary_VR(Tag(tag)).split(" or ")[0]
+    except (KeyError, ValueError, OverflowError):
         return "UN"
 
 

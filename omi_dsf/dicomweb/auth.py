@@ -58,10 +58,11 @@ class TokenChecker:
     def check(self, token: str) -> dict:
         """The verified claims, or jwt.InvalidTokenError."""
         try:
-            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.DecodeError:
             raise jwt.InvalidTokenError("malformed token") from None
-        issuer = self.issuers.get(iss)
+        iss = claims.get("iss") if isinstance(claims, dict) else None
+        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
             raise jwt.InvalidTokenError("unknown issuer")
         options = {"require": ["exp", "iss"]}
@@ -98,9 +99,11 @@ class AuthMiddleware:
                 return await _deny("bearer tokens are not configured on this gateway")(scope, receive, send)
             try:
                 claims = self.checker.check(token.strip())
-            except jwt.InvalidTokenError as exc:
+            except (jwt.InvalidTokenError, jwt.PyJWKError, ValueError, TypeError, KeyError) as exc:
+                # (odd header or claim shapes: a list as "kid", a number as "aud", …)
                 log.info("bearer token refused: %s", type(exc).__name__)
-                return await _deny(f"bearer token refused: {exc}", "invalid_token")(scope, receive, send)
+                why = str(exc)[:200] if isinstance(exc, jwt.InvalidTokenError) else "malformed token"
+                return await _deny(f"bearer token refused: {why}", "invalid_token")(scope, receive, send)
             scope.setdefault("state", {})["subject"] = claims.get("sub")
             return await self.app(scope, receive, send)
         if self.mtls or self.anonymous:  # with mTLS the handshake already verified the client

@@ -6,9 +6,10 @@ from __future__ import annotations
 class DicomwebError(Exception):
     status = 500
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, **extra):
         super().__init__(message)
         self.message = message
+        self.extra = extra   # more members of the JSON answer (STOW-RS: what was stored)
 
 
 class BadRequest(DicomwebError):
@@ -31,6 +32,10 @@ class NotAcceptable(DicomwebError):
     status = 406
 
 
+class RequestTimeout(DicomwebError):
+    status = 408
+
+
 class Conflict(DicomwebError):
     status = 409
 
@@ -41,6 +46,11 @@ class PayloadTooLarge(DicomwebError):
 
 class UnsupportedMediaType(DicomwebError):
     status = 415
+
+
+class Busy(DicomwebError):
+    """A limit of the gateway itself (a query's time limit): try again later or narrow it."""
+    status = 503
 
 
 class PacsUnavailable(DicomwebError):

@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 
 CRLF = b"\r\n"
 
@@ -211,13 +211,18 @@ class MultipartReader:
                 parts.append(Part(self._headers, bytes(buf[:i])))
                 self.count += 1
                 if self.count > self.max_parts:
-                    raise BadRequest(f"multipart body: more than {self.max_parts} parts")
+                    raise PayloadTooLarge(f"multipart body: more than max_parts ({self.max_parts}) parts")
                 del buf[:end]
                 if self._state != "done":
                     self._state = "headers"
         if self._state == "done":
             self._buf.clear()   # the epilogue is ignored
         return parts
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held: the part being received (a part is handed out whole) and what follows it."""
+        return len(self._buf)
 
     @property
     def midway(self) -> bool:

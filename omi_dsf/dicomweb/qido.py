@@ -3,6 +3,7 @@ merging duplicate matches by UID, computing missing ModalitiesInStudy / NumberOf
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -11,6 +12,7 @@ from .attributes import (COMPUTED, DEFAULT_RETURN, INSTANCE, LEVEL_ATTRIBUTES, M
                          N_SERIES_INSTANCES, RETRIEVE_URL, SERIES, SERIES_UID, SOP_UID, STUDY, STUDY_UID,
                          UID_TAG, level_of)
 from .dicomjson import to_json
+from .errors import Busy
 from .matching import matches
 from .query import QidoQuery
 
@@ -74,8 +76,15 @@ def _fill_study(backend, ds: Dataset) -> None:
             ds.add_new(tag, "CS" if tag == MODALITIES_IN_STUDY else "IS", value)
 
 
-def search(backend, q: QidoQuery, base_url: str, max_results: int) -> SearchResult:
-    """Run the query; ``base_url`` is where this backend's ``/studies`` lives (for RetrieveURL)."""
+def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: float = float("inf")) -> SearchResult:
+    """Run the query; ``base_url`` is where this backend's ``/studies`` lives (for RetrieveURL).
+    Past ``time_limit`` seconds (checked between the steps of the walk) it gives up: Busy."""
+    deadline = time.monotonic() + time_limit
+
+    def in_time() -> None:
+        if time.monotonic() > deadline:
+            raise Busy(f"the search took longer than query_timeout ({time_limit:g} s); narrow it down")
+
     fuzzy, trust = q.fuzzy, backend.trusts_matching
     level_pos = _ORDER.index(q.level)
     limit = min(q.limit, max_results) if q.limit else max_results
@@ -85,7 +94,9 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int) -> SearchResu
 
     def run(level: str, scope: dict[str, str], parent: Dataset | None) -> list[Dataset]:
         match = q.match_at(level)
+        in_time()
         records = backend.find(level, match, _returns(q, level), scope)
+        in_time()
         records = _dedupe(records, level)
         if level == STUDY and filter_on_computed:
             for ds in records:
@@ -127,6 +138,7 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int) -> SearchResu
     # Attributes the PACS left out, for the page only.
     returns = {lvl: _returns(q, lvl) for lvl in _ORDER[:level_pos + 1]}
     for ds in page if compute else []:
+        in_time()
         if STUDY in returns and q.level == STUDY and returns[STUDY] & COMPUTED[STUDY]:
             if any(_missing(ds, t) for t in returns[STUDY] & COMPUTED[STUDY]):
                 _fill_study(backend, ds)

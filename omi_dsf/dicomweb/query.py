@@ -5,6 +5,7 @@ Every problem is a :class:`BadRequest` naming the parameter, so that a client le
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -16,9 +17,15 @@ UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _DA = r"\d{8}"
 _TM = r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"
 _DT = r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?"
-_RANGE_RE = {vr: re.compile(rf"^({p})?(-({p})?)?$") for vr, p in (("DA", _DA), ("TM", _TM), ("DT", _DT))}
+_RANGE_RE = {vr: re.compile(rf"^({p})?(-({p})?)?$", re.ASCII)   # ASCII: \d would take "٢٠٢٠…"
+             for vr, p in (("DA", _DA), ("TM", _TM), ("DT", _DT))}
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 NUMERIC_VRS = {"IS", "DS", "US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"}
+_INTEGER_RANGE = {"IS": (-2**31, 2**31 - 1), "US": (0, 2**16 - 1), "SS": (-2**15, 2**15 - 1), "UL": (0, 2**32 - 1),
+                  "SL": (-2**31, 2**31 - 1), "UV": (0, 2**64 - 1), "SV": (-2**63, 2**63 - 1)}
+_INTEGER_RE = re.compile(r"^[+-]?[0-9]{1,20}$")
+_DECIMAL_RE = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$")
+NOT_MATCHABLE_VRS = {"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 MAX_LIMIT = 100000
 
 
@@ -52,10 +59,21 @@ class QidoQuery:
         return {t: v for t, v in self.match.items() if level_of(t, self.level) == level}
 
 
+def check_tag(tag: int, param: str) -> int:
+    """A tag a query may name: a data set attribute (no command, file meta or group length
+    element, no item delimiter)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if not 0 <= tag <= 0xFFFFFFFF or group < 0x0008 or group == 0xFFFE or element == 0:
+        raise BadRequest(f"{param[:60]}: ({group:04X},{element:04X}) is not an attribute a query can name")
+    return tag
+
+
 def _check_value(tag: int, value: str, param: str) -> None:
     vr = vr_of(tag)
     if vr == "SQ":
         raise BadRequest(f"{param}: matching on sequence attributes is not supported")
+    if vr in NOT_MATCHABLE_VRS:
+        raise BadRequest(f"{param}: matching on {vr} (binary or unknown) attributes is not supported")
     if vr == "UI":
         for uid in split_uid_list(value):
             if not is_uid(uid):
@@ -65,11 +83,14 @@ def _check_value(tag: int, value: str, param: str) -> None:
     elif vr in _RANGE_RE:
         if value == "-" or not _RANGE_RE[vr].match(value):
             raise BadRequest(f"{param}: {value[:40]!r} is not a {vr} value or range")
+    elif vr in _INTEGER_RANGE:
+        low, high = _INTEGER_RANGE[vr]
+        if not _INTEGER_RE.match(value) or not low <= int(value) <= high:
+            raise BadRequest(f"{param}: {value[:40]!r} is not an integer from {low} to {high} ({vr})")
     elif vr in NUMERIC_VRS:
-        try:
-            float(value)
-        except ValueError:
-            raise BadRequest(f"{param}: {value[:40]!r} is not a number") from None
+        if not _DECIMAL_RE.match(value) or not math.isfinite(float(value)) or (vr == "DS" and len(value) > 16):
+            raise BadRequest(f"{param}: {value[:40]!r} is not a finite decimal number"
+                             + (" of at most 16 characters (DS)" if vr == "DS" else ""))
     elif len(value) > 1024:
         raise BadRequest(f"{param}: value too long")
 
@@ -118,7 +139,7 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
                 tag = parse_tag(item)
                 if tag is None:
                     raise BadRequest(f"includefield: unknown attribute {item[:60]!r}")
-                q.return_keys.add(tag)
+                q.return_keys.add(check_tag(tag, "includefield"))
         elif not name:
             continue
         else:
@@ -127,6 +148,7 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
             tag = parse_tag(name)
             if tag is None:
                 raise BadRequest(f"unknown query parameter {name[:60]!r}")
+            check_tag(tag, name)
             if tag in seen:
                 raise BadRequest(f"{name}: given more than once")
             seen.add(tag)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from io import BytesIO
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 
-from .errors import BadRequest, NotAcceptable, NotFound
+from .errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge
 from .multipart import MediaType
+from .wado import ascii_int, frame_count
 
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 
@@ -27,21 +30,24 @@ def parse_render_params(params, thumbnail: bool) -> dict:
     out: dict = {"quality": 90, "viewport": (128, 128) if thumbnail else None, "window": None}
     for name, value in params:
         if name == "quality":
-            if not value.isdigit() or not 1 <= int(value) <= 100:
+            quality = ascii_int(value)
+            if quality is None or not 1 <= quality <= 100:
                 raise BadRequest("quality: must be an integer from 1 to 100")
-            out["quality"] = int(value)
+            out["quality"] = quality
         elif name == "viewport":
-            parts = value.split(",")
-            if len(parts) not in (2, 6) or not all(p.strip().isdigit() and int(p) > 0 for p in parts[:2]):
+            size = [ascii_int(p) for p in value.split(",")]
+            if len(size) not in (2, 6) or not all(v is not None and v > 0 for v in size[:2]):
                 raise BadRequest("viewport: expected vw,vh (positive integers)")
-            out["viewport"] = (min(int(parts[0]), 4096), min(int(parts[1]), 4096))
+            out["viewport"] = (min(size[0], 4096), min(size[1], 4096))
         elif name == "window":
             parts = value.split(",")
             try:
-                center, width = float(parts[0]), float(parts[1])
-            except (ValueError, IndexError):
+                center, width = (float(p) if p.strip().isascii() else math.nan for p in parts[:2])
+            except ValueError:
                 raise BadRequest("window: expected center,width[,function]") from None
-            if width <= 0 or len(parts) > 3:
+            if len(parts) not in (2, 3) or not (math.isfinite(center) and math.isfinite(width)):
+                raise BadRequest("window: expected center,width[,function] (finite numbers)")
+            if width <= 0:
                 raise BadRequest("window: width must be positive")
             out["window"] = (center, width)
         elif name in ("annotation", "charset", "iccprofile"):
@@ -51,37 +57,46 @@ def parse_render_params(params, thumbnail: bool) -> dict:
     return out
 
 
-def _first(value) -> float | None:
-    if value is None or value == "":
-        return None
+def _first(ds: Dataset, keyword: str) -> float | None:
+    """The (first) value of a numeric attribute; None when absent, malformed or not finite."""
     try:
-        return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
-    except (TypeError, ValueError, IndexError):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        number = float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    return number if math.isfinite(number) else None
 
 
-def render(ds: Dataset, frame: int, media: str, opts: dict) -> bytes:
+def render(ds: Dataset, frame: int, media: str, opts: dict, max_bytes: int = 256 << 20) -> bytes:
+    """One frame as an image. Only that frame is decoded, and only when it (as the float64 array
+    the windowing works on) fits in ``max_bytes`` (max_instance_mb); else 413."""
     if "PixelData" not in ds:
         raise NotFound("the instance has no pixel data to render")
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = frame_count(ds)
     if not 1 <= frame <= n:
         raise NotFound(f"frame {frame} does not exist; the instance has {n}")
     try:
-        arr = ds.pixel_array
+        pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise NotFound("the instance lacks Rows or Columns: nothing to render") from None
+    if pixels * 8 > max_bytes:
+        raise PayloadTooLarge(f"rendering a frame of {pixels} values needs more than max_instance_mb "
+                              f"({max_bytes >> 20} MB)")
+    try:
+        arr = pixel_array(ds, index=frame - 1 if n > 1 else None)
     except Exception as exc:  # noqa: BLE001 - missing decoder plug-in, corrupt data
         raise NotAcceptable(f"cannot decode the pixel data for rendering ({type(exc).__name__})") from None
-    if n > 1:
-        arr = arr[frame - 1]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)[..., :3], "RGB")
     else:
-        data = arr.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(
-            ds.get("RescaleIntercept", 0) or 0)
+        data = arr.astype(np.float64) * (_first(ds, "RescaleSlope") or 1.0) + (_first(ds, "RescaleIntercept") or 0.0)
         if opts.get("window"):
             center, width = opts["window"]
         else:
-            center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+            center, width = _first(ds, "WindowCenter"), _first(ds, "WindowWidth")
             if center is None or not width:
                 lo, hi = float(data.min()), float(data.max())
                 center, width = (lo + hi) / 2, max(hi - lo, 1.0)

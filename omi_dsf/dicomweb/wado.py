@@ -80,16 +80,35 @@ def metadata(data: bytes, bulk_base: str) -> dict:
     return to_json(read(data), bulk_base)
 
 
-def parse_frame_list(text: str) -> list[int]:
-    frames = []
+def ascii_int(text: str) -> int | None:
+    """A non-negative decimal integer in ASCII digits ("²" and "٣" are digits to str.isdigit)."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def parse_frame_list(text: str, max_frames: int = 1000) -> list[int]:
+    """Frame numbers in the order asked, each once; more than ``max_frames`` is a 400."""
+    frames: dict[int, None] = {}
     for item in text.split(","):
-        item = item.strip()
-        if not item.isdigit() or int(item) < 1:
-            raise BadRequest(f"frames: {item[:20]!r} is not a frame number (1, 2, …)")
-        frames.append(int(item))
-    if not frames:
-        raise BadRequest("frames: no frame number given")
-    return frames
+        number = ascii_int(item)
+        if number is None or number < 1:
+            raise BadRequest(f"frames: {item.strip()[:20]!r} is not a frame number (1, 2, …)")
+        frames[number] = None
+        if len(frames) > max_frames:
+            raise BadRequest(f"frames: more than max_frames ({max_frames}) frame numbers")
+    return list(frames)
+
+
+def frame_count(ds: Dataset) -> int:
+    """NumberOfFrames (1 when absent); NotFound when it is not a number."""
+    value = ds.get("NumberOfFrames", 1)
+    try:
+        n = int(value or 1)
+    except (TypeError, ValueError, OverflowError):
+        raise NotFound("the instance's NumberOfFrames is not a number") from None
+    if n < 1:
+        raise NotFound("the instance has no frames")
+    return n
 
 
 def frame_bytes(ds: Dataset, numbers: list[int]) -> tuple[list[bytes], str]:
@@ -97,15 +116,29 @@ def frame_bytes(ds: Dataset, numbers: list[int]) -> tuple[list[bytes], str]:
     if PIXEL_DATA not in ds:
         raise NotFound("the instance has no pixel data")
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = frame_count(ds)
     for k in numbers:
         if k > n:
             raise NotFound(f"frames: frame {k} does not exist; the instance has {n}")
     if ts.is_compressed:
-        all_frames = list(generate_frames(ds.PixelData, number_of_frames=n))
-        return [all_frames[k - 1] for k in numbers], str(ts)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    spp, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+        wanted = set(numbers)
+        found: dict[int, bytes] = {}
+        try:   # keeps only the frames asked for
+            for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=n), 1):
+                if k in wanted:
+                    found[k] = frame
+                if len(found) == len(wanted):
+                    break
+        except Exception as exc:  # noqa: BLE001 - malformed encapsulation in the stored data
+            raise NotFound(f"the instance's compressed frames cannot be split ({type(exc).__name__})") from None
+        if len(found) < len(wanted):
+            raise NotFound("the instance's compressed pixel data holds fewer frames than NumberOfFrames")
+        return [found[k] for k in numbers], str(ts)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        raise NotFound("the instance lacks Rows, Columns or BitsAllocated: no frames to serve") from None
     size = rows * cols * spp * bits // 8
     pixels = ds.PixelData
     if ts == "1.2.840.10008.1.2.2":

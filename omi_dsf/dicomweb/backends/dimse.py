@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, MODALITY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
                           N_STUDY_SERIES, QR_LEVEL, SERIES, SERIES_UID, SOP_UID, STUDY, UID_KEYWORD,
-                          vr_of)
+                          name_of, vr_of)
 from ..config import DimseBackendConfig, GatewayConfig
 from ..dimse.association import (AssociationPool, Peer, find_contexts, get_contexts, move_contexts,
                                  next_message_id)
@@ -22,12 +25,58 @@ from ..dimse.lean_get import lean_c_get
 from ..dimse.lean_scp import LeanMoveScp
 from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
 from ..dimse.store import c_store
-from ..errors import NotFound, PacsTimeout, PacsUnavailable
-from ..query import split_uid_list
+from ..errors import BadRequest, NotFound, PacsTimeout, PacsUnavailable
+from ..query import WILDCARD_VRS, split_uid_list
 from ..stream import CancelToken
 from pynetdicom import evt
 
 log = logging.getLogger(__name__)
+
+
+_WILDCARD_RUN = re.compile(r"[*?]+")
+MAX_PACS_STARS = 2
+
+
+def pacs_pattern(value: str, vr: str) -> str | None:
+    """The match value to send a PACS for a wildcard value (None: ask for the attribute
+    without matching). Runs of ``*`` and ``?`` become ``?…?*`` (the same set of strings), and a
+    pattern that still has more than MAX_PACS_STARS ``*`` is cut to its literal start and ``*``:
+    a PACS that matches by backtracking (dcmqrscp took 22.8 s for ``*a*a*a*a*a*a*a*b``) gets
+    nothing expensive, and the gateway re-matches every answer itself in linear time."""
+    out = []
+    for alt in value.split("\\") if vr == "CS" else [value]:
+        alt = _WILDCARD_RUN.sub(lambda m: "?" * m.group().count("?") + ("*" if "*" in m.group() else ""), alt)
+        if alt.count("*") > MAX_PACS_STARS:
+            start = _WILDCARD_RUN.split(alt, 1)[0]
+            if not start:
+                return None
+            alt = start + "*"
+        out.append(alt)
+    return "\\".join(out)
+
+
+def _check_encodable(ident: Dataset) -> None:
+    """BadRequest naming the key whose value cannot be encoded (before pynetdicom tries, which
+    would log the failure with the value)."""
+    try:
+        write_dataset(_buffer(), ident)
+        return
+    except Exception:  # noqa: BLE001 - find out which key
+        pass
+    for elem in ident:
+        one = Dataset()
+        one.add(elem)
+        try:
+            write_dataset(_buffer(), one)
+        except Exception:  # noqa: BLE001 - pydicom's reasons vary; the key is what the client needs
+            raise BadRequest(f"{name_of(elem.tag)}: the value cannot be encoded for the PACS") from None
+    raise BadRequest("the query cannot be encoded for the PACS")
+
+
+def _buffer() -> DicomBytesIO:
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    return buf
 
 
 class MoveScpHolder:
@@ -136,16 +185,19 @@ class DimseBackend:
             setattr(ident, UID_KEYWORD[lvl], uid)
         setattr(ident, UID_KEYWORD[level], "")
         for tag in sorted(returns | set(match)):
-            vr = vr_of(tag).split(" or ")[0]
+            vr = vr_of(tag)
             if vr in ("SQ", "UN") or tag in ident or tag >> 16 & 1:
                 continue
             value = match.get(tag)
             if value is not None and vr == "UI":
                 value = "\\".join(split_uid_list(value))
+            elif value is not None and vr in WILDCARD_VRS:
+                value = pacs_pattern(value, vr)
             ident.add_new(tag, vr, value if value is not None else None)
         uid_match = match.get({STUDY: 0x0020000D, SERIES: SERIES_UID, INSTANCE: SOP_UID}[level])
         if uid_match:
             setattr(ident, UID_KEYWORD[level], "\\".join(split_uid_list(uid_match)))
+        _check_encodable(ident)
         with self._slot():
             if self.cfg.engine == "lean":
                 return lean_c_find(self._lean_find_pool, ident, next_message_id())

@@ -3,11 +3,15 @@
 Layout under ``path``: ``index.sqlite`` and ``files/<study>/<series>/<sop>.dcm``. The index keeps,
 per instance, the study/series/instance attributes as DICOM JSON, so queries never open files.
 A file is written to a temporary name and renamed before it is indexed: a crash leaves no
-half-written instance behind. Storing an instance again replaces it (idempotent senders).
+half-written instance behind. Storing an instance again into the same study and series (and for
+the same patient) replaces it (idempotent senders); a SOP Instance UID already stored under
+another study, series or patient is refused (``INSTANCE_CONFLICT``), never moved. A study whose
+upload broke off is noted (``uploads``) until a later upload of it completes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -19,7 +23,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from ..attributes import (INSTANCE, LEVEL_ATTRIBUTES, MODALITIES_IN_STUDY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
                           N_STUDY_SERIES, SERIES, SERIES_UID, SOP_UID, STUDY, STUDY_UID, level_of)
@@ -47,10 +50,18 @@ CREATE TABLE IF NOT EXISTS instances (
     stored_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS by_series ON instances (study_uid, series_uid);
+CREATE TABLE IF NOT EXISTS incomplete (
+    study_uid TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 PROCESSING_FAILURE = 0x0110
 CANNOT_UNDERSTAND = 0xC000
+INSTANCE_CONFLICT = 0xA770   # STOW-RS Failure Reason: the SOP Instance UID belongs to another study/patient
+PATIENT_ID = "00100020"
+_TMP_NAMES = itertools.count()
 
 
 # Shared and Per-frame Functional Groups: a multi-frame object's description of every frame (a
@@ -179,56 +190,115 @@ class StoreBackend:
         return (self.root / paths[0]).read_bytes()
 
     # -- storage -------------------------------------------------------------------------------
-    def _write(self, data: bytes, ds: Dataset | None = None) -> tuple[int, str, list | None]:
-        """Write one instance's file; its index row, or the failure status and reason.
+    def _prepare(self, data: bytes, ds: Dataset | None = None) -> tuple[int, str, list | None, Path | None]:
+        """Write one instance to a temporary file; its index row, or the failure status and reason.
 
         ``ds``: the instance's header if the caller has already parsed it (STOW-RS has).
         """
         try:
             ds = ds if ds is not None else dcmread(BytesIO(data), stop_before_pixels=True)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
-            return CANNOT_UNDERSTAND, f"not a DICOM Part 10 file ({type(exc).__name__})", None
+        except Exception as exc:  # noqa: BLE001 - whatever pydicom makes of untrusted bytes
+            return CANNOT_UNDERSTAND, f"not a DICOM Part 10 file ({type(exc).__name__})", None, None
         study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID",
                                                               "SOPInstanceUID"))
         sop_class = str(ds.get("SOPClassUID", ""))
         for what, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
                           ("SOPInstanceUID", sop), ("SOPClassUID", sop_class)):
             if not is_uid(uid):
-                return CANNOT_UNDERSTAND, f"{what} missing or invalid", None
+                return CANNOT_UNDERSTAND, f"{what} missing or invalid", None, None
         ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
         rel = f"files/{study}/{series}/{sop}.dcm"
         target = self.root / rel
         try:
+            study_json, series_json, instance_json = split_levels(ds)
+        except Exception as exc:  # noqa: BLE001 - an attribute pydicom cannot convert
+            return CANNOT_UNDERSTAND, f"attributes cannot be read ({type(exc).__name__})", None, None
+        with self._lock:   # checked again before the rename; this spares writing a refused file
+            conflict = self._conflict(sop, study, series, study_json)
+        if conflict:
+            return INSTANCE_CONFLICT, conflict, None, None
+        try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+            tmp = target.with_suffix(f".tmp{os.getpid()}.{next(_TMP_NAMES)}")   # unique: one SOP may come twice
             tmp.write_bytes(data)
-            os.replace(tmp, target)
         except OSError as exc:
-            return PROCESSING_FAILURE, f"could not write: {exc.strerror}", None
-        study_json, series_json, instance_json = split_levels(ds)
+            return PROCESSING_FAILURE, f"could not write: {exc.strerror}", None, None
         return 0x0000, "", [sop, study, series, sop_class, ts, str(ds.get("Modality", "") or ""), rel, len(data),
-                            json.dumps(study_json), json.dumps(series_json), json.dumps(instance_json), time.time()]
+                            json.dumps(study_json), json.dumps(series_json), json.dumps(instance_json),
+                            time.time()], tmp
 
-    def _index(self, rows: list[list]) -> None:
-        # one transaction for the request's instances: a commit per instance costs a WAL sync each
+    def _conflict(self, sop: str, study: str, series: str, study_json: dict) -> str | None:
+        """Why this SOP Instance UID may not be stored here, or None (new, or the same place).
+        The caller holds the lock."""
+        row = self._db.execute("SELECT study_uid, series_uid, study_json FROM instances WHERE sop_uid = ?",
+                               [sop]).fetchone()
+        if row is None:
+            return None
+        if row[0] != study:
+            return "SOP Instance UID already stored in another study"
+        if row[1] != series:
+            return "SOP Instance UID already stored in another series"
+        stored = json.loads(row[2]).get(PATIENT_ID, {}).get("Value")
+        if stored != study_json.get(PATIENT_ID, {}).get("Value"):
+            return "SOP Instance UID already stored for another patient"
+        return None
+
+    def _index(self, prepared: list[list]) -> list[str | None]:
+        """Rename and index the prepared instances in one transaction (a commit per instance
+        costs a WAL sync each); a conflict that arose meanwhile refuses that instance."""
+        outcome: list[str | None] = []
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                for row, tmp in prepared:
+                    conflict = self._conflict(row[0], row[1], row[2], json.loads(row[8]))
+                    if conflict:
+                        tmp.unlink(missing_ok=True)
+                    else:
+                        os.replace(tmp, self.root / row[6])
+                        self._db.execute("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+                    outcome.append(conflict)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        return outcome
 
     def store(self, items: list[tuple[str, str, str, bytes]], study_uids: set[str],
               headers: list[Dataset] | None = None) -> list[tuple[int, str]]:
         """Write and index the instances; ``headers`` (their parsed headers, if any) spares a re-parse."""
-        written = [self._write(data, ds) for (_, _, _, data), ds in zip(items, headers or [None] * len(items))]
-        rows = [row for _, _, row in written if row]
-        if rows:
+        written = [self._prepare(data, ds) for (_, _, _, data), ds in zip(items, headers or [None] * len(items))]
+        ready = [(row, tmp) for _, _, row, tmp in written if row]
+        results = [(status, comment) for status, comment, _, _ in written]
+        if ready:
             try:
-                self._index(rows)
-            except sqlite3.Error as exc:
-                return [(PROCESSING_FAILURE, f"could not index: {type(exc).__name__}") if row else (status, comment)
-                        for status, comment, row in written]
-        return [(status, comment) for status, comment, _ in written]
+                conflicts = iter(self._index(ready))
+            except (sqlite3.Error, OSError) as exc:
+                for _, tmp in ready:
+                    tmp.unlink(missing_ok=True)
+                return [(PROCESSING_FAILURE, f"could not index: {type(exc).__name__}") if row else result
+                        for result, (_, _, row, _) in zip(results, written)]
+            for i, (_, _, row, _) in enumerate(written):
+                if row:
+                    conflict = next(conflicts)
+                    results[i] = (INSTANCE_CONFLICT, conflict) if conflict else (0x0000, "")
+        return results
+
+    # -- uploads that broke off ------------------------------------------------------------------
+    def note_upload(self, studies: set[str], broke_off: str | None) -> None:
+        """After a STOW-RS: ``broke_off`` (why) marks the studies incomplete; None (the body
+        arrived whole) clears the mark."""
+        with self._lock:
+            if broke_off:
+                self._db.executemany("INSERT OR REPLACE INTO incomplete VALUES (?,?,?)",
+                                     [(s, time.time(), broke_off[:200]) for s in studies])
+            else:
+                self._db.executemany("DELETE FROM incomplete WHERE study_uid = ?", [(s,) for s in studies])
+
+    def incomplete(self, studies: set[str]) -> dict[str, str]:
+        """The studies among ``studies`` whose last upload broke off, with the reason."""
+        if not studies:
+            return {}
+        wanted = sorted(studies)[:1000]
+        return dict(self._rows(f"SELECT study_uid, reason FROM incomplete WHERE study_uid IN "
+                               f"({','.join('?' * len(wanted))})", wanted))
