@@ -68,7 +68,8 @@ def test_burned_in_refusal_names_the_rule(tmp_path):
     ds = synthetic.ct_instance(0)
     ds.BurnedInAnnotation = "YES"
     with pytest.raises(LeakError, match=r"^x\.dcm \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation \(0028,0301\)"
-                                        r" is YES \(rule: burned-in text"):
+                                        r" is YES; no pixel recipe covers Manufacturer '', model '', SOP class CT"
+                                        r" Image Storage, 16 rows x 16 columns \(rule: burned-in text"):
         pipeline().process_encoded(part10(ds), "x.dcm")
 
 

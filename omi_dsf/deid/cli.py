@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from .refusal import POLICIES
 from .profile import OPTION_NAMES
 
 
@@ -29,6 +30,11 @@ def register(subparsers) -> None:
                    help="site store (UID map, removed attributes); keep it at the site")
     p.add_argument("--provider", choices=("embedded", "gpas", "ttp-fhir"), default="embedded")
     p.add_argument("--provider-url", help="gPAS WSDL URL or TTP-FHIR gPAS base URL")
+    p.add_argument("--on-refused-instance", choices=POLICIES, default="refuse-study",
+                   help="an instance that cannot be de-identified safely: stop (default) or leave it"
+                        " out, write the rest and name each refused one on stderr and in the summary")
+    p.add_argument("--pixel-recipes", action="append", default=[], type=Path, metavar="FILE",
+                   help="extra pixel-cleaning recipe file (besides the shipped one); repeat for several")
     p.add_argument("--reidentify", action="store_true", help="map returned results back")
     p.set_defaults(func=run)
 
@@ -69,13 +75,20 @@ def run(args) -> int:
             summary = {"reidentified": count, "out": sink.close()}
         else:
             run_ = StudyPseudonymizer(key=key, domain=args.domain, provider=provider, store=store,
-                                      options=args.option)
+                                      options=args.option, policy=args.on_refused_instance,
+                                      pixel_recipes=args.pixel_recipes)
             for out in run_.process(source):
                 sink.write(out.dataset, out.data)
             store.sync()
             r = run_.result
-            summary = {"instances": r.instances, "pseudonym": r.pseudonym,
-                       "pseudonymized_study_uids": sorted(r.study_uids.values()), "out": sink.close()}
+            refused = [str(x) for x in r.refused]
+            for line in refused:
+                print(f"refused {line}", file=sys.stderr)
+            if refused and not r.instances:
+                raise DeidError(f"no instance could be written: {len(refused)} refused")
+            summary = {"instances": r.instances, "refused": len(refused), "pseudonym": r.pseudonym,
+                       "pseudonymized_study_uids": sorted(r.study_uids.values()), "out": sink.close(),
+                       "refused_instances": refused}
     except (DeidError, LeakError, ReidentifyError, PseudonymError, ValueError) as exc:
         sink.abort()
         raise UserError(str(exc)) from None

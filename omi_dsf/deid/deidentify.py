@@ -403,14 +403,7 @@ class Deidentifier:
             codes.append((code, meaning))
             names.append(meaning[:64])
         ds.DeidentificationMethod = names
-        items = []
-        for code, meaning in codes:
-            item = Dataset()
-            item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = meaning
-            items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        ds.DeidentificationMethodCodeSequence = Sequence([profile.dcm_code(c, m) for c, m in codes])
         ds.LongitudinalTemporalInformationModified = "MODIFIED" if self._dates else "REMOVED"
 
 

@@ -308,7 +308,7 @@ def burned_in_problem(ds: Dataset) -> str | None:
     return None
 
 
-RULE_BURNED_IN = "burned-in text: pixel data not cleaned by any pixel recipe"
+RULE_BURNED_IN = "burned-in text: pixels that may show text leave only cleaned by a pixel recipe"
 
 
 def check_flags(ds: Dataset) -> None:

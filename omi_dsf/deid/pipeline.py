@@ -18,9 +18,11 @@ from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ExplicitVRBigEndian, Explic
 from .deidentify import Deidentifier, uid_for
 from .encode import encode_part10 as _encode
 from .identity import Identity
-from .leakcheck import PIXEL_TAGS, LeakError, check_flags, codec_of, encoded_hits, text_of
+from . import pixels
+from .leakcheck import (PIXEL_TAGS, RULE_BURNED_IN, LeakError, burned_in_problem, check_flags, codec_of,
+                        encoded_hits, text_of)
 from .pseudonyms.base import PseudonymProvider
-from .refusal import Refused
+from .refusal import POLICIES, Refused
 from .store import SiteStore
 
 Instance = Union[Dataset, bytes, str, os.PathLike]
@@ -134,9 +136,6 @@ def encode_part10(ds: Dataset) -> tuple[bytes, int]:
     return _encode(ds, PIXEL_TAGS)[:2]
 
 
-POLICIES = ("refuse-study", "send-rest")
-
-
 class StudyPseudonymizer:
     """De-identify instances of one patient's study(ies); yields datasets that passed the leak check.
 
@@ -149,10 +148,11 @@ class StudyPseudonymizer:
 
     def __init__(self, *, key: bytes, domain: str, provider: PseudonymProvider, store: SiteStore,
                  options=(), expect_patient_id: str | None = None, expect_study_uid: str | None = None,
-                 policy: str = "refuse-study"):
+                 policy: str = "refuse-study", pixel_recipes=()):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy for a refused instance {policy!r}; known: {', '.join(POLICIES)}")
         self.deid = Deidentifier(key, domain, options)
+        self.pixel_rules = pixels.load(pixel_recipes)
         self.key = key
         self.domain = domain
         self.provider = provider
@@ -229,6 +229,7 @@ class StudyPseudonymizer:
         # the map must be at the site before the instance can leave it
         self.store.put_uids(self.domain, self.deid.new_uids)
         self.deid.new_uids = {}
+        self._clean_pixels(ds)
         check_flags(ds)
         data, pixels_start, pixels_end = _encode(ds, PIXEL_TAGS)
         hits = encoded_hits(data, self.identity, codec_of(ds), (pixels_start, pixels_end))
@@ -237,6 +238,18 @@ class StudyPseudonymizer:
         self.result.instances += 1
         self.result.bytes_in += size
         return Outgoing(ds, data)
+
+
+    def _clean_pixels(self, ds: Dataset) -> None:
+        """Pixels that may show text are cleaned by the first recipe covering the image, else
+        the instance is refused naming what no recipe covers."""
+        problem = burned_in_problem(ds)
+        if problem is None:
+            return
+        rule = pixels.match(self.pixel_rules, ds)
+        if rule is None:
+            raise LeakError(f"{problem}; no pixel recipe covers {pixels.describe(ds)} (rule: {RULE_BURNED_IN})")
+        pixels.clean(ds, rule)
 
 
 def uid_for_name(key: bytes, domain: str, original: str) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 # The options we implement; the name is the TSV column, the value is the CID 7050 code.
@@ -39,6 +40,15 @@ _TYPE1_IN_OUR_IODS = {
     Tag("ContentDate"), Tag("ContentTime"),            # Type 1 in SEG / SR (Enhanced / SR Document)
     Tag("DeviceSerialNumber"),                         # Type 1 in Enhanced General Equipment (SEG)
 }
+
+
+def dcm_code(code: str, meaning: str) -> Dataset:
+    """One item of De-identification Method Code Sequence (DCM, CID 7050)."""
+    item = Dataset()
+    item.CodeValue = code
+    item.CodingSchemeDesignator = "DCM"
+    item.CodeMeaning = meaning
+    return item
 
 
 class UnknownOptionError(ValueError):

@@ -8,6 +8,10 @@ that matched (never the value).
 
 from __future__ import annotations
 
+# What one refused instance does to its study (site configuration `on_refused_instance`, CLI
+# --on-refused-instance): stop the study, or leave the instance out and report it.
+POLICIES = ("refuse-study", "send-rest")
+
 
 class Refused(Exception):
     """One instance is refused. `reason` names attribute, rule (and kind); `locate` adds where."""

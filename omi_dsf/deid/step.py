@@ -9,13 +9,19 @@ Site configuration, `ctx.site["pseudonymization"]`:
     source       {"kind": "folder", "path": ".../{study_uid}"} | {"kind": "dicomweb", "url": …}
                  (WADO-RS; url defaults to the site's gateway_url) | a kind another part registered
     sink         {"kind": "folder", "path": ".../{business_key}"} | {"kind": "dicomweb", "url": …}
+    on_refused_instance   "refuse-study" (default): one instance that cannot be de-identified
+                 safely stops the study; "send-rest": it is left out, the rest is sent, and each
+                 refused instance is reported (outputs, audit trail, log)
+    pixel_recipes  extra pixel-cleaning recipe files (see pixels.py) besides the shipped one
 Inputs: study-instance-uid (required), patient-identifier (optional; checked against the files).
-Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count, and where the work item
-asks for them byte-count, output-location (only the work item's output items are answered).
+Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count, refused-instance-count,
+refused-instances, and where the work item asks for them byte-count, output-location (only the
+work item's output items are answered).
 """
 
 from __future__ import annotations
 
+from omi_dsf.audit import AuditTrail
 from omi_dsf.worker.api import Answers, StepContext, StepError
 
 from . import instance_io
@@ -54,13 +60,19 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         sink = instance_io.open_sink(cfg.get("sink") or {}, params)
         run = StudyPseudonymizer(key=key, domain=cfg["domain"], provider=provider, store=store,
                                  options=options, expect_patient_id=patient_id,
-                                 expect_study_uid=study_uid)
+                                 expect_study_uid=study_uid,
+                                 policy=cfg.get("on_refused_instance") or "refuse-study",
+                                 pixel_recipes=cfg.get("pixel_recipes") or ())
         written = 0
         # number the instances: file names may carry patient names, and errors go to the Task
         numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(source, 1))
         for out in run.process(numbered):
             written += sink.write(out.dataset, out.data)
+        refused = [str(r) for r in run.result.refused]
         if run.result.instances == 0:
+            if refused:
+                raise StepError(f"no instance of the study could be sent: {len(refused)} refused; "
+                                f"the first: {refused[0]}")
             raise StepError("no instances of the study found in the source")
         store.sync()  # the UID map is durable before the step reports success
         location = sink.close()
@@ -81,11 +93,42 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         store.close()
     ctx.log.info("pseudonymized %d instances (%d bytes) for %s", run.result.instances, written,
                  ctx.business_key)
+    _report_refused(ctx, refused, run.result.pseudo_study_uid)
     out = {
         "pseudonym": run.result.pseudonym,
         "pseudonymized-study-instance-uid": run.result.pseudo_study_uid,
         "instance-count": run.result.instances,
+        "refused-instance-count": len(refused),
+        "refused-instances": refused_text(refused) or None,
         "byte-count": written,
         "output-location": location,
     }
     return ctx.wanted(out)
+
+
+REFUSED_LINES_MAX = 50   # the work item's answer stays readable; the audit trail has every line
+
+
+def refused_text(refused: list[str]) -> str:
+    """One line per refused instance (at most REFUSED_LINES_MAX, then how many more)."""
+    lines = refused[:REFUSED_LINES_MAX]
+    if len(refused) > REFUSED_LINES_MAX:
+        lines.append(f"... and {len(refused) - REFUSED_LINES_MAX} more (see the site's audit trail)")
+    return "\n".join(lines)
+
+
+def _report_refused(ctx: StepContext, refused: list[str], pseudo_study_uid: str) -> None:
+    """Each refused instance in the step's log and, where the site keeps one, its audit trail.
+    The lines name instances by number and pseudonymized UID only: no patient data."""
+    if not refused:
+        return
+    ctx.log.warning("%d instance(s) refused and not sent for %s (policy send-rest)", len(refused),
+                    ctx.business_key)
+    for line in refused:
+        ctx.log.warning("refused %s", line)
+    if ctx.site.get("audit"):
+        trail = AuditTrail(ctx.site["audit"])
+        for line in refused:
+            trail.record(ctx.business_key, "instance-refused", str(ctx.site.get("actor") or "omi-worker"),
+                         item_id=ctx.item_id or None, attempt=ctx.attempt,
+                         pseudonymized_study_uid=pseudo_study_uid, error=line)

@@ -1,0 +1,109 @@
+"""What one bad instance does to its study is the site's choice: refuse the study (default) or send
+the rest and report every refused instance (step outputs, audit trail, log, CLI); never silently."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pydicom
+import pytest
+
+from omi_dsf.audit import AuditTrail
+from omi_dsf.cli import main
+from omi_dsf.deid.step import REFUSED_LINES_MAX, pseudonymize, refused_text
+from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.worker.api import StepContext, StepError
+
+LINE = re.compile(r"^instance (\d+) \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation \(0028,0301\) is YES;"
+                  r" no pixel recipe covers .* \(rule: burned-in text")
+
+
+@pytest.fixture
+def site(tmp_path):
+    paths = write_ct_study(tmp_path / "staging", slices=4, rows=32, cols=32, seed=15)
+    first = pydicom.dcmread(paths[0])
+    study_dir = tmp_path / "pacs" / first.StudyInstanceUID
+    study_dir.mkdir(parents=True)
+    for p in paths:
+        p.rename(study_dir / p.name)
+    bad = pydicom.dcmread(sorted(study_dir.iterdir())[2])   # instance 3 says it shows text
+    bad.BurnedInAnnotation = "YES"
+    bad.save_as(sorted(study_dir.iterdir())[2])
+    key = tmp_path / "site.key"
+    key.write_text("policy-step-key-0123456789")
+    cfg = {"audit": str(tmp_path / "audit.sqlite"), "pseudonymization": {
+        "domain": "omi-test", "key_file": str(key), "store": str(tmp_path / "site.sqlite"),
+        "source": {"kind": "folder", "path": str(tmp_path / "pacs" / "{study_uid}")},
+        "sink": {"kind": "folder", "path": str(tmp_path / "outbox" / "{business_key}")},
+    }}
+    return tmp_path, cfg, first
+
+
+def ctx(cfg, key):
+    return StepContext(topic="pseudonymize", business_key=key, site=cfg, item_id="qr-1")
+
+
+def test_default_policy_refuses_the_study(site):
+    tmp, cfg, first = site
+    with pytest.raises(StepError, match=r"instance 3 \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation"):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-default"))
+    assert list((tmp / "outbox" / "bk-default").glob("*.dcm")) == []
+
+
+def test_send_rest_sends_the_others_and_reports_the_refused_one(site, caplog):
+    tmp, cfg, first = site
+    cfg["pseudonymization"]["on_refused_instance"] = "send-rest"
+    with caplog.at_level(logging.WARNING, logger="omi_dsf.step"):
+        out = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-rest"))
+    assert out["instance-count"] == 3 and out["refused-instance-count"] == 1
+    assert LINE.match(out["refused-instances"]).group(1) == "3"
+    assert len(list((tmp / "outbox" / "bk-rest").glob("*.dcm"))) == 3
+    events = [e for e in AuditTrail(cfg["audit"]).events("bk-rest") if e.action == "instance-refused"]
+    assert [e.details["error"] for e in events] == [out["refused-instances"]]
+    assert events[0].details["pseudonymized_study_uid"] == out["pseudonymized-study-instance-uid"]
+    assert any(out["refused-instances"] in r.getMessage() for r in caplog.records)
+    for text in [out["refused-instances"]] + [r.getMessage() for r in caplog.records]:
+        assert str(first.PatientName) not in text and first.PatientID not in text
+        assert first.StudyInstanceUID not in text
+
+
+def test_send_rest_with_nothing_left_is_an_error(site):
+    tmp, cfg, first = site
+    cfg["pseudonymization"]["on_refused_instance"] = "send-rest"
+    for p in (tmp / "pacs" / first.StudyInstanceUID).iterdir():
+        ds = pydicom.dcmread(p)
+        ds.BurnedInAnnotation = "YES"
+        ds.save_as(p)
+    with pytest.raises(StepError, match=r"no instance of the study could be sent: 4 refused; the first: instance 1 "):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-none"))
+
+
+def test_unknown_policy_is_a_step_error(site):
+    tmp, cfg, first = site
+    cfg["pseudonymization"]["on_refused_instance"] = "shrug"
+    with pytest.raises(StepError, match="unknown policy for a refused instance 'shrug'"):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-x"))
+
+
+def test_long_reports_are_cut_with_a_count():
+    text = refused_text([f"instance {n}: x" for n in range(REFUSED_LINES_MAX + 7)])
+    assert text.count("\n") == REFUSED_LINES_MAX
+    assert text.endswith("... and 7 more (see the site's audit trail)")
+
+
+def test_cli_send_rest_names_each_refused_file(site, capsys):
+    tmp, cfg, first = site
+    src = tmp / "pacs" / first.StudyInstanceUID
+    bad_name = sorted(p.name for p in src.iterdir())[2]
+    base = ["deid", str(src), str(tmp / "cli-out"), "--domain", "omi", "--key-file",
+            cfg["pseudonymization"]["key_file"], "--store", str(tmp / "cli.sqlite")]
+    assert main(base) == 2                                        # default: the study stops
+    assert bad_name in capsys.readouterr().err
+    assert main(base + ["--on-refused-instance", "send-rest"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["instances"] == 3 and summary["refused"] == 1
+    assert summary["refused_instances"][0].startswith(f"{bad_name} (SOPInstanceUID 2.25.")
+    assert f"refused {bad_name} (SOPInstanceUID" in captured.err
