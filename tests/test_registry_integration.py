@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -77,24 +78,24 @@ def env(tmp_path_factory):
            "tls": {"certfile": str(server.cert), "keyfile": str(server.key),
                    "keyfile_password_file": "key-password", "client_ca": str(ca.cert_path)},
            "auth": {"organizations": {thumbprint(der): AI}, "cert_attribute": None},
-           "health": {"interval": 1, "timeout": 2, "degraded_latency_ms": 3000, "heartbeat_timeout": 600}}
+           "health": {"interval": 1, "timeout": 2, "degraded_latency_ms": 3000, "heartbeat_timeout": 600},
+           "limits": {"header_timeout": 2, "body_timeout": 2}}   # short, for tests/test_hostile_registry.py
     (folder / "registry.yaml").write_text(yaml.safe_dump(cfg))
     reg = _start(["registry", "--config", str(folder / "registry.yaml")], reg_log)
     url = f"https://127.0.0.1:{reg_port}"
     try:
         _wait_http(f"http://127.0.0.1:{ai_port}/v2/health/ready", ai, ai_log)
-        _wait_http(f"{url}/health", reg, reg_log, verify=str(ca.cert_path))
+        _wait_http(f"{url}/health", reg, reg_log, verify=ssl.create_default_context(cafile=str(ca.cert_path)))
         yield {"folder": folder, "url": url, "ca": str(ca.cert_path), "ai_port": ai_port, "ai": ai,
                "provider": (str(provider.cert), str(provider.key), KEY_PASSWORD),
                "stranger": (str(stranger.cert), str(stranger.key), KEY_PASSWORD),
-               "server_cert": server.cert, "reg_log": reg_log}
+               "server_cert": server.cert, "reg_log": reg_log, "reg": reg, "port": reg_port}
     finally:
         _stop(reg)
         _stop(ai)
 
 
 def _client(env, who: str | None) -> httpx.Client:
-    import ssl
     ctx = ssl.create_default_context(cafile=env["ca"])
     if who:
         ctx.load_cert_chain(*env[who])

@@ -4,6 +4,7 @@ tests and benchmarks: started on a loopback port, returned once its model is rea
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,11 +24,13 @@ def _free_port() -> int:
 
 class AiServiceProcess(procs.ChildProcess):
     def __init__(self, port: int | None = None, log: Path | None = None, args: tuple[str, ...] = (),
-                 timeout: float = 60.0):
-        """Without `--config` in `args`: plain HTTP on loopback, no authentication (`--anonymous`)."""
+                 timeout: float = 60.0, tls: ssl.SSLContext | None = None, token: str | None = None):
+        """Without `--config` in `args`: plain HTTP on loopback, no authentication (`--anonymous`).
+        With a configuration that serves TLS, `tls` is the client context to reach it (and `token` a
+        bearer token if its readiness needs one)."""
         self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log, self.timeout = log, timeout
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.log, self.timeout, self.tls, self.token = log, timeout, tls, token
         self.args = tuple(args) if "--config" in args else ("--anonymous", *args)
         self.proc: subprocess.Popen | None = None
 
@@ -41,7 +44,7 @@ class AiServiceProcess(procs.ChildProcess):
             if self.log:
                 out.close()
         deadline = time.monotonic() + self.timeout
-        with OipClient(self.url, timeout=10) as ai:
+        with OipClient(self.url, timeout=10, verify=self.tls, token=self.token) as ai:
             while True:   # up at all (or dead), then the model ready
                 try:
                     if ai.server_live():

@@ -223,7 +223,7 @@ def create_app(models: list[Any] | None = None, cfg: ServiceConfig | None = None
         header_length = request.headers.get(tensors.HEADER_LENGTH)
         json_length = header_length if header_length is not None else request.headers.get("content-length")
         if json_length is not None:
-            if not json_length.strip().isdigit():
+            if not (json_length.isascii() and json_length.strip().isdigit()):   # "²".isdigit() is true
                 raise _Refused(400, f"{tensors.HEADER_LENGTH} must be a number")
             if int(json_length) > limits.max_json:
                 raise _Refused(413, f"JSON part of {int(json_length)} bytes is larger than limits.max_json_mb "
