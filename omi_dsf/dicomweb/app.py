@@ -323,6 +323,7 @@ class Gateway:
             raise UnsupportedMediaType('Content-Type: STOW-RS takes multipart/related; type="application/dicom"')
         limit, part_limit = cfg.max_upload_mb << 20, cfg.max_instance_mb << 20
         too_large = f"request body larger than max_upload_mb ({cfg.max_upload_mb} MB)"
+        part_too_large = f"a part larger than max_instance_mb ({cfg.max_instance_mb} MB)"
         length = request.headers.get("content-length")
         if length and length.isascii() and length.isdigit() and int(length) > limit:
             raise PayloadTooLarge(too_large)
@@ -359,6 +360,8 @@ class Gateway:
                 if received > limit:
                     raise PayloadTooLarge(too_large)
                 for part in reader.feed(chunk):
+                    if len(part.body) > part_limit:
+                        raise PayloadTooLarge(part_too_large)
                     batch.append(part)
                     batch_bytes += len(part.body)
                     if batch_bytes >= STOW_BATCH_BYTES or len(batch) >= STOW_BATCH_PARTS:
@@ -367,7 +370,7 @@ class Gateway:
                                                                    part_limit))
                         batch, batch_bytes = [], 0
                 if reader.buffered > part_limit + 1024:   # one part is held whole: not past the limit
-                    raise PayloadTooLarge(f"a part larger than max_instance_mb ({cfg.max_instance_mb} MB)")
+                    raise PayloadTooLarge(part_too_large)
             reader.close()
             if not reader.count:
                 raise BadRequest("multipart body: no parts")

@@ -35,6 +35,7 @@ from .errors import RequestTimeout
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health"}
+DRAIN_BYTES, DRAIN_SECONDS = 1 << 20, 0.5   # the rest of a body read to keep the connection
 _UID_SEGMENT = re.compile(r"/[0-9][^/]*")
 
 
@@ -152,28 +153,40 @@ class LimitsMiddleware:
             self.active -= 1
 
     async def _run(self, scope, receive, send):
-        body_done = False
-        started = False
+        body_done = not any(name in (b"content-length", b"transfer-encoding") and value != b"0"
+                            for name, value in scope.get("headers") or ())
+        stalled = started = False
         timeout = self.cfg.body_timeout
 
         async def guarded_receive():
-            nonlocal body_done
+            nonlocal body_done, stalled
             if body_done:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), timeout)
             except asyncio.TimeoutError:
-                body_done = True   # the rest is not read; the answer closes the connection
+                stalled = True   # the rest is not read; the answer closes the connection
                 raise RequestTimeout(f"request body stalled for more than body_timeout ({timeout:g} s)") from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message
 
+        async def drain() -> bool:
+            """Read (and drop) a small rest of the body that is already on its way, so that the
+            connection can serve the next request; False when it is not that."""
+            budget = DRAIN_BYTES
+            try:
+                while not body_done and budget > 0:
+                    budget -= len((await asyncio.wait_for(guarded_receive(), DRAIN_SECONDS)).get("body", b""))
+            except (asyncio.TimeoutError, RequestTimeout):
+                return False
+            return body_done
+
         async def guarded_send(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if not body_done:   # answered before the body was read: do not wait for the rest
+                if stalled or not (body_done or await drain()):   # answered before the body came
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
