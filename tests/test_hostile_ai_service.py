@@ -147,6 +147,14 @@ def test_slow_headers_and_bodies_are_cut_off(limited):
     assert status_of(answer) == 408 and b"limits.body_timeout" in answer and time.monotonic() - start < 5
 
 
+def test_endless_headers_are_431(limited):
+    answer = raw_request(limited.port, b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + b"X-Fill: " + b"a" * 40000, timeout=10)
+    assert status_of(answer) == 431 and b"limits.max_header_bytes (16384)" in answer
+    # an answer given before the body was read closes the connection (a trickling client cannot hold it)
+    r = httpx.post(f"{limited.url}/v2/models/nope/infer", content=JSON_BODY, timeout=10)
+    assert r.status_code == 404 and r.headers["connection"] == "close"
+
+
 def test_inference_requests_at_once_are_limited(limited):
     # one inference request holds the only slot (its body is half sent): a second one is told to wait
     with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as held:

@@ -169,6 +169,8 @@ def test_slow_headers_and_bodies_are_cut_off(env):
     for s in socks:
         s.close()
     assert all(status_of(a) == 408 for a in answers) and time.monotonic() - start < 6
+    answer = raw_request(env["port"], b"GET /health HTTP/1.1\r\nHost: x\r\nX-Fill: " + b"a" * 40000, tls=_tls(env))
+    assert status_of(answer) == 431
     body = json.dumps(bundle()).encode()
     head = b"POST /fhir HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\nContent-Length: %d\r\n\r\n"
     start = time.monotonic()

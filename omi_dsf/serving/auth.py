@@ -76,7 +76,7 @@ class TokenChecker:
                               options=options, leeway=30)
         except jwt.InvalidTokenError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:   # odd claims or header values
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, AttributeError) as exc:   # odd claims or header values
             raise jwt.InvalidTokenError(f"malformed token ({type(exc).__name__})") from None
 
 

@@ -14,7 +14,8 @@ to the configuration file and required to exist; every error is one line naming 
       anonymous: false                              # true: no authentication at all (tests, demo)
       jwt:
         - {issuer: https://idp.example.org, key_file: idp.pem, audience: omi, algorithms: [RS256]}
-    limits: {max_body_mb: 1, max_query_bytes: 8192, header_timeout: 10, body_timeout: 30, max_concurrent: 32}
+    limits: {max_body_mb: 1, max_query_bytes: 8192, max_header_bytes: 16384, header_timeout: 10, body_timeout: 30,
+             max_concurrent: 32}
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ class AuthSettings(Section):
 
 
 class Limits(Section):
-    """What one request may cost; past a limit the answer names it (413, 414, 408, 503)."""
+    """What one request may cost; past a limit the answer names it (413, 414, 431, 408, 503)."""
     max_body_mb: float = Field(1.0, gt=0)        # request body (Content-Length checked before reading)
     max_query_bytes: int = Field(8192, ge=64)    # path and query string (414 above)
+    max_header_bytes: int = Field(16384, ge=1024)  # request line and headers (431 above)
     header_timeout: float = Field(10.0, gt=0)    # seconds for a request's headers to arrive (408)
     body_timeout: float = Field(30.0, gt=0)      # seconds of silence while a body is read (408)
     max_concurrent: int = Field(32, ge=1)        # requests in progress at once (503 above)

@@ -6,9 +6,13 @@ counted as it arrives and cut off at the limit (413); `body_timeout` seconds wit
 408; more than `max_concurrent` requests in progress is 503 (with Retry-After). Paths named exempt
 (health) are not counted, so they answer while the server is busy. Each refusal names its limit.
 
-uvicorn has no timeout for a request's headers: `uvicorn_config` serves with a protocol subclass
-that answers 408 and closes a connection whose headers are not complete within `header_timeout`
-(slow or half-sent requests cannot pile up).
+An answer given before the body was read (a refusal, 401, 404) closes the connection: a client
+trickling the rest of a body cannot hold it afterwards.
+
+uvicorn has no timeout for a request's headers and httptools no limit on their size: `uvicorn_config`
+serves with a protocol subclass (for httptools or h11) that answers 408 and closes a connection whose
+headers are not complete within `header_timeout`, and 431 once they pass `max_header_bytes` (slow,
+half-sent or endless requests cannot pile up).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class LimitsMiddleware:
             return await self._refuse(scope, receive, send, 503, f"busy: more than limits.max_concurrent "
                                       f"({lim.max_concurrent}) requests at once; try again", Retry_After="1")
         received, body_done, started = 0, False, False
+        has_body = bool(lengths - {b"0"}) or any(k == b"transfer-encoding" for k, _ in scope.get("headers") or [])
 
         async def limited_receive():
             nonlocal received, body_done
@@ -94,7 +99,10 @@ class LimitsMiddleware:
 
         async def watched_send(message):
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if has_body and not body_done:   # answered before the body was read: do not wait for the rest
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         if counted:
@@ -122,16 +130,21 @@ def limit_error_handler(respond: Respond):
 
 # -- uvicorn ------------------------------------------------------------------------------------------
 
-_408 = b"request headers not complete in time (limits.header_timeout)"
+def _refusal(status: bytes, message: bytes) -> bytes:
+    return (b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (status, len(message), message))
 
 
-class _HeaderTimeout:
+class _HeaderLimits:
     """Mixed into a uvicorn HTTP protocol: a connection whose request headers are not complete within
-    `header_timeout` seconds (of its opening, or of the first byte of its next request) gets 408 and is
-    closed. Idle keep-alive connections stay uvicorn's (timeout_keep_alive)."""
+    `header_timeout` seconds (of its opening, or of the first byte of its next request) gets 408, one
+    whose request line and headers pass `max_header_bytes` 431; either is closed. Idle keep-alive
+    connections stay uvicorn's (timeout_keep_alive)."""
 
     header_timeout = 10.0
+    max_header_bytes = 16384
     _late = None
+    _head_bytes = 0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -139,6 +152,7 @@ class _HeaderTimeout:
 
     def _arm(self) -> None:
         if self._late is None:
+            self._head_bytes = 0
             self._late = self.loop.call_later(self.header_timeout, self._headers_late)
 
     def _disarm(self) -> None:
@@ -147,12 +161,20 @@ class _HeaderTimeout:
             self._late = None
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():   # refused already: the rest is not read
+            return
         before = self.cycle
         if before is None or before.response_complete:
             self._arm()
+        waiting = self._late is not None
         super().data_received(data)
         if self.cycle is not before:   # a request's headers are complete
             self._disarm()
+        elif waiting:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(b"431 Request Header Fields Too Large",
+                             b"request line and headers larger than limits.max_header_bytes (%d)" % self.max_header_bytes)
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -162,8 +184,13 @@ class _HeaderTimeout:
         self._late = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_408), _408))
+        self._refuse(b"408 Request Timeout", b"request headers not complete in time (limits.header_timeout)")
+
+    def _refuse(self, status: bytes, message: bytes) -> None:
+        self._disarm()
+        if self.transport.is_closing():   # the parser refused first
+            return
+        self.transport.write(_refusal(status, message))
         self.transport.close()
 
 
@@ -176,8 +203,9 @@ def default_protocol() -> type:
         return H11Protocol
 
 
-def with_header_timeout(protocol: type, seconds: float) -> type:
-    return type(f"HeaderTimeout{protocol.__name__}", (_HeaderTimeout, protocol), {"header_timeout": seconds})
+def with_header_limits(protocol: type, limits: Limits) -> type:
+    return type(f"HeaderLimited{protocol.__name__}", (_HeaderLimits, protocol),
+                {"header_timeout": limits.header_timeout, "max_header_bytes": limits.max_header_bytes})
 
 
 def tls_kwargs(tls: TlsSettings | None) -> dict[str, Any]:
@@ -198,5 +226,6 @@ def uvicorn_config(app, *, host: str, port: int, tls: TlsSettings | None, limits
                    protocol: type | None = None, log_level: str = "info") -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
                           server_header=False, timeout_graceful_shutdown=5, lifespan="on",
-                          http=with_header_timeout(protocol or default_protocol(), limits.header_timeout),
-                          h11_max_incomplete_event_size=16 << 10, **tls_kwargs(tls))
+                          http=with_header_limits(protocol or default_protocol(), limits),
+                          # h11's own limit (a 400) only behind ours, for a single huge chunk
+                          h11_max_incomplete_event_size=4 * limits.max_header_bytes, **tls_kwargs(tls))
