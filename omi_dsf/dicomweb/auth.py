@@ -6,71 +6,18 @@ A JWT must be signed by a configured issuer's key (PEM public key or JWKS file),
 
 from __future__ import annotations
 
-import json
 import logging
 
 import jwt
 from starlette.responses import JSONResponse
 
-from .config import GatewayConfig, JwtIssuer
+from omi_dsf.serving.auth import TokenChecker   # shared with the registry and the AI service
+
+from .config import GatewayConfig
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health"}
-
-
-class _Issuer:
-    def __init__(self, cfg: JwtIssuer):
-        self.cfg = cfg
-        text = cfg.key_file.read_text()
-        self.jwks: jwt.PyJWKSet | None = None
-        self.key = None
-        if text.lstrip().startswith("{"):
-            self.jwks = jwt.PyJWKSet.from_dict(json.loads(text))
-        else:
-            from cryptography import x509
-            from cryptography.hazmat.primitives.serialization import load_pem_public_key
-            data = text.encode()
-            if b"CERTIFICATE" in data:
-                self.key = x509.load_pem_x509_certificate(data).public_key()
-            else:
-                self.key = load_pem_public_key(data)
-
-    def key_for(self, token: str):
-        if self.jwks is None:
-            return self.key
-        kid = jwt.get_unverified_header(token).get("kid")
-        keys = self.jwks.keys
-        if kid is not None:
-            for k in keys:
-                if k.key_id == kid:
-                    return k.key
-            raise jwt.InvalidTokenError("unknown key id")
-        if len(keys) == 1:
-            return keys[0].key
-        raise jwt.InvalidTokenError("token has no key id")
-
-
-class TokenChecker:
-    def __init__(self, issuers: list[JwtIssuer]):
-        self.issuers = {i.issuer: _Issuer(i) for i in issuers}
-
-    def check(self, token: str) -> dict:
-        """The verified claims, or jwt.InvalidTokenError."""
-        try:
-            claims = jwt.decode(token, options={"verify_signature": False})
-        except jwt.DecodeError:
-            raise jwt.InvalidTokenError("malformed token") from None
-        iss = claims.get("iss") if isinstance(claims, dict) else None
-        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
-            raise jwt.InvalidTokenError("unknown issuer")
-        options = {"require": ["exp", "iss"]}
-        if issuer.cfg.audience is None:
-            options["verify_aud"] = False
-        return jwt.decode(token, issuer.key_for(token), algorithms=issuer.cfg.algorithms,
-                          audience=issuer.cfg.audience, issuer=issuer.cfg.issuer,
-                          options=options, leeway=30)
 
 
 def _deny(message: str, error: str = "invalid_request") -> JSONResponse:
