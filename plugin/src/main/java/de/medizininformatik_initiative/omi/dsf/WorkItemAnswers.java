@@ -5,7 +5,7 @@ import java.util.Objects;
 import org.camunda.bpm.engine.delegate.DelegateExecution;
 import org.camunda.bpm.engine.delegate.ExecutionListener;
 import org.camunda.bpm.model.bpmn.instance.UserTask;
-import org.camunda.bpm.model.xml.instance.ModelElementInstance;
+import org.camunda.bpm.model.bpmn.instance.FlowElement;
 import org.hl7.fhir.r4.model.QuestionnaireResponse;
 import org.hl7.fhir.r4.model.QuestionnaireResponse.QuestionnaireResponseItemComponent;
 import org.springframework.beans.factory.InitializingBean;
@@ -20,7 +20,9 @@ import dev.dsf.bpe.v1.variables.Variables;
  * Runs unchanged on DSF 1.x (Camunda) and 2.x (Operaton): DSF 2.x loads v1 plugins through a class
  * loader that renames {@code org.camunda.bpm} to {@code org.operaton.bpm} in the byte code, and
  * Operaton's model API renamed the {@code getCamunda*} accessors, so this class reads the form key as
- * the plain XML attribute it is instead of calling {@code UserTask.getCamundaFormKey()}.
+ * the plain XML attribute it is instead of calling {@code UserTask.getCamundaFormKey()}. It calls it on
+ * a {@code UserTask}: DSF 2.x shows v1 plugins only {@code org.operaton.bpm.model.bpmn.instance} of the
+ * model API, not the {@code model.xml} interfaces that declare the method.
  */
 public class WorkItemAnswers implements ExecutionListener, InitializingBean
 {
@@ -59,13 +61,13 @@ public class WorkItemAnswers implements ExecutionListener, InitializingBean
 		}
 	}
 
-	static String formKey(ModelElementInstance element)
+	static String formKey(FlowElement element)
 	{
-		if (!(element instanceof UserTask))
+		if (!(element instanceof UserTask userTask))
 			return null;
 		for (String namespace : FORM_KEY_NAMESPACES)
 		{
-			String value = element.getAttributeValueNs(namespace, "formKey");
+			String value = userTask.getAttributeValueNs(namespace, "formKey");
 			if (value != null)
 				return value;
 		}

@@ -1,5 +1,9 @@
 package de.medizininformatik_initiative.omi.dsf;
 
+import org.junit.Assume;
+import java.util.Arrays;
+import java.io.UncheckedIOException;
+import java.nio.charset.StandardCharsets;
 import static org.junit.Assert.assertEquals;
 import static org.junit.Assert.assertTrue;
 import static org.junit.Assert.fail;
@@ -62,8 +66,11 @@ import org.objectweb.asm.Type;
  * if installed there; read with ASM, as its classes have the same names as the 1.x API on the test class
  * path and are compiled for a newer Java). It also checks that every method that overrides a Camunda / DSF
  * method on DSF 1.x still overrides one on DSF 2.x and that no inherited abstract method is left
- * unimplemented there (AbstractMethodError). Two tests run the checker on synthetic classes to show that it
- * reports what would break.
+ * unimplemented there (AbstractMethodError). DSF 2.x also shows a v1 plugin only the BPE classes that its
+ * {@code bpe/api/v1/allowed-bpe-classes.list} names (a class, its package or a parent package); where the DSF
+ * 2.x BPE server jar is at hand ({@code dsf2.bpe.server.jar}, by default in /opt/dsf-2.1.0) every Operaton
+ * class the plugin uses must be on it. Tests run the checker on synthetic classes to show that it reports
+ * what would break.
  */
 public class OperatonCompatibilityTest
 {
@@ -73,6 +80,31 @@ public class OperatonCompatibilityTest
 
 	private static final String OPERATON_VERSION = System.getProperty("operaton.version", "1.0.3");
 	private static final String DSF2_VERSION = System.getProperty("dsf2.version", "2.1.0");
+
+	/** the BPE classes DSF 2.x shows v1 plugins, read from its BPE server jar; null if that jar is not here */
+	private static final Set<String> ALLOWED_BPE_CLASSES = allowedBpeClasses();
+
+	private static Set<String> allowedBpeClasses()
+	{
+		String jar = System.getProperty("dsf2.bpe.server.jar");
+		if (jar == null || !Files.isRegularFile(Paths.get(jar)))
+			return null;
+		try (ZipFile zip = new ZipFile(jar))
+		{
+			ZipEntry entry = zip.getEntry("bpe/api/v1/allowed-bpe-classes.list");
+			if (entry == null)
+				return null;
+			Set<String> allowed = new HashSet<>();
+			for (String line : new String(zip.getInputStream(entry).readAllBytes(), StandardCharsets.UTF_8).split("\\R"))
+				if (!line.isBlank() && !line.strip().startsWith("#"))
+					allowed.add(line.strip());
+			return allowed;
+		}
+		catch (IOException e)
+		{
+			throw new UncheckedIOException(e);
+		}
+	}
 
 	/**
 	 * Supertypes and members of a class, from its byte code (plugin classes, DSF 2.x's v1 API, which is compiled
@@ -324,6 +356,25 @@ public class OperatonCompatibilityTest
 				problems.add(at + ": " + name + " (" + what + ") is not rewritten by DSF 2.x and does not exist there");
 			else if (dsf2.info(rewrite(name)) == null)
 				problems.add(at + ": " + name + " -> " + rewrite(name) + ": " + notFoundIn(rewrite(name)));
+			else
+				visible(at, rewrite(name), what);
+		}
+
+		/** an Operaton class must be one that DSF 2.x shows v1 plugins (a class, package or parent package listed) */
+		void visible(String at, String internalName, String what)
+		{
+			if (ALLOWED_BPE_CLASSES == null || !internalName.startsWith(OPERATON))
+				return;
+			String className = internalName.replace('/', '.');
+			if (ALLOWED_BPE_CLASSES.contains(className))
+				return;
+			String[] packages = className.substring(0, className.lastIndexOf('.')).split("\\.");
+			for (int n = packages.length; n >= 2; n--)
+				if (ALLOWED_BPE_CLASSES.contains(String.join(".", Arrays.copyOf(packages, n))))
+					return;
+			problems.add(at + ": " + internalName + " (" + what + ") is hidden from v1 plugins on DSF " + DSF2_VERSION
+					+ ": neither it nor its package is in the BPE's bpe/api/v1/allowed-bpe-classes.list"
+					+ " (NoClassDefFoundError)");
 		}
 
 		void descriptor(String at, String descriptor, boolean rewritten, String what)
@@ -416,6 +467,7 @@ public class OperatonCompatibilityTest
 				problems.add(at + ": " + target + ": not found in " + where(dsf2.info(newOwner)));
 				return;
 			}
+			visible(at, newOwner, "owner of " + reference);
 			boolean isStatic = (found.getValue() & Opcodes.ACC_STATIC) != 0;
 			boolean wantStatic = opcode == Opcodes.INVOKESTATIC || opcode == Opcodes.GETSTATIC
 					|| opcode == Opcodes.PUTSTATIC || opcode == H_STATIC;
@@ -792,5 +844,35 @@ public class OperatonCompatibilityTest
 				+ "org/camunda/bpm/model/bpmn/instance/UserTask#getName()Ljava/lang/String; is used in a method handle"));
 		assertTrue(problems.get(2), problems.get(2).startsWith("Synthetic.answer (line 43): "
 				+ "org/camunda/bpm/engine/delegate/BpmnError (catch) is not rewritten"));
+	}
+
+	@Test
+	public void checkerReportsModelApiHiddenFromV1Plugins() throws Exception
+	{
+		Assume.assumeNotNull("DSF " + DSF2_VERSION + " BPE server jar not here (" + System.getProperty("dsf2.bpe.server.jar")
+				+ "): which classes v1 plugins see is not checked", ALLOWED_BPE_CLASSES);
+		// UserTask.getAttributeValueNs(..) called on the model.xml interface that declares it: that package is hidden
+		Checker checker = checker(synthetic(mv ->
+		{
+			mv.visitVarInsn(Opcodes.ALOAD, 0);
+			mv.visitLdcInsn("http://camunda.org/schema/1.0/bpmn");
+			mv.visitLdcInsn("formKey");
+			mv.visitMethodInsn(Opcodes.INVOKEINTERFACE, "org/camunda/bpm/model/xml/instance/ModelElementInstance",
+					"getAttributeValueNs", "(Ljava/lang/String;Ljava/lang/String;)Ljava/lang/String;", true);
+		}));
+		assertEquals("problems: " + checker.problems, 1, checker.problems.size());
+		String problem = checker.problems.iterator().next();
+		assertTrue(problem, problem.contains("org/operaton/bpm/model/xml/instance/ModelElementInstance (owner of")
+				&& problem.contains("allowed-bpe-classes.list"));
+		// the same call on UserTask itself resolves through a visible interface
+		checker = checker(synthetic(mv ->
+		{
+			mv.visitVarInsn(Opcodes.ALOAD, 0);
+			mv.visitLdcInsn("http://camunda.org/schema/1.0/bpmn");
+			mv.visitLdcInsn("formKey");
+			mv.visitMethodInsn(Opcodes.INVOKEINTERFACE, "org/camunda/bpm/model/bpmn/instance/UserTask",
+					"getAttributeValueNs", "(Ljava/lang/String;Ljava/lang/String;)Ljava/lang/String;", true);
+		}));
+		assertEquals("problems: " + checker.problems, 0, checker.problems.size());
 	}
 }
