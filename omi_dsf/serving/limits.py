@@ -86,11 +86,13 @@ class LimitsMiddleware:
             with anyio.move_on_after(lim.body_timeout) as scope_:
                 message = await receive()
             if scope_.cancelled_caught:
+                body_done = True   # the rest is not read; the answer closes the connection
                 raise RequestLimitError(408, f"no request body data for {lim.body_timeout:g} s "
                                              "(limits.body_timeout)")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > lim.max_body:
+                    body_done = True
                     raise RequestLimitError(413, f"request body larger than limits.max_body_mb ({_mb(lim.max_body)})")
                 body_done = not message.get("more_body", False)
             else:
