@@ -201,3 +201,13 @@ def test_refusal_carries_no_original_uid_even_before_deidentification(tmp_path):
     assert str(ds.SOPInstanceUID) not in str(err.value)
     assert "StudyInstanceUID (0020,000D)" in str(err.value)
     assert Path("x.dcm").name in str(err.value)
+
+
+def test_code_extension_charset_passes_when_the_walk_explains_every_find():
+    """ISO 2022: the byte search cannot decode; a find the element walk explains (a name part
+    inside a longer word) must not be reported as unexplained bytes."""
+    ds = synthetic.ct_instance(0)
+    ds.SpecificCharacterSet = ["ISO 2022 IR 13", "ISO 2022 IR 87"]
+    ds.Manufacturer = "Schneidermann Devices"      # contains the family name, not the name
+    out = pipeline().process_encoded(part10(ds), "jp.dcm")
+    assert b"Schneidermann" in out.data

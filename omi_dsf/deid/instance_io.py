@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
@@ -84,12 +86,22 @@ class FolderSource:
 
 
 class FolderSink:
-    """<folder>/<SOPInstanceUID>.dcm, each written to a temporary name and renamed when complete."""
+    """<folder>/<SOPInstanceUID>.dcm, each written to a temporary name and renamed when complete.
+
+    Files are written by one background thread while the caller prepares the next instance (the
+    disk and the CPU work at once; a bounded queue keeps at most a few instances in memory). A
+    write error is raised by the next `write` or by `close`; `close` returns once every file is
+    complete, `abort` waits for the thread and deletes what it wrote."""
+
+    QUEUE = 8
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.written: list[Path] = []
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def write(self, ds: Dataset, data: bytes | None = None) -> int:
         """Write `data` (the bytes the leak check saw) or, without it, `ds` encoded here."""
@@ -99,23 +111,54 @@ class FolderSink:
             data = buf.getvalue()
         uid = ds.get_item(0x00080018).value
         uid = uid.decode("ascii").strip("\x00 ") if isinstance(uid, bytes) else str(uid)
-        target = self.path / f"{uid}.dcm"
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            size = len(data)
-            os.replace(tmp, target)
-            self.written.append(target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return size
+        self._raise_error()
+        if self._thread is None:
+            self._queue = queue.Queue(self.QUEUE)
+            self._thread = threading.Thread(target=self._writer, name="omi-folder-sink", daemon=True)
+            self._thread.start()
+        self._queue.put((self.path / f"{uid}.dcm", data))
+        return len(data)
+
+    def _writer(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is not None:
+                continue            # drain after a failure; the caller is told once
+            target, data = job
+            tmp = None
+            try:
+                fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".part-")
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+                self.written.append(target)
+            except BaseException as exc:  # kept for the caller; the thread goes on draining
+                if tmp is not None:
+                    Path(tmp).unlink(missing_ok=True)
+                self._error = exc
+
+    def _finish(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = self._queue = None
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._finish()
+            raise error
 
     def close(self) -> str:
+        self._finish()
+        self._raise_error()
         return str(self.path)
 
     def abort(self) -> None:
+        self._finish()
+        self._error = None
         for p in self.written:
             p.unlink(missing_ok=True)
         self.written.clear()

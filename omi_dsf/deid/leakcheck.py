@@ -234,8 +234,10 @@ def bytes_may_leak(data: bytes, codec: str | None, identity: Identity) -> bool:
     return _loose(data, codec, identity) is not None
 
 
-def _loose(data, codec: str | None, identity: Identity) -> tuple[int | None, str] | None:
-    """(byte position or None, kind) of something the loose search finds in `data`."""
+def _loose(data, codec: str | None, identity: Identity, undecidable: bool = True) -> tuple[int | None, str] | None:
+    """(byte position or None, kind) of something the loose search finds in `data`. With code
+    extensions (ISO 2022, codec None) nothing here decodes the text: `undecidable` says whether
+    that counts as a find (the fast path: then the element walk decides)."""
     found = identity.loose_find(bytes(data).decode("latin-1"))  # 1:1, so positions are offsets
     if found is not None:
         return found
@@ -243,7 +245,7 @@ def _loose(data, codec: str | None, identity: Identity) -> tuple[int | None, str
         found = identity.loose_find(bytes(data).decode(codec, "replace"))
         if found is not None:
             return None, found[1]
-    if codec is None:   # ISO 2022: nothing here decodes it; the element walk decides
+    if codec is None and undecidable:
         return None, "identifying text"
     return None
 
@@ -267,7 +269,7 @@ def encoded_hits(data: bytes, identity: Identity, codec: str | None,
     masked = bytearray(data)
     for start, end in walker.spans + [(lo, hi)]:
         masked[start:end] = bytes(end - start)
-    found = _loose(masked, codec, identity)
+    found = _loose(masked, codec, identity, undecidable=False)
     if found is None:
         return []
     pos, kind = found
