@@ -5,7 +5,6 @@ odd claims as 401, configuration files with wrong types, and the status page (pu
 
 from __future__ import annotations
 
-import copy
 import json
 import socket
 import ssl

@@ -14,20 +14,16 @@ connection (keyed by the client address, which is what the app sees in scope["cl
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Literal
 
-import jwt
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 from pydantic import Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from omi_dsf.registry.errors import forbidden, unauthenticated
-from omi_dsf.serving.auth import TokenChecker, bearer_token
+from omi_dsf.serving.auth import TokenChecker, TokenRefused, claims_of
 from omi_dsf.serving.config import JwtIssuer, Name, Section
-
-log = logging.getLogger(__name__)
 
 # (client host, client port) -> DER certificate of the connection's peer
 PEER_CERTS: dict[tuple[str, int], bytes] = {}
@@ -89,16 +85,9 @@ class Authenticator:
         """The caller's organization, or a 401/403 FhirError."""
         if authorization:
             try:
-                token = bearer_token(authorization)
-            except jwt.InvalidTokenError as exc:
+                claims = claims_of(authorization, self.checker)
+            except TokenRefused as exc:
                 raise unauthenticated(str(exc)) from None
-            if self.checker is None:
-                raise unauthenticated("bearer tokens are not configured on this registry")
-            try:
-                claims = self.checker.check(token)
-            except jwt.InvalidTokenError as exc:
-                log.info("bearer token refused: %s", type(exc).__name__)
-                raise unauthenticated(f"bearer token refused: {exc}") from None
             org = claims.get(self.claims.get(claims.get("iss"), "organization"))
             if not isinstance(org, str) or not org:
                 raise forbidden("bearer token carries no organization claim")

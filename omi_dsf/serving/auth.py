@@ -80,12 +80,26 @@ class TokenChecker:
             raise jwt.InvalidTokenError(f"malformed token ({type(exc).__name__})") from None
 
 
-def bearer_token(authorization: str) -> str:
-    """The token of an ``Authorization: Bearer …`` value, or jwt.InvalidTokenError."""
+class TokenRefused(Exception):
+    """A bearer credential refused; `error` is the OAuth error code for WWW-Authenticate."""
+
+    def __init__(self, message: str, error: str = "invalid_request"):
+        super().__init__(message)
+        self.error = error
+
+
+def claims_of(authorization: str, checker: TokenChecker | None) -> dict:
+    """The verified claims of an ``Authorization: Bearer …`` value, or TokenRefused saying why."""
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise jwt.InvalidTokenError("Authorization: only Bearer tokens are accepted")
-    return token.strip()
+        raise TokenRefused("Authorization: only Bearer tokens are accepted")
+    if checker is None:
+        raise TokenRefused("bearer tokens are not configured here")
+    try:
+        return checker.check(token.strip())
+    except jwt.InvalidTokenError as exc:
+        log.info("bearer token refused: %s", type(exc).__name__)
+        raise TokenRefused(f"bearer token refused: {exc}", "invalid_token") from None
 
 
 def deny(message: str, realm: str, error: str = "invalid_request",
@@ -114,18 +128,9 @@ class AuthMiddleware:
         header = dict(scope.get("headers") or []).get(b"authorization")
         if header is not None:
             try:
-                token = bearer_token(header.decode("latin-1"))
-            except jwt.InvalidTokenError as exc:
-                return await deny(str(exc), self.realm, respond=self.respond)(scope, receive, send)
-            if self.checker is None:
-                return await deny("bearer tokens are not configured here", self.realm,
-                                  respond=self.respond)(scope, receive, send)
-            try:
-                claims = self.checker.check(token)
-            except jwt.InvalidTokenError as exc:
-                log.info("bearer token refused: %s", type(exc).__name__)
-                return await deny(f"bearer token refused: {exc}", self.realm, "invalid_token",
-                                  self.respond)(scope, receive, send)
+                claims = claims_of(header.decode("latin-1"), self.checker)
+            except TokenRefused as exc:
+                return await deny(str(exc), self.realm, exc.error, self.respond)(scope, receive, send)
             scope.setdefault("state", {})["subject"] = claims.get("sub")
             return await self.app(scope, receive, send)
         if self.mtls or self.anonymous:  # with mTLS the handshake already verified the client
