@@ -21,6 +21,7 @@ from omi_dsf.deid import pixels, synthetic
 from omi_dsf.deid.leakcheck import LeakError
 from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
+from omi_dsf.deid.refusal import Refused
 from omi_dsf.deid.store import SiteStore
 
 KEY = b"pixel-test-key-0123456789"
@@ -192,3 +193,25 @@ def test_shipped_rules_clean_real_ultrasound_images(name, secrets):
     back = pydicom.dcmread(io.BytesIO(sp.process_encoded(path, name).data))
     after = ocr(back.pixel_array)
     assert not [s for s in secrets if s in after]
+
+
+def test_pixels_that_cannot_be_decoded_are_a_refusal_not_a_crash(recipe, tmp_path, capsys):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    from omi_dsf.cli import main
+    ds = us_instance(drawn())
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream"])
+    ds["PixelData"].is_undefined_length = True
+    with pytest.raises(Refused, match=r"^us\.dcm \(SOPInstanceUID 2\.25\.\d+\): PixelData \(7FE0,0010\) cannot be"
+                                      r" decoded to clean it \(\w+\) \(rule: pixel recipe .*site-recipes\.tsv:2\)"):
+        run(ds, [recipe])
+    src = tmp_path / "in"
+    src.mkdir()
+    ds.save_as(src / "us.dcm", enforce_file_format=True)
+    key = tmp_path / "k"
+    key.write_text("pixel-cli-key-0123456789")
+    assert main(["deid", str(src), str(tmp_path / "out"), "--domain", "omi", "--key-file", str(key),
+                 "--store", str(tmp_path / "s.sqlite"), "--pixel-recipes", str(recipe)]) == 2
+    assert "cannot be decoded to clean it" in capsys.readouterr().err

@@ -13,47 +13,40 @@ import pytest
 from omi_dsf.audit import AuditTrail
 from omi_dsf.cli import main
 from omi_dsf.deid.step import REFUSED_LINES_MAX, pseudonymize, refused_text
-from omi_dsf.inference.phantom import write_ct_study
 from omi_dsf.worker.api import StepContext, StepError
+from test_deid_step import site  # noqa: F401  (the step tests' fixture, extended below)
 
 LINE = re.compile(r"^instance (\d+) \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation \(0028,0301\) is YES;"
                   r" no pixel recipe covers .* \(rule: burned-in text")
 
 
 @pytest.fixture
-def site(tmp_path):
-    paths = write_ct_study(tmp_path / "staging", slices=4, rows=32, cols=32, seed=15)
-    first = pydicom.dcmread(paths[0])
-    study_dir = tmp_path / "pacs" / first.StudyInstanceUID
-    study_dir.mkdir(parents=True)
-    for p in paths:
-        p.rename(study_dir / p.name)
-    bad = pydicom.dcmread(sorted(study_dir.iterdir())[2])   # instance 3 says it shows text
+def policy_site(site):
+    """The step tests' site (4 instances, folder source and sink) with an audit trail; instance 3
+    says it shows text, and no pixel recipe covers it."""
+    tmp, cfg, first = site
+    study_dir = tmp / "pacs" / first.StudyInstanceUID
+    victim = sorted(study_dir.iterdir())[2]
+    bad = pydicom.dcmread(victim)
     bad.BurnedInAnnotation = "YES"
-    bad.save_as(sorted(study_dir.iterdir())[2])
-    key = tmp_path / "site.key"
-    key.write_text("policy-step-key-0123456789")
-    cfg = {"audit": str(tmp_path / "audit.sqlite"), "pseudonymization": {
-        "domain": "omi-test", "key_file": str(key), "store": str(tmp_path / "site.sqlite"),
-        "source": {"kind": "folder", "path": str(tmp_path / "pacs" / "{study_uid}")},
-        "sink": {"kind": "folder", "path": str(tmp_path / "outbox" / "{business_key}")},
-    }}
-    return tmp_path, cfg, first
+    bad.save_as(victim)
+    cfg["audit"] = str(tmp / "audit.sqlite")
+    return tmp, cfg, first
 
 
 def ctx(cfg, key):
     return StepContext(topic="pseudonymize", business_key=key, site=cfg, item_id="qr-1")
 
 
-def test_default_policy_refuses_the_study(site):
-    tmp, cfg, first = site
+def test_default_policy_refuses_the_study(policy_site):
+    tmp, cfg, first = policy_site
     with pytest.raises(StepError, match=r"instance 3 \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation"):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-default"))
     assert list((tmp / "outbox" / "bk-default").glob("*.dcm")) == []
 
 
-def test_send_rest_sends_the_others_and_reports_the_refused_one(site, caplog):
-    tmp, cfg, first = site
+def test_send_rest_sends_the_others_and_reports_the_refused_one(policy_site, caplog):
+    tmp, cfg, first = policy_site
     cfg["pseudonymization"]["on_refused_instance"] = "send-rest"
     with caplog.at_level(logging.WARNING, logger="omi_dsf.step"):
         out = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-rest"))
@@ -69,8 +62,8 @@ def test_send_rest_sends_the_others_and_reports_the_refused_one(site, caplog):
         assert first.StudyInstanceUID not in text
 
 
-def test_send_rest_with_nothing_left_is_an_error(site):
-    tmp, cfg, first = site
+def test_send_rest_with_nothing_left_is_an_error(policy_site):
+    tmp, cfg, first = policy_site
     cfg["pseudonymization"]["on_refused_instance"] = "send-rest"
     for p in (tmp / "pacs" / first.StudyInstanceUID).iterdir():
         ds = pydicom.dcmread(p)
@@ -80,8 +73,8 @@ def test_send_rest_with_nothing_left_is_an_error(site):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-none"))
 
 
-def test_unknown_policy_is_a_step_error(site):
-    tmp, cfg, first = site
+def test_unknown_policy_is_a_step_error(policy_site):
+    tmp, cfg, first = policy_site
     cfg["pseudonymization"]["on_refused_instance"] = "shrug"
     with pytest.raises(StepError, match="unknown policy for a refused instance 'shrug'"):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-x"))
@@ -93,8 +86,8 @@ def test_long_reports_are_cut_with_a_count():
     assert text.endswith("... and 7 more (see the site's audit trail)")
 
 
-def test_cli_send_rest_names_each_refused_file(site, capsys):
-    tmp, cfg, first = site
+def test_cli_send_rest_names_each_refused_file(policy_site, capsys):
+    tmp, cfg, first = policy_site
     src = tmp / "pacs" / first.StudyInstanceUID
     bad_name = sorted(p.name for p in src.iterdir())[2]
     base = ["deid", str(src), str(tmp / "cli-out"), "--domain", "omi", "--key-file",

@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from .refusal import POLICIES
 from .profile import OPTION_NAMES
+from .refusal import POLICIES, Refused
 
 
 def register(subparsers) -> None:
@@ -44,7 +44,6 @@ def run(args) -> int:
 
     from .instance_io import FolderSink, FolderSource
     from .keys import KeyError_, load_key
-    from .leakcheck import LeakError
     from .pipeline import DeidError, StudyPseudonymizer, read_instance
     from .pseudonyms import PseudonymError, make_provider
     from .reidentify import Reidentifier, ReidentifyError
@@ -89,7 +88,7 @@ def run(args) -> int:
             summary = {"instances": r.instances, "refused": len(refused), "pseudonym": r.pseudonym,
                        "pseudonymized_study_uids": sorted(r.study_uids.values()), "out": sink.close(),
                        "refused_instances": refused}
-    except (DeidError, LeakError, ReidentifyError, PseudonymError, ValueError) as exc:
+    except (Refused, ReidentifyError, PseudonymError, ValueError) as exc:
         sink.abort()
         raise UserError(str(exc)) from None
     finally:

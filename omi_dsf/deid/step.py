@@ -26,11 +26,11 @@ from omi_dsf.worker.api import Answers, StepContext, StepError
 
 from . import instance_io
 from .keys import KeyError_, load_key
-from .leakcheck import LeakError
-from .pipeline import DeidError, StudyPseudonymizer
+from .pipeline import StudyPseudonymizer
 from .profile import UnknownOptionError, parse_options
 from .pseudonyms import UnknownPseudonymError, make_provider
 from .pseudonyms.factory import ConfigError
+from .refusal import Refused
 from .store import SiteStore
 
 IN_STUDY = "study-instance-uid"
@@ -80,7 +80,7 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         if sink is not None:
             sink.abort()
         raise StepError("the study was not found in the configured source") from None
-    except (DeidError, LeakError, UnknownPseudonymError, ConfigError, ValueError,
+    except (Refused, UnknownPseudonymError, ConfigError, ValueError,
             instance_io.SourceError, instance_io.SinkError) as exc:
         if sink is not None:
             sink.abort()
