@@ -100,3 +100,31 @@ def test_unreadable_instance_and_other_studies(outbox):
     files[0].write_bytes(b"not a DICOM file at all")
     with pytest.raises(StepError, match="unreadable"):
         _collect(cfg, pseudo_uid)
+
+
+def test_original_uid_inside_a_sequence_stored_as_un_stops_the_send(outbox):
+    """What a converter that did not know the tag writes: ReferencedRTPlanSequence as UN, its
+    item in implicit VR little endian (PS3.5 6.2.2), holding another instance's original UID."""
+    import struct
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.tag import Tag
+    cfg, pseudo_uid, files, originals = outbox
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
+    item.ReferencedSOPInstanceUID = str(originals[4].SOPInstanceUID)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, item)
+    value = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(buf.getvalue())) + buf.getvalue()
+
+    def plant(ds):
+        ds[0x300C0002] = RawDataElement(Tag(0x300C0002), "UN", len(value), value, 0, False, True)
+    _edit(files[1], plant)
+    assert pydicom.dcmread(files[1]).get_item(0x300C0002).VR == "UN"
+    with pytest.raises(StepError, match=r"instance 2 \(SOPInstanceUID 2\.25\.\d+\): identifying value in"
+                                        r" ReferencedRTPlanSequence \(300C,0002\)\[0\]\.ReferencedSOPInstanceUID"
+                                        r" \(0008,1155\): original UID"):
+        _collect(cfg, pseudo_uid)
