@@ -88,15 +88,18 @@ def header_bytes(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
-def deflate_bomb(ds: pydicom.Dataset, inflated_mb: int) -> bytes:
-    """A Deflated Explicit VR Little Endian instance whose Pixel Data is ``inflated_mb`` MB of zeros:
-    about 1/1000 of that on the wire."""
+def deflate_bomb(ds: pydicom.Dataset, inflated_mb: int, pieces: int = 1) -> bytes:
+    """A Deflated Explicit VR Little Endian instance with ``inflated_mb`` MB of zeros (about 1/1000
+    of that on the wire): one Pixel Data element, or ``pieces`` private OB elements whose declared
+    lengths each stay small (then only counting the inflated bytes finds it)."""
     squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    size = inflated_mb << 20
-    out = [squeeze.compress(header_bytes(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, size))]
+    out = [squeeze.compress(header_bytes(ds))]
     zeros = bytes(1 << 20)
-    for _ in range(inflated_mb):
-        out.append(squeeze.compress(zeros))
+    for i in range(pieces):
+        tag = (0x7FE0, 0x0010) if pieces == 1 else (0x0029, 0x1000 + i)
+        size = (inflated_mb << 20) // pieces
+        out.append(squeeze.compress(struct.pack("<HH2sHL", *tag, b"OB", 0, size)))
+        out += [squeeze.compress(zeros[:min(len(zeros), size - done)]) for done in range(0, size, len(zeros))]
     out.append(squeeze.flush())
     return with_meta(ds, b"".join(out), DeflatedExplicitVRLittleEndian)
 
@@ -218,9 +221,10 @@ def test_a_query_past_its_time_limit_is_503(tmp_path):
 
 # -- STOW-RS: limits, broken files, conflicts ----------------------------------------------------------
 
-def test_a_deflate_bomb_is_refused_with_bounded_memory(gw):
+@pytest.mark.parametrize("pieces", [1, 64])   # one huge element (seen at once), or many (counted)
+def test_a_deflate_bomb_is_refused_with_bounded_memory(gw, pieces):
     ds = instance()
-    bomb = deflate_bomb(ds, 64)              # 4 parts of 64 MB inflated each; max_instance_mb is 16
+    bomb = deflate_bomb(ds, 64, pieces)      # 4 parts of 64 MB inflated each; max_instance_mb is 16
     assert len(bomb) < 1 << 20
     reset_peak_rss()
     before = peak_rss_mb()

@@ -55,24 +55,29 @@ def _text(value: bytes) -> str:
     return value.rstrip(b"\x00 ").decode("ascii", "replace")
 
 
+def _explicit_le(buf: bytes, pos: int) -> tuple[int, int, int, int] | None:
+    """(group, element, value length, value offset) of the Explicit VR Little Endian element at
+    ``pos``; None when its header is not all in ``buf`` or its VR is unknown."""
+    if pos + 8 > len(buf):
+        return None
+    group, elem, vr, short = struct.unpack_from("<HH2sH", buf, pos)
+    if vr in SHORT_VRS:
+        return group, elem, short, pos + 8
+    if vr in LONG_VRS and pos + 12 <= len(buf):
+        return group, elem, struct.unpack_from("<L", buf, pos + 8)[0], pos + 12
+    return None
+
+
 def read_meta(data: bytes) -> tuple[Meta, int]:
     """The file meta information and where the data set starts."""
     if len(data) < 132 or data[128:132] != b"DICM":
         raise Refused(CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)")
     pos, values = 132, {}
-    while pos + 8 <= len(data):
-        group, elem = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = bytes(data[pos + 4:pos + 6])
-        if vr in LONG_VRS:
-            if pos + 12 > len(data):
-                break
-            length, pos = struct.unpack_from("<L", data, pos + 8)[0], pos + 12
-        elif vr in SHORT_VRS:
-            length, pos = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
-        else:
-            raise Refused(CANNOT_UNDERSTAND, "file meta information: unknown VR")
+    while pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        header = _explicit_le(data, pos)
+        if header is None:
+            raise Refused(CANNOT_UNDERSTAND, "file meta information: unknown VR or cut off")
+        _, elem, length, pos = header
         if length == UNDEFINED or pos + length > len(data):
             raise Refused(CANNOT_UNDERSTAND, "file meta information is cut off")
         values[elem] = bytes(data[pos:pos + length])
@@ -88,9 +93,12 @@ def read_meta(data: bytes) -> tuple[Meta, int]:
 
 def inflated_size(data: bytes, start: int, limit: int) -> int:
     """Bytes a raw deflate stream inflates to; Refused past ``limit`` or when cut off. Nothing
-    is kept: each step's output is counted and dropped."""
+    is kept: each step's output is counted and dropped. An element in the first step whose
+    declared length alone goes past the limit (the usual bomb: one huge Pixel Data of zeros) is
+    refused before anything more is inflated."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     view, pos, total = memoryview(data), start, 0
+    too_big = Refused(OUT_OF_RESOURCES, f"inflates to more than {limit >> 20} MB")
     try:
         while not inflater.eof:
             if inflater.unconsumed_tail:
@@ -99,14 +107,27 @@ def inflated_size(data: bytes, start: int, limit: int) -> int:
                 chunk, pos = view[pos:pos + STEP], pos + STEP
             else:
                 break
-            total += len(inflater.decompress(chunk, STEP))
+            out = inflater.decompress(chunk, STEP)
+            if total == 0 and _declared_end(out) > limit:
+                raise too_big
+            total += len(out)
             if total > limit:
-                raise Refused(OUT_OF_RESOURCES, f"inflates to more than {limit >> 20} MB")
+                raise too_big
     except zlib.error:
         raise Refused(CANNOT_UNDERSTAND, "deflated data set is corrupt") from None
     if not inflater.eof:
         raise Refused(CANNOT_UNDERSTAND, "deflated data set is cut off")
     return total
+
+
+def _declared_end(prefix: bytes) -> int:
+    """How far the top-level elements that start in ``prefix`` (Explicit VR Little Endian) say the
+    data set goes, as far as their headers can be read there."""
+    pos, end = 0, 0
+    while (header := _explicit_le(prefix, pos)) is not None and header[2] != UNDEFINED:
+        pos = header[3] + header[2]
+        end = max(end, pos)
+    return end
 
 
 def _walk(buf: bytes, pos: int, implicit: bool, little: bool) -> None:
