@@ -14,7 +14,7 @@ from omi_dsf.audit import AuditTrail
 from omi_dsf.cli import main
 from omi_dsf.deid.step import REFUSED_LINES_MAX, pseudonymize, refused_text
 from omi_dsf.worker.api import StepContext, StepError
-from test_deid_step import site  # noqa: F401  (the step tests' fixture, extended below)
+from test_deid_step import burned_in, site  # noqa: F401  (site: the step tests' fixture, extended below)
 
 LINE = re.compile(r"^instance (\d+) \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation \(0028,0301\) is YES;"
                   r" no pixel recipe covers .* \(rule: burned-in text")
@@ -25,11 +25,7 @@ def policy_site(site):
     """The step tests' site (4 instances, folder source and sink) with an audit trail; instance 3
     says it shows text, and no pixel recipe covers it."""
     tmp, cfg, first = site
-    study_dir = tmp / "pacs" / first.StudyInstanceUID
-    victim = sorted(study_dir.iterdir())[2]
-    bad = pydicom.dcmread(victim)
-    bad.BurnedInAnnotation = "YES"
-    bad.save_as(victim)
+    burned_in(site, 2)
     cfg["audit"] = str(tmp / "audit.sqlite")
     return tmp, cfg, first
 

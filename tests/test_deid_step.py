@@ -32,6 +32,16 @@ def site(tmp_path):
     return tmp_path, cfg, first
 
 
+def burned_in(site, index: int):
+    """Make the study's instance `index` (0-based) declare burned-in text; (its path, dataset)."""
+    tmp, _, first = site
+    victim = sorted((tmp / "pacs" / first.StudyInstanceUID).iterdir())[index]
+    ds = pydicom.dcmread(victim)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(victim)
+    return victim, ds
+
+
 def ctx(cfg, key="bk-1"):
     return StepContext(topic="pseudonymize", business_key=key, site=cfg)
 
@@ -83,12 +93,8 @@ def test_unknown_study_and_missing_inputs(site):
 
 def test_leak_stops_the_step_and_removes_partial_output(site, monkeypatch):
     tmp, cfg, first = site
-    # the third instance declares burned-in text, which we do not clean
-    study_dir = tmp / "pacs" / first.StudyInstanceUID
-    victim = sorted(study_dir.iterdir())[2]
-    ds = pydicom.dcmread(victim)
-    ds.BurnedInAnnotation = "YES"
-    ds.save_as(victim)
+    # the third instance declares burned-in text, which no pixel recipe covers
+    victim, ds = burned_in(site, 2)
     with pytest.raises(StepError, match=r"BurnedInAnnotation \(0028,0301\)"):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-3"))
     assert list((tmp / "outbox" / "bk-3").glob("*.dcm")) == []
