@@ -117,6 +117,53 @@ def test_generated_resources_validate_clean(tree):
     assert validate_path(tree) == []
 
 
+BPMN_NS = {"bpmn": "http://www.omg.org/spec/BPMN/20100524/MODEL", "camunda": "http://camunda.org/schema/1.0/bpmn"}
+CAMUNDA = "{http://camunda.org/schema/1.0/bpmn}"
+# read by the DSF's AbstractTaskMessageSend itself, not by a setter of ours
+DSF_SEND_FIELDS = {"instantiatesCanonical", "messageName", "profile"}
+
+
+def _bpmn_models(tree):
+    import xml.etree.ElementTree as ET
+    return {p.name: ET.parse(p).getroot() for p in sorted((tree / "bpmn").glob("*.bpmn"))}
+
+
+def test_every_injected_field_has_a_setter_in_its_glue_class(tree):
+    """The DSF linter calls the glue's own fields "unknown field injections" (it knows only the DSF's
+    three): each one must be taken by a FixedValue setter of the class that the element names, or the
+    engine would reject it when the element first runs."""
+    src = ROOT / "plugin/src/main/java"
+    seen = 0
+    for name, root in _bpmn_models(tree).items():
+        for holder in root.iter():
+            cls = holder.get(f"{CAMUNDA}class")
+            ext = holder.find("bpmn:extensionElements", BPMN_NS)
+            if not cls or ext is None:
+                continue
+            java = (src / (cls.replace(".", "/") + ".java")).read_text()
+            for f in ext.findall("camunda:field", BPMN_NS):
+                field_name = f.get("name")
+                seen += 1
+                if field_name in DSF_SEND_FIELDS and "extends AbstractTaskMessageSend" in java:
+                    continue
+                setter = f"public void set{field_name[0].upper()}{field_name[1:]}(FixedValue "
+                assert setter in java, f"{name}: field {field_name} of {cls} has no setter"
+    assert seen >= 10
+
+
+def test_gateway_flows_are_named_and_processes_state_their_history_time_to_live(tree):
+    """What the DSF linter asks of the model (docs/operators.md, "DSF linter")."""
+    branching = []
+    for name, root in _bpmn_models(tree).items():
+        for proc in root.findall("bpmn:process", BPMN_NS):
+            assert proc.get(f"{CAMUNDA}historyTimeToLive") == "P30D", name
+            flows = proc.findall("bpmn:sequenceFlow", BPMN_NS)
+            sources = [f.get("sourceRef") for f in flows]
+            branching += [f for f in flows if sources.count(f.get("sourceRef")) > 1]
+    assert len(branching) >= 12
+    assert all(f.get("name") for f in branching), [f.get("id") for f in branching if not f.get("name")]
+
+
 def test_broken_spec_writes_nothing(tmp_path):
     for d in ("bpmn", "fhir_profiles"):
         shutil.copytree(ROOT / d, tmp_path / d)

@@ -14,6 +14,13 @@ from omi_dsf.spec.model import Process, Spec, Step
 
 JAVA_PACKAGE = "de.medizininformatik_initiative.omi.dsf"
 ERROR_CONDITION = "${execution.getVariable('error') != null}"
+# Flow names out of a step's "ok?" gateway: the condition above, and the default flow.
+ERROR_FLOW_NAME, OK_FLOW_NAME = "error", "no error"
+# camunda:historyTimeToLive of each process: the engine's history (finished instances and their
+# variables, which include the patient identifier at the requester) is cleaned up after this. P30D is
+# what the DSF BPE (1.9 and 2.x) sets on a process that has none, so stating it changes nothing at
+# run time; it says so in the model, where the DSF linter looks for it.
+HISTORY_TIME_TO_LIVE = "P30D"
 
 SIZES = {  # width, height of each kind for the diagram
     "startEvent": (36, 36), "endEvent": (36, 36), "messageEndEvent": (36, 36),
@@ -47,6 +54,7 @@ class Flow:
     source: Node
     target: Node
     condition: str | None = None
+    name: str = ""      # required when the source has more than one outgoing flow (a gateway)
 
     @property
     def waypoints(self) -> list[tuple[int, int]]:
@@ -68,6 +76,7 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     flows: list[Flow] = field(default_factory=list)
     messages: dict[str, str] = field(default_factory=dict)   # message name -> BPMN message id
+    history_time_to_live: str = HISTORY_TIME_TO_LIVE
 
     def incoming(self, node: Node) -> list[Flow]:
         return [f for f in self.flows if f.target is node]
@@ -96,8 +105,8 @@ class _Builder:
             self.x += STEP_X
         return node
 
-    def flow(self, source: Node, target: Node, condition: str | None = None) -> Flow:
-        f = Flow(f"Flow_{source.id}_{target.id}", source, target, condition)
+    def flow(self, source: Node, target: Node, condition: str | None = None, name: str = "") -> Flow:
+        f = Flow(f"Flow_{source.id}_{target.id}", source, target, condition, name)
         self.g.flows.append(f)
         return f
 
@@ -143,8 +152,12 @@ class _Builder:
     def error_gateway(self, prev: Node, step_name: str) -> Node:
         gw = self.add(f"Gateway_{step_name}_ok", "exclusiveGateway", f"{step_name} ok?")
         self.flow(prev, gw)
-        self.flow(gw, self.failure_end(), ERROR_CONDITION)
+        self.flow(gw, self.failure_end(), ERROR_CONDITION, ERROR_FLOW_NAME)
         return gw
+
+    def leave(self, prev: Node, target: Node) -> Flow:
+        """The flow on from the previous node; out of a step's "ok?" gateway it is the default, "no error"."""
+        return self.flow(prev, target, name=OK_FLOW_NAME if prev.kind == "exclusiveGateway" else "")
 
     def send_fields(self, step: Step) -> dict[str, str]:
         target_proc, msg = self.spec.message_owner(step.name)
@@ -171,7 +184,7 @@ class _Builder:
                                 formKey=f"{self.spec.questionnaire_url(step)}|#{{version}}",
                                 listener=f"{JAVA_PACKAGE}.WorkItemListener",
                                 answers=f"{JAVA_PACKAGE}.WorkItemAnswers")
-                self.flow(prev, task)
+                self.leave(prev, task)
                 if step.timeout:
                     timer = self.add(f"Timer_{step.name}", "boundaryTimer", f"{step.timeout}", advance=False,
                                      attached=task.id, duration=step.timeout)
@@ -183,18 +196,18 @@ class _Builder:
             elif step.kind == "send":
                 node = self.add(f"Send_{step.name}", "intermediateThrowEvent", step.name,
                                 cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=self.send_fields(step))
-                self.flow(prev, node)
+                self.leave(prev, node)
                 prev = node
             elif step.kind == "receive":
                 gw = self.add(f"Await_{step.name}", "eventBasedGateway", f"await {step.name}")
-                self.flow(prev, gw)
+                self.leave(prev, gw)
                 catch = self.add(f"Receive_{step.name}", "messageCatchEvent", step.name, message=self.message_id(step.name))
-                self.flow(gw, catch)
+                self.flow(gw, catch, name=f"{step.name} received")
                 if step.timeout:
                     timer = self.add(f"Timer_{step.name}", "timerCatchEvent", step.timeout, advance=False,
                                      y=FAIL_Y - 100, duration=step.timeout)
                     timer.x = catch.x
-                    self.flow(gw, timer)
+                    self.flow(gw, timer, name=f"{step.timeout} passed")
                     self.flow(timer, self.timeout_end(timer, step.name, step.timeout, None))
                 read = self.service(f"Read_{step.name}", f"read {step.name} inputs", "ReadTaskInputs")
                 self.flow(catch, read)
@@ -202,15 +215,20 @@ class _Builder:
             elif step.kind == "end_send":
                 end = self.add(f"End_{step.name}", "messageEndEvent", step.name,
                                cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=self.send_fields(step))
-                self.flow(prev, end)
+                self.leave(prev, end)
                 return self.g
         done = self.service("SetOutputs", "set start Task outputs", "SetTaskOutputs",
                             {"outputs": ",".join(c.code for c in proc.outputs)})
-        self.flow(prev, done)
+        self.leave(prev, done)
         end = self.add("End", "endEvent", "done")
         self.flow(done, end)
         return self.g
 
 
 def build_graph(spec: Spec, process: Process) -> Graph:
-    return _Builder(spec, process).build()
+    g = _Builder(spec, process).build()
+    for node in g.nodes:   # a branch must say in the model which way it goes (the DSF linter checks this too)
+        out = g.outgoing(node)
+        if len(out) > 1 and not all(f.name for f in out):
+            raise AssertionError(f"{g.process_id}: unnamed flow out of {node.id}")
+    return g
