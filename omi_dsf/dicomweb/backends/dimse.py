@@ -10,22 +10,21 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 
 from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, MODALITY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
                           N_STUDY_SERIES, QR_LEVEL, SERIES, SERIES_UID, SOP_UID, STUDY, UID_KEYWORD,
-                          name_of, vr_of)
+                          vr_of)
 from ..config import DimseBackendConfig, GatewayConfig
 from ..dimse.association import (AssociationPool, Peer, find_contexts, get_contexts, move_contexts,
                                  next_message_id)
 from ..dimse.find import c_find
 from ..dimse.lean_find import LeanFindPool, lean_c_find
 from ..dimse.lean_get import lean_c_get
+from ..dimse.lean_ul import encoded
 from ..dimse.lean_scp import LeanMoveScp
 from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
 from ..dimse.store import c_store
-from ..errors import BadRequest, NotFound, PacsTimeout, PacsUnavailable
+from ..errors import NotFound, PacsTimeout, PacsUnavailable
 from ..query import WILDCARD_VRS, split_uid_list
 from ..stream import CancelToken
 from pynetdicom import evt
@@ -53,30 +52,6 @@ def pacs_pattern(value: str, vr: str) -> str | None:
             alt = start + "*"
         out.append(alt)
     return "\\".join(out)
-
-
-def _check_encodable(ident: Dataset) -> None:
-    """BadRequest naming the key whose value cannot be encoded (before pynetdicom tries, which
-    would log the failure with the value)."""
-    try:
-        write_dataset(_buffer(), ident)
-        return
-    except Exception:  # noqa: BLE001 - find out which key
-        pass
-    for elem in ident:
-        one = Dataset()
-        one.add(elem)
-        try:
-            write_dataset(_buffer(), one)
-        except Exception:  # noqa: BLE001 - pydicom's reasons vary; the key is what the client needs
-            raise BadRequest(f"{name_of(elem.tag)}: the value cannot be encoded for the PACS") from None
-    raise BadRequest("the query cannot be encoded for the PACS")
-
-
-def _buffer() -> DicomBytesIO:
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    return buf
 
 
 class MoveScpHolder:
@@ -197,10 +172,10 @@ class DimseBackend:
         uid_match = match.get({STUDY: 0x0020000D, SERIES: SERIES_UID, INSTANCE: SOP_UID}[level])
         if uid_match:
             setattr(ident, UID_KEYWORD[level], "\\".join(split_uid_list(uid_match)))
-        _check_encodable(ident)
         with self._slot():
-            if self.cfg.engine == "lean":
+            if self.cfg.engine == "lean":   # (encodes the identifier itself: a bad value is a 400)
                 return lean_c_find(self._lean_find_pool, ident, next_message_id())
+            encoded(ident)   # a bad value is a 400 before pynetdicom logs it with the value
             return c_find(self._find_pool, ident)
 
     def _cached(self, key: tuple, compute):

@@ -10,7 +10,7 @@ from io import BytesIO
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
-from ..errors import PacsTimeout, PacsUnavailable
+from ..errors import BadRequest, PacsTimeout, PacsUnavailable
 from .association import Peer
 from .lean_ul import (C_FIND_RSP, FIRST_CONTEXT_ID, C_FIND_RQ, Connection, command, encode_identifier,
                       find_proposals, messages, open_association, pad, release, us, us_of)
@@ -76,9 +76,14 @@ def lean_c_find(pool: LeanFindPool, identifier: Dataset, msg_id: int = 1) -> lis
         results: list[Dataset] = []
         ok = False
         try:
+            payload = encode_identifier(identifier, ts)
+        except BadRequest:   # a value the client sent; nothing went to the PACS
+            pool.release(conn, accepted, proposed, reusable=True)
+            raise
+        try:
             conn.send_message(FIRST_CONTEXT_ID, command([
                 (0x0002, pad(proposed[FIRST_CONTEXT_ID])), (0x0100, us(C_FIND_RQ)), (0x0110, us(msg_id)),
-                (0x0700, us(0)), (0x0800, us(0x0000))]), encode_identifier(identifier, ts))
+                (0x0700, us(0)), (0x0800, us(0x0000))]), payload)
             for _cid, cmd, data in messages(conn):
                 if us_of(cmd, 0x00000100) != C_FIND_RSP:
                     raise PacsUnavailable(f"C-FIND: unexpected answer from PACS {pool.peer.aet}")

@@ -16,14 +16,16 @@ import struct
 import uuid
 from typing import Iterator
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import StoragePresentationContexts
-from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet)
 
-from ..errors import PacsTimeout, PacsUnavailable
+from ..errors import BadRequest, PacsTimeout, PacsUnavailable
 from ..stream import CancelToken, Cancelled
 from .association import STORAGE_SYNTAXES, Peer
 
@@ -233,10 +235,32 @@ def parse_accept(data: bytes) -> tuple[dict[int, bytes], int]:
 
 
 def encode_identifier(ds: Dataset, transfer_syntax: bytes) -> bytes:
-    data = encode(ds, transfer_syntax == ImplicitVRLittleEndian.encode(), True)
-    if data is None:
-        raise PacsUnavailable("C-GET: could not encode the identifier")
-    return data
+    return encoded(ds, implicit=transfer_syntax == ImplicitVRLittleEndian.encode())
+
+
+def encoded(ds: Dataset, implicit: bool = False) -> bytes:
+    """An identifier's bytes (Little Endian); BadRequest naming the key whose value cannot be
+    encoded: the values come from the client (pynetdicom would log the failure with the value)."""
+    try:
+        return _write(ds, implicit)
+    except Exception:  # noqa: BLE001 - find out which key
+        pass
+    for elem in ds:
+        one = Dataset()
+        one.add(elem)
+        try:
+            _write(one, implicit)
+        except Exception:  # noqa: BLE001 - pydicom's reasons vary; the key is what the client needs
+            raise BadRequest(f"{keyword_for_tag(elem.tag) or f'{elem.tag:08X}'}: the value cannot be "
+                             "encoded for the PACS") from None
+    raise BadRequest("the query cannot be encoded for the PACS")
+
+
+def _write(ds: Dataset, implicit: bool) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()
 
 
 def open_association(calling_aet: str, peer: Peer, proposals, scp_roles: bool = False,
