@@ -24,13 +24,13 @@ import hashlib
 import json
 import logging
 import re
-import traceback
 
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .config import GatewayConfig
 from .errors import RequestTimeout
+from .logs import without_message
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,7 @@ class LimitsMiddleware:
             return
         except Exception as exc:  # noqa: BLE001 - logged without its message; the client gets a 500
             where = redact(scope.get("path", ""))
-            frames = "".join(traceback.format_tb(exc.__traceback__)[-6:])
-            log.error("%s %s: %s (message withheld: it may hold patient data)\n%s", scope.get("method"), where,
-                      type(exc).__name__, frames)
+            log.error("%s %s: %s", scope.get("method"), where, without_message(exc))
             if not started:
                 await self._answer(guarded_send, 500, f"internal error ({type(exc).__name__}); logged as "
                                                       f"{where.rsplit('[', 1)[-1].rstrip(']')}")

@@ -10,6 +10,7 @@ Error lines of the gateway name the path with its UIDs replaced (:func:`guard.re
 from __future__ import annotations
 
 import logging
+import traceback
 import warnings
 
 GATEWAY_LOGGER = "omi_dsf.dicomweb"
@@ -27,3 +28,10 @@ def quiet_pydicom() -> None:
         pydicom_log.addFilter(_PydicomRecords())
     if not logging.getLogger(GATEWAY_LOGGER).isEnabledFor(logging.DEBUG):
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+def without_message(exc: BaseException, frames: int = 6) -> str:
+    """An exception for a log line: its type and where it came from, not its message (pydicom's
+    and pynetdicom's messages may quote values)."""
+    return f"{type(exc).__name__} (message withheld: it may hold patient data)\n" + \
+        "".join(traceback.format_tb(exc.__traceback__)[-frames:])

@@ -21,6 +21,7 @@ from .lean_ul import (APPLICATION_CONTEXT, IMPLEMENTATION_UID, IMPLEMENTATION_VE
                       pad, part10_meta, uid_of, us, us_of, user_max_pdu)
 from .retrieve import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, MoveRoutes
 from ..errors import PacsTimeout, PacsUnavailable
+from ..logs import without_message
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ class LeanMoveScp(MoveRoutes):
         except (PacsUnavailable, PacsTimeout) as exc:
             log.debug("move SCP association ended: %s", exc)
             conn.abort()
-        except Exception:  # noqa: BLE001 - one bad association must not stop the SCP
-            log.warning("move SCP association failed", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - one bad association must not stop the SCP
+            log.warning("move SCP association failed: %s", without_message(exc))
             conn.abort()
 
     @staticmethod
