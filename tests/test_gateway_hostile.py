@@ -33,7 +33,7 @@ from starlette.testclient import TestClient
 
 from omi_dsf.dicomweb import part10
 from omi_dsf.dicomweb.app import create_app
-from omi_dsf.dicomweb.config import parse_config
+from omi_dsf.dicomweb.config import load_config, parse_config
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
 from omi_dsf.dicomweb.matching import wildcard_match
 from omi_dsf.dicomweb.multipart import dicom_body
@@ -637,3 +637,59 @@ def test_part10_check_never_raises_anything_else():
 def test_json_error_bodies_are_json(gw):
     r = gw.get("/studies", params={"limit": "x"})
     assert r.headers["content-type"] == "application/json" and json.loads(r.text)["status"] == 400
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+def test_odd_configurations_are_config_errors(tmp_path):
+    """Every key of a full configuration replaced by values of the wrong type or range: a
+    ConfigError naming the key, never another exception (the issue saw tracebacks)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from omi_dsf.dicomweb.config import ConfigError
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    (tmp_path / "idp.pem").write_text("not a key")
+    full = {"listen": {"host": "127.0.0.1", "port": 8042}, "base_url": "https://gw.test", "name": "gw",
+            "tls": {"certfile": "ca.pem", "keyfile": "ca.pem", "client_ca": "ca.pem", "require_client_cert": True},
+            "auth": {"anonymous": False, "jwt": [{"issuer": "https://idp.test", "key_file": "idp.pem",
+                                                  "audience": "gw", "algorithms": ["RS256"]}]},
+            "dimse": {"calling_aet": "OMIGW", "move_destination": {"aet": "OMIGW", "port": 11114, "host": "h"}},
+            "default": "PACS", "max_results": 10, "stream_queue": 2, "max_upload_mb": 1, "max_instance_mb": 1,
+            "max_parts": 1, "max_frames": 1, "max_url_bytes": 1, "max_header_bytes": 1, "max_requests": 1,
+            "header_timeout": 1, "body_timeout": 1.5, "query_timeout": 1, "cors_origins": ["https://v.test"],
+            "backends": {"PACS": {"type": "dimse", "host": "h", "port": 104, "retrieve": "move", "dimse_timeout": 3},
+                         "OUT": {"type": "store", "path": "out"}}}
+    paths = []
+
+    def walk(node, path=()):
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + (i,))
+    walk(full)
+    odd = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(), st.text(max_size=8),
+                    st.sampled_from(["", "-1", "nan", "\x00", "../x", "inf"]), st.lists(st.integers(), max_size=2),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @given(path=st.sampled_from(paths[1:]), value=odd)
+    def check(path, value):
+        cfg = copy.deepcopy(full)
+        node = cfg
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        try:
+            parse_config(cfg, tmp_path)
+        except ConfigError:
+            pass
+    check()
+    with pytest.raises(ConfigError, match=r"auth.jwt\[0\].key_file"):   # a key that does not load
+        parse_config({**full, "tls": None}, tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"name: M\xfcller\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(tmp_path / "latin1.yaml")

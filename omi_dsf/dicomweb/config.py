@@ -295,6 +295,12 @@ def parse_config(data: Any, base: Path = Path(".")) -> GatewayConfig:
             if any(a.lower() == "none" or a.upper().startswith("HS") for a in algs):
                 raise ConfigError(f"{key}.algorithms: only public-key algorithms are allowed")
             iss.algorithms = algs
+        try:   # loaded now, so that a wrong file is this error and not a traceback at start-up
+            from omi_dsf.serving.auth import TokenChecker
+            TokenChecker([iss])
+        except Exception as exc:  # noqa: BLE001 - cryptography's and pyjwt's reasons vary
+            raise ConfigError(f"{key}.key_file: {iss.key_file} is not a PEM public key, certificate or JWKS "
+                              f"({type(exc).__name__})") from None
         cfg.auth.jwt.append(iss)
     if not cfg.auth.anonymous and not cfg.auth.jwt and not (cfg.tls and cfg.tls.require_client_cert):
         raise ConfigError("auth: no way in -- set auth.anonymous: true, configure auth.jwt, "
@@ -337,6 +343,8 @@ def load_config(path: str | Path) -> GatewayConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
