@@ -161,8 +161,9 @@ class Gateway:
             studies = {q.study_uid} if q.study_uid else {
                 str(item.get("0020000D", {}).get("Value", [""])[0]) for item in result.items}
             broken = await self.run(backend.incomplete, studies)
-            warnings += [f'299 omi-gateway "Incomplete upload: study {uid}: {why}; the instances that are '
-                         'stored are listed"' for uid, why in sorted(broken.items())[:20]]
+            warnings += [f'299 omi-gateway "Incomplete upload: study {uid}: '
+                         f'{why.encode("ascii", "replace").decode()}; the instances that are stored are listed"'
+                         for uid, why in sorted(broken.items())[:20]]
         headers = {"Warning": ", ".join(warnings)} if warnings else {}
         return Response(dumps(result.items), media_type=DICOM_JSON, headers=headers)
 
