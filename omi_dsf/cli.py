@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import re
 import sys
+
+# UserError: what every part raises for an error the user can fix; omi_dsf.errors is its home
+# (re-exported here for the modules that still import it from omi_dsf.cli)
+from omi_dsf.errors import UserError  # noqa: F401
+from omi_dsf.terminal import printable
 
 # (module, commands it registers) -- the command names let `--help` stay cheap.
 PARTS: list[tuple[str, tuple[str, ...]]] = [
@@ -26,22 +30,6 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("omi_dsf.audit", ("audit",)),
     ("omi_dsf.demo", ("demo",)),
 ]
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
-
-
-# C0 and C1 control characters (terminal escapes start with ESC or CSI) and the bidirectional
-# overrides that reorder what a terminal shows; newline and tab are layout, kept where text is multi-line
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str, lines: bool = True) -> str:
-    """`text` (e.g. from a server) safe to print on a terminal: control characters and terminal escapes
-    as visible escapes (ESC as \\x1b); with `lines` False also newlines and tabs (one line)."""
-    out = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
-    return out if lines else out.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
 def _error_line(text: str) -> str:

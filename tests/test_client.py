@@ -8,7 +8,8 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
-from omi_dsf.cli import UserError, main
+from omi_dsf.cli import main
+from omi_dsf.errors import UserError
 from omi_dsf.client import render
 from omi_dsf.client.progress import derive
 from omi_dsf.client.registry_client import RegistryClient

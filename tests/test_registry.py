@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 from omi_dsf.registry import definitions as d
 from omi_dsf.registry.app import create_app
 from omi_dsf.registry.config import load_config, parse_config

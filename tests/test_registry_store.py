@@ -79,7 +79,7 @@ def test_sqlite_store(tmp_path):
 
 @pytest.mark.integration
 def test_postgresql_store():
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.testbed.postgres import Cluster
 
     folder = Path(tempfile.mkdtemp(prefix="omi-registry-pg-"))

@@ -95,7 +95,7 @@ def _url(url: str, what: str, site=None, patient_data: bool = False) -> str:
     where the site file says `insecure: true` (a test set-up)."""
     import httpx
 
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
 
     try:
         parsed = httpx.URL(str(url))
@@ -116,7 +116,7 @@ def _tls(what: str, ca_file: str | None, cert=None, key=None, password=None):
     """A verifying TLS context, or one line saying which file is wrong."""
     import ssl
 
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.tls import client_context
 
     if ca_file and not os.path.exists(ca_file):
@@ -137,7 +137,7 @@ def _tls(what: str, ca_file: str | None, cert=None, key=None, password=None):
 
 def _uid(value: str, what: str) -> str:
     """A DICOM UID (PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters), or one line."""
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.dicomweb.query import is_uid
 
     if not (value.isascii() and value.isprintable() and is_uid(value)):
@@ -147,7 +147,7 @@ def _uid(value: str, what: str) -> str:
 
 
 def _site(path: str):
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.worker.config import load_site_config
 
     site = load_site_config(path)
@@ -158,7 +158,7 @@ def _site(path: str):
 
 
 def _registry(args, site=None):
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.client.registry_client import RegistryClient
 
     raw = site.raw if site else {}
@@ -173,7 +173,7 @@ def _registry(args, site=None):
 
 
 def _dsf(site):
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.dsf.client import DsfClient
     from omi_dsf.dsf.errors import DsfError
 
@@ -186,13 +186,13 @@ def _dsf(site):
 
 
 def _emit(args, data, text: str) -> None:
-    from omi_dsf.cli import printable
+    from omi_dsf.terminal import printable
 
     print(json.dumps(data, indent=2, default=str) if args.json else printable(text))
 
 
 def _warn(text: str) -> None:
-    from omi_dsf.cli import printable
+    from omi_dsf.terminal import printable
 
     print(f"warning: {printable(text, lines=False)}", file=sys.stderr)
 
@@ -213,7 +213,7 @@ def _services(args) -> int:
 
 
 def _submit(args) -> int:
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.client.requests import dsf_call, start
 
     _uid(args.study, "--study")
@@ -285,7 +285,7 @@ def _progress_list(client, limit: int):
 
 
 def _status(args) -> int:
-    from omi_dsf.cli import printable
+    from omi_dsf.terminal import printable
     from omi_dsf.client import render
     from omi_dsf.client.requests import dsf_call, find_task
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 from omi_dsf.registry import definitions as d
 from omi_dsf.registry import validation as v
 

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Callable
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 from omi_dsf.client.progress import business_key
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfError

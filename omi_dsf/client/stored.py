@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 
 SERIES_FIELDS = ("0008103E", "00080060", "0020000E", "00201209")
 

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
 
     from .instance_io import FolderSink, FolderSource
     from .keys import KeyError_, load_key

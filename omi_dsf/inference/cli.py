@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sample_study(args: argparse.Namespace) -> int:
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.inference.phantom import write_ct_study
 
     try:
@@ -39,7 +39,7 @@ def _sample_study(args: argparse.Namespace) -> int:
 
 
 def _ai_service(args: argparse.Namespace) -> int:
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.inference.config import ServiceConfig
     from omi_dsf.inference.service import serve
     from omi_dsf.serving import config

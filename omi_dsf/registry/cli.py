@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from omi_dsf.cli import UserError
+    from omi_dsf.errors import UserError
     from omi_dsf.registry.config import load_config
     from omi_dsf.registry.server import serve
     from omi_dsf.registry.store import Store

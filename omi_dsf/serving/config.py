@@ -27,7 +27,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256", "PS256", "EdDSA"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 
 
 def register(sub) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 from omi_dsf.dsf.client import Identity, identity_from_files
 from omi_dsf.worker.api import Handler
 
