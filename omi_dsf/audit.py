@@ -63,26 +63,3 @@ def certificate_subject(cert_file: str | Path) -> str:
 
     return x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).subject.rfc4514_string()
 
-
-def register(sub) -> None:
-    p = sub.add_parser("audit", help="what this site sent and received, per business key (no patient data)")
-    p.add_argument("--site", required=True, help="site configuration (YAML)")
-    p.add_argument("business_key", nargs="?", help="only this request")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    from omi_dsf.worker.config import load_site_config
-
-    site = load_site_config(args.site)
-    events = AuditTrail(site.audit_path).events(args.business_key)
-    if args.json:
-        print(json.dumps([e.__dict__ for e in events], indent=2))
-        return 0
-    for e in events:
-        details = " ".join(f"{k}={v}" for k, v in sorted(e.details.items()))
-        print(f"{e.time}  {e.business_key}  {e.action:16s} {e.actor}  {details}")
-    if not events:
-        print("no audit events" + (f" for {args.business_key}" if args.business_key else ""))
-    return 0

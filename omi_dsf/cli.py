@@ -21,13 +21,12 @@ from omi_dsf.terminal import printable
 PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("omi_dsf.generate.cli", ("build", "validate")),
     ("omi_dsf.testbed.cli", ("testbed",)),
-    ("omi_dsf.worker.cli", ("worker",)),
+    ("omi_dsf.worker.cli", ("worker", "audit")),
     ("omi_dsf.dicomweb.cli", ("gateway",)),
     ("omi_dsf.inference.cli", ("sample-study", "ai-service")),
     ("omi_dsf.deid.cli", ("deid",)),
     ("omi_dsf.registry.cli", ("registry",)),
     ("omi_dsf.client.cli", ("services", "submit", "status", "results")),
-    ("omi_dsf.audit", ("audit",)),
     ("omi_dsf.demo", ("demo",)),
 ]
 

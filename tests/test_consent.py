@@ -16,8 +16,8 @@ from helpers_http import serve
 from omi_dsf.consent.gics import GicsChecker
 from omi_dsf.consent.mii import evaluate, evaluate_all
 from omi_dsf.consent.policy import MDAT_SCIENTIFIC_USE, MII_POLICY_SYSTEM, codes_for
-from omi_dsf.consent.step import consent
-from omi_dsf.worker.api import StepContext, StepError
+from omi_dsf.steps.consent import consent
+from omi_dsf.steps.api import StepContext, StepError
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
 OID = "2.16.840.1.113883.3.1937.777.24.5.3."

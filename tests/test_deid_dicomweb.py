@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from omi_dsf.deid.step import pseudonymize
+from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.inference.phantom import write_ct_study
-from omi_dsf.worker.api import StepContext, StepError
+from omi_dsf.steps.api import StepContext, StepError
 
 pytestmark = [
     pytest.mark.integration,

@@ -12,8 +12,8 @@ import pytest
 
 from omi_dsf.audit import AuditTrail
 from omi_dsf.cli import main
-from omi_dsf.deid.step import REFUSED_LINES_MAX, pseudonymize, refused_text
-from omi_dsf.worker.api import StepContext, StepError
+from omi_dsf.steps.pseudonymize import REFUSED_LINES_MAX, pseudonymize, refused_text
+from omi_dsf.steps.api import StepContext, StepError
 from test_deid_step import burned_in, site  # noqa: F401  (site: the step tests' fixture, extended below)
 
 LINE = re.compile(r"^instance (\d+) \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation \(0028,0301\) is YES;"

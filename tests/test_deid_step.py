@@ -8,9 +8,9 @@ import pydicom
 import pytest
 
 from omi_dsf.deid import instance_io, synthetic
-from omi_dsf.deid.step import pseudonymize
+from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.inference.phantom import write_ct_study
-from omi_dsf.worker.api import StepContext, StepError
+from omi_dsf.steps.api import StepContext, StepError
 
 
 @pytest.fixture

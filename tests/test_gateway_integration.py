@@ -447,7 +447,7 @@ def test_no_patient_data_in_the_logs(bed, data, aet, caplog):
     import logging
 
     caplog.set_level(logging.DEBUG)
-    # other modules quieten pynetdicom process-wide on import (omi_dsf.worker.transfer_pacs):
+    # other modules quieten pynetdicom process-wide on import (omi_dsf.transfer.pacs):
     # this test wants to see everything it would say
     caplog.set_level(logging.DEBUG, logger="pynetdicom")
     c = client(bed, aet)

@@ -309,7 +309,7 @@ def test_bearer_tokens(tmp_path, keys):  # noqa: F811
 
 
 def test_mutual_tls_and_a_token_over_tls(tmp_path, keys):  # noqa: F811
-    from omi_dsf.inference.step import _service
+    from omi_dsf.steps.infer import _service
 
     folder, key, _ = keys
     ca_key, ca_cert = make_ca("ai test CA")

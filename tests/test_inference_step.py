@@ -20,10 +20,11 @@ import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
 from conftest import free_port
-from omi_dsf.inference import lungseg, phantom, results, step
+from omi_dsf.inference import lungseg, phantom, results
+from omi_dsf.steps import infer as step
 from omi_dsf.inference.client import ServiceUnavailable
 from omi_dsf.inference.service import LungSegModel, create_app
-from omi_dsf.worker.api import StepContext, StepError
+from omi_dsf.steps.api import StepContext, StepError
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,4 +1,4 @@
-"""The send step's leak check (transfer_outgoing.collect) on a pseudonymized outbox folder: each
+"""The send step's leak check (omi_dsf.transfer.outgoing.collect) on a pseudonymized outbox folder: each
 file is parsed once, a hit anywhere in any file (after the pixel data too) stops the send."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from omi_dsf.deid.step import pseudonymize
 from omi_dsf.deid.store import SiteStore
 from omi_dsf.inference.phantom import write_ct_study
-from omi_dsf.worker.api import StepContext, StepError
-from omi_dsf.worker.transfer_outgoing import collect
+from omi_dsf.steps.api import StepContext
+from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.transfer.errors import TransferError
+from omi_dsf.transfer.outgoing import collect
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_value_after_the_pixel_data_is_found(outbox):
         block = ds.private_block(0x7FE1, "OMI TEST", create=True)   # written after (7FE0,0010)
         block.add_new(0x10, "LO", name)
     _edit(files[2], plant)
-    with pytest.raises(StepError, match=r"instance 3 \(SOPInstanceUID 2\.25\.\d+\): identifying value in private \(7FE1,1010\): PatientName \(rule: ") as err:
+    with pytest.raises(TransferError, match=r"instance 3 \(SOPInstanceUID 2\.25\.\d+\): identifying value in private \(7FE1,1010\): PatientName \(rule: ") as err:
         _collect(cfg, pseudo_uid)
     assert name not in str(err.value)
 
@@ -77,18 +78,18 @@ def test_original_uid_of_a_later_instance_is_found_in_an_earlier_one(outbox):
         ref.ReferencedSOPInstanceUID = sorted(later)[-1]     # an original UID, from any instance
         ds.ReferencedImageSequence = Sequence([ref])
     _edit(files[0], plant)
-    with pytest.raises(StepError, match=r"instance 1 \(SOPInstanceUID 2\.25\.\d+\): identifying value in ReferencedImageSequence \(0008,1140\)\[0\]\.ReferencedSOPInstanceUID \(0008,1155\): original UID"):
+    with pytest.raises(TransferError, match=r"instance 1 \(SOPInstanceUID 2\.25\.\d+\): identifying value in ReferencedImageSequence \(0008,1140\)\[0\]\.ReferencedSOPInstanceUID \(0008,1155\): original UID"):
         _collect(cfg, pseudo_uid)
 
 
 def test_other_patient_id_and_missing_flags_stop_the_send(outbox):
     cfg, pseudo_uid, files, _ = outbox
     _edit(files[3], lambda ds: setattr(ds, "PatientIdentityRemoved", "NO"))
-    with pytest.raises(StepError, match=r"instance 4 \(SOPInstanceUID 2\.25\.\d+\): PatientIdentityRemoved \(0012,0062\) is not YES"):
+    with pytest.raises(TransferError, match=r"instance 4 \(SOPInstanceUID 2\.25\.\d+\): PatientIdentityRemoved \(0012,0062\) is not YES"):
         _collect(cfg, pseudo_uid)
     _edit(files[3], lambda ds: setattr(ds, "PatientIdentityRemoved", "YES"))
     _edit(files[1], lambda ds: setattr(ds, "PatientID", "PSN-SOMEONEELSE"))
-    with pytest.raises(StepError, match="instance 2 has another PatientID"):
+    with pytest.raises(TransferError, match="instance 2 has another PatientID"):
         _collect(cfg, pseudo_uid)
 
 
@@ -98,7 +99,7 @@ def test_unreadable_instance_and_other_studies(outbox):
     _edit(files[4], lambda ds: setattr(ds, "StudyInstanceUID", "2.25.1"))
     assert _collect(cfg, pseudo_uid).files == files[:4]
     files[0].write_bytes(b"not a DICOM file at all")
-    with pytest.raises(StepError, match="unreadable"):
+    with pytest.raises(TransferError, match="unreadable"):
         _collect(cfg, pseudo_uid)
 
 
@@ -124,7 +125,7 @@ def test_original_uid_inside_a_sequence_stored_as_un_stops_the_send(outbox):
         ds[0x300C0002] = RawDataElement(Tag(0x300C0002), "UN", len(value), value, 0, False, True)
     _edit(files[1], plant)
     assert pydicom.dcmread(files[1]).get_item(0x300C0002).VR == "UN"
-    with pytest.raises(StepError, match=r"instance 2 \(SOPInstanceUID 2\.25\.\d+\): identifying value in"
+    with pytest.raises(TransferError, match=r"instance 2 \(SOPInstanceUID 2\.25\.\d+\): identifying value in"
                                         r" ReferencedRTPlanSequence \(300C,0002\)\[0\]\.ReferencedSOPInstanceUID"
                                         r" \(0008,1155\): original UID"):
         _collect(cfg, pseudo_uid)

@@ -27,17 +27,20 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from omi_dsf.audit import AuditTrail
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import find_leaks
-from omi_dsf.deid.step import pseudonymize
 from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, StoreBackendConfig, TlsConfig
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
 from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.inference import phantom
 from omi_dsf.inference.launch import AiServiceProcess
-from omi_dsf.inference.step import infer
-from omi_dsf.worker import transfer, transfer_stow
-from omi_dsf.worker.api import StepContext, StepError
-from omi_dsf.worker.transfer_pacs import PacsUnavailable
-from omi_dsf.worker.transfer_provider import ProviderUnreachable
+from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.steps.infer import infer
+from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.steps.return_ import return_results
+from omi_dsf.steps.send import send
+from omi_dsf.transfer import stow as transfer_stow
+from omi_dsf.transfer.errors import TransferError
+from omi_dsf.transfer.pacs import PacsUnavailable
+from omi_dsf.transfer.provider import ProviderUnreachable
 
 pytestmark = pytest.mark.integration
 
@@ -185,13 +188,13 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
 
     t0 = time.monotonic()
-    sent = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
+    sent = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
     t_send = time.monotonic() - t0
     assert sent["study-location"] == f"{gw_url}/studies/{pseudo_uid}"
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
 
     # a second send (a retried work item) leaves exactly one copy per SOP Instance UID
-    again = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
+    again = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
     assert again["study-location"] == sent["study-location"]
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
 
@@ -206,7 +209,7 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     monkeypatch.delenv("REQUESTS_CA_BUNDLE")
 
     t0 = time.monotonic()
-    returned = transfer.return_results(
+    returned = return_results(
         {"result-location": inferred["result-location"],
          "result-study-instance-uid": inferred["result-study-instance-uid"],
          "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
@@ -232,7 +235,7 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     assert str(seg.PatientID) == str(original.PatientID) and seg.PatientIdentityRemoved == "NO"
 
     # a retried return stores the same objects again, not more of them
-    transfer.return_results({"result-location": inferred["result-location"],
+    return_results({"result-location": inferred["result-location"],
                              "result-study-instance-uid": inferred["result-study-instance-uid"],
                              "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
                              "study-instance-uid": study_uid}, _ctx(steps, "return", "bk-round-trip"))
@@ -282,7 +285,7 @@ def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
     ds.PatientName = name                      # planted: the original name in a de-identified instance
     ds.save_as(victim)
     with pytest.raises(StepError) as err:
-        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
     message = str(err.value)
     assert "leak check stopped the send" in message and "PatientName (0010,0010)" in message
     assert name not in message and name.split("^")[0] not in message
@@ -296,7 +299,7 @@ def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
         ds.PatientName = "Anonymous^"
         ds.save_as(path)
     with pytest.raises(StepError, match="not a pseudonym this site issued") as err:
-        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
     assert original_id not in str(err.value)
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
 
@@ -317,10 +320,10 @@ def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypat
 
     monkeypatch.setattr(transfer_stow, "_post", crash_after_first_batch)
     with pytest.raises(ProviderUnreachable):
-        transfer.send(_send_inputs(pseudo), ctx)
+        send(_send_inputs(pseudo), ctx)
     assert _at_gateway(store, pseudo_uid) == (3, 3)
     monkeypatch.setattr(transfer_stow, "_post", real_post)
-    out = transfer.send(_send_inputs(pseudo), ctx)          # the runtime's retry
+    out = send(_send_inputs(pseudo), ctx)          # the runtime's retry
     assert out["study-location"].endswith(pseudo_uid)
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
     event = [e for e in AuditTrail(steps["audit"]).events("bk-crash") if e.action == "sent"]
@@ -329,7 +332,7 @@ def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypat
     # and the gateway itself: a second STOW of an instance it holds replaces it (still one copy)
     one = sorted((site["root"] / "outbox" / "bk-crash").glob("*.dcm"))[0]
     sop = str(pydicom.dcmread(one, stop_before_pixels=True).SOPInstanceUID)
-    from omi_dsf.worker.transfer_provider import open_gateway
+    from omi_dsf.transfer.provider import open_gateway
     gw = open_gateway(steps, PROVIDER)
     transfer_stow._post(gw, pseudo_uid, [one])
     gw.close()
@@ -353,7 +356,7 @@ def test_send_checks_the_gateway_cheaply_when_every_instance_is_accounted_for(si
     steps, (_, store) = site["steps"], gateway
     pseudo, _, _ = _pseudonymized(site, seed=41, key="bk-cheap")
     listings = _count_listings(monkeypatch)
-    out = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-cheap", send={"batch_instances": 3}))
+    out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-cheap", send={"batch_instances": 3}))
     assert out["instance-count"] == SLICES
     assert len(listings) == 1          # the listing before sending; after it, the study's count sufficed
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
@@ -380,10 +383,10 @@ def test_gateway_losing_an_instance_after_answering_stored_is_detected(site, gat
     monkeypatch.setattr(transfer_stow, "_post", post_then_lose_one)
     ctx = _ctx(steps, "send", "bk-lost", send={"batch_instances": 4})
     with pytest.raises(transfer_stow.GatewayBusy, match=f"lists {SLICES - 1} of {SLICES} instances"):
-        transfer.send(_send_inputs(pseudo), ctx)
+        send(_send_inputs(pseudo), ctx)
     posts.clear()
     monkeypatch.setattr(transfer_stow, "_post", real_post)
-    transfer.send(_send_inputs(pseudo), ctx)
+    send(_send_inputs(pseudo), ctx)
     assert _at_gateway(store, pseudo_uid)[0] == SLICES
     event = [e for e in AuditTrail(steps["audit"]).events("bk-lost") if e.action == "sent"]
     assert event[-1].details["sent_now"] == 1 and event[-1].details["already_there"] == SLICES - 1
@@ -395,14 +398,14 @@ def test_gateway_answer_not_naming_an_instance_falls_back_to_the_listing(site, g
     real_post = transfer_stow._post
     monkeypatch.setattr(transfer_stow, "_post", lambda gw, s, batch: set(sorted(real_post(gw, s, batch))[1:]))
     listings = _count_listings(monkeypatch)
-    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-unnamed"))   # all stored, as the listing shows
+    send(_send_inputs(pseudo), _ctx(steps, "send", "bk-unnamed"))   # all stored, as the listing shows
     assert len(listings) == 2
     # and a gateway that gives no usable count: the listing decides too
     pseudo, _, _ = _pseudonymized(site, seed=44, key="bk-nocount")
     monkeypatch.setattr(transfer_stow, "_post", real_post)
     monkeypatch.setattr(transfer_stow, "study_instance_count", lambda gw, s: None)
     listings.clear()
-    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-nocount"))
+    send(_send_inputs(pseudo), _ctx(steps, "send", "bk-nocount"))
     assert len(listings) == 2
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
 
@@ -419,7 +422,7 @@ def test_stow_body_is_streamed_with_a_content_length_and_refuses_a_changed_file(
     prepared = requests.Request("POST", "https://gw.invalid/studies", data=body).prepare()
     assert prepared.headers["Content-Length"] == str(len(data)) and "Transfer-Encoding" not in prepared.headers
     files[2].write_bytes(b"x")   # not what was measured (nor what was leak-checked)
-    with pytest.raises(StepError, match="changed while it was being sent"):
+    with pytest.raises(TransferError, match="changed while it was being sent"):
         b"".join(body)
 
 
@@ -430,12 +433,12 @@ def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_pa
                         tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"])),
                         auth=AuthConfig(anonymous=True),
                         backends={"INBOX": StoreBackendConfig("INBOX", tmp_path / "store")}, default="INBOX")
-    from omi_dsf.worker.transfer_provider import open_gateway
+    from omi_dsf.transfer.provider import open_gateway
     with BackgroundServer(cfg) as server:
         steps = {"providers": {PROVIDER: {**site["steps"]["providers"][PROVIDER], "gateway_url": server.url}}}
         gw = open_gateway(steps, PROVIDER)
         try:
-            with pytest.raises(StepError, match=r"refused the size \(HTTP 413\); lower send.batch_mb"):
+            with pytest.raises(TransferError, match=r"refused the size \(HTTP 413\); lower send.batch_mb"):
                 transfer_stow.stow_study(gw, uid, staging, ["1.2.3.%d" % n for n in range(4)])
         finally:
             gw.close()
@@ -446,12 +449,12 @@ def test_untrusted_gateway_certificate_is_a_clear_step_error(site, pki, gateway)
     steps = dict(site["steps"])
     steps["providers"] = {PROVIDER: {**steps["providers"][PROVIDER], "ca_file": pki["other_ca"]}}
     with pytest.raises(StepError, match="not trusted by the configured ca_file"):
-        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
     assert _at_gateway(gateway[1], pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
     # plain http is refused before anything is read
     steps["providers"] = {PROVIDER: {**steps["providers"][PROVIDER], "gateway_url": "http://127.0.0.1:1"}}
     with pytest.raises(StepError, match="must be an https:// URL"):
-        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
 
 
 def test_unreachable_provider_is_retried_not_a_step_error(site, pki):
@@ -460,7 +463,7 @@ def test_unreachable_provider_is_retried_not_a_step_error(site, pki):
     steps["providers"] = {PROVIDER: {**steps["providers"][PROVIDER],
                                      "gateway_url": f"https://127.0.0.1:{free_port()}", "timeout": 5}}
     with pytest.raises(ProviderUnreachable) as err:
-        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-down"))
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-down"))
     assert not isinstance(err.value, StepError)
 
 
@@ -471,26 +474,26 @@ def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
     base = {"result-location": f"{gw_url}/studies/2.25.1234", "result-study-instance-uid": "2.25.1234",
             "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid}
     with pytest.raises(StepError, match="never sent it"):
-        transfer.return_results(base, _ctx(steps, "return", "bk-stranger"))
+        return_results(base, _ctx(steps, "return", "bk-stranger"))
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
     elsewhere = {**base, "result-study-instance-uid": pseudo_uid,
                  "result-location": f"https://results.example.org/studies/{pseudo_uid}"}
     with pytest.raises(StepError, match="not at the gateway of any configured provider"):
-        transfer.return_results(elsewhere, _ctx(steps, "return", "bk-stranger"))
+        return_results(elsewhere, _ctx(steps, "return", "bk-stranger"))
     # sent, but no results at the provider yet; the location names the provider gateway by an inner
     # address (as a provider worker behind a loopback listener would): read from where we sent it
-    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-stranger"))
+    send(_send_inputs(pseudo), _ctx(steps, "send", "bk-stranger"))
     pending = {**base, "result-study-instance-uid": pseudo_uid,
                "result-location": f"https://127.0.0.1:1/studies/{pseudo_uid}"}
     with pytest.raises(StepError, match="has no SEG or SR series"):
-        transfer.return_results(pending, _ctx(steps, "return", "bk-stranger"))
+        return_results(pending, _ctx(steps, "return", "bk-stranger"))
 
 
 def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monkeypatch):
     steps, (gw_url, _) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=27, key="bk-pacs")
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
-    transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-pacs"))
+    send(_send_inputs(pseudo), _ctx(steps, "send", "bk-pacs"))
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki["ca"])
     inferred = infer({"pseudonymized-study-instance-uid": pseudo_uid},
                      StepContext(topic="infer", business_key="bk-pacs",
@@ -500,13 +503,13 @@ def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monke
               "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid}
     refusing = {**steps["pacs"], "ae_title": "NOSUCHAE"}
     with pytest.raises(StepError, match="rejected the association"):
-        transfer.return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=refusing))
+        return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=refusing))
     absent = {**steps["pacs"], "port": free_port(), "timeout": 5}
     with pytest.raises(PacsUnavailable):
-        transfer.return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=absent))
+        return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=absent))
     # a pseudonym that is not this request's: refused before anything is re-identified
     with pytest.raises(StepError, match="another PatientID than this request's pseudonym"):
-        transfer.return_results({**inputs, "pseudonym": "PSN-NOTHIS"}, _ctx(steps, "return", "bk-pacs"))
+        return_results({**inputs, "pseudonym": "PSN-NOTHIS"}, _ctx(steps, "return", "bk-pacs"))
 
 
 def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
@@ -525,9 +528,9 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
         # transient failure (retried), whose message hints at the cause (the runtime's final Task
         # error names only the exception type, ProviderUnreachable)
         with pytest.raises(ProviderUnreachable, match="requires a client certificate"):
-            transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
+            send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
         steps["providers"] = {PROVIDER: with_cert}
-        out = transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
+        out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
         assert out["study-location"].startswith(server.url)
         assert _at_gateway(tmp_path / "store", pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
 
@@ -538,7 +541,7 @@ def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
     import http.server
     import threading
 
-    from omi_dsf.worker.transfer_fhir import FhirUnavailable, write_fhir_result
+    from omi_dsf.transfer.fhir import FhirUnavailable, write_fhir_result
 
     received, answers = [], [200, 200, 503, 422]
 
@@ -575,7 +578,7 @@ def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
         assert received[1][1] == first                        # same ids: updates, not new resources
         with pytest.raises(FhirUnavailable):
             write_fhir_result(site, bundle, "bk-1")           # 503: retried by the runtime
-        with pytest.raises(StepError, match="refused the result bundle \\(HTTP 422\\)"):
+        with pytest.raises(TransferError, match="refused the result bundle \\(HTTP 422\\)"):
             write_fhir_result(site, bundle, "bk-1")
     finally:
         server.shutdown()
@@ -597,5 +600,5 @@ def test_send_reads_a_dicomweb_outbox(site, gateway, tmp_path):
                               _ctx(steps, "pseudonymize", "bk-outbox"))
         pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
         assert _at_gateway(tmp_path / "outbox", pseudo_uid) == (SLICES, SLICES)
-        transfer.send(_send_inputs(pseudo), _ctx(steps, "send", "bk-outbox"))
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-outbox"))
         assert _at_gateway(gateway[1], pseudo_uid) == (SLICES, SLICES)

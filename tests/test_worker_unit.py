@@ -12,8 +12,8 @@ import pytest
 
 from omi_dsf.dsf.errors import operation_outcome_text
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
-from omi_dsf.worker.api import StepContext, StepError
-from omi_dsf.worker.demo import demo_step, fingerprint
+from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.steps.demo import demo_step, fingerprint
 from omi_dsf.worker.lease import SqliteLeases, open_lease_store
 
 ROOT = Path(__file__).resolve().parent.parent

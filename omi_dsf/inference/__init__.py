@@ -7,5 +7,6 @@
   service   the reference AI service (starlette/uvicorn), `ai-service`
   volume    study instances → one checked CT volume
   results   DICOM SEG, DICOM SR TID 1500, FHIR R4 (MII imaging module)
-  step      the `infer` step handler
+  transfer  WADO-RS of a series and STOW-RS of results at the provider's gateway
+The `infer` step is omi_dsf/steps/infer.py.
 """

@@ -18,22 +18,22 @@ import numpy as np
 
 from omi_dsf.inference import tensors
 from omi_dsf.inference.tensors import TensorError
-from omi_dsf.worker.api import RetryableStepError  # the service's state, fit for the Task
+from omi_dsf.errors import RetryableError  # the service's state, fit for the Task
 
 
 class OipError(Exception):
     """Inference through the Open Inference Protocol failed."""
 
 
-class ServiceUnavailable(OipError, RetryableStepError):
+class ServiceUnavailable(OipError, RetryableError):
     """The server cannot be reached or answers with a server error."""
 
 
-class InferenceTimeout(OipError, RetryableStepError):
+class InferenceTimeout(OipError, RetryableError):
     """The server did not answer within the client's timeout."""
 
 
-class ModelNotReady(OipError, RetryableStepError):
+class ModelNotReady(OipError, RetryableError):
     """The model is unknown to the server or not ready to infer."""
 
 

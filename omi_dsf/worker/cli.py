@@ -1,4 +1,5 @@
-"""`python -m omi_dsf worker --site CONFIG --topics consent,pseudonymize,send,return`."""
+"""`python -m omi_dsf worker --site CONFIG --topics consent,pseudonymize,send,return`, and
+`audit --site CONFIG [KEY]` (the site's audit trail, as the site configuration names it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from omi_dsf.errors import UserError
 
 
 def register(sub) -> None:
+    _register_audit(sub)
     p = sub.add_parser("worker", help="run the step handlers of this site's OMI work items")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
     p.add_argument("--topics", required=True, help="comma-separated: consent,pseudonymize,send,infer,return")
@@ -64,4 +66,31 @@ def _run(args) -> int:
         worker.run(max_items=args.max_items)
     finally:
         client.close()
+    return 0
+
+
+def _register_audit(sub) -> None:
+    p = sub.add_parser("audit", help="what this site sent and received, per business key (no patient data)")
+    p.add_argument("--site", required=True, help="site configuration (YAML)")
+    p.add_argument("business_key", nargs="?", help="only this request")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_audit)
+
+
+def _audit(args) -> int:
+    import json
+
+    from omi_dsf.audit import AuditTrail
+    from omi_dsf.worker.config import load_site_config
+
+    site = load_site_config(args.site)
+    events = AuditTrail(site.audit_path).events(args.business_key)
+    if args.json:
+        print(json.dumps([e.__dict__ for e in events], indent=2))
+        return 0
+    for e in events:
+        details = " ".join(f"{k}={v}" for k, v in sorted(e.details.items()))
+        print(f"{e.time}  {e.business_key}  {e.action:16s} {e.actor}  {details}")
+    if not events:
+        print("no audit events" + (f" for {args.business_key}" if args.business_key else ""))
     return 0

@@ -3,7 +3,6 @@ store, which handler serves which topic, and the settings the steps read (ctx.si
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,17 +11,8 @@ import yaml
 
 from omi_dsf.errors import UserError
 from omi_dsf.dsf.client import Identity, identity_from_files
-from omi_dsf.worker.api import Handler
-
-# The real step handlers, by topic (each part ships its own in <part>/step.py).
-DEFAULT_HANDLERS = {
-    "consent": "omi_dsf.consent.step:consent",
-    "pseudonymize": "omi_dsf.deid.step:pseudonymize",
-    "send": "omi_dsf.worker.transfer:send",
-    "infer": "omi_dsf.inference.step:infer",
-    "return": "omi_dsf.worker.transfer:return_results",
-}
-DEMO_HANDLER = "omi_dsf.worker.demo:demo_step"
+from omi_dsf.steps import DEMO_HANDLER, HANDLERS, load_handler
+from omi_dsf.steps.api import Handler
 
 
 @dataclass
@@ -57,18 +47,10 @@ class SiteConfig:
         return dict(self.raw.get("worker") or {})
 
     def handler(self, topic: str, demo: bool = False) -> Handler:
-        ref = DEMO_HANDLER if demo else (self.raw.get("handlers") or {}).get(topic, DEFAULT_HANDLERS.get(topic))
+        ref = DEMO_HANDLER if demo else (self.raw.get("handlers") or {}).get(topic, HANDLERS.get(topic))
         if not ref:
             raise UserError(f"{self.path}: no handler for topic '{topic}' (set handlers.{topic}: module:function)")
         return load_handler(ref)
-
-
-def load_handler(ref: str) -> Handler:
-    module, _, name = ref.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"handler '{ref}' cannot be loaded: {exc}") from exc
 
 
 def load_site_config(path: str | Path) -> SiteConfig:

@@ -27,7 +27,8 @@ from typing import Mapping
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfAuthError, DsfConflict, DsfError, DsfNotFound, DsfValidationError
 from omi_dsf.dsf.workitem import WorkItem
-from omi_dsf.worker.api import Handler, RetryableStepError, StepContext, StepError
+from omi_dsf.errors import RetryableError
+from omi_dsf.steps.api import Handler, StepContext, StepError
 from omi_dsf.worker.lease import LeaseStore
 
 log = logging.getLogger("omi_dsf.worker")
@@ -184,7 +185,7 @@ class Worker:
                 log.warning("work item %s (%s, business key %s): attempt %d failed: %s",
                             item.id, topic, item.business_key, attempt, type(exc).__name__)
                 if attempt >= s.max_attempts:
-                    if isinstance(exc, RetryableStepError):   # its message is meant for the Task
+                    if isinstance(exc, RetryableError):   # its message is meant for the Task
                         return {}, f"{topic}: {exc} (after {attempt} attempts)"
                     return {}, f"{topic}: failed after {attempt} attempts ({type(exc).__name__})"
                 if self.stopping.wait(s.backoff * 2 ** (attempt - 1)):

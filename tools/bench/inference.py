@@ -2,14 +2,14 @@
 
 Set-up (not timed): a synthetic CT study (`phantom.write_ct_study`) is stored in a real OMI gateway
 (`python -m omi_dsf gateway`, `store` backend: the provider's inbox) and the reference AI service is
-started (`omi_dsf.inference.launch`). Then the real step handler (`omi_dsf.inference.step`) runs on
+started (`omi_dsf.inference.launch`). Then the real step handler (`omi_dsf.steps.infer`) runs on
 it --repeats times: QIDO, WADO-RS, volume, OIP v2 request (binary tensors), SEG, SR, STOW-RS.
 
 Figures, medians over the runs:
   slices/s of the service  -- slices over the service's own model time (it reports model_time_ms)
                               and over the whole OIP request as the step sees it (encode, transfer,
                               the service's decode/encode, model)
-  step breakdown           -- seconds per phase of the step (omi_dsf.worker.api.Timings)
+  step breakdown           -- seconds per phase of the step (omi_dsf.steps.api.Timings)
   overhead share           -- (step − model) / step, the part of the step spent outside the model
 Baseline, side by side: the model (`LungSegModel.infer`, what the service times) called in this
 process on the same volume between the step runs; step / in-process model is the ratio printed.
@@ -40,13 +40,14 @@ from dicomweb_client.api import DICOMwebClient
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from omi_dsf.inference import lungseg, phantom, step  # noqa: E402
+from omi_dsf.inference import lungseg, phantom  # noqa: E402
+from omi_dsf.steps import infer as step  # noqa: E402
 from omi_dsf.inference.client import OipClient  # noqa: E402
 from omi_dsf.dicomweb.legacy_pacs import free_port  # noqa: E402
 from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
 from omi_dsf.inference.launch import AiServiceProcess  # noqa: E402
 from omi_dsf.inference.service import LungSegModel  # noqa: E402
-from omi_dsf.worker.api import StepContext  # noqa: E402
+from omi_dsf.steps.api import StepContext  # noqa: E402
 
 TARGETS = {"overhead_share_max": 0.20}
 

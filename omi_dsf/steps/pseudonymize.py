@@ -1,4 +1,4 @@
-"""The `pseudonymize` step handler (worker contract: omi_dsf/worker/api.py).
+"""The `pseudonymize` step: de-identify and pseudonymize the study (omi_dsf.deid).
 
 Site configuration, `ctx.site["pseudonymization"]`:
     domain       pseudonym domain (required)
@@ -21,30 +21,35 @@ work item's output items are answered).
 
 from __future__ import annotations
 
-from omi_dsf.audit import AuditTrail
-from omi_dsf.worker.api import Answers, StepContext, StepError
+from typing import Any, Mapping
 
-from . import instance_io
-from .keys import KeyError_, load_key
-from .pipeline import StudyPseudonymizer
-from .profile import UnknownOptionError, parse_options
-from .pseudonyms import UnknownPseudonymError, make_provider
-from .pseudonyms.factory import ConfigError
-from .refusal import Refused
-from .store import SiteStore
+from omi_dsf.audit import AuditTrail
+from omi_dsf.deid import instance_io
+from omi_dsf.deid.keys import KeyError_, load_key
+from omi_dsf.deid.pipeline import StudyPseudonymizer
+from omi_dsf.deid.profile import UnknownOptionError, parse_options
+from omi_dsf.deid.pseudonyms import UnknownPseudonymError, make_provider
+from omi_dsf.deid.pseudonyms.factory import ConfigError
+from omi_dsf.deid.refusal import Refused
+from omi_dsf.deid.store import SiteStore
+from omi_dsf.steps.api import Answers, StepContext, StepError, text_input
 
 IN_STUDY = "study-instance-uid"
 IN_PATIENT = "patient-identifier"
 
 
-def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
-    cfg = dict(ctx.site.get("pseudonymization") or {})
-    study_uid = str(inputs.get(IN_STUDY, "") or "").strip()
-    if not study_uid:
-        raise StepError(f"input {IN_STUDY} is missing")
-    patient_id = str(inputs.get(IN_PATIENT, "") or "").strip() or None
+def pseudonymization_settings(site: Mapping[str, Any]) -> tuple[dict, str]:
+    """The site's `pseudonymization` settings (send and return read them too) and its domain."""
+    cfg = dict(site.get("pseudonymization") or {})
     if not cfg.get("domain"):
         raise StepError("site configuration pseudonymization.domain is missing")
+    return cfg, str(cfg["domain"])
+
+
+def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
+    study_uid = text_input(inputs, IN_STUDY)
+    patient_id = text_input(inputs, IN_PATIENT, required=False) or None
+    cfg, _ = pseudonymization_settings(ctx.site)
     try:
         options = parse_options(cfg.get("options") or ())
         key = load_key(cfg.get("key_file"))

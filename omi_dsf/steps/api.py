@@ -1,9 +1,11 @@
 """What a step handler sees: the contract between the worker runtime and the steps.
 
 A handler is a plain callable registered per topic (consent, pseudonymize, send, infer,
-return). It receives the work item's input answers and a context, and returns the output
-answers. A `StepError` is a business failure with a message fit for the requester's Task
-(never patient data); any other exception counts as a transient failure and is retried.
+return; omi_dsf.steps.HANDLERS). It receives the work item's input answers and a context, and
+returns the output answers. A `StepError` is a business failure with a message fit for the
+requester's Task (never patient data); any other exception counts as a transient failure and is
+retried (an `omi_dsf.errors.RetryableError` also has a message fit for the Task). The step
+modules turn the domain packages' errors into these.
 """
 
 from __future__ import annotations
@@ -14,16 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
+from omi_dsf.audit import AuditTrail, certificate_subject
+
 Answers = Mapping[str, str | int | bool | float]
 
 
 class StepError(Exception):
     """The step cannot succeed with these inputs; retrying will not help."""
-
-
-class RetryableStepError(Exception):
-    """A failure worth retrying (a peer down, a timeout) whose message is fit for the requester's
-    Task: after the last attempt the runtime reports it instead of just the exception's type."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,27 @@ class StepContext:
         """The answers this work item has items for (all of them when no outputs are given, as
         when a step is called outside the runtime)."""
         return {k: v for k, v in answers.items() if not self.outputs or k in self.outputs}
+
+
+def text_input(inputs: Answers, code: str, required: bool = True) -> str:
+    """The input `code` as stripped text; StepError when it is required and missing or empty."""
+    value = str(inputs.get(code, "") or "").strip()
+    if required and not value:
+        raise StepError(f"input {code} is missing")
+    return value
+
+
+def audit(ctx: StepContext, action: str, client_cert: str | None = None, **details) -> None:
+    """One event in the site's audit trail (`ctx.site["audit"]`, set by the worker; none: nothing),
+    naming `ctx.site["actor"]`, else the subject of `client_cert`, else "omi-worker"."""
+    path = ctx.site.get("audit")
+    if not path:
+        return
+    actor = ctx.site.get("actor")
+    if not actor and client_cert:
+        actor = certificate_subject(client_cert)
+    AuditTrail(path).record(ctx.business_key, action, str(actor or "omi-worker"), item_id=ctx.item_id or None,
+                            attempt=ctx.attempt, **details)
 
 
 class Timings:

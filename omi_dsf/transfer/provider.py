@@ -1,6 +1,6 @@
 """The provider's DICOMweb gateway as the requester sees it: URL, TLS trust, client certificate.
 
-Site settings, `ctx.site["providers"][<provider organization>]`:
+Site settings, `steps.providers.<provider organization>` in the site YAML:
     gateway_url   DICOMweb base URL of the provider's gateway (https)
     ca_file       PEM file with the CA(s) that sign the gateway's server certificate (required)
     client_cert   PEM client certificate for mutual TLS (optional; with client_key, unencrypted)
@@ -9,7 +9,7 @@ Site settings, `ctx.site["providers"][<provider organization>]`:
     timeout       seconds per HTTP request (default 120)
 
 Errors: a configuration the requester must fix (unknown provider, plain http, a certificate the
-CA does not vouch for) is a StepError; a gateway that does not answer is `ProviderUnreachable`,
+CA does not vouch for) is a TransferError; a gateway that does not answer is `ProviderUnreachable`,
 which the worker runtime retries.
 """
 
@@ -21,10 +21,11 @@ from typing import Any, Mapping
 
 import requests
 
-from omi_dsf.worker.api import RetryableStepError, StepError
+from omi_dsf.errors import RetryableError
+from omi_dsf.transfer.errors import TransferError
 
 
-class ProviderUnreachable(ConnectionError, RetryableStepError):
+class ProviderUnreachable(ConnectionError, RetryableError):
     """The provider's gateway did not answer (refused, reset, timed out): transient, retried."""
 
 
@@ -40,13 +41,13 @@ class ProviderGateway:
         return self.base_url + path
 
     def request(self, method: str, path_or_url: str, **kwargs) -> requests.Response:
-        """One HTTP exchange; TLS and connection failures become a StepError or ProviderUnreachable."""
+        """One HTTP exchange; TLS and connection failures become a TransferError or ProviderUnreachable."""
         url = path_or_url if path_or_url.startswith(("http://", "https://")) else self.url(path_or_url)
         kwargs.setdefault("timeout", self.timeout)
         try:
             return self.session.request(method, url, **kwargs)
         except requests.exceptions.SSLError as exc:
-            raise StepError(f"TLS with the gateway of {self.organization} failed: {_tls_reason(exc)}") from None
+            raise TransferError(f"TLS with the gateway of {self.organization} failed: {_tls_reason(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             hint = ""
             if not self.client_cert and "RemoteDisconnected" in str(exc):
@@ -76,10 +77,10 @@ def provider_settings(site: Mapping[str, Any], organization: str) -> Mapping[str
     providers = site.get("providers") or {}
     entry = providers.get(organization)
     if not organization:
-        raise StepError("input provider-organization is missing")
+        raise TransferError("input provider-organization is missing")
     if not entry:
         known = ", ".join(sorted(providers)) or "none configured"
-        raise StepError(f"provider organization {organization!r} is not configured at this site "
+        raise TransferError(f"provider organization {organization!r} is not configured at this site "
                         f"(steps.providers: {known})")
     return entry
 
@@ -88,10 +89,10 @@ def open_gateway(site: Mapping[str, Any], organization: str) -> ProviderGateway:
     cfg = provider_settings(site, organization)
     base = str(cfg.get("gateway_url") or "").rstrip("/")
     if not base.startswith("https://"):
-        raise StepError(f"steps.providers.{organization}.gateway_url must be an https:// URL")
+        raise TransferError(f"steps.providers.{organization}.gateway_url must be an https:// URL")
     ca_file = cfg.get("ca_file")
     if not ca_file or not Path(ca_file).is_file():
-        raise StepError(f"steps.providers.{organization}.ca_file is missing or not a file")
+        raise TransferError(f"steps.providers.{organization}.ca_file is missing or not a file")
     session = requests.Session()
     # Only the configured CA decides: REQUESTS_CA_BUNDLE and friends in the environment would
     # otherwise override it (requests lets the environment win over session.verify).
@@ -100,13 +101,13 @@ def open_gateway(site: Mapping[str, Any], organization: str) -> ProviderGateway:
     cert = cfg.get("client_cert")
     if cert:
         if not cfg.get("client_key"):
-            raise StepError(f"steps.providers.{organization}: client_cert needs client_key")
+            raise TransferError(f"steps.providers.{organization}: client_cert needs client_key")
         session.cert = (str(cert), str(cfg["client_key"]))
     if cfg.get("token_file"):
         try:
             token = Path(cfg["token_file"]).read_text().strip()
         except OSError as exc:
-            raise StepError(f"steps.providers.{organization}.token_file: {exc.strerror}") from None
+            raise TransferError(f"steps.providers.{organization}.token_file: {exc.strerror}") from None
         session.headers["Authorization"] = f"Bearer {token}"
     if cfg.get("proxy"):  # trust_env is off, so a needed proxy is configured explicitly
         session.proxies = {"https": str(cfg["proxy"])}
@@ -128,4 +129,4 @@ def gateway_for_location(site: Mapping[str, Any], location: str, sent_to: str | 
             return open_gateway(site, organization)
     if sent_to and study_uid and location.rstrip("/").endswith(f"/studies/{study_uid}"):
         return open_gateway(site, sent_to)
-    raise StepError("result-location is not at the gateway of any configured provider (steps.providers)")
+    raise TransferError("result-location is not at the gateway of any configured provider (steps.providers)")

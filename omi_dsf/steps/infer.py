@@ -1,4 +1,4 @@
-"""The `infer` step handler (worker contract: omi_dsf/worker/api.py), provider site:
+"""The `infer` step, provider site:
 study from the gateway → AI service → DICOM SEG + SR back to the gateway by STOW-RS.
 
 Inputs: pseudonymized-study-instance-uid (required), ai-service-identifier, study-location.
@@ -41,7 +41,7 @@ from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
 from omi_dsf.tls import client_context
-from omi_dsf.worker.api import Answers, StepContext, StepError, Timings
+from omi_dsf.steps.api import Answers, StepContext, StepError, Timings
 
 DEFAULT_MODEL = "lung-seg"
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"

@@ -1,6 +1,6 @@
 """Where the requester keeps the FHIR result: a folder (default) or a FHIR server.
 
-Site settings, `ctx.site["fhir_results"]`: a folder path, or
+Site settings, `steps.fhir_results` in the site YAML: a folder path, or
 {"url": FHIR base, "ca_file", "client_cert", "client_key", "token_file", "timeout"}.
 Folder: <folder>/<business key>.json (the collection Bundle), written whole and renamed.
 Server: the Bundle as a transaction with PUT and ids derived from the result, so that a retried
@@ -18,10 +18,11 @@ from typing import Any, Mapping
 
 import requests
 
-from omi_dsf.worker.api import RetryableStepError, StepError
+from omi_dsf.errors import RetryableError
+from omi_dsf.transfer.errors import TransferError
 
 
-class FhirUnavailable(ConnectionError, RetryableStepError):
+class FhirUnavailable(ConnectionError, RetryableError):
     """The FHIR server did not answer or answered 5xx: retried."""
 
 
@@ -40,14 +41,14 @@ def write_fhir_result(site: Mapping[str, Any], bundle: dict, business_key: str) 
     """Store the bundle where the site says; returns where (for the audit: a folder or a base URL)."""
     target = site.get("fhir_results")
     if not target:
-        raise StepError("site configuration steps.fhir_results is missing (a folder or {url: FHIR base})")
+        raise TransferError("site configuration steps.fhir_results is missing (a folder or {url: FHIR base})")
     if isinstance(target, (str, os.PathLike)):
         return _to_folder(Path(target), bundle, business_key)
     if isinstance(target, Mapping) and target.get("url"):
         return _to_server(target, bundle)
     if isinstance(target, Mapping) and target.get("folder"):
         return _to_folder(Path(target["folder"]), bundle, business_key)
-    raise StepError("steps.fhir_results must be a folder path, {folder: …} or {url: …}")
+    raise TransferError("steps.fhir_results must be a folder path, {folder: …} or {url: …}")
 
 
 def _to_folder(folder: Path, bundle: dict, business_key: str) -> str:
@@ -78,7 +79,7 @@ def _to_server(cfg: Mapping[str, Any], bundle: dict) -> str:
                             headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
                             timeout=float(cfg.get("timeout", 60)))
     except requests.exceptions.SSLError:
-        raise StepError("TLS with the FHIR result server failed (check steps.fhir_results ca_file)") from None
+        raise TransferError("TLS with the FHIR result server failed (check steps.fhir_results ca_file)") from None
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise FhirUnavailable(f"the FHIR result server does not answer ({type(exc).__name__})") from None
     finally:
@@ -86,5 +87,5 @@ def _to_server(cfg: Mapping[str, Any], bundle: dict) -> str:
     if resp.status_code >= 500 or resp.status_code == 429:
         raise FhirUnavailable(f"the FHIR result server answered HTTP {resp.status_code}")
     if resp.status_code >= 400:
-        raise StepError(f"the FHIR result server refused the result bundle (HTTP {resp.status_code})")
+        raise TransferError(f"the FHIR result server refused the result bundle (HTTP {resp.status_code})")
     return base

@@ -9,7 +9,7 @@ import os
 import time
 
 from omi_dsf.spec.model import load_spec
-from omi_dsf.worker.api import Answers, StepContext, StepError
+from omi_dsf.steps.api import Answers, StepContext, StepError
 
 _TYPES = {c.code: c.type for c in load_spec().codes.values()}
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omi_dsf.dicomweb.multipart import closing, content_type, new_boundary, part_head
-from omi_dsf.worker.api import StepError
-from omi_dsf.worker.transfer_provider import ProviderGateway
+from omi_dsf.transfer.errors import TransferError
+from omi_dsf.transfer.provider import ProviderGateway
 
 SOP_UID, FAILED_SOP_SEQ, FAILURE_REASON = "00080018", "00081198", "00081197"
 REFERENCED_SOP_SEQ, REFERENCED_SOP_UID = "00081199", "00081155"
@@ -70,11 +70,11 @@ def raise_for_status(resp, what: str) -> None:
     if status >= 500 or status == 429:
         raise GatewayBusy(f"{what} at the provider's gateway: HTTP {status}")
     if status in (401, 403):
-        raise StepError(f"{what}: the provider's gateway refused us (HTTP {status}); check client_cert or "
+        raise TransferError(f"{what}: the provider's gateway refused us (HTTP {status}); check client_cert or "
                         "token_file for this provider")
     if status == 413:
-        raise StepError(f"{what}: the provider's gateway refused the size (HTTP 413); lower send.batch_mb")
-    raise StepError(f"{what}: the provider's gateway refused the request (HTTP {status})")
+        raise TransferError(f"{what}: the provider's gateway refused the size (HTTP 413); lower send.batch_mb")
+    raise TransferError(f"{what}: the provider's gateway refused the request (HTTP {status})")
 
 
 def study_instance_count(gw: ProviderGateway, study_uid: str) -> int | None:
@@ -113,7 +113,7 @@ class _Body:
         for path, size in zip(self.files, self.sizes):
             data = path.read_bytes()
             if len(data) != size:  # the Content-Length would lie; and it is not what was leak-checked
-                raise StepError("an instance of the checked study changed while it was being sent")
+                raise TransferError("an instance of the checked study changed while it was being sent")
             yield self.head + data + b"\r\n"
         yield self.tail
 
@@ -130,10 +130,10 @@ def _post(gw: ProviderGateway, study_uid: str, batch: list[Path]) -> set[str]:
         failed = (answer.get(FAILED_SOP_SEQ) or {}).get("Value") or []
         reasons = sorted({f"0x{int(first_value(f, FAILURE_REASON) or 0):04X}" for f in failed})
         if failed:
-            raise StepError(f"STOW-RS: the provider's gateway refused {len(failed)} of {len(batch)} instances "
+            raise TransferError(f"STOW-RS: the provider's gateway refused {len(failed)} of {len(batch)} instances "
                             f"(failure reason {', '.join(reasons)})")
         if resp.status_code == 409:
-            raise StepError("STOW-RS: the provider's gateway refused the instances (HTTP 409)")
+            raise TransferError("STOW-RS: the provider's gateway refused the instances (HTTP 409)")
         return _referenced(answer)  # 202 with warnings only: stored
     raise_for_status(resp, "STOW-RS")
     return _referenced(_json(resp))

@@ -23,7 +23,7 @@ from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import LeakError, bytes_may_leak, check_flags, codec_of, encoded_hits, text_of
 from omi_dsf.deid.reidentify import uid_elements
 from omi_dsf.deid.store import SiteStore
-from omi_dsf.worker.api import StepError
+from omi_dsf.transfer.errors import TransferError
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _read(data: bytes) -> Dataset:
     try:
         return pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # pydicom raises many kinds on damaged files
-        raise StepError(f"a de-identified instance is unreadable ({type(exc).__name__})") from None
+        raise TransferError(f"a de-identified instance is unreadable ({type(exc).__name__})") from None
 
 
 def _pixel_range(ds: Dataset) -> tuple[int, int] | None:
@@ -89,11 +89,11 @@ def _spool_from_dicomweb(sink: Mapping[str, Any], params: Mapping[str, Any], stu
 
 def collect(pseudo_cfg: Mapping[str, Any], store: SiteStore, pseudo_study_uid: str,
             business_key: str, gateway_url: str) -> OutgoingStudy:
-    """The de-identified instances of the study, each checked; StepError on the first leak."""
+    """The de-identified instances of the study, each checked; TransferError on the first leak."""
     domain = str(pseudo_cfg.get("domain") or "")
     original_study = store.original_uid(domain, pseudo_study_uid)
     if original_study is None:
-        raise StepError("the study was not pseudonymized at this site (its UID is not in the site store)")
+        raise TransferError("the study was not pseudonymized at this site (its UID is not in the site store)")
     params = {"study_uid": original_study, "business_key": business_key, "gateway_url": gateway_url}
     sink = dict(pseudo_cfg.get("sink") or {})
     study = OutgoingStudy(pseudo_study_uid)
@@ -105,13 +105,13 @@ def collect(pseudo_cfg: Mapping[str, Any], store: SiteStore, pseudo_study_uid: s
             _spool_from_dicomweb(sink, {**params, "study_uid": pseudo_study_uid}, study)
             candidates, study.files = study.files, []
         else:
-            raise StepError(f"send cannot read instances from a pseudonymization sink of kind {sink.get('kind')!r}")
+            raise TransferError(f"send cannot read instances from a pseudonymization sink of kind {sink.get('kind')!r}")
         _check_all(candidates, store, domain, pseudo_study_uid, study)
     except BaseException:
         study.close()
         raise
     if not study.files:
-        raise StepError("no de-identified instances of the study found where the pseudonymize step wrote them")
+        raise TransferError("no de-identified instances of the study found where the pseudonymize step wrote them")
     return study
 
 
@@ -143,13 +143,13 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
         if pseudonym is None:
             pseudonym = text_of(ds, 0x00100020)
         elif text_of(ds, 0x00100020) != pseudonym:
-            raise StepError(f"leak check stopped the send: instance {n} has another PatientID than the "
+            raise TransferError(f"leak check stopped the send: instance {n} has another PatientID than the "
                             "study's pseudonym")
         try:
             check_flags(ds)
         except LeakError as exc:
             exc.locate(f"instance {n}", text_of(ds, 0x00080018))
-            raise StepError(f"leak check stopped the send: {exc}") from None
+            raise TransferError(f"leak check stopped the send: {exc}") from None
         for uid in set(_uid_values(ds)) - seen:   # study and series UIDs repeat in every instance
             seen.add(uid)
             original = store.original_uid(domain, uid)
@@ -163,7 +163,7 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
         return
     if not pseudonym or store.patient(domain, pseudonym) is None:
         # without the patient's record we would not know the values to look for: refuse
-        raise StepError("leak check stopped the send: the instances' PatientID is not a pseudonym this site "
+        raise TransferError("leak check stopped the send: the instances' PatientID is not a pseudonym this site "
                         "issued in this domain")
     identity = identity_from_store(store, domain, pseudonym, pseudo_study_uid)
     identity.add_uids(originals)
@@ -176,5 +176,5 @@ def _check_all(candidates: list[Path], store: SiteStore, domain: str, pseudo_stu
             hits = encoded_hits(item.path.read_bytes(), identity, item.codec, item.skip)
             if hits:  # names attribute, rule and kind, never the value
                 exc = LeakError(hits=hits).locate(f"instance {item.number}", item.sop_uid)
-                raise StepError(f"leak check stopped the send: {exc}")
+                raise TransferError(f"leak check stopped the send: {exc}")
         study.files.append(item.path)

@@ -1,8 +1,8 @@
 """C-STORE of re-identified results into the requester's legacy PACS (pynetdicom).
 
-Site settings, `ctx.site["pacs"]`: host, port, ae_title (the PACS), calling_ae (ours, default
+Site settings, `steps.pacs` in the site YAML: host, port, ae_title (the PACS), calling_ae (ours, default
 OMIWORKER), timeout (seconds, default 30). A PACS that rejects the association or refuses an
-object for a reason retrying cannot fix is a StepError; one that is down, out of resources or
+object for a reason retrying cannot fix is a TransferError; one that is down, out of resources or
 drops the connection raises `PacsUnavailable` (retried).
 """
 
@@ -16,13 +16,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from omi_dsf.worker.api import RetryableStepError, StepError
+from omi_dsf.errors import RetryableError
+from omi_dsf.transfer.errors import TransferError
 
 # pynetdicom logs association and DIMSE details (UIDs among them) at INFO and DEBUG.
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-class PacsUnavailable(ConnectionError, RetryableStepError):
+class PacsUnavailable(ConnectionError, RetryableError):
     """The PACS did not take the objects now; a later attempt may succeed."""
 
 
@@ -30,7 +31,7 @@ def _settings(site: Mapping[str, Any]) -> tuple[str, int, str, str, float]:
     cfg = site.get("pacs") or {}
     missing = [k for k in ("host", "port", "ae_title") if not cfg.get(k)]
     if missing:
-        raise StepError(f"site configuration steps.pacs needs {', '.join(missing)}")
+        raise TransferError(f"site configuration steps.pacs needs {', '.join(missing)}")
     return (str(cfg["host"]), int(cfg["port"]), str(cfg["ae_title"]), str(cfg.get("calling_ae", "OMIWORKER")),
             float(cfg.get("timeout", 30)))
 
@@ -57,7 +58,7 @@ def store_in_pacs(site: Mapping[str, Any], datasets: Sequence[Dataset]) -> str:
         # a few tries tell a PACS that refuses us from one that is down
         time.sleep(0.2 * (attempt + 1))
     if assoc.is_rejected:
-        raise StepError(f"the PACS {called} rejected the association (check steps.pacs ae_title and calling_ae)")
+        raise TransferError(f"the PACS {called} rejected the association (check steps.pacs ae_title and calling_ae)")
     if not assoc.is_established:
         raise PacsUnavailable(f"the PACS {called} at {host}:{port} does not answer")
     try:
@@ -66,7 +67,7 @@ def store_in_pacs(site: Mapping[str, Any], datasets: Sequence[Dataset]) -> str:
             try:
                 status = assoc.send_c_store(ds)
             except ValueError:  # no accepted presentation context for this SOP class
-                raise StepError(f"the PACS {called} does not accept {what}: no presentation context") from None
+                raise TransferError(f"the PACS {called} does not accept {what}: no presentation context") from None
             if not status or "Status" not in status:
                 raise PacsUnavailable(f"the PACS {called} dropped the connection while storing {what}")
             code = int(status.Status)
@@ -74,7 +75,7 @@ def store_in_pacs(site: Mapping[str, Any], datasets: Sequence[Dataset]) -> str:
                 continue  # success, or stored with a warning (coercion)
             if code >> 8 == 0xA7:
                 raise PacsUnavailable(f"the PACS {called} is out of resources (status 0x{code:04X})")
-            raise StepError(f"the PACS {called} refused {what}: C-STORE status 0x{code:04X}")
+            raise TransferError(f"the PACS {called} refused {what}: C-STORE status 0x{code:04X}")
     finally:
         if assoc.is_established:
             assoc.release()

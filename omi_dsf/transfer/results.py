@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from omi_dsf.deid.reidentify import Reidentifier, ReidentifyError
 from omi_dsf.dicomweb.errors import BadRequest
 from omi_dsf.dicomweb.multipart import iter_bodies
-from omi_dsf.worker.api import StepError
-from omi_dsf.worker.transfer_provider import ProviderGateway
-from omi_dsf.worker.transfer_stow import GatewayBusy, raise_for_status, first_value
+from omi_dsf.transfer.errors import TransferError
+from omi_dsf.transfer.provider import ProviderGateway
+from omi_dsf.transfer.stow import GatewayBusy, raise_for_status, first_value
 
 MODALITY, SERIES_UID = "00080060", "0020000E"
 RESULT_MODALITIES = ("SEG", "SR")
@@ -37,12 +37,12 @@ def result_series(gw: ProviderGateway, study_uid: str, modalities: Sequence[str]
     resp = gw.request("GET", f"/studies/{study_uid}/series", params={"includefield": f"{MODALITY},{SERIES_UID}"},
                       headers={"Accept": "application/dicom+json"})
     if resp.status_code in (204, 404):
-        raise StepError("the result study is not at the provider's gateway")
+        raise TransferError("the result study is not at the provider's gateway")
     raise_for_status(resp, "QIDO-RS search of the result study")
     series = [(str(first_value(s, MODALITY) or ""), str(first_value(s, SERIES_UID) or "")) for s in (resp.json() or [])]
     found = [uid for modality, uid in series if modality in modalities and uid]
     if not found:
-        raise StepError(f"the result study at the provider's gateway has no {' or '.join(modalities)} series")
+        raise TransferError(f"the result study at the provider's gateway has no {' or '.join(modalities)} series")
     return found
 
 
@@ -50,7 +50,7 @@ def _retrieve_series(gw: ProviderGateway, study_uid: str, series_uid: str) -> li
     resp = gw.request("GET", f"/studies/{study_uid}/series/{series_uid}",
                       headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
     if resp.status_code == 404:
-        raise StepError("a result series listed by the provider's gateway cannot be retrieved (HTTP 404)")
+        raise TransferError("a result series listed by the provider's gateway cannot be retrieved (HTTP 404)")
     raise_for_status(resp, "WADO-RS retrieve of a result series")
     try:
         return list(iter_bodies(resp.headers.get("content-type", ""), [resp.content]))
@@ -66,11 +66,11 @@ def fetch_results(gw: ProviderGateway, study_uid: str, pseudonym: str,
             try:
                 ds = pydicom.dcmread(io.BytesIO(data))
             except Exception as exc:
-                raise StepError(f"a result object from the provider is not DICOM ({type(exc).__name__})") from None
+                raise TransferError(f"a result object from the provider is not DICOM ({type(exc).__name__})") from None
             if str(ds.get("StudyInstanceUID", "")) != study_uid:
-                raise StepError("a result object belongs to another study than the one this request sent")
+                raise TransferError("a result object belongs to another study than the one this request sent")
             if str(ds.get("PatientID", "") or "").strip() != pseudonym:
-                raise StepError("a result object carries another PatientID than this request's pseudonym")
+                raise TransferError("a result object carries another PatientID than this request's pseudonym")
             out.datasets.append(ds)
             out.bytes += len(data)
         out.series_uids.append(series_uid)
@@ -83,9 +83,9 @@ def reidentify_all(datasets: list[Dataset], reid: Reidentifier, patient_id: str,
         try:
             reid.reidentify(ds)
         except ReidentifyError as exc:
-            raise StepError(f"result object {n}: {exc}") from None
+            raise TransferError(f"result object {n}: {exc}") from None
         if patient_id and str(ds.get("PatientID", "")) != patient_id:
-            raise StepError(f"result object {n}: after re-identification its PatientID is not the requested "
+            raise TransferError(f"result object {n}: after re-identification its PatientID is not the requested "
                             "patient's")
         if str(ds.get("StudyInstanceUID", "")) != study_uid:
-            raise StepError(f"result object {n}: after re-identification it is not in the requested study")
+            raise TransferError(f"result object {n}: after re-identification it is not in the requested study")

@@ -1,6 +1,6 @@
-"""The `consent` step handler (worker contract: omi_dsf/worker/api.py).
+"""Whether a patient's consent permits the configured purpose, from the site's consent settings.
 
-Site configuration, `ctx.site["consent"]`:
+Settings (`steps.consent` in the site YAML):
     kind               "fhir" (MII Consent resources on a FHIR server), "folder" (JSON files),
                        or "gics" (TTP-FHIR gateway $isConsented)
     url                FHIR base (fhir) or the gateway's gICS base …/ttp-fhir/fhir/gics (gics)
@@ -8,21 +8,15 @@ Site configuration, `ctx.site["consent"]`:
     identifier_system  system of the patient identifier (fhir, gics)
     domain             gICS consent domain (gics), e.g. "MII"
     purpose            default "external-ai-service"; codes: override the policy codes
-Inputs: patient-identifier (required). Outputs: consent-reference (which consent permitted:
-"Consent/<id>" or the gICS check), and where the work item asks for them consented, consent-reason.
-A deny, including any error while checking, raises StepError with the reason.
+A configuration error or a failed lookup is a deny with the reason, never a pass.
 """
 
 from __future__ import annotations
-
-from omi_dsf.worker.api import Answers, StepContext, StepError
 
 from .gics import GicsChecker
 from .mii import Decision, evaluate_all
 from .policy import UnknownPurposeError, codes_for
 from .sources import ConsentLookupError, from_fhir_server, from_folder
-
-IN_PATIENT = "patient-identifier"
 
 
 def check(patient_id: str, cfg: dict) -> Decision:
@@ -49,17 +43,3 @@ def check(patient_id: str, cfg: dict) -> Decision:
         return Decision(False, f"consent check failed: {exc}")
     return evaluate_all(consents, codes)
 
-
-def consent(inputs: Answers, ctx: StepContext) -> Answers:
-    patient_id = str(inputs.get(IN_PATIENT, "") or "").strip()
-    if not patient_id:
-        raise StepError(f"input {IN_PATIENT} is missing")
-    try:
-        decision = check(patient_id, dict(ctx.site.get("consent") or {}))
-    except Exception as exc:  # an error while checking is a deny, never a pass
-        decision = Decision(False, f"consent check failed ({type(exc).__name__})")
-    ctx.log.info("consent for %s: %s", ctx.business_key, "permit" if decision.permitted else "deny")
-    if not decision.permitted:
-        raise StepError(f"consent denied: {decision.reason}")
-    out = {"consent-reference": decision.reference, "consented": True, "consent-reason": decision.reason}
-    return ctx.wanted(out)

@@ -1,0 +1,109 @@
+"""The requester's `return` step: result SEG/SR by WADO-RS from the provider's gateway →
+re-identified with the site's pseudonym store → C-STORE into the legacy PACS → FHIR result to the
+configured place.
+
+Site settings read (`steps:` in the site YAML, `ctx.site` here):
+  pseudonymization   the pseudonymize step's settings (domain, store, key_file, provider)
+  providers          as for send: the gateways results may be fetched from (omi_dsf/transfer/provider.py)
+  return             optional {modalities: [SEG, SR]}
+  pacs               {host, port, ae_title, calling_ae, timeout}   (omi_dsf/transfer/pacs.py)
+  fhir_results       folder path | {url, ca_file, client_cert, client_key, token_file}  (omi_dsf/transfer/fhir.py)
+  actor, audit       as for send
+
+Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, AE titles,
+organization identifiers and URLs of the provider's gateway only.
+"""
+
+from __future__ import annotations
+
+from omi_dsf.audit import AuditTrail
+from omi_dsf.deid.keys import KeyError_, load_key
+from omi_dsf.deid.pseudonyms import make_provider
+from omi_dsf.deid.pseudonyms.factory import ConfigError
+from omi_dsf.deid.reidentify import Reidentifier
+from omi_dsf.deid.store import SiteStore
+# highdicom and friends take most of a second to import: at worker start, not in the first return
+from omi_dsf.inference.results import fhir_bundle_from_report
+from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, text_input
+from omi_dsf.steps.pseudonymize import pseudonymization_settings
+from omi_dsf.transfer.errors import TransferError
+from omi_dsf.transfer.fhir import write_fhir_result
+from omi_dsf.transfer.pacs import store_in_pacs
+from omi_dsf.transfer.provider import gateway_for_location
+from omi_dsf.transfer.results import RESULT_MODALITIES, fetch_results, reidentify_all
+
+SR_MODALITY = "SR"
+
+
+def _sent_to(ctx: StepContext) -> str | None:
+    """The provider organization this request's study was sent to, from the site's audit trail."""
+    path = ctx.site.get("audit")
+    if not path:
+        return None
+    sent = [e for e in AuditTrail(path).events(ctx.business_key) if e.action == "sent"]
+    return sent[-1].details.get("organization") if sent else None
+
+
+def return_results(inputs: Answers, ctx: StepContext) -> Answers:
+    try:
+        return _return_results(inputs, ctx)
+    except TransferError as exc:
+        raise StepError(str(exc)) from None
+
+
+def _return_results(inputs: Answers, ctx: StepContext) -> Answers:
+    t = Timings()
+    location = text_input(inputs, "result-location")
+    result_uid = text_input(inputs, "result-study-instance-uid")
+    pseudonym = text_input(inputs, "pseudonym")
+    patient_id = text_input(inputs, "patient-identifier", required=False)
+    study_uid = text_input(inputs, "study-instance-uid")
+    cfg, domain = pseudonymization_settings(ctx.site)
+    modalities = tuple((ctx.site.get("return") or {}).get("modalities") or RESULT_MODALITIES)
+    store = SiteStore(cfg.get("store", "omi-site.sqlite"))
+    try:
+        # the results must belong to a study this site sent: its UID maps back to the request's study
+        if store.original_uid(domain, result_uid) != study_uid:
+            raise StepError("result-study-instance-uid is not the pseudonymized UID of the requested study; "
+                            "this site never sent it")
+        try:
+            provider = make_provider(cfg.get("provider"), load_key(cfg.get("key_file")), store)
+        except (KeyError_, ConfigError) as exc:
+            raise StepError(str(exc)) from None
+        gw = gateway_for_location(ctx.site, location, _sent_to(ctx), result_uid)
+        try:
+            with t.phase("wado"):
+                results = fetch_results(gw, result_uid, pseudonym, modalities)
+        finally:
+            gw.close()
+        audit(ctx, "received", gw.client_cert, result_study_uid=result_uid, instances=len(results.datasets),
+               bytes=results.bytes, source=gw.base_url, organization=gw.organization,
+               series_uids=",".join(results.series_uids), pseudonym_domain=domain)
+        with t.phase("reidentify"):
+            reidentify_all(results.datasets, Reidentifier(store, provider, domain), patient_id, study_uid)
+    finally:
+        store.close()
+
+    reports = [ds for ds in results.datasets if str(ds.get("Modality", "")) == SR_MODALITY]
+    bundle = None
+    if ctx.site.get("fhir_results"):
+        if not reports:
+            raise StepError("the results hold no SR, so no FHIR result can be made")
+        try:
+            with t.phase("fhir"):
+                bundle = fhir_bundle_from_report(reports[0])
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:
+            # the type only: after re-identification a message could quote an original UID
+            raise StepError(f"the result SR is not a report this site can turn into FHIR "
+                            f"({type(exc).__name__})") from None
+
+    with t.phase("c_store"):
+        pacs = store_in_pacs(ctx.site, results.datasets)
+    fhir_target = write_fhir_result(ctx.site, bundle, ctx.business_key) if bundle is not None else None
+    ctx.log.info("return %s: %d result objects stored in %s%s", ctx.business_key, len(results.datasets), pacs,
+                 ", FHIR result written" if fhir_target else "")
+    audit(ctx, "stored", gw.client_cert, result_study_uid=result_uid, instances=len(results.datasets), target=pacs,
+           series_uids=",".join(results.series_uids), pseudonym_domain=domain)
+    t.finish()
+    ctx.log.info("return %s: timings %s", ctx.business_key, t.summary())
+    return ctx.wanted({"stored-study-instance-uid": study_uid})

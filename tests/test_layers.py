@@ -1,0 +1,142 @@
+"""The package layering of omi_dsf, read from the source (every import statement, module-level or
+inside a function): lower layers never import higher ones, and no two packages import each other,
+directly or around a cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "omi_dsf"
+
+# The allowed dependency direction, lowest layer first: a package may import packages of its own
+# layer (as long as no cycle results) and of the layers below it, never above. A "package" is a
+# folder under omi_dsf/ or a top-level module (omi_dsf/audit.py is "audit"); "omi_dsf" is the
+# package's own __init__ (the version).
+LAYERS: list[tuple[str, set[str]]] = [
+    ("base", {"omi_dsf", "errors", "terminal", "tls", "procs", "spec"}),
+    ("domain", {"serving", "dsf", "audit", "consent", "deid", "dicomweb", "inference", "registry",
+                "transfer", "validate", "generate"}),
+    ("steps", {"steps"}),                  # one module per step + the contract; map domain errors
+    ("runtime", {"worker"}),               # poll → claim → handle → complete; finds the steps
+    ("apps", {"client", "testbed", "demo"}),
+    ("entry", {"cli", "__main__"}),        # the command line; parts are loaded by name, not imported
+]
+
+# Domain packages: besides the layering, named here so that the rule reads as the issue states it.
+DOMAIN = {"deid", "consent", "inference", "dicomweb", "dsf", "registry", "audit", "transfer", "serving"}
+NOT_FROM_DOMAIN = {"worker", "steps", "cli", "demo", "testbed"}
+
+# Temporary, named exceptions (module → imported module). The gateway and the test bed are being
+# changed by others while this test lands; they still take UserError from omi_dsf.cli, which
+# re-exports it from omi_dsf.errors. Remove each line once its import reads omi_dsf.errors.
+TEMPORARY: set[tuple[str, str]] = {
+    ("omi_dsf.dicomweb.cli", "omi_dsf.cli"),
+    ("omi_dsf.testbed.bed", "omi_dsf.cli"),
+    ("omi_dsf.testbed.distribution", "omi_dsf.cli"),
+    ("omi_dsf.testbed.postgres", "omi_dsf.cli"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.parent / name.replace(".", "/")
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _imports(path: Path) -> set[str]:
+    """The omi_dsf modules `path` imports (`from a import b` counts as a.b where b is a module)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            for alias in node.names:
+                sub = f"{module}.{alias.name}"
+                found.add(sub if _is_module(sub) else module)
+    return {m for m in found if m == "omi_dsf" or m.startswith("omi_dsf.")}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "omi_dsf"
+
+
+def module_imports() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for p in sorted(ROOT.rglob("*.py"))}
+
+
+def package_edges() -> dict[tuple[str, str], list[str]]:
+    """(importing package, imported package) → the module imports behind it, temporary ones left out."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for module, imported in module_imports().items():
+        for target in imported:
+            a, b = _package(module), _package(target)
+            if a != b and (module, target) not in TEMPORARY:
+                edges.setdefault((a, b), []).append(f"{module} -> {target}")
+    return edges
+
+
+def _layer_of() -> dict[str, int]:
+    return {pkg: i for i, (_, pkgs) in enumerate(LAYERS) for pkg in pkgs}
+
+
+def test_every_package_has_a_layer():
+    packages = {_package(m) for m in module_imports()}
+    missing = sorted(packages - set(_layer_of()))
+    assert not missing, f"packages without a layer in LAYERS: {missing}"
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    layer = _layer_of()
+    upward = [f"{a} ({LAYERS[layer[a]][0]}) imports {b} ({LAYERS[layer[b]][0]}): {why}"
+              for (a, b), why in sorted(package_edges().items())
+              if a in layer and b in layer and layer[b] > layer[a]]
+    assert not upward, "\n".join(upward)
+
+
+def test_domain_packages_import_no_runtime_steps_cli_or_harness():
+    bad = [f"{a} imports {b}: {why}" for (a, b), why in sorted(package_edges().items())
+           if a in DOMAIN and b in NOT_FROM_DOMAIN]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_package_cycles():
+    graph: dict[str, set[str]] = {}
+    for a, b in package_edges():
+        graph.setdefault(a, set()).add(b)
+    cycles, done, path = [], set(), []
+
+    def visit(node: str) -> None:
+        if node in path:
+            cycles.append(" -> ".join(path[path.index(node):] + [node]))
+            return
+        if node in done:
+            return
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+    assert not cycles, "package cycles:\n" + "\n".join(cycles)
+
+
+def test_temporary_exceptions_are_still_needed():
+    """A temporary exception that no longer matches an import must go from TEMPORARY."""
+    imports = module_imports()
+    stale = sorted(f"{m} -> {t}" for m, t in TEMPORARY if t not in imports.get(m, set()))
+    assert not stale, f"remove from TEMPORARY: {stale}"
