@@ -52,7 +52,7 @@ def test_pseudonymize_step_writes_deidentified_study(site):
                         "patient-identifier": first.PatientID}, ctx(cfg))
     assert out["instance-count"] == 4 and out["byte-count"] > 4 * 2048
     assert out["pseudonym"].startswith("PSN-")
-    files = sorted(Path(out["output-location"]).glob("*.dcm"))
+    files = sorted(Path(out["pseudonymized-study-location"]).glob("*.dcm"))
     assert len(files) == 4
     ds = pydicom.dcmread(files[0])
     assert ds.StudyInstanceUID == out["pseudonymized-study-instance-uid"] != first.StudyInstanceUID
@@ -130,7 +130,7 @@ def test_source_and_sink_are_pluggable(site):
     mem = {"pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "memory"},
                                 "sink": {"kind": "memory"}}}
     out = pseudonymize({"study-instance-uid": synthetic.ct_instance(0).StudyInstanceUID}, ctx(mem))
-    assert out["output-location"] == "memory:" and len(received) == 2
+    assert out["pseudonymized-study-location"] == "memory:" and len(received) == 2
     with pytest.raises(StepError, match="unknown instance source kind 'pigeon'"):
         pseudonymize({"study-instance-uid": "1.2"},
                      ctx({"pseudonymization": {**mem["pseudonymization"], "source": {"kind": "pigeon"}}}))

@@ -36,7 +36,8 @@ def outbox(tmp_path):
 def _collect(cfg, pseudo_uid):
     store = SiteStore(cfg["store"])
     try:
-        return collect(cfg, store, pseudo_uid, "bk", "")
+        # the pseudonymize step's pseudonymized-study-location (business key "bk")
+        return collect(cfg, store, pseudo_uid, cfg["sink"]["path"].format(business_key="bk"))
     finally:
         store.close()
 

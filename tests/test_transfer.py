@@ -135,7 +135,8 @@ def _pseudonymized(site: dict, seed: int, key: str) -> tuple[dict, str, list[Pat
 
 def _send_inputs(pseudo: dict) -> dict:
     return {"pseudonymized-study-instance-uid": pseudo["pseudonymized-study-instance-uid"],
-            "ai-service-identifier": "lung-seg", "provider-organization": PROVIDER}
+            "pseudonymized-study-location": pseudo["pseudonymized-study-location"],
+            "provider-organization": PROVIDER}
 
 
 def _index(store: Path) -> list[tuple[str, str]]:
@@ -213,7 +214,7 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
         {"result-location": inferred["result-location"],
          "result-study-instance-uid": inferred["result-study-instance-uid"],
          "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
-         "study-instance-uid": study_uid},
+         "study-instance-uid": study_uid, "provider-organization": PROVIDER},
         _ctx(steps, "return", "bk-round-trip"))
     t_return = time.monotonic() - t0
     print(f"send {t_send:.2f} s, infer {t_infer:.2f} s, return {t_return:.2f} s")
@@ -238,7 +239,8 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     return_results({"result-location": inferred["result-location"],
                              "result-study-instance-uid": inferred["result-study-instance-uid"],
                              "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
-                             "study-instance-uid": study_uid}, _ctx(steps, "return", "bk-round-trip"))
+                             "study-instance-uid": study_uid, "provider-organization": PROVIDER},
+                   _ctx(steps, "return", "bk-round-trip"))
     series = _c_find(pacs, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality="")
     per_series = {str(s.Modality): _c_find(pacs, "IMAGE", StudyInstanceUID=study_uid,
                                            SeriesInstanceUID=str(s.SeriesInstanceUID), SOPInstanceUID="")
@@ -472,16 +474,19 @@ def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
     steps, (gw_url, _) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=26, key="bk-stranger")
     base = {"result-location": f"{gw_url}/studies/2.25.1234", "result-study-instance-uid": "2.25.1234",
-            "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid}
+            "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
+            "provider-organization": PROVIDER}
     with pytest.raises(StepError, match="never sent it"):
         return_results(base, _ctx(steps, "return", "bk-stranger"))
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+    # (a location of the form …/studies/<result UID> is read from the request's provider, whatever its host)
     elsewhere = {**base, "result-study-instance-uid": pseudo_uid,
-                 "result-location": f"https://results.example.org/studies/{pseudo_uid}"}
+                 "result-location": f"https://results.example.org/results/{pseudo_uid}"}
     with pytest.raises(StepError, match="not at the gateway of any configured provider"):
         return_results(elsewhere, _ctx(steps, "return", "bk-stranger"))
     # sent, but no results at the provider yet; the location names the provider gateway by an inner
-    # address (as a provider worker behind a loopback listener would): read from where we sent it
+    # address (as a provider worker behind a loopback listener would): read from the gateway of the
+    # request's provider-organization
     send(_send_inputs(pseudo), _ctx(steps, "send", "bk-stranger"))
     pending = {**base, "result-study-instance-uid": pseudo_uid,
                "result-location": f"https://127.0.0.1:1/studies/{pseudo_uid}"}
@@ -500,7 +505,8 @@ def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monke
                                  site={"gateway_url": gw_url, "ai_service_url": ai_url, "ai_timeout_s": 120}))
     monkeypatch.delenv("REQUESTS_CA_BUNDLE")
     inputs = {"result-location": inferred["result-location"], "result-study-instance-uid": pseudo_uid,
-              "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid}
+              "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
+              "provider-organization": PROVIDER}
     refusing = {**steps["pacs"], "ae_title": "NOSUCHAE"}
     with pytest.raises(StepError, match="rejected the association"):
         return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=refusing))

@@ -41,7 +41,7 @@ from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
 from omi_dsf.tls import client_context
-from omi_dsf.steps.api import Answers, StepContext, StepError, Timings
+from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, text_input
 
 DEFAULT_MODEL = "lung-seg"
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
@@ -133,9 +133,7 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
 
 def _infer(inputs: Answers, ctx: StepContext, session: requests.Session) -> tuple[Answers, Timings]:
     t = Timings()
-    study_uid = str(inputs.get("pseudonymized-study-instance-uid") or inputs.get("study-instance-uid") or "")
-    if not study_uid:
-        raise StepError("input pseudonymized-study-instance-uid is missing")
+    study_uid = text_input(inputs, "pseudonymized-study-instance-uid")
     service_url, model, connection = _service(inputs, ctx.site)
     gateway = _gateway_url(inputs, ctx.site, study_uid)
     timeout = float(ctx.site.get("ai_timeout_s", 600))

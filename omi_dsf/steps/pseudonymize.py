@@ -15,8 +15,9 @@ Site configuration, `ctx.site["pseudonymization"]`:
     pixel_recipes  extra pixel-cleaning recipe files (see pixels.py) besides the shipped one
 Inputs: study-instance-uid (required), patient-identifier (optional; checked against the files).
 Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count, refused-instance-count,
-refused-instances, and where the work item asks for them byte-count, output-location (only the
-work item's output items are answered).
+refused-instances, pseudonymized-study-location (where the sink put the study: a folder, or a
+DICOMweb store's …/studies; the send step reads it from there), and where the work item asks for
+it byte-count (only the work item's output items are answered).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         "refused-instance-count": len(refused),
         "refused-instances": refused_text(refused) or None,
         "byte-count": written,
-        "output-location": location,
+        "pseudonymized-study-location": location,
     }
     return ctx.wanted(out)
 

@@ -2,6 +2,9 @@
 re-identified with the site's pseudonym store → C-STORE into the legacy PACS → FHIR result to the
 configured place.
 
+Inputs: result-location, result-study-instance-uid, pseudonym, patient-identifier (optional: checked
+after re-identification), study-instance-uid, provider-organization (the provider the study went to).
+
 Site settings read (`steps:` in the site YAML, `ctx.site` here):
   pseudonymization   the pseudonymize step's settings (domain, store, key_file, provider)
   providers          as for send: the gateways results may be fetched from (omi_dsf/transfer/provider.py)
@@ -16,7 +19,6 @@ organization identifiers and URLs of the provider's gateway only.
 
 from __future__ import annotations
 
-from omi_dsf.audit import AuditTrail
 from omi_dsf.deid.keys import KeyError_, load_key
 from omi_dsf.deid.pseudonyms import make_provider
 from omi_dsf.deid.pseudonyms.factory import ConfigError
@@ -35,15 +37,6 @@ from omi_dsf.transfer.results import RESULT_MODALITIES, fetch_results, reidentif
 SR_MODALITY = "SR"
 
 
-def _sent_to(ctx: StepContext) -> str | None:
-    """The provider organization this request's study was sent to, from the site's audit trail."""
-    path = ctx.site.get("audit")
-    if not path:
-        return None
-    sent = [e for e in AuditTrail(path).events(ctx.business_key) if e.action == "sent"]
-    return sent[-1].details.get("organization") if sent else None
-
-
 def return_results(inputs: Answers, ctx: StepContext) -> Answers:
     try:
         return _return_results(inputs, ctx)
@@ -58,6 +51,7 @@ def _return_results(inputs: Answers, ctx: StepContext) -> Answers:
     pseudonym = text_input(inputs, "pseudonym")
     patient_id = text_input(inputs, "patient-identifier", required=False)
     study_uid = text_input(inputs, "study-instance-uid")
+    organization = text_input(inputs, "provider-organization")
     cfg, domain = pseudonymization_settings(ctx.site)
     modalities = tuple((ctx.site.get("return") or {}).get("modalities") or RESULT_MODALITIES)
     store = SiteStore(cfg.get("store", "omi-site.sqlite"))
@@ -70,7 +64,7 @@ def _return_results(inputs: Answers, ctx: StepContext) -> Answers:
             provider = make_provider(cfg.get("provider"), load_key(cfg.get("key_file")), store)
         except (KeyError_, ConfigError) as exc:
             raise StepError(str(exc)) from None
-        gw = gateway_for_location(ctx.site, location, _sent_to(ctx), result_uid)
+        gw = gateway_for_location(ctx.site, location, organization, result_uid)
         try:
             with t.phase("wado"):
                 results = fetch_results(gw, result_uid, pseudonym, modalities)

@@ -1,12 +1,14 @@
 """The requester's `send` step: the pseudonymize step's output → leak check of every object →
 STOW-RS over TLS to the provider's gateway (only instances it does not hold yet) → study-location.
 
+Inputs: pseudonymized-study-instance-uid, pseudonymized-study-location (where pseudonymize wrote
+the study), provider-organization.
+
 Site settings read (`steps:` in the site YAML, `ctx.site` here):
-  pseudonymization   the pseudonymize step's settings (domain, store, sink)
+  pseudonymization   the pseudonymize step's settings (domain, store; sink: kind and TLS settings)
   providers          {<provider organization>: {gateway_url, ca_file, client_cert, client_key,
                      token_file, timeout}}          (omi_dsf/transfer/provider.py)
   send               optional {batch_mb: 32, batch_instances: 64}
-  gateway_url        the site's own gateway (only to resolve {gateway_url} in a sink path)
   actor              who the audit names (default: subject of the client certificate, else "omi-worker")
   audit              path of the site's audit trail (set by the worker)
 
@@ -35,6 +37,7 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
 def _send(inputs: Answers, ctx: StepContext) -> Answers:
     t = Timings()
     pseudo_uid = text_input(inputs, "pseudonymized-study-instance-uid")
+    location = text_input(inputs, "pseudonymized-study-location")
     organization = text_input(inputs, "provider-organization")
     cfg, domain = pseudonymization_settings(ctx.site)
     batching = ctx.site.get("send") or {}
@@ -42,7 +45,7 @@ def _send(inputs: Answers, ctx: StepContext) -> Answers:
     store = SiteStore(cfg.get("store", "omi-site.sqlite"))
     try:
         with t.phase("leak_check"):
-            study = collect(cfg, store, pseudo_uid, ctx.business_key, str(ctx.site.get("gateway_url", "")))
+            study = collect(cfg, store, pseudo_uid, location)
     finally:
         store.close()
     try:

@@ -1,7 +1,8 @@
 """What the send step may let leave the site: the pseudonymize step's output, leak-checked whole.
 
-The instances are read from where `steps.pseudonymization.sink` put them (a folder, or a DICOMweb
-store via WADO-RS, spooled to a temporary folder). Before the first byte leaves, every instance
+The instances are read from where the pseudonymize step says it put them (its output
+pseudonymized-study-location: a folder, or a DICOMweb store's …/studies, read by WADO-RS with the
+TLS settings of `steps.pseudonymization.sink` and spooled to a temporary folder). Before the first byte leaves, every instance
 is checked against the study's identifying values as the site store knows them: the patient and
 study attributes de-identification removed (names, IDs, birth date, accession number, …) and the
 original UIDs behind every pseudonymized UID in the study. One hit stops the whole send.
@@ -88,21 +89,21 @@ def _spool_from_dicomweb(sink: Mapping[str, Any], params: Mapping[str, Any], stu
 
 
 def collect(pseudo_cfg: Mapping[str, Any], store: SiteStore, pseudo_study_uid: str,
-            business_key: str, gateway_url: str) -> OutgoingStudy:
-    """The de-identified instances of the study, each checked; TransferError on the first leak."""
+            location: str) -> OutgoingStudy:
+    """The de-identified instances of the study at `location` (the pseudonymize step's
+    pseudonymized-study-location), each checked; TransferError on the first leak."""
     domain = str(pseudo_cfg.get("domain") or "")
-    original_study = store.original_uid(domain, pseudo_study_uid)
-    if original_study is None:
+    if store.original_uid(domain, pseudo_study_uid) is None:
         raise TransferError("the study was not pseudonymized at this site (its UID is not in the site store)")
-    params = {"study_uid": original_study, "business_key": business_key, "gateway_url": gateway_url}
     sink = dict(pseudo_cfg.get("sink") or {})
     study = OutgoingStudy(pseudo_study_uid)
     try:
         if sink.get("kind", "folder") == "folder":
-            folder = Path(str(sink["path"]).format(**params))
+            folder = Path(location)
             candidates = sorted(p for p in folder.glob("*.dcm")) if folder.is_dir() else []
         elif sink.get("kind") == "dicomweb":
-            _spool_from_dicomweb(sink, {**params, "study_uid": pseudo_study_uid}, study)
+            base = location[: -len("/studies")] if location.endswith("/studies") else location
+            _spool_from_dicomweb({**sink, "url": base}, {"study_uid": pseudo_study_uid}, study)
             candidates, study.files = study.files, []
         else:
             raise TransferError(f"send cannot read instances from a pseudonymization sink of kind {sink.get('kind')!r}")

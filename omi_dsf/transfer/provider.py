@@ -122,7 +122,7 @@ def gateway_for_location(site: Mapping[str, Any], location: str, sent_to: str | 
     We only fetch from gateways we have a CA for: a location elsewhere is not followed. The
     provider's worker may name its gateway by an inner address (loopback); then a location of the
     form …/studies/<result study UID> is read from the gateway of `sent_to`, the provider this
-    request's study went to."""
+    request's study went to (the process variable provider-organization)."""
     for organization, cfg in (site.get("providers") or {}).items():
         base = str((cfg or {}).get("gateway_url") or "").rstrip("/")
         if base and (location == base or location.startswith(base + "/")):
