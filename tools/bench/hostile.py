@@ -4,7 +4,7 @@
 A gateway process (``python -m omi_dsf gateway``, default limits) serves a small CT study from its
 store and, under ``/aets/PACS``, the same data from dcmqrscp. A normal client does QIDO-RS
 (``/studies/{S}/instances``) and WADO-RS (one instance) in turn, first alone (baseline), then while,
-all at once and on 127.0.0.1 only:
+all at once, each attack from a process of its own, on 127.0.0.1 only:
 
 * **slow clients**: ``--slow-clients`` (1,000) connections that send half a request line or
   header and wait; when the gateway closes one (408 after header_timeout) it is opened again;
@@ -20,7 +20,7 @@ time, every response's status (no 5xx anywhere), what each attack got back, the 
 average. Targets: p95 during ≤ 2 × before, peak RSS ≤ 300 MB, 0 responses 5xx. The last line is
 one JSON object with the figures, the targets and "met".
 
-    python tools/bench/hostile.py [--baseline 20] [--attack 40] [--slow-clients 1000]
+    python tools/bench/hostile.py [--baseline 30] [--attack 60] [--slow-clients 1000] [--attacks slow,bombs,...]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import selectors
 import socket
@@ -38,6 +39,7 @@ import tempfile
 import threading
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
@@ -78,6 +80,13 @@ class Tally:
             by = self.status.setdefault(what, {})
             by[status] = by.get(status, 0) + 1
             self.seconds.setdefault(what, []).append(seconds)
+
+    def merge(self, status: dict, seconds: dict) -> None:
+        for what, by in status.items():
+            for code, n in by.items():
+                self.status.setdefault(what, {})[code] = self.status.get(what, {}).get(code, 0) + n
+        for what, values in seconds.items():
+            self.seconds.setdefault(what, []).extend(values)
 
     def count_5xx(self) -> int:
         return sum(n for by in self.status.values() for s, n in by.items() if s >= 500)
@@ -188,17 +197,57 @@ def loop(until: float, step) -> int:
     return n
 
 
+# Each attacker runs in a process of its own (as attackers are not the normal client's threads:
+# sharing its GIL would slow the normal client down on the bench's side). Each returns its tally
+# and what it saw.
+
+def attack_bombs(url: str, until: float, bodies: dict) -> tuple:
+    tally, outcome = Tally(), {}
+    with httpx.Client(base_url=url, timeout=120) as c:
+        outcome["bomb_requests"] = loop(until, lambda: [timed(
+            tally, f"deflate bomb, {shape}", lambda: c.post("/studies", content=body, headers={"Content-Type": ctype}))
+            for shape, (body, ctype) in bodies.items()])
+    return tally.status, tally.seconds, outcome
+
+
+def attack_wildcards(url: str, until: float) -> tuple:
+    tally, outcome = Tally(), {}
+    with httpx.Client(base_url=url, timeout=120) as c:
+        outcome["wildcard_requests"] = loop(until, lambda: [timed(
+            tally, f"wildcard {path}", lambda: c.get(path, params=params)) for path, params in WILDCARDS])
+    return tally.status, tally.seconds, outcome
+
+
+def attack_frames(url: str, until: float, path: str) -> tuple:
+    tally, outcome = Tally(), {}
+    with httpx.Client(base_url=url, timeout=120) as c:
+        def one():
+            r = timed(tally, "frame list", lambda: c.get(path))
+            if r is not None:
+                outcome["frame_list_bytes"] = len(r.content)
+        outcome["frame_list_requests"] = loop(until, one)
+    return tally.status, tally.seconds, outcome
+
+
+def attack_slowly(port: int, n: int, until: float) -> tuple:
+    tally = Tally()
+    outcome = slow_clients(port, n, until, tally)
+    return tally.status, tally.seconds, outcome
+
+
 # -- the run --------------------------------------------------------------------------------------
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", type=float, default=20.0, help="seconds of the normal client alone")
-    ap.add_argument("--attack", type=float, default=40.0, help="seconds of the attack")
+    ap.add_argument("--baseline", type=float, default=30.0, help="seconds of the normal client alone")
+    ap.add_argument("--attack", type=float, default=60.0, help="seconds of the attack")
     ap.add_argument("--slow-clients", type=int, default=1000)
     ap.add_argument("--bomb-mb", type=int, default=500)
     ap.add_argument("--slices", type=int, default=20)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--pause", type=float, default=0.02, help="seconds between the normal client's requests")
+    ap.add_argument("--attacks", default="slow,bombs,wildcards,frames",
+                    help="which attacks, comma-separated (all by default; one alone shows what it costs)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "omi_dsf" / "bench")
     args = ap.parse_args()
@@ -214,7 +263,8 @@ def main() -> int:
     bombs_sent = {"one element": dicom_body([deflate_bomb(first, args.bomb_mb)] * 4),
                   "many elements": dicom_body([deflate_bomb(first, args.bomb_mb, args.bomb_mb // 4)] * 4)}
     frames = f"/studies/{study}/series/{series}/instances/{sop}/frames/" + ",".join(["1"] * 2000)
-    result: dict = {"bench": "hostile-input", "study_instances": len(files), "slow_clients": args.slow_clients,
+    result: dict = {"bench": "hostile-input", "attacks_run": args.attacks, "study_instances": len(files),
+                    "slow_clients": args.slow_clients,
                     "bomb_parts": 4, "bomb_inflated_mb_each": args.bomb_mb,
                     "bomb_body_mb": {k: round(len(b) / 1e6, 2) for k, (b, _) in bombs_sent.items()},
                     "load_before": [round(x, 2) for x in os.getloadavg()]}
@@ -252,39 +302,22 @@ def main() -> int:
             until = time.monotonic() + args.attack
             rss: list[float] = []
             outcome: dict = {}
-
-            def bombs() -> None:
-                with httpx.Client(base_url=url, timeout=120) as c:
-                    outcome["bomb_requests"] = loop(until, lambda: [timed(
-                        tally, f"deflate bomb, {shape}", lambda: c.post("/studies", content=body, headers={
-                            "Content-Type": ctype})) for shape, (body, ctype) in bombs_sent.items()])
-
-            def wildcards() -> None:
-                with httpx.Client(base_url=url, timeout=120) as c:
-                    outcome["wildcard_requests"] = loop(until, lambda: [timed(
-                        tally, f"wildcard {path}", lambda: c.get(path, params=params)) for path, params in WILDCARDS])
-
-            def frame_lists() -> None:
-                with httpx.Client(base_url=url, timeout=120) as c:
-                    def one():
-                        r = timed(tally, "frame list", lambda: c.get(frames))
-                        if r is not None:
-                            outcome["frame_list_bytes"] = len(r.content)
-                    outcome["frame_list_requests"] = loop(until, one)
-
-            def slow() -> None:
-                outcome.update(slow_clients(port, args.slow_clients, until, tally))
-
-            def memory() -> None:
-                loop(until, lambda: (rss.append(vm(pid, "VmRSS")), time.sleep(0.25)))
-
-            attackers = [threading.Thread(target=f, name=f.__name__) for f in (slow, bombs, wildcards, frame_lists, memory)]
-            for t in attackers:
-                t.start()
-            time.sleep(min(3.0, args.attack / 10))   # the slow clients connect first
-            normal_client(until - time.monotonic(), "normal during")
-            for t in attackers:
-                t.join(180)
+            sampler = threading.Thread(target=loop, args=(until, lambda: (rss.append(vm(pid, "VmRSS")), time.sleep(0.25))))
+            with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+                chosen = set(args.attacks.split(","))
+                attacks = [pool.submit(*call) for name, call in (
+                    ("slow", (attack_slowly, port, args.slow_clients, until)),
+                    ("bombs", (attack_bombs, url, until, bombs_sent)),
+                    ("wildcards", (attack_wildcards, url, until)),
+                    ("frames", (attack_frames, url, until, frames))) if name in chosen]
+                sampler.start()   # (after the fork)
+                time.sleep(min(3.0, args.attack / 10))   # the slow clients connect first
+                normal_client(until - time.monotonic(), "normal during")
+                for attack in attacks:
+                    status, seconds, seen = attack.result(timeout=180)
+                    tally.merge(status, seconds)
+                    outcome.update(seen)
+            sampler.join()
             with httpx.Client(base_url=url, timeout=10) as c:
                 health = c.get("/health").status_code
                 left = c.get(f"/studies/{study}/instances").json()
