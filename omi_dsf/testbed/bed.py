@@ -323,7 +323,7 @@ class TestBed:
 
     def __init__(self, folder: Path = DEFAULT_DIR, *, sites: int = 2,
                  dsf_home: str | None = None, base_port: int = DEFAULT_BASE_PORT,
-                 heap: str = "512m", plugins: list[Path] | None = None,
+                 heap: str | None = None, plugins: list[Path] | None = None,
                  site_dsf_homes: dict[str, str] | None = None, out=print):
         self.dir = folder.resolve()
         self.n_sites = sites
@@ -481,7 +481,8 @@ class TestBed:
                 raise UserError(f"port {port} on 127.0.0.1 ({srv.name}) is in use; stop whatever "
                                 "uses it or pick other ports with --base-port")
         cp = srv.distribution.classpath(srv.kind)
-        cmd = [srv.distribution.java(), f"-Xmx{self.heap}", "-Xss512k", "-XX:+UseSerialGC",
+        heap = self.heap or srv.distribution.default_heap(srv.kind)
+        cmd = [srv.distribution.java(), f"-Xmx{heap}", "-Xss512k", "-XX:+UseSerialGC",
                "-XX:TieredStopAtLevel=1", "-Djdk.tls.acknowledgeCloseNotify=true",
                f"-Domi.testbed.server={srv.name}", "-cp", ":".join(cp), srv.main_class]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEV_DSF_")}

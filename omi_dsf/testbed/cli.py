@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     up.add_argument("--base-port", type=int, default=8200,
                     help="site i uses base+20i+1 (FHIR), +2 (BPE), +11/+12 (status); "
                     "PostgreSQL base+99 (default 8200)")
-    up.add_argument("--heap", default="512m", help="JVM -Xmx per server (default 512m)")
+    up.add_argument("--heap", help="JVM -Xmx per server (default: 512m; 1g for a DSF 2.x FHIR server)")
     up.add_argument("--plugin", action="append", type=Path, metavar="JAR",
                     help="plugin jar for every BPE (repeatable; default: dist/*.jar)")
     up.add_argument("--no-plugin", action="store_true", help="start the BPEs without any plugin")

@@ -115,6 +115,11 @@ class Distribution:
         raise UserError(f"DSF {self.version} needs Java {need} or newer and none was found "
                         "(set OMI_DSF_JAVA to its java binary)")
 
+    def default_heap(self, kind: str) -> str:
+        """-Xmx for a server: a DSF 2.x FHIR server (HAPI 8) ran out of 512m of heap within minutes
+        of a restart under the worker tests; 1g held."""
+        return "1g" if self.major >= 2 and kind == "fhir" else "512m"
+
     def classpath(self, kind: str) -> list[str]:
         home = self.home / kind
         cp = [str(home / "lib" / "*")]
