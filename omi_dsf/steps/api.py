@@ -10,6 +10,7 @@ modules turn the domain packages' errors into these.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -39,6 +40,23 @@ class StepContext:
         """The answers this work item has items for (all of them when no outputs are given, as
         when a step is called outside the runtime)."""
         return {k: v for k, v in answers.items() if not self.outputs or k in self.outputs}
+
+
+Handler = Callable[[Answers, StepContext], Answers]
+
+
+def step_errors(*domain_errors: type[Exception]) -> Callable[[Handler], Handler]:
+    """Decorates a handler: the domain errors given (failures retrying cannot fix, with a message
+    fit for the Task) become StepError; everything else passes as it is."""
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run(inputs: Answers, ctx: StepContext) -> Answers:
+            try:
+                return handler(inputs, ctx)
+            except domain_errors as exc:
+                raise StepError(str(exc)) from None
+        return run
+    return decorate
 
 
 def text_input(inputs: Answers, code: str, required: bool = True) -> str:
@@ -95,5 +113,3 @@ class Timings:
         return ", ".join([f"{k} {v:.2f} s" for k, v in self.seconds.items()]
                          + [f"{k} {v:.2f} s (alongside the model)" for k, v in self.overlapped.items()])
 
-
-Handler = Callable[[Answers, StepContext], Answers]

@@ -26,7 +26,7 @@ from omi_dsf.deid.reidentify import Reidentifier
 from omi_dsf.deid.store import SiteStore
 # highdicom and friends take most of a second to import: at worker start, not in the first return
 from omi_dsf.inference.results import fhir_bundle_from_report
-from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, text_input
+from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, step_errors, text_input
 from omi_dsf.steps.pseudonymize import pseudonymization_settings
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.fhir import write_fhir_result
@@ -37,14 +37,8 @@ from omi_dsf.transfer.results import RESULT_MODALITIES, fetch_results, reidentif
 SR_MODALITY = "SR"
 
 
+@step_errors(TransferError)
 def return_results(inputs: Answers, ctx: StepContext) -> Answers:
-    try:
-        return _return_results(inputs, ctx)
-    except TransferError as exc:
-        raise StepError(str(exc)) from None
-
-
-def _return_results(inputs: Answers, ctx: StepContext) -> Answers:
     t = Timings()
     location = text_input(inputs, "result-location")
     result_uid = text_input(inputs, "result-study-instance-uid")

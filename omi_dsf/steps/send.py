@@ -19,7 +19,7 @@ identifiers and URLs of the provider's gateway only.
 from __future__ import annotations
 
 from omi_dsf.deid.store import SiteStore
-from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, text_input
+from omi_dsf.steps.api import Answers, StepContext, Timings, audit, step_errors, text_input
 from omi_dsf.steps.pseudonymize import pseudonymization_settings
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.outgoing import collect
@@ -27,14 +27,8 @@ from omi_dsf.transfer.provider import open_gateway
 from omi_dsf.transfer.stow import BATCH_INSTANCES, stow_study
 
 
+@step_errors(TransferError)
 def send(inputs: Answers, ctx: StepContext) -> Answers:
-    try:
-        return _send(inputs, ctx)
-    except TransferError as exc:
-        raise StepError(str(exc)) from None
-
-
-def _send(inputs: Answers, ctx: StepContext) -> Answers:
     t = Timings()
     pseudo_uid = text_input(inputs, "pseudonymized-study-instance-uid")
     location = text_input(inputs, "pseudonymized-study-location")
