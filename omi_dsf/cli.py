@@ -12,9 +12,7 @@ import importlib
 import logging
 import sys
 
-# UserError: what every part raises for an error the user can fix; omi_dsf.errors is its home
-# (re-exported here for the modules that still import it from omi_dsf.cli)
-from omi_dsf.errors import UserError  # noqa: F401
+from omi_dsf.errors import UserError
 from omi_dsf.terminal import printable
 
 # (module, commands it registers) -- the command names let `--help` stay cheap.

@@ -27,17 +27,6 @@ LAYERS: list[tuple[str, set[str]]] = [
 DOMAIN = {"deid", "consent", "inference", "dicomweb", "dsf", "registry", "audit", "transfer", "serving"}
 NOT_FROM_DOMAIN = {"worker", "steps", "cli", "demo", "testbed"}
 
-# Temporary, named exceptions (module → imported module). The gateway and the test bed are being
-# changed by others while this test lands; they still take UserError from omi_dsf.cli, which
-# re-exports it from omi_dsf.errors. Remove each line once its import reads omi_dsf.errors.
-TEMPORARY: set[tuple[str, str]] = {
-    ("omi_dsf.dicomweb.cli", "omi_dsf.cli"),
-    ("omi_dsf.testbed.bed", "omi_dsf.cli"),
-    ("omi_dsf.testbed.distribution", "omi_dsf.cli"),
-    ("omi_dsf.testbed.postgres", "omi_dsf.cli"),
-}
-
-
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -83,7 +72,7 @@ def package_edges() -> dict[tuple[str, str], list[str]]:
     for module, imported in module_imports().items():
         for target in imported:
             a, b = _package(module), _package(target)
-            if a != b and (module, target) not in TEMPORARY:
+            if a != b:
                 edges.setdefault((a, b), []).append(f"{module} -> {target}")
     return edges
 
@@ -133,10 +122,3 @@ def test_no_package_cycles():
     for node in sorted(graph):
         visit(node)
     assert not cycles, "package cycles:\n" + "\n".join(cycles)
-
-
-def test_temporary_exceptions_are_still_needed():
-    """A temporary exception that no longer matches an import must go from TEMPORARY."""
-    imports = module_imports()
-    stale = sorted(f"{m} -> {t}" for m, t in TEMPORARY if t not in imports.get(m, set()))
-    assert not stale, f"remove from TEMPORARY: {stale}"

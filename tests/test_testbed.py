@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from lxml import etree
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 from omi_dsf.testbed import allowlist
 from omi_dsf.dsf.workitem import WorkItem
 from omi_dsf.testbed.bed import (

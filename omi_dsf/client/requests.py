@@ -18,9 +18,10 @@ START_MESSAGE = "startOmiInference"
 
 
 def start_profile() -> str:
+    """The start Task's profile as its `_profile` search needs it (url|version)."""
     spec = load_spec()
     process, message = spec.message_owner(START_MESSAGE)
-    return spec.profile_url(message)
+    return spec.profile_canonical(message)
 
 
 def start(client: DsfClient, organization: str, inputs: dict[str, str], wait: float = 60.0,

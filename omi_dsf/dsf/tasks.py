@@ -52,7 +52,7 @@ def message_task(message_name: str, requester: str, recipient: str, inputs: Mapp
                             **_value(allowed[code].code.type, value)})
     return {
         "resourceType": "Task",
-        "meta": {"profile": [f"{spec.profile_url(message)}|{version}"]},
+        "meta": {"profile": [spec.profile_canonical(message)]},
         "instantiatesCanonical": f"{spec.process_url(process)}|{version}",
         "status": "requested",
         "intent": "order",

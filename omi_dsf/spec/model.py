@@ -144,6 +144,11 @@ class Spec:
     def profile_url(self, message: Message) -> str:
         return f"{self.plugin.base}/fhir/StructureDefinition/{message.profile}"
 
+    def profile_canonical(self, message: Message) -> str:
+        """`url|version`, as a Task's meta.profile names it; DSF 2.x's `_profile` search matches only
+        this form (1.9 also the bare url)."""
+        return f"{self.profile_url(message)}|{self.plugin.resource_version}"
+
     def questionnaire_url(self, step: Step) -> str:
         return f"{self.plugin.base}/fhir/Questionnaire/omi-{step.name}"
 

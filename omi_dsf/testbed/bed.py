@@ -41,7 +41,7 @@ import httpx
 import yaml
 from lxml import etree
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 from omi_dsf.testbed import allowlist
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA, thumbprint
 from omi_dsf.testbed.distribution import Distribution

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 
 DEFAULT_HOME = Path("/opt/dsf-1.9.0")
 KNOWN_HOMES = (Path("/opt/dsf-1.9.0"), Path("/opt/dsf-2.1.0"))

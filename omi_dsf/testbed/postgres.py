@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from omi_dsf.cli import UserError
+from omi_dsf.errors import UserError
 
 LIQUIBASE_USER = "liquibase_user"
 LIQUIBASE_PASSWORD = "liquibase-password"  # test bed only
