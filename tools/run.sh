@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+PATH="$(realpath -m "${OMI_VENV:-.venv}")/bin:$PATH"   # the project environment that setup.sh made
 python3 -m omi_dsf build
 python3 -m omi_dsf demo "$@"

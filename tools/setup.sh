@@ -15,7 +15,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# The project's own virtual environment (.venv, or $OMI_VENV): nothing is installed into the system
+# Python, so other software on a DIC's server keeps its packages. tools/test.sh and tools/run.sh use it.
+venv=${OMI_VENV:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
 
 if [ -f plugin/pom.xml ]; then
   # Resolve the Maven build's artifacts once; ~/.m2 caches them between runs.
