@@ -4,7 +4,8 @@
 A gateway process (``python -m omi_dsf gateway``, default limits) serves a small CT study from its
 store and, under ``/aets/PACS``, the same data from dcmqrscp. A normal client does QIDO-RS
 (``/studies/{S}/instances``) and WADO-RS (one instance) in turn, first alone (baseline), then while,
-all at once, each attack from a process of its own, on 127.0.0.1 only:
+all at once, each attack from a process of its own (at nice 19: an attacker's CPU is not the
+gateway's machine's), on 127.0.0.1 only:
 
 * **slow clients**: ``--slow-clients`` (1,000) connections that send half a request line or
   header and wait; when the gateway closes one (408 after header_timeout) it is opened again;
@@ -55,10 +56,11 @@ from pydicom.filewriter import write_dataset, write_file_meta_info  # noqa: E402
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from gateway import log, vm  # noqa: E402  (tools/bench/gateway.py)
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port  # noqa: E402
 from omi_dsf.dicomweb.multipart import dicom_body  # noqa: E402
-from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
-from omi_dsf.inference.phantom import cached_ct_study  # noqa: E402
+from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp  # noqa: E402
+from omi_dsf.testkit.phantom import cached_ct_study  # noqa: E402
+from omi_dsf.testkit.procs import free_port  # noqa: E402
 
 TARGETS = {"p95_ratio_max": 2.0, "peak_rss_mb_max": 300.0, "responses_5xx_max": 0}
 WILDCARDS = [("/series", {"InstitutionName": "*?*?*?*?*?*?*?*?*?*?*?*?x"}),
@@ -197,8 +199,9 @@ def loop(until: float, step) -> int:
     return n
 
 
-# Each attacker runs in a process of its own (as attackers are not the normal client's threads:
-# sharing its GIL would slow the normal client down on the bench's side). Each returns its tally
+# Each attacker runs in a process of its own at nice 19: attackers are not the normal client's
+# threads (sharing its GIL would slow it down on the bench's side), and their own CPU would be on
+# other machines (here it would come off the two cores the gateway has). Each returns its tally
 # and what it saw.
 
 def attack_bombs(url: str, until: float, bodies: dict) -> tuple:
@@ -303,7 +306,8 @@ def main() -> int:
             rss: list[float] = []
             outcome: dict = {}
             sampler = threading.Thread(target=loop, args=(until, lambda: (rss.append(vm(pid, "VmRSS")), time.sleep(0.25))))
-            with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork")) as pool:
+            with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("fork"), initializer=os.nice,
+                                     initargs=(19,)) as pool:
                 chosen = set(args.attacks.split(","))
                 attacks = [pool.submit(*call) for name, call in (
                     ("slow", (attack_slowly, port, args.slow_clients, until)),
