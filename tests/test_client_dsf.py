@@ -97,7 +97,8 @@ def world(dsf_testbed, tmp_path_factory):
         sites = write_testbed_site_configs(state, folder / "sites", worker={"poll_interval": 2, "lease_ttl": 4,
                                                                              "backoff": 0.3, "max_attempts": 2})
         raw = yaml.safe_load(sites["dic"].read_text())
-        raw.update(registry_url=url, registry_ca_file=str(ca.cert_path))
+        # insecure: the test's own gateway is plain http on 127.0.0.1 (the CLI refuses http otherwise)
+        raw.update(registry_url=url, registry_ca_file=str(ca.cert_path), insecure=True)
         sites["dic"].write_text(yaml.safe_dump(raw))
         raw["steps"] = {"demo_deny_topics": ["pseudonymize"]}
         deny = folder / "sites" / "dic-deny.yaml"

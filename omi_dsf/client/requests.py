@@ -89,7 +89,7 @@ def result_messages(client: DsfClient, key: str | None, since: str | None = None
     """The providers' omiInferenceResult Tasks received at this site, by business key."""
     spec = load_spec()
     _, message = spec.message_owner("omiInferenceResult")
-    params = {"_profile": spec.profile_url(message)}
+    params = {"_profile": spec.profile_canonical(message)}
     if since:
         params["_lastUpdated"] = f"ge{since}"
     out = {}
