@@ -328,8 +328,8 @@ def test_mutual_tls_and_a_token_over_tls(tmp_path, keys):  # noqa: F811
         (tmp_path / "token").write_text(token(key, iss="https://idp.omi.test") + "\n")
         site = {"ai_services": {"lung-seg": {"url": service.url, "ca_file": ca, "client_cert": client[0],
                                              "client_key": client[1], "token_file": str(tmp_path / "token")}}}
-        url, model, connection = _service({"ai-service-identifier": "lung-seg"}, site)
-        with OipClient(url, timeout=30, **connection) as ai:
+        peer, model = _service({"ai-service-identifier": "lung-seg"}, site, 30)
+        with OipClient(peer) as ai:
             assert ai.infer(model, {"HU": HU, "SPACING_MM": SPACING}).outputs["LUNG_VOLUME_ML"][0] > 0
         # without a client certificate the handshake fails; a presented token must still be valid
         with OipClient(service.url, timeout=10, verify=client_context(ca)) as ai, pytest.raises(ServiceUnavailable):

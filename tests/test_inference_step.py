@@ -11,19 +11,21 @@ import re
 import shutil
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
 import pydicom
 import pytest
 import uvicorn
-from dicomweb_client.api import DICOMwebClient
 
 from conftest import free_port
+from omi_dsf.dicomweb_client import DicomwebClient
 from omi_dsf.inference import lungseg, phantom, results
 from omi_dsf.steps import infer as step
 from omi_dsf.inference.client import ServiceUnavailable
 from omi_dsf.inference.service import LungSegModel, create_app
+from omi_dsf.peer import Peer
 from omi_dsf.steps.api import StepContext, StepError
 
 pytestmark = [
@@ -97,12 +99,14 @@ def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
     seg_series, sr_series = out["result-series-uids"].split(",")
     assert orthanc.instance_count() == before + 2
 
-    web = DICOMwebClient(orthanc.dicomweb_url)
-    (seg_ds,) = web.retrieve_series(uids["good"], seg_series)
-    (sr_ds,) = web.retrieve_series(uids["good"], sr_series)
-    seg = hd.seg.Segmentation.from_dataset(seg_ds)
-    source = sorted(web.retrieve_series(uids["good"], str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)),
-                    key=lambda ds: int(ds.InstanceNumber))
+    with DicomwebClient(Peer(orthanc.dicomweb_url)) as web:
+        def series(uid: str) -> list[pydicom.Dataset]:
+            return [pydicom.dcmread(BytesIO(b)) for b in web.retrieve_series(uids["good"], uid)]
+        (seg_ds,) = series(seg_series)
+        (sr_ds,) = series(sr_series)
+        seg = hd.seg.Segmentation.from_dataset(seg_ds)
+        source = sorted(series(str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)),
+                        key=lambda ds: int(ds.InstanceNumber))
     mask = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], combine_segments=True)
     truth = phantom.known_lung_mask(8, 10, 128, 128)
     d = lungseg.dice(mask > 0, truth)
@@ -172,8 +176,8 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
     good = phantom.write_ct_study(tmp_path / "good", slices=6, rows=64, cols=64, seed=20)
     big = phantom.write_ct_study(tmp_path / "big", slices=MAX_SLICES + 1, rows=32, cols=32, seed=21)
     with BackgroundServer(cfg) as gw:
-        web = DICOMwebClient(gw.url)
-        web.store_instances([pydicom.dcmread(p) for p in good + big])
+        web = DicomwebClient(Peer(gw.url))
+        web.store_instances([p.read_bytes() for p in good + big])
         uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
         out, timings = step.infer_timed({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url))
         assert out["result-location"] == f"{gw.url}/studies/{uid}"

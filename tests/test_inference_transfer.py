@@ -7,13 +7,14 @@ import random
 
 import pydicom
 import pytest
-import requests
 
 from conftest import free_port
 from omi_dsf.inference import phantom, results
 from omi_dsf.dicomweb.errors import BadRequest
 from omi_dsf.dicomweb.multipart import MultipartReader, Truncated, iter_bodies
-from omi_dsf.inference.transfer import retrieve_series, store_instances
+from omi_dsf.dicomweb_client import DicomwebClient, DicomwebRefused
+from omi_dsf.inference.transfer import StoreFailed, retrieve_series, store_instances
+from omi_dsf.peer import Peer
 
 
 def _message(boundary: bytes, bodies: list[bytes]) -> bytes:
@@ -73,16 +74,17 @@ def test_series_in_and_results_out_through_the_gateway(tmp_path):
     paths = phantom.write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=30)
     sent = {str(pydicom.dcmread(p).SOPInstanceUID): p.read_bytes() for p in paths}
     first = pydicom.dcmread(paths[0])
-    with BackgroundServer(cfg) as gw, requests.Session() as session:
-        DICOMwebClient(gw.url).store_instances([pydicom.dcmread(p) for p in paths])
-        got = retrieve_series(session, gw.url, str(first.StudyInstanceUID), str(first.SeriesInstanceUID), 30)
+    with BackgroundServer(cfg) as gw, DicomwebClient(Peer(gw.url, timeout=30)) as dicomweb:
+        DICOMwebClient(gw.url).store_instances([pydicom.dcmread(p) for p in paths])   # an independent client
+        got = retrieve_series(dicomweb, str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
         assert {str(ds.SOPInstanceUID) for ds in got} == set(sent)
         for ds in got:  # as stored, not converted
             assert ds.PixelData == pydicom.dcmread(paths[int(ds.InstanceNumber) - 1]).PixelData
-        with pytest.raises(requests.HTTPError):
-            retrieve_series(session, gw.url, str(first.StudyInstanceUID), "1.2.3.4", 30)
+        with pytest.raises(DicomwebRefused) as refused:
+            retrieve_series(dicomweb, str(first.StudyInstanceUID), "1.2.3.4")
+        assert refused.value.status == 404
 
         sr_like = results.to_part10(first)  # any instance: STOW takes the bytes as they are
-        store_instances(session, gw.url, [sr_like], 30)
-        with pytest.raises(Exception, match="STOW-RS HTTP 409|409"):
-            store_instances(session, gw.url, [b"not DICOM at all"], 30)
+        store_instances(dicomweb, [sr_like])
+        with pytest.raises(StoreFailed, match="STOW-RS HTTP 409"):
+            store_instances(dicomweb, [b"not DICOM at all"])

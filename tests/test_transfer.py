@@ -200,14 +200,13 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
 
     # the provider's part: the real infer step against its gateway (trusting the test CA)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki["ca"])
     t0 = time.monotonic()
     inferred = infer({"pseudonymized-study-instance-uid": pseudo_uid, "ai-service-identifier": "lung-seg",
                       "study-location": sent["study-location"]},
                      StepContext(topic="infer", business_key="bk-round-trip",
-                                 site={"gateway_url": gw_url, "ai_service_url": ai_url, "ai_timeout_s": 120}))
+                                 site={"gateway_url": gw_url, "gateway_ca_file": pki["ca"],
+                                       "ai_service_url": ai_url, "ai_timeout_s": 120}))
     t_infer = time.monotonic() - t0
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
 
     t0 = time.monotonic()
     returned = return_results(
@@ -413,18 +412,29 @@ def test_gateway_answer_not_naming_an_instance_falls_back_to_the_listing(site, g
 
 
 def test_stow_body_is_streamed_with_a_content_length_and_refuses_a_changed_file(tmp_path):
-    import requests
+    import httpx
+
+    from omi_dsf.dicomweb_client import DicomwebClient, FilesBody, InstanceChanged
     files = []
     for n, size in enumerate((10, 0, 3000)):
         files.append(tmp_path / f"{n}.dcm")
         files[-1].write_bytes(bytes([n]) * size)
-    body = transfer_stow._Body("b0undary", files)
+    body = FilesBody("b0undary", files)
     data = b"".join(body)
     assert len(body) == len(data) and data.endswith(b"--b0undary--\r\n") and data.count(b"--b0undary\r\n") == 3
-    prepared = requests.Request("POST", "https://gw.invalid/studies", data=body).prepare()
-    assert prepared.headers["Content-Length"] == str(len(data)) and "Transfer-Encoding" not in prepared.headers
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers, request.read()))
+        return httpx.Response(200, json={})
+
+    with DicomwebClient(http=httpx.Client(transport=httpx.MockTransport(answer)), url="https://gw.invalid") as dw:
+        dw.store_instances(files=files)
+        headers, sent = seen[0]
+        assert headers["Content-Length"] == str(len(sent)) and "Transfer-Encoding" not in headers
+        assert sent.count(b"\r\nContent-Type: application/dicom\r\n") == 3
     files[2].write_bytes(b"x")   # not what was measured (nor what was leak-checked)
-    with pytest.raises(TransferError, match="changed while it was being sent"):
+    with pytest.raises(InstanceChanged, match="changed while it was being sent"):
         b"".join(body)
 
 
@@ -499,11 +509,10 @@ def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monke
     pseudo, study_uid, paths = _pseudonymized(site, seed=27, key="bk-pacs")
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
     send(_send_inputs(pseudo), _ctx(steps, "send", "bk-pacs"))
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki["ca"])
     inferred = infer({"pseudonymized-study-instance-uid": pseudo_uid},
                      StepContext(topic="infer", business_key="bk-pacs",
-                                 site={"gateway_url": gw_url, "ai_service_url": ai_url, "ai_timeout_s": 120}))
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+                                 site={"gateway_url": gw_url, "gateway_ca_file": pki["ca"],
+                                       "ai_service_url": ai_url, "ai_timeout_s": 120}))
     inputs = {"result-location": inferred["result-location"], "result-study-instance-uid": pseudo_uid,
               "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
               "provider-organization": PROVIDER}

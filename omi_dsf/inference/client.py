@@ -7,7 +7,6 @@ Errors are `OipError` subclasses with messages fit for a Task's error output.
 
 from __future__ import annotations
 
-import functools
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from omi_dsf.inference import tensors
 from omi_dsf.inference.tensors import TensorError
 from omi_dsf.errors import RetryableError  # the service's state, fit for the Task
+from omi_dsf.peer import Peer, PeerConfigError, http_client
 
 
 class OipError(Exception):
@@ -59,16 +59,23 @@ class InferResult:
 
 
 class OipClient:
-    def __init__(self, base_url: str, timeout: float = 120.0, http: httpx.Client | None = None,
+    def __init__(self, base_url: str | Peer, timeout: float | None = None, http: httpx.Client | None = None,
                  verify: ssl.SSLContext | None = None, token: str | None = None):
-        """`http` replaces the HTTP client, e.g. a starlette TestClient for in-process tests. `verify`:
-        the TLS context (`omi_dsf.tls.client_context`: a private CA, a client certificate for mutual TLS; default the
-        system CAs); `token`: a bearer token for the service."""
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout, verify=verify or _ssl_context(),
-                                          headers=headers)
+        """`base_url`: the service as a Peer (URL, CA file, client certificate, token file, timeout: the
+        site's configuration), or its URL. `http` replaces the HTTP client, e.g. a starlette TestClient
+        for in-process tests. With a URL, `verify` is the TLS context (`omi_dsf.tls.client_context`;
+        default the system CAs) and `token` a bearer token. Timeout default 120 s."""
+        if isinstance(base_url, Peer):
+            peer = base_url
+            self.base_url, self.timeout = peer.url, float(timeout if timeout is not None else peer.timeout)
+            if http is None:
+                try:
+                    http = peer.client(timeout=self.timeout)
+                except PeerConfigError as exc:
+                    raise OipError(str(exc)) from None
+        else:
+            self.base_url, self.timeout = base_url.rstrip("/"), float(timeout if timeout is not None else 120.0)
+        self._http = http or http_client(self.base_url, verify, self.timeout, token=token)
         self._metadata: dict[tuple[str, str | None], dict] = {}
 
     def close(self) -> None:
@@ -226,13 +233,6 @@ def _body(parts: list, on_sent: Callable[[], None] | None) -> Iterator[memoryvie
     yield from tensors.chunks(parts)
     if on_sent is not None:  # the client asks for more only after the last slice went out
         on_sent()
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """httpx's default context (CA bundle, SSL_CERT_FILE/DIR), made once per process: loading the CA
-    bundle takes 40 ms or more, which each step's new client would otherwise pay again."""
-    return httpx.create_ssl_context()
 
 
 def _model_path(model: str, version: str | None) -> str:

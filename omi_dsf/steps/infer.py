@@ -11,6 +11,7 @@ would name the pseudonyms and never travel back (the work item does not declare 
 
 Site configuration (`ctx.site`):
   gateway_url       DICOMweb base URL of the provider's OMI gateway (QIDO/WADO/STOW)
+  gateway_ca_file   the CA of its server certificate (default: the system CAs)
   ai_service_url    base URL of an Open Inference Protocol v2 server
   ai_model          model name on that server (default "lung-seg")
   ai_services       optional {ai-service-identifier: {"url": …, "model": …}} overriding the two above;
@@ -27,58 +28,44 @@ retry after a crash stores the same objects again rather than new ones.
 from __future__ import annotations
 
 import logging
-import ssl
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
-from dicomweb_client.api import DICOMwebClient
 
+from omi_dsf.dicomweb_client import DicomwebClient, DicomwebRefused
 from omi_dsf.inference import client as oip
 from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
-from omi_dsf.tls import client_context
+from omi_dsf.peer import Peer, PeerConfigError
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, text_input
 
 DEFAULT_MODEL = "lung-seg"
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
 
-# Both libraries log study/series/SOP instance UIDs at INFO; UIDs count as identifying.
-for _noisy in ("highdicom", "dicomweb_client"):
-    logging.getLogger(_noisy).setLevel(logging.WARNING)
+# highdicom logs study/series/SOP instance UIDs at INFO; UIDs count as identifying.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
-def _service(inputs: Answers, site: Any) -> tuple[str, str, dict]:
-    """URL, model and connection settings (OipClient's verify and token) of the requested service."""
+def _service(inputs: Answers, site: Any, timeout: float) -> tuple[Peer, str]:
+    """The requested service as a peer (URL, TLS, token) and the model name."""
     identifier = str(inputs.get("ai-service-identifier", "") or "")
     services = site.get("ai_services") or {}
-    if identifier and identifier in services:
-        entry = services[identifier]
-        return str(entry["url"]), str(entry.get("model", DEFAULT_MODEL)), _connection(entry, identifier)
-    if not site.get("ai_service_url"):
-        known = ", ".join(services) or "none configured"
-        raise StepError(f"AI service '{identifier}' is not offered at this site (services: {known})")
-    return str(site["ai_service_url"]), str(site.get("ai_model", DEFAULT_MODEL)), {}
-
-
-def _connection(entry: dict, identifier: str) -> dict:
-    key = f"ai_services.{identifier}"
-    out: dict[str, Any] = {}
     try:
-        if entry.get("ca_file") or entry.get("client_cert"):
-            password = None
-            if entry.get("client_key_password_file"):
-                password = Path(entry["client_key_password_file"]).read_text().strip()
-            out["verify"] = client_context(entry.get("ca_file"), entry.get("client_cert"),
-                                            entry.get("client_key"), password)
-        if entry.get("token_file"):
-            out["token"] = Path(entry["token_file"]).read_text().strip()
-    except (OSError, ssl.SSLError) as exc:
-        raise StepError(f"{key}: cannot load its TLS files or token: {exc}") from None
-    return out
+        if identifier and identifier in services:
+            entry = services[identifier]
+            peer = Peer.from_config(entry, f"ai_services.{identifier}", timeout=timeout)
+            peer.ssl_context(), peer.token()   # a file that does not load: the requester's to fix, now
+            return peer, str(entry.get("model", DEFAULT_MODEL))
+        if not site.get("ai_service_url"):
+            known = ", ".join(services) or "none configured"
+            raise StepError(f"AI service '{identifier}' is not offered at this site (services: {known})")
+        return (Peer.from_config({}, "ai_service_url", url=str(site["ai_service_url"]), timeout=timeout),
+                str(site.get("ai_model", DEFAULT_MODEL)))
+    except PeerConfigError as exc:
+        raise StepError(str(exc)) from None
 
 
 def _gateway_url(inputs: Answers, site: Any, study_uid: str) -> str:
@@ -91,19 +78,37 @@ def _gateway_url(inputs: Answers, site: Any, study_uid: str) -> str:
     raise StepError("no DICOMweb gateway: site has no gateway_url and study-location is not <base>/studies/<uid>")
 
 
+def _gateway_ca(site: Any) -> str | None:
+    """The CA of the site's own gateway: gateway_ca_file. Deprecated: REQUESTS_CA_BUNDLE in the
+    worker's environment (what the requests-based client read), honoured with a warning."""
+    if site.get("gateway_ca_file"):
+        return str(site["gateway_ca_file"])
+    legacy = os.environ.get("REQUESTS_CA_BUNDLE")
+    if legacy:
+        global _warned_env
+        if not _warned_env:
+            _warned_env = True
+            logging.getLogger(__name__).warning("REQUESTS_CA_BUNDLE for the gateway's CA is deprecated: "
+                                                "set gateway_ca_file in the site file")
+        return legacy
+    return None
+
+
+_warned_env = False
+
+
 def _value(item: dict, tag: str) -> Any:
     values = (item.get(tag) or {}).get("Value") or []
     return values[0] if values else None
 
 
-def _choose_series(dicomweb: DICOMwebClient, study_uid: str, modality: str, max_slices: int | None) -> str:
+def _choose_series(dicomweb: DicomwebClient, study_uid: str, modality: str, max_slices: int | None) -> str:
     """Pick the largest series of `modality` by QIDO, before downloading anything."""
     try:
-        found = dicomweb.search_for_series(study_uid, fields=["Modality", "NumberOfSeriesRelatedInstances"])
-    except requests.HTTPError as exc:
-        if exc.response is not None and exc.response.status_code in (400, 404):
-            raise StepError(f"the gateway does not know study {study_uid} (QIDO: HTTP "
-                            f"{exc.response.status_code})") from None
+        found = dicomweb.search_for_series(study_uid, fields=[MODALITY_TAG, COUNT_TAG])
+    except DicomwebRefused as exc:
+        if exc.status in (400, 404):
+            raise StepError(f"the gateway does not know study {study_uid} (QIDO: HTTP {exc.status})") from None
         raise
     if not found:
         raise StepError(f"study {study_uid} is not at the gateway (no series found)")
@@ -127,18 +132,24 @@ def infer(inputs: Answers, ctx: StepContext) -> Answers:
 
 def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
     """`infer`, also answering how long each phase took."""
-    with requests.Session() as session:   # one connection pool to the gateway for the whole step
-        return _infer(inputs, ctx, session)
-
-
-def _infer(inputs: Answers, ctx: StepContext, session: requests.Session) -> tuple[Answers, Timings]:
-    t = Timings()
     study_uid = text_input(inputs, "pseudonymized-study-instance-uid")
-    service_url, model, connection = _service(inputs, ctx.site)
     gateway = _gateway_url(inputs, ctx.site, study_uid)
     timeout = float(ctx.site.get("ai_timeout_s", 600))
+    try:
+        peer = Peer.from_config({"ca_file": _gateway_ca(ctx.site)}, "gateway_url", url=gateway, timeout=timeout)
+    except PeerConfigError as exc:
+        raise StepError(str(exc)) from None
+    with DicomwebClient(peer) as dicomweb:   # one connection pool to the gateway for the whole step
+        return _infer(inputs, ctx, study_uid, dicomweb, timeout)
 
-    with oip.OipClient(service_url, timeout=timeout, **connection) as ai:
+
+def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: DicomwebClient,
+           timeout: float) -> tuple[Answers, Timings]:
+    t = Timings()
+    service, model = _service(inputs, ctx.site, timeout)
+    gateway = dicomweb.url
+
+    with oip.OipClient(service) as ai:
         try:
             with t.phase("oip_metadata"):
                 meta = ai.model_metadata(model)
@@ -151,11 +162,10 @@ def _infer(inputs: Answers, ctx: StepContext, session: requests.Session) -> tupl
         algorithm = results.Algorithm(str(limits.get("algorithm_name", model)),
                                       str(limits.get("algorithm_version") or (meta.get("versions") or ["unknown"])[0]))
 
-        dicomweb = DICOMwebClient(gateway, session=session, timeout=timeout)
         with t.phase("qido"):
             series_uid = _choose_series(dicomweb, study_uid, modality, max_slices)
         with t.phase("wado"):
-            datasets = transfer.retrieve_series(session, gateway, study_uid, series_uid, timeout)
+            datasets = transfer.retrieve_series(dicomweb, study_uid, series_uid)
         try:
             with t.phase("volume"):
                 volume = build_volume(pick_series(datasets, modality, series_uid), min_slices, max_slices)
@@ -202,7 +212,7 @@ def _infer(inputs: Answers, ctx: StepContext, session: requests.Session) -> tupl
         sr = results.build_measurement_report(volume.datasets, seg, volumes_ml, algorithm, uids)
         sr_bytes = results.to_part10(sr)
     with t.phase("stow"):
-        transfer.store_instances(session, gateway, [seg_bytes, sr_bytes], timeout)
+        transfer.store_instances(dicomweb, [seg_bytes, sr_bytes])
     ctx.log.info("infer %s: stored SEG and SR (%s %s)", ctx.business_key, algorithm.name, algorithm.version)
     t.finish()
     return ctx.wanted({

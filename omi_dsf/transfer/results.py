@@ -16,11 +16,10 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from omi_dsf.deid.reidentify import Reidentifier, ReidentifyError
-from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import iter_bodies
+from omi_dsf.dicomweb_client import BadAnswer, DicomwebError, DicomwebRefused
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.provider import ProviderGateway
-from omi_dsf.transfer.stow import GatewayBusy, raise_for_status, first_value
+from omi_dsf.transfer.stow import GatewayBusy, as_transfer_error, first_value
 
 MODALITY, SERIES_UID = "00080060", "0020000E"
 RESULT_MODALITIES = ("SEG", "SR")
@@ -34,28 +33,36 @@ class Results:
 
 
 def result_series(gw: ProviderGateway, study_uid: str, modalities: Sequence[str]) -> list[str]:
-    resp = gw.request("GET", f"/studies/{study_uid}/series", params={"includefield": f"{MODALITY},{SERIES_UID}"},
-                      headers={"Accept": "application/dicom+json"})
-    if resp.status_code in (204, 404):
-        raise TransferError("the result study is not at the provider's gateway")
-    raise_for_status(resp, "QIDO-RS search of the result study")
-    series = [(str(first_value(s, MODALITY) or ""), str(first_value(s, SERIES_UID) or "")) for s in (resp.json() or [])]
-    found = [uid for modality, uid in series if modality in modalities and uid]
+    what = "QIDO-RS search of the result study"
+    try:
+        found = gw.translated(gw.dicomweb.search_for_series, study_uid, fields=[MODALITY, SERIES_UID])
+    except DicomwebRefused as exc:
+        if exc.status == 404:
+            raise TransferError("the result study is not at the provider's gateway") from None
+        raise as_transfer_error(exc, what) from None
+    except DicomwebError as exc:
+        raise as_transfer_error(exc, what) from None
     if not found:
+        raise TransferError("the result study is not at the provider's gateway")
+    series = [(str(first_value(s, MODALITY) or ""), str(first_value(s, SERIES_UID) or "")) for s in found]
+    found_uids = [uid for modality, uid in series if modality in modalities and uid]
+    if not found_uids:
         raise TransferError(f"the result study at the provider's gateway has no {' or '.join(modalities)} series")
-    return found
+    return found_uids
 
 
 def _retrieve_series(gw: ProviderGateway, study_uid: str, series_uid: str) -> list[bytes]:
-    resp = gw.request("GET", f"/studies/{study_uid}/series/{series_uid}",
-                      headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
-    if resp.status_code == 404:
-        raise TransferError("a result series listed by the provider's gateway cannot be retrieved (HTTP 404)")
-    raise_for_status(resp, "WADO-RS retrieve of a result series")
     try:
-        return list(iter_bodies(resp.headers.get("content-type", ""), [resp.content]))
-    except BadRequest:
+        return gw.translated(gw.dicomweb.retrieve_series, study_uid, series_uid)
+    except DicomwebRefused as exc:
+        if exc.status == 404:
+            raise TransferError("a result series listed by the provider's gateway cannot be retrieved (HTTP 404)") \
+                from None
+        raise as_transfer_error(exc, "WADO-RS retrieve of a result series") from None
+    except BadAnswer:
         raise GatewayBusy("WADO-RS answer from the provider's gateway is not a complete multipart body") from None
+    except DicomwebError as exc:
+        raise as_transfer_error(exc, "WADO-RS retrieve of a result series") from None
 
 
 def fetch_results(gw: ProviderGateway, study_uid: str, pseudonym: str,

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omi_dsf.dicomweb.multipart import closing, content_type, new_boundary, part_head
+from omi_dsf.dicomweb_client import (BadAnswer, DicomwebBusy, DicomwebError, DicomwebRefused, InstanceChanged,
+                                     StowAnswer)
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.provider import ProviderGateway
 
@@ -45,106 +46,80 @@ def first_value(item: dict, tag: str):
     return values[0] if values else None
 
 
+def as_transfer_error(exc: DicomwebError, what: str) -> Exception:
+    """The DICOMweb client's error as the send and return steps word it."""
+    status = exc.status
+    if isinstance(exc, DicomwebBusy):
+        return GatewayBusy(f"{what} at the provider's gateway: HTTP {status}")
+    if isinstance(exc, BadAnswer):
+        return GatewayBusy(f"{what}: the provider's gateway's answer is not a complete DICOMweb answer")
+    if status in (401, 403):
+        return TransferError(f"{what}: the provider's gateway refused us (HTTP {status}); check client_cert or "
+                             "token_file for this provider")
+    if status == 413:
+        return TransferError(f"{what}: the provider's gateway refused the size (HTTP 413); lower send.batch_mb")
+    return TransferError(f"{what}: the provider's gateway refused the request (HTTP {status})")
+
+
 def instances_at_gateway(gw: ProviderGateway, study_uid: str) -> set[str]:
     """SOP Instance UIDs of the study the gateway holds now (QIDO-RS); empty when it has none."""
     found: set[str] = set()
     offset, page = 0, 1000
     while True:
-        resp = gw.request("GET", f"/studies/{study_uid}/instances",
-                          params={"includefield": SOP_UID, "limit": page, "offset": offset},
-                          headers={"Accept": "application/dicom+json"})
-        if resp.status_code in (204, 404):
-            return found
-        raise_for_status(resp, "QIDO-RS search of the study")
-        items = resp.json() if resp.content else []
+        try:
+            items = gw.translated(gw.dicomweb.search_for_instances, study_uid, fields=[SOP_UID], limit=page,
+                                  offset=offset)
+        except DicomwebRefused as exc:
+            if exc.status == 404:
+                return found
+            raise as_transfer_error(exc, "QIDO-RS search of the study") from None
+        except DicomwebError as exc:
+            raise as_transfer_error(exc, "QIDO-RS search of the study") from None
         found.update(str(first_value(i, SOP_UID)) for i in items if first_value(i, SOP_UID))
         if len(items) < page:
             return found
         offset += len(items)
 
 
-def raise_for_status(resp, what: str) -> None:
-    status = resp.status_code
-    if status < 400:
-        return
-    if status >= 500 or status == 429:
-        raise GatewayBusy(f"{what} at the provider's gateway: HTTP {status}")
-    if status in (401, 403):
-        raise TransferError(f"{what}: the provider's gateway refused us (HTTP {status}); check client_cert or "
-                        "token_file for this provider")
-    if status == 413:
-        raise TransferError(f"{what}: the provider's gateway refused the size (HTTP 413); lower send.batch_mb")
-    raise TransferError(f"{what}: the provider's gateway refused the request (HTTP {status})")
-
-
 def study_instance_count(gw: ProviderGateway, study_uid: str) -> int | None:
     """NumberOfStudyRelatedInstances the gateway gives for the study (one cheap study-level
     QIDO-RS), or None when it gives none we can use."""
-    resp = gw.request("GET", "/studies", params={"StudyInstanceUID": study_uid, "includefield": STUDY_INSTANCES},
-                      headers={"Accept": "application/dicom+json"})
-    if resp.status_code in (204, 404):
-        return 0
-    if resp.status_code != 200:
-        return None
     try:
-        items = [i for i in resp.json() if first_value(i, STUDY_UID) == study_uid]
+        found = gw.translated(gw.dicomweb.search_for_studies, fields=[STUDY_INSTANCES],
+                              search_filters={"StudyInstanceUID": study_uid})
+    except DicomwebRefused as exc:
+        return 0 if exc.status == 404 else None
+    except DicomwebError:
+        return None
+    if not found:
+        return 0
+    try:
+        items = [i for i in found if first_value(i, STUDY_UID) == study_uid]
         return int(first_value(items[0], STUDY_INSTANCES)) if len(items) == 1 else None
     except (ValueError, TypeError, AttributeError, IndexError):
         return None
 
 
-class _Body:
-    """One batch's multipart body, read file by file while requests sends it: the worker holds
-    one instance instead of the batch, and the gateway starts on the first instances while the
-    rest is read. With a length, so it goes as Content-Length (a gateway can refuse it by size at
-    once), not chunked."""
-
-    def __init__(self, boundary: str, files: list[Path]):
-        self.head = part_head(boundary, "application/dicom")
-        self.tail = closing(boundary)
-        self.files = files
-        self.sizes = [p.stat().st_size for p in files]
-        self.length = sum(len(self.head) + n + 2 for n in self.sizes) + len(self.tail)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        for path, size in zip(self.files, self.sizes):
-            data = path.read_bytes()
-            if len(data) != size:  # the Content-Length would lie; and it is not what was leak-checked
-                raise TransferError("an instance of the checked study changed while it was being sent")
-            yield self.head + data + b"\r\n"
-        yield self.tail
-
-
 def _post(gw: ProviderGateway, study_uid: str, batch: list[Path]) -> set[str]:
-    """STOW-RS of one batch; the SOP Instance UIDs the gateway's answer names as stored."""
-    boundary = new_boundary()
-    headers = {"Content-Type": content_type(boundary, "application/dicom"),
-               "Accept": "application/dicom+json"}
-    resp = gw.request("POST", f"/studies/{study_uid}", data=_Body(boundary, batch), headers=headers)
-    if resp.status_code == 409 or resp.status_code == 202:
+    """STOW-RS of one batch, streamed from the files; the SOP Instance UIDs the gateway's answer
+    names as stored."""
+    try:
+        stow: StowAnswer = gw.translated(gw.dicomweb.store_instances, study_instance_uid=study_uid, files=batch)
+    except InstanceChanged:  # the Content-Length would lie; and it is not what was leak-checked
+        raise TransferError("an instance of the checked study changed while it was being sent") from None
+    except DicomwebError as exc:
+        raise as_transfer_error(exc, "STOW-RS") from None
+    answer = stow.answer
+    if stow.status in (409, 202):
         # some or all instances refused: say how many and why (the reason codes are not patient data)
-        answer = _json(resp)
         failed = (answer.get(FAILED_SOP_SEQ) or {}).get("Value") or []
         reasons = sorted({f"0x{int(first_value(f, FAILURE_REASON) or 0):04X}" for f in failed})
         if failed:
             raise TransferError(f"STOW-RS: the provider's gateway refused {len(failed)} of {len(batch)} instances "
                             f"(failure reason {', '.join(reasons)})")
-        if resp.status_code == 409:
+        if stow.status == 409:
             raise TransferError("STOW-RS: the provider's gateway refused the instances (HTTP 409)")
-        return _referenced(answer)  # 202 with warnings only: stored
-    raise_for_status(resp, "STOW-RS")
-    return _referenced(_json(resp))
-
-
-def _json(resp) -> dict:
-    try:
-        answer = resp.json()
-    except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
+    return _referenced(answer)  # 200, or 202 with warnings only: stored
 
 
 def _referenced(answer: dict) -> set[str]:
