@@ -21,11 +21,11 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("omi_dsf.testbed.cli", ("testbed",)),
     ("omi_dsf.worker.cli", ("worker", "audit")),
     ("omi_dsf.dicomweb.cli", ("gateway",)),
-    ("omi_dsf.inference.cli", ("sample-study", "ai-service")),
+    ("omi_dsf.inference.cli", ("ai-service",)),
     ("omi_dsf.deid.cli", ("deid",)),
     ("omi_dsf.registry.cli", ("registry",)),
     ("omi_dsf.client.cli", ("services", "submit", "status", "results")),
-    ("omi_dsf.demo", ("demo",)),
+    ("omi_dsf.demo", ("demo", "sample-study")),   # the harness's commands (omi_dsf/testkit)
 ]
 
 

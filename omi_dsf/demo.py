@@ -3,7 +3,9 @@ both sites' DICOMweb gateways, the reference AI service and the workers of both 
 
 `python -m omi_dsf demo` brings it up, runs one inference end to end, prints what happened at each
 step and where the results are, and shuts everything down (`--keep` leaves the DSF test bed
-running). The end-to-end tests drive the same `Demo` class, with faults switched in.
+running). The end-to-end tests drive the same `Demo` class, with faults switched in. It is the
+harness's user (omi_dsf/testkit: PACS, gateway and AI service launchers, the phantom, site files);
+`python -m omi_dsf sample-study` writes the phantom study alone.
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ from pathlib import Path
 import pydicom
 from cryptography.hazmat.primitives import serialization
 
-from omi_dsf import procs
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
-from omi_dsf.dicomweb.process import GatewayProcess
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.tasks import message_task, outputs
-from omi_dsf.inference import phantom
-from omi_dsf.inference.launch import AiServiceProcess
 from omi_dsf.testbed.certs import TestCA
+from omi_dsf.testkit import phantom, procs
+from omi_dsf.testkit.ai_service import AiServiceProcess
+from omi_dsf.testkit.gateway import GatewayProcess
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp
+from omi_dsf.testkit.procs import free_port
+from omi_dsf.testkit.sites import write_testbed_site_configs
 from omi_dsf.worker.config import load_site_config
-from omi_dsf.worker.sites import write_testbed_site_configs
 
 REQUESTER, PROVIDER = "dic.omi.test", "ai.omi.test"
 STEPS = ("consent", "pseudonymize", "send", "infer", "return")
@@ -262,6 +264,26 @@ def register(sub) -> None:
     p.add_argument("--keep", action="store_true", help="leave the DSF test bed running afterwards")
     add_dsf_home_arguments(p)
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("sample-study", help="write a synthetic chest CT study (fake identity) as DICOM files")
+    p.add_argument("--out", type=Path, required=True, help="directory for the files (created)")
+    p.add_argument("--slices", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same study; other seed, other patient")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--cols", type=int, default=512)
+    p.set_defaults(func=_sample_study)
+
+
+def _sample_study(args) -> int:
+    from omi_dsf.errors import UserError
+
+    try:
+        paths = phantom.write_ct_study(args.out, slices=args.slices, seed=args.seed, rows=args.rows, cols=args.cols)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    # Only counts and the location: the files' headers count as patient data.
+    print(f"wrote {len(paths)} CT slices to {args.out}")
+    return 0
 
 
 def _run(args) -> int:

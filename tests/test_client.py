@@ -9,13 +9,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from omi_dsf.cli import main
-from omi_dsf.errors import UserError
 from omi_dsf.client import render
 from omi_dsf.client.progress import derive
 from omi_dsf.client.registry_client import RegistryClient
 from omi_dsf.client.requests import start
 from omi_dsf.dsf.tasks import BPMN_MESSAGE, message_task
 from omi_dsf.dsf.workitem import topics_from_spec
+from omi_dsf.errors import UserError
 from omi_dsf.spec.model import load_spec
 
 SPEC = load_spec()
@@ -227,7 +227,7 @@ def test_stored_result_series_from_the_gateway(tmp_path):
     from omi_dsf.client.stored import stored_series
     from omi_dsf.dicomweb.app import create_app as gateway_app
     from omi_dsf.dicomweb.config import parse_config as gateway_config
-    from omi_dsf.inference.phantom import write_ct_study
+    from omi_dsf.testkit.phantom import write_ct_study
 
     files = write_ct_study(tmp_path / "study", slices=2, seed=3, rows=32, cols=32)
     cfg = gateway_config({"auth": {"anonymous": True},

@@ -21,11 +21,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import ROOT, free_port
-from omi_dsf.dicomweb.process import GatewayProcess
 from omi_dsf.registry.auth import thumbprint
 from omi_dsf.registry.entries import service_bundle
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
-from omi_dsf.worker.sites import write_testbed_site_configs
+from omi_dsf.testkit.gateway import GatewayProcess
+from omi_dsf.testkit.sites import write_testbed_site_configs
 
 pytestmark = pytest.mark.integration
 DIC_TOPICS = "consent,pseudonymize,send,return"

@@ -7,12 +7,14 @@ import copy
 import pytest
 from pydicom.dataset import Dataset
 
-from omi_dsf.deid import profile, synthetic
+from omi_dsf.deid import profile
+
 from omi_dsf.deid.deidentify import Deidentifier, date_shift_days, uid_for
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.store import SiteStore
+from omi_dsf.testkit import synthetic
 
 KEY = b"test-key-0123456789abcdef"
 ALL_OPTIONS = tuple(profile.OPTION_NAMES)

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from omi_dsf.steps.pseudonymize import pseudonymize
-from omi_dsf.inference.phantom import write_ct_study
 from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.testkit.phantom import write_ct_study
 
 pytestmark = [
     pytest.mark.integration,
@@ -25,7 +25,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
-    from omi_dsf.dicomweb.legacy_pacs import Orthanc
+    from omi_dsf.testkit.legacy_pacs import Orthanc
 
     root = tmp_path_factory.mktemp("deid-dicomweb")
     paths = write_ct_study(root / "study", slices=5, rows=32, cols=32, seed=21)

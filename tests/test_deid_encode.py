@@ -11,12 +11,12 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
-from omi_dsf.deid import synthetic
 from omi_dsf.deid.leakcheck import PIXEL_TAGS
 from omi_dsf.deid.pipeline import StudyPseudonymizer, encode_part10
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.store import SiteStore
-from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.testkit import synthetic
+from omi_dsf.testkit.phantom import write_ct_study
 
 KEY = b"encode-test-key-0123456789"
 

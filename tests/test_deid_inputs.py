@@ -10,11 +10,11 @@ import pydicom
 import pytest
 
 from omi_dsf.cli import main
-from omi_dsf.deid import synthetic
 from omi_dsf.deid.pipeline import DeidError, StudyPseudonymizer, read_instance
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.store import SiteStore
-from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.testkit import synthetic
+from omi_dsf.testkit.phantom import write_ct_study
 
 KEY = b"input-test-key-0123456789"
 

@@ -7,12 +7,12 @@ import copy
 import pytest
 from pydicom.dataset import Dataset
 
-from omi_dsf.deid import synthetic
 from omi_dsf.deid.encode import encode_part10 as encode
 from omi_dsf.deid.leakcheck import PIXEL_TAGS, LeakError, check_outgoing, find_leaks
 from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.store import SiteStore
+from omi_dsf.testkit import synthetic
 
 KEY = b"leak-test-key-0123456789"
 P = synthetic.PATIENT

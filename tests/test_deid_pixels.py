@@ -17,12 +17,14 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RLELossless, UltrasoundImageStorage
 
-from omi_dsf.deid import pixels, synthetic
+from omi_dsf.deid import pixels
+
 from omi_dsf.deid.leakcheck import LeakError
 from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.refusal import Refused
 from omi_dsf.deid.store import SiteStore
+from omi_dsf.testkit import synthetic
 
 KEY = b"pixel-test-key-0123456789"
 ROWS, COLS = 480, 640

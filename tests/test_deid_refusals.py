@@ -16,13 +16,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from omi_dsf.cli import main
-from omi_dsf.deid import synthetic
 from omi_dsf.deid.deidentify import uid_for
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import RULE_CODE, RULE_TEXT, LeakError, find_hits
 from omi_dsf.deid.pipeline import DeidError, StudyPseudonymizer, read_instance
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.store import SiteStore
+from omi_dsf.testkit import synthetic
 
 KEY = b"refusal-test-key-0123456789"
 P = synthetic.PATIENT

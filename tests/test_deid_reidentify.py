@@ -6,11 +6,11 @@ import copy
 
 import pytest
 
-from omi_dsf.deid import synthetic
 from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
 from omi_dsf.deid.reidentify import Reidentifier, ReidentifyError
 from omi_dsf.deid.store import SiteStore
+from omi_dsf.testkit import synthetic
 
 KEY = b"reid-test-key-0123456789"
 
@@ -91,7 +91,7 @@ def _pseudonymized_study(tmp_path, seed: int):
     pseudonymized datasets as sent, their pseudonymized UIDs)."""
     import pydicom
 
-    from omi_dsf.inference.phantom import write_ct_study
+    from omi_dsf.testkit.phantom import write_ct_study
 
     paths = write_ct_study(tmp_path / "ct", slices=4, rows=32, cols=32, seed=seed)
     originals = [pydicom.dcmread(p) for p in paths]
@@ -111,7 +111,7 @@ def test_real_seg_and_sr_are_mapped_back(tmp_path):
 
     import numpy as np
 
-    from omi_dsf.inference.phantom import known_lung_mask
+    from omi_dsf.testkit.phantom import known_lung_mask
     from omi_dsf.inference.results import Algorithm, build_measurement_report, build_segmentation, result_uids
 
     store, provider, originals, sent, pseudo_uids = _pseudonymized_study(tmp_path, seed=8)
@@ -159,7 +159,7 @@ def _real_seg(tmp_path, transfer_syntax=None):
 
     import numpy as np
 
-    from omi_dsf.inference.phantom import known_lung_mask
+    from omi_dsf.testkit.phantom import known_lung_mask
     from omi_dsf.inference.results import Algorithm, build_segmentation, result_uids
 
     store, provider, originals, sent, pseudo_uids = _pseudonymized_study(tmp_path, seed=9)

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from omi_dsf.deid import synthetic
 from omi_dsf.deid.instance_io import FolderSink
+from omi_dsf.testkit import synthetic
 
 
 def _instances(n):

@@ -7,10 +7,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from omi_dsf.deid import instance_io, synthetic
-from omi_dsf.steps.pseudonymize import pseudonymize
-from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.deid import instance_io
+
 from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.testkit import synthetic
+from omi_dsf.testkit.phantom import write_ct_study
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian
 
-from omi_dsf.deid import synthetic
 from omi_dsf.deid.deidentify import uid_for
 from omi_dsf.deid.identity import Identity
+from omi_dsf.testkit import synthetic
 from omi_dsf.deid.leakcheck import (RULE_BYTES, RULE_OPAQUE, LeakError, encoded_hits,
                                     find_hits)
 from omi_dsf.deid.pipeline import StudyPseudonymizer

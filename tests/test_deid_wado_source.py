@@ -12,9 +12,9 @@ import requests
 from helpers_http import serve
 from omi_dsf.deid.dicomweb_io import WadoStudySource, WadoTruncated
 from omi_dsf.deid.instance_io import SourceError
-from omi_dsf.steps.pseudonymize import pseudonymize
-from omi_dsf.inference.phantom import write_ct_study
 from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.testkit.phantom import write_ct_study
 
 B = "b0undary"
 

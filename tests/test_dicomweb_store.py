@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from omi_dsf.dicomweb.app import create_app
 from omi_dsf.dicomweb.config import ConfigError, load_config, parse_config
 from omi_dsf.dicomweb.endpoint import endpoint_resource, endpoint_resources
-from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.testkit.phantom import write_ct_study
 
 SLICES = 4
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp
 from omi_dsf.dicomweb.multipart import iter_bodies, part_head
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp
 from test_gateway_hostile import encode, instance, nested, served, store_config, stow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

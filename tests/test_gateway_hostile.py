@@ -31,13 +31,14 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from starlette.testclient import TestClient
 
+from conftest import free_port
 from omi_dsf.dicomweb import part10
 from omi_dsf.dicomweb.app import create_app
 from omi_dsf.dicomweb.config import load_config, parse_config
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
 from omi_dsf.dicomweb.matching import wildcard_match
 from omi_dsf.dicomweb.multipart import dicom_body
 from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp
 
 PATIENT = {"PatientName": "Secret^Jane", "PatientID": "PID-9931-SECRET", "PatientBirthDate": "19710314"}
 SECRETS = ("Secret^Jane", "Secret", "PID-9931-SECRET", "19710314", "1971-03-14")

@@ -17,10 +17,11 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from conftest import free_port
 from omi_dsf.dicomweb.config import parse_config
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, Orthanc, free_port
 from omi_dsf.dicomweb.server import BackgroundServer
-from omi_dsf.inference.phantom import write_ct_study
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp, Orthanc
+from omi_dsf.testkit.phantom import write_ct_study
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

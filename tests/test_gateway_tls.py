@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers_pki import issue, make_ca, write_ca, write_pem
 
-from omi_dsf.dicomweb.legacy_pacs import free_port
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

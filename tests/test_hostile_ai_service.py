@@ -25,12 +25,13 @@ from starlette.testclient import TestClient
 from conftest import ROOT
 from helpers_hostile import json_values, mutated, odd_text, raw_request, rss_mb, signed_token, status_of
 from helpers_pki import issue, make_ca, write_ca, write_pem
-from omi_dsf.inference import phantom, tensors
+from omi_dsf.inference import tensors
 from omi_dsf.inference.client import OipClient, ServiceUnavailable
 from omi_dsf.inference.config import ServiceConfig
-from omi_dsf.inference.launch import AiServiceProcess
 from omi_dsf.inference.service import LungSegModel, create_app
 from omi_dsf.serving.config import ConfigError, parse
+from omi_dsf.testkit import phantom
+from omi_dsf.testkit.ai_service import AiServiceProcess
 from omi_dsf.tls import client_context
 from test_registry import keys, token  # noqa: F401  (an RSA issuer and its tokens)
 

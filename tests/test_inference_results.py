@@ -9,7 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from omi_dsf.inference import lungseg, phantom, results
+from omi_dsf.inference import lungseg, results
+
+
+from omi_dsf.testkit import phantom
 
 ALGO = results.Algorithm("lung-seg", "1.0.0")
 MII = results.MII

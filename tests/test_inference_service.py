@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from omi_dsf.inference import lungseg, phantom
-from omi_dsf.inference.launch import AiServiceProcess
+from omi_dsf.inference import lungseg
+from omi_dsf.testkit import phantom
+from omi_dsf.testkit.ai_service import AiServiceProcess
 from omi_dsf.inference.client import (InferenceRejected, InferenceTimeout, ModelNotReady, OipClient,
                                       ServiceUnavailable, TensorMismatch)
 from omi_dsf.inference.service import LungSegModel, create_app

@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from omi_dsf.inference import phantom
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
+from omi_dsf.testkit import phantom
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The package layering of omi_dsf, read from the source (every import statement, module-level or
-inside a function): lower layers never import higher ones, and no two packages import each other,
-directly or around a cycle."""
+inside a function): lower layers never import higher ones, no two packages import each other,
+directly or around a cycle, and no product module uses the test and demo harness (omi_dsf/testkit)."""
 
 from __future__ import annotations
 
 import ast
+import functools
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "omi_dsf"
@@ -14,18 +16,26 @@ ROOT = Path(__file__).resolve().parent.parent / "omi_dsf"
 # folder under omi_dsf/ or a top-level module (omi_dsf/audit.py is "audit"); "omi_dsf" is the
 # package's own __init__ (the version).
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"omi_dsf", "errors", "terminal", "tls", "peer", "procs", "spec"}),
+    ("base", {"omi_dsf", "errors", "terminal", "tls", "peer", "spec"}),
     ("domain", {"serving", "dsf", "audit", "consent", "deid", "dicomweb", "dicomweb_client", "inference", "registry",
                 "transfer", "validate", "generate"}),
     ("steps", {"steps"}),                  # one module per step + the contract; map domain errors
     ("runtime", {"worker"}),               # poll → claim → handle → complete; finds the steps
-    ("apps", {"client", "testbed", "demo"}),
+    ("apps", {"client", "testbed", "demo", "testkit"}),
     ("entry", {"cli", "__main__"}),        # the command line; parts are loaded by name, not imported
 ]
 
 # Domain packages: besides the layering, named here so that the rule reads as the issue states it.
 DOMAIN = {"deid", "consent", "inference", "dicomweb", "dsf", "registry", "audit", "transfer", "serving"}
-NOT_FROM_DOMAIN = {"worker", "steps", "cli", "demo", "testbed"}
+NOT_FROM_DOMAIN = {"worker", "steps", "cli", "demo", "testbed", "testkit"}
+
+# The test and demo harness (phantoms, synthetic identities, PACS / gateway / AI service launchers,
+# test bed site files) and who may use it: itself and the demo command (besides tests/ and tools/,
+# which are not read here). Every other module of omi_dsf is product and never imports it, neither
+# by an import statement nor by name (importlib, a handler reference "module:function").
+HARNESS = "testkit"
+HARNESS_USERS = {"testkit", "demo"}
+_HARNESS_NAME = re.compile(rf"omi_dsf\.{HARNESS}(\.\w+)*(:\w+)?")
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
@@ -62,8 +72,16 @@ def _package(module: str) -> str:
     return parts[1] if len(parts) > 1 else "omi_dsf"
 
 
+@functools.cache
 def module_imports() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _named_modules(path: Path) -> set[str]:
+    """The omi_dsf.testkit modules a string constant of `path` names as a whole (what importlib or a
+    handler reference would load); docstrings and prose that mention one do not count."""
+    return {node.value for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _HARNESS_NAME.fullmatch(node.value)}
 
 
 def package_edges() -> dict[tuple[str, str], list[str]]:
@@ -99,6 +117,39 @@ def test_domain_packages_import_no_runtime_steps_cli_or_harness():
     bad = [f"{a} imports {b}: {why}" for (a, b), why in sorted(package_edges().items())
            if a in DOMAIN and b in NOT_FROM_DOMAIN]
     assert not bad, "\n".join(bad)
+
+
+def harness_uses(imports: dict[str, set[str]], named: dict[str, set[str]]) -> list[str]:
+    """Product modules (every package but HARNESS_USERS) that import the harness or name it."""
+    bad = []
+    for module in sorted(set(imports) | set(named)):
+        if _package(module) in HARNESS_USERS:
+            continue
+        bad += [f"{module} imports {t}" for t in sorted(imports.get(module, ())) if _package(t) == HARNESS]
+        bad += [f"{module} names {t!r}" for t in sorted(named.get(module, ()))]
+    return bad
+
+
+def test_product_modules_do_not_use_the_harness():
+    assert (ROOT / HARNESS / "__init__.py").is_file()
+    named = {_module_name(p): _named_modules(p) for p in sorted(ROOT.rglob("*.py"))}
+    bad = harness_uses(module_imports(), named)
+    assert not bad, "product modules using omi_dsf.testkit (only the demo, tests and tools may):\n" + "\n".join(bad)
+
+
+def test_the_harness_rule_catches_an_import_and_a_name(tmp_path):
+    """The rule above, fed a product module that imports the harness, one that names it for
+    importlib, and the users allowed to do both."""
+    (tmp_path / "m.py").write_text('import importlib\n'
+                                   'from omi_dsf.testkit.phantom import write_ct_study\n'
+                                   'HANDLER = "omi_dsf.testkit.steps:no_op"\n'
+                                   '"""omi_dsf.testkit.phantom is prose here"""\n')
+    named = _named_modules(tmp_path / "m.py")
+    assert named == {"omi_dsf.testkit.steps:no_op"}
+    imports = {"omi_dsf.deid.cli": {"omi_dsf.testkit.phantom", "omi_dsf.deid.pipeline"},
+               "omi_dsf.demo": {"omi_dsf.testkit.phantom"}, "omi_dsf.testkit.gateway": {"omi_dsf.testkit.procs"}}
+    assert harness_uses(imports, {"omi_dsf.worker.config": named, "omi_dsf.demo": named}) == [
+        "omi_dsf.deid.cli imports omi_dsf.testkit.phantom", "omi_dsf.worker.config names 'omi_dsf.testkit.steps:no_op'"]
 
 
 def test_no_package_cycles():

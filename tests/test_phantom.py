@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from omi_dsf.inference import phantom
+from omi_dsf.testkit import phantom
 
 
 def _write(tmp_path, name, **kw):

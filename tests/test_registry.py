@@ -368,7 +368,7 @@ def test_imaging_study_links_the_gateway_endpoint(tmp_path):
     from omi_dsf.dicomweb.app import create_app as gateway_app
     from omi_dsf.dicomweb.config import parse_config as gateway_config
     from omi_dsf.dicomweb.endpoint import endpoint_resource
-    from omi_dsf.inference.phantom import write_ct_study
+    from omi_dsf.testkit.phantom import write_ct_study
     from omi_dsf.registry.imaging import MII_IMAGING_STUDY, QidoError, find_imaging_study
     from omi_dsf.registry.validation import check_fhir
 

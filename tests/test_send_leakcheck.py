@@ -11,9 +11,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from omi_dsf.deid.store import SiteStore
-from omi_dsf.inference.phantom import write_ct_study
 from omi_dsf.steps.api import StepContext
 from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.testkit.phantom import write_ct_study
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.outgoing import collect
 

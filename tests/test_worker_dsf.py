@@ -18,9 +18,9 @@ from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfError
 from omi_dsf.dsf.tasks import message_task, outputs
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
-from omi_dsf.worker.config import load_site_config
 from omi_dsf.steps.demo import fingerprint
-from omi_dsf.worker.sites import write_testbed_site_configs
+from omi_dsf.testkit.sites import write_testbed_site_configs
+from omi_dsf.worker.config import load_site_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

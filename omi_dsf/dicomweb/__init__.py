@@ -3,8 +3,8 @@ store. See docs/gateway.md.
 
 For other parts: ``load_config(path)`` reads the gateway's YAML, ``endpoint_resource(config)`` /
 ``endpoint_resources(config)`` give its FHIR Endpoint resources, ``create_app(config)`` the ASGI
-application (``omi_dsf.dicomweb.app``), and ``omi_dsf.dicomweb.legacy_pacs`` starts a real PACS
-(dcmqrscp, Orthanc) on loopback for tests and the demo.
+application (``omi_dsf.dicomweb.app``). A real PACS on loopback for tests and the demo (dcmqrscp,
+Orthanc) is ``omi_dsf.testkit.legacy_pacs``.
 """
 
 from .config import ConfigError, load_config, parse_config

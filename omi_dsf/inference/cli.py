@@ -1,4 +1,4 @@
-"""Command line of the inference part: `sample-study` and `ai-service`."""
+"""Command line of the inference part: `ai-service`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,6 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sample-study", help="write a synthetic chest CT study (fake identity) as DICOM files")
-    p.add_argument("--out", type=Path, required=True, help="directory for the files (created)")
-    p.add_argument("--slices", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0, help="same seed, same study; other seed, other patient")
-    p.add_argument("--rows", type=int, default=512)
-    p.add_argument("--cols", type=int, default=512)
-    p.set_defaults(func=_sample_study)
-
     p = subparsers.add_parser("ai-service", help="run the reference AI service (Open Inference Protocol v2)")
     p.add_argument("--config", help="configuration (YAML: listen, tls, auth, limits, max_slices; docs/inference.md)")
     p.add_argument("--anonymous", action="store_true",
@@ -23,19 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (default 8500, or listen.port)")
     p.add_argument("--max-slices", type=int, default=None, help="model limit announced in metadata")
     p.set_defaults(func=_ai_service)
-
-
-def _sample_study(args: argparse.Namespace) -> int:
-    from omi_dsf.errors import UserError
-    from omi_dsf.inference.phantom import write_ct_study
-
-    try:
-        paths = write_ct_study(args.out, slices=args.slices, seed=args.seed, rows=args.rows, cols=args.cols)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    # Only counts and the location: the files' headers count as patient data.
-    print(f"wrote {len(paths)} CT slices to {args.out}")
-    return 0
 
 
 def _ai_service(args: argparse.Namespace) -> int:

@@ -3,23 +3,16 @@ tests and benchmarks: started on a loopback port, returned once its model is rea
 
 from __future__ import annotations
 
-import socket
 import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from omi_dsf import procs
 from omi_dsf.inference.client import OipClient, ServiceUnavailable
+from omi_dsf.testkit import procs
 
 MODEL = "lung-seg"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class AiServiceProcess(procs.ChildProcess):
@@ -28,7 +21,7 @@ class AiServiceProcess(procs.ChildProcess):
         """Without `--config` in `args`: plain HTTP on loopback, no authentication (`--anonymous`).
         With a configuration that serves TLS, `tls` is the client context to reach it (and `token` a
         bearer token if its readiness needs one)."""
-        self.port = port or _free_port()
+        self.port = port or procs.free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log, self.timeout, self.tls, self.token = log, timeout, tls, token
         self.args = tuple(args) if "--config" in args else ("--anonymous", *args)

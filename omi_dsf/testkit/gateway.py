@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import httpx
 import yaml
 
-from omi_dsf import procs
+from omi_dsf.testkit import procs
 
 
 class GatewayProcess(procs.ChildProcess):

@@ -31,6 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable
 
+from omi_dsf.testkit.procs import free_port
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -71,13 +73,6 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len) {
 
 class PacsError(RuntimeError):
     """The PACS could not be started, loaded or reached."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def dcmtk_tool(name: str) -> str:

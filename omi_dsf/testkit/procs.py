@@ -1,8 +1,17 @@
-"""Stopping the child processes OMI starts (gateway, AI service, workers): ask, then insist."""
+"""The child processes the tests, the demo and the benchmarks start (gateway, AI service, PACS,
+workers): a free port for one, and stopping one (ask, then insist)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0, kill: bool = False) -> None:

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
-from . import profile
+from omi_dsf.deid import profile
 
 PATIENT = {
     "name": "Schneider^Annegret^Maria",

@@ -2,7 +2,7 @@
 
     python tools/bench/deid.py [--slices 200] [--size 512] [--repeat 3] [--no-corpus] [--keep DIR]
 
-1. In process, on one synthetic CT study (omi_dsf.inference.phantom, realistic fake identity),
+1. In process, on one synthetic CT study (omi_dsf.testkit.phantom, realistic fake identity),
    written once; each tool reads every file, de-identifies it and writes it out:
      baseline   plain pydicom read + write (no de-identification): the I/O floor
      ours       omi_dsf StudyPseudonymizer (PS3.15 E.1-1 + options, UID remap, site store, leak check)
@@ -63,7 +63,7 @@ from omi_dsf.deid.pipeline import StudyPseudonymizer  # noqa: E402
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider  # noqa: E402
 from omi_dsf.deid.refusal import Refused  # noqa: E402
 from omi_dsf.deid.store import SiteStore  # noqa: E402
-from omi_dsf.inference.phantom import write_ct_study  # noqa: E402
+from omi_dsf.testkit.phantom import write_ct_study  # noqa: E402
 
 KEY = b"benchmark-key-not-a-secret-0123456789"
 OPTIONS = ["retain-modified-dates", "retain-patient-characteristics"]

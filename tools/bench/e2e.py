@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from omi_dsf.demo import Demo  # noqa: E402
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool  # noqa: E402
 from omi_dsf.dsf.client import DsfClient  # noqa: E402
 from omi_dsf.inference.lungseg import segment_lungs  # noqa: E402
 from omi_dsf.testbed.bed import running_testbed  # noqa: E402
 from omi_dsf.testbed.distribution import Distribution  # noqa: E402
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp, dcmtk_tool  # noqa: E402
 from omi_dsf.worker.config import load_site_config  # noqa: E402
 
 

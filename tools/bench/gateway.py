@@ -41,9 +41,10 @@ from pynetdicom import AE, StoragePresentationContexts, build_role, evt  # noqa:
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  # noqa: E402
                                   StudyRootQueryRetrieveInformationModelGet)
 
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool, free_port  # noqa: E402
-from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
-from omi_dsf.inference.phantom import cached_ct_study  # noqa: E402
+from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp, dcmtk_tool  # noqa: E402
+from omi_dsf.testkit.phantom import cached_ct_study  # noqa: E402
+from omi_dsf.testkit.procs import free_port  # noqa: E402
 
 TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
            "concurrent_errors_max": 0}

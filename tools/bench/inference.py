@@ -2,7 +2,7 @@
 
 Set-up (not timed): a synthetic CT study (`phantom.write_ct_study`) is stored in a real OMI gateway
 (`python -m omi_dsf gateway`, `store` backend: the provider's inbox) and the reference AI service is
-started (`omi_dsf.inference.launch`). Then the real step handler (`omi_dsf.steps.infer`) runs on
+started (`omi_dsf.testkit.ai_service`). Then the real step handler (`omi_dsf.steps.infer`) runs on
 it --repeats times: QIDO, WADO-RS, volume, OIP v2 request (binary tensors), SEG, SR, STOW-RS.
 
 Figures, medians over the runs:
@@ -40,14 +40,16 @@ from dicomweb_client.api import DICOMwebClient
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from omi_dsf.inference import lungseg, phantom  # noqa: E402
-from omi_dsf.steps import infer as step  # noqa: E402
+from omi_dsf.inference import lungseg  # noqa: E402
+
 from omi_dsf.inference.client import OipClient  # noqa: E402
-from omi_dsf.dicomweb.legacy_pacs import free_port  # noqa: E402
-from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
-from omi_dsf.inference.launch import AiServiceProcess  # noqa: E402
 from omi_dsf.inference.service import LungSegModel  # noqa: E402
+from omi_dsf.steps import infer as step  # noqa: E402
 from omi_dsf.steps.api import StepContext  # noqa: E402
+from omi_dsf.testkit import phantom  # noqa: E402
+from omi_dsf.testkit.ai_service import AiServiceProcess  # noqa: E402
+from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
+from omi_dsf.testkit.procs import free_port  # noqa: E402
 
 TARGETS = {"overhead_share_max": 0.20}
 

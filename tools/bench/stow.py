@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from pydicom import dcmread  # noqa: E402
 
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, dcmtk_tool, free_port  # noqa: E402
-from omi_dsf.dicomweb.process import GatewayProcess  # noqa: E402
-from omi_dsf.inference.phantom import cached_ct_study  # noqa: E402
+from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp, dcmtk_tool  # noqa: E402
+from omi_dsf.testkit.phantom import cached_ct_study  # noqa: E402
+from omi_dsf.testkit.procs import free_port  # noqa: E402
 
 TARGETS = {"stow_over_storescu_max": 2.0}
 CLK = os.sysconf("SC_CLK_TCK")

@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 from omi_dsf.dsf.client import DsfClient  # noqa: E402
 from omi_dsf.dsf.tasks import message_task  # noqa: E402
 from omi_dsf.dsf.workitem import topics_from_spec  # noqa: E402
+from omi_dsf.steps.demo import demo_step  # noqa: E402
 from omi_dsf.testbed.bed import running_testbed  # noqa: E402
 from omi_dsf.testbed.distribution import Distribution  # noqa: E402
+from omi_dsf.testkit.sites import write_testbed_site_configs  # noqa: E402
 from omi_dsf.worker.config import load_site_config  # noqa: E402
-from omi_dsf.steps.demo import demo_step  # noqa: E402
 from omi_dsf.worker.lease import SqliteLeases  # noqa: E402
 from omi_dsf.worker.runtime import Worker, WorkerSettings  # noqa: E402
-from omi_dsf.worker.sites import write_testbed_site_configs  # noqa: E402
 
 DIC_TOPICS = ("consent", "pseudonymize", "send", "return")
 
