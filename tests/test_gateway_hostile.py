@@ -133,9 +133,9 @@ def failures(answer) -> list[tuple[int, str]]:
             for i in answer.json().get("00081198", {}).get("Value", [])]
 
 
-def store_config(root: Path, **top) -> dict:
+def store_config(root: Path, **limits) -> dict:
     return {"auth": {"anonymous": True}, "backends": {"STORE": {"type": "store", "path": str(root / "store")}},
-            **top}
+            "limits": limits}
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_a_query_past_its_time_limit_is_503(tmp_path):
     cfg = parse_config(store_config(tmp_path, query_timeout=1e-9))
     with TestClient(create_app(cfg)) as c:
         r = c.get("/studies")
-        assert r.status_code == 503 and "query_timeout" in r.json()["error"]
+        assert r.status_code == 503 and "limits.query_timeout" in r.json()["error"]
 
 
 # -- STOW-RS: limits, broken files, conflicts ----------------------------------------------------------
@@ -238,7 +238,7 @@ def test_a_deflate_bomb_is_refused_with_bounded_memory(gw, pieces):
     assert time.monotonic() - started < 20
     assert peak_rss_mb() - before < 100      # (was: the whole inflated data set, 4 x 500 MB)
     assert r.status_code == 413, r.text
-    assert failures(r) == [(0xA700, "inflates to more than 16 MB (max_instance_mb)")] * 4
+    assert failures(r) == [(0xA700, "inflates to more than 16 MB (limits.max_instance_mb)")] * 4
     assert r.json()["00081198"]["Value"][0]["00081155"]["Value"] == [ds.SOPInstanceUID]
     assert gw.get("/studies", params={"StudyInstanceUID": ds.StudyInstanceUID}).json() == []
 
@@ -297,18 +297,18 @@ def test_the_same_instance_elsewhere_is_a_conflict_and_nothing_moves(gw):
 
 
 def test_stow_limits_name_themselves(tmp_path):
-    cfg = parse_config(store_config(tmp_path, max_parts=2, max_instance_mb=1, max_upload_mb=1))
+    cfg = parse_config(store_config(tmp_path, max_parts=2, max_instance_mb=1, max_body_mb=1))
     with TestClient(create_app(cfg)) as c:
         r = stow(c, [encode(instance())] * 3)
-        assert r.status_code == 413 and "max_parts" in r.json()["error"]
+        assert r.status_code == 413 and "limits.max_parts" in r.json()["error"]
         big = instance()
         big.PixelData = bytes(2 << 20)
         r = stow(c, [encode(big)])
-        assert r.status_code == 413 and "max_upload_mb" in r.json()["error"]
+        assert r.status_code == 413 and "limits.max_body_mb" in r.json()["error"]
     cfg = parse_config(store_config(tmp_path, max_instance_mb=1))
     with TestClient(create_app(cfg)) as c:
         r = stow(c, [encode(big)])
-        assert r.status_code == 413 and "max_instance_mb" in r.json()["error"]
+        assert r.status_code == 413 and "limits.max_instance_mb" in r.json()["error"]
 
 
 def test_an_upload_that_broke_off_is_visible(gw, monkeypatch):
@@ -363,7 +363,7 @@ def test_frame_lists_are_merged_and_bounded(gw, stored):
     r = gw.get(path + "/frames/" + ",".join(["1"] * 2000))
     assert r.status_code == 200 and len(r.content) < len(ds.PixelData) + 1000   # one frame, not 2000
     r = gw.get(path + "/frames/" + ",".join(map(str, range(1, 1002))))
-    assert r.status_code == 400 and "max_frames" in r.json()["error"]
+    assert r.status_code == 400 and "limits.max_frames" in r.json()["error"]
     for odd in ("²", "١", "1,²", "-1", "0", "1e3", " ", "999999999999999999999999"):
         r = gw.get(path + "/frames/" + odd)
         assert r.status_code in (400, 404), (odd, r.status_code)
@@ -524,17 +524,22 @@ def test_a_stalled_body_is_408_and_the_connection_closes(tmp_path):
 
 
 def test_url_and_header_limits(tmp_path):
-    with served(store_config(tmp_path, max_url_bytes=2048, max_header_bytes=4096)) as server:
+    with served(store_config(tmp_path, max_query_bytes=2048, max_header_bytes=4096)) as server:
         with httpx.Client(base_url=server.url, timeout=10) as c:
             r = c.get("/studies", params={"PatientName": "x" * 3000})
-            assert r.status_code == 414 and "max_url_bytes" in r.json()["error"]
-            r = c.get("/studies", headers={"X-Junk": "y" * 5000})
-            assert r.status_code == 431 and "max_header_bytes" in r.json()["error"]
+            assert r.status_code == 414 and "limits.max_query_bytes" in r.json()["error"]
             assert c.get("/health").status_code == 200
+        with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as s:
+            s.sendall(b"GET /studies HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"y" * 3000)   # headers that keep coming
+            time.sleep(0.2)
+            s.sendall(b"y" * 3000)
+            answer = s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 431") and b"limits.max_header_bytes" in answer
+        assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_too_many_requests_at_once_is_503_and_health_still_answers(tmp_path):
-    with served(store_config(tmp_path, max_requests=1, body_timeout=10)) as server:
+    with served(store_config(tmp_path, max_concurrent=1, body_timeout=10)) as server:
         body, ctype = dicom_body([encode(instance())])
         with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as slow:
             slow.sendall(f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
@@ -542,7 +547,7 @@ def test_too_many_requests_at_once_is_503_and_health_still_answers(tmp_path):
             time.sleep(0.3)
             with httpx.Client(base_url=server.url, timeout=10) as c:
                 r = c.get("/studies")
-                assert r.status_code == 503 and "max_requests" in r.json()["error"]
+                assert r.status_code == 503 and "limits.max_concurrent" in r.json()["error"]
                 assert r.headers["retry-after"] == "1"
                 assert c.get("/health").status_code == 200
             slow.sendall(body[50:])
@@ -552,22 +557,26 @@ def test_too_many_requests_at_once_is_503_and_health_still_answers(tmp_path):
 
 
 def test_the_connection_stays_usable_after_a_stow_error(tmp_path):
+    """The issue saw a reset after a STOW 500. A STOW error after the body was read keeps the
+    connection; one answered before (415) says ``Connection: close``, and the next request goes
+    out on a new one."""
     with served(store_config(tmp_path)) as server:
         conn = http.client.HTTPConnection("127.0.0.1", _port(server), timeout=10)
         try:
             body, ctype = dicom_body([b"not dicom", encode(instance())[:500]])
-            for payload, headers in ((body, {"Content-Type": ctype}),
-                                     (body[:-20], {"Content-Type": ctype}),                # closing boundary cut
-                                     (b"{}", {"Content-Type": "multipart/related; boundary=x"}),
-                                     (body, {"Content-Type": "application/json"})):
+            for payload, headers, kept in ((body, {"Content-Type": ctype}, True),
+                                           (body[:-20], {"Content-Type": ctype}, True),   # closing boundary cut
+                                           (b"{}", {"Content-Type": "multipart/related; boundary=x"}, True),
+                                           (body, {"Content-Type": "application/json"}, False)):
                 conn.request("POST", "/studies", body=payload, headers=headers)
                 first = conn.sock
                 answer = conn.getresponse()
                 assert 400 <= answer.status < 500
+                assert (answer.getheader("connection") != "close") == kept
                 answer.read()
                 conn.request("GET", "/health")
                 assert conn.getresponse().read() == b'{"status":"ok"}'
-                assert conn.sock is first      # the same connection, not a new one
+                assert (conn.sock is first) == kept      # the same connection, or a new one as announced
         finally:
             conn.close()
 
@@ -664,9 +673,10 @@ def test_odd_configurations_are_config_errors(tmp_path):
             "auth": {"anonymous": False, "jwt": [{"issuer": "https://idp.test", "key_file": "idp.pem",
                                                   "audience": "gw", "algorithms": ["RS256"]}]},
             "dimse": {"calling_aet": "OMIGW", "move_destination": {"aet": "OMIGW", "port": 11114, "host": "h"}},
-            "default": "PACS", "max_results": 10, "stream_queue": 2, "max_upload_mb": 1, "max_instance_mb": 1,
-            "max_parts": 1, "max_frames": 1, "max_url_bytes": 1, "max_header_bytes": 1, "max_requests": 1,
-            "header_timeout": 1, "body_timeout": 1.5, "query_timeout": 1, "cors_origins": ["https://v.test"],
+            "default": "PACS", "max_results": 10, "stream_queue": 2, "cors_origins": ["https://v.test"],
+            "limits": {"max_body_mb": 1, "max_instance_mb": 1, "max_parts": 1, "max_frames": 1, "max_query_bytes": 64,
+                       "max_header_bytes": 1024, "max_concurrent": 1, "header_timeout": 1, "body_timeout": 1.5,
+                       "query_timeout": 1},
             "backends": {"PACS": {"type": "dimse", "host": "h", "port": 104, "retrieve": "move", "dimse_timeout": 3},
                          "OUT": {"type": "store", "path": "out"}}}
     paths = []

@@ -17,9 +17,12 @@ from typing import AsyncIterator
 import anyio
 from pydicom import dcmread
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
+
+from omi_dsf.serving.limits import limit_error_handler
 
 from . import part10, qido, rendering, wado
 from .attributes import INSTANCE, SERIES, SOP_UID, STUDY
@@ -30,7 +33,7 @@ from .config import GatewayConfig
 from .dicomjson import dumps
 from .errors import (BadRequest, DicomwebError, NotAcceptable, NotFound, PacsUnavailable, PayloadTooLarge,
                      UnsupportedMediaType)
-from .guard import LimitsMiddleware, redact
+from .guard import error_response, limited, redact
 from .logs import quiet_pydicom
 from .multipart import (CRLF, MultipartReader, closing, content_type, new_boundary, parse_accept,
                         parse_media_type, part_head)
@@ -153,7 +156,7 @@ class Gateway:
             raise NotAcceptable("Accept: search results are available as application/dicom+json")
         backend = self.backend(request)
         result = await self.run(qido.search, backend, q, self.base_url(request), self.cfg.max_results,
-                                self.cfg.query_timeout)
+                                self.cfg.limits.query_timeout)
         warnings = []
         if result.truncated:
             warnings.append('299 omi-gateway "There are additional results that can be requested"')
@@ -254,7 +257,7 @@ class Gateway:
             raise PacsUnavailable(f"the instance from {backend.name} cannot be read ({type(exc).__name__})") from None
 
     async def retrieve_frames(self, request: Request) -> Response:
-        numbers = wado.parse_frame_list(request.path_params["frames"], self.cfg.max_frames)
+        numbers = wado.parse_frame_list(request.path_params["frames"], self.cfg.limits.max_frames)
         accept = parse_accept(request.headers.get("accept"))
         ds = await self._instance(request)
         frames, ts = wado.frame_bytes(ds, numbers)
@@ -289,14 +292,14 @@ class Gateway:
         opts = rendering.parse_render_params(list(request.query_params.multi_items()), thumbnail)
         frame = 1
         if "frames" in request.path_params:
-            frames = wado.parse_frame_list(request.path_params["frames"], self.cfg.max_frames)
+            frames = wado.parse_frame_list(request.path_params["frames"], self.cfg.limits.max_frames)
             if len(frames) != 1:
                 raise BadRequest("frames: a rendered frame takes exactly one frame number")
             frame = frames[0]
         if "instance" not in request.path_params:
             request.path_params["instance"] = await self._representative(request)
         ds = await self._instance(request)
-        image = await self.run(rendering.render, ds, frame, media, opts, self.cfg.max_instance_mb << 20)
+        image = await self.run(rendering.render, ds, frame, media, opts, self.cfg.limits.max_instance)
         return Response(image, media_type=media)
 
     async def _representative(self, request: Request) -> str:
@@ -318,17 +321,18 @@ class Gateway:
     # -- STOW-RS -------------------------------------------------------------------------------
     async def store(self, request: Request) -> Response:
         scope = self.scope(request)
-        cfg = self.cfg
+        lim = self.cfg.limits
         ctype = parse_media_type(request.headers.get("content-type", ""))
         if ctype.mime != "multipart/related" or (ctype.type_param not in (None, wado.DICOM)):
             raise UnsupportedMediaType('Content-Type: STOW-RS takes multipart/related; type="application/dicom"')
-        limit, part_limit = cfg.max_upload_mb << 20, cfg.max_instance_mb << 20
-        too_large = f"request body larger than max_upload_mb ({cfg.max_upload_mb} MB)"
-        part_too_large = f"a part larger than max_instance_mb ({cfg.max_instance_mb} MB)"
+        limit, part_limit = lim.max_body, lim.max_instance
+        too_large = f"request body larger than limits.max_body_mb ({lim.max_body_mb:g} MB)"
+        part_too_large = f"a part larger than limits.max_instance_mb ({lim.max_instance_mb} MB)"
         length = request.headers.get("content-length")
         if length and length.isascii() and length.isdigit() and int(length) > limit:
             raise PayloadTooLarge(too_large)
-        reader = MultipartReader(ctype.params.get("boundary", ""), max_parts=cfg.max_parts)
+        reader = MultipartReader(ctype.params.get("boundary", ""), max_parts=lim.max_parts,
+                                 parts_limit="limits.max_parts")
         backend = self.backend(request)
         base = self.base_url(request)
         url_study = scope.get(STUDY)
@@ -380,6 +384,9 @@ class Gateway:
             log.info("STOW-RS: the client went away; %d instances stored, the study is noted incomplete",
                      len(stored))
             return Response(status_code=400)   # nobody reads it
+        except HTTPException as exc:   # a shared limit while reading (body_timeout, max_body_mb)
+            await broke_off(str(exc.detail).replace('"', "'"))
+            raise
         except DicomwebError as exc:
             await broke_off(exc.message.replace('"', "'"))
             if stored:   # say which: those instances are kept (a STOW of them again replaces them)
@@ -412,7 +419,7 @@ class Gateway:
             except part10.Refused as exc:
                 known = exc.meta if exc.meta and is_uid(exc.meta.sop_instance) and is_uid(exc.meta.sop_class) else None
                 failed.append((known.sop_class if known else "", known.sop_instance if known else "",
-                               exc.status, exc.reason + (" (max_instance_mb)" if exc.status == OUT_OF_RESOURCES else "")))
+                               exc.status, exc.reason + (" (limits.max_instance_mb)" if exc.status == OUT_OF_RESOURCES else "")))
                 continue
             try:
                 ds = dcmread(BytesIO(part.body), stop_before_pixels=True)
@@ -488,7 +495,7 @@ def _handler(fn):
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    """A bug: 500 in JSON naming the log line (written by LimitsMiddleware, without the message)."""
+    """A bug: 500 in JSON naming the log line (written by guard.ExceptionLog, without the message)."""
     where = redact(request.url.path).rsplit("[", 1)[-1].rstrip("]")
     return JSONResponse({"status": 500, "error": f"internal error ({type(exc).__name__}); logged as {where}"},
                         status_code=500)
@@ -542,7 +549,8 @@ def create_app(cfg: GatewayConfig) -> Starlette:
 
     quiet_pydicom()
     app = Starlette(routes=[Route("/health", _health), *routes(), Mount("/aets/{aet}", routes=routes())],
-                    lifespan=lifespan, exception_handlers={Exception: _internal_error})
+                    lifespan=lifespan, exception_handlers={Exception: _internal_error,
+                                                           HTTPException: limit_error_handler(error_response)})
     app.state.gateway = gw
     wrapped = AuthMiddleware(app, cfg)
     if cfg.cors_origins:  # answers preflight requests, which carry no credentials
@@ -550,6 +558,6 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         wrapped = CORSMiddleware(wrapped, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                                  allow_headers=["Authorization", "Accept", "Content-Type"],
                                  expose_headers=["Content-Type", "Warning"])
-    wrapped = LimitsMiddleware(wrapped, cfg)   # outermost: counts and times every request
+    wrapped = limited(wrapped, cfg.limits)   # outermost: counts and times every request; logs no data
     wrapped.gateway = gw
     return wrapped

@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
+
+from omi_dsf.serving import config as serving_config
 
 AET_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
 
@@ -84,6 +87,26 @@ class DimseBackendConfig:
     type: str = "dimse"
 
 
+class GatewayLimits(serving_config.Limits):
+    """What one request may cost (serving.config.Limits: body, query and header size, header and body
+    timeouts, requests at once), with the gateway's defaults and its own limits. Past one the
+    answer names it (``limits.max_instance_mb``)."""
+    max_body_mb: float = Field(2048.0, gt=0)      # a STOW-RS request body
+    max_concurrent: int = Field(64, ge=1)         # requests at once (not /health)
+    max_instance_mb: int = Field(256, ge=1)       # one instance: its part, its inflated data set, a decoded frame
+    max_parts: int = Field(10000, ge=1)           # parts of one STOW-RS request
+    max_frames: int = Field(1000, ge=1)           # frame numbers in one request (duplicates merged)
+    query_timeout: float = Field(30.0, gt=0)      # seconds one QIDO-RS search may take
+
+    @property
+    def max_instance(self) -> int:
+        return self.max_instance_mb << 20
+
+
+class _LimitsSection(serving_config.Section):
+    limits: GatewayLimits | None = None
+
+
 @dataclass
 class StoreBackendConfig:
     name: str
@@ -104,17 +127,7 @@ class GatewayConfig:
     default: str | None = None
     max_results: int = 1000             # QIDO answers without limit are cut here (with a Warning)
     stream_queue: int = 8               # instances buffered between C-GET and the HTTP answer
-    # limits on what a client sends (docs/gateway.md, Limits); past one: 408/413/414/431/503 naming it
-    max_upload_mb: int = 2048           # STOW-RS request body
-    max_instance_mb: int = 256          # one instance: its part, its inflated data set, a decoded frame
-    max_parts: int = 10000              # parts of one STOW-RS request
-    max_frames: int = 1000              # frame numbers in one request (duplicates merged)
-    max_url_bytes: int = 8192           # request path and query
-    max_header_bytes: int = 16384       # request headers
-    max_requests: int = 64              # requests at once (not /health)
-    header_timeout: float = 10.0        # seconds to receive a request's headers
-    body_timeout: float = 30.0          # seconds a request body may stall between two reads
-    query_timeout: float = 30.0         # seconds one QIDO-RS search may take
+    limits: GatewayLimits = field(default_factory=lambda: GatewayLimits())   # docs/gateway.md, Limits
     name: str = "OMI DICOMweb gateway"
     cors_origins: list[str] = field(default_factory=list)   # browser viewers on other origins
 
@@ -186,10 +199,6 @@ def _port(value: Any, key: str) -> int:
     return port
 
 
-_LIMITS = {"max_upload_mb": int, "max_instance_mb": int, "max_parts": int, "max_frames": int,
-           "max_url_bytes": int, "max_header_bytes": int, "max_requests": int, "header_timeout": float,
-           "body_timeout": float, "query_timeout": float}
-
 _DIMSE_NUMBERS = {"connect_timeout": float, "acse_timeout": float, "dimse_timeout": float,
                   "network_timeout": float, "pool_size": int, "max_associations": int, "summary_ttl": float, "max_pdu": int,
                   "cache_mb": int}
@@ -235,7 +244,7 @@ def _backend(name: str, d: dict, base: Path) -> DimseBackendConfig | StoreBacken
 def parse_config(data: Any, base: Path = Path(".")) -> GatewayConfig:
     top = _map(data, "config")
     _unknown(top, {"listen", "base_url", "tls", "auth", "dimse", "backends", "default", "max_results",
-                   "stream_queue", "name", "cors_origins", *_LIMITS}, "config")
+                   "stream_queue", "name", "cors_origins", "limits"}, "config")
     cfg = GatewayConfig()
     listen = _map(top.get("listen"), "listen")
     _unknown(listen, {"host", "port"}, "listen")
@@ -252,11 +261,16 @@ def parse_config(data: Any, base: Path = Path(".")) -> GatewayConfig:
         if not isinstance(origins, list) or any(not isinstance(o, str) or not o for o in origins):
             raise ConfigError("cors_origins: expected a list of origins (https://viewer.example.org)")
         cfg.cors_origins = origins
-    for attr, kind in {"max_results": int, "stream_queue": int, **_LIMITS}.items():
+    for attr in ("max_results", "stream_queue"):
         if attr in top:
-            setattr(cfg, attr, _typed(top[attr], kind, attr))
-            if not getattr(cfg, attr) > 0:
-                raise ConfigError(f"{attr}: must be {'at least 1' if kind is int else 'positive'}")
+            setattr(cfg, attr, _typed(top[attr], int, attr))
+            if getattr(cfg, attr) < 1:
+                raise ConfigError(f"{attr}: must be at least 1")
+    try:   # the section the project's servers share (serving.config.Limits), with the gateway's own
+        cfg.limits = serving_config.parse(_LimitsSection, {"limits": top.get("limits")}, base,
+                                          "config").limits or GatewayLimits()
+    except serving_config.ConfigError as exc:
+        raise ConfigError(str(exc).removeprefix("config: ")) from None
     if top.get("tls") is not None:
         t = _map(top["tls"], "tls")
         _unknown(t, {"certfile", "keyfile", "client_ca", "require_client_cert"}, "tls")

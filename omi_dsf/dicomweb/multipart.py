@@ -133,11 +133,11 @@ class MultipartReader:
 
     MAX_HEAD = 16384
 
-    def __init__(self, boundary: str, max_parts: int = 100000):
+    def __init__(self, boundary: str, max_parts: int = 100000, parts_limit: str = "max_parts"):
         if not boundary or len(boundary) > 200:
             raise BadRequest("Content-Type: missing or bad multipart boundary")
         self.delim = b"--" + boundary.encode("latin-1")
-        self.max_parts = max_parts
+        self.max_parts, self.parts_limit = max_parts, parts_limit   # (the limit's name, for the 413)
         self.count = 0
         self._buf = bytearray()
         self._state = "preamble"          # preamble → headers → body → headers … → done
@@ -211,7 +211,7 @@ class MultipartReader:
                 parts.append(Part(self._headers, bytes(buf[:i])))
                 self.count += 1
                 if self.count > self.max_parts:
-                    raise PayloadTooLarge(f"multipart body: more than max_parts ({self.max_parts}) parts")
+                    raise PayloadTooLarge(f"multipart body: more than {self.parts_limit} ({self.max_parts}) parts")
                 del buf[:end]
                 if self._state != "done":
                     self._state = "headers"

@@ -83,7 +83,7 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
 
     def in_time() -> None:
         if time.monotonic() > deadline:
-            raise Busy(f"the search took longer than query_timeout ({time_limit:g} s); narrow it down")
+            raise Busy(f"the search took longer than limits.query_timeout ({time_limit:g} s); narrow it down")
 
     fuzzy, trust = q.fuzzy, backend.trusts_matching
     level_pos = _ORDER.index(q.level)

@@ -71,7 +71,7 @@ def _first(ds: Dataset, keyword: str) -> float | None:
 
 def render(ds: Dataset, frame: int, media: str, opts: dict, max_bytes: int = 256 << 20) -> bytes:
     """One frame as an image. Only that frame is decoded, and only when it (as the float64 array
-    the windowing works on) fits in ``max_bytes`` (max_instance_mb); else 413."""
+    the windowing works on) fits in ``max_bytes`` (limits.max_instance_mb); else 413."""
     if "PixelData" not in ds:
         raise NotFound("the instance has no pixel data to render")
     n = frame_count(ds)
@@ -82,7 +82,7 @@ def render(ds: Dataset, frame: int, media: str, opts: dict, max_bytes: int = 256
     except (AttributeError, TypeError, ValueError):
         raise NotFound("the instance lacks Rows or Columns: nothing to render") from None
     if pixels * 8 > max_bytes:
-        raise PayloadTooLarge(f"rendering a frame of {pixels} values needs more than max_instance_mb "
+        raise PayloadTooLarge(f"rendering a frame of {pixels} values needs more than limits.max_instance_mb "
                               f"({max_bytes >> 20} MB)")
     try:
         arr = pixel_array(ds, index=frame - 1 if n > 1 else None)

@@ -10,7 +10,7 @@ import uvicorn
 
 from .app import create_app
 from .config import GatewayConfig
-from .guard import protocol_class
+from omi_dsf.serving.limits import default_protocol, with_header_limits
 
 
 def uvicorn_config(cfg: GatewayConfig, log_level: str = "info") -> uvicorn.Config:
@@ -20,15 +20,16 @@ def uvicorn_config(cfg: GatewayConfig, log_level: str = "info") -> uvicorn.Confi
         if cfg.tls.client_ca:
             kwargs["ssl_ca_certs"] = str(cfg.tls.client_ca)
             kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED if cfg.tls.require_client_cert else ssl.CERT_OPTIONAL
-    # httptools with the gateway's header timeout and size limits (guard.py)
+    # httptools with the header timeout and size limits the project's servers share
     return uvicorn.Config(create_app(cfg), host=cfg.host, port=cfg.port, log_level=log_level,
-                          access_log=False, proxy_headers=False, server_header=False, http=protocol_class(cfg),
+                          access_log=False, proxy_headers=False, server_header=False,
+                          http=with_header_limits(default_protocol(), cfg.limits),
                           timeout_graceful_shutdown=5, lifespan="on", **kwargs)
 
 
 def _more_file_descriptors() -> None:
     """Raise the soft open-files limit to the hard one: each connection, half-sent or not, is a
-    descriptor until header_timeout ends it (a soft limit of 1024 would refuse new clients first)."""
+    descriptor until limits.header_timeout ends it (a soft limit of 1024 would refuse new clients first)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -95,7 +95,7 @@ def parse_frame_list(text: str, max_frames: int = 1000) -> list[int]:
             raise BadRequest(f"frames: {item.strip()[:20]!r} is not a frame number (1, 2, …)")
         frames[number] = None
         if len(frames) > max_frames:
-            raise BadRequest(f"frames: more than max_frames ({max_frames}) frame numbers")
+            raise BadRequest(f"frames: more than limits.max_frames ({max_frames}) frame numbers")
     return list(frames)
 
 
