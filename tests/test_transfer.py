@@ -27,7 +27,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from omi_dsf.audit import AuditTrail
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import find_leaks
-from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, StoreBackendConfig, TlsConfig
+from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, GatewayLimits, StoreBackendConfig, TlsConfig
 from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
 from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.inference import phantom
@@ -441,7 +441,7 @@ def test_stow_body_is_streamed_with_a_content_length_and_refuses_a_changed_file(
 def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_path):
     staging = phantom.write_ct_study(tmp_path / "big", slices=4, seed=45, rows=512, cols=512)   # > 1 MB
     uid = str(pydicom.dcmread(staging[0], stop_before_pixels=True).StudyInstanceUID)
-    cfg = GatewayConfig(host="127.0.0.1", port=free_port(), max_upload_mb=1,
+    cfg = GatewayConfig(host="127.0.0.1", port=free_port(), limits=GatewayLimits(max_body_mb=1),
                         tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"])),
                         auth=AuthConfig(anonymous=True),
                         backends={"INBOX": StoreBackendConfig("INBOX", tmp_path / "store")}, default="INBOX")
