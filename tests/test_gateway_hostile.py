@@ -710,5 +710,5 @@ def test_odd_configurations_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"auth.jwt\[0\].key_file"):   # a key that does not load
         parse_config({**full, "tls": None}, tmp_path)
     (tmp_path / "latin1.yaml").write_bytes(b"name: M\xfcller\n")
-    with pytest.raises(ConfigError, match="not UTF-8"):
+    with pytest.raises(ConfigError, match="not a text file"):
         load_config(tmp_path / "latin1.yaml")

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field
 
 from omi_dsf.serving import config as serving_config
@@ -354,13 +353,7 @@ def parse_config(data: Any, base: Path = Path(".")) -> GatewayConfig:
 def load_config(path: str | Path) -> GatewayConfig:
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = serving_config.read_yaml(path)
+    except serving_config.ConfigError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_config(data, path.parent.resolve())

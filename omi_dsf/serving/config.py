@@ -167,8 +167,8 @@ def parse(model: type[M], data: Any, base: Path, where: str) -> M:
         raise ConfigError(error_line(exc, where)) from None
 
 
-def load(model: type[M], path: str | Path) -> M:
-    """A YAML configuration file as `model`, or a one-line ConfigError."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's document, or a one-line ConfigError (also for the gateway's configuration)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -177,7 +177,12 @@ def load(model: type[M], path: str | Path) -> M:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse(model, data, path.resolve().parent, str(path))
+
+
+def load(model: type[M], path: str | Path) -> M:
+    """A YAML configuration file as `model`, or a one-line ConfigError."""
+    path = Path(path)
+    return parse(model, read_yaml(path), path.resolve().parent, str(path))
