@@ -12,6 +12,29 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+# -- local servers shared by the modules that only read from them ------------------------------------
+# A test that changes what a server holds in a way others could see (stops it, stores into it and
+# counts, configures it) starts its own.
+
+@pytest.fixture(scope="session")
+def dcmqrscp(tmp_path_factory):
+    """One dcmtk dcmqrscp (AE title LEGACYPACS) for the session, empty at first: each module loads
+    its own study and asks only for that."""
+    from omi_dsf.testkit.legacy_pacs import Dcmqrscp
+
+    with Dcmqrscp(tmp_path_factory.mktemp("dcmqrscp")) as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="session")
+def ai_service(tmp_path_factory):
+    """The reference AI service as `ai-service --anonymous` (default limits) for the session."""
+    from omi_dsf.testkit.ai_service import AiServiceProcess
+
+    with AiServiceProcess(log=tmp_path_factory.mktemp("ai-service") / "ai-service.log", timeout=60) as service:
+        yield service
+
+
 @pytest.fixture
 def artifacts_dir() -> Path:
     """Where tests keep things worth looking at after the run (screenshots, reports)."""

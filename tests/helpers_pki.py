@@ -1,18 +1,23 @@
-"""A throw-away X.509 PKI for TLS tests: a CA, leaf certificates for servers and clients, PEM files.
+"""The one throw-away X.509 PKI of the tests: a CA, leaf certificates for servers and clients, PEM files.
 
-EC P-256 keys, one day of validity; keys are written unencrypted (the servers and clients under
-test read plain PEM).
+EC P-256 keys, one day of validity; keys are written unencrypted unless a password is given (then
+encrypted PKCS#8, as a site's keys with a `*_password_file` are). The DSF test bed has its own PKI
+(omi_dsf.testbed.certs), which tests/test_testbed.py tests and the DSF tests use.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+SERVER, CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+LOOPBACK = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]   # a server's SAN here
 
 
 def _name(cn: str) -> x509.Name:
@@ -44,11 +49,12 @@ def issue(ca_key, ca_cert, cn: str, usage, san: list | None = None):
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
-def write_pem(folder: Path, name: str, key, cert) -> tuple[str, str]:
-    """`name`.pem and `name`.key in `folder`; returns their paths (certificate, key)."""
+def write_pem(folder: Path, name: str, key, cert, password: str | None = None) -> tuple[str, str]:
+    """`name`.pem and `name`.key in `folder` (the key encrypted with `password` if given); returns
+    their paths (certificate, key)."""
+    encryption = serialization.BestAvailableEncryption(password.encode()) if password else serialization.NoEncryption()
     (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
+                                                           serialization.PrivateFormat.PKCS8, encryption))
     (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return str(folder / f"{name}.pem"), str(folder / f"{name}.key")
 

@@ -41,9 +41,7 @@ def test_audit_cli_lists_events(tmp_path):
 
 
 def test_certificate_subject(tmp_path):
-    from omi_dsf.testbed.certs import TestCA
+    from helpers_pki import CLIENT, issue, make_ca, write_pem
 
-    ca = TestCA(tmp_path)
-    ca.ensure()
-    files = ca.issue("dic", "dic.omi.test client", server=False, client=True)
-    assert "CN=dic.omi.test client" in certificate_subject(files.cert)
+    cert, _ = write_pem(tmp_path, "dic", *issue(*make_ca("audit test CA"), "dic.omi.test client", CLIENT))
+    assert "CN=dic.omi.test client" in certificate_subject(cert)

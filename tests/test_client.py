@@ -186,16 +186,14 @@ def test_cli_site_errors_are_one_line(tmp_path, capsys):
 
 def _client_site(tmp_path, fhir_url: str):
     """A client site file with a test PKI's client certificate; its key password in tmp_path/pw."""
-    from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
+    from helpers_pki import CLIENT, issue, make_ca, write_ca, write_pem
 
-    ca = TestCA(tmp_path / "pki")
-    ca.ensure()
-    cl = ca.issue("dic", "dic client", server=False, client=True)
-    (tmp_path / "pw").write_text(KEY_PASSWORD)
+    ca_key, ca = make_ca("client test CA")
+    cert, key = write_pem(tmp_path, "dic", *issue(ca_key, ca, "dic client", CLIENT), password="password")
+    (tmp_path / "pw").write_text("password")
     site = tmp_path / "site.yaml"
-    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": fhir_url, "ca_file": str(ca.cert_path),
-                                "client_cert": str(cl.cert), "client_key": str(cl.key),
-                                "client_key_password_file": "pw"}))
+    site.write_text(json.dumps({"site": "dic.omi.test", "fhir_url": fhir_url, "ca_file": write_ca(tmp_path / "ca.pem", ca),
+                                "client_cert": cert, "client_key": key, "client_key_password_file": "pw"}))
     return site
 
 

@@ -192,7 +192,6 @@ class GicsStandIn(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-@pytest.mark.integration
 def test_gics_is_consented_against_stand_in():
     GicsStandIn.consented = {("PAT-1", OID + "8"): True}
     GicsStandIn.mode, GicsStandIn.seen = "ok", []
@@ -240,7 +239,6 @@ class ConsentServerStandIn(BaseHTTPRequestHandler):
     _send = GicsStandIn._send
 
 
-@pytest.mark.integration
 def test_consent_from_fhir_server_with_paging():
     withdrawn = broad_consent(dateTime="2025-06-01")
     withdrawn["provision"]["provision"] = []

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from omi_dsf.dicomweb.multipart import iter_bodies, part_head
-from omi_dsf.testkit.legacy_pacs import Dcmqrscp
 from test_gateway_hostile import encode, instance, nested, served, store_config, stow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -193,15 +192,14 @@ def test_fuzz_stow(seeded, body, url):
 # -- QIDO-RS through a real PACS -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pacs_url(tmp_path_factory):
+def pacs_url(tmp_path_factory, dcmqrscp):
     root = tmp_path_factory.mktemp("fuzz-pacs")
     (root / "one.dcm").write_bytes(encode(instance(StudyDescription="a" * 64)))
-    with Dcmqrscp(root / "dcmqrscp") as pacs:
-        pacs.load([root / "one.dcm"])
-        with served({"auth": {"anonymous": True}, "backends": {
-                "PACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port, "called_aet": pacs.aet,
-                         "dimse_timeout": 20}}}) as server:
-            yield server.url
+    dcmqrscp.load([root / "one.dcm"])
+    with served({"auth": {"anonymous": True}, "backends": {
+            "PACS": {"type": "dimse", "host": "127.0.0.1", "port": dcmqrscp.port, "called_aet": dcmqrscp.aet,
+                     "dimse_timeout": 20}}}) as server:
+        yield server.url
 
 
 @settings(FUZZ, max_examples=80)

@@ -56,11 +56,9 @@ BIN_REST = BIN_BODY[int(BIN_HEADERS[tensors.HEADER_LENGTH]):]
 
 
 @pytest.fixture(scope="module")
-def default_service(tmp_path_factory):
-    """`ai-service --anonymous`: the default limits."""
-    log = tmp_path_factory.mktemp("ai-default") / "ai.log"
-    with AiServiceProcess(log=log, timeout=60) as service:
-        yield service
+def default_service(ai_service):
+    """`ai-service --anonymous`: the default limits (the session's, tests/conftest.py)."""
+    return ai_service
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,6 @@ class GpasStandIn(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.mark.integration
 def test_gpas_client_against_soap_stand_in():
     GpasStandIn.domains = {"omi": {}}
     GpasStandIn.requests_seen = []
@@ -188,7 +187,6 @@ def test_gpas_client_against_soap_stand_in():
         assert "omi_999999" not in str(err.value)
 
 
-@pytest.mark.integration
 def test_gpas_unreachable_is_a_pseudonym_error():
     with serve(GpasStandIn) as base:
         p = make_provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl", "timeout": 2}, KEY, SiteStore())
@@ -252,7 +250,6 @@ def _answer(name, domain, original, psn):
         {"name": "pseudonym", "valueIdentifier": ident(psn)}]}]}
 
 
-@pytest.mark.integration
 def test_ttp_fhir_client_against_stand_in():
     TtpStandIn.pairs, TtpStandIn.mode = {}, "ok"
     with serve(TtpStandIn) as base:
@@ -285,7 +282,6 @@ class EntityWsdlStandIn(GpasStandIn):
         self._send(200, doc.encode(), "text/xml")
 
 
-@pytest.mark.integration
 def test_gpas_client_refuses_dtd_and_entities():
     with serve(EntityWsdlStandIn) as base:
         with pytest.raises(PseudonymError, match="WSDL not loadable.*DTDForbidden"):

@@ -22,12 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import ROOT, free_port
+from helpers_pki import CLIENT, LOOPBACK, SERVER, issue, make_ca, write_ca, write_pem
 from omi_dsf.registry.auth import thumbprint
 from omi_dsf.registry.entries import service_bundle
-from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
 
 pytestmark = pytest.mark.integration
 AI = "ai.omi.test"
+KEY_PASSWORD = "registry-test-key-password"
 LUNG = ("http://snomed.info/sct", "39607008")
 
 
@@ -63,20 +64,20 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, verify=True, timeout
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     folder = tmp_path_factory.mktemp("registry-it")
-    ca = TestCA(folder / "pki")
-    ca.ensure()
-    server = ca.issue("registry", "localhost", server=True, client=False)
-    provider = ca.issue("provider", "ai provider client", server=False, client=True)
-    stranger = ca.issue("stranger", "unmapped client", server=False, client=True)
+    ca_key, ca_cert = make_ca("registry test CA")
+    ca = write_ca(folder / "ca.pem", ca_cert)
+    server = write_pem(folder, "registry", *issue(ca_key, ca_cert, "localhost", SERVER, LOOPBACK), password=KEY_PASSWORD)
+    provider = write_pem(folder, "provider", *issue(ca_key, ca_cert, "ai provider client", CLIENT), password=KEY_PASSWORD)
+    stranger = write_pem(folder, "stranger", *issue(ca_key, ca_cert, "unmapped client", CLIENT), password=KEY_PASSWORD)
     (folder / "key-password").write_text(KEY_PASSWORD)
-    der = x509.load_pem_x509_certificate(provider.cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+    der = x509.load_pem_x509_certificate(Path(provider[0]).read_bytes()).public_bytes(serialization.Encoding.DER)
 
     ai_port, reg_port = free_port(), free_port()
     ai_log, reg_log = folder / "ai-service.log", folder / "registry.log"
     ai = _start(["ai-service", "--anonymous", "--host", "127.0.0.1", "--port", str(ai_port)], ai_log)
     cfg = {"host": "127.0.0.1", "port": reg_port, "database": "registry.db",
-           "tls": {"certfile": str(server.cert), "keyfile": str(server.key),
-                   "keyfile_password_file": "key-password", "client_ca": str(ca.cert_path)},
+           "tls": {"certfile": server[0], "keyfile": server[1],
+                   "keyfile_password_file": "key-password", "client_ca": ca},
            "auth": {"organizations": {thumbprint(der): AI}, "cert_attribute": None},
            "health": {"interval": 1, "timeout": 2, "degraded_latency_ms": 3000, "heartbeat_timeout": 600},
            "limits": {"header_timeout": 2, "body_timeout": 2}}   # short, for tests/test_hostile_registry.py
@@ -85,11 +86,10 @@ def env(tmp_path_factory):
     url = f"https://127.0.0.1:{reg_port}"
     try:
         _wait_http(f"http://127.0.0.1:{ai_port}/v2/health/ready", ai, ai_log)
-        _wait_http(f"{url}/health", reg, reg_log, verify=ssl.create_default_context(cafile=str(ca.cert_path)))
-        yield {"folder": folder, "url": url, "ca": str(ca.cert_path), "ai_port": ai_port, "ai": ai,
-               "provider": (str(provider.cert), str(provider.key), KEY_PASSWORD),
-               "stranger": (str(stranger.cert), str(stranger.key), KEY_PASSWORD),
-               "server_cert": server.cert, "reg_log": reg_log, "reg": reg, "port": reg_port}
+        _wait_http(f"{url}/health", reg, reg_log, verify=ssl.create_default_context(cafile=ca))
+        yield {"folder": folder, "url": url, "ca": ca, "ai_port": ai_port, "ai": ai,
+               "provider": (*provider, KEY_PASSWORD), "stranger": (*stranger, KEY_PASSWORD),
+               "server_cert": Path(server[0]), "reg_log": reg_log, "reg": reg, "port": reg_port}
     finally:
         _stop(reg)
         _stop(ai)
