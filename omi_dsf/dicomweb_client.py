@@ -39,9 +39,10 @@ STOW_ANSWERS = (200, 202, 409)
 class DicomwebError(Exception):
     """A DICOMweb transaction failed; `status` is the HTTP status when there was one."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, reason: str = ""):
         super().__init__(message)
         self.status = status
+        self.reason = reason    # the gateway's own words ({"error": …} of an OMI gateway), if any
 
 
 class DicomwebBusy(DicomwebError, RetryableError):
@@ -72,8 +73,16 @@ def check_status(resp: httpx.Response, what: str, ok: Iterable[int] = (200,)) ->
     if status >= 500 or status == 429:
         raise DicomwebBusy(f"{what}: HTTP {status}", status)
     if status >= 400:
-        raise DicomwebRefused(f"{what}: HTTP {status}", status)
+        raise DicomwebRefused(f"{what}: HTTP {status}", status, _reason(resp))
     raise BadAnswer(f"{what}: unexpected HTTP {status}", status)
+
+
+def _reason(resp: httpx.Response) -> str:
+    try:
+        resp.read()
+        return str(resp.json().get("error", ""))[:200]
+    except (ValueError, AttributeError, httpx.HTTPError):
+        return ""
 
 
 @dataclass

@@ -27,7 +27,7 @@ import logging
 import os
 import ssl
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -72,6 +72,7 @@ class Peer:
     timeout: float = 60.0
     proxy: str | None = None
     where: str = "peer"      # the configuration key path, for messages
+    client_key_password: str | None = field(default=None, repr=False)   # in memory (else the file's)
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -128,7 +129,7 @@ class Peer:
     # -- TLS and credentials ------------------------------------------------------------------
 
     def ssl_context(self) -> ssl.SSLContext:
-        password = None
+        password = self.client_key_password
         if self.client_key_password_file:
             password = self._read(self.client_key_password_file, "client_key_password_file")
         try:
@@ -154,6 +155,23 @@ class Peer:
         the bearer token, the timeout; `base_url=False` for a peer addressed by full URLs."""
         return http_client(self.url if base_url else "", self.ssl_context(),
                            self.timeout if timeout is None else timeout, headers, self.token(), self.proxy)
+
+    def requests_session(self):
+        """A requests session with the same settings, for zeep (the gPAS SOAP client), whose transport
+        speaks requests only; the one use of requests in omi_dsf."""
+        import requests
+
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = self.ca_file or True
+        if self.client_cert:
+            session.cert = (self.client_cert, self.client_key)
+        token = self.token()
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
+        if self.proxy:
+            session.proxies = {"https": self.proxy, "http": self.proxy}
+        return session
 
     @contextmanager
     def errors(self, what: str = "") -> Iterator[None]:

@@ -7,11 +7,13 @@ from http.server import BaseHTTPRequestHandler
 
 import pydicom
 import pytest
-import requests
 
 from helpers_http import serve
 from omi_dsf.deid.dicomweb_io import WadoStudySource, WadoTruncated
+from omi_dsf.dicomweb_client import DicomwebBusy, DicomwebClient
 from omi_dsf.deid.instance_io import SourceError
+from omi_dsf.errors import RetryableError
+from omi_dsf.peer import Peer
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.testkit.phantom import write_ct_study
@@ -49,7 +51,7 @@ def study(tmp_path_factory):
 
 
 def _items(url: str) -> list[tuple[str, bytes]]:
-    return list(WadoStudySource(url, "1.2.3", requests.Session(), timeout=10))
+    return list(WadoStudySource(DicomwebClient(Peer(url, timeout=10)), "1.2.3"))
 
 
 def test_instances_arrive_as_their_bytes_in_order(study):
@@ -69,7 +71,7 @@ def test_answer_cut_off_inside_a_part_is_transient(study):
     with serve(_handler(200, body)) as url:
         with pytest.raises(WadoTruncated, match="ended after 2 instances"):
             _items(url)
-    assert issubclass(WadoTruncated, requests.ConnectionError)   # not a StepError: retried
+    assert issubclass(WadoTruncated, ConnectionError) and issubclass(WadoTruncated, RetryableError)  # retried
 
 
 @pytest.mark.parametrize("status,body,ctype,message", [
@@ -86,7 +88,7 @@ def test_bad_answers_are_source_errors(status, body, ctype, message):
 
 def test_server_error_is_left_to_the_retry():
     with serve(_handler(503, b"busy", "text/plain")) as url:
-        with pytest.raises(requests.HTTPError):
+        with pytest.raises(DicomwebBusy):
             _items(url)
 
 

@@ -345,7 +345,7 @@ def _status(args) -> int:
 
 def _gateway_client(args, site):
     """An HTTP client for the site's gateway: TLS verified, the site's certificate for mutual TLS."""
-    import httpx
+    from omi_dsf.peer import http_client
 
     url = args.gateway or site.raw.get("gateway_url")
     if not url:
@@ -355,7 +355,7 @@ def _gateway_client(args, site):
     ca = args.gateway_ca or (str(site.path.parent / site.raw["gateway_ca_file"]) if site.raw.get("gateway_ca_file") else None)
     ident = site.identity
     ctx = _tls(f"{site.path}: gateway", ca, ident.cert_file, ident.key_file, ident.key_password)
-    return url, httpx.Client(verify=ctx, timeout=30)
+    return url, http_client(verify=ctx, timeout=30)
 
 
 def _results(args) -> int:

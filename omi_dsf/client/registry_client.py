@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from omi_dsf.errors import UserError
+from omi_dsf.peer import http_client
 from omi_dsf.registry import definitions as d
 from omi_dsf.registry import validation as v
 
@@ -75,7 +76,7 @@ class RegistryClient:
         """`verify`: the TLS context (omi_dsf.tls.client_context: a private CA); default the system CAs.
         Verification is always on."""
         self.url = url.rstrip("/")
-        self._http = http or httpx.Client(timeout=timeout, verify=verify or True)
+        self._http = http or http_client(verify=verify, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import httpx
 
+from omi_dsf.dicomweb_client import DicomwebClient, DicomwebError, DicomwebRefused
 from omi_dsf.errors import UserError
+from omi_dsf.peer import PeerTlsError, PeerUnreachable
 
 SERIES_FIELDS = ("0008103E", "00080060", "0020000E", "00201209")
 
@@ -16,28 +18,24 @@ def _first(obj: dict, tag: str):
 
 def stored_series(http: httpx.Client, service_root: str, study_uid: str) -> list[dict]:
     """Series of the stored study: uid, modality (SEG, SR, …), description, instance count."""
-    url = f"{service_root.rstrip('/')}/studies/{study_uid}/series"
+    dicomweb = DicomwebClient(http=http, url=service_root)
     try:
-        r = http.get(url, params=[("includefield", f) for f in SERIES_FIELDS],
-                     headers={"Accept": "application/dicom+json"})
-    except httpx.HTTPError as exc:
-        raise UserError(f"gateway {service_root}: {type(exc).__name__}: {str(exc) or 'no answer'}") from None
-    if r.status_code == 204 or (r.status_code == 200 and not r.content):
-        return []
-    if r.status_code != 200:   # 404 too: a wrong gateway URL must not read as "not stored yet"
-        try:
-            reason = str(r.json().get("error", ""))[:200]
-        except (ValueError, AttributeError):
-            reason = ""
-        raise UserError(f"gateway {service_root}: QIDO-RS series of the stored study: HTTP {r.status_code}"
-                        + (f": {reason}" if reason else ""))
+        found = dicomweb.search_for_series(study_uid, fields=SERIES_FIELDS)
+    except (PeerUnreachable, PeerTlsError) as exc:
+        raise UserError(f"gateway {service_root}: {exc}") from None
+    except DicomwebRefused as exc:   # 404 too: a wrong gateway URL must not read as "not stored yet"
+        raise UserError(f"gateway {service_root}: QIDO-RS series of the stored study: HTTP {exc.status}"
+                        + (f": {exc.reason}" if exc.reason else "")) from None
+    except DicomwebError as exc:     # 5xx, HTML, an object instead of a list
+        raise UserError(f"gateway {service_root}: the QIDO-RS answer is not a DICOM JSON list of series "
+                        f"({exc})") from None
     try:
         out = []
-        for s in r.json():
+        for s in found:
             n = _first(s, "00201209")
             out.append({"series_instance_uid": _first(s, "0020000E"), "modality": _first(s, "00080060"),
                         "description": _first(s, "0008103E"), "instances": None if n is None else int(n)})
-    except (ValueError, TypeError, AttributeError) as exc:   # HTML, an object, odd values
+    except (ValueError, TypeError, AttributeError) as exc:   # odd values
         raise UserError(f"gateway {service_root}: the QIDO-RS answer is not a DICOM JSON list of series "
                         f"({type(exc).__name__})") from None
     return out

@@ -11,6 +11,8 @@ from typing import Iterable
 
 import httpx
 
+from omi_dsf.peer import Peer
+
 from .mii import Decision
 from .policy import MII_POLICY_SYSTEM, label
 
@@ -29,7 +31,9 @@ class GicsChecker:
         self.domain = domain
         self.identifier_system = identifier_system
         self.policy_system = policy_system
-        self._http = client or httpx.Client(timeout=timeout, verify=verify, cert=cert)
+        self._http = client or Peer(base_url, ca_file=verify if isinstance(verify, str) else None,
+                                    client_cert=cert[0] if cert else None, client_key=cert[1] if cert else None,
+                                    timeout=timeout, where="gICS").client(base_url=False)
 
     def check(self, patient_id: str, codes: Iterable[str], at: dt.date | None = None) -> Decision:
         codes = tuple(codes)

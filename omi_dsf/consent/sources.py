@@ -7,6 +7,8 @@ from pathlib import Path
 
 import httpx
 
+from omi_dsf.peer import http_client
+
 
 class ConsentLookupError(Exception):
     """The consents could not be read; the caller denies with this reason."""
@@ -15,7 +17,7 @@ class ConsentLookupError(Exception):
 def from_fhir_server(base_url: str, identifier_system: str, patient_id: str,
                      client: httpx.Client | None = None, timeout: float = 10.0) -> list[dict]:
     """Consent?patient.identifier=system|value, following Bundle next links."""
-    http = client or httpx.Client(timeout=timeout)
+    http = client or http_client(timeout=timeout)
     url: str | None = base_url.rstrip("/") + "/Consent"
     params: dict | None = {"patient.identifier": f"{identifier_system}|{patient_id}", "_count": "50"}
     out: list[dict] = []

@@ -1,7 +1,8 @@
 """DICOMweb as an instance source (WADO-RS, one instance at a time) and sink (STOW-RS, batched).
 
-Source config: {"kind": "dicomweb", "url": DICOMweb base (else the site's gateway_url),
-"verify", "cert", "key", "token_file"}. The gateway streams the study as multipart; instances
+Source config: {"kind": "dicomweb", "url": DICOMweb base (else the site's gateway_url), and the
+peer keys (omi_dsf.peer): "ca_file", "client_cert", "client_key", "token_file", "timeout"; the
+former "verify"/"cert"/"key" still work, with a deprecation warning}. The gateway streams the study as multipart; instances
 are handed on as they arrive, as their Part 10 bytes (the pipeline parses each once), so no
 study is held in memory whole.
 Sink config: the same keys; instances go to POST {url}/studies in batches. STOW-RS is not
@@ -11,82 +12,63 @@ transactional: when a later instance fails the leak check, instances already sto
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import requests
 from pydicom.dataset import Dataset
 
-from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import Truncated, dicom_body, iter_bodies
+from omi_dsf.dicomweb_client import AnswerTruncated, BadAnswer, DicomwebClient, DicomwebRefused
+from omi_dsf.peer import Peer, PeerConfigError, PeerUnreachable
 
 from .instance_io import SinkError, SourceError, register_sink, register_source
 
 _BATCH_BYTES = 32 << 20
 _BATCH_COUNT = 64
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
-def _session(config: Mapping[str, Any]) -> requests.Session:
-    s = requests.Session()
-    s.verify = config.get("verify", True)
-    if s.verify is not True:
-        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify: not here
-        s.trust_env = False
-    if config.get("cert"):
-        s.cert = (config["cert"], config["key"]) if config.get("key") else config["cert"]
-    if config.get("token_file"):  # a bearer token from a file, never from the configuration itself
-        s.headers["Authorization"] = "Bearer " + Path(config["token_file"]).read_text().strip()
-    return s
-
-
-def _base(config: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+def _client(config: Mapping[str, Any], params: Mapping[str, Any], what: str, timeout: float) -> DicomwebClient:
     url = config.get("url") or params.get("gateway_url")
     if not url:
         raise SourceError("DICOMweb source/sink needs 'url' (or the site's gateway_url)")
-    return str(url).format(**params).rstrip("/")
+    try:
+        peer = Peer.from_config(config, f"pseudonymization.{what}", url=str(url).format(**params), timeout=timeout)
+        return DicomwebClient(peer)
+    except PeerConfigError as exc:
+        raise (SourceError if what == "source" else SinkError)(str(exc)) from None
 
 
-class WadoTruncated(requests.ConnectionError):
+class WadoTruncated(PeerUnreachable):
     """The WADO-RS answer ended before its closing boundary: transient, the worker retries."""
-
-
-_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
-_CHUNK = 1 << 20
 
 
 class WadoStudySource:
     """WADO-RS of a study, parsed part by part as it streams in (the gateway's own reader)."""
 
-    def __init__(self, url: str, study_uid: str, session: requests.Session, timeout: float = 60):
-        self.url = f"{url}/studies/{study_uid}"
-        self.session = session
-        self.timeout = timeout
+    def __init__(self, dicomweb: DicomwebClient, study_uid: str):
+        self.dicomweb = dicomweb
+        self.study_uid = study_uid
+        self.url = f"{dicomweb.url}/studies/{study_uid}"
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        with self.session.get(self.url, headers={"Accept": _ACCEPT}, stream=True,
-                              timeout=self.timeout) as resp:
-            status = resp.status_code
-            if status == 204:
-                return  # no instances: the step says so
-            if 400 <= status < 500:
-                raise SourceError(f"WADO-RS retrieve of the study failed: HTTP {status}")
-            resp.raise_for_status()  # 5xx: the gateway may recover, let the worker retry
-            n = 0
-            bodies = iter_bodies(resp.headers.get("Content-Type", ""), resp.iter_content(_CHUNK))
-            try:
-                for n, body in enumerate(bodies, 1):
-                    yield f"WADO-RS instance {n}", body
-            except Truncated:
-                raise WadoTruncated(f"WADO-RS answer ended after {n} instances") from None
-            except BadRequest as exc:
-                raise SourceError(f"WADO-RS {exc.message}") from None
+        n = 0
+        try:
+            for n, body in enumerate(self.dicomweb.iter_study(self.study_uid, _EXPLICIT_LE), 1):
+                yield f"WADO-RS instance {n}", body
+        except DicomwebRefused as exc:
+            raise SourceError(f"WADO-RS retrieve of the study failed: HTTP {exc.status}") from None
+        except AnswerTruncated:
+            raise WadoTruncated(f"WADO-RS answer ended after {n} instances") from None
+        except BadAnswer as exc:
+            raise SourceError(f"WADO-RS {str(exc).split(': ', 1)[-1]}") from None
+        # 5xx (DicomwebBusy) and no answer (PeerUnreachable): the gateway may recover, the worker retries
+        finally:
+            self.dicomweb.close()
 
 
 class StowSink:
-    def __init__(self, url: str, session: requests.Session, timeout: float = 120):
-        self.url = url + "/studies"
-        self.session = session
-        self.timeout = timeout
+    def __init__(self, dicomweb: DicomwebClient):
+        self.dicomweb = dicomweb
+        self.url = dicomweb.url + "/studies"
         self._batch: list[bytes] = []
         self._size = 0
         self.stored = 0
@@ -106,30 +88,34 @@ class StowSink:
     def _flush(self) -> None:
         if not self._batch:
             return
-        body, ctype = dicom_body(self._batch)
-        headers = {"Content-Type": ctype, "Accept": "application/dicom+json"}
-        resp = self.session.post(self.url, data=body, headers=headers, timeout=self.timeout)
-        if 400 <= resp.status_code < 500 or resp.status_code == 409:
-            raise SinkError(f"STOW-RS refused the instances: HTTP {resp.status_code}")
-        resp.raise_for_status()  # 5xx: transient
+        try:
+            status = self.dicomweb.store_instances(self._batch).status
+        except DicomwebRefused as exc:
+            raise SinkError(f"STOW-RS refused the instances: HTTP {exc.status}") from None
+        # 5xx (DicomwebBusy) and no answer (PeerUnreachable): transient
+        if status == 409:
+            raise SinkError("STOW-RS refused the instances: HTTP 409")
         self.stored += len(self._batch)
         self._batch, self._size = [], 0
 
     def close(self) -> str:
-        self._flush()
+        try:
+            self._flush()
+        finally:
+            self.dicomweb.close()
         return self.url
 
     def abort(self) -> None:
         self._batch, self._size = [], 0
+        self.dicomweb.close()
 
 
 def _source(config: Mapping[str, Any], params: Mapping[str, Any]) -> WadoStudySource:
-    return WadoStudySource(_base(config, params), params["study_uid"], _session(config),
-                           float(config.get("timeout", 60)))
+    return WadoStudySource(_client(config, params, "source", 60), params["study_uid"])
 
 
 def _sink(config: Mapping[str, Any], params: Mapping[str, Any]) -> StowSink:
-    return StowSink(_base(config, params), _session(config), float(config.get("timeout", 120)))
+    return StowSink(_client(config, params, "sink", 120))
 
 
 register_source("dicomweb", _source)

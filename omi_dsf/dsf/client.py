@@ -21,6 +21,7 @@ import httpx
 
 from omi_dsf.dsf.errors import (DsfAuthError, DsfConflict, DsfConnectionError, DsfError, DsfNotFound, DsfTlsError,
                                 DsfValidationError, operation_outcome_text)
+from omi_dsf.peer import http_client
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ class DsfClient:
         self.identity = identity
         self.base = identity.fhir_url.rstrip("/")
         self._ssl = identity.ssl_context()
-        self._http = httpx.Client(base_url=self.base, verify=self._ssl, timeout=timeout,
-                                  headers={"Accept": FHIR_JSON})
+        self._http = http_client(self.base, self._ssl, timeout, headers={"Accept": FHIR_JSON})
         self.clock_offset = 0.0
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import httpx
 from pydantic import Field, model_validator
 
 from omi_dsf.inference.client import OipClient, OipError
+from omi_dsf.peer import http_client
 from omi_dsf.registry import validation as v
 from omi_dsf.registry.store import ServiceState, Store
 from omi_dsf.serving.config import ExistingFile, Section
@@ -105,7 +106,7 @@ class HealthChecker:
         url, model = self._targets(service)
         if not url or not model:
             return self.store.record_check(service["id"], "down", None, "no active OIP endpoint or model name")
-        http = httpx.Client(base_url=url.rstrip("/"), timeout=self.settings.timeout, verify=self._verify)
+        http = http_client(url.rstrip("/"), self._verify, self.settings.timeout)
         t0 = time.monotonic()   # latency: the two ready calls, not the client's setup
         try:
             with OipClient(url, timeout=self.settings.timeout, http=http) as oip:

@@ -11,6 +11,9 @@ import datetime as dt
 
 import httpx
 
+from omi_dsf.dicomweb_client import DicomwebClient, DicomwebError
+from omi_dsf.peer import PeerTlsError, PeerUnreachable
+
 MII_IMAGING_STUDY = ("https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/"
                      "StructureDefinition/mii-pr-bildgebung-bildgebungsstudie")
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -104,26 +107,21 @@ def imaging_study(study: dict, endpoint_reference: str, patient_reference: str,
 def find_imaging_study(http: httpx.Client, service_root: str, study_uid: str, endpoint_reference: str,
                        patient_reference: str) -> dict | None:
     """Ask the gateway (QIDO-RS at `service_root`) for the study and its series; None if not there."""
-    root = service_root.rstrip("/")
-    params = [("StudyInstanceUID", study_uid)] + [("includefield", f) for f in QIDO_STUDY_FIELDS]
-    studies = _qido(http, f"{root}/studies", params)
+    dicomweb = DicomwebClient(http=http, url=service_root)
+    studies = _qido(service_root, dicomweb.search_for_studies, fields=QIDO_STUDY_FIELDS,
+                    search_filters={"StudyInstanceUID": study_uid})
     if not studies:
         return None
-    series = _qido(http, f"{root}/studies/{study_uid}/series",
-                   [("includefield", f) for f in ("0008103E", "00180015", "00200011", "00201209")])
+    series = _qido(service_root, dicomweb.search_for_series, study_uid,
+                   fields=("0008103E", "00180015", "00200011", "00201209"))
     from omi_dsf.registry.validation import _model  # validate as the project does: fhir.resources R4B
     res = imaging_study(studies[0], endpoint_reference, patient_reference, series)
     _model("ImagingStudy").model_validate(res)
     return res
 
 
-def _qido(http: httpx.Client, url: str, params) -> list[dict]:
+def _qido(service_root: str, search, *args, **kwargs) -> list[dict]:
     try:
-        r = http.get(url, params=params, headers={"Accept": "application/dicom+json"})
-    except httpx.HTTPError as exc:
-        raise QidoError(f"QIDO-RS {url}: {type(exc).__name__}: {exc}") from None
-    if r.status_code == 204 or (r.status_code == 200 and not r.content):
-        return []
-    if r.status_code != 200:
-        raise QidoError(f"QIDO-RS {url}: HTTP {r.status_code}")
-    return r.json()
+        return search(*args, **kwargs)
+    except (DicomwebError, PeerTlsError, PeerUnreachable) as exc:
+        raise QidoError(f"QIDO-RS {service_root}: {exc}") from None

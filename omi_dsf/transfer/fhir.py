@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import requests
-
 from omi_dsf.errors import RetryableError
+from omi_dsf.peer import Peer, PeerConfigError, PeerTlsError, PeerUnreachable
 from omi_dsf.transfer.errors import TransferError
 
 
@@ -66,24 +65,22 @@ def _to_folder(folder: Path, bundle: dict, business_key: str) -> str:
 
 
 def _to_server(cfg: Mapping[str, Any], bundle: dict) -> str:
-    base = str(cfg["url"]).rstrip("/")
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = str(cfg["ca_file"]) if cfg.get("ca_file") else True
-    if cfg.get("client_cert"):
-        session.cert = (str(cfg["client_cert"]), str(cfg["client_key"]))
-    if cfg.get("token_file"):
-        session.headers["Authorization"] = "Bearer " + Path(cfg["token_file"]).read_text().strip()
     try:
-        resp = session.post(base, data=json.dumps(_as_transaction(bundle)),
-                            headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-                            timeout=float(cfg.get("timeout", 60)))
-    except requests.exceptions.SSLError:
+        peer = Peer.from_config(cfg, "steps.fhir_results", timeout=60)
+        http = peer.client(base_url=False)
+    except PeerConfigError as exc:
+        raise TransferError(str(exc)) from None
+    base = peer.url
+    try:
+        with peer.errors("the FHIR result server"):
+            resp = http.post(base, content=json.dumps(_as_transaction(bundle)),
+                             headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+    except PeerTlsError:
         raise TransferError("TLS with the FHIR result server failed (check steps.fhir_results ca_file)") from None
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise FhirUnavailable(f"the FHIR result server does not answer ({type(exc).__name__})") from None
+    except PeerUnreachable as exc:
+        raise FhirUnavailable(f"the FHIR result server does not answer ({str(exc).rsplit(': ', 1)[-1]})") from None
     finally:
-        session.close()
+        http.close()
     if resp.status_code >= 500 or resp.status_code == 429:
         raise FhirUnavailable(f"the FHIR result server answered HTTP {resp.status_code}")
     if resp.status_code >= 400:

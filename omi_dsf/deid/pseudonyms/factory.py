@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from omi_dsf.peer import Peer, PeerConfigError
+
 from ..store import SiteStore
 from .base import PseudonymProvider
 
@@ -14,23 +16,25 @@ class ConfigError(ValueError):
 
 def make_provider(config: Mapping[str, Any] | None, key: bytes, store: SiteStore) -> PseudonymProvider:
     """config: {"kind": "embedded"} (default) | {"kind": "gpas", "wsdl": URL} |
-    {"kind": "ttp-fhir", "url": base URL}; optional "timeout", "verify", "cert", "key"."""
+    {"kind": "ttp-fhir", "url": base URL}; optional the peer keys (omi_dsf.peer): "ca_file", "client_cert",
+    "client_key", "token_file", "timeout" (the former "verify"/"cert"/"key" with a deprecation warning)."""
     config = dict(config or {})
     kind = config.get("kind", "embedded")
-    cert = (config["cert"], config["key"]) if config.get("cert") else None
-    timeout = float(config.get("timeout", 10.0))
-    verify = config.get("verify", True)
     if kind == "embedded":
         from .embedded import EmbeddedProvider
         return EmbeddedProvider(key, store)
+    url_key = {"gpas": "wsdl", "ttp-fhir": "url"}.get(kind)
+    if url_key is None:
+        raise ConfigError(f"unknown pseudonym provider kind {kind!r} (embedded, gpas, ttp-fhir)")
+    if not config.get(url_key):
+        hint = "…/gpas/gpasService?wsdl" if kind == "gpas" else "…/ttp-fhir/fhir/gpas"
+        raise ConfigError(f"pseudonym provider {kind} needs {url_key!r} ({hint})")
+    try:
+        peer = Peer.from_config(config, f"pseudonymization.provider ({kind})", url_key=url_key, timeout=10.0)
+    except PeerConfigError as exc:
+        raise ConfigError(str(exc)) from None
     if kind == "gpas":
         from .gpas import GpasProvider
-        if not config.get("wsdl"):
-            raise ConfigError("pseudonym provider gpas needs 'wsdl' (…/gpas/gpasService?wsdl)")
-        return GpasProvider(config["wsdl"], timeout=timeout, verify=verify, cert=cert)
-    if kind == "ttp-fhir":
-        from .ttp_fhir import TtpFhirProvider
-        if not config.get("url"):
-            raise ConfigError("pseudonym provider ttp-fhir needs 'url' (…/ttp-fhir/fhir/gpas)")
-        return TtpFhirProvider(config["url"], timeout=timeout, verify=verify, cert=cert)
-    raise ConfigError(f"unknown pseudonym provider kind {kind!r} (embedded, gpas, ttp-fhir)")
+        return GpasProvider(peer)
+    from .ttp_fhir import TtpFhirProvider
+    return TtpFhirProvider(peer.url, client=peer.client(base_url=False))

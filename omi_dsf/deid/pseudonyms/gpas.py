@@ -2,14 +2,16 @@
 
 zeep parses the WSDL and the replies with entity expansion and network access for DTDs forbidden
 (its default `Settings(forbid_entities=True, forbid_external=True)`), which we set explicitly.
+zeep's transport speaks requests only: the session comes from the peer (Peer.requests_session).
 """
 
 from __future__ import annotations
 
-import requests
 from zeep import Client, Settings
 from zeep.exceptions import Error as ZeepError, Fault
 from zeep.transports import Transport
+
+from omi_dsf.peer import Peer
 
 from .base import PseudonymError, UnknownPseudonymError
 
@@ -20,17 +22,14 @@ _UNKNOWN_MARKERS = ("UnknownDomainException", "UnknownValueException", "InvalidP
 
 
 class GpasProvider:
-    def __init__(self, wsdl_url: str, timeout: float = 10.0, verify: bool | str = True,
-                 cert: tuple[str, str] | None = None):
-        session = requests.Session()
-        session.verify = verify
-        if cert:
-            session.cert = cert
+    def __init__(self, peer: Peer):
+        wsdl_url, timeout = peer.url, peer.timeout
+        session = peer.requests_session()
         transport = Transport(session=session, timeout=timeout, operation_timeout=timeout)
         settings = Settings(strict=False, forbid_dtd=True, forbid_entities=True, forbid_external=True)
         try:
             self._client = Client(wsdl_url, transport=transport, settings=settings)
-        except (requests.RequestException, ZeepError, OSError) as exc:
+        except (ZeepError, OSError) as exc:
             raise PseudonymError(f"gPAS WSDL not loadable from {wsdl_url}: {type(exc).__name__}") from None
 
     def pseudonymize(self, domain: str, value: str) -> str:
@@ -48,7 +47,7 @@ class GpasProvider:
             if any(m.lower() in text.lower() for m in _UNKNOWN_MARKERS):
                 raise UnknownPseudonymError(f"gPAS {operation} in domain {params['domainName']!r}: {kind}") from None
             raise PseudonymError(f"gPAS {operation} failed: {kind}") from None
-        except (requests.RequestException, ZeepError, OSError) as exc:
+        except (ZeepError, OSError) as exc:
             raise PseudonymError(f"gPAS {operation} failed: {type(exc).__name__}") from None
         if not result:
             raise PseudonymError(f"gPAS {operation} returned nothing")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import httpx
 
+from omi_dsf.peer import Peer
+
 from .base import PseudonymError, UnknownPseudonymError
 
 FHIR_JSON = "application/fhir+json"
@@ -15,7 +17,9 @@ class TtpFhirProvider:
     def __init__(self, base_url: str, timeout: float = 10.0, verify: bool | str = True,
                  cert: tuple[str, str] | None = None, client: httpx.Client | None = None):
         self._base = base_url.rstrip("/")
-        self._http = client or httpx.Client(timeout=timeout, verify=verify, cert=cert)
+        self._http = client or Peer(base_url, ca_file=verify if isinstance(verify, str) else None,
+                                    client_cert=cert[0] if cert else None, client_key=cert[1] if cert else None,
+                                    timeout=timeout, where="TTP-FHIR").client(base_url=False)
 
     def pseudonymize(self, domain: str, value: str) -> str:
         body = _parameters(("target", domain), ("original", value))
