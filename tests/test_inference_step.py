@@ -21,12 +21,13 @@ import uvicorn
 
 from conftest import free_port
 from omi_dsf.dicomweb_client import DicomwebClient
-from omi_dsf.inference import lungseg, phantom, results
-from omi_dsf.steps import infer as step
+from omi_dsf.inference import lungseg, results
 from omi_dsf.inference.client import ServiceUnavailable
 from omi_dsf.inference.service import LungSegModel, create_app
 from omi_dsf.peer import Peer
+from omi_dsf.steps import infer as step
 from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.testkit import phantom
 
 pytestmark = [
     pytest.mark.integration,
@@ -67,7 +68,7 @@ def _study(root: Path, name: str, seed: int, slices: int, size: int = 128, modal
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    from omi_dsf.dicomweb.legacy_pacs import Orthanc
+    from omi_dsf.testkit.legacy_pacs import Orthanc
 
     root = tmp_path_factory.mktemp("infer")
     studies = {

@@ -9,12 +9,13 @@ import pydicom
 import pytest
 
 from conftest import free_port
-from omi_dsf.inference import phantom, results
 from omi_dsf.dicomweb.errors import BadRequest
 from omi_dsf.dicomweb.multipart import MultipartReader, Truncated, iter_bodies
 from omi_dsf.dicomweb_client import DicomwebClient, DicomwebRefused
+from omi_dsf.inference import results
 from omi_dsf.inference.transfer import StoreFailed, retrieve_series, store_instances
 from omi_dsf.peer import Peer
+from omi_dsf.testkit import phantom
 
 
 def _message(boundary: bytes, bodies: list[bytes]) -> bytes:

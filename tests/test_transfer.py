@@ -24,19 +24,20 @@ from helpers_pki import issue, make_ca, write_ca, write_pem
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
+from conftest import free_port
 from omi_dsf.audit import AuditTrail
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import find_leaks
 from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, GatewayLimits, StoreBackendConfig, TlsConfig
-from omi_dsf.dicomweb.legacy_pacs import Dcmqrscp, free_port
 from omi_dsf.dicomweb.server import BackgroundServer
-from omi_dsf.inference import phantom
-from omi_dsf.inference.launch import AiServiceProcess
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.steps.infer import infer
 from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.steps.return_ import return_results
 from omi_dsf.steps.send import send
+from omi_dsf.testkit import phantom
+from omi_dsf.testkit.ai_service import AiServiceProcess
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp
 from omi_dsf.transfer import stow as transfer_stow
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.pacs import PacsUnavailable
