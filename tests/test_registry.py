@@ -184,6 +184,10 @@ def test_invalid_fhir_is_refused_and_nothing_is_stored(reg, keys):
     b["entry"][1]["resource"].pop("connectionType")    # Endpoint.connectionType is 1..1
     r = reg.post("/fhir", content=json.dumps(b), headers=hdr(keys[1]))
     assert r.status_code == 400 and "Endpoint.connectionType" in diagnostics(r)
+    b = bundle()
+    b["entry"][1]["resource"]["address"] = False       # fhir.resources raises AttributeError on it (was a 500)
+    r = reg.post("/fhir", content=json.dumps(b), headers=hdr(keys[1]))
+    assert r.status_code == 400 and "not valid FHIR R4 Endpoint" in diagnostics(r)
     r = reg.post("/fhir", content=b"{not json", headers=hdr(keys[1]))
     assert r.status_code == 400 and "not JSON" in diagnostics(r)
     r = reg.post("/fhir/Patient", content=json.dumps({"resourceType": "Patient"}), headers=hdr(keys[1]))

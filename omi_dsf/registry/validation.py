@@ -50,8 +50,10 @@ def check_fhir(resource: object, where: str = "") -> dict:
         path = _loc(rtype, tuple(p for p in first["loc"] if p != "resourceType"))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise invalid(f"{prefix}not valid FHIR R4 {rtype}: {path}: {first['msg']}{more}", path) from None
-    except (ValueError, TypeError) as exc:  # fhir.resources raises these for some primitive checks
-        raise invalid(f"{prefix}not valid FHIR R4 {rtype}: {exc}".splitlines()[0]) from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        # fhir.resources raises these from some primitive checks, e.g. AttributeError for a JSON
+        # boolean where a url belongs (Endpoint.address: false)
+        raise invalid(f"{prefix}not valid FHIR R4 {rtype}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     return resource
 
 
