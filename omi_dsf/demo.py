@@ -129,7 +129,7 @@ class Demo:
                 "consent": {"kind": "folder", "path": str(f / "consents")},
                 "pseudonymization": {
                     "domain": "omi-demo", "key_file": str(key), "store": str(f / "requester-pseudonyms.sqlite"),
-                    "source": {"kind": "dicomweb", "url": self.requester_gw, "verify": self.ca},
+                    "source": {"kind": "dicomweb", "url": self.requester_gw, "ca_file": self.ca},
                     "sink": {"kind": "folder", "path": str(f / "outbox" / "{business_key}")},
                 },
                 "providers": {PROVIDER: {"gateway_url": self.provider_gw, "ca_file": self.ca,
@@ -139,7 +139,7 @@ class Demo:
                 "fhir_results": str(f / "fhir-results"),
                 **({"send": self.send} if self.send else {}),
             },
-            "ai": {"gateway_url": self.provider_gw, "ai_services": {"lung-seg": {"url": self.ai_url, "model": "lung-seg"}},
+            "ai": {"gateway_url": self.provider_gw, "gateway_ca_file": self.ca, "ai_services": {"lung-seg": {"url": self.ai_url, "model": "lung-seg"}},
                    "ai_timeout_s": 300},
         }
         self.sites = write_testbed_site_configs(self.state, f / "sites", steps=steps, worker=self.worker_settings)
@@ -173,9 +173,7 @@ class Demo:
         extra = ["--demo"] if no_op else []
         self._spawn(name, ["worker", "--site", str(self.sites["dic"]), "--topics", dic_topics, *extra])
         if "ai-worker" not in self.procs:
-            # the provider's worker reads its own gateway over TLS: trust the site CA
-            self._spawn("ai-worker", ["worker", "--site", str(self.sites["ai"]), "--topics", "infer", *extra],
-                        env={"REQUESTS_CA_BUNDLE": self.ca})
+            self._spawn("ai-worker", ["worker", "--site", str(self.sites["ai"]), "--topics", "infer", *extra])
 
     # -- a request ------------------------------------------------------------------------------
 

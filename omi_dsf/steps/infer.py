@@ -28,7 +28,6 @@ retry after a crash stores the same objects again rather than new ones.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -79,22 +78,8 @@ def _gateway_url(inputs: Answers, site: Any, study_uid: str) -> str:
 
 
 def _gateway_ca(site: Any) -> str | None:
-    """The CA of the site's own gateway: gateway_ca_file. Deprecated: REQUESTS_CA_BUNDLE in the
-    worker's environment (what the requests-based client read), honoured with a warning."""
-    if site.get("gateway_ca_file"):
-        return str(site["gateway_ca_file"])
-    legacy = os.environ.get("REQUESTS_CA_BUNDLE")
-    if legacy:
-        global _warned_env
-        if not _warned_env:
-            _warned_env = True
-            logging.getLogger(__name__).warning("REQUESTS_CA_BUNDLE for the gateway's CA is deprecated: "
-                                                "set gateway_ca_file in the site file")
-        return legacy
-    return None
-
-
-_warned_env = False
+    """The CA of the site's own gateway (gateway_ca_file; default the system CAs)."""
+    return str(site["gateway_ca_file"]) if site.get("gateway_ca_file") else None
 
 
 def _value(item: dict, tag: str) -> Any:
