@@ -176,10 +176,10 @@ def test_submit_follow_and_fetch_results(world, stop_after):
     assert "stored_series" not in out   # no gateway configured: the Task's outputs only
     text = _omi("results", key, "--site", world["dic"]).stdout
     assert "stored in the local PACS as study: return-" in text
-    # the demo's stored "UID" is a fingerprint, not a DICOM UID: the gateway refuses the query and says why
+    # the demo's stored "UID" is a fingerprint, not a DICOM UID: the client says so before asking the gateway
     r = _omi("results", key, "--site", world["dic"], "--gateway", world["gateway"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert f"'{out['stored_study_instance_uid']}' is not a valid UID" in r.stderr
+    assert f"'{out['stored_study_instance_uid']}' is not a valid DICOM UID" in r.stderr
     r = _omi("results", key, "--site", world["dic"], "--gateway", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and r.stderr.startswith("error: gateway http://127.0.0.1:") and r.stderr.count("\n") == 1
 
