@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from omi_dsf.demo import Demo  # noqa: E402
 from omi_dsf.dsf.client import DsfClient  # noqa: E402
+from omi_dsf.dsf.workitem import ANSWERED  # noqa: E402
 from omi_dsf.inference.lungseg import segment_lungs  # noqa: E402
 from omi_dsf.testbed.bed import running_testbed  # noqa: E402
 from omi_dsf.testbed.distribution import Distribution  # noqa: E402
@@ -134,12 +135,15 @@ def timeline(demo: Demo, business_key: str, start_task_id: str) -> tuple[dict[st
     steps, events = {}, []
     for key in ("dic", "ai"):
         with DsfClient(load_site_config(demo.sites[key]).identity) as c:
-            for qr in c.search("QuestionnaireResponse", {"status": "completed"}):
+            # answered: the version a worker completed (DSF 2.x sets it amended later, when its BPE took it)
+            answered_items = [qr for status in ANSWERED for qr in c.search("QuestionnaireResponse", {"status": status})]
+            for qr in answered_items:
                 if _business_key(qr) != business_key:
                     continue
                 versions = c.history("QuestionnaireResponse", qr["id"])
                 topic = qr["questionnaire"].split("/omi-")[-1].split("|")[0]
-                opened, answered = ts(versions[0]["meta"]["lastUpdated"]), ts(qr["meta"]["lastUpdated"])
+                done = next((v for v in versions if v.get("status") == "completed"), qr)
+                opened, answered = ts(versions[0]["meta"]["lastUpdated"]), ts(done["meta"]["lastUpdated"])
                 steps[topic] = round(answered - opened, 2)
                 events += [(opened, f"{key}: {topic} opened"), (answered, f"{key}: {topic} answered")]
             for task in itertools.islice(c.search("Task", {"_sort": "-_lastUpdated"}), 100):
