@@ -245,3 +245,16 @@ def test_stored_result_series_from_the_gateway(tmp_path):
     text = render.stored("http://gw.test/studies/1.2", [series])
     assert "CT      2 instance(s)" in text and ds.SeriesInstanceUID in text
     assert render.stored("http://gw.test/studies/9", []) == "  not (yet) in the local PACS at http://gw.test/studies/9"
+
+
+def test_stored_series_from_a_gateway_that_does_not_answer_is_one_line():
+    from omi_dsf.client.stored import stored_series
+    from omi_dsf.peer import http_client
+    from omi_dsf.testkit.procs import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with http_client(timeout=5) as http, pytest.raises(UserError) as exc:
+        stored_series(http, url, "1.2.826.0.1.3680043.8.498.1")
+    msg = str(exc.value)
+    assert msg.startswith(f"gateway {url}: ") and "does not answer" in msg and "\n" not in msg
+

@@ -180,8 +180,7 @@ def test_submit_follow_and_fetch_results(world, stop_after):
     r = _omi("results", key, "--site", world["dic"], "--gateway", world["gateway"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert f"'{out['stored_study_instance_uid']}' is not a valid DICOM UID" in r.stderr
-    r = _omi("results", key, "--site", world["dic"], "--gateway", f"http://127.0.0.1:{free_port()}")
-    assert r.returncode == 2 and r.stderr.startswith("error: gateway http://127.0.0.1:") and r.stderr.count("\n") == 1
+    # (a gateway that does not answer: tests/test_client.py, the demo's stored "UID" is refused first)
 
     listing = _omi("status", "--site", world["dic"], "--json", "--limit", "50")
     assert any(p["business_key"] == key and p["current"] == "completed" for p in json.loads(listing.stdout))
