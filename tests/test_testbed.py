@@ -28,7 +28,6 @@ from omi_dsf.testbed.bed import (
     TestBed,
     activity_definition_urls,
     client,
-    find_dsf_home,
     plugin_problems,
     ssl_context,
 )
@@ -84,7 +83,7 @@ def test_allow_list_bundle_structure():
 
 def test_missing_distribution_is_a_clear_error(tmp_path):
     with pytest.raises(UserError) as exc:
-        find_dsf_home(str(tmp_path / "nowhere"))
+        Distribution.find(tmp_path / "nowhere")
     msg = str(exc.value)
     assert "fhir/dsf_fhir.jar" in msg and "does not serve the DSF" in msg and "\n" not in msg
 
@@ -113,12 +112,12 @@ def test_distribution_version_java_and_settings(tmp_path):
     new = Distribution.find(new_home)
     assert (new.version, new.major, new.java_release) == ("2.1.0", 2, 25)
     assert new.unlisted_client_status == 403 and new.bpe_engine_user_key().endswith(".engine")
-    (tmp_path / "wd" / "conf").mkdir(parents=True)
-    bpe = new.settings("bpe", "/ca.pem", tmp_path / "wd")
+    assert old.log_config("fhir") == old.home / "fhir" / "conf" / "log4j2.xml" and new.log_config("fhir") is None
+    bpe = new.settings("bpe", "/ca.pem")
     assert bpe["dev.dsf.server.certificate.chain"] == "/ca.pem"
     assert bpe["dev.dsf.bpe.process.api.directory"] == str(new.home / "bpe" / "api")
     assert bpe["dev.dsf.bpe.fhir.client.connections.config.default.trust.server.certificate.cas"] == "/ca.pem"
-    assert "dev.dsf.bpe.process.api.directory" not in new.settings("fhir", "/ca.pem", tmp_path / "wd")
+    assert "dev.dsf.bpe.process.api.directory" not in new.settings("fhir", "/ca.pem")
 
 
 def test_site_dsf_home_must_name_a_site(tmp_path):
@@ -151,7 +150,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     import socket
 
     try:
-        home = find_dsf_home()
+        home = Distribution.find().home
     except UserError as exc:
         pytest.skip(str(exc))
     with socket.socket() as s:

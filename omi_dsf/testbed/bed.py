@@ -182,11 +182,6 @@ class State:
 # DSF distribution and Java
 
 
-def find_dsf_home(explicit: str | None = None) -> Path:
-    """The DSF distribution's folder, or a UserError saying what is missing."""
-    return Distribution.find(explicit).home
-
-
 # --------------------------------------------------------------------------------------------
 # processes
 
@@ -404,8 +399,11 @@ class TestBed:
             wd = Path(srv.workdir)
             for sub in ("conf", "log", "ui") + (("process",) if srv.kind == "bpe" else ()):
                 (wd / sub).mkdir(parents=True, exist_ok=True)
-            for stale in (wd / "conf").glob("log4j2.xml"):   # a 1.x config must not steer a 2.x server
-                stale.unlink()
+            log_config = dist.log_config(srv.kind)
+            if log_config is not None:
+                shutil.copyfile(log_config, wd / "conf" / "log4j2.xml")
+            else:   # a 1.x config left in the folder must not steer a 2.x server
+                (wd / "conf" / "log4j2.xml").unlink(missing_ok=True)
             scert = ca.issue(f"{srv.name}-server", "localhost", server=True, client=False)
             props: dict[str, object] = {
                 "dev.dsf.server.api.host": "127.0.0.1",
@@ -417,7 +415,7 @@ class TestBed:
                 "dev.dsf.server.certificate.key": scert.key,
                 "dev.dsf.server.certificate.key.password": scert.password,
                 "dev.dsf.server.auth.trust.client.certificate.cas": st.ca_cert,
-                **dist.settings(srv.kind, st.ca_cert, wd),
+                **dist.settings(srv.kind, st.ca_cert),
             }
             db = f"{site.key}_{srv.kind}"
             if srv.kind == "fhir":

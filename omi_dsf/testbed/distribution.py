@@ -128,16 +128,15 @@ class Distribution:
         cp.append(str(home / f"dsf_{kind}.jar"))
         return cp
 
-    def settings(self, kind: str, ca_cert: str, workdir: Path) -> dict[str, object]:
-        """The settings whose names or presence differ between DSF 1.x and 2.x (the rest is the same).
+    def log_config(self, kind: str) -> Path | None:
+        """The log4j2.xml a server of this kind needs in its conf/ (DSF 1.x ships one; 2.x none)."""
+        return self.home / kind / "conf" / "log4j2.xml" if self.major < 2 else None
 
-        `workdir` is the server's working directory; DSF 1.x needs its log4j2.xml copied there.
-        """
+    def settings(self, kind: str, ca_cert: str) -> dict[str, object]:
+        """The settings whose names or presence differ between DSF 1.x and 2.x (the rest is the same)."""
         if self.major < 2:
-            shutil.copyfile(self.home / kind / "conf" / "log4j2.xml", workdir / "conf" / "log4j2.xml")
-            props: dict[str, object] = {"dev.dsf.log4j.config": "conf/log4j2.xml"}
-            return props
-        props = {
+            return {"dev.dsf.log4j.config": "conf/log4j2.xml"}
+        props: dict[str, object] = {
             # the *Https main classes read the chain next to the server certificate (required in 2.x)
             "dev.dsf.server.certificate.chain": ca_cert,
             # no log4j2.xml shipped: DSF 2.x configures logging itself (log/<kind>.log, DEBUG)
