@@ -36,21 +36,57 @@ def test_parse_collects_keys_includefield_and_paging():
     ([("limit", "ten")], "limit"),
     ([("offset", "x")], "offset"),
     ([("fuzzymatching", "maybe")], "fuzzymatching"),
-    ([("includefield", "NotAnAttribute")], "includefield"),
-    ([("PatientNam", "x")], "PatientNam"),
     ([("StudyDate", "2024-01-01")], "StudyDate"),
     ([("StudyDate", "-")], "StudyDate"),
     ([("StudyTime", "25:00")], "StudyTime"),
     ([("StudyInstanceUID", "1.2.abc")], "StudyInstanceUID"),
     ([("NumberOfStudyRelatedInstances", "many")], "NumberOfStudyRelatedInstances"),
-    ([("Modality", "CT")], "Modality"),          # a series attribute in a study search
     ([("PatientID", "a"), ("00100020", "b")], "00100020"),
-    ([("ReferencedSeriesSequence.SeriesInstanceUID", "1.2")], "ReferencedSeriesSequence"),
+    ([("emptyvaluematching", "yes")], "emptyvaluematching"),
+    ([("multiplevaluematching", "1")], "multiplevaluematching"),
+    ([("StudyDate", "20240101,2024"), ("multiplevaluematching", "true")], "StudyDate"),
 ])
 def test_parse_rejects_bad_parameters_naming_them(params, named):
     with pytest.raises(BadRequest) as err:
         parse_qido(params, STUDY)
     assert named in err.value.message
+
+
+def test_unsupported_parameters_are_ignored_and_named():
+    """PS3.18 8.3: the origin server ignores query parameters it does not support."""
+    q = parse_qido([("PatientNam", "x"), ("includefield", "NotAnAttribute,PatientAge"),
+                    ("ReferencedSeriesSequence.SeriesInstanceUID", "1.2"), ("SOPClassUID", "1.2.3"),
+                    ("PixelData", "x"), ("_dc", "12345"), ("PatientID", "P1")], STUDY)
+    assert q.match == {PATIENT_ID: "P1"}
+    assert 0x00101010 in q.return_keys
+    assert q.ignored == ["PatientNam", "includefield=NotAnAttribute", "ReferencedSeriesSequence.SeriesInstanceUID",
+                         "SOPClassUID", "PixelData", "_dc"]
+
+
+def test_modality_on_a_study_search_matches_modalities_in_study():
+    q = parse_qido([("Modality", "CT")], STUDY)
+    assert q.match == {MODS: "CT"} and not q.ignored
+    assert matches(_study(mods=["CT", "SR"]), q.match) and not matches(_study(mods=["MR"]), q.match)
+
+
+def test_empty_and_multiple_value_matching():
+    q = parse_qido([("PatientName", "Doe*,Roe*"), ("StudyDate", "20240115\\20200101-20200131"),
+                    ("multiplevaluematching", "true"), ("emptyvaluematching", "true")], STUDY)
+    assert q.multiple and q.empty
+    assert q.match == {PATIENT_NAME: "Doe*\\Roe*", STUDY_DATE: "20240115\\20200101-20200131"}
+    kw = {"multiple": True}
+    assert matches(_study(name="Roe^Jane", date="20200115"), q.match, **kw)
+    assert not matches(_study(name="Poe^Jane", date="20200115"), q.match, **kw)
+    assert not matches(_study(date="20210101"), q.match, **kw)
+    no_name = _study()
+    del no_name.PatientName
+    assert not matches(no_name, q.match, **kw)
+    assert matches(no_name, q.match, empty=True, **kw)
+    empty_name = _study(name="")
+    assert matches(empty_name, q.match, empty=True, **kw) and not matches(empty_name, q.match, **kw)
+    # without multiplevaluematching a comma is part of the value
+    plain = parse_qido([("PatientName", "Doe*,Roe*")], STUDY)
+    assert plain.match == {PATIENT_NAME: "Doe*,Roe*"} and not matches(_study(name="Roe^Jane"), plain.match)
 
 
 def test_parse_levels_and_url_scope():

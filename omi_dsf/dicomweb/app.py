@@ -158,6 +158,12 @@ class Gateway:
         result = await self.run(qido.search, backend, q, self.base_url(request), self.cfg.max_results,
                                 self.cfg.limits.query_timeout)
         warnings = []
+        if q.ignored:   # PS3.18 8.3: unsupported parameters are ignored; say which
+            names = ", ".join(q.ignored[:10]).encode("ascii", "replace").decode().replace('"', "'")
+            warnings.append(f'299 omi-gateway "Unsupported query parameters ignored: {names}"')
+        if q.empty and not getattr(backend, "empty_value_matching", False):
+            warnings.append('299 omi-gateway "The emptyvaluematching parameter is not supported. '
+                            'Empty Value Matching has not been performed."')
         if result.truncated:
             warnings.append('299 omi-gateway "There are additional results that can be requested"')
         if hasattr(backend, "incomplete"):

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from .attributes import vr_of
-from .query import NUMERIC_VRS, WILDCARD_VRS, split_uid_list
+from .query import NUMERIC_VRS, WILDCARD_VRS, split_uid_list, split_values
 
 
 def _find(value: str, piece: str, start: int, end: int) -> int:
@@ -116,15 +116,20 @@ def value_matches(vr: str, record_values: list[str], query: str, fuzzy: bool) ->
     return any(v == query for v in record_values)
 
 
-def matches(ds: Dataset, keys: dict[int, str], fuzzy: bool = False, missing_matches: bool = False) -> bool:
-    """True when ``ds`` matches every key. An attribute absent from ``ds`` matches only when
-    ``missing_matches`` (a PACS answer that left the attribute out has already been filtered)."""
+def matches(ds: Dataset, keys: dict[int, str], fuzzy: bool = False, missing_matches: bool = False,
+            empty: bool = False, multiple: bool = False) -> bool:
+    """True when ``ds`` matches every key. An attribute absent from ``ds`` or empty matches only
+    when ``missing_matches`` (a PACS answer that left the attribute out has already been filtered)
+    or ``empty`` (Empty Value Matching, PS3.4 C.2.2.2.7). ``multiple``: a key of several values
+    matches when any of them does (Multiple Value Matching, PS3.4 C.2.2.2.8)."""
     for tag, query in keys.items():
         values = _values(ds, tag)
         if values is None:
-            if missing_matches:
+            if missing_matches or empty:
                 continue
             return False
-        if not value_matches(vr_of(tag), values, query, fuzzy):
+        vr = vr_of(tag)
+        alternatives = split_values(query, vr) if multiple else [query]
+        if not any(value_matches(vr, values, alt, fuzzy) for alt in alternatives):
             return False
     return True

@@ -103,7 +103,7 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
                 if _missing(ds, MODALITIES_IN_STUDY):
                     _fill_study(backend, ds)
         return [_merge_upper(ds, parent) for ds in records
-                if matches(ds, match, fuzzy, missing_matches=trust)]
+                if matches(ds, match, fuzzy, missing_matches=trust, empty=q.empty, multiple=q.multiple)]
 
     # Walk down from the highest level the URL does not fix.
     results: list[Dataset] = []

@@ -1,6 +1,9 @@
 """QIDO-RS query parameters → a checked :class:`QidoQuery` (PS3.18 §8.3.4, §10.6.1).
 
-Every problem is a :class:`BadRequest` naming the parameter, so that a client learns what to fix.
+A parameter the gateway does not support (an unknown name, a sequence path, an attribute of a
+lower level than the search, a binary attribute) is ignored, as PS3.18 §8.3 says, and named in
+:attr:`QidoQuery.ignored` (the answer's Warning header). A bad value of a supported parameter is
+a :class:`BadRequest` naming the parameter, so that a client learns what to fix.
 """
 
 from __future__ import annotations
@@ -9,8 +12,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .attributes import (GLOBAL_TAGS, INSTANCE, LEVELS, SERIES, STUDY, level_of, name_of, parse_tag,
-                         vr_of)
+from .attributes import (GLOBAL_TAGS, INSTANCE, LEVELS, MODALITIES_IN_STUDY, MODALITY, SERIES, STUDY, level_of,
+                         name_of, parse_tag, vr_of)
 from .errors import BadRequest
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -52,6 +55,9 @@ class QidoQuery:
     return_keys: set[int] = field(default_factory=set)    # includefield + empty-valued keys
     include_all: bool = False
     fuzzy: bool = False
+    empty: bool = False      # emptyvaluematching: an empty or absent value matches too (PS3.4 C.2.2.2.7)
+    multiple: bool = False   # multiplevaluematching: "a\\b" or "a,b" matches either (PS3.4 C.2.2.2.8)
+    ignored: list[str] = field(default_factory=list)   # unsupported parameters, ignored (PS3.18 8.3)
     limit: int | None = None
     offset: int = 0
 
@@ -59,21 +65,15 @@ class QidoQuery:
         return {t: v for t, v in self.match.items() if level_of(t, self.level) == level}
 
 
-def check_tag(tag: int, param: str) -> int:
+def nameable(tag: int) -> bool:
     """A tag a query may name: a data set attribute (no command, file meta or group length
     element, no item delimiter)."""
     group, element = tag >> 16, tag & 0xFFFF
-    if not 0 <= tag <= 0xFFFFFFFF or group < 0x0008 or group == 0xFFFE or element == 0:
-        raise BadRequest(f"{param[:60]}: ({group:04X},{element:04X}) is not an attribute a query can name")
-    return tag
+    return 0 <= tag <= 0xFFFFFFFF and group >= 0x0008 and group != 0xFFFE and element != 0
 
 
 def _check_value(tag: int, value: str, param: str) -> None:
     vr = vr_of(tag)
-    if vr == "SQ":
-        raise BadRequest(f"{param}: matching on sequence attributes is not supported")
-    if vr in NOT_MATCHABLE_VRS:
-        raise BadRequest(f"{param}: matching on {vr} (binary or unknown) attributes is not supported")
     if vr == "UI":
         for uid in split_uid_list(value):
             if not is_uid(uid):
@@ -105,6 +105,18 @@ def _int_param(name: str, value: str, minimum: int) -> int:
     return min(number, MAX_LIMIT) if name == "limit" else number
 
 
+def split_values(value: str, vr: str) -> list[str]:
+    """The alternatives of a multiple-value match key: separated by backslash (the DICOM value
+    delimiter) or comma (QIDO-RS's list syntax)."""
+    return [v for v in re.split(r"[\\,]", value) if v] if vr != "UI" else [value]
+
+
+def _bool_param(name: str, value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise BadRequest(f"{name}: {value[:20]!r} is neither true nor false")
+    return value.lower() == "true"
+
+
 def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None = None,
                series_uid: str | None = None) -> QidoQuery:
     """Check and collect QIDO-RS parameters for a search at ``level`` within the URL's scope."""
@@ -115,6 +127,7 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
         fixed.add(SERIES)
     allowed = {STUDY: {STUDY}, SERIES: {STUDY, SERIES}, INSTANCE: {STUDY, SERIES, INSTANCE}}[level]
     seen: set[int] = set()
+    keys: list[tuple[int, str, str]] = []
     for raw_name, raw_value in params:
         name, value = raw_name.strip(), raw_value.strip()
         lname = name.lower()
@@ -124,9 +137,11 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
         elif lname == "offset":
             q.offset = _int_param("offset", value, 0)
         elif lname == "fuzzymatching":
-            if value.lower() not in ("true", "false"):
-                raise BadRequest(f"fuzzymatching: {value[:20]!r} is neither true nor false")
-            q.fuzzy = value.lower() == "true"
+            q.fuzzy = _bool_param("fuzzymatching", value)
+        elif lname == "emptyvaluematching":
+            q.empty = _bool_param("emptyvaluematching", value)
+        elif lname == "multiplevaluematching":
+            q.multiple = _bool_param("multiplevaluematching", value)
         elif lname == "includefield":
             for item in (v.strip() for v in value.split(",")):
                 if not item:
@@ -134,30 +149,27 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
                 if item.lower() == "all":
                     q.include_all = True
                     continue
-                if "." in item:
-                    raise BadRequest(f"includefield: sequence paths like {item[:60]!r} are not supported")
-                tag = parse_tag(item)
-                if tag is None:
-                    raise BadRequest(f"includefield: unknown attribute {item[:60]!r}")
-                q.return_keys.add(check_tag(tag, "includefield"))
+                tag = None if "." in item else parse_tag(item)
+                if tag is None or not nameable(tag):
+                    q.ignored.append(f"includefield={item[:60]}")
+                    continue
+                q.return_keys.add(tag)
         elif not name:
             continue
         else:
-            if "." in name:
-                raise BadRequest(f"{name[:60]}: sequence matching is not supported")
-            tag = parse_tag(name)
-            if tag is None:
-                raise BadRequest(f"unknown query parameter {name[:60]!r}")
-            check_tag(tag, name)
+            tag = None if "." in name else parse_tag(name)
+            if tag is None or not nameable(tag):   # an unknown parameter, a sequence path, a meta element
+                q.ignored.append(name[:60])
+                continue
+            if level == STUDY and tag == MODALITY:   # a study's modalities are its series' modalities
+                tag = MODALITIES_IN_STUDY
             if tag in seen:
                 raise BadRequest(f"{name}: given more than once")
             seen.add(tag)
             attr_level = level_of(tag, level)
-            if tag in GLOBAL_TAGS:
-                raise BadRequest(f"{name}: cannot be used as a matching key")
-            if attr_level not in allowed:
-                raise BadRequest(f"{name} is a {attr_level}-level attribute; it cannot be matched "
-                                 f"in a {level} search")
+            if tag in GLOBAL_TAGS or attr_level not in allowed:
+                q.ignored.append(name[:60])
+                continue
             if attr_level in fixed:
                 uid = study_uid if attr_level == STUDY else series_uid
                 if name_of(tag) in ("StudyInstanceUID", "SeriesInstanceUID") and value == uid:
@@ -166,6 +178,14 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
             if value == "" or value == "*":
                 q.return_keys.add(tag)
                 continue
-            _check_value(tag, value, name)
-            q.match[tag] = value
+            if vr_of(tag) in NOT_MATCHABLE_VRS:   # sequences, binary and unknown attributes
+                q.ignored.append(name[:60])
+                continue
+            keys.append((tag, value, name))
+    for tag, value, name in keys:   # multiplevaluematching may come after the keys
+        vr = vr_of(tag)
+        alternatives = split_values(value, vr) if q.multiple else [value]
+        for alt in alternatives:
+            _check_value(tag, alt, name)
+        q.match[tag] = "\\".join(alternatives)   # as a C-FIND key has them
     return q

@@ -87,6 +87,7 @@ def split_levels(ds: Dataset) -> tuple[dict, dict, dict]:
 
 class StoreBackend:
     trusts_matching = False   # we match ourselves: an absent attribute does not match
+    empty_value_matching = True   # ... unless the query asks for Empty Value Matching
 
     def __init__(self, cfg: StoreBackendConfig):
         self.cfg = cfg
