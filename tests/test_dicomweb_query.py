@@ -205,11 +205,15 @@ def test_media_type_and_accept_parsing():
 
 
 def test_instance_media_negotiation():
-    assert choose_instance_media(parse_accept('multipart/related; type="application/dicom"')).transfer_syntax is None
-    assert choose_instance_media(parse_accept("*/*")).transfer_syntax is None
+    assert choose_instance_media(parse_accept('multipart/related; type="application/dicom"')).as_stored
+    assert choose_instance_media(parse_accept("*/*")).as_stored
     explicit = choose_instance_media(parse_accept(
         'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'))
-    assert explicit.transfer_syntax == "1.2.840.10008.1.2.1"
+    assert explicit.wanted == ["1.2.840.10008.1.2.1"] and not explicit.as_stored
+    several = choose_instance_media(parse_accept(
+        'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.70, '
+        'multipart/related; type="application/dicom"; transfer-syntax=*;q=0.5'))
+    assert several.wanted == ["1.2.840.10008.1.2.4.70", "*"]
     with pytest.raises(NotAcceptable):
         choose_instance_media(parse_accept("application/json"))
 
@@ -217,7 +221,8 @@ def test_instance_media_negotiation():
 def test_frame_media_negotiation():
     native = "1.2.840.10008.1.2"
     # dicomweb-client's default for frames is */*; OHIF asks for octet-stream with transfer-syntax=*
-    assert choose_frame_media(parse_accept("*/*"), native) == ("application/octet-stream", "1.2.840.10008.1.2.1", False)
+    assert choose_frame_media(parse_accept("*/*"), native) == ("application/octet-stream", "1.2.840.10008.1.2.1",
+                                                               False, False)
     assert choose_frame_media(parse_accept(
         'multipart/related; type="application/octet-stream"; transfer-syntax=*'), native)[2] is False
     assert choose_frame_media(parse_accept("application/octet-stream"), native)[2] is True
@@ -225,8 +230,12 @@ def test_frame_media_negotiation():
     assert choose_frame_media(parse_accept('multipart/related; type="image/jpeg"'), jpeg)[0] == "image/jpeg"
     assert choose_frame_media(parse_accept(
         'multipart/related; type="application/octet-stream"; transfer-syntax=*'), jpeg)[0] == "application/octet-stream"
-    with pytest.raises(NotAcceptable):  # uncompressed octet-stream asked, the gateway does not decompress
-        choose_frame_media(parse_accept('multipart/related; type="application/octet-stream"'), jpeg)
+    # uncompressed octet-stream asked: the gateway decodes
+    assert choose_frame_media(parse_accept('multipart/related; type="application/octet-stream"'), jpeg) == \
+        ("application/octet-stream", "1.2.840.10008.1.2.1", False, True)
+    with pytest.raises(NotAcceptable):   # a syntax it neither has nor makes for frames
+        choose_frame_media(parse_accept('multipart/related; type="application/octet-stream"; '
+                                        'transfer-syntax=1.2.840.10008.1.2.5'), jpeg)
 
 
 def test_frame_list():

@@ -196,11 +196,41 @@ def test_compressed_instances_stay_compressed_in_the_store(gw, files):
     assert frame.status_code == 200 and 'type="image/jpeg"' in frame.headers["content-type"]
     assert "transfer-syntax=1.2.840.10008.1.2.4.50" in frame.headers["content-type"]
     assert b"\r\n\r\n\xff\xd8" in frame.content  # the JPEG stream itself
+    # asked for uncompressed: decoded on the way (frames and whole instances)
     plain = gw.get(path + "/frames/1", headers={"Accept": 'multipart/related; type="application/octet-stream"'})
-    assert plain.status_code == 406 and "transfer-syntax" in plain.json()["error"]  # no decompression
+    assert plain.status_code == 200 and "transfer-syntax=1.2.840.10008.1.2.1" in plain.headers["content-type"]
+    assert jpeg.pixel_array.tobytes() in plain.content
     asked = gw.get(path, headers={"Accept": 'multipart/related; type="application/dicom"; '
                                             'transfer-syntax=1.2.840.10008.1.2.1'})
-    assert asked.status_code == 406
+    assert asked.status_code == 200 and "transfer-syntax=1.2.840.10008.1.2.1" in asked.headers["content-type"]
+    part = asked.content.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+    got = pydicom.dcmread(BytesIO(part))
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert (got.pixel_array == jpeg.pixel_array).all()
+    # a lossy syntax the instance is not in is never made: 406
+    lossy = gw.get(f"/studies/{pydicom.dcmread(files[0]).StudyInstanceUID}", headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'})
+    assert lossy.status_code == 406 and "lossy" in lossy.json()["error"]
+
+
+def test_bulk_data_of_a_study_and_an_instance(gw, files):
+    """multipart/related; type="application/octet-stream" on a study or instance URL: each bulk
+    value as a part named by its BulkDataURI (PS3.18 10.4.1.1.2)."""
+    from omi_dsf.dicomweb.multipart import parse_media_type, parse_multipart
+    ds = pydicom.dcmread(files[1])
+    accept = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    r = gw.get(f"/studies/{ds.StudyInstanceUID}", headers=accept)
+    assert r.status_code == 200
+    ctype = parse_media_type(r.headers["content-type"])
+    assert ctype.type_param == "application/octet-stream"
+    parts = parse_multipart(r.content, ctype.params["boundary"])
+    assert len(parts) == SLICES
+    where = {p.headers["content-location"]: p.body for p in parts}
+    uri = (f"http://gw.test/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+           f"{ds.SOPInstanceUID}/bulk/7FE00010")
+    assert where[uri] == ds.PixelData
+    one = gw.get(uri.replace("http://gw.test", "").rsplit("/bulk", 1)[0], headers=accept)
+    assert one.status_code == 200 and one.content.count(b"Content-Location: ") == 1
 
 
 # -- access control ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 
 from omi_dsf.serving.limits import limit_error_handler
 
-from . import part10, qido, rendering, wado
+from . import part10, qido, rendering, transcode, wado
 from .attributes import INSTANCE, SERIES, SOP_UID, STUDY
 from .auth import AuthMiddleware
 from .backends import build_backends
@@ -179,11 +179,14 @@ class Gateway:
     # -- WADO-RS: instances --------------------------------------------------------------------
     async def retrieve(self, request: Request, level: str) -> Response:
         scope = self.scope(request)
-        choice = wado.choose_instance_media(parse_accept(request.headers.get("accept")))
+        accept = parse_accept(request.headers.get("accept"))
+        if wado.wants_bulk(accept):
+            return await self.retrieve_bulk(request, level, scope)
+        choice = wado.choose_instance_media(accept)
         backend = self.backend(request)
         boundary = new_boundary()
         head = part_head(boundary, wado.DICOM)
-        if choice.transfer_syntax is None:
+        if choice.as_stored:
             # The backend puts each part's header in front of its instance, in the buffer it
             # fills anyway: one write per instance, no copy here.
             heads = iter([head])  # the first part has no CRLF before its delimiter
@@ -191,30 +194,25 @@ class Gateway:
             def next_head() -> bytes:
                 return next(heads, CRLF + head)
             stream, first = await self.open_stream(backend, level, scope, head=next_head)
-            framed = True
+            separator = b""
         else:
-            stream, first = await self.open_stream(backend, level, scope, lambda d: wado.convert(d, choice))
-            framed = False
+            def as_wanted(data: bytes) -> bytes:   # each part says the syntax it is in
+                out, ts = transcode.convert(data, choice.wanted)
+                return part_head(boundary, wado.DICOM, transfer_syntax=ts) + out
+            stream, first = await self.open_stream(backend, level, scope, as_wanted)
+            separator = CRLF
 
         async def body() -> AsyncIterator[bytes]:
             sent = 0
             try:
-                if framed:
-                    yield first
-                    self.stats.mark("first_part_sent")
-                    sent = 1
-                    async for data in stream:
-                        yield data
-                        sent += 1
-                else:
-                    yield head
-                    self.stats.mark("first_part_sent")
-                    yield first
-                    sent = 1
-                    async for data in stream:
-                        yield CRLF + head
-                        yield data
-                        sent += 1
+                yield first
+                self.stats.mark("first_part_sent")
+                sent = 1
+                async for data in stream:
+                    if separator:
+                        yield separator
+                    yield data
+                    sent += 1
                 yield CRLF + closing(boundary)
             except DicomwebError as exc:
                 log.warning("retrieval of a %s ended after %d instances: %s", level, sent, exc.message)
@@ -222,8 +220,38 @@ class Gateway:
             finally:
                 stream.cancel()
 
-        ct = content_type(boundary, wado.DICOM, choice.transfer_syntax)
+        single = choice.wanted[0] if len(choice.wanted) == 1 and not choice.as_stored else None
+        ct = content_type(boundary, wado.DICOM, single)
         return StreamingResponse(body(), media_type=ct)
+
+    async def retrieve_bulk(self, request: Request, level: str, scope: dict) -> Response:
+        """Every instance's bulk data (Pixel Data and other binary values) at a study, series or
+        instance URL, one part each, named by its BulkDataURI in Content-Location (PS3.18 10.4.1.1.2)."""
+        backend = self.backend(request)
+        base = self.base_url(request)
+        boundary = new_boundary()
+
+        def to_parts(data: bytes) -> bytes:
+            ds = wado.read(data)
+            uri = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                   f"/instances/{ds.SOPInstanceUID}/bulk")
+            chunks = []
+            for tag, value, ts in wado.bulk_values(ds):
+                chunks += [CRLF, part_head(boundary, wado.OCTET, f"{uri}/{tag:08X}", ts), value]
+            return b"".join(chunks)
+
+        stream, first = await self.open_stream(backend, level, scope, to_parts)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield first[2:]   # the first delimiter has no CRLF before it
+                async for data in stream:
+                    yield data
+                yield CRLF + closing(boundary)
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(body(), media_type=content_type(boundary, wado.OCTET))
 
     async def retrieve_metadata(self, request: Request, level: str) -> Response:
         scope = self.scope(request)
@@ -267,7 +295,9 @@ class Gateway:
         accept = parse_accept(request.headers.get("accept"))
         ds = await self._instance(request)
         frames, ts = wado.frame_bytes(ds, numbers)
-        part, ts, single = wado.choose_frame_media(accept, ts)
+        part, ts, single, decode = wado.choose_frame_media(accept, ts)
+        if decode:
+            frames = await self.run(transcode.native_frames, ds, numbers)
         if single:
             if len(frames) != 1:
                 raise NotAcceptable("Accept: several frames need multipart/related")

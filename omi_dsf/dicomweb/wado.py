@@ -13,6 +13,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG200
                          JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless,
                          JPEGLSNearLossless, RLELossless, UID)
 
+from . import transcode
 from .dicomjson import BULK_VRS, PIXEL_DATA, to_json
 from .errors import BadRequest, NotAcceptable, NotFound
 from .multipart import MediaType
@@ -30,8 +31,12 @@ FRAME_MEDIA = {JPEGBaseline8Bit: "image/jpeg", JPEGExtended12Bit: "image/jpeg", 
 
 @dataclass
 class InstanceChoice:
-    """How to send instances: as stored (``transfer_syntax`` None) or converted to Explicit VR LE."""
-    transfer_syntax: str | None
+    """How to send instances: the acceptable transfer syntaxes, best first ("*": as stored)."""
+    wanted: list[str]
+
+    @property
+    def as_stored(self) -> bool:
+        return self.wanted[0] == "*"
 
 
 def _is_multipart_ok(mt: MediaType, part_types: tuple[str, ...]) -> bool:
@@ -44,32 +49,29 @@ def _is_multipart_ok(mt: MediaType, part_types: tuple[str, ...]) -> bool:
 
 
 def choose_instance_media(accept: list[MediaType]) -> InstanceChoice:
-    """Negotiate ``multipart/related; type="application/dicom"`` (and its transfer-syntax)."""
+    """Negotiate ``multipart/related; type="application/dicom"`` and the transfer syntaxes the
+    client takes, in its order. Without a transfer-syntax parameter instances go as stored."""
+    wanted: list[str] = []
     for mt in accept:
         if _is_multipart_ok(mt, (DICOM,)) or mt.mime == DICOM:
             ts = mt.params.get("transfer-syntax")
-            if ts in (None, "", "*"):
-                return InstanceChoice(None)
-            if ts == ExplicitVRLittleEndian:
-                return InstanceChoice(ExplicitVRLittleEndian)
-            return InstanceChoice(ts)  # honoured when instances are stored in it
-    raise NotAcceptable('Accept: the gateway sends multipart/related; type="application/dicom"')
+            ts = "*" if ts in (None, "", "*") else ts
+            if ts not in wanted:
+                wanted.append(ts)
+    if not wanted:
+        raise NotAcceptable('Accept: the gateway sends multipart/related; type="application/dicom"')
+    return InstanceChoice(wanted)
 
 
-def convert(data: bytes, choice: InstanceChoice) -> bytes:
-    """The instance as the client asked for it (re-encoding only uncompressed data)."""
-    if choice.transfer_syntax is None:
-        return data
-    ds = dcmread(BytesIO(data))
-    stored = str(ds.file_meta.TransferSyntaxUID)
-    if stored == choice.transfer_syntax:
-        return data
-    if choice.transfer_syntax == ExplicitVRLittleEndian and stored in UNCOMPRESSED_TS:
-        out = BytesIO()
-        ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
-        return out.getvalue()
-    raise NotAcceptable(f"transfer-syntax {choice.transfer_syntax}: the instance is stored as {stored} "
-                        "and the gateway does not transcode compressed data; ask for transfer-syntax=*")
+def wants_bulk(accept: list[MediaType]) -> bool:
+    """The client asks a study, series or instance for its bulk data
+    (``multipart/related; type="application/octet-stream"``) before any DICOM representation."""
+    for mt in accept:
+        if mt.mime == "multipart/related" and mt.type_param == OCTET:
+            return True
+        if _is_multipart_ok(mt, (DICOM,)) or mt.mime == DICOM:
+            return False
+    return False
 
 
 def read(data: bytes) -> Dataset:
@@ -146,35 +148,44 @@ def frame_bytes(ds: Dataset, numbers: list[int]) -> tuple[list[bytes], str]:
     return [bytes(pixels[(k - 1) * size:k * size]) for k in numbers], ExplicitVRLittleEndian
 
 
-def choose_frame_media(accept: list[MediaType], ts: str) -> tuple[str, str, bool]:
-    """(part media type, transfer syntax to announce, single part?) for frames stored in ``ts``.
+def choose_frame_media(accept: list[MediaType], ts: str) -> tuple[str, str, bool, bool]:
+    """(part media type, transfer syntax to announce, single part?, decode?) for frames stored in ``ts``.
 
     Uncompressed frames go out as application/octet-stream (Explicit VR Little Endian); compressed
     ones as stored, under their image media type, or as octet-stream when the client says
-    ``transfer-syntax=*`` (or names the stored syntax). The gateway does not decompress.
+    ``transfer-syntax=*`` (or names the stored syntax); decoded to Explicit VR Little Endian when
+    the client asks for octet-stream without a syntax or with that one (and a decoder exists).
     """
     native = ts in UNCOMPRESSED_TS
     if native:
         ts = ExplicitVRLittleEndian
     part = OCTET if native else FRAME_MEDIA.get(ts, OCTET)
+    decodable = not native and transcode.can_decode(ts)
+    plain = (None, "", ExplicitVRLittleEndian)
     for mt in accept:
         want = mt.params.get("transfer-syntax")
         if mt.mime == "*/*":
-            return part, ts, False
+            return part, ts, False, False
         if mt.mime in ("multipart/related", "multipart/*"):
             t = mt.type_param
             if native and t in (None, "*/*", OCTET) and want in (None, "", "*", ts):
-                return OCTET, ts, False
+                return OCTET, ts, False, False
             if not native and t in (None, "*/*", part) and want in (None, "", "*", ts):
-                return part, ts, False
+                return part, ts, False, False
             if not native and t == OCTET and want in ("*", ts):
-                return OCTET, ts, False
+                return OCTET, ts, False, False
+            if decodable and t == OCTET and want in plain:
+                return OCTET, ExplicitVRLittleEndian, False, True
         elif mt.mime == OCTET and want in ((None, "", "*", ts) if native else ("*", ts)):
-            return OCTET, ts, True
+            return OCTET, ts, True, False
+        elif mt.mime == OCTET and decodable and want in plain:
+            return OCTET, ExplicitVRLittleEndian, True, True
         elif not native and mt.mime == part and want in (None, "", "*", ts):
-            return part, ts, True
+            return part, ts, True, False
     raise NotAcceptable(f'Accept: frames are available as multipart/related; type="{part}"; '
-                        f"transfer-syntax={ts} (or transfer-syntax=*)")
+                        f"transfer-syntax={ts} (or transfer-syntax=*)"
+                        + ("" if native or not decodable else
+                           f', or decoded as type="{OCTET}"; transfer-syntax={ExplicitVRLittleEndian}'))
 
 
 def bulk_value(ds: Dataset, tag_text: str) -> bytes:
@@ -191,3 +202,27 @@ def bulk_value(ds: Dataset, tag_text: str) -> bytes:
         raise NotFound(f"attribute {tag_text.upper()} is not bulk data")
     value = elem.value
     return bytes(value) if value is not None else b""
+
+
+def bulk_values(ds: Dataset) -> list[tuple[int, bytes, str | None]]:
+    """The instance's top-level bulk data: (tag, value, transfer syntax of the value or None).
+    Compressed Pixel Data is decoded to native little endian when a decoder exists, else sent as
+    stored (its fragments, with the stored syntax)."""
+    out: list[tuple[int, bytes, str | None]] = []
+    for elem in ds.elements():
+        tag = int(elem.tag)
+        if tag >> 16 == 0x0002 or (elem.VR not in BULK_VRS and tag != PIXEL_DATA):
+            continue
+        value = ds[tag].value
+        if not value:
+            continue
+        if tag == PIXEL_DATA:
+            ts = UID(str(ds.file_meta.TransferSyntaxUID))
+            if ts.is_compressed and transcode.can_decode(ts):
+                n = frame_count(ds)
+                out.append((tag, b"".join(transcode.native_frames(ds, list(range(1, n + 1)))), ExplicitVRLittleEndian))
+                continue
+            out.append((tag, bytes(value), str(ts) if ts.is_compressed else ExplicitVRLittleEndian))
+            continue
+        out.append((tag, bytes(value), None))
+    return out

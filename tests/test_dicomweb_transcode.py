@@ -1,0 +1,70 @@
+"""Unit tests: transfer syntax conversion (omi_dsf.dicomweb.transcode) on pydicom's test files."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGLosslessSV1, JPEGLSLossless, RLELossless)
+
+from omi_dsf.dicomweb import transcode
+from omi_dsf.dicomweb.errors import NotAcceptable
+
+
+def _data(name: str) -> bytes:
+    return Path(get_testdata_file(name)).read_bytes()
+
+
+def _read(data: bytes):
+    return pydicom.dcmread(BytesIO(data))
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_gdcm.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm", "MR_small_implicit.dcm"])
+@pytest.mark.parametrize("target", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEGLSLossless,
+                                    JPEG2000Lossless])
+def test_lossless_sources_convert_without_changing_a_pixel(name, target):
+    data = _data(name)
+    out, ts = transcode.convert(data, [target])
+    assert ts == target
+    ds = _read(out)
+    assert ds.file_meta.TransferSyntaxUID == target
+    assert np.array_equal(ds.pixel_array, _read(data).pixel_array)
+
+
+def test_a_lossy_source_is_decompressed_and_a_lossy_target_never_made():
+    data = _data("SC_rgb_jpeg_lossy_gdcm.dcm")
+    out, ts = transcode.convert(data, [ExplicitVRLittleEndian])
+    ds = _read(out)
+    assert ts == ExplicitVRLittleEndian and ds.PhotometricInterpretation == "RGB"
+    assert np.array_equal(ds.pixel_array, _read(data).pixel_array)
+    # as stored when the client names the stored lossy syntax; 406 for a lossy target it is not in
+    assert transcode.convert(data, [JPEGBaseline8Bit]) == (data, JPEGBaseline8Bit)
+    with pytest.raises(NotAcceptable, match="never to lossy"):
+        transcode.convert(_data("CT_small.dcm"), [JPEGBaseline8Bit])
+    with pytest.raises(NotAcceptable):   # pydicom has no JPEG Lossless encoder
+        transcode.convert(_data("CT_small.dcm"), [JPEGLosslessSV1])
+
+
+def test_the_first_acceptable_syntax_wins_and_star_means_as_stored():
+    data = _data("MR_small_RLE.dcm")
+    assert transcode.convert(data, ["*", ExplicitVRLittleEndian]) == (data, RLELossless)
+    assert transcode.convert(data, [JPEGLosslessSV1, ExplicitVRLittleEndian])[1] == ExplicitVRLittleEndian
+    assert transcode.convert(data, [JPEGLosslessSV1, "*"]) == (data, RLELossless)
+
+
+def test_an_instance_without_pixels_goes_uncompressed():
+    out, ts = transcode.convert(_data("test-SR.dcm"), [JPEG2000Lossless])
+    assert ts == ExplicitVRLittleEndian and _read(out).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_native_frames_of_a_compressed_multiframe():
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    frames = transcode.native_frames(ds, [2, 1])
+    arr = ds.pixel_array
+    assert frames == [arr[1].tobytes(), arr[0].tobytes()]
