@@ -361,3 +361,58 @@ def test_store_indexes_the_same_with_the_parsed_headers(tmp_path, files):
                                 "path, size, study_json, series_json, instance_json FROM instances ORDER BY sop_uid", []))
         store.close()
     assert rows[0] == rows[1] and len(rows[0]) == len(files)
+
+
+def test_rendered_study_and_series(gw, files):
+    """PS3.18 Table 10.3-2: rendered study and series. multipart/related of images, one per
+    instance with pixel data; a plain image type gets one image (the middle of the first series)."""
+    from omi_dsf.dicomweb.multipart import parse_media_type, parse_multipart
+    ds = pydicom.dcmread(files[1])
+    s, se = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    for path in (f"/studies/{s}/rendered", f"/studies/{s}/series/{se}/rendered"):
+        r = gw.get(path, headers={"Accept": 'multipart/related; type="image/png"'})
+        assert r.status_code == 200, r.text
+        ctype = parse_media_type(r.headers["content-type"])
+        assert ctype.type_param == "image/png"
+        parts = parse_multipart(r.content, ctype.params["boundary"])
+        assert len(parts) == SLICES
+        assert all(Image.open(BytesIO(p.body)).size == (64, 64) for p in parts)
+        assert {p.headers["content-location"].rsplit("/", 2)[-2] for p in parts} == \
+            {pydicom.dcmread(f).SOPInstanceUID for f in files[:SLICES]}
+        one = gw.get(path, headers={"Accept": "image/jpeg"})
+        assert one.status_code == 200 and one.headers["content-type"] == "image/jpeg"
+        assert Image.open(BytesIO(one.content)).size == (64, 64)
+    assert gw.get(f"/studies/{generate_uid()}/rendered",
+                  headers={"Accept": 'multipart/related; type="image/png"'}).status_code == 404
+
+
+def test_metadata_as_native_dicom_model_xml(gw, files):
+    """WADO-RS metadata as multipart/related; type="application/dicom+xml" (PS3.19 Native DICOM
+    Model): the same attributes and BulkDataURIs as the JSON."""
+    from lxml import etree
+
+    from omi_dsf.dicomweb.multipart import parse_media_type, parse_multipart
+    ds = pydicom.dcmread(files[1])
+    path = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/metadata"
+    r = gw.get(path, headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+    assert r.status_code == 200, r.text
+    ctype = parse_media_type(r.headers["content-type"])
+    assert ctype.type_param == "application/dicom+xml"
+    parts = parse_multipart(r.content, ctype.params["boundary"])
+    assert len(parts) == SLICES
+    as_json = {_val(m, "00080018")[0]: m for m in gw.get(path).json()}
+    ns = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    for part in parts:
+        assert part.headers["content-type"] == "application/dicom+xml"
+        root = etree.fromstring(part.body, etree.XMLParser(resolve_entities=False, no_network=True))
+        assert root.tag == "{http://dicom.nema.org/PS3.19/models/NativeDICOM}NativeDicomModel"
+        sop = root.find("d:DicomAttribute[@keyword='SOPInstanceUID']/d:Value", ns).text
+        meta = as_json[sop]
+        assert {a.get("tag") for a in root.findall("d:DicomAttribute", ns)} == set(meta)
+        name = root.find("d:DicomAttribute[@tag='00100010']/d:PersonName/d:Alphabetic", ns)
+        assert "^".join(e.text or "" for e in name).startswith(_val(meta, "00100010")[0]["Alphabetic"].split("^")[0])
+        bulk = root.find("d:DicomAttribute[@tag='7FE00010']/d:BulkData", ns).get("uri")
+        assert bulk == meta["7FE00010"]["BulkDataURI"]
+        rows = root.find("d:DicomAttribute[@keyword='Rows']/d:Value[@number='1']", ns).text
+        assert int(rows) == _val(meta, "00280010")[0] == 64
+    assert gw.get(path, headers={"Accept": "text/html"}).status_code == 406

@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 
 from omi_dsf.serving.limits import limit_error_handler
 
-from . import part10, qido, rendering, transcode, wado
+from . import dicomxml, part10, qido, rendering, transcode, wado
 from .attributes import INSTANCE, SERIES, SOP_UID, STUDY
 from .auth import AuthMiddleware
 from .backends import build_backends
@@ -43,6 +43,7 @@ from .stream import ThreadStream
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
 CANNOT_UNDERSTAND = 0xC000
 STUDY_MISMATCH = 0xA900  # the instance does not belong to the study in the URL
 OUT_OF_RESOURCES = part10.OUT_OF_RESOURCES   # a limit (max_instance_mb)
@@ -256,16 +257,40 @@ class Gateway:
     async def retrieve_metadata(self, request: Request, level: str) -> Response:
         scope = self.scope(request)
         accept = parse_accept(request.headers.get("accept"))
-        if not any(mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*") for mt in accept):
-            raise NotAcceptable("Accept: metadata is available as application/dicom+json")
+        as_xml = False
+        for mt in accept:
+            if mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*"):
+                break
+            if mt.mime == "multipart/related" and mt.type_param == DICOM_XML:
+                as_xml = True
+                break
+        else:
+            raise NotAcceptable(f'Accept: metadata is available as {DICOM_JSON} and as '
+                                f'multipart/related; type="{DICOM_XML}"')
         backend = self.backend(request)
         base = self.base_url(request)
+        boundary = new_boundary()
 
         def to_meta(data: bytes) -> bytes:
             ds = wado.read(data)
             uri = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
                    f"/instances/{ds.SOPInstanceUID}/bulk")
+            if as_xml:
+                return CRLF + part_head(boundary, DICOM_XML) + dicomxml.to_xml(wado.to_json(ds, uri))
             return dumps(wado.to_json(ds, uri))
+
+        if as_xml:
+            stream, first = await self.open_stream(backend, level, scope, to_meta)
+
+            async def parts() -> AsyncIterator[bytes]:
+                try:
+                    yield first[2:]   # the first delimiter has no CRLF before it
+                    async for item in stream:
+                        yield item
+                    yield CRLF + closing(boundary)
+                finally:
+                    stream.cancel()
+            return StreamingResponse(parts(), media_type=content_type(boundary, DICOM_XML))
 
         stream, first = await self.open_stream(backend, level, scope, to_meta)
 
@@ -322,6 +347,54 @@ class Gateway:
             if mt.mime in ("*/*", "multipart/related", "multipart/*"):
                 return self._multipart([value], wado.OCTET, None)
         raise NotAcceptable("Accept: bulk data is available as application/octet-stream")
+
+    async def retrieve_rendered_many(self, request: Request, level: str) -> Response:
+        """A rendered study or series (PS3.18 Table 10.3-2): with ``Accept: multipart/related;
+        type="image/…"`` every instance with pixel data rendered (its first frame), one part each
+        named by its rendered URL; otherwise one image, the middle instance of the (first) series."""
+        accept = parse_accept(request.headers.get("accept"))
+        media = rendering.choose_multipart_image_media(accept)
+        if media is None:
+            return await self.retrieve_rendered(request)
+        opts = rendering.parse_render_params(list(request.query_params.multi_items()), False)
+        scope = self.scope(request)
+        backend = self.backend(request)
+        base = self.base_url(request)
+        boundary = new_boundary()
+        max_bytes = self.cfg.limits.max_instance
+
+        def to_part(data: bytes) -> bytes:
+            ds = wado.read(data)
+            if "PixelData" not in ds:
+                return b""
+            try:
+                image = rendering.render(ds, 1, media, opts, max_bytes)
+            except DicomwebError as exc:   # one instance the gateway cannot render: left out
+                log.info("rendered %s: an instance left out: %s", level, exc.message)
+                return b""
+            where = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                     f"/instances/{ds.SOPInstanceUID}/rendered")
+            return CRLF + part_head(boundary, media, where) + image
+
+        stream, first = await self.open_stream(backend, level, scope, to_part)
+        try:
+            while not first:
+                first = await stream.next()
+        except StopAsyncIteration:
+            stream.cancel()
+            raise NotFound(f"nothing to render in this {level}") from None
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield first[2:]   # the first delimiter has no CRLF before it
+                async for data in stream:
+                    if data:
+                        yield data
+                yield CRLF + closing(boundary)
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(body(), media_type=content_type(boundary, media))
 
     async def retrieve_rendered(self, request: Request, thumbnail: bool = False) -> Response:
         media = rendering.choose_image_media(parse_accept(request.headers.get("accept")))
@@ -568,6 +641,8 @@ def create_app(cfg: GatewayConfig) -> Starlette:
         add(I + "/metadata", lambda rq: gw.retrieve_metadata(rq, INSTANCE))
         add(I + "/frames/{frames}", gw.retrieve_frames)
         add(I + "/bulk/{tag}", gw.retrieve_bulkdata)
+        add(S + "/rendered", lambda rq: gw.retrieve_rendered_many(rq, STUDY))
+        add(SE + "/rendered", lambda rq: gw.retrieve_rendered_many(rq, SERIES))
         add(I + "/rendered", gw.retrieve_rendered)
         add(I + "/frames/{frames}/rendered", gw.retrieve_rendered)
         add(S + "/thumbnail", lambda rq: gw.retrieve_rendered(rq, True))

@@ -8,7 +8,7 @@ from io import BytesIO
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels import pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
 from .errors import BadRequest, NotAcceptable, NotFound, PayloadTooLarge
 from .multipart import MediaType
@@ -24,6 +24,17 @@ def choose_image_media(accept: list[MediaType]) -> str:
         if mt.mime in ("*/*", "image/*"):
             return "image/jpeg"
     raise NotAcceptable("Accept: rendered images are available as image/jpeg, image/png or image/gif")
+
+
+def choose_multipart_image_media(accept: list[MediaType]) -> str | None:
+    """The image type of ``multipart/related; type="image/…"`` when the client asks for one before
+    any single image (a rendered study or series as one part per instance); else None."""
+    for mt in accept:
+        if mt.mime == "multipart/related" and mt.type_param in FORMATS:
+            return mt.type_param
+        if mt.mime in FORMATS or mt.mime in ("*/*", "image/*"):
+            return None
+    return None
 
 
 def parse_render_params(params, thumbnail: bool) -> dict:
@@ -69,6 +80,42 @@ def _first(ds: Dataset, keyword: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _to_8bit(values: np.ndarray, top: float) -> np.ndarray:
+    return np.clip(values.astype(np.float64) * (255.0 / top), 0, 255).astype(np.uint8)
+
+
+def to_image(ds: Dataset, arr: np.ndarray, window: tuple[float, float] | None) -> Image.Image:
+    """One frame through the DICOM grayscale or colour pipeline (PS3.4 N.2): palette colour through
+    its lookup tables; RGB as is (YBR already converted by pydicom); monochrome through the
+    Modality LUT (or rescale), then the ``window`` asked for, else the VOI LUT, else the stored
+    window, else the frame's own range; MONOCHROME1 inverted."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return Image.fromarray(_to_8bit(rgb, (1 << bits) - 1), "RGB")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return Image.fromarray(_to_8bit(arr[..., :3], (1 << bits) - 1) if bits > 8
+                               else np.clip(arr[..., :3], 0, 255).astype(np.uint8), "RGB")
+    data = apply_modality_lut(arr, ds).astype(np.float64)
+    voi = ds.get("VOILUTSequence")
+    if window is None and voi:
+        item = voi[0]
+        out = apply_voi_lut(data, ds, index=0, prefer_lut=True)
+        top = (1 << int(item.LUTDescriptor[2])) - 1 if "LUTDescriptor" in item else float(out.max() or 1)
+        scaled = _to_8bit(out, top)
+    else:
+        center, width = window if window else (_first(ds, "WindowCenter"), _first(ds, "WindowWidth"))
+        if center is None or not width or width <= 0:
+            lo, hi = float(data.min()), float(data.max())
+            center, width = (lo + hi) / 2, max(hi - lo, 1.0)
+        scaled = (np.clip((data - (center - width / 2)) / width, 0, 1) * 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        scaled = 255 - scaled
+    return Image.fromarray(scaled, "L")
+
+
 def render(ds: Dataset, frame: int, media: str, opts: dict, max_bytes: int = 256 << 20) -> bytes:
     """One frame as an image. Only that frame is decoded, and only when it (as the float64 array
     the windowing works on) fits in ``max_bytes`` (limits.max_instance_mb); else 413."""
@@ -85,26 +132,12 @@ def render(ds: Dataset, frame: int, media: str, opts: dict, max_bytes: int = 256
         raise PayloadTooLarge(f"rendering a frame of {pixels} values needs more than limits.max_instance_mb "
                               f"({max_bytes >> 20} MB)")
     try:
-        arr = pixel_array(ds, index=frame - 1 if n > 1 else None)
-    except Exception as exc:  # noqa: BLE001 - missing decoder plug-in, corrupt data
+        arr = pixel_array(ds, index=frame - 1 if n > 1 else None)   # YBR arrives as RGB (as_rgb)
+        img = to_image(ds, arr, opts.get("window"))
+    except (NotAcceptable, NotFound):
+        raise
+    except Exception as exc:  # noqa: BLE001 - missing decoder plug-in, corrupt data, odd LUTs
         raise NotAcceptable(f"cannot decode the pixel data for rendering ({type(exc).__name__})") from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)[..., :3], "RGB")
-    else:
-        data = arr.astype(np.float64) * (_first(ds, "RescaleSlope") or 1.0) + (_first(ds, "RescaleIntercept") or 0.0)
-        if opts.get("window"):
-            center, width = opts["window"]
-        else:
-            center, width = _first(ds, "WindowCenter"), _first(ds, "WindowWidth")
-            if center is None or not width:
-                lo, hi = float(data.min()), float(data.max())
-                center, width = (lo + hi) / 2, max(hi - lo, 1.0)
-        lo = center - width / 2
-        scaled = np.clip((data - lo) / width, 0, 1) * 255
-        if photometric == "MONOCHROME1":
-            scaled = 255 - scaled
-        img = Image.fromarray(scaled.astype(np.uint8), "L")
     if opts.get("viewport"):
         img.thumbnail(opts["viewport"])
     out = BytesIO()
