@@ -416,3 +416,59 @@ def test_metadata_as_native_dicom_model_xml(gw, files):
         rows = root.find("d:DicomAttribute[@keyword='Rows']/d:Value[@number='1']", ns).text
         assert int(rows) == _val(meta, "00280010")[0] == 64
     assert gw.get(path, headers={"Accept": "text/html"}).status_code == 406
+
+
+def _json_body(objects: list[dict], bulk: list[tuple[str, str, bytes]], boundary: str = "JbJ") -> tuple[bytes, dict]:
+    b = boundary.encode()
+    body = b"--" + b + b"\r\nContent-Type: application/dicom+json\r\n\r\n" + json.dumps(objects).encode() + b"\r\n"
+    for location, ctype, data in bulk:
+        body += (b"--" + b + f"\r\nContent-Type: {ctype}\r\nContent-Location: {location}\r\n\r\n".encode()
+                 + data + b"\r\n")
+    return body + b"--" + b + b"--\r\n", {
+        "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'}
+
+
+def test_stow_metadata_and_bulk_data(gw, files):
+    """PS3.18 10.5: STOW-RS of DICOM JSON metadata plus bulk data parts named by BulkDataURI,
+    native and compressed; the instances come back as sent."""
+    from omi_dsf.dicomweb.dicomjson import to_json
+    native = pydicom.dcmread(files[0])
+    native.SOPInstanceUID = generate_uid()
+    jpeg = pydicom.dcmread(files[-1])
+    jpeg.SOPInstanceUID = generate_uid()
+    native_meta = to_json(native, "urn:native")
+    jpeg_meta = to_json(jpeg, "urn:jpeg")
+    body, headers = _json_body([native_meta, jpeg_meta], [
+        ("urn:native/7FE00010", "application/octet-stream", native.PixelData),
+        ("urn:jpeg/7FE00010", "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50",
+         pydicom.encaps.generate_frames(jpeg.PixelData, number_of_frames=1).__next__())])
+    r = gw.post("/studies", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["00081199"]["Value"]) == 2
+    for sent in (native, jpeg):
+        path = f"/studies/{sent.StudyInstanceUID}/series/{sent.SeriesInstanceUID}/instances/{sent.SOPInstanceUID}"
+        got = gw.get(path, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        ds = pydicom.dcmread(BytesIO(got.content.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]))
+        assert ds.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        assert ds.PatientName == sent.PatientName and (ds.pixel_array == sent.pixel_array).all()
+    # a BulkDataURI without its part fails that instance alone
+    lost = pydicom.dcmread(files[0])
+    lost.SOPInstanceUID = generate_uid()
+    body, headers = _json_body([to_json(lost, "urn:lost")], [])
+    r = gw.post("/studies", content=body, headers=headers)
+    assert r.status_code == 409 and "BulkDataURI" in r.text
+    body, headers = _json_body([], [("urn:x", "application/octet-stream", b"x")])
+    assert gw.post("/studies", content=body.replace(b"[]", b"{not json"), headers=headers).status_code == 400
+
+
+def test_stow_of_two_studies_has_an_empty_top_level_retrieve_url(gw, files):
+    """PS3.18 Table I.1-1: Retrieve URL (Type 2) is the URL of the study; instances of two
+    studies: present and empty, each instance's own RetrieveURL still there."""
+    one, two = pydicom.dcmread(files[0]), pydicom.dcmread(files[-2])
+    assert one.StudyInstanceUID != two.StudyInstanceUID
+    body, headers = _multipart([files[0].read_bytes(), files[-2].read_bytes()])
+    r = gw.post("/studies", content=body, headers=headers)
+    assert r.status_code == 200
+    assert r.json()["00081190"] == {"vr": "UR"}
+    assert {_val(i, "00081190")[0].split("/studies/")[1].split("/")[0] for i in r.json()["00081199"]["Value"]} == \
+        {one.StudyInstanceUID, two.StudyInstanceUID}

@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 
 from omi_dsf.serving.limits import limit_error_handler
 
-from . import dicomxml, part10, qido, rendering, transcode, wado
+from . import dicomxml, part10, qido, rendering, stowjson, transcode, wado
 from .attributes import INSTANCE, SERIES, SOP_UID, STUDY
 from .auth import AuthMiddleware
 from .backends import build_backends
@@ -35,7 +35,7 @@ from .errors import (BadRequest, DicomwebError, NotAcceptable, NotFound, PacsUna
                      UnsupportedMediaType)
 from .guard import error_response, limited, redact
 from .logs import quiet_pydicom
-from .multipart import (CRLF, MultipartReader, closing, content_type, new_boundary, parse_accept,
+from .multipart import (CRLF, MultipartReader, Part, closing, content_type, new_boundary, parse_accept,
                         parse_media_type, part_head)
 from .query import check_uid, is_uid, parse_qido
 from .stream import ThreadStream
@@ -432,8 +432,10 @@ class Gateway:
         scope = self.scope(request)
         lim = self.cfg.limits
         ctype = parse_media_type(request.headers.get("content-type", ""))
-        if ctype.mime != "multipart/related" or (ctype.type_param not in (None, wado.DICOM)):
-            raise UnsupportedMediaType('Content-Type: STOW-RS takes multipart/related; type="application/dicom"')
+        if ctype.mime != "multipart/related" or (ctype.type_param not in (None, wado.DICOM, DICOM_JSON)):
+            raise UnsupportedMediaType('Content-Type: STOW-RS takes multipart/related; type="application/dicom" '
+                                       f'or type="{DICOM_JSON}" (metadata and bulk data)')
+        as_json = ctype.type_param == DICOM_JSON   # parts held until the body is whole, then built
         limit, part_limit = lim.max_body, lim.max_instance
         too_large = f"request body larger than limits.max_body_mb ({lim.max_body_mb:g} MB)"
         part_too_large = f"a part larger than limits.max_instance_mb ({lim.max_instance_mb} MB)"
@@ -478,6 +480,8 @@ class Gateway:
                         raise PayloadTooLarge(part_too_large)
                     batch.append(part)
                     batch_bytes += len(part.body)
+                    if as_json:
+                        continue
                     if batch_bytes >= STOW_BATCH_BYTES or len(batch) >= STOW_BATCH_PARTS:
                         await settle()
                         in_flight = asyncio.ensure_future(self.run(self._store_parts, backend, batch, url_study,
@@ -488,6 +492,10 @@ class Gateway:
             reader.close()
             if not reader.count:
                 raise BadRequest("multipart body: no parts")
+            if as_json:
+                files, unbuilt = await self.run(stowjson.to_part10, batch)
+                failed.extend(unbuilt)
+                batch = [Part({"content-type": wado.DICOM}, data) for data in files]
         except ClientDisconnect:
             await broke_off(f"the client went away after {len(stored)} instances")
             log.info("STOW-RS: the client went away; %d instances stored, the study is noted incomplete",
@@ -564,8 +572,10 @@ class Gateway:
         stored, failed = outcome
         body: dict = {}
         studies = {s[2] for s in stored} | ({url_study} if url_study else set())
-        if len(studies) == 1:
-            body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{next(iter(studies))}"]}
+        # Type 2 (PS3.18 Table I.1-1: the URL of "the Study"): empty when instances of several
+        # studies (or none) were stored, each instance's own RetrieveURL names its study
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{next(iter(studies))}"]} if len(studies) == 1 \
+            else {"vr": "UR"}
         if failed:
             body["00081198"] = {"vr": "SQ", "Value": [{
                 "00081150": {"vr": "UI", "Value": [c]} if c else {"vr": "UI"},
