@@ -1,7 +1,9 @@
 """The plugin spec as typed objects, loaded from YAML and checked before anything is rendered.
 
-Names derived here (process id, profile and Questionnaire URLs, …) follow the DSF's rules
-(dsf-facts.md 1.3 and 2.2), so the generator and the validator share one definition.
+Names derived here (process id, process and profile URLs, …) follow the DSF's rules for
+plugins. The rules the validator checks in any plugin too (`process_id`, `resource_version`) are
+the functions below, which `omi_dsf.validate` uses: the generator and the validator share one
+definition of them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ RECIPIENT_CODES = {"LOCAL_ALL", "LOCAL_ORGANIZATION", "LOCAL_ROLE"}
 ROLE_CODES = {"LOCAL_ROLE", "REMOTE_ROLE"}
 ORGANIZATION_CODES = {"LOCAL_ORGANIZATION", "REMOTE_ORGANIZATION"}
 DSF_ORGANIZATION_ROLES = {"UAC", "COS", "CRR", "DIC", "DMS", "DTS", "HRP", "TTP", "AMS"}
+
+
+def process_id(domain: str, name: str) -> str:
+    """The BPMN process id the DSF expects for `http://<domain>/bpe/Process/<name>`."""
+    return f"{domain.replace('.', '')}_{name}"
+
+
+def resource_version(version: str) -> str | None:
+    """`a.b` of a plugin version `a.b.c.d` (the version its FHIR resources carry); None if malformed."""
+    m = VERSION_RE.match(version)
+    return m.group("resource") if m else None
 
 
 class SpecError(Exception):
@@ -112,7 +125,7 @@ class Plugin:
 
     @property
     def resource_version(self) -> str:
-        return VERSION_RE.match(self.version).group("resource")
+        return resource_version(self.version)
 
     @property
     def base(self) -> str:
@@ -126,12 +139,12 @@ class Spec:
     processes: tuple[Process, ...]
     source: Path = field(default=DEFAULT_SPEC, compare=False)
 
-    # -- names derived from the spec (one place, shared by generator and validator) --
+    # -- names derived from the spec --
     def process_url(self, process: Process) -> str:
         return f"{self.plugin.base}/bpe/Process/{process.name}"
 
     def process_id(self, process: Process) -> str:
-        return f"{self.plugin.domain.replace('.', '')}_{process.name}"
+        return process_id(self.plugin.domain, process.name)
 
     @property
     def code_system_url(self) -> str:

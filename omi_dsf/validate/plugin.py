@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from omi_dsf.spec.model import process_id, resource_version
 from omi_dsf.validate.bpmn import INSTANTIATES_RE, BpmnModel, check_bpmn
 from omi_dsf.validate.fhir import AD_URL_RE, FhirResource, check_fhir
 from omi_dsf.validate.findings import Finding
 from omi_dsf.validate.source import DEFINITION_SERVICES, PluginSource, SourceError, load_source
-
-VERSION_RE = re.compile(r"^(\d+\.\d+)\.\d+\.\d+$")
-
 
 def _resource_version(src: PluginSource) -> str | None:
     """a.b of the plugin version, where the plugin says it (our index); None if unknown."""
@@ -19,8 +16,7 @@ def _resource_version(src: PluginSource) -> str | None:
         if path.endswith("omi-plugin.properties"):
             for line in data.decode("utf-8").splitlines():
                 if line.startswith("version="):
-                    m = VERSION_RE.match(line.split("=", 1)[1].strip())
-                    return m.group(1) if m else None
+                    return resource_version(line.split("=", 1)[1].strip())
     return None
 
 
@@ -72,7 +68,7 @@ def _cross_check(models: list[BpmnModel], resources: list[FhirResource], example
         process_ids[m.process_id] = m.file
         # exactly one ActivityDefinition whose URL converts to this process id
         matching = [ad for ad in ads.values() if (mm := AD_URL_RE.match(ad.url))
-                    and f"{mm['domain'].replace('.', '')}_{mm['name']}" == m.process_id]
+                    and process_id(mm['domain'], mm['name']) == m.process_id]
         if len(matching) != 1:
             out.append(Finding(m.file, f"process#{m.process_id}", "dsf-activity-definition",
                                f"needs exactly one ActivityDefinition with url http(s)://<domain>/bpe/Process/<name> "
