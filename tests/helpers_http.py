@@ -13,7 +13,8 @@ from typing import Iterator
 def serve(handler_cls) -> Iterator[str]:
     """The base URL of a server running `handler_cls` on a free port; stopped on exit."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: a short poll keeps every test's exit short
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers_cli import run_cli
 from omi_dsf.audit import AuditTrail, certificate_subject
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_events_are_kept_per_business_key_in_order(tmp_path):
@@ -34,8 +30,7 @@ def test_unknown_details_are_refused(tmp_path):
 def test_audit_cli_lists_events(tmp_path):
     (tmp_path / "site.yaml").write_text("audit: trail.sqlite\n")
     AuditTrail(tmp_path / "trail.sqlite").record("bk-9", "received", "CN=ai", instances=2)
-    p = subprocess.run([sys.executable, "-m", "omi_dsf", "audit", "--site", str(tmp_path / "site.yaml"), "bk-9", "--json"],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = run_cli("audit", "--site", str(tmp_path / "site.yaml"), "bk-9", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)[0]["details"] == {"instances": 2}
 

@@ -1,7 +1,8 @@
 """The `omi` client (`python -m omi_dsf …`) against careless input and hostile servers (issue 16): every
 error is one line on stderr with exit code 2 and no traceback; plain http:// is refused where patient
 identifiers would go; UIDs are checked before anything is sent; text from servers is printed with
-control characters and terminal escapes made visible. Each case runs the command as a subprocess."""
+control characters and terminal escapes made visible. Each case runs the command in a process of
+its own (forked, helpers_cli.run_cli); the last test starts the real `python -m omi_dsf`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import ROOT, free_port
+from helpers_cli import run_cli
 from helpers_http import serve
 from helpers_pki import issue, make_ca, write_ca, write_pem
 
@@ -21,6 +23,10 @@ ESC = "\x1b[2J\x1b]0;owned\x07"
 
 
 def omi(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return run_cli(*args, timeout=timeout)
+
+
+def python_m_omi(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "omi_dsf", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -164,7 +170,7 @@ def test_unforeseen_errors_are_one_line_too(tmp_path):
     # a part that raises something nobody foresaw: one line, the traceback only with -v
     bad = tmp_path / "gateway.yaml"
     bad.write_bytes(b"\xff\xfe not text")
-    r = omi("gateway", "--config", str(bad), "--check")
+    r = python_m_omi("gateway", "--config", str(bad), "--check")
     one_line_error(r)
-    r = omi("registry", "--config", str(bad))
+    r = python_m_omi("registry", "--config", str(bad))
     one_line_error(r, "not a text file")

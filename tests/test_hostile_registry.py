@@ -1,7 +1,9 @@
 """The service registry against hostile input (issue 16): bounded fuzzing of the real server (mutual TLS,
 as a provider, so that writes get past authentication), the limits (body size refused before it is read,
 query length, header and body read timeouts), odd transaction and heartbeat shapes as 400, tokens with
-odd claims as 401, configuration files with wrong types, and the status page (public_read, no addresses)."""
+odd claims as 401, configuration files with wrong types, and the status page (public_read, no addresses).
+In process where the HTTP layer does not matter; the tests on `env` run `python -m omi_dsf registry`
+(integration)."""
 
 from __future__ import annotations
 
@@ -141,6 +143,7 @@ def _tls(env) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=env["ca"])
 
 
+@pytest.mark.integration   # the registry and the AI service as processes (env)
 def test_512_mb_refused_before_the_body_is_read(env):
     before = rss_mb(env["reg"].pid)
     head = (b"POST /fhir HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\n"
@@ -154,6 +157,7 @@ def test_512_mb_refused_before_the_body_is_read(env):
         assert c.get("/health").status_code == 200
 
 
+@pytest.mark.integration   # the registry and the AI service as processes (env)
 def test_slow_headers_and_bodies_are_cut_off(env):
     socks = []
     for _ in range(50):
@@ -228,6 +232,7 @@ def _stored(c: httpx.Client) -> dict:
     return out
 
 
+@pytest.mark.integration   # the registry and the AI service as processes (env)
 def test_fuzz_no_5xx_no_hang_health_and_stored_data_unchanged(env):
     answered: dict[int, int] = {}
     with _client(env, "provider") as c:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from helpers_cli import run_cli
 from omi_dsf.testkit import phantom
 
 
@@ -84,8 +82,7 @@ def test_bad_size_is_rejected(tmp_path):
 
 def test_cli_writes_study(tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "omi_dsf", "sample-study", "--slices", "2", "--rows", "32",
-                        "--cols", "32", "--out", str(out), "--seed", "3"], capture_output=True, text=True, timeout=60)
+    r = run_cli("sample-study", "--slices", "2", "--rows", "32", "--cols", "32", "--out", str(out), "--seed", "3")
     assert r.returncode == 0, r.stderr
     files = sorted(out.glob("*.dcm"))
     assert len(files) == 2

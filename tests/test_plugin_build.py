@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers_cli import run_cli
 from omi_dsf.generate.build import BuildError, build, check, stale_files, write_tree
 from omi_dsf.generate.render import render
 from omi_dsf.spec.model import DEFAULT_SPEC, SpecError, load_spec, parse_spec
@@ -185,8 +186,7 @@ def test_cli_build_with_broken_spec_exits_nonzero_with_one_line_per_finding(tmp_
     raw["processes"][0]["steps"][1]["outputs"].append("no-such-code")
     spec_file = tmp_path / "broken.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "omi_dsf", "build", "--no-package", "--spec", str(spec_file)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_cli("build", "--no-package", "--spec", str(spec_file))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 3 and "nothing was written" in lines[-1]
@@ -284,10 +284,10 @@ def test_not_a_plugin_at_all(tmp_path):
 
 
 def test_validate_cli_exit_codes(tree):
-    ok = subprocess.run([sys.executable, "-m", "omi_dsf", "validate", str(tree)], capture_output=True, text=True, cwd=ROOT)
+    ok = run_cli("validate", str(tree))
     assert ok.returncode == 0, ok.stdout
     (tree / REQ).write_text((tree / REQ).read_text().replace('camunda:versionTag="#{version}"', ""))
-    bad = subprocess.run([sys.executable, "-m", "omi_dsf", "validate", str(tree)], capture_output=True, text=True, cwd=ROOT)
+    bad = run_cli("validate", str(tree))
     assert bad.returncode == 1
     assert "dsf-version-tag" in bad.stdout and REQ in bad.stdout
 

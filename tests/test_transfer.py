@@ -574,7 +574,7 @@ def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fhir)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         bundle = {"resourceType": "Bundle", "type": "collection", "entry": [

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from helpers_cli import run_cli
 from omi_dsf.dsf.errors import operation_outcome_text
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.steps.demo import demo_step, fingerprint
 from omi_dsf.worker.lease import SqliteLeases, open_lease_store
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def qr(**answers) -> dict:
@@ -135,7 +132,7 @@ def test_demo_handler_answers_every_output_from_its_inputs():
 def test_worker_cli_errors_are_one_line(tmp_path):
     cfg = tmp_path / "site.yaml"
     cfg.write_text("fhir_url: https://127.0.0.1:1/fhir\n")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "omi_dsf", "worker", *a], capture_output=True, text=True, cwd=ROOT)
+    run = lambda *a: run_cli("worker", *a)
     p = run("--site", str(cfg), "--topics", "consent,sing")
     assert p.returncode == 2 and "unknown topic(s) ['sing']" in p.stderr
     p = run("--site", str(cfg), "--topics", "consent", "--demo")
