@@ -89,5 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def omi_main() -> int:
-    """The `omi` client command: the DIC-facing subset of `python -m omi_dsf`."""
+    """The `omi` console script: the same commands as `python -m omi_dsf` (docs/registry.md shows the
+    client's: services, submit, status, results)."""
     return main()

@@ -1,6 +1,6 @@
 """The DSF external work item: a QuestionnaireResponse (status in-progress) that the BPE created at
 a user task. Its answered items are the step's inputs; a worker answers the output items and sets
-it completed, and the BPE continues the process (dsf-facts.md section 3)."""
+it completed, and the BPE continues the process."""
 
 from __future__ import annotations
 
