@@ -1,14 +1,17 @@
 """The site's audit trail: per business key, what was sent or received, when, by whom (which
-certificate), in which pseudonym domain. Append-only SQLite at the site; never patient data —
-callers pass pseudonymized UIDs, counts, organization identifiers and certificate subjects only."""
+certificate), in which pseudonym domain. Append-only, in the site's database (omi_dsf/database.py:
+SQLite, or PostgreSQL shared by workers on several hosts); never patient data — callers pass
+pseudonymized UIDs, counts, organization identifiers and certificate subjects only."""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from omi_dsf.database import Database
 
 # the attributes an event may carry; anything else is refused so nothing identifying slips in
 ALLOWED_DETAILS = {"study_uid", "pseudonymized_study_uid", "result_study_uid", "instances", "bytes", "target",
@@ -25,18 +28,19 @@ class Event:
     details: dict
 
 
-class AuditTrail:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.execute("""CREATE TABLE IF NOT EXISTS audit (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, business_key TEXT NOT NULL,
-                action TEXT NOT NULL, actor TEXT NOT NULL, details TEXT NOT NULL)""")
-            db.execute("CREATE INDEX IF NOT EXISTS audit_bk ON audit(business_key)")
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq AUTOINCREMENT_KEY, time TEXT NOT NULL, business_key TEXT NOT NULL,
+        action TEXT NOT NULL, actor TEXT NOT NULL, details TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS audit_bk ON audit(business_key)",
+]
 
-    def _db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+
+class AuditTrail:
+    """`url`: a SQLite path or `sqlite:///…`, or `postgresql://…`."""
+
+    def __init__(self, url: str | Path):
+        self.db = Database(url, SCHEMA)
 
     def record(self, business_key: str, action: str, actor: str, **details) -> Event:
         unknown = sorted(set(details) - ALLOWED_DETAILS)
@@ -44,17 +48,24 @@ class AuditTrail:
             raise ValueError(f"audit: detail(s) {unknown} are not auditable fields")
         ev = Event(dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), business_key, action, actor,
                    {k: v for k, v in details.items() if v is not None})
-        with self._db() as db:
-            db.execute("INSERT INTO audit(time, business_key, action, actor, details) VALUES (?,?,?,?,?)",
-                       (ev.time, business_key, action, actor, json.dumps(ev.details, sort_keys=True)))
+        self.db.run("INSERT INTO audit(time, business_key, action, actor, details) VALUES (?,?,?,?,?)",
+                    (ev.time, business_key, action, actor, json.dumps(ev.details, sort_keys=True)))
         return ev
 
     def events(self, business_key: str | None = None) -> list[Event]:
-        with self._db() as db:
-            rows = db.execute("SELECT time, business_key, action, actor, details FROM audit"
-                              + (" WHERE business_key=?" if business_key else "") + " ORDER BY seq",
-                              (business_key,) if business_key else ()).fetchall()
+        rows = self.db.all("SELECT time, business_key, action, actor, details FROM audit"
+                           + (" WHERE business_key=?" if business_key else "") + " ORDER BY seq",
+                           (business_key,) if business_key else ())
         return [Event(t, bk, a, who, json.loads(d)) for t, bk, a, who, d in rows]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@functools.lru_cache(maxsize=16)
+def trail(url: str) -> AuditTrail:
+    """The trail at `url`, opened once per process (steps record several events per work item)."""
+    return AuditTrail(url)
 
 
 def certificate_subject(cert_file: str | Path) -> str:

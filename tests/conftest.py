@@ -35,6 +35,54 @@ def ai_service(tmp_path_factory):
         yield service
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL cluster (Debian's binaries) on 127.0.0.1 for the session, with a login role
+    `omi`; `postgres.new_database()` gives each test its own empty database as a URL."""
+    import itertools
+    import os
+    import shutil
+    import tempfile
+
+    from omi_dsf.errors import UserError
+    from omi_dsf.testbed.postgres import Cluster
+
+    # not under pytest's own temporary folder: that one is private to us, and the cluster runs as
+    # the postgres user when we are root
+    folder = Path(tempfile.mkdtemp(prefix="omi-test-pg-"))
+    os.chmod(folder, 0o755)
+    try:
+        cluster = Cluster(folder / "pg", free_port())
+    except UserError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(str(exc))
+    cluster.init()
+    cluster.start()
+    cluster.psql("CREATE ROLE omi LOGIN PASSWORD 'omi-test-pw';")
+    counter = itertools.count(1)
+
+    def new_database() -> str:
+        name = f"t{next(counter)}"
+        cluster.psql(f"CREATE DATABASE {name} OWNER omi;")
+        return f"postgresql://omi:omi-test-pw@127.0.0.1:{cluster.port}/{name}"
+
+    cluster.new_database = new_database
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        cluster.remove()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def site_db(request, tmp_path) -> str:
+    """A fresh, empty site database as a URL: a SQLite file, and (integration) a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'site.db'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
 def artifacts_dir() -> Path:
     """Where tests keep things worth looking at after the run (screenshots, reports)."""

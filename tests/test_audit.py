@@ -1,4 +1,5 @@
-"""The site audit trail: events per business key, no free-form (possibly identifying) fields."""
+"""The site audit trail: events per business key, no free-form (possibly identifying) fields (on SQLite
+and PostgreSQL: the `site_db` fixture)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from helpers_cli import run_cli
 from omi_dsf.audit import AuditTrail, certificate_subject
 
 
-def test_events_are_kept_per_business_key_in_order(tmp_path):
-    trail = AuditTrail(tmp_path / "audit.sqlite")
+def test_events_are_kept_per_business_key_in_order(site_db):
+    trail = AuditTrail(site_db)
     trail.record("bk-1", "sent", "CN=dic", pseudonymized_study_uid="2.25.1", instances=3, target="https://ai/dicomweb")
     trail.record("bk-2", "step-completed", "CN=dic", outcome="consent")
     trail.record("bk-1", "step-completed", "CN=dic", outcome="send")
@@ -20,8 +21,8 @@ def test_events_are_kept_per_business_key_in_order(tmp_path):
     assert len(trail.events()) == 3
 
 
-def test_unknown_details_are_refused(tmp_path):
-    trail = AuditTrail(tmp_path / "audit.sqlite")
+def test_unknown_details_are_refused(site_db):
+    trail = AuditTrail(site_db)
     with pytest.raises(ValueError, match=r"\['patient_name'\] are not auditable"):
         trail.record("bk", "sent", "CN=dic", patient_name="Mustermann^Max")
     assert trail.events() == []

@@ -1,14 +1,10 @@
-"""The registry's storage on SQLite and on a real PostgreSQL (a throwaway cluster of Debian's
+"""The registry's storage on SQLite and on a real PostgreSQL (the session's cluster of Debian's
 PostgreSQL on 127.0.0.1): whole-or-nothing registrations, duplicates refused even when two
 registrations race, health history."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -78,31 +74,14 @@ def test_sqlite_store(tmp_path):
 
 
 @pytest.mark.integration
-def test_postgresql_store():
-    from omi_dsf.errors import UserError
-    from omi_dsf.testbed.postgres import Cluster
-
-    folder = Path(tempfile.mkdtemp(prefix="omi-registry-pg-"))
-    os.chmod(folder, 0o755)   # the cluster runs as the postgres user when we are root
-    try:
-        cluster = Cluster(folder / "pg", free_port())
-    except UserError as exc:
-        pytest.skip(str(exc))
-    try:
-        cluster.init()
-        cluster.start()
-        cluster.psql("CREATE ROLE omi LOGIN PASSWORD 'omi-test-pw'; CREATE DATABASE registry OWNER omi;")
-        store = Store(f"postgresql://omi:omi-test-pw@127.0.0.1:{cluster.port}/registry")
-        _exercise(store)
-        # the data is in PostgreSQL: a new store on the same URL sees it
-        again = Store(store.url)
-        assert {r["id"] for r in again.all("HealthcareService")} >= {"a"}
-        again.close()
-        store.close()
-    finally:
-        cluster.stop()
-        cluster.remove()
-        shutil.rmtree(folder, ignore_errors=True)
+def test_postgresql_store(postgres):
+    store = Store(postgres.new_database())
+    _exercise(store)
+    # the data is in PostgreSQL: a new store on the same URL sees it
+    again = Store(store.url)
+    assert {r["id"] for r in again.all("HealthcareService")} >= {"a"}
+    again.close()
+    store.close()
 
 
 def test_unreachable_database_is_one_line_without_the_password(tmp_path, capsys):

@@ -1,9 +1,7 @@
-"""Work items, leases and worker configuration, without a DSF (the DSF runs in test_worker_dsf.py)."""
+"""Work items and worker configuration, without a DSF (the DSF runs in test_worker_dsf.py; leases are
+site state, in test_site_state.py)."""
 
 from __future__ import annotations
-
-import multiprocessing
-import time
 
 import pytest
 
@@ -12,8 +10,6 @@ from omi_dsf.dsf.errors import operation_outcome_text
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.steps.demo import demo_step, fingerprint
-from omi_dsf.worker.lease import SqliteLeases, open_lease_store
-
 
 
 def qr(**answers) -> dict:
@@ -72,49 +68,6 @@ def test_operation_outcome_text():
                                                          "diagnostics": "Task.input: minimum required = 2", "location": ["Task"]}]}
     assert operation_outcome_text(oo) == "error: Task.input: minimum required = 2 at Task"
     assert operation_outcome_text({"resourceType": "Bundle"}) == ""
-
-
-# -- leases ---------------------------------------------------------------------------------------
-
-
-def test_lease_is_exclusive_until_it_expires(tmp_path):
-    leases = SqliteLeases(tmp_path / "l.db")
-    assert leases.claim("a", "w1", ttl=0.3) == 1
-    assert leases.claim("a", "w2", ttl=10) is None
-    assert leases.renew("a", "w1", ttl=0.3)
-    time.sleep(0.4)
-    assert leases.claim("a", "w2", ttl=10) == 2          # taken over: the second attempt
-    assert not leases.renew("a", "w1", ttl=10)            # w1 learns it lost the lease
-
-
-def test_released_and_finished_leases(tmp_path):
-    leases = open_lease_store(f"sqlite:///{tmp_path}/l.db")
-    assert leases.claim("a", "w1", 60) == 1
-    leases.release("a", "w1")
-    assert leases.claim("a", "w2", 60) == 2
-    leases.finish("a", "w2")
-    assert leases.is_done("a")
-    assert leases.claim("a", "w3", 60) is None            # done is done, whoever asks
-
-
-def _claim_all(path: str, owner: str, ids: list[str], out) -> None:
-    leases = SqliteLeases(path)
-    out.put([i for i in ids if leases.claim(i, owner, 60)])
-
-
-def test_concurrent_processes_claim_each_item_once(tmp_path):
-    path = str(tmp_path / "l.db")
-    SqliteLeases(path)
-    ids = [f"item-{i}" for i in range(200)]
-    q = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_claim_all, args=(path, f"w{n}", ids, q)) for n in range(4)]
-    for p in procs:
-        p.start()
-    got = [q.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-    claimed = [i for part in got for i in part]
-    assert sorted(claimed) == sorted(ids)                  # every item once, none twice
 
 
 # -- demo handler and CLI -------------------------------------------------------------------------

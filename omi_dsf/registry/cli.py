@@ -23,6 +23,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg.port = args.port
     try:
         Store(cfg.database).close()  # fail here, in one line, if the database is unusable
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"database {cfg.database.split('@')[-1]}: {str(exc).splitlines()[0]}") from exc
     serve(cfg)

@@ -1,4 +1,5 @@
-"""Persistent storage of the registry: SQLite (default, a file) or PostgreSQL (a URL).
+"""Persistent storage of the registry: SQLite (default, a file) or PostgreSQL (a URL), through
+omi_dsf/database.py.
 
 Every write runs in one database transaction, so a registration is stored entirely or not at all.
 Identifiers have a unique index per resource type: two registrations of the same service cannot
@@ -9,12 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sqlite3
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
+
+from omi_dsf import database
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS resources (
@@ -55,24 +55,15 @@ class ServiceState:
     heartbeat_note: str | None = None
 
 
-class Tx:
+class Tx(database.Tx):
     """Operations inside one transaction."""
 
-    def __init__(self, conn, q):
-        self._c, self._q = conn, q
-
-    def _exec(self, sql: str, args=()):
-        cur = self._c.cursor()
-        cur.execute(self._q(sql), args)
-        return cur
-
     def get(self, rtype: str, rid: str) -> tuple[dict, str, int] | None:
-        row = self._exec("SELECT body, owner, version FROM resources WHERE rtype=? AND id=?", (rtype, rid)).fetchone()
+        row = self.one("SELECT body, owner, version FROM resources WHERE rtype=? AND id=?", (rtype, rid))
         return (json.loads(row[0]), row[1], row[2]) if row else None
 
     def id_for_identifier(self, rtype: str, system: str, value: str) -> str | None:
-        row = self._exec("SELECT id FROM identifiers WHERE rtype=? AND system=? AND value=?",
-                         (rtype, system, value)).fetchone()
+        row = self.one("SELECT id FROM identifiers WHERE rtype=? AND system=? AND value=?", (rtype, system, value))
         return row[0] if row else None
 
     def put(self, resource: dict, owner: str, identifiers: list[tuple[str, str]]) -> dict:
@@ -85,80 +76,32 @@ class Tx:
                                          "lastUpdated": stamp}}
         body = json.dumps(resource, separators=(",", ":"))
         if old:
-            self._exec("UPDATE resources SET version=?, owner=?, body=?, last_updated=? WHERE rtype=? AND id=?",
+            self.run("UPDATE resources SET version=?, owner=?, body=?, last_updated=? WHERE rtype=? AND id=?",
                        (version, owner, body, stamp, rtype, rid))
-            self._exec("DELETE FROM identifiers WHERE rtype=? AND id=?", (rtype, rid))
+            self.run("DELETE FROM identifiers WHERE rtype=? AND id=?", (rtype, rid))
         else:
-            self._exec("INSERT INTO resources (rtype, id, version, owner, body, last_updated) VALUES (?,?,?,?,?,?)",
+            self.run("INSERT INTO resources (rtype, id, version, owner, body, last_updated) VALUES (?,?,?,?,?,?)",
                        (rtype, rid, version, owner, body, stamp))
         for system, value in identifiers:
-            self._exec("INSERT INTO identifiers (rtype, system, value, id) VALUES (?,?,?,?)", (rtype, system, value, rid))
+            self.run("INSERT INTO identifiers (rtype, system, value, id) VALUES (?,?,?,?)", (rtype, system, value, rid))
         return resource
 
 
 class Store:
     def __init__(self, url: str):
         self.url = url
-        self.postgres = url.startswith(("postgresql://", "postgres://"))
-        if not self.postgres:
-            path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
-            self.path = str(Path(path))
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self.transaction() as tx:
-            for stmt in SCHEMA:
-                tx._exec(stmt)
-
-    # -- connections --------------------------------------------------------------------------
-
-    def _q(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.postgres else sql
-
-    def _connect(self):
-        if self.postgres:
-            import psycopg
-            return psycopg.connect(self.url, autocommit=True)
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        return conn
-
-    def _conn(self):
-        # one connection per thread: sqlite3 and psycopg connections are not shared across threads
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
+        self.db = database.Database(url, SCHEMA)
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Tx]:
-        conn = self._conn()
-        integrity = self._integrity_errors()
         try:
-            if self.postgres:
-                with conn.transaction():
-                    yield Tx(conn, self._q)
-            else:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # one writer at a time, no lost updates
-                try:
-                    yield Tx(conn, self._q)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-        except integrity as exc:
+            with self.db.transaction(write) as tx:
+                yield Tx(tx._conn, tx._postgres)
+        except self.db.integrity_error() as exc:
             raise DuplicateError(str(exc).splitlines()[0]) from exc
 
-    def _integrity_errors(self):
-        if self.postgres:
-            import psycopg
-            return psycopg.errors.UniqueViolation
-        return sqlite3.IntegrityError
-
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.db.close()
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -169,7 +112,7 @@ class Store:
 
     def all(self, rtype: str) -> list[dict]:
         with self.transaction(write=False) as tx:
-            rows = tx._exec("SELECT body FROM resources WHERE rtype=? ORDER BY id", (rtype,)).fetchall()
+            rows = tx.all("SELECT body FROM resources WHERE rtype=? ORDER BY id", (rtype,))
         return [json.loads(r[0]) for r in rows]
 
     # -- health -------------------------------------------------------------------------------
@@ -179,8 +122,8 @@ class Store:
 
     def states(self, service_ids: list[str] | None = None) -> dict[str, ServiceState]:
         with self.transaction(write=False) as tx:
-            rows = tx._exec("SELECT service_id, status, checked_at, latency_ms, detail, failures, since, "
-                            "heartbeat_at, heartbeat_note FROM service_state").fetchall()
+            rows = tx.all("SELECT service_id, status, checked_at, latency_ms, detail, failures, since, "
+                          "heartbeat_at, heartbeat_note FROM service_state")
         out = {r[0]: ServiceState(*r) for r in rows}
         return out if service_ids is None else {k: v for k, v in out.items() if k in service_ids}
 
@@ -188,20 +131,19 @@ class Store:
                      at: str | None = None) -> ServiceState:
         at = at or now()
         with self.transaction() as tx:
-            row = tx._exec("SELECT status, failures, since FROM service_state WHERE service_id=?",
-                           (service_id,)).fetchone()
+            row = tx.one("SELECT status, failures, since FROM service_state WHERE service_id=?", (service_id,))
             failures = 0 if status == "up" else ((row[1] if row else 0) + 1)
             since = row[2] if row and row[0] == status and row[2] else at
             if row:
-                tx._exec("UPDATE service_state SET status=?, checked_at=?, latency_ms=?, detail=?, failures=?, since=? "
+                tx.run("UPDATE service_state SET status=?, checked_at=?, latency_ms=?, detail=?, failures=?, since=? "
                          "WHERE service_id=?", (status, at, latency_ms, detail, failures, since, service_id))
             else:
-                tx._exec("INSERT INTO service_state (service_id, status, checked_at, latency_ms, detail, failures, since) "
+                tx.run("INSERT INTO service_state (service_id, status, checked_at, latency_ms, detail, failures, since) "
                          "VALUES (?,?,?,?,?,?,?)", (service_id, status, at, latency_ms, detail, failures, since))
-            tx._exec("INSERT INTO checks (service_id, checked_at, status, latency_ms, detail) VALUES (?,?,?,?,?)",
+            tx.run("INSERT INTO checks (service_id, checked_at, status, latency_ms, detail) VALUES (?,?,?,?,?)",
                      (service_id, at, status, latency_ms, detail))
             # keep the newest KEEP_CHECKS rows of this service
-            tx._exec("DELETE FROM checks WHERE service_id=? AND checked_at < (SELECT MIN(checked_at) FROM "
+            tx.run("DELETE FROM checks WHERE service_id=? AND checked_at < (SELECT MIN(checked_at) FROM "
                      "(SELECT checked_at FROM checks WHERE service_id=? ORDER BY checked_at DESC LIMIT ?) AS newest)",
                      (service_id, service_id, KEEP_CHECKS))
         return self.state(service_id)
@@ -209,15 +151,15 @@ class Store:
     def record_heartbeat(self, service_id: str, note: str | None, at: str | None = None) -> str:
         at = at or now()
         with self.transaction() as tx:
-            n = tx._exec("UPDATE service_state SET heartbeat_at=?, heartbeat_note=? WHERE service_id=?",
-                         (at, note, service_id)).rowcount
+            n = tx.run("UPDATE service_state SET heartbeat_at=?, heartbeat_note=? WHERE service_id=?",
+                       (at, note, service_id))
             if not n:
-                tx._exec("INSERT INTO service_state (service_id, status, heartbeat_at, heartbeat_note, failures) "
+                tx.run("INSERT INTO service_state (service_id, status, heartbeat_at, heartbeat_note, failures) "
                          "VALUES (?,?,?,?,0)", (service_id, "unknown", at, note))
         return at
 
     def recent_checks(self, service_id: str, limit: int = 10) -> list[dict]:
         with self.transaction(write=False) as tx:
-            rows = tx._exec("SELECT checked_at, status, latency_ms, detail FROM checks WHERE service_id=? "
-                            "ORDER BY checked_at DESC LIMIT ?", (service_id, limit)).fetchall()
+            rows = tx.all("SELECT checked_at, status, latency_ms, detail FROM checks WHERE service_id=? "
+                          "ORDER BY checked_at DESC LIMIT ?", (service_id, limit))
         return [{"checked_at": r[0], "status": r[1], "latency_ms": r[2], "detail": r[3]} for r in rows]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-from omi_dsf.audit import AuditTrail, certificate_subject
+from omi_dsf.audit import certificate_subject, trail
 
 Answers = Mapping[str, str | int | bool | float]
 
@@ -76,7 +76,7 @@ def audit(ctx: StepContext, action: str, client_cert: str | None = None, **detai
     actor = ctx.site.get("actor")
     if not actor and client_cert:
         actor = certificate_subject(client_cert)
-    AuditTrail(path).record(ctx.business_key, action, str(actor or "omi-worker"), item_id=ctx.item_id or None,
+    trail(str(path)).record(ctx.business_key, action, str(actor or "omi-worker"), item_id=ctx.item_id or None,
                             attempt=ctx.attempt, **details)
 
 

@@ -3,7 +3,8 @@
 Site configuration, `ctx.site["pseudonymization"]`:
     domain       pseudonym domain (required)
     key_file     file with the site key (else $OMI_DEID_KEY_FILE / $OMI_DEID_KEY)
-    store        SQLite file kept at the site (UID map, removed attributes, embedded pseudonyms)
+    store        the site's UID map (removed attributes, embedded pseudonyms): a SQLite file or a
+                 postgresql:// URL shared by workers on several hosts (omi_dsf/database.py)
     provider     {"kind": "embedded"} | {"kind": "gpas", "wsdl": …} | {"kind": "ttp-fhir", "url": …}
     options      list of option names (see profile.OPTION_NAMES)
     source       {"kind": "folder", "path": ".../{study_uid}"} | {"kind": "dicomweb", "url": …}
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from omi_dsf.audit import AuditTrail
+from omi_dsf.audit import trail
 from omi_dsf.deid import instance_io
 from omi_dsf.deid.keys import KeyError_, load_key
 from omi_dsf.deid.pipeline import StudyPseudonymizer
@@ -133,8 +134,8 @@ def _report_refused(ctx: StepContext, refused: list[str], pseudo_study_uid: str)
     for line in refused:
         ctx.log.warning("refused %s", line)
     if ctx.site.get("audit"):
-        trail = AuditTrail(ctx.site["audit"])
+        audit_trail = trail(str(ctx.site["audit"]))
         for line in refused:
-            trail.record(ctx.business_key, "instance-refused", str(ctx.site.get("actor") or "omi-worker"),
-                         item_id=ctx.item_id or None, attempt=ctx.attempt,
-                         pseudonymized_study_uid=pseudo_study_uid, error=line)
+            audit_trail.record(ctx.business_key, "instance-refused", str(ctx.site.get("actor") or "omi-worker"),
+                               item_id=ctx.item_id or None, attempt=ctx.attempt,
+                               pseudonymized_study_uid=pseudo_study_uid, error=line)

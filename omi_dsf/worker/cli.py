@@ -42,13 +42,13 @@ def _run(args) -> int:
                               websocket=bool(w.get("websocket", True)) and not args.no_websocket)
     if w.get("owner"):
         settings.owner = str(w["owner"])
-    from omi_dsf.audit import AuditTrail, certificate_subject
+    from omi_dsf.audit import certificate_subject, trail
 
     client = DsfClient(site.identity)
-    audit = AuditTrail(site.audit_path)
+    audit = trail(site.audit)
     steps = dict(site.raw.get("steps") or {})
     actor = certificate_subject(site.identity.cert_file)
-    steps.setdefault("audit", str(site.audit_path))
+    steps.setdefault("audit", site.audit)
     steps.setdefault("actor", actor)   # the steps' audit events name the site's certificate too
     worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, steps, audit=audit, actor=actor)
 
@@ -84,7 +84,7 @@ def _audit(args) -> int:
     from omi_dsf.worker.config import load_site_config
 
     site = load_site_config(args.site)
-    events = AuditTrail(site.audit_path).events(args.business_key)
+    events = AuditTrail(site.audit).events(args.business_key)
     if args.json:
         print(json.dumps([e.__dict__ for e in events], indent=2))
         return 0

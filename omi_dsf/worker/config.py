@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from omi_dsf.database import resolve
 from omi_dsf.errors import UserError
 from omi_dsf.dsf.client import Identity, identity_from_files
 from omi_dsf.steps import DEMO_HANDLER, HANDLERS, load_handler
@@ -32,15 +33,13 @@ class SiteConfig:
 
     @property
     def lease_store(self) -> str:
-        url = self.raw.get("lease_store", "leases.db")
-        if url.startswith(("postgresql://", "postgres://")):
-            return url
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
-        return str(self.path.parent / path)
+        """Database URL of the leases (omi_dsf/database.py; a SQLite path relative to this file)."""
+        return resolve(self.raw.get("lease_store", "leases.db"), self.path.parent)
 
     @property
-    def audit_path(self) -> Path:
-        return self.path.parent / self.raw.get("audit", "audit.sqlite")
+    def audit(self) -> str:
+        """Database URL of the audit trail (as lease_store)."""
+        return resolve(self.raw.get("audit", "audit.sqlite"), self.path.parent)
 
     @property
     def worker(self) -> dict[str, Any]:

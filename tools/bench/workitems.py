@@ -36,7 +36,7 @@ from omi_dsf.testbed.bed import running_testbed  # noqa: E402
 from omi_dsf.testbed.distribution import Distribution  # noqa: E402
 from omi_dsf.testkit.sites import write_testbed_site_configs  # noqa: E402
 from omi_dsf.worker.config import load_site_config  # noqa: E402
-from omi_dsf.worker.lease import SqliteLeases  # noqa: E402
+from omi_dsf.worker.lease import Leases  # noqa: E402
 from omi_dsf.worker.runtime import Worker, WorkerSettings  # noqa: E402
 
 DIC_TOPICS = ("consent", "pseudonymize", "send", "return")
@@ -59,7 +59,7 @@ class TimedWorker(Worker):
 def run_workers(cfgs: dict, n_dic: int, websocket: bool, poll: float, folder: Path) -> tuple[list[TimedWorker], list[threading.Thread]]:
     topics = topics_from_spec()
     workers, threads = [], []
-    leases = {k: SqliteLeases(folder / f"{k}-{time.time_ns()}.db") for k in ("dic", "ai")}
+    leases = {k: Leases(folder / f"{k}-{time.time_ns()}.db") for k in ("dic", "ai")}
     for key, n, tps in (("dic", n_dic, DIC_TOPICS), ("ai", 1, ("infer",))):
         site = load_site_config(cfgs[key])
         for _ in range(n):
