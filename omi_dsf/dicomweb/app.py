@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from omi_dsf.serving.limits import limit_error_handler
 
 from . import dicomxml, part10, qido, rendering, stowjson, transcode, wado
-from .attributes import INSTANCE, SERIES, SOP_UID, STUDY
+from .attributes import INSTANCE, MODALITY, SERIES, SOP_UID, STUDY
 from .auth import AuthMiddleware
 from .backends import build_backends
 from .backends.dimse import DimseBackend
@@ -47,6 +47,8 @@ DICOM_XML = "application/dicom+xml"
 CANNOT_UNDERSTAND = 0xC000
 STUDY_MISMATCH = 0xA900  # the instance does not belong to the study in the URL
 OUT_OF_RESOURCES = part10.OUT_OF_RESOURCES   # a limit (max_instance_mb)
+# series of these modalities hold no images: a study's thumbnail comes from another series
+NO_IMAGES = {"SR", "KO", "PR", "DOC", "RTPLAN", "RTSTRUCT", "RTRECORD", "ECG", "HD", "AU", "REG", "FID"}
 STOW_BATCH_BYTES, STOW_BATCH_PARTS = 8 << 20, 32   # stored while the rest of a STOW body arrives
 
 
@@ -111,6 +113,12 @@ class Gateway:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     @staticmethod
+    def accept(request: Request):
+        """The media types the client takes: the ``accept`` query parameter (PS3.18 8.3.3.1, for
+        clients that cannot set headers, such as an <img> tag) before the Accept header."""
+        return parse_accept(request.query_params.get("accept") or request.headers.get("accept"))
+
+    @staticmethod
     def scope(request: Request) -> dict[str, str]:
         p = request.path_params
         out = {}
@@ -127,15 +135,32 @@ class Gateway:
         stats = self.stats
 
         def produce(emit, token):
+            failed: list[DicomwebError] = []
+
             def out(data):
                 stats.add("instances_received")
                 stats.mark("instance_received")
-                emit(data if transform is None else transform(data))
+                if transform is None:
+                    emit(data)
+                    return
+                try:
+                    item = transform(data)
+                except DicomwebError as exc:   # the client's error (406 …), not the source's:
+                    failed.append(exc)          # stop, and say so whatever the backend makes of it
+                    token.cancel()
+                    raise
+                emit(item)
             stats.add("streams_active")
             try:
                 backend.retrieve(level, scope, out, token, head)
+            except Exception:
+                if failed:
+                    raise failed[0] from None
+                raise
             finally:
                 stats.add("streams_active", -1)
+            if failed:
+                raise failed[0]
         stream = ThreadStream(produce, maxsize=self.cfg.stream_queue,
                               stall_timeout=self.stall_timeout(backend)).start()
         try:
@@ -152,7 +177,7 @@ class Gateway:
         scope = self.scope(request)
         q = parse_qido(list(request.query_params.multi_items()), level,
                        scope.get(STUDY), scope.get(SERIES))
-        accept = parse_accept(request.headers.get("accept"))
+        accept = self.accept(request)
         if not any(mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*") for mt in accept):
             raise NotAcceptable("Accept: search results are available as application/dicom+json")
         backend = self.backend(request)
@@ -180,7 +205,7 @@ class Gateway:
     # -- WADO-RS: instances --------------------------------------------------------------------
     async def retrieve(self, request: Request, level: str) -> Response:
         scope = self.scope(request)
-        accept = parse_accept(request.headers.get("accept"))
+        accept = self.accept(request)
         if wado.wants_bulk(accept):
             return await self.retrieve_bulk(request, level, scope)
         choice = wado.choose_instance_media(accept)
@@ -256,7 +281,7 @@ class Gateway:
 
     async def retrieve_metadata(self, request: Request, level: str) -> Response:
         scope = self.scope(request)
-        accept = parse_accept(request.headers.get("accept"))
+        accept = self.accept(request)
         as_xml = False
         for mt in accept:
             if mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*"):
@@ -317,7 +342,7 @@ class Gateway:
 
     async def retrieve_frames(self, request: Request) -> Response:
         numbers = wado.parse_frame_list(request.path_params["frames"], self.cfg.limits.max_frames)
-        accept = parse_accept(request.headers.get("accept"))
+        accept = self.accept(request)
         ds = await self._instance(request)
         frames, ts = wado.frame_bytes(ds, numbers)
         part, ts, single, decode = wado.choose_frame_media(accept, ts)
@@ -338,7 +363,7 @@ class Gateway:
         return Response(b"".join(chunks), media_type=content_type(boundary, part, ts))
 
     async def retrieve_bulkdata(self, request: Request) -> Response:
-        accept = parse_accept(request.headers.get("accept"))
+        accept = self.accept(request)
         ds = await self._instance(request)
         value = wado.bulk_value(ds, request.path_params["tag"])
         for mt in accept:
@@ -352,7 +377,7 @@ class Gateway:
         """A rendered study or series (PS3.18 Table 10.3-2): with ``Accept: multipart/related;
         type="image/…"`` every instance with pixel data rendered (its first frame), one part each
         named by its rendered URL; otherwise one image, the middle instance of the (first) series."""
-        accept = parse_accept(request.headers.get("accept"))
+        accept = self.accept(request)
         media = rendering.choose_multipart_image_media(accept)
         if media is None:
             return await self.retrieve_rendered(request)
@@ -397,7 +422,10 @@ class Gateway:
         return StreamingResponse(body(), media_type=content_type(boundary, media))
 
     async def retrieve_rendered(self, request: Request, thumbnail: bool = False) -> Response:
-        media = rendering.choose_image_media(parse_accept(request.headers.get("accept")))
+        accept = self.accept(request)
+        multipart_media = rendering.choose_multipart_image_media(accept)
+        wrapped = multipart_media is not None
+        media = multipart_media or rendering.choose_image_media(accept)
         opts = rendering.parse_render_params(list(request.query_params.multi_items()), thumbnail)
         frame = 1
         if "frames" in request.path_params:
@@ -409,6 +437,8 @@ class Gateway:
             request.path_params["instance"] = await self._representative(request)
         ds = await self._instance(request)
         image = await self.run(rendering.render, ds, frame, media, opts, self.cfg.limits.max_instance)
+        if wrapped:   # the client asked for multipart/related: one part
+            return self._multipart([image], media, None)
         return Response(image, media_type=media)
 
     async def _representative(self, request: Request) -> str:
@@ -416,10 +446,11 @@ class Gateway:
         scope = self.scope(request)
         backend = self.backend(request)
         if SERIES not in scope:
-            found = await self.run(backend.find, SERIES, {}, set(), {STUDY: scope[STUDY]})
+            found = await self.run(backend.find, SERIES, {}, {MODALITY}, {STUDY: scope[STUDY]})
             if not found:
                 raise NotFound("no series in this study")
-            request.path_params["series"] = str(found[0].SeriesInstanceUID)
+            images = [se for se in found if str(se.get("Modality", "")) not in NO_IMAGES]
+            request.path_params["series"] = str((images or found)[0].SeriesInstanceUID)
             scope[SERIES] = request.path_params["series"]
         found = await self.run(backend.find, INSTANCE, {}, {0x00200013}, scope)
         if not found:

@@ -154,7 +154,7 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
                     q.ignored.append(f"includefield={item[:60]}")
                     continue
                 q.return_keys.add(tag)
-        elif not name:
+        elif not name or lname == "accept":   # accept: the media type, read by the caller
             continue
         else:
             tag = None if "." in name else parse_tag(name)

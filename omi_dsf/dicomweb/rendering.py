@@ -61,10 +61,8 @@ def parse_render_params(params, thumbnail: bool) -> dict:
             if width <= 0:
                 raise BadRequest("window: width must be positive")
             out["window"] = (center, width)
-        elif name in ("annotation", "charset", "iccprofile"):
-            continue
-        else:
-            raise BadRequest(f"unknown parameter {name[:40]!r} for a rendered resource")
+        # annotation, charset, iccprofile, accept (read by the caller) and any parameter the
+        # gateway does not know: ignored (PS3.18 8.3: unsupported parameters are ignored)
     return out
 
 

@@ -1,0 +1,343 @@
+"""PS3.18 conformance, differential against Orthanc 1.10 + its DICOMweb plugin on the same data:
+pydicom's multi-SOP-class test files (CT, MR, US palette/YBR/RGB, SC in JPEG Lossless, RLE, JPEG
+2000, JPEG-LS, SEG, RT Dose/Plan, SR, ECG), a synthetic CT series and a JPEG Lossless copy of it.
+
+The gateway serves the data from its store (``/``) and, over DIMSE, from the same Orthanc
+(``/aets/ORTHANC``); Orthanc's own DICOMweb is the reference. Where PS3.18 prescribes an answer
+the test checks it; where it is silent the gateway must answer at least what Orthanc answers.
+Last, the requests OHIF 3.x sends (tests/data/ohif_requests.json) are replayed: all 200.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from lxml import etree
+from PIL import Image
+
+from conftest import free_port
+from omi_dsf.dicomweb.config import parse_config
+from omi_dsf.dicomweb.dicomjson import to_json
+from omi_dsf.dicomweb.multipart import dicom_body, parse_media_type, parse_multipart
+from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.testkit.conformance import jpeg_lossless, third_party_set
+from omi_dsf.testkit.legacy_pacs import Orthanc
+from omi_dsf.testkit.phantom import write_ct_study
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+EXPLICIT = "1.2.840.10008.1.2.1"
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
+NS = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+OHIF = Path(__file__).parent / "data" / "ohif_requests.json"
+
+
+@pytest.fixture(scope="session")
+def conformance_bed(tmp_path_factory):
+    """Orthanc and the gateway (store + DIMSE over that Orthanc) holding the same instances."""
+    root = tmp_path_factory.mktemp("conformance")
+    third = third_party_set(root / "pydicom")
+    ct = write_ct_study(root / "ct", slices=4, seed=11, rows=64, cols=64)
+    lossless_src = write_ct_study(root / "ct-src", slices=3, seed=12, rows=64, cols=64,
+                                  patient={"id": "JLS0001", "name": "Lossless^Jpeg"})
+    lossless = jpeg_lossless(lossless_src, root / "ct-jpegls")
+    files = third + ct + lossless
+    with Orthanc(root / "orthanc") as orthanc:
+        for f in files:   # by its REST API: storescu may not propose every SOP class (SEG)
+            assert httpx.post(orthanc.url + "/instances", content=f.read_bytes(), timeout=60).status_code == 200
+        cfg = parse_config({
+            "listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "STORE",
+            "backends": {"STORE": {"type": "store", "path": str(root / "store")},
+                         "ORTHANC": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.port,
+                                     "called_aet": "ORTHANC"}}})
+        with BackgroundServer(cfg) as server:
+            body, ctype = dicom_body(f.read_bytes() for f in files)
+            r = httpx.post(f"{server.url}/studies", content=body, headers={"Content-Type": ctype}, timeout=60)
+            assert r.status_code == 200, r.text
+            with httpx.Client(timeout=60) as http:
+                yield {"url": server.url, "ref": orthanc.dicomweb_url, "http": http, "files": files,
+                       "third": third, "ct": ct, "lossless": lossless,
+                       "image_studies": {str(ds.StudyInstanceUID) for ds in map(pydicom.dcmread, files)
+                                         if "PixelData" in ds}}
+
+
+def _v(obj: dict, tag: str):
+    return obj.get(tag, {}).get("Value")
+
+
+def _ids(items: list[dict], tag: str = "0020000D") -> set[str]:
+    return {_v(i, tag)[0] for i in items}
+
+
+def _path(ds) -> str:
+    return f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+
+def _parts(r: httpx.Response):
+    ctype = parse_media_type(r.headers["content-type"])
+    return ctype, parse_multipart(r.content, ctype.params["boundary"])
+
+
+BASES = ["", "/aets/ORTHANC"]   # the store, and DIMSE over the reference Orthanc
+
+
+# -- QIDO-RS ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", BASES)
+def test_qido_studies_agree_with_orthanc(conformance_bed, base):
+    b = conformance_bed
+    ours = b["http"].get(b["url"] + base + "/studies")
+    theirs = b["http"].get(b["ref"] + "/studies")
+    assert ours.status_code == theirs.status_code == 200
+    assert _ids(ours.json()) == _ids(theirs.json())
+    by_uid = {_v(i, "0020000D")[0]: i for i in theirs.json()}
+    for item in ours.json():
+        ref = by_uid[_v(item, "0020000D")[0]]
+        for tag in ("00100020", "00201206", "00201208"):
+            assert _v(item, tag) == _v(ref, tag), tag
+        assert set(_v(item, "00080061") or []) == set(_v(ref, "00080061") or [])
+
+
+def test_qido_unsupported_parameters_are_ignored(conformance_bed):
+    """PS3.18 8.3: unsupported query parameters are ignored (Orthanc too)."""
+    b = conformance_bed
+    params = {"NoSuchKeyword": "x", "ReferencedSeriesSequence.SeriesInstanceUID": "1.2", "_": "1700000000"}
+    ours = b["http"].get(b["url"] + "/studies", params=params)
+    theirs = b["http"].get(b["ref"] + "/studies", params=params)
+    assert ours.status_code == 200 and theirs.status_code == 200
+    assert _ids(ours.json()) == _ids(theirs.json())
+    assert "NoSuchKeyword" in ours.headers["warning"]
+    bad = b["http"].get(b["url"] + "/studies", params={"StudyDate": "yesterday"})
+    assert bad.status_code == 400 and "StudyDate" in bad.json()["error"]
+
+
+def test_qido_modality_on_studies_and_matching_options(conformance_bed):
+    b = conformance_bed
+    r = b["http"].get(b["url"] + "/studies", params={"Modality": "CT"})
+    assert r.status_code == 200 and b["http"].get(b["ref"] + "/studies", params={"Modality": "CT"}).status_code == 200
+    headers = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID): pydicom.dcmread(f, stop_before_pixels=True)
+               for f in b["files"]}
+    ct_studies = {uid for uid, ds in headers.items() if ds.Modality == "CT"}
+    assert _ids(r.json()) >= ct_studies and all("CT" in _v(i, "00080061") for i in r.json())
+    # multiplevaluematching: CT or MR
+    both = b["http"].get(b["url"] + "/series", params={"Modality": "CT,MR", "multiplevaluematching": "true"}).json()
+    assert {_v(i, "00080060")[0] for i in both} == {"CT", "MR"}
+    # emptyvaluematching: the studies without an AccessionNumber match any key
+    empty = {uid for uid, ds in headers.items() if not ds.get("AccessionNumber")}
+    assert empty, "the data set has studies without an accession number"
+    found = b["http"].get(b["url"] + "/studies", params={"AccessionNumber": "NO-SUCH", "emptyvaluematching": "true"})
+    assert found.status_code == 200 and _ids(found.json()) == empty
+    assert b["http"].get(b["url"] + "/studies", params={"AccessionNumber": "NO-SUCH"}).json() == []
+
+
+# -- WADO-RS ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", BASES)
+def test_transcoding_to_uncompressed_matches_orthanc(conformance_bed, base):
+    """A named transfer syntax the data are not in: both decode to the same pixels."""
+    b = conformance_bed
+    accept = {"Accept": f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT}'}
+    # (JPEG 2000: Orthanc 1.10 fails to transcode it; the unit tests check the gateway on it)
+    names = ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle.dcm", "MR_small_jpeg_ls_lossless.dcm")
+    for f in [p for p in b["third"] if p.name in names] + b["lossless"][:1]:
+        ds = pydicom.dcmread(f)
+        ours = b["http"].get(b["url"] + base + _path(ds), headers=accept)
+        theirs = b["http"].get(b["ref"] + _path(ds), headers=accept)
+        assert ours.status_code == 200 and theirs.status_code == 200, (f.name, ours.text[:200])
+        got = [pydicom.dcmread(BytesIO(p.body)) for p in _parts(ours)[1]]
+        ref = [pydicom.dcmread(BytesIO(p.body)) for p in _parts(theirs)[1]]
+        assert got[0].file_meta.TransferSyntaxUID == EXPLICIT == ref[0].file_meta.TransferSyntaxUID
+        assert np.array_equal(got[0].pixel_array, ref[0].pixel_array), f.name
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_lossy_targets_are_406_and_lossless_ones_made(conformance_bed, base):
+    b = conformance_bed
+    ds = pydicom.dcmread(b["ct"][0])
+    lossy = b["http"].get(b["url"] + base + _path(ds), headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'})
+    assert lossy.status_code == 406
+    rle = b["http"].get(b["url"] + base + _path(ds), headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5'})
+    assert rle.status_code == 200
+    got = pydicom.dcmread(BytesIO(_parts(rle)[1][0].body))
+    assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5" and np.array_equal(got.pixel_array, ds.pixel_array)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_rendered_palette_and_ybr_match_orthanc(conformance_bed, base):
+    b = conformance_bed
+    for name in ("examples_palette.dcm", "examples_rgb_color.dcm", "SC_rgb_rle.dcm"):
+        ds = pydicom.dcmread(next(p for p in b["third"] if p.name == name))
+        ours = b["http"].get(b["url"] + base + _path(ds) + "/rendered", headers={"Accept": "image/png"})
+        theirs = b["http"].get(b["ref"] + _path(ds) + "/rendered", headers={"Accept": "image/png"})
+        assert ours.status_code == 200 and theirs.status_code == 200, name
+        a = np.asarray(Image.open(BytesIO(ours.content)).convert("RGB")).astype(int)
+        r = np.asarray(Image.open(BytesIO(theirs.content)).convert("RGB")).astype(int)
+        assert a.shape == r.shape and np.abs(a - r).mean() < 2, name
+        assert not (a[..., 0] == a[..., 2]).all(), f"{name} rendered grey"
+    ybr = pydicom.dcmread(next(p for p in b["third"] if p.name == "examples_ybr_color.dcm"))
+    frame = b["http"].get(b["url"] + base + _path(ybr) + "/frames/1/rendered", headers={"Accept": "image/png"})
+    img = np.asarray(Image.open(BytesIO(frame.content))).astype(int)
+    diff = np.abs(img - ybr.pixel_array[0].astype(int))   # pydicom's YBR → RGB
+    # over DIMSE Orthanc decompresses the JPEG itself (the gateway asks for uncompressed first)
+    assert diff.max() <= (1 if not base else 8) and diff.mean() < 1
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_rendered_study_and_series(conformance_bed, base):
+    b = conformance_bed
+    ds = pydicom.dcmread(b["ct"][0])
+    for path in (f"/studies/{ds.StudyInstanceUID}/rendered",
+                 f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/rendered"):
+        r = b["http"].get(b["url"] + base + path, headers={"Accept": 'multipart/related; type="image/jpeg"'})
+        assert r.status_code == 200, r.text[:200]
+        ctype, parts = _parts(r)
+        assert ctype.type_param == "image/jpeg" and len(parts) == len(b["ct"])
+        single = b["http"].get(b["url"] + base + path, headers={"Accept": "image/jpeg"})
+        assert single.status_code == 200 and Image.open(BytesIO(single.content)).size == (64, 64)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_xml_metadata_agrees_with_orthanc(conformance_bed, base):
+    b = conformance_bed
+    accept = {"Accept": 'multipart/related; type="application/dicom+xml"'}
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    for name in ("test-SR.dcm", "CT_small.dcm", "rtplan.dcm"):
+        ds = pydicom.dcmread(next(p for p in b["third"] if p.name == name))
+        ours = b["http"].get(b["url"] + base + _path(ds) + "/metadata", headers=accept)
+        theirs = b["http"].get(b["ref"] + _path(ds) + "/metadata", headers=accept)
+        assert ours.status_code == 200 and theirs.status_code == 200, name
+        a = etree.fromstring(_parts(ours)[1][0].body, parser)
+        r = etree.fromstring(_parts(theirs)[1][0].body, parser)
+        ours_tags = {e.get("tag") for e in a.findall("d:DicomAttribute", NS)}
+        their_tags = {e.get("tag") for e in r.findall("d:DicomAttribute", NS)}
+        # Orthanc adds InstanceAvailability, and keeps the file's Data Set Trailing Padding,
+        # which a C-STORE from Orthanc does not carry
+        assert their_tags - ours_tags <= {"00080056", "FFFCFFFC"}, name
+        for tag in ("00080016", "00080018", "0020000D", "00100020", "00080060"):
+            assert a.findtext(f"d:DicomAttribute[@tag='{tag}']/d:Value", None, NS) == \
+                r.findtext(f"d:DicomAttribute[@tag='{tag}']/d:Value", None, NS), (name, tag)
+        assert a.findtext("d:DicomAttribute[@tag='00080016']/d:Value", None, NS) == ds.SOPClassUID
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_bulk_data_of_a_study(conformance_bed, base):
+    b = conformance_bed
+    ds = pydicom.dcmread(b["ct"][0])
+    r = b["http"].get(b["url"] + base + f"/studies/{ds.StudyInstanceUID}",
+                      headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert r.status_code == 200
+    parts = {p.headers["content-location"].split("/instances/")[1]: p.body for p in _parts(r)[1]}
+    for f in b["ct"]:
+        one = pydicom.dcmread(f)
+        assert parts[f"{one.SOPInstanceUID}/bulk/7FE00010"] == one.PixelData
+
+
+# -- STOW-RS ------------------------------------------------------------------------------------------
+
+def test_stow_of_orthancs_metadata_and_bulk_data(conformance_bed, tmp_path):
+    """An instance as Orthanc's DICOMweb describes it (JSON metadata, bulk data fetched from its
+    BulkDataURIs) stored in the gateway as metadata + bulk data: the same pixels come back."""
+    b = conformance_bed
+    ds = pydicom.dcmread(b["ct"][1])
+    meta = b["http"].get(b["ref"] + _path(ds) + "/metadata").json()[0]
+    uri = meta["7FE00010"]["BulkDataURI"]
+    pixels = b["http"].get(uri, headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert pixels.status_code == 200
+    value = _parts(pixels)[1][0].body
+    boundary = "ConfB"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode() + json.dumps([meta]).encode()
+            + f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Location: {uri}\r\n\r\n".encode()
+            + value + f"\r\n--{boundary}--\r\n".encode())
+    cfg_url = b["url"]
+    r = b["http"].post(cfg_url + "/studies", content=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'})
+    assert r.status_code == 200, r.text
+    back = b["http"].get(cfg_url + _path(ds), headers={"Accept": 'multipart/related; type="application/dicom"'})
+    got = pydicom.dcmread(BytesIO(_parts(back)[1][0].body))
+    assert np.array_equal(got.pixel_array, ds.pixel_array) and got.PatientID == ds.PatientID
+
+
+def test_stow_of_two_studies(conformance_bed):
+    b = conformance_bed
+    body, ctype = dicom_body([b["ct"][0].read_bytes(), b["lossless"][0].read_bytes()])
+    r = b["http"].post(b["url"] + "/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200 and r.json()["00081190"] == {"vr": "UR"}
+    assert len(r.json()["00081199"]["Value"]) == 2
+
+
+# -- a viewer's requests ------------------------------------------------------------------------------
+
+def _replay(http: httpx.Client, url: str, entry: dict, **fill) -> httpx.Response:
+    def sub(text: str) -> str:
+        for k, v in fill.items():
+            text = text.replace("{" + k + "}", v)
+        return text
+    path = sub(entry["path"])
+    target = path if path.startswith("http") else url + path
+    return http.get(target, params={k: sub(v) for k, v in entry["params"].items()},
+                    headers={"Accept": entry["accept"]})
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_ohif_requests_are_all_answered(conformance_bed, base):
+    b = conformance_bed
+    http, url = b["http"], b["url"] + base
+    plan = json.loads(OHIF.read_text())
+    first = pydicom.dcmread(b["ct"][0], stop_before_pixels=True)
+    fill = {"patient_id": first.PatientID[:3], "date_from": "19000101", "date_to": "20991231"}
+    answered = []
+
+    def check(entry, **more):
+        r = _replay(http, url, entry, **fill, **more)
+        answered.append((entry["what"], r.status_code))
+        assert r.status_code == 200, (entry["what"], more, r.status_code, r.text[:300])
+        return r
+
+    studies = check(plan["study_list"][0]).json()
+    assert _ids(studies) == {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in b["files"]}
+    for entry in plan["study_list"][1:]:
+        check(entry)
+    # Orthanc 1.10 cannot decode pydicom's JPEG2000.dcm (its own DICOMweb answers 500 when asked
+    # to transcode it) and fails the C-GET sub-operation when the presentation context it gets
+    # lacks JPEG 2000; which contexts the gateway's C-GET offers is the DIMSE engine's matter
+    skip = {str(pydicom.dcmread(next(p for p in b["third"] if p.name == "JPEG2000.dcm")).StudyInstanceUID)} \
+        if base else set()
+    for study in sorted(_ids(studies) - skip):
+        series_list = None
+        for entry in plan["per_study"]:
+            if entry["path"].endswith("/thumbnail") and not _has_pixels(b, study):
+                continue   # OHIF asks for thumbnails of displayable studies only
+            r = check(entry, study=study)
+            if entry["path"].endswith("/series"):
+                series_list = r.json()
+        for se in series_list:
+            series = _v(se, "0020000E")[0]
+            metadata = None
+            for entry in plan["per_series"]:
+                if entry["path"].endswith("/thumbnail") and _v(se, "00080060")[0] in ("SR", "RTPLAN", "ECG"):
+                    continue
+                r = check(entry, study=study, series=series)
+                if entry["path"].endswith("/metadata"):
+                    metadata = r.json()
+            for inst in metadata:
+                sop = _v(inst, "00080018")[0]
+                if "7FE00010" in inst:
+                    for entry in plan["per_image_instance"]:
+                        check(entry, study=study, series=series, instance=sop)
+                for key, attr in inst.items():
+                    if "BulkDataURI" in attr and key != "7FE00010":
+                        for entry in plan["per_bulk"]:
+                            check(entry, bulk=attr["BulkDataURI"])
+    assert len(answered) > 60, answered
+
+
+def _has_pixels(b: dict, study: str) -> bool:
+    return study in b["image_studies"]
