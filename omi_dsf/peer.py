@@ -17,8 +17,8 @@ Deprecated: `verify` (a CA file, or true), `cert` and `key`, the keys DICOMweb s
 pseudonym providers took before; `from_config` translates them (verify: PATH -> ca_file, cert ->
 client_cert, key -> client_key) and logs a deprecation warning once per key path.
 
-TLS contexts are built by omi_dsf.tls once per set of files (and their modification times) and
-shared by every client of the process: loading a CA bundle costs more than a request on a LAN.
+TLS contexts (omi_dsf.tls) are built once per set of files (and their modification times), cached
+here, and shared by every client of the process: loading a CA bundle costs more than a request on a LAN.
 """
 
 from __future__ import annotations

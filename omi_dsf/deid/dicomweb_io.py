@@ -2,7 +2,8 @@
 
 Source config: {"kind": "dicomweb", "url": DICOMweb base (else the site's gateway_url), and the
 peer keys (omi_dsf.peer): "ca_file", "client_cert", "client_key", "token_file", "timeout"; the
-former "verify"/"cert"/"key" still work, with a deprecation warning}. The gateway streams the study as multipart; instances
+deprecated "verify"/"cert"/"key" are translated with a warning}. The gateway streams the study as
+multipart; instances
 are handed on as they arrive, as their Part 10 bytes (the pipeline parses each once), so no
 study is held in memory whole.
 Sink config: the same keys; instances go to POST {url}/studies in batches. STOW-RS is not

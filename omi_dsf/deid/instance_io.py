@@ -1,7 +1,9 @@
-"""Where instances come from and go to: pluggable, so the send step can stream to DICOMweb.
+"""Where the pseudonymize step reads instances from and writes them to: a folder, or DICOMweb
+(dicomweb_io: WADO-RS source, STOW-RS sink), or a kind another part registers.
 
 A source yields (name, instance) pairs one at a time (an instance is a pydicom Dataset, the
-bytes of a Part 10 file, or a path). A sink takes de-identified datasets one at a time.
+bytes of a Part 10 file, or a path). A sink takes de-identified instances one at a time (the
+dataset and the Part 10 bytes the leak check saw).
 Both are chosen by "kind" from the site configuration; other parts register more kinds.
 """
 

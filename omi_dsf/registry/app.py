@@ -8,6 +8,7 @@
   PUT  /fhir/{type}/{id}                           update (or create with that id)
   POST /fhir/HealthcareService/{id}/$heartbeat     the provider says its service is alive
   GET  /                                           status page
+GET  /health                                     the registry's own liveness
 """
 
 from __future__ import annotations

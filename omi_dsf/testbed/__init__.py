@@ -1,4 +1,4 @@
-"""A real multi-site DSF 1.9 test bed on one machine (see docs/testbed.md).
+"""A real multi-site DSF test bed (DSF 1.9 or 2.x) on one machine (see docs/testbed.md).
 
 For other parts and their tests:
 

@@ -3,8 +3,9 @@
 Site settings, `steps.providers.<provider organization>` in the site YAML:
     gateway_url   DICOMweb base URL of the provider's gateway (https)
     ca_file       PEM file with the CA(s) that sign the gateway's server certificate (required)
-    client_cert   PEM client certificate for mutual TLS (optional; with client_key, unencrypted)
+    client_cert   PEM client certificate for mutual TLS (optional; with client_key)
     client_key
+    client_key_password_file  file holding the client key's password (optional)
     token_file    file holding a bearer token (optional; the token never sits in the YAML)
     timeout       seconds per HTTP request (default 120)
     proxy         an explicit proxy URL (the environment's proxy settings are not used)

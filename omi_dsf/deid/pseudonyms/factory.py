@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 def make_provider(config: Mapping[str, Any] | None, key: bytes, store: SiteStore) -> PseudonymProvider:
     """config: {"kind": "embedded"} (default) | {"kind": "gpas", "wsdl": URL} |
     {"kind": "ttp-fhir", "url": base URL}; optional the peer keys (omi_dsf.peer): "ca_file", "client_cert",
-    "client_key", "token_file", "timeout" (the former "verify"/"cert"/"key" with a deprecation warning)."""
+    "client_key", "token_file", "timeout" (the deprecated "verify"/"cert"/"key" translated with a warning)."""
     config = dict(config or {})
     kind = config.get("kind", "embedded")
     if kind == "embedded":
