@@ -42,8 +42,9 @@ def ocr(image: np.ndarray) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "i.png")
         Image.fromarray(np.where(grey > 128, 0, 255).astype(np.uint8)).save(path)
+        # one thread: tesseract's OpenMP threads spin against each other on a busy machine (same text)
         out = subprocess.run(["tesseract", path, "-", "--psm", "11"], capture_output=True, text=True,
-                             check=True).stdout
+                             check=True, env={**os.environ, "OMP_THREAD_LIMIT": "1"}).stdout
     return out.upper()
 
 

@@ -1,14 +1,14 @@
 """The reference AI service against hostile input (issue 16): bounded fuzzing of the real server, the
 limits (body size refused before it is read, JSON part, read timeouts, requests at once, query length),
-malformed parameters as 4xx, and the ways in (mutual TLS, JWT, anonymous only when configured)."""
+malformed parameters as 4xx, and the ways in (mutual TLS, JWT, anonymous only when configured).
+The limits, the fuzzing and mutual TLS run `python -m omi_dsf ai-service` (integration); the rest runs
+the service's app in process."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import socket
-import subprocess
-import sys
 import time
 from urllib.parse import quote
 
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from conftest import ROOT
+from helpers_cli import run_cli
 from helpers_hostile import json_values, mutated, odd_text, raw_request, rss_mb, signed_token, status_of
 from helpers_pki import issue, make_ca, write_ca, write_pem
 from omi_dsf.inference import tensors
@@ -35,7 +35,6 @@ from omi_dsf.testkit.ai_service import AiServiceProcess
 from omi_dsf.tls import client_context
 from test_registry import keys, token  # noqa: F401  (an RSA issuer and its tokens)
 
-pytestmark = pytest.mark.integration
 INFER = "/v2/models/lung-seg/infer"
 HU = phantom.phantom_hu(4, 1, 64, 64)   # both lungs on every slice
 SPACING = np.array([2.0, 1.0, 1.0], np.float32)
@@ -82,6 +81,7 @@ def _head(method: str, path: str, headers: dict[str, str | int]) -> bytes:
 
 # -- limits on the real server --------------------------------------------------------------------
 
+@pytest.mark.integration   # the AI service as a process
 def test_512_mb_refused_before_the_body_is_read(default_service):
     before = rss_mb(default_service.proc.pid)
     head = _head("POST", INFER, {"Content-Type": "application/octet-stream", "Content-Length": 512 << 20,
@@ -94,6 +94,7 @@ def test_512_mb_refused_before_the_body_is_read(default_service):
     assert httpx.get(f"{default_service.url}/v2/health/ready", timeout=5).status_code == 200
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_body_without_length_cut_off_at_the_limit(limited):
     head = _head("POST", INFER, {"Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked",
                                  tensors.HEADER_LENGTH: 100})
@@ -109,6 +110,7 @@ def test_body_without_length_cut_off_at_the_limit(limited):
     assert status_of(answer) == 413 and b"limits.max_body_mb (8 MB)" in answer
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_json_part_limit(limited):
     big = json.dumps({"inputs": [{"name": "HU", "datatype": "INT16", "shape": [600000],
                                   "data": [0] * 600000}]}).encode()
@@ -119,11 +121,13 @@ def test_json_part_limit(limited):
     assert r.status_code == 413 and "send tensors as binary data" in r.json()["error"]
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_long_query_is_414(limited):
     r = httpx.get(f"{limited.url}/v2/models/lung-seg", params={"x": "a" * 3000}, timeout=5)
     assert r.status_code == 414 and "limits.max_query_bytes (2048)" in r.json()["error"]
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_slow_headers_and_bodies_are_cut_off(limited):
     # 200 connections with half-sent headers: each gets 408 after header_timeout; health answers meanwhile
     socks = []
@@ -145,6 +149,7 @@ def test_slow_headers_and_bodies_are_cut_off(limited):
     assert status_of(answer) == 408 and b"limits.body_timeout" in answer and time.monotonic() - start < 5
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_endless_headers_are_431(limited):
     answer = raw_request(limited.port, b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + b"X-Fill: " + b"a" * 40000, timeout=10)
     assert status_of(answer) == 431 and b"limits.max_header_bytes (16384)" in answer
@@ -153,6 +158,7 @@ def test_endless_headers_are_431(limited):
     assert r.status_code == 404 and r.headers["connection"] == "close"
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_inference_requests_at_once_are_limited(limited):
     # one inference request holds the only slot (its body is half sent): a second one is told to wait
     with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as held:
@@ -187,6 +193,7 @@ requests = st.one_of(
 )
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_fuzz_no_5xx_no_hang_health_and_results_unchanged(limited):
     expected = _volumes(limited.url)
     meta = httpx.get(f"{limited.url}/v2/models/lung-seg", timeout=5).json()
@@ -262,8 +269,7 @@ def test_unknown_model_version_and_method(ai):
 # -- the ways in ------------------------------------------------------------------------------------
 
 def test_no_way_in_is_refused(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "omi_dsf", "ai-service", "--port", "1"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = run_cli("ai-service", "--port", "1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no way in" in r.stderr and "--anonymous" in r.stderr
     with pytest.raises(ConfigError, match="no way in"):
         parse(ServiceConfig, {"auth": {"anonymous": False}}, tmp_path, "ai.yaml")
@@ -307,6 +313,7 @@ def test_bearer_tokens(tmp_path, keys):  # noqa: F811
         assert ai.infer("lung-seg", {"HU": HU, "SPACING_MM": SPACING}).outputs["LUNG_VOLUME_ML"][0] > 0
 
 
+@pytest.mark.integration   # the AI service as a process
 def test_mutual_tls_and_a_token_over_tls(tmp_path, keys):  # noqa: F811
     from omi_dsf.steps.infer import _service
 

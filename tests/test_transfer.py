@@ -3,7 +3,9 @@
 The provider's gateway is the project's DICOMweb gateway (store backend) over TLS with a test CA
 made here; the requester's legacy PACS is dcmtk dcmqrscp; the provider's part in between is the
 real `infer` step with the reference AI service (`python -m omi_dsf ai-service`). Studies are
-small phantoms (8 slices of 128×128) with fake identities.
+small phantoms (8 slices of 128×128) with fake identities. The tests on the requester site
+(dcmqrscp) or the AI service are integration; the STOW-RS body and the FHIR result against an
+in-process stand-in are unit tests.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.pacs import PacsUnavailable
 from omi_dsf.transfer.provider import ProviderUnreachable
 
-pytestmark = pytest.mark.integration
 
 PROVIDER = "ai.omi.test"
 SLICES, SIZE = 8, 128
@@ -182,6 +183,7 @@ def _c_find(pacs, level: str, **keys) -> list[pydicom.Dataset]:
 
 
 # -- the whole requester round trip ---------------------------------------------------------------
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG, logger="omi_dsf")
     steps, (gw_url, store) = site["steps"], gateway
@@ -278,6 +280,7 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
 
 
 # -- send: leak, crash and retry, TLS, unreachable ------------------------------------------------
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
     steps, (_, store) = site["steps"], gateway
     pseudo, _, paths = _pseudonymized(site, seed=22, key="bk-leak")
@@ -306,6 +309,7 @@ def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypatch):
     steps, (_, store) = site["steps"], gateway
     pseudo, _, _ = _pseudonymized(site, seed=23, key="bk-crash")
@@ -354,6 +358,7 @@ def _count_listings(monkeypatch) -> list[str]:
     return calls
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_send_checks_the_gateway_cheaply_when_every_instance_is_accounted_for(site, gateway, monkeypatch):
     steps, (_, store) = site["steps"], gateway
     pseudo, _, _ = _pseudonymized(site, seed=41, key="bk-cheap")
@@ -364,6 +369,7 @@ def test_send_checks_the_gateway_cheaply_when_every_instance_is_accounted_for(si
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_gateway_losing_an_instance_after_answering_stored_is_detected(site, gateway, monkeypatch):
     """The STOW-RS answers name every instance stored, but one is gone when we look: GatewayBusy
     (retried), and the retry sends just that one."""
@@ -394,6 +400,7 @@ def test_gateway_losing_an_instance_after_answering_stored_is_detected(site, gat
     assert event[-1].details["sent_now"] == 1 and event[-1].details["already_there"] == SLICES - 1
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_gateway_answer_not_naming_an_instance_falls_back_to_the_listing(site, gateway, monkeypatch):
     steps, (_, store) = site["steps"], gateway
     pseudo, _, _ = _pseudonymized(site, seed=43, key="bk-unnamed")
@@ -439,6 +446,7 @@ def test_stow_body_is_streamed_with_a_content_length_and_refuses_a_changed_file(
         b"".join(body)
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_path):
     staging = phantom.write_ct_study(tmp_path / "big", slices=4, seed=45, rows=512, cols=512)   # > 1 MB
     uid = str(pydicom.dcmread(staging[0], stop_before_pixels=True).StudyInstanceUID)
@@ -457,6 +465,7 @@ def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_pa
             gw.close()
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_untrusted_gateway_certificate_is_a_clear_step_error(site, pki, gateway):
     pseudo, _, _ = _pseudonymized(site, seed=24, key="bk-tls")
     steps = dict(site["steps"])
@@ -470,6 +479,7 @@ def test_untrusted_gateway_certificate_is_a_clear_step_error(site, pki, gateway)
         send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_unreachable_provider_is_retried_not_a_step_error(site, pki):
     pseudo, _, _ = _pseudonymized(site, seed=25, key="bk-down")
     steps = dict(site["steps"])
@@ -481,6 +491,7 @@ def test_unreachable_provider_is_retried_not_a_step_error(site, pki):
 
 
 # -- return: bad input --------------------------------------------------------------------------
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
     steps, (gw_url, _) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=26, key="bk-stranger")
@@ -505,6 +516,7 @@ def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
         return_results(pending, _ctx(steps, "return", "bk-stranger"))
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monkeypatch):
     steps, (gw_url, _) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=27, key="bk-pacs")
@@ -528,6 +540,7 @@ def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monke
         return_results({**inputs, "pseudonym": "PSN-NOTHIS"}, _ctx(steps, "return", "bk-pacs"))
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
     """A provider gateway that requires client certificates: with ours the send goes through,
     without it the step fails with a message that hints at it."""
@@ -601,6 +614,7 @@ def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
         server.server_close()
 
 
+@pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_send_reads_a_dicomweb_outbox(site, gateway, tmp_path):
     """The pseudonymize step may write into a DICOMweb store at the site (sink kind dicomweb):
     send reads the study from there (WADO-RS), checks it whole and sends it on."""
