@@ -68,3 +68,21 @@ def test_native_frames_of_a_compressed_multiframe():
     frames = transcode.native_frames(ds, [2, 1])
     arr = ds.pixel_array
     assert frames == [arr[1].tobytes(), arr[0].tobytes()]
+
+
+def test_the_spliced_path_equals_pydicoms_decompress(tmp_path):
+    """Monochrome lossless instances are decompressed by splicing the stored bytes; the result
+    is the instance pydicom's own decompress gives, element for element."""
+    from omi_dsf.testkit.conformance import jpeg_lossless
+    from omi_dsf.testkit.phantom import write_ct_study
+    files = jpeg_lossless(write_ct_study(tmp_path / "ct", slices=2, seed=3, rows=64, cols=64), tmp_path / "jl")
+    for data in [f.read_bytes() for f in files] + [_data("MR_small_RLE.dcm"), _data("MR_small_jp2klossless.dcm")]:
+        out, ts = transcode.convert(data, [ExplicitVRLittleEndian])
+        assert transcode._native_splice(data, _read(data), str(_read(data).file_meta.TransferSyntaxUID)) == out
+        reference = _read(data)
+        reference.decompress(generate_instance_uid=False)
+        got = _read(out)
+        assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert np.array_equal(got.pixel_array, reference.pixel_array)
+        assert [e.tag for e in got] == [e.tag for e in reference]
+        assert all(got[e.tag].value == e.value for e in reference if e.tag != 0x7FE00010)

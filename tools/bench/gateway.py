@@ -7,13 +7,16 @@
 * QIDO-RS study search vs a direct C-FIND from this process: added latency;
 * the gateway's peak memory (VmHWM) while it streams a small and the big study: must not grow
   with study size;
-* 8 concurrent clients (QIDO + WADO-RS of the small study): no errors.
+* 8 concurrent clients (QIDO + WADO-RS of the small study): no errors;
+* transcoding: WADO-RS of a JPEG-Lossless-stored study asked for uncompressed
+  (``transfer-syntax=1.2.840.10008.1.2.1``), the gateway's store vs Orthanc's DICOMweb plugin on
+  the same files, both read by curl: ratio Orthanc time / gateway time (target >= 1.0).
 
 The gateway runs as its own process (``python -m omi_dsf gateway --config``), so its memory is
 its own. The last line printed is one JSON object with the figures, the targets and "met".
 
     python tools/bench/gateway.py                 # 500 CT slices 512x512 (~260 MB), a few minutes
-    python tools/bench/gateway.py --slices 100    # quicker
+    python tools/bench/gateway.py --slices 100 --transcode-slices 50   # quicker
 """
 
 from __future__ import annotations
@@ -42,12 +45,15 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  #
                                   StudyRootQueryRetrieveInformationModelGet)
 
 from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
-from omi_dsf.testkit.legacy_pacs import Dcmqrscp, dcmtk_tool  # noqa: E402
+from omi_dsf.dicomweb.multipart import dicom_body  # noqa: E402
+from omi_dsf.testkit.conformance import jpeg_lossless  # noqa: E402
+from omi_dsf.testkit.legacy_pacs import Dcmqrscp, Orthanc, dcmtk_tool  # noqa: E402
 from omi_dsf.testkit.phantom import cached_ct_study  # noqa: E402
 from omi_dsf.testkit.procs import free_port  # noqa: E402
 
 TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
-           "concurrent_errors_max": 0}
+           "concurrent_errors_max": 0, "transcode_ratio_min": 1.0}
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 def log(msg: str) -> None:
@@ -95,6 +101,56 @@ def curl_study(url: str, study: str) -> tuple[float, int]:
     if code != "200":
         raise RuntimeError(f"WADO-RS answered {code}")
     return secs, int(size)
+
+
+def curl_transcoded(url: str, study: str) -> tuple[float, int]:
+    """WADO-RS of a study asked for in Explicit VR Little Endian, read by curl: seconds and bytes."""
+    t = time.perf_counter()
+    r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-H",
+                        f'Accept: multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT_LE}',
+                        f"{url}/studies/{study}"], check=True, capture_output=True, text=True, timeout=600)
+    secs = time.perf_counter() - t
+    code, size = r.stdout.split()
+    if code != "200":
+        raise RuntimeError(f"WADO-RS of {url} answered {code}")
+    return secs, int(size)
+
+
+def lossless_study(cache: Path, slices: int, rows: int) -> list[Path]:
+    """A CT study in JPEG Lossless (dcmcjpeg), cached next to the uncompressed one."""
+    source = cached_ct_study(cache, slices, 13, rows)
+    target = cache / f"jpeg-lossless-{slices}-{rows}"
+    done = sorted(target.glob("*.dcm")) if target.exists() else []
+    if len(done) == len(source):
+        return done
+    return jpeg_lossless(source, target)
+
+
+def transcoding(gateway_url: str, work: Path, files: list[Path], runs: int) -> dict:
+    """The gateway's store vs Orthanc, each holding ``files``, asked for them uncompressed."""
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with Orthanc(work / "orthanc") as orthanc, httpx.Client(timeout=120) as http:
+        for f in files:
+            http.post(orthanc.url + "/instances", content=f.read_bytes()).raise_for_status()
+        for i in range(0, len(files), 20):
+            body, ctype = dicom_body(f.read_bytes() for f in files[i:i + 20])
+            http.post(f"{gateway_url}/aets/STORE/studies", content=body,
+                      headers={"Content-Type": ctype}).raise_for_status()
+        ours_url, theirs_url = f"{gateway_url}/aets/STORE", orthanc.dicomweb_url
+        curl_transcoded(ours_url, study)   # warm-up: caches, imports
+        curl_transcoded(theirs_url, study)
+        ours, theirs = [], []
+        for i in range(runs):
+            secs, size_ours = curl_transcoded(ours_url, study)
+            ours.append(secs)
+            secs, size_theirs = curl_transcoded(theirs_url, study)
+            theirs.append(secs)
+            assert abs(size_ours - size_theirs) < 0.05 * size_theirs, (size_ours, size_theirs)
+            log(f"transcoding run {i + 1}: gateway {ours[-1]:.2f} s, Orthanc {theirs[-1]:.2f} s "
+                f"({size_ours / 1e6:.0f} MB uncompressed)")
+    g, o = statistics.median(ours), statistics.median(theirs)
+    return {"transcode_instances": len(files), "transcode_gateway_s": round(g, 3),
+            "transcode_orthanc_s": round(o, 3), "transcode_ratio": round(o / g, 3)}
 
 
 def getscu(pacs: Dcmqrscp, study: str) -> float:
@@ -209,6 +265,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--transcode-slices", type=int, default=100,
+                    help="slices of the JPEG Lossless study for the transcoding comparison")
+    ap.add_argument("--transcode-runs", type=int, default=5)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "omi_dsf" / "bench")
     args = ap.parse_args()
@@ -216,6 +275,7 @@ def main() -> int:
     big = cached_ct_study(args.cache, args.slices, 11, args.rows)
     small = cached_ct_study(args.cache, args.small, 12, args.rows)
     big_uid, small_uid = dcmread(big[0]).StudyInstanceUID, dcmread(small[0]).StudyInstanceUID
+    lossless = lossless_study(args.cache, args.transcode_slices, args.rows)
     big_mb = sum(f.stat().st_size for f in big) / 1e6
     work = Path(tempfile.mkdtemp(prefix="omi-gw-bench-"))
     gateway = None
@@ -229,9 +289,11 @@ def main() -> int:
             gateway = GatewayProcess({
                 "listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
                 "dimse": {"calling_aet": "OMIGW", "move_destination": {"aet": "OMIGW", "port": move_port}},
+                "default": "LEGACYPACS",
                 "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port},
                              "MOVEPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port,
-                                          "called_aet": "LEGACYPACS", "retrieve": "move"}}}, work).start()
+                                          "called_aet": "LEGACYPACS", "retrieve": "move"},
+                             "STORE": {"type": "store", "path": str(work / "store")}}}, work).start()
             url = gateway.url
 
             # memory: peak RSS after warm-up, after the small study, after the big one
@@ -276,6 +338,10 @@ def main() -> int:
             log(f"{args.clients} concurrent clients: {n_err} errors in {conc_s:.1f} s {samples}")
             hwm_end = vm(gateway.proc.pid, "VmHWM")
 
+            transcoded = transcoding(url, work, lossless, args.transcode_runs)
+            log(f"transcoding {len(lossless)} JPEG Lossless slices to uncompressed: gateway "
+                f"{transcoded['transcode_gateway_s']:.2f} s, Orthanc {transcoded['transcode_orthanc_s']:.2f} s")
+
         result.update({
             "gateway_wado_s": round(gw_t, 3), "gateway_wado_httpx_client_s": round(py_t, 3),
             "gateway_wado_by_cmove_s": round(mv_t, 3), "getscu_s": round(get_t, 3), "pynetdicom_get_s": round(pnd_t, 3),
@@ -289,12 +355,14 @@ def main() -> int:
             "gateway_hwm_big_mb": round(hwm_big, 1), "gateway_hwm_after_concurrency_mb": round(hwm_end, 1),
             "memory_growth_mb": round(hwm_big - hwm_small, 1), "small_instances": len(small),
             "concurrent_clients": args.clients, "concurrent_errors": n_err, "concurrent_s": round(conc_s, 2),
+            **transcoded, "load_avg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
             "targets": TARGETS,
         })
         result["met"] = bool(result["throughput_ratio"] >= TARGETS["throughput_ratio_min"]
                              and result["qido_added_ms"] <= TARGETS["qido_added_ms_max"]
                              and result["memory_growth_mb"] <= TARGETS["memory_growth_mb_max"]
-                             and n_err <= TARGETS["concurrent_errors_max"])
+                             and n_err <= TARGETS["concurrent_errors_max"]
+                             and result["transcode_ratio"] >= TARGETS["transcode_ratio_min"])
     finally:
         if gateway is not None:
             gateway.stop()
