@@ -19,6 +19,7 @@ from omi_dsf.terminal import printable
 PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("omi_dsf.generate.cli", ("build", "validate")),
     ("omi_dsf.testbed.cli", ("testbed",)),
+    ("omi_dsf.fhirstore.cli", ("fhir-store",)),
     ("omi_dsf.worker.cli", ("worker", "audit")),
     ("omi_dsf.dicomweb.cli", ("gateway",)),
     ("omi_dsf.inference.cli", ("ai-service",)),

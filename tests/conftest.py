@@ -83,6 +83,20 @@ def site_db(request, tmp_path) -> str:
     return request.getfixturevalue("postgres").new_database()
 
 
+@pytest.fixture(scope="session")
+def fhir_store(tmp_path_factory):
+    """One HAPI FHIR JPA server (fhir-store/, H2) for the session: it takes about a minute to start.
+    Tests give their resources identifiers of their own and search only for those."""
+    from omi_dsf.fhirstore import FhirStore
+
+    store = FhirStore(tmp_path_factory.mktemp("fhir-store"), port=free_port(), out=lambda *_: None)
+    store.up(timeout=600)
+    try:
+        yield store
+    finally:
+        store.down()
+
+
 @pytest.fixture
 def artifacts_dir() -> Path:
     """Where tests keep things worth looking at after the run (screenshots, reports)."""

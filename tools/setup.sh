@@ -25,3 +25,6 @@ if [ -f plugin/pom.xml ]; then
   # Resolve the Maven build's artifacts once; ~/.m2 caches them between runs.
   mvn -q -B -f plugin/pom.xml dependency:go-offline >/dev/null || mvn -B -f plugin/pom.xml dependency:resolve
 fi
+
+# The DIC's FHIR store (HAPI FHIR JPA server, fhir-store/): built once, rebuilt when its sources change.
+"$venv/bin/python" -m omi_dsf fhir-store build

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -42,6 +41,7 @@ import yaml
 from lxml import etree
 
 from omi_dsf.errors import UserError
+from omi_dsf.processes import pid_alive, port_free, tail  # noqa: F401 (used by tests and demo too)
 from omi_dsf.testbed import allowlist
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA, thumbprint
 from omi_dsf.testbed.distribution import Distribution
@@ -184,37 +184,6 @@ class State:
 
 # --------------------------------------------------------------------------------------------
 # processes
-
-
-def pid_alive(pid: int | None, needle: str | None = None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-        if needle is not None:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            return needle in cmd
-    except OSError:
-        return False
-    return True
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def ports_for(base: int, sites: int) -> list[int]:
@@ -769,14 +738,6 @@ def _versions(by_site: dict[str, str]) -> str:
     if len(set(by_site.values())) == 1:
         return next(iter(by_site.values())) or "?"
     return ", ".join(f"{v or '?'} ({k})" for k, v in by_site.items())
-
-
-def tail(path: Path, n: int = 20) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return " | ".join(lines[-n:])
 
 
 # BPE log lines that say a plugin, one of its parts, or one of its classes at run time was not
