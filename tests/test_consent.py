@@ -2,12 +2,15 @@
 
 The gICS server below is a STAND-IN written for these tests (gICS cannot run here): it answers
 the TTP-FHIR gateway's $isConsented with FHIR Parameters, as documented by the gateway's IG.
+MII Consent resources on a FHIR server are read from a real one: the DIC's FHIR store (HAPI FHIR
+JPA, fixture fhir_store), loaded with the cases below.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -15,9 +18,10 @@ from helpers_http import serve
 
 from omi_dsf.consent.gics import GicsChecker
 from omi_dsf.consent.mii import evaluate, evaluate_all
-from omi_dsf.consent.policy import MDAT_SCIENTIFIC_USE, MII_POLICY_SYSTEM, codes_for
+from omi_dsf.consent.policy import DISPLAY, MDAT_SCIENTIFIC_USE, MII_POLICY_SYSTEM, codes_for
 from omi_dsf.steps.consent import consent
 from omi_dsf.steps.api import StepContext, StepError
+from conftest import free_port
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
 OID = "2.16.840.1.113883.3.1937.777.24.5.3."
@@ -217,37 +221,135 @@ def test_gics_is_consented_against_stand_in():
     assert not d.permitted and "gICS unreachable" in d.reason
 
 
-class ConsentServerStandIn(BaseHTTPRequestHandler):
-    """A minimal FHIR server answering Consent searches, with paging (stand-in for the DIC's FHIR store)."""
-
-    pages: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        page = 1 if "page=2" in self.path else 0
-        if page == 0 and "patient.identifier=" not in self.path.replace("%7C", "|"):
-            return self._send(400, {})
-        bundle = {"resourceType": "Bundle", "type": "searchset",
-                  "entry": [{"resource": r} for r in self.pages[page]]}
-        if page == 0 and len(self.pages) > 1:
-            port = self.server.server_address[1]
-            bundle["link"] = [{"relation": "next", "url": f"http://127.0.0.1:{port}/fhir/Consent?page=2"}]
-        self._send(200, bundle)
-
-    _send = GicsStandIn._send
+# -- the DIC's FHIR store: a real HAPI FHIR JPA server (session fixture fhir_store) -------------
+MII_CATEGORY = {"system": "https://www.medizininformatik-initiative.de/fhir/modul-consent/CodeSystem/mii-cs-consent-consent_category",
+                "code": "2.16.840.1.113883.3.1937.777.24.2.184"}
+BROAD_CONSENT_POLICY = "urn:oid:2.16.840.1.113883.3.1937.777.24.2.1791"   # Patienteneinwilligung MII 1.6d
+TODAY = dt.date.today()
 
 
-def test_consent_from_fhir_server_with_paging():
-    withdrawn = broad_consent(dateTime="2025-06-01")
-    withdrawn["provision"]["provision"] = []
-    ConsentServerStandIn.pages = [[broad_consent()], [withdrawn]]
-    with serve(ConsentServerStandIn) as base:
-        cfg = {"kind": "fhir", "url": f"{base}/fhir", "identifier_system": "https://example.org/sid"}
-        with pytest.raises(StepError, match="consent does not permit"):
-            consent({"patient-identifier": "PAT-1"}, step_ctx(cfg))  # the later page decides
-        ConsentServerStandIn.pages = [[broad_consent()]]
-        assert consent({"patient-identifier": "PAT-1"}, step_ctx(cfg))["consented"] is True
+def _years(n: int, start: dt.date = TODAY) -> str:
+    return start.replace(year=start.year + n).isoformat()
+
+
+def mii_consent(patient_ref: str, signed: dt.date, modules: dict[int, tuple[str, int]], *, status="active",
+                root_years: int = 30) -> dict:
+    """An MII Broad Consent as sites record it: root provision deny over the whole term, one nested
+    provision per module (policy code) with its type and term in years (MII test data's shape)."""
+    start = signed.isoformat()
+    return {
+        "resourceType": "Consent",
+        "meta": {"profile": [PROFILE]},
+        "status": status,
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}, {"coding": [MII_CATEGORY]}],
+        "patient": {"reference": patient_ref},
+        "dateTime": signed.isoformat(),
+        "policy": [{"uri": BROAD_CONSENT_POLICY}],
+        "provision": {
+            "type": "deny",
+            "period": {"start": start, "end": _years(root_years, signed)},
+            "provision": [{"type": kind, "period": {"start": start, "end": _years(years, signed)},
+                           "code": [{"coding": [{"system": MII_POLICY_SYSTEM, "code": f"{OID}{n}",
+                                                 "display": DISPLAY.get(f"{OID}{n}", "")}]}]}
+                          for n, (kind, years) in modules.items()],
+        },
+    }
+
+
+ALL_MODULES = {6: ("permit", 5), 7: ("permit", 5), 8: ("permit", 30), 19: ("permit", 5), 20: ("permit", 30),
+               22: ("permit", 30)}
+
+
+def load_patient(c, system: str, pid: str, consents: list[dict]) -> list[str]:
+    """One transaction: the Patient (conditional create on its identifier) and its consents; the ids."""
+    entries = [{"fullUrl": "urn:uuid:patient", "resource": {
+        "resourceType": "Patient", "identifier": [{"system": system, "value": pid}], "gender": "unknown"},
+        "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={system}|{pid}"}}]
+    for cons in consents:
+        entries.append({"resource": cons, "request": {"method": "POST", "url": "Consent"}})
+    r = c.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
+               headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 200, r.text
+    return [e["response"]["location"].split("/_history")[0] for e in r.json()["entry"][1:]]
+
+
+@pytest.fixture(scope="module")
+def consent_store(fhir_store):
+    """The cases, loaded once into the real FHIR store: {patient id: [Consent/<id>, ...]}."""
+    system = f"https://dic.example.org/sid/patient-id/{uuid.uuid4()}"
+    y = TODAY.year
+    cases = {
+        "PERMIT": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1), ALL_MODULES)],
+        "DENY": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1),
+                             {**ALL_MODULES, 8: ("deny", 30)})],
+        "EXPIRED": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 31), ALL_MODULES)],
+        "MODULE-EXPIRED": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 6), {**ALL_MODULES, 8: ("permit", 5)})],
+        "WITHDRAWN": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 2), ALL_MODULES),
+                      mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1), {8: ("deny", 30)})],
+        "REVOKED": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 2), ALL_MODULES, status="inactive")],
+        "SOME-PURPOSES": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1),
+                                      {6: ("permit", 5), 7: ("permit", 5), 19: ("permit", 5)})],
+        "SEVERAL": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 3), {6: ("permit", 5)}),
+                    mii_consent("urn:uuid:patient", TODAY.replace(year=y - 2), {8: ("deny", 30)}, status="inactive"),
+                    mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1), ALL_MODULES)],
+    }
+    with fhir_store.client() as c:
+        ids = {pid: load_patient(c, system, pid, consents) for pid, consents in cases.items()}
+    return {"system": system, "url": fhir_store.state().base_url, "ids": ids}
+
+
+def _decide(store, pid, **cfg):
+    ctx = step_ctx({"kind": "fhir", "url": store["url"], "identifier_system": store["system"], **cfg})
+    return consent({"patient-identifier": pid}, ctx)
+
+
+@pytest.mark.integration
+def test_mii_consent_permit_from_fhir_store(consent_store):
+    out = _decide(consent_store, "PERMIT")
+    assert out["consented"] is True and out["consent-reference"] == consent_store["ids"]["PERMIT"][0]
+    assert "MDAT wissenschaftlich nutzen EU DSGVO NIVEAU" in out["consent-reason"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("pid, reason", [
+    ("DENY", r"MDAT wissenschaftlich nutzen EU DSGVO NIVEAU \(\.8\) is denied by the consent"),
+    ("EXPIRED", r"consent expired on "),
+    ("MODULE-EXPIRED", r"permission for MDAT wissenschaftlich nutzen EU DSGVO NIVEAU \(\.8\) expired on "),
+    ("WITHDRAWN", r"MDAT wissenschaftlich nutzen EU DSGVO NIVEAU \(\.8\) is denied by the consent"),
+    ("REVOKED", r"no active consent on record"),
+    ("SOME-PURPOSES", r"consent does not permit MDAT wissenschaftlich nutzen EU DSGVO NIVEAU"),
+    ("NOBODY", r"no consent on record for this patient"),
+])
+def test_mii_consent_denials_from_fhir_store(consent_store, pid, reason):
+    with pytest.raises(StepError, match="consent denied: " + reason):
+        _decide(consent_store, pid)
+
+
+@pytest.mark.integration
+def test_mii_consent_some_purposes_and_several_consents(consent_store):
+    # the same consent permits a purpose that needs only what it grants (.7: MDAT speichern, verarbeiten)
+    assert _decide(consent_store, "SOME-PURPOSES", codes=[OID + "7"])["consented"] is True
+    # several consents of one patient: the most recent active one decides, whatever the order
+    out = _decide(consent_store, "SEVERAL")
+    assert out["consent-reference"] == consent_store["ids"]["SEVERAL"][2]
+    # the non-EU purpose needs .49, which no consent grants
+    with pytest.raises(StepError, match=r"does not permit MDAT wissenschaftlich nutzen ohne EU DSGVO"):
+        _decide(consent_store, "PERMIT", purpose="external-ai-service-non-eu")
+
+
+@pytest.mark.integration
+def test_consent_search_follows_the_store_paging(consent_store):
+    from omi_dsf.consent.sources import from_fhir_server
+
+    found = from_fhir_server(consent_store["url"], consent_store["system"], "SEVERAL", page_size=1)
+    assert sorted(f"Consent/{c['id']}" for c in found) == sorted(consent_store["ids"]["SEVERAL"])
+    assert from_fhir_server(consent_store["url"], consent_store["system"], "PERMIT", page_size=1)[0]["status"] == "active"
+    # another system: none of these patients
+    assert from_fhir_server(consent_store["url"], "https://other.example.org/sid", "PERMIT") == []
+
+
+def test_consent_server_unreachable_is_a_deny():
+    cfg = {"kind": "fhir", "url": f"http://127.0.0.1:{free_port()}/fhir", "identifier_system": "https://example.org/sid"}
     with pytest.raises(StepError, match="consent server unreachable"):
         consent({"patient-identifier": "PAT-1"}, step_ctx(cfg))

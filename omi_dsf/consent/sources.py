@@ -14,14 +14,28 @@ class ConsentLookupError(Exception):
     """The consents could not be read; the caller denies with this reason."""
 
 
+MAX_CONSENTS = 500      # one patient's consents; more is a misconfigured search, not a record
+
+
 def from_fhir_server(base_url: str, identifier_system: str, patient_id: str,
-                     client: httpx.Client | None = None, timeout: float = 10.0) -> list[dict]:
-    """Consent?patient.identifier=system|value, following Bundle next links."""
-    http = client or http_client(timeout=timeout)
+                     client: httpx.Client | None = None, timeout: float = 10.0,
+                     page_size: int = 50) -> list[dict]:
+    """Consent?patient.identifier=system|value on the DIC's FHIR store, following the Bundle's next
+    links (on the same server only), at most MAX_CONSENTS."""
+    if client is None:
+        with http_client(timeout=timeout) as http:
+            return from_fhir_server(base_url, identifier_system, patient_id, http, timeout, page_size)
+    http = client
     url: str | None = base_url.rstrip("/") + "/Consent"
-    params: dict | None = {"patient.identifier": f"{identifier_system}|{patient_id}", "_count": "50"}
+    origin = httpx.URL(url)
+    params: dict | None = {"patient.identifier": f"{identifier_system}|{patient_id}", "_count": str(page_size)}
     out: list[dict] = []
     while url:
+        nxt = httpx.URL(url)
+        if (nxt.scheme, nxt.host, nxt.port) != (origin.scheme, origin.host, origin.port):
+            raise ConsentLookupError("consent server's next page is on another server")
+        if len(out) > MAX_CONSENTS:
+            raise ConsentLookupError(f"consent server returned more than {MAX_CONSENTS} consents for one patient")
         try:
             resp = http.get(url, params=params, headers={"Accept": "application/fhir+json"})
         except httpx.HTTPError as exc:

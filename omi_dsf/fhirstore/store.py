@@ -279,8 +279,9 @@ class FhirStore:
             if st is None or not self.running(st):
                 self.out(f"no running FHIR store in {self.dir}; nothing to stop")
                 return 0
+            pid = st.pid
             self._stop(st, grace)
-            self.out(f"stopped the FHIR store (pid {st.pid})")
+            self.out(f"stopped the FHIR store (pid {pid})")
             return 0
 
     def _stop(self, st: State, grace: float = 30) -> None:
