@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from omi_dsf.inference.servers import SERVERS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ai-service", help="run the reference AI service (Open Inference Protocol v2)")
+    p = subparsers.add_parser("ai-service", help="run the reference lung model behind Open Inference Protocol v2 "
+                                                 "(the project's service, KServe or MLServer)")
+    p.add_argument("--server", choices=SERVERS, default="reference",
+                   help="the model server: reference (the project's, TLS and authentication from --config), "
+                        "kserve or mlserver (their own environments made by tools/setup.sh; plain HTTP, "
+                        "--anonymous only: docs/inference.md)")
     p.add_argument("--config", help="configuration (YAML: listen, tls, auth, limits, max_slices; docs/inference.md)")
     p.add_argument("--anonymous", action="store_true",
                    help="without --config: serve plain HTTP with no authentication (tests, the demo)")
@@ -23,6 +30,8 @@ def _ai_service(args: argparse.Namespace) -> int:
     from omi_dsf.inference.service import serve
     from omi_dsf.serving import config
 
+    if args.server != "reference":
+        return _other_server(args)
     if args.config and args.anonymous:
         raise UserError("--anonymous is for running without --config; set auth.anonymous in the file instead")
     if args.config:
@@ -41,3 +50,20 @@ def _ai_service(args: argparse.Namespace) -> int:
     cfg = config.parse(ServiceConfig, data, Path("."), args.config or "ai-service")
     serve(cfg, log_level="debug" if getattr(args, "verbose", False) else "warning")
     return 0
+
+
+def _other_server(args: argparse.Namespace) -> int:
+    from omi_dsf.errors import UserError
+    from omi_dsf.inference import lungseg, servers
+
+    if args.config or not args.anonymous:
+        raise UserError(f"ai-service --server {args.server}: the project's TLS and authentication settings are the "
+                        f"reference service's; {args.server} serves plain HTTP here: give --anonymous (in production "
+                        f"TLS and authentication come from the platform in front of it; docs/inference.md)")
+    if args.server == "kserve" and args.host not in (None, "0.0.0.0"):   # noqa: S104
+        raise UserError("ai-service --server kserve: KServe's model server listens on all interfaces; "
+                        "--host cannot choose one (leave it out)")
+    max_slices = args.max_slices if args.max_slices is not None else lungseg.DEFAULT_MAX_SLICES
+    if max_slices < 3:
+        raise UserError(f"--max-slices {max_slices}: the model needs at least 3")
+    return servers.run(args.server, args.host or "127.0.0.1", args.port or 8500, max_slices)

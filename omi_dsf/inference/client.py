@@ -77,6 +77,7 @@ class OipClient:
             self.base_url, self.timeout = base_url.rstrip("/"), float(timeout if timeout is not None else 120.0)
         self._http = http or http_client(self.base_url, verify, self.timeout, token=token)
         self._metadata: dict[tuple[str, str | None], dict] = {}
+        self._binary: bool | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -97,6 +98,19 @@ class OipClient:
 
     def server_metadata(self) -> dict:
         return self._json("GET", "/v2")
+
+    def binary_tensors(self) -> bool:
+        """Whether the server takes and answers tensors in the binary tensor data extension, from its
+        metadata (asked once per client): it lists "binary_tensor_data" among its extensions (Triton,
+        the reference service), or it is KServe's model server, which decodes and encodes them without
+        listing them. Otherwise (MLServer) tensors travel as JSON."""
+        if self._binary is None:
+            try:
+                meta = self.server_metadata()
+            except InferenceRejected:
+                meta = {}
+            self._binary = uses_binary_tensors(meta)
+        return self._binary
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
         # The protocol answers 200 for ready and a 4xx for not ready or unknown.
@@ -151,10 +165,11 @@ class OipClient:
                                      f"expects {spec['shape']} (-1: any size)")
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
-              binary: bool = True, version: str | None = None, check: bool = True,
+              binary: bool | None = None, version: str | None = None, check: bool = True,
               request_id: str | None = None, parameters: Mapping[str, Any] | None = None,
               timings: dict[str, float] | None = None, on_sent: Callable[[], None] | None = None) -> InferResult:
-        """Run the model; `binary` selects the binary tensor data extension for inputs and outputs.
+        """Run the model; `binary` selects the binary tensor data extension for inputs and outputs
+        (default: where the server has it, `binary_tensors`).
         `timings`, if given, receives the seconds spent in "encode", "request" (HTTP round trip,
         the server's work included) and "decode". `on_sent` is called once the request body is
         out, while the server works (e.g. to start work of one's own that would slow the sending)."""
@@ -162,6 +177,8 @@ class OipClient:
             self.check_inputs(model, inputs, version)
             if not self.model_ready(model, version):
                 raise ModelNotReady(f"model '{model}' at {self.base_url} is not ready")
+        if binary is None:
+            binary = self.binary_tensors()
         header: dict[str, Any] = {}
         if request_id:
             header["id"] = request_id
@@ -227,6 +244,16 @@ class OipClient:
             raise ModelNotReady(f"model '{model}' is unknown to {self.base_url}: {text}")
         raise InferenceRejected(f"model '{model}' rejected the request (HTTP {response.status_code}): {text}",
                                 response.status_code)
+
+
+def uses_binary_tensors(server_metadata: Mapping[str, Any]) -> bool:
+    """True for a server whose metadata (GET /v2) lists the binary tensor data extension, or names
+    KServe's model server (it has the extension without listing it: "extensions" there are only the
+    model repository's)."""
+    extensions = server_metadata.get("extensions") or []
+    if isinstance(extensions, list) and "binary_tensor_data" in extensions:
+        return True
+    return str(server_metadata.get("name", "")).strip().lower() == "kserve"
 
 
 def _body(parts: list, on_sent: Callable[[], None] | None) -> Iterator[memoryview]:

@@ -14,6 +14,8 @@ standard image orientation 1\\0\\0\\0\\1\\0), so the lung in lower columns is th
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 from scipy import ndimage
 
@@ -21,6 +23,8 @@ NAME = "lung-seg"
 VERSION = "1.0.0"
 AIR_THRESHOLD_HU = -400
 RIGHT, LEFT = 1, 2  # label values in the output
+DEFAULT_MAX_SLICES = 600
+MAX_MATRIX = 1024          # rows and columns of a slice at most
 
 
 def segment_lungs(hu: np.ndarray) -> np.ndarray:
@@ -71,3 +75,72 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+class ModelInputError(ValueError):
+    """The inputs are well-formed tensors but not something this model can work on."""
+
+
+class Model(Protocol):
+    name: str
+    version: str
+    ready: bool
+
+    def metadata(self) -> dict: ...
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class LungSegModel:
+    """Both lungs on an axial chest CT volume given in Hounsfield units."""
+
+    name = NAME
+    version = VERSION
+
+    def __init__(self, max_slices: int = DEFAULT_MAX_SLICES, min_slices: int = 3):
+        self.max_slices, self.min_slices = max_slices, min_slices
+        self.ready = True
+
+    def metadata(self) -> dict:
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "python-numpy-scipy",
+            "inputs": [
+                {"name": "HU", "datatype": "INT16", "shape": [-1, -1, -1]},
+                {"name": "SPACING_MM", "datatype": "FP32", "shape": [3]},
+            ],
+            "outputs": [
+                {"name": "LUNG_LABELS", "datatype": "UINT8", "shape": [-1, -1, -1]},
+                {"name": "LUNG_VOLUME_ML", "datatype": "FP32", "shape": [2]},
+            ],
+            "parameters": {
+                "description": "lung segmentation by thresholding, connected components and morphology",
+                "algorithm_name": self.name,
+                "algorithm_version": self.version,
+                "modality": "CT",
+                "body_part": "CHEST",
+                "orientation": "axial, image orientation 1\\0\\0\\0\\1\\0",
+                "min_slices": self.min_slices,
+                "max_slices": self.max_slices,
+                "max_matrix": MAX_MATRIX,
+                "inputs": {"HU": "volume (slices, rows, cols) in Hounsfield units, cranial slice first",
+                           "SPACING_MM": "voxel spacing (between slices, rows, cols) in mm"},
+                "labels": {"0": "background", str(RIGHT): "right lung", str(LEFT): "left lung"},
+                "outputs": {"LUNG_VOLUME_ML": "(right, left) lung volume in ml"},
+            },
+        }
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        hu, spacing = inputs["HU"], inputs["SPACING_MM"]
+        if not self.min_slices <= hu.shape[0] <= self.max_slices:
+            raise ModelInputError(f"input 'HU' has {hu.shape[0]} slices; model '{self.name}' accepts "
+                                  f"{self.min_slices} to {self.max_slices}")
+        if not 16 <= min(hu.shape[1:]) <= max(hu.shape[1:]) <= MAX_MATRIX:
+            raise ModelInputError(f"input 'HU' slices of {hu.shape[1]}x{hu.shape[2]}: the model accepts 16x16 "
+                                  f"to {MAX_MATRIX}x{MAX_MATRIX}")
+        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise ModelInputError(f"input 'SPACING_MM' must be three positive numbers, got {spacing.tolist()}")
+        labels = segment_lungs(hu)
+        right, left = volumes_ml(labels, tuple(float(s) for s in spacing))
+        return {"LUNG_LABELS": labels, "LUNG_VOLUME_ML": np.array([right, left], np.float32)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from omi_dsf.inference import lungseg, tensors
+from omi_dsf.inference.lungseg import LungSegModel, ModelInputError  # noqa: F401  (the model this service serves)
 from omi_dsf.inference.config import ServiceConfig
 from omi_dsf.inference.tensors import TensorError
 from omi_dsf.serving.auth import AuthMiddleware
@@ -38,78 +39,7 @@ from omi_dsf.serving.limits import LimitsMiddleware, limit_error_handler
 log = logging.getLogger(__name__)
 SERVER_NAME = "omi-dsf-reference-ai-service"
 SERVER_VERSION = "0.1.0"
-DEFAULT_MAX_SLICES = 600
-MAX_MATRIX = 1024          # rows and columns of a slice at most
 OPEN_PATH = re.compile(r"^/v2/health/(live|ready)$|^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
-
-
-class ModelInputError(ValueError):
-    """The inputs are well-formed tensors but not something this model can work on."""
-
-
-class Model(Protocol):
-    name: str
-    version: str
-    ready: bool
-
-    def metadata(self) -> dict: ...
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-class LungSegModel:
-    """Both lungs on an axial chest CT volume given in Hounsfield units."""
-
-    name = lungseg.NAME
-    version = lungseg.VERSION
-
-    def __init__(self, max_slices: int = DEFAULT_MAX_SLICES, min_slices: int = 3):
-        self.max_slices, self.min_slices = max_slices, min_slices
-        self.ready = True
-
-    def metadata(self) -> dict:
-        return {
-            "name": self.name,
-            "versions": [self.version],
-            "platform": "python-numpy-scipy",
-            "inputs": [
-                {"name": "HU", "datatype": "INT16", "shape": [-1, -1, -1]},
-                {"name": "SPACING_MM", "datatype": "FP32", "shape": [3]},
-            ],
-            "outputs": [
-                {"name": "LUNG_LABELS", "datatype": "UINT8", "shape": [-1, -1, -1]},
-                {"name": "LUNG_VOLUME_ML", "datatype": "FP32", "shape": [2]},
-            ],
-            "parameters": {
-                "description": "lung segmentation by thresholding, connected components and morphology",
-                "algorithm_name": self.name,
-                "algorithm_version": self.version,
-                "modality": "CT",
-                "body_part": "CHEST",
-                "orientation": "axial, image orientation 1\\0\\0\\0\\1\\0",
-                "min_slices": self.min_slices,
-                "max_slices": self.max_slices,
-                "max_matrix": MAX_MATRIX,
-                "inputs": {"HU": "volume (slices, rows, cols) in Hounsfield units, cranial slice first",
-                           "SPACING_MM": "voxel spacing (between slices, rows, cols) in mm"},
-                "labels": {"0": "background", str(lungseg.RIGHT): "right lung", str(lungseg.LEFT): "left lung"},
-                "outputs": {"LUNG_VOLUME_ML": "(right, left) lung volume in ml"},
-            },
-        }
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        hu, spacing = inputs["HU"], inputs["SPACING_MM"]
-        if not self.min_slices <= hu.shape[0] <= self.max_slices:
-            raise ModelInputError(f"input 'HU' has {hu.shape[0]} slices; model '{self.name}' accepts "
-                                  f"{self.min_slices} to {self.max_slices}")
-        if not 16 <= min(hu.shape[1:]) <= max(hu.shape[1:]) <= MAX_MATRIX:
-            raise ModelInputError(f"input 'HU' slices of {hu.shape[1]}x{hu.shape[2]}: the model accepts 16x16 "
-                                  f"to {MAX_MATRIX}x{MAX_MATRIX}")
-        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-            raise ModelInputError(f"input 'SPACING_MM' must be three positive numbers, got {spacing.tolist()}")
-        labels = lungseg.segment_lungs(hu)
-        right, left = lungseg.volumes_ml(labels, tuple(float(s) for s in spacing))
-        return {"LUNG_LABELS": labels, "LUNG_VOLUME_ML": np.array([right, left], np.float32)}
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -258,7 +188,7 @@ def create_app(models: list[Any] | None = None, cfg: ServiceConfig | None = None
             raise _Refused(413, f"JSON body larger than limits.max_json_mb ({limits.max_json_mb:g} MB)")
         try:
             message, inputs = await run_in_threadpool(_decode, body, header_length)
-            _check_inputs(model, inputs)
+            tensors.check_declared(model.name, model.metadata()["inputs"], inputs)
         except TensorError as exc:
             return _error(400, str(exc))
         declared = [t["name"] for t in model.metadata()["outputs"]]
@@ -309,22 +239,6 @@ def create_app(models: list[Any] | None = None, cfg: ServiceConfig | None = None
     ]
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={HTTPException: limit_error_handler(_error)})
-
-
-def _check_inputs(model: Any, inputs: dict[str, np.ndarray]) -> None:
-    declared = {t["name"]: t for t in model.metadata()["inputs"]}
-    for name in inputs:
-        if name not in declared:
-            raise TensorError(f"model '{model.name}' has no input '{name}' (inputs: {', '.join(declared)})")
-    for name, spec in declared.items():
-        if name not in inputs:
-            raise TensorError(f"model '{model.name}' needs input '{name}' ({spec['datatype']} {spec['shape']})")
-        got = tensors.datatype_of(inputs[name])
-        if got != spec["datatype"]:
-            raise TensorError(f"input '{name}' is {got}, model '{model.name}' expects {spec['datatype']}")
-        if not tensors.shape_matches(inputs[name].shape, spec["shape"]):
-            raise TensorError(f"input '{name}' has shape {list(inputs[name].shape)}, model '{model.name}' "
-                              f"expects {spec['shape']}")
 
 
 def serve(cfg: ServiceConfig, log_level: str = "warning") -> None:

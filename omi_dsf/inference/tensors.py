@@ -48,6 +48,24 @@ def shape_matches(shape: Iterable[int], declared: Iterable[int]) -> bool:
     return len(shape) == len(declared) and all(d == -1 or d == s for s, d in zip(shape, declared))
 
 
+def check_declared(model: str, declared: list[dict], inputs: Mapping[str, np.ndarray]) -> None:
+    """Raise `TensorError` naming the first of `inputs` that is not among the model's `declared` inputs
+    (metadata "inputs": name, datatype, shape) or does not fit its datatype and shape, or a missing one."""
+    by_name = {t["name"]: t for t in declared}
+    for name in inputs:
+        if name not in by_name:
+            raise TensorError(f"model '{model}' has no input '{name}' (inputs: {', '.join(by_name)})")
+    for name, spec in by_name.items():
+        if name not in inputs:
+            raise TensorError(f"model '{model}' needs input '{name}' ({spec['datatype']} {spec['shape']})")
+        got = datatype_of(inputs[name])
+        if got != spec["datatype"]:
+            raise TensorError(f"input '{name}' is {got}, model '{model}' expects {spec['datatype']}")
+        if not shape_matches(inputs[name].shape, spec["shape"]):
+            raise TensorError(f"input '{name}' has shape {list(inputs[name].shape)}, model '{model}' "
+                              f"expects {spec['shape']}")
+
+
 def _check_shape(name: str, shape: Any) -> list[int]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):

@@ -12,10 +12,13 @@ def _org(identifier: str) -> dict:
 def service_bundle(organization: str, service_id: str, *, name: str, model: str, model_version: str,
                    oip_url: str, modality: list[str], body_site: list[tuple[str, str]],
                    service_type: str = "segmentation", dicomweb_endpoints: list[dict] | None = None,
-                   identifier_system: str = f"{d.BASE}/sid/omi-ai-service") -> dict:
+                   identifier_system: str = f"{d.BASE}/sid/omi-ai-service", min_slices: int | None = None,
+                   max_slices: int | None = None, labels: dict[str, str] | None = None) -> dict:
     """HealthcareService `service_id` + Device `<id>-algorithm` + Endpoint `<id>-oip` (+ given DICOMweb
     Endpoints, e.g. from omi_dsf.dicomweb.endpoint), all PUT so that registering again updates them.
-    `body_site` is (system, code) pairs, e.g. ("http://snomed.info/sct", "39607008") for lung."""
+    `body_site` is (system, code) pairs, e.g. ("http://snomed.info/sct", "39607008") for lung.
+    `min_slices`, `max_slices` and `labels` ({"1": "right lung"}) tell the infer step what a server whose
+    model metadata has no parameters cannot (registry/device.py)."""
     device_id, oip_id = f"{service_id}-algorithm", f"{service_id}-oip"
     device = {
         "resourceType": "Device", "id": device_id,
@@ -31,6 +34,13 @@ def service_bundle(organization: str, service_id: str, *, name: str, model: str,
              "valueCode": [{"coding": [{"system": s, "code": c}]} for s, c in body_site]},
         ],
     }
+    for code, value in (("min-slices", min_slices), ("max-slices", max_slices)):
+        if value is not None:
+            device["property"].append({"type": {"coding": [{"system": d.CS_DEVICE_PROPERTY, "code": code}]},
+                                       "valueQuantity": [{"value": value}]})
+    if labels:
+        device["property"].append({"type": {"coding": [{"system": d.CS_DEVICE_PROPERTY, "code": "label"}]},
+                                   "valueCode": [{"coding": [{"code": k, "display": t}]} for k, t in labels.items()]})
     oip = {
         "resourceType": "Endpoint", "id": oip_id,
         "identifier": [{"system": identifier_system, "value": f"{service_id}/oip"}],

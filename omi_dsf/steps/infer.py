@@ -16,8 +16,15 @@ Site configuration (`ctx.site`):
   ai_model          model name on that server (default "lung-seg")
   ai_services       optional {ai-service-identifier: {"url": …, "model": …}} overriding the two above;
                     for a service behind TLS or authentication also ca_file, client_cert, client_key,
-                    client_key_password_file (mutual TLS) and token_file (a bearer token, read per step)
+                    client_key_password_file (mutual TLS) and token_file (a bearer token, read per step);
+                    for a server whose model metadata has no parameters (KServe) `device`: the model's
+                    Device in the registry (its URL, read with device_ca_file, or a file holding it)
   ai_timeout_s      seconds to wait for one inference (default 600)
+
+What the step needs beyond the protocol (modality, slice limits, label meaning, algorithm name and
+version) comes from the model metadata's "parameters" (the reference service, MLServer), else from
+the Device (`omi_dsf/registry/device.py`). Tensors travel binary where the server has the extension,
+else as JSON (`OipClient.binary_tensors`).
 
 Failures the requester must fix (wrong modality, gaps between slices, too many slices, an
 unknown service) raise `StepError`; an unreachable, busy or slow service or gateway raises
@@ -27,8 +34,10 @@ retry after a crash stores the same objects again rather than new ones.
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +48,7 @@ from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
 from omi_dsf.peer import Peer, PeerConfigError
+from omi_dsf.registry import device
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, text_input
 
 DEFAULT_MODEL = "lung-seg"
@@ -48,8 +58,9 @@ MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
-def _service(inputs: Answers, site: Any, timeout: float) -> tuple[Peer, str]:
-    """The requested service as a peer (URL, TLS, token) and the model name."""
+def _service(inputs: Answers, site: Any, timeout: float) -> tuple[Peer, str, Any]:
+    """The requested service as a peer (URL, TLS, token), the model name and its `device` setting
+    (a registry URL as a Peer, a file path, or None)."""
     identifier = str(inputs.get("ai-service-identifier", "") or "")
     services = site.get("ai_services") or {}
     try:
@@ -57,14 +68,66 @@ def _service(inputs: Answers, site: Any, timeout: float) -> tuple[Peer, str]:
             entry = services[identifier]
             peer = Peer.from_config(entry, f"ai_services.{identifier}", timeout=timeout)
             peer.ssl_context(), peer.token()   # a file that does not load: the requester's to fix, now
-            return peer, str(entry.get("model", DEFAULT_MODEL))
+            return peer, str(entry.get("model", DEFAULT_MODEL)), _device_setting(entry, identifier, timeout)
         if not site.get("ai_service_url"):
             known = ", ".join(services) or "none configured"
             raise StepError(f"AI service '{identifier}' is not offered at this site (services: {known})")
         return (Peer.from_config({}, "ai_service_url", url=str(site["ai_service_url"]), timeout=timeout),
-                str(site.get("ai_model", DEFAULT_MODEL)))
+                str(site.get("ai_model", DEFAULT_MODEL)), None)
     except PeerConfigError as exc:
         raise StepError(str(exc)) from None
+
+
+def _device_setting(entry: Any, identifier: str, timeout: float) -> Peer | Path | None:
+    value = entry.get("device")
+    if not value:
+        return None
+    where = f"ai_services.{identifier}.device"
+    text = str(value)
+    if text.startswith(("https://", "http://")):
+        return Peer.from_config({"ca_file": entry.get("device_ca_file")}, where, url=text, timeout=timeout)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise StepError(f"{where}: {text} is neither a URL nor a file")
+    return path
+
+
+def _model_parameters(meta: dict, model: str, device_setting: Peer | Path | None) -> dict:
+    """What the step needs beyond the protocol: the model metadata's parameters when they state a
+    modality, else the model's Device entry."""
+    params = meta.get("parameters")
+    if isinstance(params, dict) and "modality" in params:
+        return params
+    if device_setting is None:
+        raise StepError(f"model '{model}': its metadata states no modality, slice limits or labels (its server "
+                        f"carries no model parameters): give the service's `device` in the site's ai_services "
+                        f"(its Device in the registry)")
+    try:
+        if isinstance(device_setting, Path):
+            try:
+                found = json.loads(device_setting.read_text())
+            except (OSError, ValueError) as exc:
+                raise device.DeviceError(f"{device_setting}: {exc}") from None
+        else:
+            found = device.fetch(device_setting)
+        return device.model_parameters(found if isinstance(found, dict) else {})
+    except device.DeviceUnavailable:
+        raise
+    except device.DeviceError as exc:
+        raise StepError(f"model '{model}': {exc}") from None
+
+
+def _check_labels(params: dict, model: str) -> None:
+    """The SEG names segment 1 the right lung and 2 the left one: a model whose labels mean
+    something else would be stored under the wrong names."""
+    labels = params.get("labels")
+    if not isinstance(labels, dict):
+        return
+    for number, _, _, meaning in results.SEGMENTS:
+        said = str(labels.get(str(number), ""))
+        if said.strip().lower() != meaning.lower():
+            raise StepError(f"model '{model}' labels {number} as {said[:60]!r}; this step stores label {number} "
+                            f"as {meaning.lower()!r}")
 
 
 def _gateway_url(inputs: Answers, site: Any, study_uid: str) -> str:
@@ -131,7 +194,7 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
 def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: DicomwebClient,
            timeout: float) -> tuple[Answers, Timings]:
     t = Timings()
-    service, model = _service(inputs, ctx.site, timeout)
+    service, model, device_setting = _service(inputs, ctx.site, timeout)
     gateway = dicomweb.url
 
     with oip.OipClient(service) as ai:
@@ -140,7 +203,8 @@ def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: Dicomweb
                 meta = ai.model_metadata(model)
         except oip.ModelNotReady as exc:
             raise StepError(str(exc)) from None
-        limits = meta.get("parameters") or {}
+        limits = _model_parameters(meta, model, device_setting)
+        _check_labels(limits, model)
         modality = str(limits.get("modality", "CT"))
         max_slices = int(limits["max_slices"]) if "max_slices" in limits else None
         min_slices = int(limits.get("min_slices", 1))
@@ -172,7 +236,7 @@ def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: Dicomweb
             oip_times: dict[str, float] = {}
             try:
                 answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
-                                  binary=True, request_id=ctx.business_key, timings=oip_times, on_sent=prepare)
+                                  request_id=ctx.business_key, timings=oip_times, on_sent=prepare)
             except (oip.TensorMismatch, oip.InferenceRejected) as exc:
                 raise StepError(str(exc)) from None
             # ModelNotReady, InferenceTimeout, ServiceUnavailable: transient, the runtime retries
