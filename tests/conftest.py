@@ -97,6 +97,26 @@ def fhir_store(tmp_path_factory):
         store.down()
 
 
+@pytest.fixture(scope="session")
+def kserve_service(tmp_path_factory):
+    """The lung model on KServe's model server (`ai-service --server kserve`, its own venv) for the session."""
+    from omi_dsf.testkit.ai_service import AiServiceProcess
+
+    with AiServiceProcess(log=tmp_path_factory.mktemp("kserve") / "kserve.log", timeout=120,
+                          server="kserve") as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def mlserver_service(tmp_path_factory):
+    """The lung model on MLServer (`ai-service --server mlserver`, its own venv) for the session."""
+    from omi_dsf.testkit.ai_service import AiServiceProcess
+
+    with AiServiceProcess(log=tmp_path_factory.mktemp("mlserver") / "mlserver.log", timeout=120,
+                          server="mlserver") as service:
+        yield service
+
+
 @pytest.fixture
 def artifacts_dir() -> Path:
     """Where tests keep things worth looking at after the run (screenshots, reports)."""

@@ -334,7 +334,7 @@ def test_mutual_tls_and_a_token_over_tls(tmp_path, keys):  # noqa: F811
         (tmp_path / "token").write_text(token(key, iss="https://idp.omi.test") + "\n")
         site = {"ai_services": {"lung-seg": {"url": service.url, "ca_file": ca, "client_cert": client[0],
                                              "client_key": client[1], "token_file": str(tmp_path / "token")}}}
-        peer, model = _service({"ai-service-identifier": "lung-seg"}, site, 30)
+        peer, model, _device = _service({"ai-service-identifier": "lung-seg"}, site, 30)
         with OipClient(peer) as ai:
             assert ai.infer(model, {"HU": HU, "SPACING_MM": SPACING}).outputs["LUNG_VOLUME_ML"][0] > 0
         # without a client certificate the handshake fails; a presented token must still be valid

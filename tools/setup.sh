@@ -21,6 +21,15 @@ venv=${OMI_VENV:-.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# The model servers AI providers run, each in its own environment next to the project's (they pin
+# fastapi/starlette versions of their own): `ai-service --server kserve|mlserver` runs the lung model
+# on them with the project on its PYTHONPATH (omi_dsf/inference/servers.py).
+for server in "kserve==0.21.0" "mlserver==1.7.1"; do
+  name=${server%%==*}
+  [ -x "$venv-$name/bin/python" ] || python3 -m venv "$venv-$name"
+  "$venv-$name/bin/python" -m pip install -q --disable-pip-version-check "$server" numpy scipy
+done
+
 if [ -f plugin/pom.xml ]; then
   # Resolve the Maven build's artifacts once; ~/.m2 caches them between runs.
   mvn -q -B -f plugin/pom.xml dependency:go-offline >/dev/null || mvn -B -f plugin/pom.xml dependency:resolve

@@ -1,0 +1,109 @@
+"""What the infer step learns from a server before sending a study, without a server: whether it
+takes binary tensors, where the model's modality, slice limits and labels come from (model metadata
+parameters or the registry's Device), and the `ai-service --server` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from omi_dsf.errors import UserError
+from omi_dsf.inference import lungseg, servers
+from omi_dsf.inference.client import uses_binary_tensors
+from omi_dsf.registry import device
+from omi_dsf.steps import infer as step
+from omi_dsf.steps.api import StepError
+from omi_dsf.testkit.ai_service import write_device
+
+# GET /v2 as each server answers it (reference: service.py; the others as measured, tests/test_inference_servers.py)
+REFERENCE = {"name": "omi-dsf-reference-ai-service", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+TRITON = {"name": "triton", "version": "2.50.0", "extensions": ["classification", "model_repository",
+                                                                "binary_tensor_data", "statistics"]}
+KSERVE = {"name": "kserve", "version": "0.21.0", "extensions": ["model_repository_extension"]}
+MLSERVER = {"name": "mlserver", "version": "1.7.1", "extensions": []}
+
+
+@pytest.mark.parametrize("meta, binary", [(REFERENCE, True), (TRITON, True), (KSERVE, True), (MLSERVER, False),
+                                          ({}, False), ({"name": "x", "extensions": "binary_tensor_data"}, False)])
+def test_binary_tensors_where_the_server_has_them(meta, binary):
+    assert uses_binary_tensors(meta) is binary
+
+
+def test_metadata_parameters_come_first():
+    meta = lungseg.LungSegModel(max_slices=40).metadata()
+    params = step._model_parameters(meta, "lung-seg", None)
+    assert params["modality"] == "CT" and params["max_slices"] == 40
+
+
+def test_without_parameters_the_device_is_needed(tmp_path):
+    meta = {"name": "lung-seg", "inputs": [], "outputs": []}   # what KServe answers: no parameters
+    with pytest.raises(StepError, match="device"):
+        step._model_parameters(meta, "lung-seg", None)
+    path = write_device(tmp_path / "device.json", "http://127.0.0.1:9", max_slices=77)
+    params = step._model_parameters(meta, "lung-seg", path)
+    assert params == {"modality": "CT", "min_slices": 3, "max_slices": 77,
+                      "labels": {"1": "right lung", "2": "left lung"},
+                      "algorithm_name": "lung-seg", "algorithm_version": lungseg.VERSION}
+    step._check_labels(params, "lung-seg")
+
+
+def test_device_without_modality_or_with_a_bad_limit_is_refused(tmp_path):
+    path = write_device(tmp_path / "device.json", "http://127.0.0.1:9")
+    dev = json.loads(path.read_text())
+    no_modality = {**dev, "property": [p for p in dev["property"] if p["type"]["coding"][0]["code"] != "modality"]}
+    with pytest.raises(device.DeviceError, match="no modality"):
+        device.model_parameters(no_modality)
+    for p in dev["property"]:
+        if p["type"]["coding"][0]["code"] == "max-slices":
+            p["valueQuantity"][0]["value"] = "many"
+    with pytest.raises(device.DeviceError, match="max-slices must be a whole number"):
+        device.model_parameters(dev)
+    with pytest.raises(device.DeviceError, match="expected a Device"):
+        device.model_parameters({"resourceType": "Patient"})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(StepError, match="bad.json"):
+        step._model_parameters({"name": "m"}, "m", bad)
+
+
+def test_labels_that_mean_something_else_are_refused():
+    with pytest.raises(StepError, match="labels 1 as 'left lung'"):
+        step._check_labels({"labels": {"1": "left lung", "2": "right lung"}}, "m")
+    step._check_labels({"modality": "CT"}, "m")   # no labels stated: the protocol's outputs decide
+
+
+def test_device_setting_is_a_url_or_an_existing_file(tmp_path):
+    peer = step._device_setting({"device": "https://registry.example/fhir/Device/x"}, "lung-seg", 10)
+    assert peer.url == "https://registry.example/fhir/Device/x"
+    with pytest.raises(StepError, match="ai_services.lung-seg.device: .* is neither a URL nor a file"):
+        step._device_setting({"device": str(tmp_path / "missing.json")}, "lung-seg", 10)
+    assert step._device_setting({}, "lung-seg", 10) is None
+
+
+def test_mlserver_model_settings_carry_the_model():
+    settings = servers.mlserver_model_settings(123)
+    assert settings["implementation"] == "omi_dsf.inference.mlserver_runtime.LungSegRuntime"
+    assert settings["parameters"]["extra"] == {"max_slices": 123}
+    assert [t["name"] for t in settings["inputs"]] == ["HU", "SPACING_MM"]
+
+
+def test_a_missing_server_environment_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMI_KSERVE_PYTHON", str(tmp_path / "nope" / "python"))
+    with pytest.raises(UserError, match="OMI_KSERVE_PYTHON"):
+        servers.python_for("kserve")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--server", "kserve"], "give --anonymous"),
+    (["--server", "mlserver", "--config", "x.yaml"], "give --anonymous"),
+    (["--server", "kserve", "--anonymous", "--host", "10.1.2.3"], "listens on all interfaces"),
+    (["--server", "mlserver", "--anonymous", "--max-slices", "2"], "at least 3"),
+])
+def test_other_servers_command_line_errors_are_one_line(args, message):
+    r = subprocess.run([sys.executable, "-m", "omi_dsf", "ai-service", *args], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,134 @@
+"""The infer step and the registry's health checks against the model servers AI providers run:
+the lung model on KServe's model server and on MLServer (each in its own environment, started on
+127.0.0.1 by `ai-service --server`), side by side with the reference service. Orthanc is the
+DICOMweb gateway (as in test_inference_step.py)."""
+
+from __future__ import annotations
+
+import shutil
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+import numpy as np
+import pydicom
+import pytest
+from starlette.testclient import TestClient
+
+from omi_dsf.dicomweb_client import DicomwebClient
+from omi_dsf.inference import lungseg
+from omi_dsf.inference.client import InferenceRejected, OipClient
+from omi_dsf.peer import Peer
+from omi_dsf.registry.app import create_app
+from omi_dsf.registry.config import parse_config
+from omi_dsf.registry.entries import service_bundle
+from omi_dsf.steps import infer as step
+from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.testkit import phantom
+from omi_dsf.testkit.ai_service import write_device
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not shutil.which("Orthanc") and not Path("/usr/sbin/Orthanc").exists(),
+                       reason="Orthanc not installed (tools/apt-packages.txt: orthanc, orthanc-dicomweb)"),
+]
+
+SERVERS = {"reference": "ai_service", "kserve": "kserve_service", "mlserver": "mlserver_service"}
+SPACING = np.array([2.5, 0.7, 0.7], np.float32)
+
+
+@pytest.fixture(params=list(SERVERS))
+def server(request):
+    return request.param, request.getfixturevalue(SERVERS[request.param])
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    from omi_dsf.testkit.legacy_pacs import Orthanc
+
+    root = tmp_path_factory.mktemp("servers")
+    studies = {}
+    for name, seed, slices in (("good", 21, 8), ("long", 22, 12)):
+        paths = phantom.write_ct_study(root / name, slices=slices, seed=seed, rows=96, cols=96)
+        studies[name] = (str(pydicom.dcmread(paths[0]).StudyInstanceUID), paths)
+    with Orthanc(root / "orthanc") as orthanc:
+        orthanc.load([p for _, paths in studies.values() for p in paths])
+        yield orthanc, {k: uid for k, (uid, _) in studies.items()}
+
+
+def test_protocol_is_detected_and_both_encodings_agree(server):
+    name, service = server
+    hu = phantom.phantom_hu(6, 3, 64, 64)
+    with OipClient(service.url, timeout=60) as ai:
+        assert ai.binary_tensors() is (name != "mlserver")
+        meta = ai.model_metadata(lungseg.NAME)
+        assert ("parameters" in meta) is (name != "kserve")   # KServe's model metadata has no parameters
+        answer = ai.infer(lungseg.NAME, {"HU": hu, "SPACING_MM": SPACING}, request_id="r-1")
+        assert answer.id == "r-1"
+        assert answer.outputs["LUNG_LABELS"].shape == hu.shape and answer.outputs["LUNG_LABELS"].dtype == np.uint8
+        expected = lungseg.LungSegModel().infer({"HU": hu, "SPACING_MM": SPACING})
+        assert np.array_equal(answer.outputs["LUNG_LABELS"], expected["LUNG_LABELS"])
+        assert np.allclose(answer.outputs["LUNG_VOLUME_ML"], expected["LUNG_VOLUME_ML"])
+        if name != "mlserver":   # JSON too, where binary is the default
+            as_json = ai.infer(lungseg.NAME, {"HU": hu, "SPACING_MM": SPACING}, binary=False)
+            assert np.array_equal(as_json.outputs["LUNG_LABELS"], expected["LUNG_LABELS"])
+        # the model's own refusal reaches the caller as a 4xx with its message, on every server
+        with pytest.raises(InferenceRejected, match="2 slices"):
+            ai.infer(lungseg.NAME, {"HU": hu[:2], "SPACING_MM": SPACING})
+
+
+def _ctx(gateway_url: str, entry: dict) -> StepContext:
+    return StepContext(topic="infer", business_key="bk-servers",
+                       site={"gateway_url": gateway_url, "ai_timeout_s": 120, "ai_services": {"lung-seg": entry}})
+
+
+def test_infer_step_stores_seg_and_sr_on_each_server(server, gateway, tmp_path):
+    name, service = server
+    orthanc, uids = gateway
+    entry = {"url": service.url, "model": lungseg.NAME}
+    if name == "kserve":
+        entry["device"] = str(write_device(tmp_path / "device.json", service.url))
+    answers, timings = step.infer_timed({"pseudonymized-study-instance-uid": uids["good"],
+                                         "ai-service-identifier": "lung-seg"}, _ctx(orthanc.dicomweb_url, entry))
+    assert answers["status"] == "completed"
+    assert ("model" in timings.seconds) is (name == "reference")   # only the reference service reports it
+    seg_series, _ = answers["result-series-uids"].split(",")
+    with DicomwebClient(Peer(orthanc.dicomweb_url)) as web:
+        (seg_ds,) = [pydicom.dcmread(BytesIO(b)) for b in web.retrieve_series(uids["good"], seg_series)]
+        source = sorted((pydicom.dcmread(BytesIO(b)) for b in web.retrieve_series(
+            uids["good"], str(seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID))),
+            key=lambda ds: int(ds.InstanceNumber))
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    mask = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source], combine_segments=True)
+    assert lungseg.dice(mask > 0, phantom.known_lung_mask(8, 21, 96, 96)) > 0.9
+
+
+def test_slice_limit_comes_from_the_device_on_kserve(kserve_service, gateway, tmp_path):
+    orthanc, uids = gateway
+    inputs = {"pseudonymized-study-instance-uid": uids["long"], "ai-service-identifier": "lung-seg"}
+    entry = {"url": kserve_service.url, "model": lungseg.NAME}
+    with pytest.raises(StepError, match="give the service's `device`"):
+        step.infer(inputs, _ctx(orthanc.dicomweb_url, entry))
+    entry["device"] = str(write_device(tmp_path / "device.json", kserve_service.url, max_slices=10))
+    with pytest.raises(StepError, match="12 slices, more than the model's limit of 10"):
+        step.infer(inputs, _ctx(orthanc.dicomweb_url, entry))
+
+
+def test_registry_health_checks_each_server(server, tmp_path):
+    name, service = server
+    key = tmp_path / "idp.pem"   # the registry needs a way in for writes; this test registers directly
+    key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    cfg = parse_config({"database": "registry.db", "health": {"interval": 0},
+                        "auth": {"jwt": [{"issuer": "https://idp.test", "key_file": str(key)}]}}, tmp_path)
+    app = create_app(cfg, run_checks=False)
+    with TestClient(app, base_url="http://registry.test"):
+        for sid, model in (("known", lungseg.NAME), ("unknown", "no-such-model")):
+            app.state.registry.transaction(service_bundle(
+                "ai.example.org", sid, name=sid, model=model, model_version="1", oip_url=service.url,
+                modality=["CT"], body_site=[("http://snomed.info/sct", "39607008")]), "ai.example.org")
+        states = app.state.checker.check_all()
+    assert states["known"].status == "up", states["known"].detail
+    assert states["unknown"].status == "degraded" and "model not ready" in states["unknown"].detail
