@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers_pki import issue, make_ca, write_ca, write_pem
 
 from conftest import free_port
+from helpers_cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,11 +90,9 @@ def test_gateway_command_serves_mutual_tls(tmp_path, pki):
 def test_gateway_command_reports_config_errors(tmp_path):
     config = tmp_path / "gateway.yaml"
     config.write_text("auth: {anonymous: true}\nbackends:\n  PACS: {type: dimse, host: pacs.local}\n")
-    r = subprocess.run([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(config)],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = run_cli("gateway", "--config", str(config))
     assert r.returncode == 2
     assert "backends.PACS.port" in r.stderr
     config.write_text("auth: {anonymous: true}\nbackends:\n  PACS: {type: dimse, host: pacs.local, port: 104}\n")
-    r = subprocess.run([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(config), "--endpoints"],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = run_cli("gateway", "--config", str(config), "--endpoints")
     assert r.returncode == 0 and '"dicom-qido-rs"' in r.stdout
