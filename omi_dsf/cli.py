@@ -18,6 +18,7 @@ from omi_dsf.terminal import printable
 # (module, commands it registers) -- the command names let `--help` stay cheap.
 PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("omi_dsf.generate.cli", ("build", "validate")),
+    ("omi_dsf.config.cli", ("config-docs",)),
     ("omi_dsf.testbed.cli", ("testbed",)),
     ("omi_dsf.fhirstore.cli", ("fhir-store",)),
     ("omi_dsf.worker.cli", ("worker", "audit")),

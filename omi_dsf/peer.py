@@ -2,20 +2,9 @@
 FHIR server, the registry), and the one place in omi_dsf that opens HTTP clients to one (httpx).
 
 One set of configuration keys wherever a peer is configured (a site file's `steps.providers.<org>`,
-a DICOMweb source or sink, `ai_services.<id>`, `fhir_results`, a pseudonym or consent service):
-
-    url                       base URL (some callers name it otherwise: gateway_url, wsdl)
-    ca_file                   PEM file with the CA(s) that sign the peer's server certificate
-                              (default: the system CAs); verification is always on
-    client_cert, client_key   PEM client certificate and key for mutual TLS
-    client_key_password_file  file holding the client key's password (optional)
-    token_file                file holding a bearer token (read when a client is opened; never in the YAML)
-    timeout                   seconds per HTTP request
-    proxy                     an explicit proxy URL: the environment's proxy and CA variables are not used
-
-Deprecated: `verify` (a CA file, or true), `cert` and `key`, the keys DICOMweb sources/sinks and
-pseudonym providers took before; `from_config` translates them (verify: PATH -> ca_file, cert ->
-client_cert, key -> client_key) and logs a deprecation warning once per key path.
+a DICOMweb source or sink, `ai_services.<id>`, `fhir_results`, a pseudonym service): the URL and
+`omi_dsf.config.PeerSettings` (ca_file, client_cert, client_key, client_key_password_file,
+token_file, timeout, proxy), whose `peer(url, where)` makes the Peer.
 
 TLS contexts (omi_dsf.tls) are built once per set of files (and their modification times), cached
 here, and shared by every client of the process: loading a CA bundle costs more than a request on a LAN.
@@ -30,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import httpx
 
@@ -42,10 +31,6 @@ log = logging.getLogger(__name__)
 # identifying: warnings only
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-KEYS = ("url", "ca_file", "client_cert", "client_key", "client_key_password_file", "token_file", "timeout",
-        "proxy")
-DEPRECATED = {"verify": "ca_file", "cert": "client_cert", "key": "client_key"}
-_warned: set[str] = set()
 
 
 class PeerConfigError(ValueError):
@@ -89,42 +74,6 @@ class Peer:
             value = getattr(self, key)
             if value is not None and not Path(value).is_file():
                 raise PeerConfigError(f"{self.where}.{key}: {value} is not a file")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None, where: str, *, url: str | None = None,
-                    url_key: str = "url", timeout: float = 60.0, base: Path | None = None) -> "Peer":
-        """The peer a configuration block describes. `url` overrides the block's `url_key`; relative
-        file paths resolve against `base` (when given). PeerConfigError names the key."""
-        cfg = dict(cfg or {})
-        for old, new in DEPRECATED.items():
-            if old not in cfg:
-                continue
-            value = cfg.pop(old)
-            if f"{where}.{old}" not in _warned:
-                _warned.add(f"{where}.{old}")
-                log.warning("%s.%s is deprecated: write %s instead", where, old, new)
-            if old == "verify":
-                if value is False:
-                    raise PeerConfigError(f"{where}.verify: false is not supported (verification is always on); "
-                                          "give the peer's CA as ca_file")
-                if value is True or value is None:
-                    continue
-            cfg.setdefault(new, value)
-        address = url if url is not None else cfg.get(url_key)
-        files = {}
-        for key in ("ca_file", "client_cert", "client_key", "client_key_password_file", "token_file"):
-            value = cfg.get(key)
-            if value in (None, ""):
-                files[key] = None
-                continue
-            path = Path(os.fspath(value)).expanduser()
-            files[key] = str(base / path if base is not None and not path.is_absolute() else path)
-        try:
-            seconds = float(cfg["timeout"]) if cfg.get("timeout") is not None else float(timeout)
-        except (TypeError, ValueError):
-            raise PeerConfigError(f"{where}.timeout must be a number of seconds") from None
-        return cls(url=str(address or "").rstrip("/"), timeout=seconds,
-                   proxy=str(cfg["proxy"]) if cfg.get("proxy") else None, where=where, **files)
 
     # -- TLS and credentials ------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from omi_dsf.consent.gics import GicsChecker
 from omi_dsf.consent.mii import evaluate, evaluate_all
 from omi_dsf.consent.policy import DISPLAY, MDAT_SCIENTIFIC_USE, MII_POLICY_SYSTEM, codes_for
 from omi_dsf.steps.consent import consent
+from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
 from conftest import free_port
 
@@ -157,7 +158,13 @@ def test_consent_step_from_folder(tmp_path):
     with pytest.raises(StepError, match="not allowed in a file name"):
         consent({"patient-identifier": "../PAT-1"}, step_ctx({"kind": "folder", "path": str(tmp_path)}))
     with pytest.raises(StepError, match="not configured"):
-        consent({"patient-identifier": "PAT-1"}, step_ctx({}))
+        consent({"patient-identifier": "PAT-1"}, step_ctx(None))
+    with pytest.raises(ConfigError, match="consent.kind: required"):   # an incomplete block: refused at once
+        step_ctx({})
+    with pytest.raises(ConfigError, match="consent.path: required for kind folder"):
+        step_ctx({"kind": "folder"})
+    with pytest.raises(ConfigError, match="consent.purpose: unknown consent purpose"):
+        step_ctx({"kind": "folder", "path": str(tmp_path), "purpose": "marketing"})
     with pytest.raises(StepError, match="patient-identifier is missing"):
         consent({}, step_ctx({"kind": "folder", "path": str(tmp_path)}))
 

@@ -13,6 +13,7 @@ import pytest
 from omi_dsf.audit import AuditTrail
 from omi_dsf.cli import main
 from omi_dsf.steps.pseudonymize import REFUSED_LINES_MAX, pseudonymize, refused_text
+from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
 from test_deid_step import burned_in, site  # noqa: F401  (site: the step tests' fixture, extended below)
 
@@ -69,11 +70,12 @@ def test_send_rest_with_nothing_left_is_an_error(policy_site):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-none"))
 
 
-def test_unknown_policy_is_a_step_error(policy_site):
+def test_unknown_policy_is_a_config_error(policy_site):
     tmp, cfg, first = policy_site
     cfg["pseudonymization"]["on_refused_instance"] = "shrug"
-    with pytest.raises(StepError, match="unknown policy for a refused instance 'shrug'"):
-        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-x"))
+    with pytest.raises(ConfigError, match="pseudonymization.on_refused_instance: must be 'refuse-study' or "
+                                          "'send-rest', got 'shrug'"):
+        ctx(cfg, "bk-x")
 
 
 def test_long_reports_are_cut_with_a_count():

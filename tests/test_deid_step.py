@@ -9,6 +9,7 @@ import pytest
 
 from omi_dsf.deid import instance_io
 
+from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.testkit import synthetic
@@ -86,11 +87,13 @@ def test_unknown_study_and_missing_inputs(site):
     with pytest.raises(StepError, match="study-instance-uid is missing"):
         pseudonymize({}, ctx(cfg))
     bad = {"pseudonymization": {**cfg["pseudonymization"], "options": ["retain-all"]}}
-    with pytest.raises(StepError, match="unknown de-identification option 'retain-all'"):
-        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(bad))
+    with pytest.raises(ConfigError, match="pseudonymization.options: unknown de-identification option 'retain-all'"):
+        ctx(bad)   # refused with the settings, before any step runs
     nodomain = {"pseudonymization": {k: v for k, v in cfg["pseudonymization"].items() if k != "domain"}}
-    with pytest.raises(StepError, match="domain is missing"):
-        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(nodomain))
+    with pytest.raises(ConfigError, match="pseudonymization.domain: required"):
+        ctx(nodomain)
+    with pytest.raises(StepError, match="steps.pseudonymization is missing"):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx({}))
 
 
 def test_leak_stops_the_step_and_removes_partial_output(site, monkeypatch):
@@ -133,9 +136,8 @@ def test_source_and_sink_are_pluggable(site):
                                 "sink": {"kind": "memory"}}}
     out = pseudonymize({"study-instance-uid": synthetic.ct_instance(0).StudyInstanceUID}, ctx(mem))
     assert out["pseudonymized-study-location"] == "memory:" and len(received) == 2
-    with pytest.raises(StepError, match="unknown instance source kind 'pigeon'"):
-        pseudonymize({"study-instance-uid": "1.2"},
-                     ctx({"pseudonymization": {**mem["pseudonymization"], "source": {"kind": "pigeon"}}}))
+    with pytest.raises(ConfigError, match="pseudonymization.source.kind: unknown kind 'pigeon'"):
+        ctx({"pseudonymization": {**mem["pseudonymization"], "source": {"kind": "pigeon"}}})
 
 
 def test_pixel_data_pass_through_unchanged(site, tmp_path):

@@ -348,14 +348,15 @@ def test_config_file_and_endpoints(tmp_path):
 def test_store_indexes_the_same_with_the_parsed_headers(tmp_path, files):
     # STOW-RS hands the store the headers it parsed; the index must be what a parse of its own gives
     from omi_dsf.dicomweb.backends.store import StoreBackend
-    from omi_dsf.dicomweb.config import StoreBackendConfig
+    from omi_dsf.dicomweb.config import parse_config
     items = [("", "", "", Path(f).read_bytes()) for f in files]
     headers = [pydicom.dcmread(BytesIO(d), stop_before_pixels=True) for *_, d in items]
     for h in headers:   # as the STOW handler leaves them: these few already decoded
         h.SOPClassUID, h.SOPInstanceUID, h.StudyInstanceUID, h.file_meta.TransferSyntaxUID
     rows = []
     for name, given in (("own", None), ("given", headers)):
-        store = StoreBackend(StoreBackendConfig(name=name, path=tmp_path / name))
+        store = StoreBackend(parse_config({"auth": {"anonymous": True}, "backends": {
+            name.upper(): {"type": "store", "path": str(tmp_path / name)}}}).backends[name.upper()])
         assert store.store(items, set(), given) == [(0, "")] * len(items)
         rows.append(store._rows("SELECT sop_uid, study_uid, series_uid, sop_class, transfer_syntax, modality, "
                                 "path, size, study_json, series_json, instance_json FROM instances ORDER BY sop_uid", []))

@@ -10,12 +10,14 @@ import sys
 
 import pytest
 
+from omi_dsf.config import ConfigError
 from omi_dsf.errors import UserError
 from omi_dsf.inference import lungseg, servers
 from omi_dsf.inference.client import uses_binary_tensors
 from omi_dsf.registry import device
 from omi_dsf.steps import infer as step
 from omi_dsf.steps.api import StepError
+from omi_dsf.steps.settings import step_settings
 from omi_dsf.testkit.ai_service import write_device
 
 # GET /v2 as each server answers it (reference: service.py; the others as measured, tests/test_inference_servers.py)
@@ -76,11 +78,15 @@ def test_labels_that_mean_something_else_are_refused():
 
 
 def test_device_setting_is_a_url_or_an_existing_file(tmp_path):
-    peer = step._device_setting({"device": "https://registry.example/fhir/Device/x"}, "lung-seg", 10)
+    def entry(**keys):
+        return step_settings({"ai_services": {"lung-seg": {"url": "http://127.0.0.1:9", **keys}}}).ai_services["lung-seg"]
+    peer = step._device_setting(entry(device="https://registry.example/fhir/Device/x"), "lung-seg", 10)
     assert peer.url == "https://registry.example/fhir/Device/x"
-    with pytest.raises(StepError, match="ai_services.lung-seg.device: .* is neither a URL nor a file"):
-        step._device_setting({"device": str(tmp_path / "missing.json")}, "lung-seg", 10)
-    assert step._device_setting({}, "lung-seg", 10) is None
+    with pytest.raises(ConfigError, match="ai_services.lung-seg.device: .* is neither a URL nor a file"):
+        entry(device=str(tmp_path / "missing.json"))
+    path = write_device(tmp_path / "device.json", "http://127.0.0.1:9")
+    assert step._device_setting(entry(device=str(path)), "lung-seg", 10) == path
+    assert step._device_setting(entry(), "lung-seg", 10) is None
 
 
 def test_mlserver_model_settings_carry_the_model():

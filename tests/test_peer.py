@@ -13,6 +13,7 @@ import pytest
 
 from omi_dsf.dicomweb_client import (AnswerTruncated, BadAnswer, DicomwebBusy, DicomwebClient, DicomwebRefused,
                                      check_status)
+from omi_dsf.config import ConfigError, PeerSettings, parse
 from omi_dsf.errors import RetryableError
 from omi_dsf.peer import Peer, PeerConfigError, PeerTlsError, PeerUnreachable
 
@@ -177,46 +178,57 @@ def test_no_answer_is_retryable():
 
 # -- Peer configuration ---------------------------------------------------------------------------
 
+class _Block(PeerSettings):
+    url: str = ""
+
+
+def _peer(cfg: dict, where: str, base=None) -> Peer:
+    """A peer as a configuration block (the peer keys and a url) gives it; ConfigError names the key."""
+    block = parse(_Block, cfg, base or Path.cwd(), "site.yaml")
+    return block.peer(block.url, where)
+
+
 def test_peer_configuration_names_the_key(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not really a CA")
     where = "steps.providers.ai"
     with pytest.raises(PeerConfigError, match=f"{where}: no URL"):
-        Peer.from_config({}, where)
+        _peer({}, where)
     with pytest.raises(PeerConfigError, match="is not an http"):
-        Peer.from_config({"url": "ftp://x"}, where)
-    with pytest.raises(PeerConfigError, match=rf"{where}.ca_file: .*missing.pem is not a file"):
-        Peer.from_config({"url": "https://x", "ca_file": str(tmp_path / "missing.pem")}, where)
-    with pytest.raises(PeerConfigError, match="client_cert needs client_key"):
-        Peer.from_config({"url": "https://x", "client_cert": str(ca)}, where)
-    with pytest.raises(PeerConfigError, match=rf"{where}.timeout"):
-        Peer.from_config({"url": "https://x", "timeout": "soon"}, where)
-    with pytest.raises(PeerConfigError, match=rf"{where}.timeout"):
-        Peer.from_config({"url": "https://x", "timeout": 0}, where)
+        _peer({"url": "ftp://x"}, where)
+    with pytest.raises(ConfigError, match=r"site.yaml: ca_file: file .*missing.pem does not exist"):
+        _peer({"url": "https://x", "ca_file": str(tmp_path / "missing.pem")}, where)
+    with pytest.raises(ConfigError, match="client_cert and client_key go together"):
+        _peer({"url": "https://x", "client_cert": str(ca)}, where)
+    with pytest.raises(ConfigError, match="site.yaml: timeout: expected a number, got 'soon'"):
+        _peer({"url": "https://x", "timeout": "soon"}, where)
+    with pytest.raises(ConfigError, match="site.yaml: timeout: must be greater than 0"):
+        _peer({"url": "https://x", "timeout": 0}, where)
+    with pytest.raises(ConfigError, match="site.yaml: tiemout: unknown key"):
+        _peer({"url": "https://x", "tiemout": 5}, where)
     with pytest.raises(PeerConfigError, match="cannot load its TLS files"):
-        Peer.from_config({"url": "https://x", "ca_file": str(ca)}, where).ssl_context()
-    peer = Peer.from_config({"gateway_url": "https://gw/dicom-web/", "ca_file": "ca.pem", "timeout": 5}, where,
-                            url_key="gateway_url", base=tmp_path)
+        _peer({"url": "https://x", "ca_file": str(ca)}, where).ssl_context()
+    peer = _peer({"url": "https://gw/dicom-web/", "ca_file": "ca.pem", "timeout": 5}, where, base=tmp_path)
     assert (peer.url, peer.ca_file, peer.timeout) == ("https://gw/dicom-web", str(ca), 5.0)
 
 
-def test_old_key_names_translate_once_with_a_warning(tmp_path, caplog):
+def test_old_key_names_translate_with_a_warning(tmp_path, caplog):
     ca, cert, key = (tmp_path / n for n in ("ca.pem", "c.pem", "k.pem"))
     for f in (ca, cert, key):
         f.write_text("x")
-    caplog.set_level(logging.WARNING, logger="omi_dsf.peer")
-    peer = Peer.from_config({"url": "https://x", "verify": str(ca), "cert": str(cert), "key": str(key)}, "old.block")
+    caplog.set_level(logging.WARNING, logger="omi_dsf.config")
+    peer = _peer({"url": "https://x", "verify": str(ca), "cert": str(cert), "key": str(key)}, "old.block")
     assert (peer.ca_file, peer.client_cert, peer.client_key) == (str(ca), str(cert), str(key))
-    assert "old.block.verify is deprecated: write ca_file instead" in caplog.text
-    assert Peer.from_config({"url": "https://x", "verify": True}, "old.block").ca_file is None
-    with pytest.raises(PeerConfigError, match="verify: false is not supported"):
-        Peer.from_config({"url": "https://x", "verify": False}, "old.block")
+    assert "the peer key 'verify' is deprecated: write ca_file instead" in caplog.text
+    assert _peer({"url": "https://x", "verify": True}, "old.block").ca_file is None
+    with pytest.raises(ConfigError, match="verify: false is not supported"):
+        _peer({"url": "https://x", "verify": False}, "old.block")
 
 
 def test_peer_client_carries_the_token_and_shares_tls_contexts(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    peer = Peer.from_config({"url": "https://x", "token_file": str(token)}, "p")
+    peer = _peer({"url": "https://x", "token_file": str(token)}, "p")
     with peer.client() as one, Peer("https://y").client() as two:
         assert one.headers["Authorization"] == "Bearer s3cret" and "Authorization" not in two.headers
         assert one._transport._pool._ssl_context is two._transport._pool._ssl_context

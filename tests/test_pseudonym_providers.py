@@ -20,7 +20,8 @@ from lxml import etree
 from omi_dsf.deid.keys import KeyError_, load_key
 from omi_dsf.deid.pseudonyms import PseudonymError, UnknownPseudonymError, make_provider
 from omi_dsf.deid.pseudonyms.embedded import EmbeddedProvider
-from omi_dsf.deid.pseudonyms.factory import ConfigError
+from omi_dsf.config import ConfigError, parse
+from omi_dsf.deid.config import PseudonymProviderSettings
 from omi_dsf.deid.store import SiteStore
 
 KEY = b"provider-test-key-0123456789"
@@ -61,13 +62,18 @@ def test_key_sources(tmp_path, monkeypatch):
         load_key(tmp_path / "missing")
 
 
+def provider(cfg: dict):
+    """The provider settings as the site file's steps.pseudonymization.provider gives them."""
+    return parse(PseudonymProviderSettings, cfg, where="provider")
+
+
 def test_factory_rejects_bad_config():
-    with pytest.raises(ConfigError, match="unknown pseudonym provider"):
-        make_provider({"kind": "magic"}, KEY, SiteStore())
+    with pytest.raises(ConfigError, match="provider: kind: must be one of embedded, gpas, ttp-fhir, got 'magic'"):
+        make_provider(provider({"kind": "magic"}), KEY, SiteStore())
     with pytest.raises(ConfigError, match="wsdl"):
-        make_provider({"kind": "gpas"}, KEY, SiteStore())
+        make_provider(provider({"kind": "gpas"}), KEY, SiteStore())
     with pytest.raises(ConfigError, match="url"):
-        make_provider({"kind": "ttp-fhir"}, KEY, SiteStore())
+        make_provider(provider({"kind": "ttp-fhir"}), KEY, SiteStore())
 
 
 # -- stand-in servers (helpers_http.serve) ---------------------------------------------------
@@ -169,7 +175,7 @@ def test_gpas_client_against_soap_stand_in():
     GpasStandIn.domains = {"omi": {}}
     GpasStandIn.requests_seen = []
     with serve(GpasStandIn) as base:
-        p = make_provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl"}, KEY, SiteStore())
+        p = make_provider(provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl"}), KEY, SiteStore())
         psn = p.pseudonymize("omi", "PAT-77")
         assert psn == "omi_000001" == p.pseudonymize("omi", "PAT-77")
         assert p.pseudonymize("omi", "PAT-78") == "omi_000002"
@@ -189,12 +195,12 @@ def test_gpas_client_against_soap_stand_in():
 
 def test_gpas_unreachable_is_a_pseudonym_error():
     with serve(GpasStandIn) as base:
-        p = make_provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl", "timeout": 2}, KEY, SiteStore())
+        p = make_provider(provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl", "timeout": 2}), KEY, SiteStore())
     # the server is gone now
     with pytest.raises(PseudonymError, match="getOrCreatePseudonymFor failed"):
         p.pseudonymize("omi", "PAT-1")
     with pytest.raises(PseudonymError, match="WSDL not loadable"):
-        make_provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl", "timeout": 2}, KEY, SiteStore())
+        make_provider(provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl", "timeout": 2}), KEY, SiteStore())
 
 
 class TtpStandIn(BaseHTTPRequestHandler):
@@ -253,7 +259,7 @@ def _answer(name, domain, original, psn):
 def test_ttp_fhir_client_against_stand_in():
     TtpStandIn.pairs, TtpStandIn.mode = {}, "ok"
     with serve(TtpStandIn) as base:
-        p = make_provider({"kind": "ttp-fhir", "url": f"{base}/ttp-fhir/fhir/gpas"}, KEY, SiteStore())
+        p = make_provider(provider({"kind": "ttp-fhir", "url": f"{base}/ttp-fhir/fhir/gpas"}), KEY, SiteStore())
         psn = p.pseudonymize("omi", "PAT-5")
         assert psn == "ttp_0001" == p.pseudonymize("omi", "PAT-5")
         assert p.depseudonymize("omi", psn) == "PAT-5"
@@ -285,4 +291,4 @@ class EntityWsdlStandIn(GpasStandIn):
 def test_gpas_client_refuses_dtd_and_entities():
     with serve(EntityWsdlStandIn) as base:
         with pytest.raises(PseudonymError, match="WSDL not loadable.*DTDForbidden"):
-            make_provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl"}, KEY, SiteStore())
+            make_provider(provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl"}), KEY, SiteStore())

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from omi_dsf.deid.store import SiteStore
+from omi_dsf.steps.settings import step_settings
 from omi_dsf.steps.api import StepContext
 from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.testkit.phantom import write_ct_study
@@ -37,7 +38,8 @@ def _collect(cfg, pseudo_uid):
     store = SiteStore(cfg["store"])
     try:
         # the pseudonymize step's pseudonymized-study-location (business key "bk")
-        return collect(cfg, store, pseudo_uid, cfg["sink"]["path"].format(business_key="bk"))
+        return collect(step_settings({"pseudonymization": cfg}).pseudonymization, store, pseudo_uid,
+                       cfg["sink"]["path"].format(business_key="bk"))
     finally:
         store.close()
 

@@ -30,9 +30,11 @@ from conftest import free_port
 from omi_dsf.audit import AuditTrail
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import find_leaks
-from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, GatewayLimits, StoreBackendConfig, TlsConfig
+from omi_dsf.dicomweb.config import parse_config
 from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.steps.settings import step_settings
 from omi_dsf.steps.infer import infer
 from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.steps.return_ import return_results
@@ -67,10 +69,9 @@ def pki(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, pki):
     store = tmp_path_factory.mktemp("provider-store")
-    cfg = GatewayConfig(host="127.0.0.1", port=free_port(),
-                        tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"])),
-                        auth=AuthConfig(anonymous=True),
-                        backends={"INBOX": StoreBackendConfig("INBOX", store)}, default="INBOX")
+    cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "INBOX",
+                        "tls": {"certfile": pki["server"][0], "keyfile": pki["server"][1], "client_ca": pki["ca"]},
+                        "backends": {"INBOX": {"type": "store", "path": str(store)}}})
     with BackgroundServer(cfg) as server:
         yield server.url, store
 
@@ -339,7 +340,7 @@ def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypat
     one = sorted((site["root"] / "outbox" / "bk-crash").glob("*.dcm"))[0]
     sop = str(pydicom.dcmread(one, stop_before_pixels=True).SOPInstanceUID)
     from omi_dsf.transfer.provider import open_gateway
-    gw = open_gateway(steps, PROVIDER)
+    gw = open_gateway(step_settings(steps).providers, PROVIDER)
     transfer_stow._post(gw, pseudo_uid, [one])
     gw.close()
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
@@ -450,14 +451,14 @@ def test_stow_body_is_streamed_with_a_content_length_and_refuses_a_changed_file(
 def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_path):
     staging = phantom.write_ct_study(tmp_path / "big", slices=4, seed=45, rows=512, cols=512)   # > 1 MB
     uid = str(pydicom.dcmread(staging[0], stop_before_pixels=True).StudyInstanceUID)
-    cfg = GatewayConfig(host="127.0.0.1", port=free_port(), limits=GatewayLimits(max_body_mb=1),
-                        tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"])),
-                        auth=AuthConfig(anonymous=True),
-                        backends={"INBOX": StoreBackendConfig("INBOX", tmp_path / "store")}, default="INBOX")
+    cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "INBOX",
+                        "limits": {"max_body_mb": 1},
+                        "tls": {"certfile": pki["server"][0], "keyfile": pki["server"][1], "client_ca": pki["ca"]},
+                        "backends": {"INBOX": {"type": "store", "path": str(tmp_path / "store")}}})
     from omi_dsf.transfer.provider import open_gateway
     with BackgroundServer(cfg) as server:
         steps = {"providers": {PROVIDER: {**site["steps"]["providers"][PROVIDER], "gateway_url": server.url}}}
-        gw = open_gateway(steps, PROVIDER)
+        gw = open_gateway(step_settings(steps).providers, PROVIDER)
         try:
             with pytest.raises(TransferError, match=r"refused the size \(HTTP 413\); lower send.batch_mb"):
                 transfer_stow.stow_study(gw, uid, staging, ["1.2.3.%d" % n for n in range(4)])
@@ -473,10 +474,11 @@ def test_untrusted_gateway_certificate_is_a_clear_step_error(site, pki, gateway)
     with pytest.raises(StepError, match="not trusted by the configured ca_file"):
         send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
     assert _at_gateway(gateway[1], pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
-    # plain http is refused before anything is read
+    # plain http is refused with the settings, before any step runs
     steps["providers"] = {PROVIDER: {**steps["providers"][PROVIDER], "gateway_url": "http://127.0.0.1:1"}}
-    with pytest.raises(StepError, match="must be an https:// URL"):
-        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-tls"))
+    with pytest.raises(ConfigError, match=f"providers.{PROVIDER}.gateway_url: must be an https URL, got "
+                                          "'http://127.0.0.1:1'"):
+        _ctx(steps, "send", "bk-tls")
 
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
@@ -545,10 +547,10 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
     """A provider gateway that requires client certificates: with ours the send goes through,
     without it the step fails with a message that hints at it."""
     pseudo, _, _ = _pseudonymized(site, seed=28, key="bk-mtls")
-    cfg = GatewayConfig(host="127.0.0.1", port=free_port(),
-                        tls=TlsConfig(Path(pki["server"][0]), Path(pki["server"][1]), client_ca=Path(pki["ca"]),
-                                      require_client_cert=True),
-                        backends={"INBOX": StoreBackendConfig("INBOX", tmp_path / "store")}, default="INBOX")
+    cfg = parse_config({"listen": {"port": free_port()}, "default": "INBOX",
+                        "tls": {"certfile": pki["server"][0], "keyfile": pki["server"][1], "client_ca": pki["ca"],
+                                "require_client_cert": True},
+                        "backends": {"INBOX": {"type": "store", "path": str(tmp_path / "store")}}})
     with BackgroundServer(cfg) as server:
         steps = dict(site["steps"])
         with_cert = {**steps["providers"][PROVIDER], "gateway_url": server.url}
@@ -596,7 +598,7 @@ def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
             {"fullUrl": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000002",
              "resource": {"resourceType": "DiagnosticReport", "status": "final",
                           "result": [{"reference": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000001"}]}}]}
-        site = {"fhir_results": {"url": f"http://127.0.0.1:{server.server_port}/fhir"}}
+        site = step_settings({"fhir_results": {"url": f"http://127.0.0.1:{server.server_port}/fhir"}}).fhir_results
         write_fhir_result(site, bundle, "bk-1")
         write_fhir_result(site, bundle, "bk-1")               # a retried step
         ctype, first = received[0]
@@ -618,9 +620,8 @@ def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
 def test_send_reads_a_dicomweb_outbox(site, gateway, tmp_path):
     """The pseudonymize step may write into a DICOMweb store at the site (sink kind dicomweb):
     send reads the study from there (WADO-RS), checks it whole and sends it on."""
-    outbox_cfg = GatewayConfig(host="127.0.0.1", port=free_port(), auth=AuthConfig(anonymous=True),
-                               backends={"OUTBOX": StoreBackendConfig("OUTBOX", tmp_path / "outbox")},
-                               default="OUTBOX")
+    outbox_cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "OUTBOX",
+                               "backends": {"OUTBOX": {"type": "store", "path": str(tmp_path / "outbox")}}})
     with BackgroundServer(outbox_cfg) as outbox:
         steps = dict(site["steps"])
         steps["pseudonymization"] = {**steps["pseudonymization"], "sink": {"kind": "dicomweb", "url": outbox.url}}

@@ -105,7 +105,7 @@ def _url(url: str, what: str, site=None, patient_data: bool = False) -> str:
         raise UserError(f"{what} {str(url)[:200]!r}: unsupported URL scheme {parsed.scheme!r} (http or https)")
     if not parsed.host or parsed.port is not None and not 0 < parsed.port < 65536:
         raise UserError(f"{what} {str(url)[:200]!r} has no valid host and port")
-    if patient_data and parsed.scheme == "http" and not (site is not None and site.raw.get("insecure") is True):
+    if patient_data and parsed.scheme == "http" and not (site is not None and site.insecure):
         where = f"set insecure: true in {site.path}" if site is not None else "use https://"
         raise UserError(f"{what} {url} is plain http://: patient identifiers would travel in clear text; "
                         f"use https:// (or, for a test set-up only, {where})")
@@ -151,7 +151,7 @@ def _site(path: str):
     from omi_dsf.worker.config import load_site_config
 
     site = load_site_config(path)
-    org = site.raw.get("site")
+    org = site.site
     if not org:
         raise UserError(f"{site.path}: 'site' (this organization's DSF identifier) is missing")
     return site, str(org)
@@ -161,13 +161,12 @@ def _registry(args, site=None):
     from omi_dsf.errors import UserError
     from omi_dsf.client.registry_client import RegistryClient
 
-    raw = site.raw if site else {}
-    url = args.registry or os.environ.get("OMI_REGISTRY_URL") or raw.get("registry_url")
+    url = args.registry or os.environ.get("OMI_REGISTRY_URL") or (site.registry_url if site else None)
     if not url:
         raise UserError("no registry: give --registry URL, set OMI_REGISTRY_URL, or registry_url in the site YAML")
     ca = args.registry_ca or os.environ.get("OMI_REGISTRY_CA")
-    if not ca and raw.get("registry_ca_file"):
-        ca = str(site.path.parent / raw["registry_ca_file"])
+    if not ca and site and site.registry_ca_file:
+        ca = str(site.registry_ca_file)
     # the registry learns which services are searched for, nothing about patients: http is allowed
     return RegistryClient(_url(url, "registry"), verify=_tls("registry", ca))
 
@@ -347,12 +346,12 @@ def _gateway_client(args, site):
     """An HTTP client for the site's gateway: TLS verified, the site's certificate for mutual TLS."""
     from omi_dsf.peer import http_client
 
-    url = args.gateway or site.raw.get("gateway_url")
+    url = args.gateway or site.gateway_url
     if not url:
         return None, None
     # QIDO-RS there names the study of a real patient
     url = _url(url, "gateway", site, patient_data=True)
-    ca = args.gateway_ca or (str(site.path.parent / site.raw["gateway_ca_file"]) if site.raw.get("gateway_ca_file") else None)
+    ca = args.gateway_ca or (str(site.gateway_ca_file) if site.gateway_ca_file else None)
     ident = site.identity
     ctx = _tls(f"{site.path}: gateway", ca, ident.cert_file, ident.key_file, ident.key_password)
     return url, http_client(verify=ctx, timeout=30)

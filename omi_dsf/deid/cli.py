@@ -42,6 +42,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from omi_dsf.errors import UserError
 
+    from omi_dsf.config import parse
+
+    from .config import PseudonymProviderSettings
     from .instance_io import FolderSink, FolderSource
     from .keys import KeyError_, load_key
     from .pipeline import DeidError, StudyPseudonymizer, read_instance
@@ -64,7 +67,7 @@ def run(args) -> int:
             config["wsdl"] = args.provider_url
         elif args.provider == "ttp-fhir":
             config["url"] = args.provider_url
-        provider = make_provider(config, key, store)
+        provider = make_provider(parse(PseudonymProviderSettings, config, where="--provider"), key, store)
         if args.reidentify:
             re_id = Reidentifier(store, provider, args.domain)
             count = 0

@@ -27,12 +27,12 @@ _BATCH_COUNT = 64
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
-def _client(config: Mapping[str, Any], params: Mapping[str, Any], what: str, timeout: float) -> DicomwebClient:
-    url = config.get("url") or params.get("gateway_url")
+def _client(config, params: Mapping[str, Any], what: str, timeout: float) -> DicomwebClient:
+    url = config.url or params.get("gateway_url")
     if not url:
         raise SourceError("DICOMweb source/sink needs 'url' (or the site's gateway_url)")
     try:
-        peer = Peer.from_config(config, f"pseudonymization.{what}", url=str(url).format(**params), timeout=timeout)
+        peer = config.peer(str(url).format(**params), f"pseudonymization.{what}", timeout=timeout)
         return DicomwebClient(peer)
     except PeerConfigError as exc:
         raise (SourceError if what == "source" else SinkError)(str(exc)) from None
@@ -111,11 +111,11 @@ class StowSink:
         self.dicomweb.close()
 
 
-def _source(config: Mapping[str, Any], params: Mapping[str, Any]) -> WadoStudySource:
+def _source(config, params: Mapping[str, Any]) -> WadoStudySource:
     return WadoStudySource(_client(config, params, "source", 60), params["study_uid"])
 
 
-def _sink(config: Mapping[str, Any], params: Mapping[str, Any]) -> StowSink:
+def _sink(config, params: Mapping[str, Any]) -> StowSink:
     return StowSink(_client(config, params, "sink", 120))
 
 

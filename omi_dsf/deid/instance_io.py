@@ -4,7 +4,8 @@
 A source yields (name, instance) pairs one at a time (an instance is a pydicom Dataset, the
 bytes of a Part 10 file, or a path). A sink takes de-identified instances one at a time (the
 dataset and the Part 10 bytes the leak check saw).
-Both are chosen by "kind" from the site configuration; other parts register more kinds.
+Both are chosen by "kind" from the site configuration (`InstanceIoSettings`, omi_dsf.deid.config);
+other parts register more kinds. A factory gets the settings and the step's parameters.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class InstanceSink(Protocol):
     def abort(self) -> None: ...                     # drop what was written (the step failed)
 
 
-SourceFactory = Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSource]
-SinkFactory = Callable[[Mapping[str, Any], Mapping[str, Any]], InstanceSink]
+SourceFactory = Callable[[Any, Mapping[str, Any]], InstanceSource]   # (InstanceIoSettings, params)
+SinkFactory = Callable[[Any, Mapping[str, Any]], InstanceSink]
 SOURCES: dict[str, SourceFactory] = {}
 SINKS: dict[str, SinkFactory] = {}
 
@@ -57,16 +58,23 @@ def _load_kinds(kind: str) -> None:
         from . import dicomweb_io  # noqa: F401  (registers itself; imported only when used)
 
 
-def open_source(config: Mapping[str, Any], params: Mapping[str, Any]) -> InstanceSource:
-    kind = config.get("kind", "folder")
+def known_kinds() -> set[str]:
+    """The kinds a source or sink may have (dicomweb registers itself when first used)."""
+    return set(SOURCES) | set(SINKS) | {"dicomweb"}
+
+
+def open_source(config, params: Mapping[str, Any]) -> InstanceSource:
+    """The source `config` (InstanceIoSettings) describes."""
+    kind = config.kind
     _load_kinds(kind)
     if kind not in SOURCES:
         raise ValueError(f"unknown instance source kind {kind!r} (known: {', '.join(sorted(SOURCES))})")
     return SOURCES[kind](config, params)
 
 
-def open_sink(config: Mapping[str, Any], params: Mapping[str, Any]) -> InstanceSink:
-    kind = config.get("kind", "folder")
+def open_sink(config, params: Mapping[str, Any]) -> InstanceSink:
+    """The sink `config` (InstanceIoSettings) describes."""
+    kind = config.kind
     _load_kinds(kind)
     if kind not in SINKS:
         raise ValueError(f"unknown instance sink kind {kind!r} (known: {', '.join(sorted(SINKS))})")
@@ -166,13 +174,13 @@ class FolderSink:
         self.written.clear()
 
 
-def _folder_source(config: Mapping[str, Any], params: Mapping[str, Any]) -> FolderSource:
+def _folder_source(config, params: Mapping[str, Any]) -> FolderSource:
     # "path" may name the study folder by {study_uid} or {business_key}
-    return FolderSource(str(config["path"]).format(**params))
+    return FolderSource(str(config.path).format(**params))
 
 
-def _folder_sink(config: Mapping[str, Any], params: Mapping[str, Any]) -> FolderSink:
-    return FolderSink(str(config["path"]).format(**params))
+def _folder_sink(config, params: Mapping[str, Any]) -> FolderSink:
+    return FolderSink(str(config.path).format(**params))
 
 
 register_source("folder", _folder_source)

@@ -17,13 +17,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from .config import ConfigError, load_config
+    from .config import load_config
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        raise UserError(f"{args.config}: {exc}") from None
+    cfg = load_config(args.config)   # a ConfigError is one line naming the file and the key
     if args.endpoints:
         from .endpoint import endpoint_resources
         print(json.dumps(endpoint_resources(cfg), indent=2))

@@ -16,7 +16,8 @@ from omi_dsf.serving.limits import default_protocol, with_header_limits
 def uvicorn_config(cfg: GatewayConfig, log_level: str = "info") -> uvicorn.Config:
     kwargs = {}
     if cfg.tls:
-        kwargs.update(ssl_certfile=str(cfg.tls.certfile), ssl_keyfile=str(cfg.tls.keyfile))
+        kwargs.update(ssl_certfile=str(cfg.tls.certfile), ssl_keyfile=str(cfg.tls.keyfile),
+                      ssl_keyfile_password=cfg.tls.keyfile_password)
         if cfg.tls.client_ca:
             kwargs["ssl_ca_certs"] = str(cfg.tls.client_ca)
             kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED if cfg.tls.require_client_cert else ssl.CERT_OPTIONAL

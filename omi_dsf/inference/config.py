@@ -24,18 +24,28 @@ Sections tls, auth and limits are the ones every server of the project shares (o
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator, Field, ValidationInfo, model_validator
+
+from omi_dsf.config import ExistingFile, HttpUrl, Name, PeerSettings, _existing_file
 from omi_dsf.serving.config import AuthSettings, Limits, Listen, Section, TlsSettings
 
 DEFAULT_PORT = 8500
 
 
+DEFAULT_MODEL = "lung-seg"
+
+
 class AiLimits(Limits):
-    max_body_mb: float = Field(320.0, gt=0)
-    max_json_mb: float = Field(16.0, gt=0)
-    max_concurrent: int = Field(16, ge=1)
-    max_concurrent_infer: int = Field(2, ge=1)
+    max_body_mb: float = Field(320.0, gt=0, description="an inference request in MiB (a 600-slice 512x512 CT is "
+                                                         "300 MB; 413 above)")
+    max_json_mb: float = Field(16.0, gt=0, description="its JSON part in MiB (tensors as JSON numbers take ~10x "
+                                                        "that in memory)")
+    max_concurrent: int = Field(16, ge=1, description="requests in progress, health excepted (503 above)")
+    max_concurrent_infer: int = Field(2, ge=1, description="inference requests at once (their bodies are held in "
+                                                            "memory)")
 
     @property
     def max_json(self) -> int:
@@ -43,11 +53,13 @@ class AiLimits(Limits):
 
 
 class ServiceConfig(Section):
-    listen: Listen = Field(default_factory=lambda: Listen(port=DEFAULT_PORT))
-    tls: TlsSettings | None = None
-    auth: AuthSettings = Field(default_factory=AuthSettings)
-    limits: AiLimits = Field(default_factory=AiLimits)
-    max_slices: int = Field(600, ge=3)
+    listen: Listen = Field(default_factory=lambda: Listen(port=DEFAULT_PORT),
+                           description=f"host (127.0.0.1), port ({DEFAULT_PORT})")
+    tls: TlsSettings | None = Field(None, description="omit for plain HTTP")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="at least one way in: anonymous, jwt, "
+                                                                         "or mutual TLS")
+    limits: AiLimits = Field(default_factory=AiLimits, description="what one request may cost")
+    max_slices: int = Field(600, ge=3, description="the model's limit, announced in its metadata")
 
     @model_validator(mode="after")
     def _a_way_in(self) -> "ServiceConfig":
@@ -56,3 +68,25 @@ class ServiceConfig(Section):
 
     def base_url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.listen.host}:{self.listen.port}"
+
+
+def _url_or_file(value: Any, info: ValidationInfo) -> str | Path:
+    if isinstance(value, str) and value.startswith(("https://", "http://")):
+        return value
+    try:
+        return _existing_file(value, info)
+    except ValueError:
+        raise ValueError(f"{value!r:.200} is neither a URL nor a file") from None
+
+
+class AiServiceSettings(PeerSettings):
+    """An AI service the infer step may call (`steps.ai_services.<ai-service-identifier>`): an Open
+    Inference Protocol v2 server and the model, with the peer keys for TLS and authentication."""
+    url: HttpUrl = Field(description="the server's base URL")
+    model: Name = Field(DEFAULT_MODEL, description="the model's name on that server")
+    device: Annotated[str | Path, BeforeValidator(_url_or_file)] | None = Field(
+        None, description="for a server whose model metadata has no parameters (KServe): the model's Device in the "
+                          "registry, its URL or a file holding it")
+    device_ca_file: ExistingFile | None = Field(None, description="the CA of the registry's certificate, for a "
+                                                                  "device URL")
+

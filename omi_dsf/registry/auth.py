@@ -48,14 +48,18 @@ class PeerCertH11Protocol(H11Protocol):
 
 
 class JwtProvider(JwtIssuer):
-    organization_claim: Name = "organization"
+    organization_claim: Name = Field("organization", description="the claim naming the DSF organization")
 
 
 class AuthSettings(Section):
-    organizations: dict[str, str] = Field(default_factory=dict)   # thumbprint or CN -> organization
-    cert_attribute: Literal["organizationIdentifier", "O", "CN", "OU"] | None = "organizationIdentifier"
-    jwt: list[JwtProvider] = Field(default_factory=list)
-    public_read: bool = True
+    organizations: dict[str, str] = Field(default_factory=dict, description="client certificate (SHA-512 "
+                                          "thumbprint or CN) → DSF organization identifier")
+    cert_attribute: Literal["organizationIdentifier", "O", "CN", "OU"] | None = Field(
+        "organizationIdentifier", description="the subject attribute naming the organization of an unmapped "
+                                              "certificate (null: the mapping only)")
+    jwt: list[JwtProvider] = Field(default_factory=list, description="bearer tokens these issuers sign are "
+                                                                     "accepted")
+    public_read: bool = Field(True, description="searches and the status page without authentication")
 
 
 def thumbprint(der: bytes) -> str:

@@ -35,30 +35,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
+from omi_dsf.config import Database, HttpUrl, Name, Section, load, parse
 from omi_dsf.registry.auth import AuthSettings
 from omi_dsf.registry.health import HealthSettings
-from omi_dsf.serving import config as serving
-from omi_dsf.serving.config import Limits, Name, Section, TlsSettings
+from omi_dsf.serving.config import Limits, TlsSettings
 
 
 class RegistryConfig(Section):
-    host: Name = "127.0.0.1"
-    port: int = Field(8700, ge=1, le=65535)
-    database: Name = "registry.db"
-    public_url: str | None = None
-    tls: TlsSettings | None = None
-    auth: AuthSettings = Field(default_factory=AuthSettings)
-    health: HealthSettings = Field(default_factory=HealthSettings)
-    limits: Limits = Field(default_factory=Limits)
-
-    @field_validator("public_url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http(s) URL, got {url!r}")
-        return url
+    host: Name = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8700, ge=1, le=65535, description="TCP port")
+    database: Database = Field("registry.db", validate_default=True,
+                               description="SQLite file, or postgresql://user@host/db")
+    public_url: HttpUrl | None = Field(None, description="base of the links in Bundles (default: from host, port "
+                                                         "and tls)")
+    tls: TlsSettings | None = Field(None, description="omit for plain HTTP (then only bearer tokens)")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="who may register and search")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="the registry's own checks of "
+                                                                               "registered services")
+    limits: Limits = Field(default_factory=Limits, description="what one request may cost")
 
     def base_url(self) -> str:
         if self.public_url:
@@ -68,16 +64,8 @@ class RegistryConfig(Section):
 
 
 def load_config(path: str | Path) -> RegistryConfig:
-    cfg = serving.load(RegistryConfig, path)
-    return _with_database(cfg, Path(path).resolve().parent)
+    return load(RegistryConfig, path)
 
 
 def parse_config(raw: dict, base: Path, where: str = "registry config") -> RegistryConfig:
-    return _with_database(serving.parse(RegistryConfig, raw, base, where), base)
-
-
-def _with_database(cfg: RegistryConfig, base: Path) -> RegistryConfig:
-    db = cfg.database
-    if not db.startswith(("postgresql://", "postgres://")):   # a SQLite file, relative to the configuration
-        cfg.database = str(base / db.removeprefix("sqlite:///"))
-    return cfg
+    return parse(RegistryConfig, raw, base, where)

@@ -32,15 +32,17 @@ log = logging.getLogger(__name__)
 
 
 class HealthSettings(Section):
-    interval: float = Field(30.0, ge=0)            # seconds between check rounds (0: no checks)
-    timeout: float = Field(5.0, gt=0)              # per HTTP request
-    degraded_latency_ms: float = Field(1000.0, gt=0)
-    heartbeat_timeout: float = Field(300.0, gt=0)  # a provider that sends heartbeats must send one this often
-    ca_file: ExistingFile | None = None            # CA for https service endpoints (default: system CAs)
-    client_cert: ExistingFile | None = None        # for services that require mutual TLS
-    client_key: ExistingFile | None = None
-    client_key_password_file: ExistingFile | None = None
-    parallel: int = Field(8, ge=1, le=64)          # checks at a time
+    interval: float = Field(30.0, ge=0, description="seconds between check rounds (0: no checks)")
+    timeout: float = Field(5.0, gt=0, description="seconds per HTTP request")
+    degraded_latency_ms: float = Field(1000.0, gt=0, description="slower answers mark a service degraded")
+    heartbeat_timeout: float = Field(300.0, gt=0, description="a provider that sends heartbeats must send one "
+                                                              "this often (seconds)")
+    ca_file: ExistingFile | None = Field(None, description="CA for https service endpoints (default: the system CAs)")
+    client_cert: ExistingFile | None = Field(None, description="for services that require mutual TLS (with "
+                                                               "client_key)")
+    client_key: ExistingFile | None = Field(None, description="its key")
+    client_key_password_file: ExistingFile | None = Field(None, description="file holding client_key's password")
+    parallel: int = Field(8, ge=1, le=64, description="checks at a time")
 
     @model_validator(mode="after")
     def _key_for_cert(self) -> "HealthSettings":

@@ -50,6 +50,11 @@ class _Issuer:
         raise jwt.InvalidTokenError("token has no key id")
 
 
+def key_of(cfg: Any) -> _Issuer:
+    """The key(s) of an issuer's `key_file`, loaded (errors: the file is not a key, certificate or JWKS)."""
+    return _Issuer(cfg)
+
+
 class TokenChecker:
     """`issuers`: objects with issuer, key_file (Path), audience and algorithms (serving.config.JwtIssuer)."""
 

@@ -21,51 +21,27 @@ to the configuration file and required to exist; every error is one line naming 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
 
-import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import Field, field_validator, model_validator
 
-from omi_dsf.errors import UserError
+from omi_dsf.config import ConfigError, ExistingFile, Name, Section, load, parse, read_yaml  # noqa: F401 (the base)
 
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256", "PS256", "EdDSA"]
 
 
-class ConfigError(UserError, ValueError):
-    """The configuration is wrong; the message names the key (one line, exit code 2 at the command line)."""
-
-
-def _existing_file(value: Any, info: ValidationInfo) -> Path:
-    if not isinstance(value, (str, Path)) or not str(value):
-        raise ValueError(f"expected a file name, got {value!r}")
-    path = Path(value)
-    if not path.is_absolute():
-        path = Path((info.context or {}).get("base", ".")) / path
-    if not path.is_file():
-        raise ValueError(f"file {path} does not exist")
-    return path
-
-
-ExistingFile = Annotated[Path, BeforeValidator(_existing_file)]
-Name = Annotated[str, Field(min_length=1)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
-
-
 class Listen(Section):
-    host: Name = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: Name = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
 
 
 class TlsSettings(Section):
-    certfile: ExistingFile
-    keyfile: ExistingFile
-    keyfile_password_file: ExistingFile | None = None
-    client_ca: ExistingFile | None = None
-    require_client_cert: bool = False
+    """Omit for plain HTTP."""
+    certfile: ExistingFile = Field(description="PEM server certificate (chain)")
+    keyfile: ExistingFile = Field(description="PEM key of certfile")
+    keyfile_password_file: ExistingFile | None = Field(None, description="file holding keyfile's password")
+    client_ca: ExistingFile | None = Field(None, description="PEM CA(s) client certificates are checked against")
+    require_client_cert: bool = Field(False, description="mutual TLS: the handshake fails without a client "
+                                                         "certificate (needs client_ca)")
 
     @model_validator(mode="after")
     def _client_ca_for_mtls(self) -> "TlsSettings":
@@ -81,10 +57,24 @@ class TlsSettings(Section):
 
 
 class JwtIssuer(Section):
-    issuer: Name                         # must equal the token's "iss"
-    key_file: ExistingFile               # a PEM public key or certificate, or a JWKS JSON file
-    audience: str | None = None          # then "aud" must match
-    algorithms: list[Name] = Field(default_factory=lambda: list(PUBLIC_KEY_ALGORITHMS), min_length=1)
+    issuer: Name = Field(description="must equal the token's iss")
+    key_file: ExistingFile = Field(description="a PEM public key or certificate, or a JWKS JSON file")
+    audience: str | None = Field(None, description="then the token's aud must match")
+    algorithms: list[Name] = Field(default_factory=lambda: list(PUBLIC_KEY_ALGORITHMS), min_length=1,
+                                   description="accepted signature algorithms (public-key ones only)")
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_loads(cls, path: Path) -> Path:
+        """Loaded now, so that a wrong file is this error and not a traceback at start-up."""
+        from types import SimpleNamespace
+
+        from omi_dsf.serving.auth import key_of
+        try:
+            key_of(SimpleNamespace(key_file=path))
+        except Exception as exc:  # noqa: BLE001 - cryptography's and pyjwt's reasons vary
+            raise ValueError(f"{path} is not a PEM public key, certificate or JWKS ({type(exc).__name__})") from None
+        return path
 
     @field_validator("algorithms")
     @classmethod
@@ -95,8 +85,9 @@ class JwtIssuer(Section):
 
 
 class AuthSettings(Section):
-    anonymous: bool = False
-    jwt: list[JwtIssuer] = Field(default_factory=list)
+    """At least one way in: anonymous, jwt, or mutual TLS."""
+    anonymous: bool = Field(False, description="true: no authentication at all (tests, demo)")
+    jwt: list[JwtIssuer] = Field(default_factory=list, description="bearer tokens these issuers sign are accepted")
 
     def require_a_way_in(self, tls: TlsSettings | None) -> None:
         """Refuse to serve with no way in at all: anonymous is a choice, never a default."""
@@ -107,82 +98,13 @@ class AuthSettings(Section):
 
 class Limits(Section):
     """What one request may cost; past a limit the answer names it (413, 414, 431, 408, 503)."""
-    max_body_mb: float = Field(1.0, gt=0)        # request body (Content-Length checked before reading)
-    max_query_bytes: int = Field(8192, ge=64)    # path and query string (414 above)
-    max_header_bytes: int = Field(16384, ge=1024)  # request line and headers (431 above)
-    header_timeout: float = Field(10.0, gt=0)    # seconds for a request's headers to arrive (408)
-    body_timeout: float = Field(30.0, gt=0)      # seconds of silence while a body is read (408)
-    max_concurrent: int = Field(32, ge=1)        # requests in progress at once (503 above)
+    max_body_mb: float = Field(1.0, gt=0, description="request body in MiB (Content-Length checked before reading; 413)")
+    max_query_bytes: int = Field(8192, ge=64, description="path and query string (414 above)")
+    max_header_bytes: int = Field(16384, ge=1024, description="request line and headers (431 above)")
+    header_timeout: float = Field(10.0, gt=0, description="seconds for a request's headers to arrive (408)")
+    body_timeout: float = Field(30.0, gt=0, description="seconds of silence while a body is read (408)")
+    max_concurrent: int = Field(32, ge=1, description="requests in progress at once (503 above)")
 
     @property
     def max_body(self) -> int:
         return int(self.max_body_mb * (1 << 20))
-
-
-def _where(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required",
-             "int_type": "expected an integer", "float_type": "expected a number", "bool_type": "expected true or false",
-             "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
-             "model_type": "expected a mapping", "model_attributes_type": "expected a mapping"}
-
-
-def error_line(exc: ValidationError, where: str) -> str:
-    """The first problem of a validation as one line: ``<where>: <key>: <what is wrong>``."""
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    msg = _MESSAGES.get(first["type"])
-    if msg is None:
-        msg = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if msg.startswith("Input should be"):
-            msg = "must be" + msg.removeprefix("Input should be") + f", got {first.get('input')!r:.80}"
-    elif first["type"] not in ("extra_forbidden", "missing"):
-        msg += f", got {first.get('input')!r:.80}"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    key = _where(loc)
-    return f"{where}: {key + ': ' if key else ''}{msg}{more}".replace("\n", " ")
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse(model: type[M], data: Any, base: Path, where: str) -> M:
-    """`data` (a YAML document) as `model`; relative file names are relative to `base`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: must be a mapping of keys to values")
-    bad = [k for k in data if not isinstance(k, str)]
-    if bad:
-        raise ConfigError(f"{where}: key {bad[0]!r} is not a name")
-    try:
-        return model.model_validate(data, context={"base": base})
-    except ValidationError as exc:
-        raise ConfigError(error_line(exc, where)) from None
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's document, or a one-line ConfigError (also for the gateway's configuration)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-
-
-def load(model: type[M], path: str | Path) -> M:
-    """A YAML configuration file as `model`, or a one-line ConfigError."""
-    path = Path(path)
-    return parse(model, read_yaml(path), path.resolve().parent, str(path))

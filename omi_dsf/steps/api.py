@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from omi_dsf.audit import certificate_subject, trail
+from omi_dsf.steps.settings import StepSettings, step_settings
 
 Answers = Mapping[str, str | int | bool | float]
 
@@ -30,11 +31,15 @@ class StepError(Exception):
 class StepContext:
     topic: str                  # e.g. "pseudonymize"
     business_key: str           # the DSF process instance's business key
-    site: Mapping[str, Any]     # the site configuration (gateway URL, pseudonym domain, …)
+    site: StepSettings          # the site's `steps:` settings (a mapping is validated into them)
     attempt: int = 1
     outputs: tuple[str, ...] = ()   # the work item's output items (besides error)
     item_id: str = ""               # the QuestionnaireResponse id, for idempotency keys
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("omi_dsf.step"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.site, StepSettings):   # a caller outside the worker (tests, tools)
+            object.__setattr__(self, "site", step_settings(self.site))
 
     def wanted(self, answers: Mapping[str, Any]) -> dict:
         """The answers this work item has items for (all of them when no outputs are given, as
@@ -68,12 +73,12 @@ def text_input(inputs: Answers, code: str, required: bool = True) -> str:
 
 
 def audit(ctx: StepContext, action: str, client_cert: str | None = None, **details) -> None:
-    """One event in the site's audit trail (`ctx.site["audit"]`, set by the worker; none: nothing),
-    naming `ctx.site["actor"]`, else the subject of `client_cert`, else "omi-worker"."""
-    path = ctx.site.get("audit")
+    """One event in the site's audit trail (`ctx.site.audit`, set by the worker; none: nothing),
+    naming `ctx.site.actor`, else the subject of `client_cert`, else "omi-worker"."""
+    path = ctx.site.audit
     if not path:
         return
-    actor = ctx.site.get("actor")
+    actor = ctx.site.actor
     if not actor and client_cert:
         actor = certificate_subject(client_cert)
     trail(str(path)).record(ctx.business_key, action, str(actor or "omi-worker"), item_id=ctx.item_id or None,

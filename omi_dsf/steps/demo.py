@@ -20,15 +20,15 @@ def fingerprint(topic: str, inputs: Answers) -> str:
 
 def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
     # knobs for tests: slow down, or fail, through the site settings
-    journal = ctx.site.get("demo_journal")
+    journal = ctx.site.demo_journal
     if journal:   # one line per execution, appended atomically: tests count executions per item
         with open(journal, "a") as f:
             f.write(f"{ctx.topic} {ctx.item_id} {ctx.business_key} {ctx.attempt}\n")
-    if ctx.topic in (ctx.site.get("demo_fail_topics") or []):
+    if ctx.topic in ctx.site.demo_fail_topics:
         raise RuntimeError("demo handler told to fail")
-    if ctx.topic in (ctx.site.get("demo_deny_topics") or []):
+    if ctx.topic in ctx.site.demo_deny_topics:
         raise StepError("denied by the demo handler")
-    delay = float(ctx.site.get("demo_delay", 0) or os.environ.get("OMI_DEMO_DELAY", 0))
+    delay = ctx.site.demo_delay or float(os.environ.get("OMI_DEMO_DELAY", 0))
     if delay:
         time.sleep(delay)
     fp = fingerprint(ctx.topic, inputs)

@@ -9,17 +9,11 @@ for local callers. No FHIR here: the requester's `return` step makes the FHIR re
 (`results.fhir_bundle_from_report`), so it names the real patient and study; one made here
 would name the pseudonyms and never travel back (the work item does not declare it).
 
-Site configuration (`ctx.site`):
-  gateway_url       DICOMweb base URL of the provider's OMI gateway (QIDO/WADO/STOW)
-  gateway_ca_file   the CA of its server certificate (default: the system CAs)
-  ai_service_url    base URL of an Open Inference Protocol v2 server
-  ai_model          model name on that server (default "lung-seg")
-  ai_services       optional {ai-service-identifier: {"url": …, "model": …}} overriding the two above;
-                    for a service behind TLS or authentication also ca_file, client_cert, client_key,
-                    client_key_password_file (mutual TLS) and token_file (a bearer token, read per step);
-                    for a server whose model metadata has no parameters (KServe) `device`: the model's
-                    Device in the registry (its URL, read with device_ca_file, or a file holding it)
-  ai_timeout_s      seconds to wait for one inference (default 600)
+Site configuration (`ctx.site`, omi_dsf.steps.settings): gateway_url, gateway_ca_file (the
+provider's OMI gateway and the CA of its certificate), ai_service_url and ai_model, or ai_services
+(per ai-service-identifier a service with the peer keys and, for a server whose model metadata has no
+parameters (KServe), `device`: the model's Device in the registry, its URL read with
+device_ca_file, or a file holding it), ai_timeout_s.
 
 What the step needs beyond the protocol (modality, slice limits, label meaning, algorithm name and
 version) comes from the model metadata's "parameters" (the reference service, MLServer), else from
@@ -44,52 +38,48 @@ import numpy as np
 
 from omi_dsf.dicomweb_client import DicomwebClient, DicomwebRefused
 from omi_dsf.inference import client as oip
+from omi_dsf.inference.config import AiServiceSettings
 from omi_dsf.inference import transfer
 from omi_dsf.inference import results
 from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
 from omi_dsf.peer import Peer, PeerConfigError
 from omi_dsf.registry import device
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, text_input
-
-DEFAULT_MODEL = "lung-seg"
+from omi_dsf.steps.settings import StepSettings
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
 
 # highdicom logs study/series/SOP instance UIDs at INFO; UIDs count as identifying.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
-def _service(inputs: Answers, site: Any, timeout: float) -> tuple[Peer, str, Any]:
+def _service(inputs: Answers, site: StepSettings, timeout: float) -> tuple[Peer, str, Any]:
     """The requested service as a peer (URL, TLS, token), the model name and its `device` setting
     (a registry URL as a Peer, a file path, or None)."""
     identifier = str(inputs.get("ai-service-identifier", "") or "")
-    services = site.get("ai_services") or {}
+    services = site.ai_services
     try:
         if identifier and identifier in services:
             entry = services[identifier]
-            peer = Peer.from_config(entry, f"ai_services.{identifier}", timeout=timeout)
+            peer = entry.peer(entry.url, f"ai_services.{identifier}", timeout=timeout)
             peer.ssl_context(), peer.token()   # a file that does not load: the requester's to fix, now
-            return peer, str(entry.get("model", DEFAULT_MODEL)), _device_setting(entry, identifier, timeout)
-        if not site.get("ai_service_url"):
+            return peer, entry.model, _device_setting(entry, identifier, timeout)
+        if not site.ai_service_url:
             known = ", ".join(services) or "none configured"
             raise StepError(f"AI service '{identifier}' is not offered at this site (services: {known})")
-        return (Peer.from_config({}, "ai_service_url", url=str(site["ai_service_url"]), timeout=timeout),
-                str(site.get("ai_model", DEFAULT_MODEL)), None)
+        return (Peer(url=site.ai_service_url.rstrip("/"), timeout=timeout, where="ai_service_url"), site.ai_model,
+                None)
     except PeerConfigError as exc:
         raise StepError(str(exc)) from None
 
 
-def _device_setting(entry: Any, identifier: str, timeout: float) -> Peer | Path | None:
-    value = entry.get("device")
-    if not value:
+def _device_setting(entry: AiServiceSettings, identifier: str, timeout: float) -> Peer | Path | None:
+    """The service's `device` setting: a registry URL as a Peer (with device_ca_file), a file, or None."""
+    if not entry.device:
         return None
-    where = f"ai_services.{identifier}.device"
-    text = str(value)
-    if text.startswith(("https://", "http://")):
-        return Peer.from_config({"ca_file": entry.get("device_ca_file")}, where, url=text, timeout=timeout)
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise StepError(f"{where}: {text} is neither a URL nor a file")
-    return path
+    if isinstance(entry.device, Path):
+        return entry.device
+    ca_file = str(entry.device_ca_file) if entry.device_ca_file else None
+    return Peer(url=entry.device, ca_file=ca_file, timeout=timeout, where=f"ai_services.{identifier}.device")
 
 
 def _model_parameters(meta: dict, model: str, device_setting: Peer | Path | None) -> dict:
@@ -130,19 +120,14 @@ def _check_labels(params: dict, model: str) -> None:
                             f"as {meaning.lower()!r}")
 
 
-def _gateway_url(inputs: Answers, site: Any, study_uid: str) -> str:
-    if site.get("gateway_url"):
-        return str(site["gateway_url"]).rstrip("/")
+def _gateway_url(inputs: Answers, site: StepSettings, study_uid: str) -> str:
+    if site.gateway_url:
+        return site.gateway_url.rstrip("/")
     location = str(inputs.get("study-location", "") or "")
     suffix = f"/studies/{study_uid}"
     if location.endswith(suffix):
         return location[: -len(suffix)]
     raise StepError("no DICOMweb gateway: site has no gateway_url and study-location is not <base>/studies/<uid>")
-
-
-def _gateway_ca(site: Any) -> str | None:
-    """The CA of the site's own gateway (gateway_ca_file; default the system CAs)."""
-    return str(site["gateway_ca_file"]) if site.get("gateway_ca_file") else None
 
 
 def _value(item: dict, tag: str) -> Any:
@@ -182,9 +167,10 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
     """`infer`, also answering how long each phase took."""
     study_uid = text_input(inputs, "pseudonymized-study-instance-uid")
     gateway = _gateway_url(inputs, ctx.site, study_uid)
-    timeout = float(ctx.site.get("ai_timeout_s", 600))
+    timeout = ctx.site.ai_timeout_s
+    ca_file = ctx.site.gateway_ca_file
     try:
-        peer = Peer.from_config({"ca_file": _gateway_ca(ctx.site)}, "gateway_url", url=gateway, timeout=timeout)
+        peer = Peer(url=gateway, ca_file=str(ca_file) if ca_file else None, timeout=timeout, where="gateway_url")
     except PeerConfigError as exc:
         raise StepError(str(exc)) from None
     with DicomwebClient(peer) as dicomweb:   # one connection pool to the gateway for the whole step

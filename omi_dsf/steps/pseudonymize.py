@@ -1,19 +1,9 @@
 """The `pseudonymize` step: de-identify and pseudonymize the study (omi_dsf.deid).
 
-Site configuration, `ctx.site["pseudonymization"]`:
-    domain       pseudonym domain (required)
-    key_file     file with the site key (else $OMI_DEID_KEY_FILE / $OMI_DEID_KEY)
-    store        the site's UID map (removed attributes, embedded pseudonyms): a SQLite file or a
-                 postgresql:// URL shared by workers on several hosts (omi_dsf/database.py)
-    provider     {"kind": "embedded"} | {"kind": "gpas", "wsdl": …} | {"kind": "ttp-fhir", "url": …}
-    options      list of option names (see profile.OPTION_NAMES)
-    source       {"kind": "folder", "path": ".../{study_uid}"} | {"kind": "dicomweb", "url": …}
-                 (WADO-RS; url defaults to the site's gateway_url) | a kind another part registered
-    sink         {"kind": "folder", "path": ".../{business_key}"} | {"kind": "dicomweb", "url": …}
-    on_refused_instance   "refuse-study" (default): one instance that cannot be de-identified
-                 safely stops the study; "send-rest": it is left out, the rest is sent, and each
-                 refused instance is reported (outputs, audit trail, log)
-    pixel_recipes  extra pixel-cleaning recipe files (see pixels.py) besides the shipped one
+Site configuration, `ctx.site.pseudonymization` (omi_dsf.deid.config.PseudonymizationSettings: domain,
+key_file, store, provider, options, source, sink, on_refused_instance, pixel_recipes) and
+`ctx.site.gateway_url` (the default URL of a dicomweb source or sink). A refused instance is
+reported in the outputs, the audit trail and the log.
 Inputs: study-instance-uid (required), patient-identifier (optional; checked against the files).
 Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count, refused-instance-count,
 refused-instances, pseudonymized-study-location (where the sink put the study: a folder, or a
@@ -23,53 +13,51 @@ it byte-count (only the work item's output items are answered).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from omi_dsf.audit import trail
 from omi_dsf.deid import instance_io
 from omi_dsf.deid.keys import KeyError_, load_key
 from omi_dsf.deid.pipeline import StudyPseudonymizer
-from omi_dsf.deid.profile import UnknownOptionError, parse_options
+from omi_dsf.deid.config import PseudonymizationSettings
+from omi_dsf.deid.profile import parse_options
 from omi_dsf.deid.pseudonyms import UnknownPseudonymError, make_provider
 from omi_dsf.deid.pseudonyms.factory import ConfigError
 from omi_dsf.deid.refusal import Refused
 from omi_dsf.deid.store import SiteStore
 from omi_dsf.steps.api import Answers, StepContext, StepError, text_input
+from omi_dsf.steps.settings import StepSettings
 
 IN_STUDY = "study-instance-uid"
 IN_PATIENT = "patient-identifier"
 
 
-def pseudonymization_settings(site: Mapping[str, Any]) -> tuple[dict, str]:
-    """The site's `pseudonymization` settings (send and return read them too) and its domain."""
-    cfg = dict(site.get("pseudonymization") or {})
-    if not cfg.get("domain"):
-        raise StepError("site configuration pseudonymization.domain is missing")
-    return cfg, str(cfg["domain"])
+def pseudonymization_settings(site: StepSettings) -> PseudonymizationSettings:
+    """The site's `pseudonymization` settings (send and return read them too)."""
+    if site.pseudonymization is None:
+        raise StepError("site configuration steps.pseudonymization is missing")
+    return site.pseudonymization
 
 
 def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
     study_uid = text_input(inputs, IN_STUDY)
     patient_id = text_input(inputs, IN_PATIENT, required=False) or None
-    cfg, _ = pseudonymization_settings(ctx.site)
+    cfg = pseudonymization_settings(ctx.site)
+    if cfg.source is None or cfg.sink is None:
+        raise StepError("site configuration steps.pseudonymization needs source and sink")
     try:
-        options = parse_options(cfg.get("options") or ())
-        key = load_key(cfg.get("key_file"))
-    except (UnknownOptionError, KeyError_) as exc:
+        key = load_key(cfg.key_file)
+    except KeyError_ as exc:
         raise StepError(str(exc)) from None
-    params = {"study_uid": study_uid, "business_key": ctx.business_key,
-              "gateway_url": ctx.site.get("gateway_url", "")}
-    store = SiteStore(cfg.get("store", "omi-site.sqlite"))
+    params = {"study_uid": study_uid, "business_key": ctx.business_key, "gateway_url": ctx.site.gateway_url or ""}
+    store = SiteStore(cfg.store)
     sink = None
     try:
-        provider = make_provider(cfg.get("provider"), key, store)
-        source = instance_io.open_source(cfg.get("source") or {}, params)
-        sink = instance_io.open_sink(cfg.get("sink") or {}, params)
-        run = StudyPseudonymizer(key=key, domain=cfg["domain"], provider=provider, store=store,
-                                 options=options, expect_patient_id=patient_id,
-                                 expect_study_uid=study_uid,
-                                 policy=cfg.get("on_refused_instance") or "refuse-study",
-                                 pixel_recipes=cfg.get("pixel_recipes") or ())
+        provider = make_provider(cfg.provider, key, store)
+        source = instance_io.open_source(cfg.source, params)
+        sink = instance_io.open_sink(cfg.sink, params)
+        run = StudyPseudonymizer(key=key, domain=cfg.domain, provider=provider, store=store,
+                                 options=parse_options(cfg.options), expect_patient_id=patient_id,
+                                 expect_study_uid=study_uid, policy=cfg.on_refused_instance,
+                                 pixel_recipes=cfg.pixel_recipes)
         written = 0
         # number the instances: file names may carry patient names, and errors go to the Task
         numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(source, 1))
@@ -133,9 +121,9 @@ def _report_refused(ctx: StepContext, refused: list[str], pseudo_study_uid: str)
                     ctx.business_key)
     for line in refused:
         ctx.log.warning("refused %s", line)
-    if ctx.site.get("audit"):
-        audit_trail = trail(str(ctx.site["audit"]))
+    if ctx.site.audit:
+        audit_trail = trail(str(ctx.site.audit))
         for line in refused:
-            audit_trail.record(ctx.business_key, "instance-refused", str(ctx.site.get("actor") or "omi-worker"),
+            audit_trail.record(ctx.business_key, "instance-refused", ctx.site.actor or "omi-worker",
                                item_id=ctx.item_id or None, attempt=ctx.attempt,
                                pseudonymized_study_uid=pseudo_study_uid, error=line)

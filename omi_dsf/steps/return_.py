@@ -5,13 +5,9 @@ configured place.
 Inputs: result-location, result-study-instance-uid, pseudonym, patient-identifier (optional: checked
 after re-identification), study-instance-uid, provider-organization (the provider the study went to).
 
-Site settings read (`steps:` in the site YAML, `ctx.site` here):
-  pseudonymization   the pseudonymize step's settings (domain, store, key_file, provider)
-  providers          as for send: the gateways results may be fetched from (omi_dsf/transfer/provider.py)
-  return             optional {modalities: [SEG, SR]}
-  pacs               {host, port, ae_title, calling_ae, timeout}   (omi_dsf/transfer/pacs.py)
-  fhir_results       folder path | {url, ca_file, client_cert, client_key, token_file}  (omi_dsf/transfer/fhir.py)
-  actor, audit       as for send
+Site settings read (`steps:` in the site YAML, `ctx.site` here, omi_dsf.steps.settings):
+pseudonymization (domain, store, key_file, provider), providers (the gateways results may be fetched
+from), return (modalities), pacs, fhir_results, actor, audit.
 
 Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, AE titles,
 organization identifiers and URLs of the provider's gateway only.
@@ -32,7 +28,7 @@ from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.fhir import write_fhir_result
 from omi_dsf.transfer.pacs import store_in_pacs
 from omi_dsf.transfer.provider import gateway_for_location
-from omi_dsf.transfer.results import RESULT_MODALITIES, fetch_results, reidentify_all
+from omi_dsf.transfer.results import fetch_results, reidentify_all
 
 SR_MODALITY = "SR"
 
@@ -46,19 +42,19 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
     patient_id = text_input(inputs, "patient-identifier", required=False)
     study_uid = text_input(inputs, "study-instance-uid")
     organization = text_input(inputs, "provider-organization")
-    cfg, domain = pseudonymization_settings(ctx.site)
-    modalities = tuple((ctx.site.get("return") or {}).get("modalities") or RESULT_MODALITIES)
-    store = SiteStore(cfg.get("store", "omi-site.sqlite"))
+    cfg = pseudonymization_settings(ctx.site)
+    domain, modalities = cfg.domain, tuple(ctx.site.return_.modalities)
+    store = SiteStore(cfg.store)
     try:
         # the results must belong to a study this site sent: its UID maps back to the request's study
         if store.original_uid(domain, result_uid) != study_uid:
             raise StepError("result-study-instance-uid is not the pseudonymized UID of the requested study; "
                             "this site never sent it")
         try:
-            provider = make_provider(cfg.get("provider"), load_key(cfg.get("key_file")), store)
+            provider = make_provider(cfg.provider, load_key(cfg.key_file), store)
         except (KeyError_, ConfigError) as exc:
             raise StepError(str(exc)) from None
-        gw = gateway_for_location(ctx.site, location, organization, result_uid)
+        gw = gateway_for_location(ctx.site.providers, location, organization, result_uid)
         try:
             with t.phase("wado"):
                 results = fetch_results(gw, result_uid, pseudonym, modalities)
@@ -74,7 +70,7 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
 
     reports = [ds for ds in results.datasets if str(ds.get("Modality", "")) == SR_MODALITY]
     bundle = None
-    if ctx.site.get("fhir_results"):
+    if ctx.site.fhir_results is not None:
         if not reports:
             raise StepError("the results hold no SR, so no FHIR result can be made")
         try:
@@ -86,8 +82,8 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
                             f"({type(exc).__name__})") from None
 
     with t.phase("c_store"):
-        pacs = store_in_pacs(ctx.site, results.datasets)
-    fhir_target = write_fhir_result(ctx.site, bundle, ctx.business_key) if bundle is not None else None
+        pacs = store_in_pacs(ctx.site.pacs, results.datasets)
+    fhir_target = write_fhir_result(ctx.site.fhir_results, bundle, ctx.business_key) if bundle is not None else None
     ctx.log.info("return %s: %d result objects stored in %s%s", ctx.business_key, len(results.datasets), pacs,
                  ", FHIR result written" if fhir_target else "")
     audit(ctx, "stored", gw.client_cert, result_study_uid=result_uid, instances=len(results.datasets), target=pacs,

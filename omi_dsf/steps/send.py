@@ -4,13 +4,8 @@ STOW-RS over TLS to the provider's gateway (only instances it does not hold yet)
 Inputs: pseudonymized-study-instance-uid, pseudonymized-study-location (where pseudonymize wrote
 the study), provider-organization.
 
-Site settings read (`steps:` in the site YAML, `ctx.site` here):
-  pseudonymization   the pseudonymize step's settings (domain, store; sink: kind and TLS settings)
-  providers          {<provider organization>: {gateway_url, ca_file, client_cert, client_key,
-                     token_file, timeout}}          (omi_dsf/transfer/provider.py)
-  send               optional {batch_mb: 32, batch_instances: 64}
-  actor              who the audit names (default: subject of the client certificate, else "omi-worker")
-  audit              path of the site's audit trail (set by the worker)
+Site settings read (`steps:` in the site YAML, `ctx.site` here, omi_dsf.steps.settings):
+pseudonymization (domain, store, sink), providers, send (batching), actor, audit.
 
 Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, organization
 identifiers and URLs of the provider's gateway only.
@@ -24,7 +19,7 @@ from omi_dsf.steps.pseudonymize import pseudonymization_settings
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.outgoing import collect
 from omi_dsf.transfer.provider import open_gateway
-from omi_dsf.transfer.stow import BATCH_INSTANCES, stow_study
+from omi_dsf.transfer.stow import stow_study
 
 
 @step_errors(TransferError)
@@ -33,10 +28,10 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     pseudo_uid = text_input(inputs, "pseudonymized-study-instance-uid")
     location = text_input(inputs, "pseudonymized-study-location")
     organization = text_input(inputs, "provider-organization")
-    cfg, domain = pseudonymization_settings(ctx.site)
-    batching = ctx.site.get("send") or {}
-    gw = open_gateway(ctx.site, organization)     # config errors before any file is read
-    store = SiteStore(cfg.get("store", "omi-site.sqlite"))
+    cfg = pseudonymization_settings(ctx.site)
+    domain, batching = cfg.domain, ctx.site.send
+    gw = open_gateway(ctx.site.providers, organization)     # config errors before any file is read
+    store = SiteStore(cfg.store)
     try:
         with t.phase("leak_check"):
             study = collect(cfg, store, pseudo_uid, location)
@@ -45,8 +40,7 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     try:
         with t.phase("stow"):
             outcome = stow_study(gw, pseudo_uid, study.files, study.sop_uids,
-                                 batch_bytes=int(float(batching.get("batch_mb", 32)) * (1 << 20)),
-                                 batch_instances=int(batching.get("batch_instances", BATCH_INSTANCES)))
+                                 batch_bytes=batching.batch_bytes, batch_instances=batching.batch_instances)
     finally:
         study.close()
         gw.close()

@@ -1,7 +1,7 @@
 """Where the requester keeps the FHIR result: a folder (default) or a FHIR server.
 
-Site settings, `steps.fhir_results` in the site YAML: a folder path, or
-{"url": FHIR base, "ca_file", "client_cert", "client_key", "token_file", "timeout"}.
+Site settings, `steps.fhir_results` in the site YAML (FhirResultsSettings, omi_dsf.transfer.config):
+a folder path, or {url: FHIR base, with the peer keys ca_file, client_cert, client_key, token_file, timeout}.
 Folder: <folder>/<business key>.json (the collection Bundle), written whole and renamed.
 Server: the Bundle as a transaction with PUT and ids derived from the result, so that a retried
 step updates the same resources instead of creating new ones.
@@ -14,10 +14,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
 
 from omi_dsf.errors import RetryableError
-from omi_dsf.peer import Peer, PeerConfigError, PeerTlsError, PeerUnreachable
+from omi_dsf.peer import PeerConfigError, PeerTlsError, PeerUnreachable
+from omi_dsf.transfer.config import FhirResultsSettings
 from omi_dsf.transfer.errors import TransferError
 
 
@@ -36,18 +36,13 @@ def _as_transaction(bundle: dict) -> dict:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-def write_fhir_result(site: Mapping[str, Any], bundle: dict, business_key: str) -> str:
+def write_fhir_result(target: FhirResultsSettings | None, bundle: dict, business_key: str) -> str:
     """Store the bundle where the site says; returns where (for the audit: a folder or a base URL)."""
-    target = site.get("fhir_results")
-    if not target:
+    if target is None:
         raise TransferError("site configuration steps.fhir_results is missing (a folder or {url: FHIR base})")
-    if isinstance(target, (str, os.PathLike)):
-        return _to_folder(Path(target), bundle, business_key)
-    if isinstance(target, Mapping) and target.get("url"):
+    if target.url:
         return _to_server(target, bundle)
-    if isinstance(target, Mapping) and target.get("folder"):
-        return _to_folder(Path(target["folder"]), bundle, business_key)
-    raise TransferError("steps.fhir_results must be a folder path, {folder: …} or {url: …}")
+    return _to_folder(Path(target.folder), bundle, business_key)
 
 
 def _to_folder(folder: Path, bundle: dict, business_key: str) -> str:
@@ -64,9 +59,9 @@ def _to_folder(folder: Path, bundle: dict, business_key: str) -> str:
     return str(folder)
 
 
-def _to_server(cfg: Mapping[str, Any], bundle: dict) -> str:
+def _to_server(cfg: FhirResultsSettings, bundle: dict) -> str:
     try:
-        peer = Peer.from_config(cfg, "steps.fhir_results", timeout=60)
+        peer = cfg.peer(cfg.url, "steps.fhir_results", timeout=60)
         http = peer.client(base_url=False)
     except PeerConfigError as exc:
         raise TransferError(str(exc)) from None

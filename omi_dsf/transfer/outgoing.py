@@ -20,6 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from omi_dsf.deid import instance_io
+from omi_dsf.deid.config import InstanceIoSettings, PseudonymizationSettings
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import LeakError, bytes_may_leak, check_flags, codec_of, encoded_hits, text_of
 from omi_dsf.deid.reidentify import uid_elements
@@ -79,34 +80,34 @@ def _searchable_bytes(data: bytes, skip: tuple[int, int] | None) -> bytes:
     return data if skip is None else data[:skip[0]] + data[skip[1]:]  # elements after the pixels count too
 
 
-def _spool_from_dicomweb(sink: Mapping[str, Any], params: Mapping[str, Any], study: OutgoingStudy) -> None:
+def _spool_from_dicomweb(sink: InstanceIoSettings, params: Mapping[str, Any], study: OutgoingStudy) -> None:
     study._spool = tempfile.TemporaryDirectory(prefix="omi-send-")
-    source = instance_io.open_source({**sink, "kind": "dicomweb"}, params)
+    source = instance_io.open_source(sink, params)
     for n, (_, data) in enumerate(source, 1):   # Part 10 bytes as stored: checked as they are
         target = Path(study._spool.name) / f"{n:06d}.dcm"
         target.write_bytes(data)
         study.files.append(target)
 
 
-def collect(pseudo_cfg: Mapping[str, Any], store: SiteStore, pseudo_study_uid: str,
+def collect(pseudo_cfg: PseudonymizationSettings, store: SiteStore, pseudo_study_uid: str,
             location: str) -> OutgoingStudy:
     """The de-identified instances of the study at `location` (the pseudonymize step's
     pseudonymized-study-location), each checked; TransferError on the first leak."""
-    domain = str(pseudo_cfg.get("domain") or "")
+    domain = pseudo_cfg.domain
     if store.original_uid(domain, pseudo_study_uid) is None:
         raise TransferError("the study was not pseudonymized at this site (its UID is not in the site store)")
-    sink = dict(pseudo_cfg.get("sink") or {})
+    sink = pseudo_cfg.sink or InstanceIoSettings.model_construct(kind="folder")
     study = OutgoingStudy(pseudo_study_uid)
     try:
-        if sink.get("kind", "folder") == "folder":
+        if sink.kind == "folder":
             folder = Path(location)
             candidates = sorted(p for p in folder.glob("*.dcm")) if folder.is_dir() else []
-        elif sink.get("kind") == "dicomweb":
+        elif sink.kind == "dicomweb":
             base = location[: -len("/studies")] if location.endswith("/studies") else location
-            _spool_from_dicomweb({**sink, "url": base}, {"study_uid": pseudo_study_uid}, study)
+            _spool_from_dicomweb(sink.model_copy(update={"url": base}), {"study_uid": pseudo_study_uid}, study)
             candidates, study.files = study.files, []
         else:
-            raise TransferError(f"send cannot read instances from a pseudonymization sink of kind {sink.get('kind')!r}")
+            raise TransferError(f"send cannot read instances from a pseudonymization sink of kind {sink.kind!r}")
         _check_all(candidates, store, domain, pseudo_study_uid, study)
     except BaseException:
         study.close()

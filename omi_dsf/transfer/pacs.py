@@ -1,7 +1,6 @@
 """C-STORE of re-identified results into the requester's legacy PACS (pynetdicom).
 
-Site settings, `steps.pacs` in the site YAML: host, port, ae_title (the PACS), calling_ae (ours, default
-OMIWORKER), timeout (seconds, default 30). A PACS that rejects the association or refuses an
+Site settings, `steps.pacs` in the site YAML (PacsSettings, omi_dsf.transfer.config). A PACS that rejects the association or refuses an
 object for a reason retrying cannot fix is a TransferError; one that is down, out of resources or
 drops the connection raises `PacsUnavailable` (retried).
 """
@@ -10,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from omi_dsf.errors import RetryableError
+from omi_dsf.transfer.config import PacsSettings
 from omi_dsf.transfer.errors import TransferError
 
 # pynetdicom logs association and DIMSE details (UIDs among them) at INFO and DEBUG.
@@ -27,18 +27,11 @@ class PacsUnavailable(ConnectionError, RetryableError):
     """The PACS did not take the objects now; a later attempt may succeed."""
 
 
-def _settings(site: Mapping[str, Any]) -> tuple[str, int, str, str, float]:
-    cfg = site.get("pacs") or {}
-    missing = [k for k in ("host", "port", "ae_title") if not cfg.get(k)]
-    if missing:
-        raise TransferError(f"site configuration steps.pacs needs {', '.join(missing)}")
-    return (str(cfg["host"]), int(cfg["port"]), str(cfg["ae_title"]), str(cfg.get("calling_ae", "OMIWORKER")),
-            float(cfg.get("timeout", 30)))
-
-
-def store_in_pacs(site: Mapping[str, Any], datasets: Sequence[Dataset]) -> str:
+def store_in_pacs(pacs: PacsSettings | None, datasets: Sequence[Dataset]) -> str:
     """C-STORE every dataset over one association; returns the PACS AE title (for the audit)."""
-    host, port, called, calling, timeout = _settings(site)
+    if pacs is None:
+        raise TransferError("site configuration steps.pacs is missing (host, port, ae_title)")
+    host, port, called, calling, timeout = pacs.host, pacs.port, pacs.ae_title, pacs.calling_ae, pacs.timeout
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = min(timeout, 10)

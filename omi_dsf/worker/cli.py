@@ -34,22 +34,23 @@ def _run(args) -> int:
     if unknown or not topics:
         raise UserError(f"--topics: unknown topic(s) {unknown or topics}; known: {', '.join(all_topics)}")
     handlers = {t: site.handler(t, demo=args.demo) for t in topics}
+    if not args.demo:
+        site.check_steps(topics)   # a step without its settings: refused now, not at the first item
     w = site.worker
-    settings = WorkerSettings(topics=all_topics, lease_ttl=float(w.get("lease_ttl", 60)),
-                              max_attempts=int(w.get("max_attempts", 3)), backoff=float(w.get("backoff", 2)),
-                              poll_interval=float(w.get("poll_interval", 10)),
-                              concurrency=int(w.get("concurrency", 8)),
-                              websocket=bool(w.get("websocket", True)) and not args.no_websocket)
-    if w.get("owner"):
-        settings.owner = str(w["owner"])
+    settings = WorkerSettings(topics=all_topics, lease_ttl=w.lease_ttl, max_attempts=w.max_attempts,
+                              backoff=w.backoff, poll_interval=w.poll_interval, concurrency=w.concurrency,
+                              websocket=w.websocket and not args.no_websocket)
+    if w.owner:
+        settings.owner = w.owner
     from omi_dsf.audit import certificate_subject, trail
 
-    client = DsfClient(site.identity)
+    identity = site.identity
+    client = DsfClient(identity)
     audit = trail(site.audit)
-    steps = dict(site.raw.get("steps") or {})
-    actor = certificate_subject(site.identity.cert_file)
-    steps.setdefault("audit", site.audit)
-    steps.setdefault("actor", actor)   # the steps' audit events name the site's certificate too
+    actor = certificate_subject(identity.cert_file)
+    # the steps' audit events go to the site's trail and name the site's certificate, unless steps: says
+    steps = site.steps.model_copy(update={"audit": site.steps.audit or site.audit,
+                                          "actor": site.steps.actor or actor})
     worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, steps, audit=audit, actor=actor)
 
     def on_term(signum, frame):
@@ -61,7 +62,7 @@ def _run(args) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     logging.getLogger("omi_dsf.worker").info("worker %s: topics %s at %s", settings.owner, ",".join(topics),
-                                             site.identity.fhir_url)
+                                             identity.fhir_url)
     try:
         worker.run(max_items=args.max_items)
     finally:

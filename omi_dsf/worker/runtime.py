@@ -29,6 +29,7 @@ from omi_dsf.dsf.errors import DsfAuthError, DsfConflict, DsfError, DsfNotFound,
 from omi_dsf.dsf.workitem import WorkItem
 from omi_dsf.errors import RetryableError
 from omi_dsf.steps.api import Handler, StepContext, StepError
+from omi_dsf.steps.settings import StepSettings, step_settings
 from omi_dsf.worker.lease import LeaseStore
 
 log = logging.getLogger("omi_dsf.worker")
@@ -80,12 +81,13 @@ class _Heartbeat(threading.Thread):
 
 class Worker:
     def __init__(self, client: DsfClient, leases: LeaseStore, handlers: Mapping[str, Handler],
-                 settings: WorkerSettings, site: Mapping | None = None, audit=None, actor: str = ""):
+                 settings: WorkerSettings, site: StepSettings | Mapping | None = None, audit=None, actor: str = ""):
         unknown = sorted(set(handlers) - set(settings.topics))
         if unknown:
             raise ValueError(f"no work item topic(s) {unknown}; known: {sorted(settings.topics)}")
         self.client, self.leases, self.handlers, self.settings = client, leases, dict(handlers), settings
-        self.site = dict(site or {})
+        # the site's `steps:` settings (a mapping: validated here, relative paths from the working directory)
+        self.site = site if isinstance(site, StepSettings) else step_settings(site)
         self.by_questionnaire = {settings.topics[t]: t for t in self.handlers}
         self.notified: queue.Queue[str] = queue.Queue()
         self.stopping = threading.Event()
