@@ -473,3 +473,23 @@ def test_stow_of_two_studies_has_an_empty_top_level_retrieve_url(gw, files):
     assert r.json()["00081190"] == {"vr": "UR"}
     assert {_val(i, "00081190")[0].split("/studies/")[1].split("/")[0] for i in r.json()["00081199"]["Value"]} == \
         {one.StudyInstanceUID, two.StudyInstanceUID}
+
+
+def test_search_results_as_xml(gw, files):
+    """QIDO-RS answers as multipart/related; type="application/dicom+xml" too: the same matches
+    and attributes as the JSON answer."""
+    from lxml import etree
+
+    from omi_dsf.dicomweb.multipart import parse_media_type, parse_multipart
+    ds = pydicom.dcmread(files[1])
+    path = f"/studies/{ds.StudyInstanceUID}/instances"
+    as_json = gw.get(path).json()
+    r = gw.get(path, headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+    assert r.status_code == 200
+    parts = parse_multipart(r.content, parse_media_type(r.headers["content-type"]).params["boundary"])
+    ns = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    docs = [etree.fromstring(p.body, etree.XMLParser(resolve_entities=False)) for p in parts]
+    assert len(docs) == len(as_json) > 0
+    for doc, item in zip(docs, as_json):
+        assert {a.get("tag") for a in doc.findall("d:DicomAttribute", ns)} == set(item)
+        assert doc.findtext("d:DicomAttribute[@tag='00081190']/d:Value", None, ns) == _val(item, "00081190")[0]

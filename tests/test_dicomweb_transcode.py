@@ -78,7 +78,7 @@ def test_the_spliced_path_equals_pydicoms_decompress(tmp_path):
     files = jpeg_lossless(write_ct_study(tmp_path / "ct", slices=2, seed=3, rows=64, cols=64), tmp_path / "jl")
     for data in [f.read_bytes() for f in files] + [_data("MR_small_RLE.dcm"), _data("MR_small_jp2klossless.dcm")]:
         out, ts = transcode.convert(data, [ExplicitVRLittleEndian])
-        assert transcode._native_splice(data, _read(data), str(_read(data).file_meta.TransferSyntaxUID)) == out
+        assert transcode._native_splice(data, str(_read(data).file_meta.TransferSyntaxUID)) == out
         reference = _read(data)
         reference.decompress(generate_instance_uid=False)
         got = _read(out)

@@ -77,8 +77,10 @@ class Gateway:
         self.backends, self._close = build_backends(cfg)
         self.limiter = anyio.CapacityLimiter(32)
         self.stats = Stats()
+        self.transcoder = transcode.Pool()
 
     def close(self) -> None:
+        self.transcoder.close()
         self._close()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -177,9 +179,7 @@ class Gateway:
         scope = self.scope(request)
         q = parse_qido(list(request.query_params.multi_items()), level,
                        scope.get(STUDY), scope.get(SERIES))
-        accept = self.accept(request)
-        if not any(mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*") for mt in accept):
-            raise NotAcceptable("Accept: search results are available as application/dicom+json")
+        as_xml = self._wants_xml(self.accept(request), "search results")
         backend = self.backend(request)
         result = await self.run(qido.search, backend, q, self.base_url(request), self.cfg.max_results,
                                 self.cfg.limits.query_timeout)
@@ -200,7 +200,23 @@ class Gateway:
                          f'{why.encode("ascii", "replace").decode()}; the instances that are stored are listed"'
                          for uid, why in sorted(broken.items())[:20]]
         headers = {"Warning": ", ".join(warnings)} if warnings else {}
+        if as_xml:   # one Native DICOM Model document per match
+            boundary = new_boundary()
+            body = b"".join(part_head(boundary, DICOM_XML) + dicomxml.to_xml(item) + CRLF for item in result.items)
+            return Response(body + closing(boundary), media_type=content_type(boundary, DICOM_XML), headers=headers)
         return Response(dumps(result.items), media_type=DICOM_JSON, headers=headers)
+
+    @staticmethod
+    def _wants_xml(accept, what: str) -> bool:
+        """DICOM JSON (False) or multipart/related of Native DICOM Model XML (True), whichever
+        the client names first; NotAcceptable when it names neither."""
+        for mt in accept:
+            if mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*"):
+                return False
+            if mt.mime == "multipart/related" and mt.type_param == DICOM_XML:
+                return True
+        raise NotAcceptable(f'Accept: {what} are available as {DICOM_JSON} and as '
+                            f'multipart/related; type="{DICOM_XML}"')
 
     # -- WADO-RS: instances --------------------------------------------------------------------
     async def retrieve(self, request: Request, level: str) -> Response:
@@ -221,11 +237,14 @@ class Gateway:
                 return next(heads, CRLF + head)
             stream, first = await self.open_stream(backend, level, scope, head=next_head)
             separator = b""
-        else:
-            def as_wanted(data: bytes) -> bytes:   # each part says the syntax it is in
-                out, ts = transcode.convert(data, choice.wanted)
-                return part_head(boundary, wado.DICOM, transfer_syntax=ts) + out
-            stream, first = await self.open_stream(backend, level, scope, as_wanted)
+        else:   # converted by the transcoder's workers, several at a time, sent in order
+            stream, pending = await self.open_stream(backend, level, scope,
+                                                     lambda data: self.transcoder.submit(data, choice.wanted))
+            try:
+                first = b"".join(await self._converted(pending, boundary))
+            except BaseException:
+                stream.cancel()
+                raise
             separator = CRLF
 
         async def body() -> AsyncIterator[bytes]:
@@ -235,8 +254,9 @@ class Gateway:
                 self.stats.mark("first_part_sent")
                 sent = 1
                 async for data in stream:
-                    if separator:
-                        yield separator
+                    if separator:   # transcoded: the part's head, then the instance (no copy)
+                        head_, data = await self._converted(data, boundary)
+                        yield separator + head_
                     yield data
                     sent += 1
                 yield CRLF + closing(boundary)
@@ -249,6 +269,11 @@ class Gateway:
         single = choice.wanted[0] if len(choice.wanted) == 1 and not choice.as_stored else None
         ct = content_type(boundary, wado.DICOM, single)
         return StreamingResponse(body(), media_type=ct)
+
+    async def _converted(self, pending, boundary: str) -> tuple[bytes, bytes]:
+        """One transcoded instance: its part head (naming the syntax it is in) and its bytes."""
+        data, ts = self.transcoder.result(await asyncio.wrap_future(pending))
+        return part_head(boundary, wado.DICOM, transfer_syntax=ts), data
 
     async def retrieve_bulk(self, request: Request, level: str, scope: dict) -> Response:
         """Every instance's bulk data (Pixel Data and other binary values) at a study, series or
@@ -281,17 +306,7 @@ class Gateway:
 
     async def retrieve_metadata(self, request: Request, level: str) -> Response:
         scope = self.scope(request)
-        accept = self.accept(request)
-        as_xml = False
-        for mt in accept:
-            if mt.mime in (DICOM_JSON, "application/json", "*/*", "application/*"):
-                break
-            if mt.mime == "multipart/related" and mt.type_param == DICOM_XML:
-                as_xml = True
-                break
-        else:
-            raise NotAcceptable(f'Accept: metadata is available as {DICOM_JSON} and as '
-                                f'multipart/related; type="{DICOM_XML}"')
+        as_xml = self._wants_xml(self.accept(request), "metadata")
         backend = self.backend(request)
         base = self.base_url(request)
         boundary = new_boundary()

@@ -2,7 +2,8 @@
 syntax the data are not in (both backends' retrieval paths call it).
 
 What the gateway can make (pydicom with pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg,
-pylibjpeg-rle, pyjpegls and python-gdcm as its decoders and encoders):
+pylibjpeg-rle, pyjpegls and python-gdcm as its decoders and encoders; imagecodecs for JPEG
+Lossless monochrome):
 
 * from any syntax it can decode (uncompressed, deflated, big endian, RLE, JPEG baseline/extended/
   lossless, JPEG-LS, JPEG 2000) to Explicit or Implicit VR Little Endian: decompression loses nothing
@@ -18,15 +19,25 @@ An instance without pixel data asked for in a compressed syntax is sent in Expli
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import struct
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
 from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless)
+
+try:   # libjpeg-turbo's JPEG Lossless decoder (imagecodecs); without it pydicom's plug-ins decode
+    import imagecodecs
+except ImportError:  # pragma: no cover - a dependency; only an installation without it
+    imagecodecs = None
 
 from .errors import NotAcceptable
 from .part10 import read_meta
@@ -38,9 +49,10 @@ LOSSLESS_TARGETS = (RLELossless, JPEGLSLossless, JPEG2000Lossless)
 LOSSLESS_SOURCES = {RLELossless, JPEGLSLossless, JPEG2000Lossless, "1.2.840.10008.1.2.4.57",
                     "1.2.840.10008.1.2.4.70"}
 PIXEL_DATA = 0x7FE00010
-# JPEG Lossless is decoded by GDCM when it is there: 512x512 16-bit CT, 26 ms a slice against
-# pylibjpeg-libjpeg's 48 ms (this machine, tools/bench/gateway.py's transcoding figure)
-FAST_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm"}
+JPEG_LOSSLESS = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
+# pydicom's JPEG Lossless plug-in: GDCM when installed (CPU per 512x512 16-bit CT slice 4.2 ms
+# against pylibjpeg-libjpeg's 9 ms; imagecodecs' libjpeg-turbo, used for monochrome, 2.5 ms)
+FAST_PLUGIN = {ts: "gdcm" for ts in JPEG_LOSSLESS}
 
 
 def _available(kind, uid: str) -> bool:
@@ -123,22 +135,44 @@ def _fragments_end(data: bytes, start: int) -> int | None:
     return None
 
 
-def _native_splice(data: bytes, ds: Dataset, stored: str) -> bytes | None:
+def _decoded_frames(head: Dataset, value: bytes, stored: str, data: bytes) -> bytes:
+    """Native little endian pixel data of the encapsulated ``value``: JPEG Lossless by imagecodecs
+    (libjpeg-turbo), each frame checked against Rows, Columns and BitsAllocated; anything else by
+    pydicom's decoder on the whole instance."""
+    rows, cols, bits = int(head.Rows), int(head.Columns), int(head.BitsAllocated)
+    if stored in JPEG_LOSSLESS and imagecodecs is not None:
+        frames = generate_frames(value, number_of_frames=int(head.get("NumberOfFrames", 1) or 1))
+        out = []
+        for frame in frames:
+            arr = imagecodecs.jpeg8_decode(frame)
+            if arr.shape != (rows, cols) or arr.dtype.itemsize * 8 != bits:
+                raise ValueError("decoded frame does not fit Rows, Columns, BitsAllocated")
+            out.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        return b"".join(out)
+    ds = dcmread(BytesIO(data))
+    return bytes(get_decoder(UID(stored)).as_buffer(ds, decoding_plugin=plugin(stored))[0])
+
+
+def _native_splice(data: bytes, stored: str) -> bytes | None:
     """A compressed single-sample instance (monochrome, palette) in Explicit VR Little Endian,
     built by splicing: the stored file's data set bytes up to Pixel Data (an encapsulated syntax
     encodes its data set in Explicit VR Little Endian), Pixel Data decoded to native, then what
-    followed it. A third of the time of pydicom's decompress and re-encode of every element (the
-    transcoding benchmark). None when the instance is not such a case (then the general path)."""
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or 0x7FE00000 in ds or UID(stored) not in LOSSLESS_SOURCES:
+    followed it. Only the header is parsed and nothing is re-encoded (CPU per 512x512 CT slice:
+    12 ms by pydicom's decompress and save, 4 ms so; the transcoding benchmark). None when the
+    instance is not such a case (then the general path)."""
+    if UID(stored) not in LOSSLESS_SOURCES:
+        return None
+    head = dcmread(BytesIO(data), stop_before_pixels=True)
+    if int(head.get("SamplesPerPixel", 1) or 1) != 1 or 0x7FE00000 in head:
         return None
     at = max(data.rfind(header) for header in _ENCAPSULATED_PIXELS)   # the last: not an icon's
     end = _fragments_end(data, at + 12) if at > 0 else None
     if end is None:
         return None
-    pixels = get_decoder(UID(stored)).as_buffer(ds, decoding_plugin=plugin(stored))[0]
+    pixels = _decoded_frames(head, bytes(data[at + 12:end - 8]), stored, data)
     if len(pixels) % 2:
-        pixels = bytes(pixels) + b"\x00"
-    meta = FileMetaDataset(ds.file_meta)
+        pixels += b"\x00"
+    meta = FileMetaDataset(head.file_meta)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = BytesIO()
     out.write(b"\x00" * 128 + b"DICM")
@@ -154,8 +188,12 @@ def _native_splice(data: bytes, ds: Dataset, stored: str) -> bytes | None:
 def convert(data: bytes, wanted: list[str]) -> tuple[bytes, str]:
     """A Part 10 instance in the first of ``wanted`` that it is in or can be converted to:
     (bytes, its transfer syntax). :class:`NotAcceptable` when none can."""
-    ds = dcmread(BytesIO(data))
-    stored = str(ds.file_meta.TransferSyntaxUID)
+    try:
+        stored = read_meta(data)[0].transfer_syntax
+        ds = None
+    except Exception:  # noqa: BLE001 - not what part10 reads: pydicom decides
+        ds = dcmread(BytesIO(data))
+        stored = str(ds.file_meta.TransferSyntaxUID)
     ts = choose(stored, wanted)
     if ts is None:
         raise NotAcceptable(f"transfer-syntax {', '.join(wanted)[:200]}: the instance is stored as {stored} and "
@@ -163,14 +201,14 @@ def convert(data: bytes, wanted: list[str]) -> tuple[bytes, str]:
                             "RLE, JPEG-LS and JPEG 2000 syntaxes; never to lossy ones); ask for transfer-syntax=*")
     if ts == stored:
         return data, stored
-    if ts == ExplicitVRLittleEndian and UID(stored).is_compressed and PIXEL_DATA in ds:
+    if ts == ExplicitVRLittleEndian and UID(stored).is_compressed:
         try:
-            spliced = _native_splice(data, ds, stored)
+            spliced = _native_splice(data, stored)
         except Exception:  # noqa: BLE001 - the general path below decides (and names the failure)
             spliced = None
         if spliced is not None:
             return spliced, ts
-    return to_syntax(ds, stored, ts)
+    return to_syntax(ds if ds is not None else dcmread(BytesIO(data)), stored, ts)
 
 
 def native_frames(ds: Dataset, numbers: list[int]) -> list[bytes]:
@@ -189,3 +227,49 @@ def native_frames(ds: Dataset, numbers: list[int]) -> list[bytes]:
         raise NotAcceptable(f"the frames stored as {ds.file_meta.TransferSyntaxUID} cannot be decoded "
                             f"({type(exc).__name__}); ask for transfer-syntax=*") from None
     return [found[k] for k in numbers]
+
+
+def _convert_in_worker(data: bytes, wanted: list[str]) -> tuple[bytes, str] | tuple[None, str]:
+    """:func:`convert` in a worker process; a refusal comes back as (None, its message)."""
+    try:
+        return convert(data, wanted)
+    except NotAcceptable as exc:
+        return None, exc.message
+
+
+class Pool:
+    """Worker processes that transcode, so that decoding runs beside the event loop and the
+    retrieval thread instead of sharing one interpreter lock with them: instances of one answer
+    are converted several at a time and sent in order. Started at the first use; ``size`` 0
+    converts in the calling thread (what a one-core machine gets)."""
+
+    def __init__(self, size: int | None = None):
+        self.size = min(4, os.cpu_count() or 1) if size is None else size
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, data: bytes, wanted: list[str]) -> Future:
+        if self.size < 2:
+            done: Future = Future()
+            try:
+                done.set_result(_convert_in_worker(data, wanted))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                done.set_exception(exc)
+            return done
+        with self._lock:
+            if self._executor is None:   # forkserver: never fork the gateway's threads
+                self._executor = ProcessPoolExecutor(self.size, mp_context=multiprocessing.get_context("forkserver"))
+            return self._executor.submit(_convert_in_worker, data, wanted)
+
+    @staticmethod
+    def result(outcome: tuple) -> tuple[bytes, str]:
+        data, ts = outcome
+        if data is None:
+            raise NotAcceptable(ts)
+        return data, ts
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None

@@ -116,6 +116,25 @@ def curl_transcoded(url: str, study: str) -> tuple[float, int]:
     return secs, int(size)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and all its descendants still running."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += [child for child, (parent, _) in stats.items() if parent == p]
+    return total
+
+
 def lossless_study(cache: Path, slices: int, rows: int) -> list[Path]:
     """A CT study in JPEG Lossless (dcmcjpeg), cached next to the uncompressed one."""
     source = cached_ct_study(cache, slices, 13, rows)
@@ -126,7 +145,7 @@ def lossless_study(cache: Path, slices: int, rows: int) -> list[Path]:
     return jpeg_lossless(source, target)
 
 
-def transcoding(gateway_url: str, work: Path, files: list[Path], runs: int) -> dict:
+def transcoding(gateway_url: str, gateway_pid: int, work: Path, files: list[Path], runs: int) -> dict:
     """The gateway's store vs Orthanc, each holding ``files``, asked for them uncompressed."""
     study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with Orthanc(work / "orthanc") as orthanc, httpx.Client(timeout=120) as http:
@@ -139,18 +158,24 @@ def transcoding(gateway_url: str, work: Path, files: list[Path], runs: int) -> d
         ours_url, theirs_url = f"{gateway_url}/aets/STORE", orthanc.dicomweb_url
         curl_transcoded(ours_url, study)   # warm-up: caches, imports
         curl_transcoded(theirs_url, study)
-        ours, theirs = [], []
+        ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
         for i in range(runs):
+            cpu = cpu_seconds(gateway_pid)
             secs, size_ours = curl_transcoded(ours_url, study)
             ours.append(secs)
+            ours_cpu.append(cpu_seconds(gateway_pid) - cpu)
+            cpu = cpu_seconds(orthanc.proc.pid)
             secs, size_theirs = curl_transcoded(theirs_url, study)
             theirs.append(secs)
+            theirs_cpu.append(cpu_seconds(orthanc.proc.pid) - cpu)
             assert abs(size_ours - size_theirs) < 0.05 * size_theirs, (size_ours, size_theirs)
-            log(f"transcoding run {i + 1}: gateway {ours[-1]:.2f} s, Orthanc {theirs[-1]:.2f} s "
-                f"({size_ours / 1e6:.0f} MB uncompressed)")
+            log(f"transcoding run {i + 1}: gateway {ours[-1]:.2f} s ({ours_cpu[-1]:.2f} s CPU), Orthanc "
+                f"{theirs[-1]:.2f} s ({theirs_cpu[-1]:.2f} s CPU) ({size_ours / 1e6:.0f} MB uncompressed)")
     g, o = statistics.median(ours), statistics.median(theirs)
     return {"transcode_instances": len(files), "transcode_gateway_s": round(g, 3),
-            "transcode_orthanc_s": round(o, 3), "transcode_ratio": round(o / g, 3)}
+            "transcode_orthanc_s": round(o, 3), "transcode_ratio": round(o / g, 3),
+            "transcode_gateway_cpu_s": round(statistics.median(ours_cpu), 3),
+            "transcode_orthanc_cpu_s": round(statistics.median(theirs_cpu), 3)}
 
 
 def getscu(pacs: Dcmqrscp, study: str) -> float:
@@ -338,7 +363,7 @@ def main() -> int:
             log(f"{args.clients} concurrent clients: {n_err} errors in {conc_s:.1f} s {samples}")
             hwm_end = vm(gateway.proc.pid, "VmHWM")
 
-            transcoded = transcoding(url, work, lossless, args.transcode_runs)
+            transcoded = transcoding(url, gateway.proc.pid, work, lossless, args.transcode_runs)
             log(f"transcoding {len(lossless)} JPEG Lossless slices to uncompressed: gateway "
                 f"{transcoded['transcode_gateway_s']:.2f} s, Orthanc {transcoded['transcode_orthanc_s']:.2f} s")
 
