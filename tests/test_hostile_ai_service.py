@@ -29,7 +29,7 @@ from omi_dsf.inference import tensors
 from omi_dsf.inference.client import OipClient, ServiceUnavailable
 from omi_dsf.inference.config import ServiceConfig
 from omi_dsf.inference.service import LungSegModel, create_app
-from omi_dsf.serving.config import ConfigError, parse
+from omi_dsf.config import ConfigError, parse
 from omi_dsf.testkit import phantom
 from omi_dsf.testkit.ai_service import AiServiceProcess
 from omi_dsf.tls import client_context

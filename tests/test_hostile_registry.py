@@ -25,7 +25,7 @@ from omi_dsf.registry.app import create_app
 from omi_dsf.registry.config import parse_config
 from omi_dsf.registry.entries import service_bundle
 from omi_dsf.registry.search import PARAMS
-from omi_dsf.serving.config import ConfigError
+from omi_dsf.config import ConfigError
 from test_registry import AI, ISSUER, LUNG, bundle, diagnostics, hdr, keys, reg, register  # noqa: F401
 from test_registry_integration import _client, env  # noqa: F401  (the registry over mutual TLS)
 

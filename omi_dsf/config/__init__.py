@@ -42,7 +42,8 @@ def _relative(value: Any, info: ValidationInfo) -> Path:
     return path if path.is_absolute() else _base(info) / path
 
 
-def _existing_file(value: Any, info: ValidationInfo) -> Path:
+def existing_file(value: Any, info: ValidationInfo) -> Path:
+    """A file that must exist (a validator: relative to the configuration file's folder)."""
     path = _relative(value, info)
     if not path.is_file():
         raise ValueError(f"file {path} does not exist")
@@ -64,7 +65,7 @@ def _database(value: Any, info: ValidationInfo) -> str:
     return resolve(value, _base(info))
 
 
-ExistingFile = Annotated[Path, BeforeValidator(_existing_file)]
+ExistingFile = Annotated[Path, BeforeValidator(existing_file)]
 """A file that must exist; relative names are relative to the configuration file's folder."""
 ExistingDir = Annotated[Path, BeforeValidator(_existing_dir)]
 """A folder that must exist; relative names are relative to the configuration file's folder."""

@@ -54,6 +54,11 @@ def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
+# what a value checked by one of these validators is, in the tables
+_VALIDATED = {"existing_file": "file (must exist)", "_existing_dir": "folder (must exist)",
+              "_database": "file or postgresql:// URL", "_relative": "path", "_url_or_file": "URL or file (must exist)"}
+
+
 def _type_name(tp: Any, extra: list | None = None) -> str:
     names = []
     for member in _members(tp):
@@ -61,14 +66,9 @@ def _type_name(tp: Any, extra: list | None = None) -> str:
         meta = meta + list(extra or ())
         validators = " ".join(getattr(getattr(m, "func", None), "__name__", "") for m in meta)
         origin = typing.get_origin(bare)
-        if "_existing_file" in validators:
-            names.append("file (must exist)")
-        elif "_existing_dir" in validators:
-            names.append("folder (must exist)")
-        elif "_database" in validators:
-            names.append("file or postgresql:// URL")
-        elif "_relative" in validators:
-            names.append("path")
+        label = next((text for name, text in _VALIDATED.items() if name in validators.split()), None)
+        if label:
+            names.append(label)
         elif origin is Literal:
             names.append(" \\| ".join(f"`{a}`" for a in typing.get_args(bare)))
         elif origin in (list, tuple):

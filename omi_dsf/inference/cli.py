@@ -28,7 +28,7 @@ def _ai_service(args: argparse.Namespace) -> int:
     from omi_dsf.errors import UserError
     from omi_dsf.inference.config import ServiceConfig
     from omi_dsf.inference.service import serve
-    from omi_dsf.serving import config
+    from omi_dsf import config
 
     if args.server != "reference":
         return _other_server(args)

@@ -29,8 +29,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationInfo, model_validator
 
-from omi_dsf.config import ExistingFile, HttpUrl, Name, PeerSettings, _existing_file
-from omi_dsf.serving.config import AuthSettings, Limits, Listen, Section, TlsSettings
+from omi_dsf.config import ExistingFile, HttpUrl, Name, PeerSettings, Section, existing_file
+from omi_dsf.serving.config import AuthSettings, Limits, Listen, TlsSettings
 
 DEFAULT_PORT = 8500
 
@@ -74,7 +74,7 @@ def _url_or_file(value: Any, info: ValidationInfo) -> str | Path:
     if isinstance(value, str) and value.startswith(("https://", "http://")):
         return value
     try:
-        return _existing_file(value, info)
+        return existing_file(value, info)
     except ValueError:
         raise ValueError(f"{value!r:.200} is neither a URL nor a file") from None
 

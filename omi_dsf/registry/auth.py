@@ -23,7 +23,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from omi_dsf.registry.errors import forbidden, unauthenticated
 from omi_dsf.serving.auth import TokenChecker, TokenRefused, claims_of
-from omi_dsf.serving.config import JwtIssuer, Name, Section
+from omi_dsf.config import Name, Section
+from omi_dsf.serving.config import JwtIssuer
 
 # (client host, client port) -> DER certificate of the connection's peer
 PEER_CERTS: dict[tuple[str, int], bytes] = {}

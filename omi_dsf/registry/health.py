@@ -25,7 +25,7 @@ from omi_dsf.inference.client import OipClient, OipError
 from omi_dsf.peer import http_client
 from omi_dsf.registry import validation as v
 from omi_dsf.registry.store import ServiceState, Store
-from omi_dsf.serving.config import ExistingFile, Section
+from omi_dsf.config import ExistingFile, Section
 from omi_dsf.tls import client_context
 
 log = logging.getLogger(__name__)

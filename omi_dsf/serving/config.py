@@ -1,22 +1,6 @@
-"""Configuration sections the project's HTTP servers share, checked with pydantic.
-
-Strict types (a string is not a number, 1 is not true), unknown keys refused, file paths relative
-to the configuration file and required to exist; every error is one line naming the key, e.g.
-``registry.yaml: limits.max_body_mb: expected a number, got 'big'``.
-
-    tls:
-      certfile: server.pem
-      keyfile: server.key
-      keyfile_password_file: server.key-password    # optional
-      client_ca: ca.pem                             # client certificates are checked against this CA
-      require_client_cert: true                     # mutual TLS: the handshake fails without one
-    auth:
-      anonymous: false                              # true: no authentication at all (tests, demo)
-      jwt:
-        - {issuer: https://idp.example.org, key_file: idp.pem, audience: omi, algorithms: [RS256]}
-    limits: {max_body_mb: 1, max_query_bytes: 8192, max_header_bytes: 16384, header_timeout: 10, body_timeout: 30,
-             max_concurrent: 32}
-"""
+"""Configuration sections the project's HTTP servers share (the gateway, the registry, the AI
+service): listen, tls, auth, limits; models on omi_dsf.config (strict types, unknown keys refused,
+files relative to the configuration file and required to exist, errors naming the key)."""
 
 from __future__ import annotations
 
@@ -24,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from omi_dsf.config import ConfigError, ExistingFile, Name, Section, load, parse, read_yaml  # noqa: F401 (the base)
+from omi_dsf.config import ExistingFile, Name, Section
 
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256", "PS256", "EdDSA"]
 
