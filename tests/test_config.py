@@ -139,3 +139,14 @@ def test_docs_option_tables_are_generated_from_the_models(tmp_path):
     assert update(tmp_path) == [page] and update(tmp_path, check=True) == []
     assert "| `batch_mb` | number | `32` | MiB per STOW-RS request at most |" in page.read_text()
     assert "| `send.batch_mb` | number | `32` |" in table("omi_dsf.transfer.config:SendSettings prefix=send.")
+
+
+def test_deid_provider_options_are_checked_by_the_same_models(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    key = tmp_path / "site.key"
+    key.write_text("k" * 32)
+    args = ["deid", str(tmp_path / "in"), str(tmp_path / "out"), "--domain", "d", "--key-file", str(key)]
+    assert main([*args, "--provider", "gpas"]) == 2
+    assert capsys.readouterr().err == "error: --provider gpas needs --provider-url\n"
+    assert main([*args, "--provider", "ttp-fhir", "--provider-url", "ftp://ttp"]) == 2
+    assert capsys.readouterr().err == "error: --provider-url: url: must be an http(s) URL, got 'ftp://ttp'\n"

@@ -63,11 +63,11 @@ def run(args) -> int:
     sink = FolderSink(args.out_dir)
     try:
         config = {"kind": args.provider}
-        if args.provider == "gpas":
-            config["wsdl"] = args.provider_url
-        elif args.provider == "ttp-fhir":
-            config["url"] = args.provider_url
-        provider = make_provider(parse(PseudonymProviderSettings, config, where="--provider"), key, store)
+        if args.provider != "embedded":
+            if not args.provider_url:
+                raise UserError(f"--provider {args.provider} needs --provider-url")
+            config["wsdl" if args.provider == "gpas" else "url"] = args.provider_url
+        provider = make_provider(parse(PseudonymProviderSettings, config, where="--provider-url"), key, store)
         if args.reidentify:
             re_id = Reidentifier(store, provider, args.domain)
             count = 0
