@@ -233,3 +233,87 @@ def test_client_errors_are_one_line(world):
     r = _omi("submit", "--study", "1.2.3", "--patient", "P", "--service", "no-such-service", "--site", world["dic"])
     assert r.returncode == 2 and "no AI service 'no-such-service' in the registry" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def _start_tasks_per_study(site: str, studies: list[str]) -> dict[str, int]:
+    """How many start Tasks the DIC's DSF holds for each study (read with the site's own client)."""
+    from omi_dsf.client.requests import request_tasks
+    from omi_dsf.dsf.client import DsfClient
+    from omi_dsf.dsf.tasks import input_value
+    from omi_dsf.worker.config import load_site_config
+
+    with DsfClient(load_site_config(site).identity) as client:
+        uids = [input_value(t, "study-instance-uid") for t in request_tasks(client, 1000)]
+    return {s: uids.count(s) for s in studies}
+
+
+def test_cohort_runs_resumes_and_reports(world, stop_after, tmp_path):
+    """Four studies, two in flight: two complete, one fails at pseudonymize, one is refused by
+    consent; the run is killed midway and a crash between creating a Task and recording it is
+    staged; the second run adopts that Task, skips what finished, and no study is submitted twice.
+    --retry-failed runs only the failed one again."""
+    raw = yaml.safe_load(Path(world["dic"]).read_text())
+    raw["steps"] = {"demo_delay": 1, "demo_deny_patients": {"consent": ["P-NOCONSENT"], "pseudonymize": ["P-FAIL"]}}
+    raw["in_flight_per_provider"] = 2
+    cfg = Path(world["dic"]).with_name("dic-cohort.yaml")
+    cfg.write_text(yaml.safe_dump(raw))
+    stop_after += [world["worker"](cfg, DIC_TOPICS, "cohort-dic-worker"),
+                   world["worker"](Path(world["ai"]), "infer", "cohort-ai-worker")]
+    studies = {_study(): p for p in ("P-OK-1", "P-FAIL", "P-OK-2", "P-NOCONSENT")}
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("study_instance_uid,patient_id\n" + "".join(f"{s},{p}\n" for s, p in studies.items()))
+    record = tmp_path / "cohort.record.csv"
+    cmd = [sys.executable, "-m", "omi_dsf", "submit", "--cohort", str(cohort), "--service", "lung-seg",
+           "--site", str(cfg), "--parallel", "2", "--interval", "0.5"]
+
+    def rows() -> dict[str, dict]:
+        import csv
+        with record.open() as f:
+            return {r["study_uid"]: r for r in csv.DictReader(f)}
+
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (record.exists() and sum(r["task"] != "" for r in rows().values()) >= 2):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.2)
+    first.kill()                                         # interrupted, as a closed terminal would
+    first.wait(10)
+    got = rows()
+    in_flight = [s for s, r in got.items() if r["task"]]
+    assert len(in_flight) == 2 and all(r["status"] == "pending" for s, r in got.items() if s not in in_flight)
+    # stage a crash between creating the Task and writing it down: the row says `submitting`
+    import csv
+    staged = in_flight[0]
+    staged_task = got[staged]["task"]
+    got[staged].update(status="submitting", task="", business_key="")
+    with record.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(next(iter(got.values()))))
+        w.writeheader()
+        w.writerows(got.values())
+
+    second = subprocess.run(cmd + ["--json"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 1, second.stderr          # one study failed: exit 1, the cohort went on
+    s = json.loads(second.stdout)
+    assert (s["completed"], s["failed"], s["refused"], s["in_flight"], s["pending"]) == (2, 1, 1, 0, 0)
+    assert list(s["failed_by_reason"]) == ["pseudonymize: denied by the demo handler for this patient"]
+    assert list(s["refused_by_reason"]) == ["consent: denied by the demo handler for this patient"]
+    final = rows()
+    by_patient = {studies[u]: r for u, r in final.items()}
+    assert by_patient["P-OK-1"]["stored_study_uid"].startswith("return-")
+    assert by_patient["P-OK-1"]["result_location"].startswith("infer-")
+    assert final[staged]["task"] == staged_task and final[staged]["attempts"] == "1"   # adopted, not sent again
+    assert _start_tasks_per_study(str(cfg), list(studies)) == dict.fromkeys(studies, 1)   # none twice
+    assert "P-OK" not in second.stdout + second.stderr    # no patient identifiers in the output
+
+    st = _omi("status", "--cohort", str(cohort), "--site", str(cfg), "--json")
+    assert st.returncode == 0, st.stderr
+    shown = json.loads(st.stdout)
+    assert (shown["completed"], shown["failed"], shown["refused"]) == (2, 1, 1) and "P-FAIL" not in st.stdout
+    text = _omi("status", "--cohort", str(record), "--site", str(cfg)).stdout
+    assert "2 completed, 1 failed, 1 refused by consent" in text and "pseudonymize: denied" in text
+
+    again = subprocess.run(cmd + ["--json", "--retry-failed"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1, again.stderr
+    counts = _start_tasks_per_study(str(cfg), list(studies))
+    assert counts == {s: (2 if p == "P-FAIL" else 1) for s, p in studies.items()}
+    assert next(r for r in rows().values() if r["patient"] == "P-FAIL")["attempts"] == "2"

@@ -56,9 +56,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_services)
 
-    p = subparsers.add_parser("submit", help="start an OMI inference request at this site's DSF")
-    p.add_argument("--study", required=True, help="StudyInstanceUID in the local PACS")
-    p.add_argument("--patient", required=True, help="the patient's identifier at this site (never leaves it)")
+    p = subparsers.add_parser("submit", help="start an OMI inference request at this site's DSF (one study, "
+                                             "or one request per study of a cohort)")
+    p.add_argument("--study", help="StudyInstanceUID in the local PACS")
+    p.add_argument("--patient", help="the patient's identifier at this site (never leaves it)")
+    p.add_argument("--cohort", help="CSV file, one study per row: StudyInstanceUID, patient identifier")
+    p.add_argument("--query", help="the cohort as a QIDO-RS query at the site's gateway (gateway_url), "
+                                   "e.g. 'ModalitiesInStudy=CT&StudyDate=20240101-20241231'")
+    p.add_argument("--record", help="the cohort record file (default: COHORT.record.csv next to --cohort; "
+                                    "required with --query); running again resumes it")
+    p.add_argument("--parallel", type=_count, default=4, help="requests of the cohort in flight at once (default 4)")
+    p.add_argument("--retry-failed", action="store_true", help="run the cohort's failed studies again")
+    p.add_argument("--interval", type=_positive, default=2.0, help="seconds between looks at the DSF (cohorts)")
+    p.add_argument("--gateway", help="the site's DICOMweb gateway for --query (default: gateway_url in --site)")
+    p.add_argument("--gateway-ca", help="CA file for the gateway's certificate (default: gateway_ca_file in --site)")
     p.add_argument("--service", required=True, help="AI service identifier (registry HealthcareService id)")
     p.add_argument("--provider", help="provider organization; default: the registry entry's provider")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
@@ -70,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("status", help="where requests are: consent, pseudonymize, send, infer, return")
     p.add_argument("business_key", nargs="?", help="one request (default: the newest requests)")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
+    p.add_argument("--cohort", help="a cohort: its record file (or the cohort CSV it was made from)")
     p.add_argument("--watch", action="store_true", help="follow live until the request completes or fails")
     p.add_argument("--interval", type=_positive, default=2.0, help="seconds between refreshes with --watch")
     p.add_argument("--timeout", type=_positive, help="stop watching after this many seconds (exit code 3)")
@@ -211,21 +223,35 @@ def _services(args) -> int:
     return 0
 
 
+def _provider(args, site) -> str:
+    from omi_dsf.errors import UserError
+
+    if args.provider:
+        return args.provider
+    with _registry(args, site) as reg:
+        service = reg.service(args.service)
+    if not service.provider:
+        raise UserError(f"registry entry {args.service} names no provider organization; give --provider")
+    if service.status == "down":
+        _warn(f"{args.service} is down at the registry ({service.detail or 'no detail'})")
+    return service.provider
+
+
 def _submit(args) -> int:
     from omi_dsf.errors import UserError
     from omi_dsf.client.requests import dsf_call, start
 
+    sources = [o for o, v in (("--study", args.study), ("--cohort", args.cohort), ("--query", args.query)) if v]
+    if len(sources) != 1:
+        raise UserError("give one of --study (with --patient), --cohort FILE or --query QUERY"
+                        + (f", not {' and '.join(sources)}" if sources else ""))
+    if args.study is None:
+        return _submit_cohort(args)
+    if args.patient is None:
+        raise UserError("--study needs --patient (the patient's identifier at this site)")
     _uid(args.study, "--study")
     site, org = _site(args.site)
-    provider = args.provider
-    if not provider:
-        with _registry(args, site) as reg:
-            service = reg.service(args.service)
-        provider = service.provider
-        if not provider:
-            raise UserError(f"registry entry {args.service} names no provider organization; give --provider")
-        if service.status == "down":
-            _warn(f"{args.service} is down at the registry ({service.detail or 'no detail'})")
+    provider = _provider(args, site)
     inputs = {"study-instance-uid": args.study, "patient-identifier": args.patient,
               "ai-service-identifier": args.service, "provider-organization": provider}
     with _dsf(site) as client:
@@ -249,38 +275,113 @@ def _submit(args) -> int:
     return 0
 
 
+def _cohort_record(args):
+    from pathlib import Path
+
+    from omi_dsf.client.cohort import Record
+    from omi_dsf.errors import UserError
+
+    if args.record:
+        return Record(args.record)
+    if args.query:
+        raise UserError("--query needs --record FILE (where the cohort's progress is kept)")
+    cohort = Path(args.cohort)
+    return Record(cohort.with_name(cohort.stem + ".record.csv"))
+
+
+def _submit_cohort(args) -> int:
+    from omi_dsf.client import cohort
+    from omi_dsf.client.progress_view import CohortView
+    from omi_dsf.dicomweb.query import is_uid
+    from omi_dsf.errors import UserError
+
+    site, org = _site(args.site)
+    record = _cohort_record(args)
+    if args.cohort:
+        studies = cohort.read_cohort_csv(args.cohort, is_uid)
+    else:
+        studies = _query_cohort(args, site)
+    provider = _provider(args, site)
+    if not record.lock():
+        raise UserError(f"another omi submit is running the cohort {record.path} (lock {record.path.name}.lock)")
+    try:
+        if record.exists():
+            record.load()
+        added = record.add(studies)
+        retried = cohort.retry_failed(record) if args.retry_failed else 0
+        record.save()
+        limits = cohort.Limits(parallel=args.parallel, provider=site.in_flight_per_provider, interval=args.interval)
+        with _dsf(site) as client, CohortView(enabled=not args.json) as view:
+            if added != len(record.rows) or retried:
+                view.note(f"resuming {record.path}: {added} new, {retried} failed ones again")
+            run = cohort.Run(record, client, org, args.service, provider, limits, on_change=view.update)
+            from omi_dsf.client.requests import dsf_call
+            result = dsf_call("cohort", run.run)
+    finally:
+        record.unlock()
+    _emit(args, result, cohort.summary_text(result))
+    return 1 if result["failed"] else 0
+
+
+def _query_cohort(args, site):
+    from omi_dsf.client import cohort
+    from omi_dsf.dicomweb.query import is_uid
+    from omi_dsf.dicomweb_client import DicomwebClient, DicomwebError
+    from omi_dsf.errors import UserError
+    from omi_dsf.peer import PeerTlsError, PeerUnreachable
+
+    url, http = _gateway_client(args, site)
+    if not url:
+        raise UserError(f"--query needs the site's gateway: --gateway URL or gateway_url in {site.path}")
+    try:
+        return cohort.query_studies(DicomwebClient(http=http, url=url), args.query, is_uid)
+    except (PeerUnreachable, PeerTlsError, DicomwebError) as exc:
+        raise UserError(f"gateway {url}: {exc}") from None
+    finally:
+        http.close()
+
+
+def _cohort_status(args) -> int:
+    from pathlib import Path
+
+    from omi_dsf.client import cohort
+    from omi_dsf.client.requests import dsf_call
+
+    path = Path(args.cohort)
+    sibling = path.with_name(path.stem + ".record.csv")
+    record = cohort.Record(sibling if sibling.exists() else path).load()
+    site, org = _site(args.site)
+    if record.with_status("submitted", "running") and record.lock():   # nobody runs it: look at the DSF
+        try:
+            with _dsf(site) as client:
+                dsf_call("status", cohort.Run(record, client, org, "", "").follow)
+        finally:
+            record.unlock()
+    s = cohort.summary(record)
+    if args.json:
+        s["studies_detail"] = [{k: v for k, v in r.items() if k != "patient"} for r in record.rows.values()]
+    _emit(args, s, cohort.summary_text(s))
+    return 0
+
+
 def _progress_of(client, task):
     from omi_dsf.client.progress import business_key, derive
-    from omi_dsf.client.requests import result_messages, topic_of, work_items
+    from omi_dsf.client.requests import result_messages, since_of, topic_of, work_items
 
     key = business_key(task)
     if not key:
         return derive(task, [], topic_of())
-    since = _since(task)
+    since = since_of(task)
     return derive(task, work_items(client, key, since).get(key, []), topic_of(),
                   result_messages(client, key, since).get(key))
 
 
-def _since(task: dict) -> str | None:
-    # work items are created after their Task; a minute of slack for clock differences
-    import datetime as dt
-    try:
-        t = dt.datetime.fromisoformat(str(task.get("authoredOn")).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (t - dt.timedelta(minutes=1)).isoformat()
-
-
 def _progress_list(client, limit: int):
-    from omi_dsf.client.progress import business_key, derive
-    from omi_dsf.client.requests import request_tasks, result_messages, topic_of, work_items
+    from omi_dsf.client.requests import progress_of_tasks, request_tasks
 
     tasks = request_tasks(client, limit)
-    stamps = [s for s in (_since(t) for t in tasks) if s]
-    since = min(stamps) if stamps and len(stamps) == len(tasks) else None
-    items, answers, topics = work_items(client, None, since), result_messages(client, None, since), topic_of()
-    return [derive(t, items.get(business_key(t) or "", []), topics, answers.get(business_key(t) or ""))
-            for t in tasks]
+    progress = progress_of_tasks(client, tasks)
+    return [progress[t["id"]] for t in tasks]
 
 
 def _status(args) -> int:
@@ -288,6 +389,8 @@ def _status(args) -> int:
     from omi_dsf.client import render
     from omi_dsf.client.requests import dsf_call, find_task
 
+    if args.cohort:
+        return _cohort_status(args)
     site, _ = _site(args.site)
     client = _dsf(site)
     task_id = None

@@ -7,10 +7,10 @@ import time
 from typing import Callable
 
 from omi_dsf.errors import UserError
-from omi_dsf.client.progress import business_key
+from omi_dsf.client.progress import RequestProgress, business_key
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfError
-from omi_dsf.dsf.tasks import message_task
+from omi_dsf.dsf.tasks import input_value, message_task
 from omi_dsf.dsf.workitem import topics_from_spec
 from omi_dsf.spec.model import load_spec
 
@@ -114,3 +114,48 @@ def dsf_call(what: str, fn, *args, **kw):
     except (json.JSONDecodeError, AttributeError, TypeError, KeyError) as exc:
         raise UserError(f"{what}: the DSF FHIR server's answer is not the FHIR JSON expected "
                         f"({type(exc).__name__}: {str(exc)[:100]})") from None
+
+
+# -- many requests at once (cohorts) ---------------------------------------------------------------
+
+
+def started_tasks(client: DsfClient, study_uids: set[str], scan: int = 2000) -> dict[str, dict]:
+    """This site's newest start Task per study UID among `study_uids` (the newest `scan` Tasks)."""
+    found: dict[str, dict] = {}
+    for task in request_tasks(client, scan):
+        uid = input_value(task, "study-instance-uid")
+        if uid in study_uids and uid not in found:
+            found[str(uid)] = task
+    return found
+
+
+def in_flight_to(client: DsfClient, provider: str) -> int:
+    """How many of this site's requests to `provider` are running now (any cohort, any user)."""
+    n = 0
+    for status in ("requested", "in-progress"):
+        params = {"_profile": start_profile(), "status": status}
+        n += sum(1 for t in client.search("Task", params, page_size=200)
+                 if input_value(t, "provider-organization") == provider)
+    return n
+
+
+def progress_of_tasks(client: DsfClient, tasks: list[dict]) -> dict[str, RequestProgress]:
+    """Where each of these start Tasks is (by Task id), from one search per work item topic."""
+    from omi_dsf.client.progress import derive
+
+    stamps = [s for s in (since_of(t) for t in tasks) if s]
+    since = min(stamps) if stamps and len(stamps) == len(tasks) else None
+    items, answers, topics = work_items(client, None, since), result_messages(client, None, since), topic_of()
+    return {t["id"]: derive(t, items.get(business_key(t) or "", []), topics, answers.get(business_key(t) or ""))
+            for t in tasks}
+
+
+def since_of(task: dict) -> str | None:
+    """A minute before the Task was authored: work items are created after their Task (slack for
+    clock differences)."""
+    import datetime as dt
+    try:
+        t = dt.datetime.fromisoformat(str(task.get("authoredOn")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (t - dt.timedelta(minutes=1)).isoformat()

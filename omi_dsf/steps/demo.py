@@ -28,6 +28,8 @@ def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
         raise RuntimeError("demo handler told to fail")
     if ctx.topic in ctx.site.demo_deny_topics:
         raise StepError("denied by the demo handler")
+    if str(inputs.get("patient-identifier")) in (ctx.site.demo_deny_patients.get(ctx.topic) or []):
+        raise StepError("denied by the demo handler for this patient")
     delay = ctx.site.demo_delay or float(os.environ.get("OMI_DEMO_DELAY", 0))
     if delay:
         time.sleep(delay)

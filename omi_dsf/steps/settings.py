@@ -62,6 +62,8 @@ class StepSettings(Section):
                                                                            "(transiently)")
     demo_deny_topics: list[Name] = Field(default_factory=list, description="demo handler: topics it denies")
     demo_delay: float = Field(0.0, ge=0, description="demo handler: seconds each step takes")
+    demo_deny_patients: dict[Name, list[str]] = Field(default_factory=dict, description="demo handler: per topic, "
+                                                      "the patient identifiers whose items it denies")
 
     def missing_for(self, topics: list[str] | tuple[str, ...]) -> list[str]:
         """What the steps of `topics` need and this site lacks, one line each naming the key."""

@@ -55,10 +55,14 @@ class SiteConfig(Section):
     registry_url: HttpUrl | None = Field(None, description="omi client: the service registry")
     registry_ca_file: ExistingFile | None = Field(None, description="omi client: the CA of the registry's certificate")
     gateway_url: HttpUrl | None = Field(None, description="omi client: the site's DICOMweb gateway, for the stored "
-                                                          "results in `omi results`")
+                                                          "results in `omi results` and the studies of "
+                                                          "`omi submit --query`")
     gateway_ca_file: ExistingFile | None = Field(None, description="omi client: the CA of that gateway's certificate")
     insecure: bool = Field(False, description="omi client: allow plain http:// for fhir_url and gateway_url (test "
                                               "set-ups only: patient identifiers would travel in clear text)")
+    in_flight_per_provider: int | None = Field(None, ge=1, description="omi client: at most this many of the site's "
+                                               "requests in flight to one provider; cohorts (`omi submit --cohort`) "
+                                               "wait for room (default: no limit besides --parallel)")
     _path: Path = PrivateAttr(Path("site.yaml"))
 
     @property
