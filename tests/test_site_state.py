@@ -20,12 +20,21 @@ from omi_dsf.worker.lease import Leases, open_lease_store
 # -- leases ---------------------------------------------------------------------------------------
 
 
-def test_lease_is_exclusive_until_it_expires(site_db):
+def test_lease_is_exclusive_until_it_expires(site_db, monkeypatch):
+    # the leases' clock, moved by the test: no sleep, and no race with a busy machine
+    from types import SimpleNamespace
+
+    from omi_dsf.worker import lease as lease_module
+    now = [time.time()]
+    monkeypatch.setattr(lease_module, "time", SimpleNamespace(time=lambda: now[0]))
     leases = Leases(site_db)
     assert leases.claim("a", "w1", ttl=0.3) == 1
     assert leases.claim("a", "w2", ttl=10) is None
-    assert leases.renew("a", "w1", ttl=0.3)
-    time.sleep(0.4)
+    now[0] += 0.2
+    assert leases.renew("a", "w1", ttl=0.3)              # renewed before it ran out: until +0.5
+    now[0] += 0.2
+    assert leases.claim("a", "w2", ttl=10) is None        # still held thanks to the renewal
+    now[0] += 0.2
     assert leases.claim("a", "w2", ttl=10) == 2          # taken over: the second attempt
     assert not leases.renew("a", "w1", ttl=10)            # w1 learns it lost the lease
     assert leases.claim("a", "w2", ttl=10) == 3          # the holder may claim again (a retry)
