@@ -85,3 +85,40 @@ def test_submit_needs_one_source(tmp_path, capsys):
     assert "not --cohort and --query" in capsys.readouterr().err
     assert main(["submit", "--query", "PatientID=1", "--service", "s", "--site", str(site)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_query_finds_the_studies_at_the_gateway(tmp_path):
+    """--query's studies from the real gateway app (embedded store, in process), page by page."""
+    from pathlib import Path
+
+    import pydicom
+    from starlette.testclient import TestClient
+
+    from omi_dsf.client.cohort import query_studies
+    from omi_dsf.dicomweb.app import create_app as gateway_app
+    from omi_dsf.dicomweb.config import parse_config as gateway_config
+    from omi_dsf.dicomweb_client import DicomwebClient
+    from omi_dsf.testkit.phantom import write_ct_study
+
+    cfg = gateway_config({"auth": {"anonymous": True},
+                          "backends": {"PACS": {"type": "store", "path": str(tmp_path / "store")}}})
+    expected = set()
+    with TestClient(gateway_app(cfg), base_url="http://gw.test") as gw:
+        for seed in range(3):
+            files = write_ct_study(tmp_path / f"study{seed}", slices=1, seed=seed, rows=16, cols=16)
+            body = b"".join(b"--B\r\nContent-Type: application/dicom\r\n\r\n" + Path(f).read_bytes() + b"\r\n"
+                            for f in files) + b"--B--\r\n"
+            assert gw.post("/studies", content=body, headers={
+                "Content-Type": 'multipart/related; type="application/dicom"; boundary=B'}).status_code == 200
+            ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+            expected.add((ds.StudyInstanceUID, str(ds.PatientID)))
+        client = DicomwebClient(http=gw, url="http://gw.test")
+        assert set(query_studies(client, "ModalitiesInStudy=CT", is_uid, page=2)) == expected
+        one = sorted(expected)[0]
+        assert query_studies(client, f"PatientID={one[1]}", is_uid) == [one]
+        with pytest.raises(UserError, match="found no studies"):
+            query_studies(client, "PatientID=nobody-here", is_uid)
+        with pytest.raises(UserError, match="limit are set by omi"):
+            query_studies(client, "limit=5", is_uid)
+        with pytest.raises(UserError, match="is not of the form key=value"):
+            query_studies(client, "ModalitiesInStudy", is_uid)
