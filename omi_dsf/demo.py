@@ -25,7 +25,7 @@ from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.tasks import message_task, outputs
 from omi_dsf.testbed.certs import TestCA
 from omi_dsf.testkit import phantom, procs
-from omi_dsf.testkit.ai_service import AiServiceProcess
+from omi_dsf.testkit.ai_service import AiServiceProcess, write_device
 from omi_dsf.testkit.gateway import GatewayProcess
 from omi_dsf.testkit.legacy_pacs import Dcmqrscp
 from omi_dsf.testkit.procs import free_port
@@ -80,6 +80,7 @@ class Demo:
                                                            "max_attempts": 3})
     out: object = print
     send: dict = field(default_factory=dict)   # the requester's `send` step settings (batch_mb, batch_instances)
+    ai_server: str = "reference"               # the provider's model server: reference, kserve or mlserver
 
     def __post_init__(self):
         self.folder = Path(self.folder).resolve()
@@ -139,7 +140,7 @@ class Demo:
                 "fhir_results": str(f / "fhir-results"),
                 **({"send": self.send} if self.send else {}),
             },
-            "ai": {"gateway_url": self.provider_gw, "gateway_ca_file": self.ca, "ai_services": {"lung-seg": {"url": self.ai_url, "model": "lung-seg"}},
+            "ai": {"gateway_url": self.provider_gw, "gateway_ca_file": self.ca, "ai_services": {"lung-seg": self.ai_entry()},
                    "ai_timeout_s": 300},
         }
         self.sites = write_testbed_site_configs(self.state, f / "sites", steps=steps, worker=self.worker_settings)
@@ -147,10 +148,19 @@ class Demo:
         return self
 
     def start_ai_service(self) -> None:
-        """(Re)start the reference AI service, on the port it had before if any."""
+        """(Re)start the provider's AI service (on `ai_server`), on the port it had before if any."""
         port = int(self.ai_url.rsplit(":", 1)[1]) if getattr(self, "ai_url", None) else None
-        self.ai_service = AiServiceProcess(port, log=self.folder / "ai-service.log", timeout=90).start()
+        self.ai_service = AiServiceProcess(port, log=self.folder / "ai-service.log", timeout=120,
+                                           server=self.ai_server).start()
         self.ai_url = self.ai_service.url
+
+    def ai_entry(self) -> dict:
+        """The provider site's `ai_services` entry; KServe's model metadata has no parameters, so the
+        model's Device (as registered) tells the step its modality, slice limits and labels."""
+        entry = {"url": self.ai_url, "model": "lung-seg"}
+        if self.ai_server == "kserve":
+            entry["device"] = str(write_device(self.folder / "lung-seg-device.json", self.ai_url))
+        return entry
 
     def stop_ai_service(self) -> None:
         self.ai_service.stop()

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def demo(dsf_testbed, tmp_path_factory):
-    # one instance per STOW request, so that a worker can be killed in the middle of a send
-    d = Demo(dsf_testbed, tmp_path_factory.mktemp("e2e"), slices=12, size=128, send={"batch_instances": 1})
+    # one instance per STOW request, so that a worker can be killed in the middle of a send; the
+    # provider's model on KServe's model server, as AI providers run theirs
+    d = Demo(dsf_testbed, tmp_path_factory.mktemp("e2e"), slices=12, size=128, send={"batch_instances": 1},
+             ai_server="kserve")
     d.start()
     d.start_workers()
     yield d
