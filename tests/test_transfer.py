@@ -4,8 +4,8 @@ The provider's gateway is the project's DICOMweb gateway (store backend) over TL
 made here; the requester's legacy PACS is dcmtk dcmqrscp; the provider's part in between is the
 real `infer` step with the reference AI service (`python -m omi_dsf ai-service`). Studies are
 small phantoms (8 slices of 128×128) with fake identities. The tests on the requester site
-(dcmqrscp) or the AI service are integration; the STOW-RS body and the FHIR result against an
-in-process stand-in are unit tests.
+(dcmqrscp) or the AI service are integration; the STOW-RS body is a unit test. The FHIR result in
+the DIC's FHIR store: tests/test_fhir_results.py.
 """
 
 from __future__ import annotations
@@ -564,56 +564,6 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
         out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
         assert out["study-location"].startswith(server.url)
         assert _at_gateway(tmp_path / "store", pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
-
-
-def test_fhir_result_to_a_fhir_server_as_an_idempotent_transaction(tmp_path):
-    """The FHIR destination as a URL. No general FHIR server runs here: a small HTTP server on
-    127.0.0.1 records what arrives (a stand-in, it checks only what the step sends)."""
-    import http.server
-    import threading
-
-    from omi_dsf.transfer.fhir import FhirUnavailable, write_fhir_result
-
-    received, answers = [], [200, 200, 503, 422]
-
-    class Fhir(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append((self.headers["Content-Type"],
-                             json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-            self.send_response(answers[len(received) - 1])
-            self.send_header("Content-Type", "application/fhir+json")
-            self.end_headers()
-            self.wfile.write(b'{"resourceType":"Bundle","type":"transaction-response"}')
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fhir)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
-            {"fullUrl": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000001",
-             "resource": {"resourceType": "Observation", "status": "final"}},
-            {"fullUrl": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000002",
-             "resource": {"resourceType": "DiagnosticReport", "status": "final",
-                          "result": [{"reference": "urn:uuid:6f1c1d2e-0000-5000-8000-000000000001"}]}}]}
-        site = step_settings({"fhir_results": {"url": f"http://127.0.0.1:{server.server_port}/fhir"}}).fhir_results
-        write_fhir_result(site, bundle, "bk-1")
-        write_fhir_result(site, bundle, "bk-1")               # a retried step
-        ctype, first = received[0]
-        assert ctype == "application/fhir+json" and first["type"] == "transaction"
-        assert [e["request"] for e in first["entry"]] == [
-            {"method": "PUT", "url": "Observation/6f1c1d2e-0000-5000-8000-000000000001"},
-            {"method": "PUT", "url": "DiagnosticReport/6f1c1d2e-0000-5000-8000-000000000002"}]
-        assert received[1][1] == first                        # same ids: updates, not new resources
-        with pytest.raises(FhirUnavailable):
-            write_fhir_result(site, bundle, "bk-1")           # 503: retried by the runtime
-        with pytest.raises(TransferError, match="refused the result bundle \\(HTTP 422\\)"):
-            write_fhir_result(site, bundle, "bk-1")
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS

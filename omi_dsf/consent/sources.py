@@ -37,7 +37,8 @@ def from_fhir_server(base_url: str, identifier_system: str, patient_id: str,
         if len(out) > MAX_CONSENTS:
             raise ConsentLookupError(f"consent server returned more than {MAX_CONSENTS} consents for one patient")
         try:
-            resp = http.get(url, params=params, headers={"Accept": "application/fhir+json"})
+            # no-cache: a consent withdrawn a moment ago counts (HAPI caches searches for a minute)
+            resp = http.get(url, params=params, headers={"Accept": "application/fhir+json", "Cache-Control": "no-cache"})
         except httpx.HTTPError as exc:
             raise ConsentLookupError(f"consent server unreachable ({type(exc).__name__})") from None
         if resp.status_code != 200:

@@ -7,7 +7,8 @@ after re-identification), study-instance-uid, provider-organization (the provide
 
 Site settings read (`steps:` in the site YAML, `ctx.site` here, omi_dsf.steps.settings):
 pseudonymization (domain, store, key_file, provider), providers (the gateways results may be fetched
-from), return (modalities), pacs, fhir_results, actor, audit.
+from), return (modalities), pacs, fhir_results (a FHIR store also gets the ImagingStudy with an Endpoint at
+gateway_url, and the Patient by consent.identifier_system), actor, audit.
 
 Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, AE titles,
 organization identifiers and URLs of the provider's gateway only.
@@ -83,7 +84,10 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
 
     with t.phase("c_store"):
         pacs = store_in_pacs(ctx.site.pacs, results.datasets)
-    fhir_target = write_fhir_result(ctx.site.fhir_results, bundle, ctx.business_key) if bundle is not None else None
+    fhir_target = (write_fhir_result(ctx.site.fhir_results, bundle, ctx.business_key, results.datasets,
+                                     gateway_url=ctx.site.gateway_url,
+                                     patient_system=ctx.site.consent.identifier_system if ctx.site.consent else None)
+                   if bundle is not None else None)
     ctx.log.info("return %s: %d result objects stored in %s%s", ctx.business_key, len(results.datasets), pacs,
                  ", FHIR result written" if fhir_target else "")
     audit(ctx, "stored", gw.client_cert, result_study_uid=result_uid, instances=len(results.datasets), target=pacs,

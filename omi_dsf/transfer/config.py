@@ -43,10 +43,17 @@ class PacsSettings(Section):
 
 
 class FhirResultsSettings(PeerSettings):
-    """A folder (`<folder>/<business key>.json`, also written as just the path) or a FHIR server (a
-    transaction Bundle with PUT and stable ids, so that a retry updates instead of duplicating)."""
+    """A folder (`<folder>/<business key>.json`, also written as just the path) or the DIC's FHIR store
+    (one transaction, every write conditional on an identifier, so that a retry updates instead of
+    duplicating; omi_dsf/transfer/fhir_store.py)."""
     folder: FilePath | None = Field(None, description="the folder")
     url: HttpUrl | None = Field(None, description="the FHIR base")
+    patient_identifier_system: str | None = Field(
+        None, description="system of the patient identifier the Patient is found or created by (default: "
+                          "consent.identifier_system)")
+    wado_url: HttpUrl | None = Field(
+        None, description="address of the ImagingStudy's Endpoint (dicom-wado-rs): the DICOMweb gateway the "
+                          "results are read from (default: gateway_url)")
 
     @model_validator(mode="before")
     @classmethod
