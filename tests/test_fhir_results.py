@@ -13,11 +13,12 @@ import pydicom
 import pytest
 
 from conftest import free_port
-from omi_dsf.dicomweb.config import AuthConfig, GatewayConfig, StoreBackendConfig
+from omi_dsf.dicomweb.config import parse_config
 from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.dicomweb_client import DicomwebClient
 from omi_dsf.inference import lungseg, results
 from omi_dsf.testkit import phantom
+from omi_dsf.transfer.config import FhirResultsSettings
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.fhir import write_fhir_result
 from omi_dsf.transfer.fhir_store import imaging_study, study_of, transaction
@@ -88,15 +89,15 @@ def test_transaction_is_conditional_and_links_by_reference(tmp_path):
 def test_fhir_store_without_a_gateway_is_a_config_error(tmp_path):
     _, datasets, bundle = _made(tmp_path, 4, "PAT-U")
     with pytest.raises(TransferError, match="steps.gateway_url is missing"):
-        write_fhir_result({"fhir_results": {"url": "http://127.0.0.1:9/fhir"}}, bundle, "bk", datasets)
+        write_fhir_result(FhirResultsSettings(url="http://127.0.0.1:9/fhir"), bundle, "bk", datasets)
 
 
 # -- integration: the real store and the site's gateway -----------------------------------------
 @pytest.fixture(scope="module")
 def site_gateway(tmp_path_factory):
     """The site's DICOMweb gateway over a store (where the return step's objects are found by WADO-RS)."""
-    cfg = GatewayConfig(host="127.0.0.1", port=free_port(), auth=AuthConfig(anonymous=True),
-                        backends={"PACS": StoreBackendConfig("PACS", tmp_path_factory.mktemp("pacs"))}, default="PACS")
+    cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "PACS",
+                        "backends": {"PACS": {"type": "store", "path": str(tmp_path_factory.mktemp("pacs"))}}})
     with BackgroundServer(cfg) as gw:
         yield gw
 
@@ -109,7 +110,8 @@ def test_result_in_the_fhir_store_and_from_there_to_the_seg(fhir_store, site_gat
     with httpx.Client(timeout=60) as http:   # the return step stored the SEG and SR at the site
         DicomwebClient(http=http, url=site_gateway.url).store_instances([results.to_part10(d) for d in datasets])
     base = fhir_store.state().base_url
-    site = {"fhir_results": {"url": base}, "gateway_url": site_gateway.url, "consent": {"identifier_system": SYSTEM}}
+    target = FhirResultsSettings(url=base)
+    site = {"gateway_url": site_gateway.url, "patient_system": SYSTEM}     # as the return step passes them
     with fhir_store.client() as c:
         # the source study's ImagingStudy exists already (the DIC's own, with its CT series)
         patient = c.post("/Patient", json={"resourceType": "Patient", "identifier": [{"system": SYSTEM, "value": pid}]},
@@ -120,9 +122,9 @@ def test_result_in_the_fhir_store_and_from_there_to_the_seg(fhir_store, site_gat
             "series": [{"uid": str(source[0].SeriesInstanceUID), "numberOfInstances": len(source),
                         "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}}]})
 
-        assert write_fhir_result(site, bundle, "bk-fhir", datasets) == base
-        write_fhir_result(site, bundle, "bk-fhir", datasets)           # a retried step
-        write_fhir_result(site, bundle, "bk-fhir", datasets)
+        assert write_fhir_result(target, bundle, "bk-fhir", datasets, **site) == base
+        write_fhir_result(target, bundle, "bk-fhir", datasets, **site)           # a retried step
+        write_fhir_result(target, bundle, "bk-fhir", datasets, **site)
 
         assert len(_search(c, f"/Patient?identifier={SYSTEM}|{pid}")) == 1
         studies = _search(c, f"/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{study_uid}&_include=ImagingStudy:endpoint")
@@ -159,10 +161,10 @@ def test_result_in_the_fhir_store_and_from_there_to_the_seg(fhir_store, site_gat
 def test_a_new_study_gets_its_imaging_study_created(fhir_store, site_gateway, tmp_path):
     pid = f"PAT-{uuid.uuid4().hex[:8]}"
     source, datasets, bundle = _made(tmp_path, 8, pid)
-    site = {"fhir_results": {"url": fhir_store.state().base_url, "patient_identifier_system": SYSTEM},
-            "gateway_url": site_gateway.url}
-    write_fhir_result(site, bundle, "bk-new", datasets)
-    write_fhir_result(site, bundle, "bk-new", datasets)
+    target = FhirResultsSettings(url=fhir_store.state().base_url, patient_identifier_system=SYSTEM,
+                                 wado_url=site_gateway.url)
+    write_fhir_result(target, bundle, "bk-new", datasets)
+    write_fhir_result(target, bundle, "bk-new", datasets)
     with fhir_store.client() as c:
         img = _search(c, f"/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{source[0].StudyInstanceUID}")
         assert len(img) == 1 and img[0]["meta"]["versionId"] == "2"
@@ -183,9 +185,9 @@ def test_store_errors_are_retried_or_refused(fhir_store, site_gateway, tmp_path,
 
     pid = f"PAT-{uuid.uuid4().hex[:8]}"
     _, datasets, bundle = _made(tmp_path, 9, pid)
-    site = {"fhir_results": {"url": fhir_store.state().base_url, "patient_identifier_system": SYSTEM},
-            "gateway_url": site_gateway.url}
-    write_fhir_result(site, bundle, "bk-err", datasets)
+    target = FhirResultsSettings(url=fhir_store.state().base_url, patient_identifier_system=SYSTEM)
+    site = {"gateway_url": site_gateway.url}
+    write_fhir_result(target, bundle, "bk-err", datasets, **site)
     # the ImagingStudy changed between our read and our write (another writer): HAPI answers 409, retried
     real = transfer_fhir._imaging_study
 
@@ -198,16 +200,16 @@ def test_store_errors_are_retried_or_refused(fhir_store, site_gateway, tmp_path,
 
     monkeypatch.setattr(transfer_fhir, "_imaging_study", stale)
     with pytest.raises(FhirUnavailable, match="HTTP 409"):
-        write_fhir_result(site, bundle, "bk-err", datasets)
+        write_fhir_result(target, bundle, "bk-err", datasets, **site)
     monkeypatch.setattr(transfer_fhir, "_imaging_study", real)
-    write_fhir_result(site, bundle, "bk-err", datasets)          # the retry reads it again and succeeds
+    write_fhir_result(target, bundle, "bk-err", datasets, **site)          # the retry reads it again and succeeds
     # a result the store refuses (an Observation status FHIR does not know): a step error, no retry
     broken = {**bundle, "entry": [dict(e) for e in bundle["entry"]]}
     obs = next(e for e in broken["entry"] if e["resource"]["resourceType"] == "Observation")
     obs["resource"] = {**obs["resource"], "status": "not-a-status"}
     with pytest.raises(TransferError, match=r"the FHIR store refused the result bundle \(HTTP 400\)"):
-        write_fhir_result(site, broken, "bk-err", datasets)
+        write_fhir_result(target, broken, "bk-err", datasets, **site)
     # a store that does not answer: retried
-    down = {**site, "fhir_results": {"url": f"http://127.0.0.1:{free_port()}/fhir"}}
+    down = FhirResultsSettings(url=f"http://127.0.0.1:{free_port()}/fhir")
     with pytest.raises(FhirUnavailable, match="does not answer"):
-        write_fhir_result(down, bundle, "bk-err", datasets)
+        write_fhir_result(down, bundle, "bk-err", datasets, **site)
