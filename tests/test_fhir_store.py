@@ -4,20 +4,19 @@ real HAPI FHIR JPA server answering FHIR R4 (conditional create, search, paging,
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 
 import pytest
 
+from helpers_cli import run_cli
 from omi_dsf.errors import UserError
 from omi_dsf.fhirstore import FhirStore, State
 from omi_dsf.processes import port_free
-from conftest import ROOT, free_port
+from conftest import free_port
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "omi_dsf", "fhir-store", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    return run_cli("fhir-store", *args, timeout=120)
 
 
 def test_settings_file_names_files_not_secrets(tmp_path):

@@ -5,11 +5,10 @@ parameters or the registry's Device), and the `ai-service --server` command line
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from helpers_cli import run_cli
 from omi_dsf.config import ConfigError
 from omi_dsf.errors import UserError
 from omi_dsf.inference import lungseg, servers
@@ -109,7 +108,6 @@ def test_a_missing_server_environment_is_named(monkeypatch, tmp_path):
     (["--server", "mlserver", "--anonymous", "--max-slices", "2"], "at least 3"),
 ])
 def test_other_servers_command_line_errors_are_one_line(args, message):
-    r = subprocess.run([sys.executable, "-m", "omi_dsf", "ai-service", *args], capture_output=True, text=True,
-                       timeout=60)
+    r = run_cli("ai-service", *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
