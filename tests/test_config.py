@@ -145,7 +145,8 @@ def test_deid_provider_options_are_checked_by_the_same_models(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     key = tmp_path / "site.key"
     key.write_text("k" * 32)
-    args = ["deid", str(tmp_path / "in"), str(tmp_path / "out"), "--domain", "d", "--key-file", str(key)]
+    args = ["deid", str(tmp_path / "in"), str(tmp_path / "out"), "--domain", "d", "--key-file", str(key),
+            "--store", str(tmp_path / "site.sqlite")]   # not the default store in the working folder
     assert main([*args, "--provider", "gpas"]) == 2
     assert capsys.readouterr().err == "error: --provider gpas needs --provider-url\n"
     assert main([*args, "--provider", "ttp-fhir", "--provider-url", "ftp://ttp"]) == 2

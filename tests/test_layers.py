@@ -9,6 +9,8 @@ import functools
 import re
 from pathlib import Path
 
+from helpers_source import parsed
+
 ROOT = Path(__file__).resolve().parent.parent / "omi_dsf"
 
 # The allowed dependency direction, lowest layer first: a package may import packages of its own
@@ -52,7 +54,7 @@ def _imports(path: Path) -> set[str]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -80,7 +82,7 @@ def module_imports() -> dict[str, set[str]]:
 def _named_modules(path: Path) -> set[str]:
     """The omi_dsf.testkit modules a string constant of `path` names as a whole (what importlib or a
     handler reference would load); docstrings and prose that mention one do not count."""
-    return {node.value for node in ast.walk(ast.parse(path.read_text(), str(path)))
+    return {node.value for node in ast.walk(parsed(path))
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and _HARNESS_NAME.fullmatch(node.value)}
 
 

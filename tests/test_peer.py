@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers_source import parsed
 from omi_dsf.dicomweb_client import (AnswerTruncated, BadAnswer, DicomwebBusy, DicomwebClient, DicomwebRefused,
                                      check_status)
 from omi_dsf.config import ConfigError, PeerSettings, parse
@@ -34,7 +35,7 @@ OTHER_HTTP_LIBRARIES = {"requests", "urllib.request", "urllib3", "aiohttp", "htt
 def _http_uses(path: Path) -> list[str]:
     """httpx.Client/AsyncClient constructions and imports of other HTTP libraries in one module."""
     found = []
-    tree = ast.parse(path.read_text(), str(path))
+    tree = parsed(path)
     from_httpx = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
