@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from omi_dsf.errors import UserError
+from omi_dsf.peer import Peer
 from omi_dsf.processes import pid_alive, port_free, tail
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,9 @@ class FhirStore:
         st = self.state()
         if st is None:
             raise UserError(f"no FHIR store in {self.dir} (run: python -m omi_dsf fhir-store up --dir {self.dir})")
-        return httpx.Client(base_url=st.base_url, verify=self._verify(st), timeout=timeout,
-                            headers={"Accept": "application/fhir+json"})
+        peer = Peer(url=st.base_url, ca_file=st.ca_file if st.tls else None, timeout=timeout,
+                    where="fhir-store")
+        return peer.client(headers={"Accept": "application/fhir+json"})
 
     # ------------------------------------------------------------------ up
     def up(self, timeout: float = 300) -> State:
