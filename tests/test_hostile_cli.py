@@ -2,7 +2,7 @@
 error is one line on stderr with exit code 2 and no traceback; plain http:// is refused where patient
 identifiers would go; UIDs are checked before anything is sent; text from servers is printed with
 control characters and terminal escapes made visible. Each case runs the command in a process of
-its own (forked, helpers_cli.run_cli); the last test starts the real `python -m omi_dsf`."""
+its own (forked, helpers_cli.run_cli); the last test also starts the real `python -m omi_dsf` once."""
 
 from __future__ import annotations
 
@@ -172,5 +172,5 @@ def test_unforeseen_errors_are_one_line_too(tmp_path):
     bad.write_bytes(b"\xff\xfe not text")
     r = python_m_omi("gateway", "--config", str(bad), "--check")
     one_line_error(r)
-    r = python_m_omi("registry", "--config", str(bad))
+    r = omi("registry", "--config", str(bad))
     one_line_error(r, "not a text file")
