@@ -230,3 +230,69 @@ def test_denied_step_ends_the_instance_with_the_reason(site):
     assert task["status"] == "failed"
     assert outputs(task)["error"] == "pseudonymize: denied by the demo handler"
     assert [t for t, *_ in site.executions(keys)] == ["consent", "pseudonymize"]   # nothing after the denial
+
+
+def test_workers_on_two_hosts_share_postgresql_and_one_host_dies(site, postgres):
+    """The DIC's workers on two hosts (network namespaces made by the test, each reaching only the
+    DSF FHIR server and PostgreSQL through a forwarder) share leases and the audit trail on one
+    PostgreSQL. Host a dies while it holds an item, after it finished others (every process of it
+    SIGKILLed, its network gone): host b takes its items over, every instance completes, and each
+    study reaches the provider exactly once."""
+    from urllib.parse import urlsplit
+
+    from omi_dsf.audit import AuditTrail
+    from omi_dsf.testkit.hosts import Host, available
+    from omi_dsf.worker.lease import Leases
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    db = postgres.new_database()
+    configs = {}
+    for name in ("a", "b"):
+        cfg = site.config("dic", f"host-{name}", steps={"demo_delay": 1}, worker={"lease_ttl": 4, "owner": f"host-{name}"})
+        raw = yaml.safe_load(cfg.read_text())
+        raw.update(lease_store=db, audit=db)
+        cfg.write_text(yaml.safe_dump(raw))
+        configs[name] = cfg
+    fhir_port = urlsplit(load_site_config(configs["a"]).identity.fhir_url).port
+    AuditTrail(db).close()
+    state = Leases(db).db                                  # the tables exist before the first look
+    hosts = {name: Host(name, [fhir_port, postgres.port], site.folder / f"host-{name}.log") for name in configs}
+    try:
+        for name, h in hosts.items():
+            h.popen([sys.executable, "-m", "omi_dsf", "worker", "--site", str(configs[name]), "--topics", DIC_TOPICS,
+                     "--demo"], cwd=ROOT, stdout=open(site.folder / f"worker-{name}.log", "ab"), stderr=subprocess.STDOUT)
+        site.worker(site.base["ai"], "infer", "ai")
+        ids = site.submit(8)
+        keys = site.business_keys(ids)
+
+        def held_by_a() -> tuple[int, int]:
+            row = state.one("SELECT COALESCE(SUM(done), 0), COUNT(*) - COALESCE(SUM(done), 0) FROM leases "
+                            "WHERE owner='host-a'")
+            return int(row[0]), int(row[1])
+
+        end = time.monotonic() + 180
+        while time.monotonic() < end and not (held_by_a()[0] >= 1 and held_by_a()[1] >= 1):
+            time.sleep(0.2)
+        finished_by_a, holding = held_by_a()
+        assert finished_by_a >= 1 and holding >= 1, "host a never finished one item while holding another"
+        hosts["a"].kill()                                 # host a is gone, mid-item
+        taken = {i for (i,) in state.all("SELECT item_id FROM leases WHERE owner='host-a' AND done=0")}
+        assert taken
+        tasks = site.wait(ids, timeout=420)
+        assert [t["status"] for t in tasks.values()] == ["completed"] * 8
+        infer = collections.Counter(bk for t, _, bk, _ in site.executions(keys) if t == "infer")
+        assert infer == dict.fromkeys(keys, 1)            # every study exactly once at the provider
+        runs = collections.Counter(i for _, i, _, _ in site.executions(keys))
+        for item in taken:     # what a held when it died: answered at the DSF, by a just before, or by b after
+            assert WorkItem(site.dic.read("QuestionnaireResponse", item)).status != "in-progress"
+            owner, attempts, done = state.one("SELECT owner, attempts, done FROM leases WHERE item_id=?", (item,))
+            if runs[item] > 1:                            # a had not answered it: b took it over
+                assert (owner, done) == ("host-b", 1) and attempts >= 2, (item, owner, attempts, done)
+        audited = state.one("SELECT COUNT(*) FROM audit WHERE action='step-completed'")[0]
+        assert audited >= 8 * 4                           # the DIC's steps, from both hosts, in one trail
+    finally:
+        state.close()
+        for h in hosts.values():
+            h.remove()
