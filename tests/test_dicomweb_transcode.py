@@ -86,3 +86,31 @@ def test_the_spliced_path_equals_pydicoms_decompress(tmp_path):
         assert np.array_equal(got.pixel_array, reference.pixel_array)
         assert [e.tag for e in got] == [e.tag for e in reference]
         assert all(got[e.tag].value == e.value for e in reference if e.tag != 0x7FE00010)
+
+
+def test_the_worker_pool_converts_in_order_and_survives_a_dead_worker():
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = transcode.Pool(2)
+    try:
+        datas = [_data(n) for n in ("MR_small_RLE.dcm", "SC_rgb_rle.dcm", "CT_small.dcm")]
+        outcomes = [transcode.Pool.result(f.result(timeout=60))
+                    for f in [pool.submit(d, [ExplicitVRLittleEndian]) for d in datas]]
+        assert [_read(o).SOPInstanceUID for o, _ in outcomes] == [_read(d).SOPInstanceUID for d in datas]
+        refused = pool.submit(datas[2], [JPEGBaseline8Bit]).result(timeout=60)
+        with pytest.raises(NotAcceptable, match="never to lossy"):
+            transcode.Pool.result(refused)
+        for pid in list(pool._executor._processes):   # workers killed: a request after that works
+            os.kill(pid, signal.SIGKILL)
+        outcome = None
+        for _ in range(2):   # the one in flight when the pool notices may fail; the next may not
+            try:
+                outcome = pool.submit(datas[0], [ExplicitVRLittleEndian]).result(timeout=60)
+                break
+            except BrokenProcessPool:
+                continue
+        assert outcome is not None and transcode.Pool.result(outcome)[1] == ExplicitVRLittleEndian
+    finally:
+        pool.close()

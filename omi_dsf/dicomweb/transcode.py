@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from io import BytesIO
 
 from pydicom import dcmread
@@ -257,9 +258,16 @@ class Pool:
                 done.set_exception(exc)
             return done
         with self._lock:
-            if self._executor is None:   # forkserver: never fork the gateway's threads
-                self._executor = ProcessPoolExecutor(self.size, mp_context=multiprocessing.get_context("forkserver"))
-            return self._executor.submit(_convert_in_worker, data, wanted)
+            for _ in range(2):
+                if self._executor is None:   # forkserver: never fork the gateway's threads
+                    self._executor = ProcessPoolExecutor(self.size,
+                                                         mp_context=multiprocessing.get_context("forkserver"))
+                try:
+                    return self._executor.submit(_convert_in_worker, data, wanted)
+                except BrokenProcessPool:   # a worker died (killed, out of memory): start afresh
+                    self._executor.shutdown(wait=False, cancel_futures=True)
+                    self._executor = None
+            raise BrokenProcessPool("transcoding workers cannot be started")
 
     @staticmethod
     def result(outcome: tuple) -> tuple[bytes, str]:
