@@ -185,7 +185,7 @@ class Gateway:
                                 self.cfg.limits.query_timeout)
         warnings = []
         if q.ignored:   # PS3.18 8.3: unsupported parameters are ignored; say which
-            names = ", ".join(q.ignored[:10]).encode("ascii", "replace").decode().replace('"', "'")
+            names = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in ", ".join(q.ignored[:10]))
             warnings.append(f'299 omi-gateway "Unsupported query parameters ignored: {names}"')
         if q.empty and not getattr(backend, "empty_value_matching", False):
             warnings.append('299 omi-gateway "The emptyvaluematching parameter is not supported. '
