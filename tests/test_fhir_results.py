@@ -15,7 +15,9 @@ import pytest
 from conftest import free_port
 from omi_dsf.dicomweb.config import parse_config
 from omi_dsf.dicomweb.server import BackgroundServer
+from omi_dsf.client import fhir_record
 from omi_dsf.dicomweb_client import DicomwebClient
+from omi_dsf.errors import UserError
 from omi_dsf.inference import lungseg, results
 from omi_dsf.testkit import phantom
 from omi_dsf.transfer.config import FhirResultsSettings
@@ -84,12 +86,26 @@ def test_transaction_is_conditional_and_links_by_reference(tmp_path):
     tx = transaction(bundle, gateway_url="https://gw", study=study, existing_study=existing, patient_system=SYSTEM)
     img_entry = next(e for e in tx["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
     assert img_entry["request"] == {"method": "PUT", "url": "ImagingStudy/77", "ifMatch": 'W/"3"'}
+    # the store has the Endpoint already and the study names it: by its id, still once
+    named = {**existing, "endpoint": [{"reference": "Endpoint/9"}]}
+    tx = transaction(bundle, gateway_url="https://gw", study=study, existing_study=named, patient_system=SYSTEM,
+                     endpoint_id="9")
+    img = next(e for e in tx["entry"] if e["resource"]["resourceType"] == "ImagingStudy")["resource"]
+    assert img["endpoint"] == [{"reference": "Endpoint/9"}]
+    assert next(e for e in tx["entry"] if e["resource"]["resourceType"] == "Endpoint")["request"] == {
+        "method": "PUT", "url": "Endpoint/9"}
 
 
 def test_fhir_store_without_a_gateway_is_a_config_error(tmp_path):
     _, datasets, bundle = _made(tmp_path, 4, "PAT-U")
     with pytest.raises(TransferError, match="steps.gateway_url is missing"):
         write_fhir_result(FhirResultsSettings(url="http://127.0.0.1:9/fhir"), bundle, "bk", datasets)
+
+
+def test_a_store_that_does_not_answer_is_one_line_for_the_client():
+    with httpx.Client(timeout=5) as http, pytest.raises(UserError) as exc:
+        fhir_record.study_record(http, f"http://127.0.0.1:{free_port()}/fhir", "1.2.3")
+    assert str(exc.value) == "FHIR store: ImagingStudy search: ConnectError"
 
 
 # -- integration: the real store and the site's gateway -----------------------------------------
@@ -132,7 +148,7 @@ def test_result_in_the_fhir_store_and_from_there_to_the_seg(fhir_store, site_gat
         endpoints = [r for r in studies if r["resourceType"] == "Endpoint"]
         assert len(img) == 1 and len(endpoints) == 1
         img = img[0]
-        assert img["meta"]["versionId"] == "4"               # created once, updated by each write
+        assert img["meta"]["versionId"] == "2"   # the DIC's v1, our write v2; the retries changed nothing
         assert sorted(s["modality"]["code"] for s in img["series"]) == ["CT", "SEG", "SR"]
         assert img["subject"]["reference"] == f"Patient/{patient['id']}"
         reports = _search(c, f"/DiagnosticReport?subject=Patient/{patient['id']}")
@@ -156,6 +172,18 @@ def test_result_in_the_fhir_store_and_from_there_to_the_seg(fhir_store, site_gat
         assert seg.Modality == "SEG" and str(seg.SOPInstanceUID) == seg_series["instance"][0]["uid"]
         assert str(seg.PatientID) == pid
 
+        # what `omi results` and the demo print from the store
+        record = fhir_record.study_record(c, base, study_uid)
+        assert record["imaging_study"] == f"ImagingStudy/{img['id']}"
+        assert record["endpoints"] == [{"endpoint": f"Endpoint/{ep['id']}", "connection_type": "dicom-wado-rs",
+                                        "address": site_gateway.url}]
+        text = fhir_record.render(record, base)
+        assert f"ImagingStudy/{img['id']}" in text and f"Endpoint/{ep['id']}  dicom-wado-rs  {site_gateway.url}" in text
+        assert "series SEG     1 instance(s)" in text
+        held = fhir_record.counts(c, base)
+        assert held["ImagingStudy"] >= 1 and held["Endpoint"] >= 1 and held["DiagnosticReport"] >= 1
+        assert fhir_record.study_record(c, base, "1.2.826.0.1.3680043.8.498.999") is None
+
 
 @pytest.mark.integration
 def test_a_new_study_gets_its_imaging_study_created(fhir_store, site_gateway, tmp_path):
@@ -167,7 +195,7 @@ def test_a_new_study_gets_its_imaging_study_created(fhir_store, site_gateway, tm
     write_fhir_result(target, bundle, "bk-new", datasets)
     with fhir_store.client() as c:
         img = _search(c, f"/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{source[0].StudyInstanceUID}")
-        assert len(img) == 1 and img[0]["meta"]["versionId"] == "2"
+        assert len(img) == 1 and img[0]["meta"]["versionId"] == "1"   # created once; the retry changed nothing
         assert sorted(s["modality"]["code"] for s in img[0]["series"]) == ["SEG", "SR"]
         assert img[0]["meta"]["profile"] == [
             "https://www.medizininformatik-initiative.de/fhir/ext/modul-bildgebung/StructureDefinition/"

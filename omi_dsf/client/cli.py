@@ -482,6 +482,15 @@ def _results(args) -> int:
             data["stored_series"] = series
             data["stored_at"] = f"{url.rstrip('/')}/studies/{stored_uid}"
             text += "\n" + render.stored(data["stored_at"], series)
+        target = site.steps.fhir_results
+        if target is not None and target.url and stored_uid:
+            from omi_dsf.client import fhir_record
+
+            _uid(str(stored_uid), "the request's stored-study-instance-uid")
+            with target.peer(target.url, "steps.fhir_results", timeout=30).client(base_url=False) as fhir:
+                record = fhir_record.study_record(fhir, str(target.url), str(stored_uid))
+            data["fhir_store"] = record
+            text += "\n" + fhir_record.render(record, str(target.url))
     finally:
         if http is not None:
             http.close()

@@ -22,7 +22,7 @@ from omi_dsf.errors import RetryableError
 from omi_dsf.peer import PeerConfigError, PeerTlsError, PeerUnreachable
 from omi_dsf.transfer.config import FhirResultsSettings
 from omi_dsf.transfer.errors import TransferError
-from omi_dsf.transfer.fhir_store import DICOM_UID, search, study_of, transaction
+from omi_dsf.transfer.fhir_store import DICOM_UID, RFC3986, search, study_of, transaction
 
 
 class FhirUnavailable(ConnectionError, RetryableError):
@@ -73,8 +73,9 @@ def _to_server(cfg: FhirResultsSettings, bundle: dict, datasets: Sequence, gatew
     try:
         with peer.errors("the FHIR store"):
             existing = _imaging_study(http, base, study.uid) if study is not None else None
+            endpoint_id = _endpoint_id(http, base, str(gateway)) if existing is not None else None
             tx = transaction(bundle, gateway_url=str(gateway) if gateway else None, study=study,
-                             existing_study=existing, patient_system=patient_system)
+                             existing_study=existing, patient_system=patient_system, endpoint_id=endpoint_id)
             resp = http.post(base, content=json.dumps(tx), headers=headers)
     except PeerTlsError:
         raise TransferError("TLS with the FHIR store failed (check steps.fhir_results ca_file)") from None
@@ -91,20 +92,29 @@ def _to_server(cfg: FhirResultsSettings, bundle: dict, datasets: Sequence, gatew
     return base
 
 
-def _imaging_study(http, base: str, study_uid: str) -> dict | None:
+def _search(http, base: str, rtype: str, system: str, value: str) -> list[dict]:
     # no-cache: HAPI would otherwise answer a repeated search from its cache for a minute
-    resp = http.get(f"{base}/ImagingStudy?identifier={search(DICOM_UID, f'urn:oid:{study_uid}')}",
+    resp = http.get(f"{base}/{rtype}?identifier={search(system, value)}",
                     headers={"Accept": "application/fhir+json", "Cache-Control": "no-cache"})
     if resp.status_code >= 500 or resp.status_code == 429:
-        raise FhirUnavailable(f"the FHIR store answered HTTP {resp.status_code} to the ImagingStudy search")
+        raise FhirUnavailable(f"the FHIR store answered HTTP {resp.status_code} to the {rtype} search")
     if resp.status_code != 200:
-        raise TransferError(f"the FHIR store refused the ImagingStudy search (HTTP {resp.status_code})")
+        raise TransferError(f"the FHIR store refused the {rtype} search (HTTP {resp.status_code})")
     try:
-        found = [e["resource"] for e in resp.json().get("entry") or () if e.get("resource", {}).get("resourceType")
-                 == "ImagingStudy"]
+        return [e["resource"] for e in resp.json().get("entry") or ()
+                if e.get("resource", {}).get("resourceType") == rtype]
     except (ValueError, AttributeError, KeyError) as exc:
-        raise TransferError(f"the FHIR store's answer to the ImagingStudy search is not a Bundle "
+        raise TransferError(f"the FHIR store's answer to the {rtype} search is not a Bundle "
                             f"({type(exc).__name__})") from None
+
+
+def _endpoint_id(http, base: str, address: str) -> str | None:
+    found = _search(http, base, "Endpoint", RFC3986, address)
+    return str(found[0]["id"]) if len(found) == 1 else None
+
+
+def _imaging_study(http, base: str, study_uid: str) -> dict | None:
+    found = _search(http, base, "ImagingStudy", DICOM_UID, f"urn:oid:{study_uid}")
     if len(found) > 1:
         raise TransferError(f"the FHIR store holds {len(found)} ImagingStudy resources for the study; "
                             "merge them so that one names the study")

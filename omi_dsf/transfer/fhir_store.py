@@ -2,7 +2,8 @@
 
 What the transaction writes (all built and checked with fhir.resources' R4B models, structurally R4):
   Endpoint       the site's DICOMweb gateway (connectionType dicom-wado-rs, address = its service
-                 root); conditional update on identifier urn:ietf:rfc:3986|<address>
+                 root); conditional update on identifier urn:ietf:rfc:3986|<address> (by its id
+                 when the store has it already)
   Patient        conditional create on the patient identifier (found, or created with only that)
   ImagingStudy   the study the results were stored into (after re-identification the SEG and SR are
                  series of the original study): found by identifier urn:dicom:uid|urn:oid:<UID> and
@@ -159,7 +160,7 @@ def _retarget(obj, mapping: dict[tuple[str, str], str]):
 
 
 def transaction(bundle: dict, *, gateway_url: str | None, study: StudyInfo | None, existing_study: dict | None,
-                patient_system: str | None) -> dict:
+                patient_system: str | None, endpoint_id: str | None = None) -> dict:
     """The transaction Bundle for the store (see the module docstring)."""
     entries: list[dict] = []
     mapping: dict[tuple[str, str], str] = {}
@@ -179,9 +180,14 @@ def transaction(bundle: dict, *, gateway_url: str | None, study: StudyInfo | Non
         mapping[("Patient", pid)] = patient_ref
 
     if study is not None and gateway_url:
-        ep_ref = _urn("endpoint", gateway_url)
-        entries.append({"fullUrl": ep_ref, "resource": endpoint(gateway_url),
-                        "request": {"method": "PUT", "url": f"Endpoint?identifier={search(RFC3986, gateway_url)}"}})
+        if endpoint_id:     # the store has it: by its id, so that the ImagingStudy names it once
+            ep_ref = f"Endpoint/{endpoint_id}"
+            entries.append({"fullUrl": ep_ref, "resource": {**endpoint(gateway_url), "id": endpoint_id},
+                            "request": {"method": "PUT", "url": ep_ref}})
+        else:
+            ep_ref = _urn("endpoint", gateway_url)
+            entries.append({"fullUrl": ep_ref, "resource": endpoint(gateway_url), "request": {
+                "method": "PUT", "url": f"Endpoint?identifier={search(RFC3986, gateway_url)}"}})
         res = imaging_study(existing_study, study, patient_ref or "", ep_ref)
         if existing_study is not None:
             ref = f"ImagingStudy/{existing_study['id']}"
