@@ -316,6 +316,7 @@ def test_bearer_tokens(tmp_path, keys):  # noqa: F811
 @pytest.mark.integration   # the AI service as a process
 def test_mutual_tls_and_a_token_over_tls(tmp_path, keys):  # noqa: F811
     from omi_dsf.steps.infer import _service
+    from omi_dsf.steps.settings import step_settings
 
     folder, key, _ = keys
     ca_key, ca_cert = make_ca("ai test CA")
@@ -334,7 +335,7 @@ def test_mutual_tls_and_a_token_over_tls(tmp_path, keys):  # noqa: F811
         (tmp_path / "token").write_text(token(key, iss="https://idp.omi.test") + "\n")
         site = {"ai_services": {"lung-seg": {"url": service.url, "ca_file": ca, "client_cert": client[0],
                                              "client_key": client[1], "token_file": str(tmp_path / "token")}}}
-        peer, model, _device = _service({"ai-service-identifier": "lung-seg"}, site, 30)
+        peer, model, _device, _grpc = _service({"ai-service-identifier": "lung-seg"}, step_settings(site), 30)
         with OipClient(peer) as ai:
             assert ai.infer(model, {"HU": HU, "SPACING_MM": SPACING}).outputs["LUNG_VOLUME_ML"][0] > 0
         # without a client certificate the handshake fails; a presented token must still be valid

@@ -77,6 +77,13 @@ def test_protocol_is_detected_and_both_encodings_agree(server):
         # the model's own refusal reaches the caller as a 4xx with its message, on every server
         with pytest.raises(InferenceRejected, match="2 slices"):
             ai.infer(lungseg.NAME, {"HU": hu[:2], "SPACING_MM": SPACING})
+    if name == "mlserver":   # its gRPC port takes the tensors as raw bytes
+        with OipClient(service.url, timeout=60, grpc_url=service.grpc_url) as ai:
+            answer = ai.infer(lungseg.NAME, {"HU": hu, "SPACING_MM": SPACING}, request_id="r-2")
+            assert answer.id == "r-2" and answer.model_version == lungseg.VERSION
+            assert np.array_equal(answer.outputs["LUNG_LABELS"], expected["LUNG_LABELS"])
+            with pytest.raises(InferenceRejected, match="2 slices"):
+                ai.infer(lungseg.NAME, {"HU": hu[:2], "SPACING_MM": SPACING})
 
 
 def _ctx(gateway_url: str, entry: dict) -> StepContext:
@@ -87,7 +94,7 @@ def _ctx(gateway_url: str, entry: dict) -> StepContext:
 def test_infer_step_stores_seg_and_sr_on_each_server(server, gateway, tmp_path):
     name, service = server
     orthanc, uids = gateway
-    entry = {"url": service.url, "model": lungseg.NAME}
+    entry = {"url": service.url, "model": lungseg.NAME, "grpc_url": service.grpc_url}
     if name == "kserve":
         entry["device"] = str(write_device(tmp_path / "device.json", service.url))
     answers, timings = step.infer_timed({"pseudonymized-study-instance-uid": uids["good"],

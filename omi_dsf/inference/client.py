@@ -60,11 +60,16 @@ class InferResult:
 
 class OipClient:
     def __init__(self, base_url: str | Peer, timeout: float | None = None, http: httpx.Client | None = None,
-                 verify: ssl.SSLContext | None = None, token: str | None = None):
+                 verify: ssl.SSLContext | None = None, token: str | None = None, grpc_url: str | None = None):
         """`base_url`: the service as a Peer (URL, CA file, client certificate, token file, timeout: the
         site's configuration), or its URL. `http` replaces the HTTP client, e.g. a starlette TestClient
         for in-process tests. With a URL, `verify` is the TLS context (`omi_dsf.tls.client_context`;
-        default the system CAs) and `token` a bearer token. Timeout default 120 s."""
+        default the system CAs) and `token` a bearer token. Timeout default 120 s.
+        `grpc_url` (grpc://host:port, or grpcs:// with the Peer's CA and client certificate): the same
+        server's OIP v2 gRPC port, used for inference when its HTTP interface has no binary tensors."""
+        self.grpc_url = grpc_url
+        self._grpc_client = None
+        self._peer = base_url if isinstance(base_url, Peer) else None
         if isinstance(base_url, Peer):
             peer = base_url
             self.base_url, self.timeout = peer.url, float(timeout if timeout is not None else peer.timeout)
@@ -81,6 +86,8 @@ class OipClient:
 
     def close(self) -> None:
         self._http.close()
+        if self._grpc_client is not None:
+            self._grpc_client.close()
 
     def __enter__(self) -> "OipClient":
         return self
@@ -179,6 +186,8 @@ class OipClient:
                 raise ModelNotReady(f"model '{model}' at {self.base_url} is not ready")
         if binary is None:
             binary = self.binary_tensors()
+            if not binary and self.grpc_url:
+                return self._infer_grpc(model, inputs, outputs, version, request_id, parameters, timings, on_sent)
         header: dict[str, Any] = {}
         if request_id:
             header["id"] = request_id
@@ -206,6 +215,83 @@ class OipClient:
             timings.update(encode=t1 - t0, request=t2 - t1, decode=time.perf_counter() - t2)
         return InferResult(model_name=message.get("model_name", model), model_version=message.get("model_version"),
                            id=message.get("id"), outputs=out, parameters=message.get("parameters") or {})
+
+    # -- gRPC (tritonclient, the OIP v2 gRPC client) -------------------------------------------
+
+    def _grpc(self):
+        if self._grpc_client is None:
+            import tritonclient.grpc as triton_grpc
+
+            scheme, _, address = self.grpc_url.partition("://")
+            if scheme not in ("grpc", "grpcs") or not address:
+                raise OipError(f"grpc_url {self.grpc_url!r}: expected grpc://host:port or grpcs://host:port")
+            tls: dict[str, Any] = {}
+            if scheme == "grpcs":
+                peer = self._peer
+                if peer is not None and peer.client_key_password_file:
+                    raise OipError("grpc_url: a client key with a password is not supported over gRPC")
+                tls = {"ssl": True, "root_certificates": peer.ca_file if peer else None,
+                       "private_key": peer.client_key if peer else None,
+                       "certificate_chain": peer.client_cert if peer else None}
+            self._grpc_client = triton_grpc.InferenceServerClient(address, **tls)
+        return self._grpc_client
+
+    def _infer_grpc(self, model: str, inputs: Mapping[str, np.ndarray], outputs: list[str] | None,
+                    version: str | None, request_id: str | None, parameters: Mapping[str, Any] | None,
+                    timings: dict[str, float] | None, on_sent: Callable[[], None] | None) -> InferResult:
+        """`infer` over gRPC: tensors as raw bytes (raw_input_contents), the answer's likewise."""
+        import threading
+
+        import tritonclient.grpc as triton_grpc
+
+        names = outputs or [t["name"] for t in self.model_metadata(model, version)["outputs"]]
+        t0 = time.perf_counter()
+        wire = []
+        for name, array in inputs.items():
+            array = np.asarray(array)
+            entry = triton_grpc.InferInput(name, list(array.shape), tensors.datatype_of(array))
+            entry.set_data_from_numpy(array)
+            wire.append(entry)
+        t1 = time.perf_counter()
+        done = threading.Event()
+        answer: list = []
+
+        def callback(result, error) -> None:
+            answer.append((result, error))
+            done.set()
+
+        token = self._peer.token() if self._peer is not None else None
+        self._grpc().async_infer(model, wire, callback, model_version=version or "", request_id=request_id or "",
+                                 outputs=[triton_grpc.InferRequestedOutput(n) for n in names],
+                                 parameters=dict(parameters) if parameters else None, client_timeout=self.timeout,
+                                 headers={"authorization": f"Bearer {token}"} if token else None)
+        if on_sent is not None:
+            on_sent()
+        if not done.wait(self.timeout + 5):
+            raise InferenceTimeout(f"{self.grpc_url}: no answer within {self.timeout:g} s")
+        t2 = time.perf_counter()
+        result, error = answer[0]
+        if error is not None:
+            self._raise_grpc(error, model)
+        response = result.get_response()
+        out = {o.name: result.as_numpy(o.name) for o in response.outputs}
+        if timings is not None:
+            timings.update(encode=t1 - t0, request=t2 - t1, decode=time.perf_counter() - t2)
+        params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
+                  if v.WhichOneof("parameter_choice")}
+        return InferResult(model_name=response.model_name or model, model_version=response.model_version or None,
+                           id=response.id or None, outputs=out, parameters=params)
+
+    def _raise_grpc(self, error: Exception, model: str) -> None:
+        status = str(getattr(error, "status", lambda: "")() or "")
+        text = str(getattr(error, "message", lambda: "")() or error)[:300]
+        if status.endswith(("UNAVAILABLE", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED")):
+            raise ServiceUnavailable(f"{self.grpc_url}: {status}: {text}")
+        if status.endswith("DEADLINE_EXCEEDED"):
+            raise InferenceTimeout(f"{self.grpc_url}: no answer within {self.timeout:g} s")
+        if status.endswith("NOT_FOUND"):
+            raise ModelNotReady(f"model '{model}' is unknown to {self.grpc_url}: {text}")
+        raise InferenceRejected(f"model '{model}' rejected the request ({status or 'gRPC'}): {text}", 400)
 
     # -- HTTP ---------------------------------------------------------------------------------
 

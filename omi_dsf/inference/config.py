@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, model_validator
 
 from omi_dsf.config import ExistingFile, HttpUrl, Name, PeerSettings, Section, existing_file
 from omi_dsf.serving.config import AuthSettings, Limits, Listen, TlsSettings
@@ -79,6 +79,14 @@ def _url_or_file(value: Any, info: ValidationInfo) -> str | Path:
         raise ValueError(f"{value!r:.200} is neither a URL nor a file") from None
 
 
+def _grpc_url(value: str) -> str:
+    scheme, _, address = value.partition("://")
+    host, _, port = address.rpartition(":")
+    if scheme not in ("grpc", "grpcs") or not host or not port.isdigit():
+        raise ValueError(f"{value!r:.200}: expected grpc://host:port or grpcs://host:port")
+    return value
+
+
 class AiServiceSettings(PeerSettings):
     """An AI service the infer step may call (`steps.ai_services.<ai-service-identifier>`): an Open
     Inference Protocol v2 server and the model, with the peer keys for TLS and authentication."""
@@ -89,4 +97,8 @@ class AiServiceSettings(PeerSettings):
                           "registry, its URL or a file holding it")
     device_ca_file: ExistingFile | None = Field(None, description="the CA of the registry's certificate, for a "
                                                                   "device URL")
+    grpc_url: Annotated[str, AfterValidator(_grpc_url)] | None = Field(
+        None, description="for a server whose HTTP interface has no binary tensors (MLServer): its OIP v2 gRPC port, "
+                          "grpc://host:port (grpcs:// with this entry's CA and client certificate); tensors then "
+                          "travel as raw bytes there instead of JSON")
 

@@ -23,6 +23,7 @@ from omi_dsf.errors import UserError
 from omi_dsf.inference import lungseg
 
 SERVERS = ("reference", "kserve", "mlserver")
+MAX_GRPC_MESSAGE = 1 << 30
 PROJECT = Path(__file__).resolve().parents[2]   # the folder holding omi_dsf/
 
 
@@ -70,6 +71,7 @@ def mlserver_repository(folder: Path, host: str, port: int, max_slices: int, met
     """A model repository for `mlserver start`: settings.json and lung-seg/model-settings.json."""
     settings = {"host": host, "http_port": port,
                 "grpc_port": grpc_port or _free_port(host), "metrics_port": metrics_port or _free_port(host),
+                "grpc_max_message_length": MAX_GRPC_MESSAGE,   # a 600-slice 512x512 volume is 300 MB
                 "parallel_workers": 0,       # infer in the server process: no copy of the volume to a worker
                 "metrics_dir": str(folder / ".metrics")}
     (folder / "lung-seg").mkdir(parents=True, exist_ok=True)
@@ -82,13 +84,13 @@ def mlserver_command(folder: Path) -> list[str]:
     return [str(python_for("mlserver")), "-m", "mlserver.cli.main", "start", str(folder)]
 
 
-def run(server: str, host: str, port: int, max_slices: int) -> int:
+def run(server: str, host: str, port: int, max_slices: int, grpc_port: int | None = None) -> int:
     """Run `server` with the lung model in the foreground until it ends or this process is stopped."""
     with tempfile.TemporaryDirectory(prefix=f"omi-ai-{server}-") as tmp:
         if server == "kserve":   # listens on all interfaces whatever `host` is (KServe's choice)
             argv = kserve_command(port, max_slices)
         elif server == "mlserver":
-            argv = mlserver_command(mlserver_repository(Path(tmp), host, port, max_slices))
+            argv = mlserver_command(mlserver_repository(Path(tmp), host, port, max_slices, grpc_port=grpc_port))
         else:
             raise UserError(f"ai-service --server {server!r}: one of {', '.join(SERVERS)}")
         child = subprocess.Popen(argv, env=_env(), cwd=tmp)

@@ -13,12 +13,13 @@ Site configuration (`ctx.site`, omi_dsf.steps.settings): gateway_url, gateway_ca
 provider's OMI gateway and the CA of its certificate), ai_service_url and ai_model, or ai_services
 (per ai-service-identifier a service with the peer keys and, for a server whose model metadata has no
 parameters (KServe), `device`: the model's Device in the registry, its URL read with
-device_ca_file, or a file holding it), ai_timeout_s.
+device_ca_file, or a file holding it; for a server whose HTTP has no binary tensors (MLServer),
+`grpc_url`: its OIP v2 gRPC port), ai_timeout_s.
 
 What the step needs beyond the protocol (modality, slice limits, label meaning, algorithm name and
 version) comes from the model metadata's "parameters" (the reference service, MLServer), else from
-the Device (`omi_dsf/registry/device.py`). Tensors travel binary where the server has the extension,
-else as JSON (`OipClient.binary_tensors`).
+the Device (`omi_dsf/registry/device.py`). Tensors travel binary where the server's HTTP has the
+extension (`OipClient.binary_tensors`), else as raw bytes over gRPC when `grpc_url` is given, else JSON.
 
 Failures the requester must fix (wrong modality, gaps between slices, too many slices, an
 unknown service) raise `StepError`; an unreachable, busy or slow service or gateway raises
@@ -52,9 +53,9 @@ MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
-def _service(inputs: Answers, site: StepSettings, timeout: float) -> tuple[Peer, str, Any]:
-    """The requested service as a peer (URL, TLS, token), the model name and its `device` setting
-    (a registry URL as a Peer, a file path, or None)."""
+def _service(inputs: Answers, site: StepSettings, timeout: float) -> tuple[Peer, str, Any, str | None]:
+    """The requested service as a peer (URL, TLS, token), the model name, its `device` setting
+    (a registry URL as a Peer, a file path, or None) and its `grpc_url`."""
     identifier = str(inputs.get("ai-service-identifier", "") or "")
     services = site.ai_services
     try:
@@ -62,12 +63,12 @@ def _service(inputs: Answers, site: StepSettings, timeout: float) -> tuple[Peer,
             entry = services[identifier]
             peer = entry.peer(entry.url, f"ai_services.{identifier}", timeout=timeout)
             peer.ssl_context(), peer.token()   # a file that does not load: the requester's to fix, now
-            return peer, entry.model, _device_setting(entry, identifier, timeout)
+            return peer, entry.model, _device_setting(entry, identifier, timeout), entry.grpc_url
         if not site.ai_service_url:
             known = ", ".join(services) or "none configured"
             raise StepError(f"AI service '{identifier}' is not offered at this site (services: {known})")
         return (Peer(url=site.ai_service_url.rstrip("/"), timeout=timeout, where="ai_service_url"), site.ai_model,
-                None)
+                None, None)
     except PeerConfigError as exc:
         raise StepError(str(exc)) from None
 
@@ -180,10 +181,10 @@ def infer_timed(inputs: Answers, ctx: StepContext) -> tuple[Answers, Timings]:
 def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: DicomwebClient,
            timeout: float) -> tuple[Answers, Timings]:
     t = Timings()
-    service, model, device_setting = _service(inputs, ctx.site, timeout)
+    service, model, device_setting, grpc_url = _service(inputs, ctx.site, timeout)
     gateway = dicomweb.url
 
-    with oip.OipClient(service) as ai:
+    with oip.OipClient(service, grpc_url=grpc_url) as ai:
         try:
             with t.phase("oip_metadata"):
                 meta = ai.model_metadata(model)

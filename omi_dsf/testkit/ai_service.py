@@ -33,6 +33,9 @@ class AiServiceProcess(procs.ChildProcess):
         server listens on all interfaces; it is reached on loopback)."""
         self.server = server
         self.port = port or procs.free_port()
+        # MLServer's HTTP takes tensors as JSON only: its gRPC port carries them as raw bytes
+        self.grpc_port = procs.free_port() if server == "mlserver" else None
+        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log, self.timeout, self.tls, self.token = log, timeout, tls, token
         self.args = tuple(args) if "--config" in args else ("--anonymous", *args)
@@ -42,6 +45,8 @@ class AiServiceProcess(procs.ChildProcess):
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         try:
             host = () if self.server == "kserve" else ("--host", "127.0.0.1")
+            if self.grpc_port:
+                host += ("--grpc-port", str(self.grpc_port))
             self.proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--server", self.server,
                                           *host, "--port", str(self.port), *self.args],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
