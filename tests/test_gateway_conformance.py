@@ -23,7 +23,6 @@ from PIL import Image
 
 from conftest import free_port
 from omi_dsf.dicomweb.config import parse_config
-from omi_dsf.dicomweb.dicomjson import to_json
 from omi_dsf.dicomweb.multipart import dicom_body, parse_media_type, parse_multipart
 from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.testkit.conformance import jpeg_lossless, third_party_set
@@ -242,7 +241,7 @@ def test_bulk_data_of_a_study(conformance_bed, base):
 
 # -- STOW-RS ------------------------------------------------------------------------------------------
 
-def test_stow_of_orthancs_metadata_and_bulk_data(conformance_bed, tmp_path):
+def test_stow_of_orthancs_metadata_and_bulk_data(conformance_bed):
     """An instance as Orthanc's DICOMweb describes it (JSON metadata, bulk data fetched from its
     BulkDataURIs) stored in the gateway as metadata + bulk data: the same pixels come back."""
     b = conformance_bed
@@ -256,11 +255,10 @@ def test_stow_of_orthancs_metadata_and_bulk_data(conformance_bed, tmp_path):
     body = (f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode() + json.dumps([meta]).encode()
             + f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Location: {uri}\r\n\r\n".encode()
             + value + f"\r\n--{boundary}--\r\n".encode())
-    cfg_url = b["url"]
-    r = b["http"].post(cfg_url + "/studies", content=body, headers={
+    r = b["http"].post(b["url"] + "/studies", content=body, headers={
         "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'})
     assert r.status_code == 200, r.text
-    back = b["http"].get(cfg_url + _path(ds), headers={"Accept": 'multipart/related; type="application/dicom"'})
+    back = b["http"].get(b["url"] + _path(ds), headers={"Accept": 'multipart/related; type="application/dicom"'})
     got = pydicom.dcmread(BytesIO(_parts(back)[1][0].body))
     assert np.array_equal(got.pixel_array, ds.pixel_array) and got.PatientID == ds.PatientID
 
