@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 from omi_dsf.errors import UserError
-from omi_dsf.inference import lungseg
 
 SERVERS = ("reference", "kserve", "mlserver")
 MAX_GRPC_MESSAGE = 1 << 30
@@ -59,6 +58,8 @@ def kserve_command(port: int, max_slices: int) -> list[str]:
 
 
 def mlserver_model_settings(max_slices: int) -> dict:
+    from omi_dsf.inference import lungseg   # scipy: not at every command's start
+
     meta = lungseg.LungSegModel(max_slices=max_slices).metadata()
     return {"name": meta["name"], "implementation": "omi_dsf.inference.mlserver_runtime.LungSegRuntime",
             "platform": meta["platform"], "versions": meta["versions"],
