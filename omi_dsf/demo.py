@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +38,18 @@ STEPS = ("consent", "pseudonymize", "send", "infer", "return")
 MII_POLICY = "urn:oid:2.16.840.1.113883.3.1937.777.24.5.3"
 
 
-def broad_consent(patient_id: str) -> dict:
-    """An MII Broad Consent permitting scientific use of medical data (what the consent step needs)."""
+PATIENT_SYSTEM = "https://dic.omi.test/sid/patient-id"   # the requester's patient identifiers (demo)
+
+
+def broad_consent(patient_id: str, patient: dict | None = None) -> dict:
+    """An MII Broad Consent permitting scientific use of medical data (what the consent step needs);
+    `patient`: the reference to the Patient (default: by identifier)."""
     return {
         "resourceType": "Consent", "status": "active",
         "meta": {"profile": ["https://www.medizininformatik-initiative.de/fhir/modul-consent/StructureDefinition/mii-pr-consent-einwilligung"]},
         "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
         "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
-        "patient": {"identifier": {"value": patient_id}}, "dateTime": "2025-01-15",
+        "patient": patient or {"identifier": {"value": patient_id}}, "dateTime": "2025-01-15",
         "policy": [{"uri": "urn:oid:2.16.840.1.113883.3.1937.777.24.2.1791"}],
         "provision": {"type": "deny", "period": {"start": "2025-01-15", "end": "2055-01-14"}, "provision": [
             {"type": "permit", "period": {"start": "2025-01-15", "end": "2055-01-14"},
@@ -81,6 +86,7 @@ class Demo:
     out: object = print
     send: dict = field(default_factory=dict)   # the requester's `send` step settings (batch_mb, batch_instances)
     ai_server: str = "reference"               # the provider's model server: reference, kserve or mlserver
+    fhir_store: bool = False                   # the requester's FHIR store (HAPI): consent from it, results into it
 
     def __post_init__(self):
         self.folder = Path(self.folder).resolve()
@@ -93,6 +99,7 @@ class Demo:
 
     def start(self) -> "Demo":
         f = self.folder
+        store_thread = self._start_fhir_store() if self.fhir_store else None
         ca = TestCA(f / "pki")
         ca.ensure()
         self.ca = str(ca.cert_path)
@@ -124,10 +131,18 @@ class Demo:
         if not key.exists():
             key.write_text(os.urandom(32).hex())
             key.chmod(0o600)
+        consent: dict = {"kind": "folder", "path": str(f / "consents")}
+        fhir_results: dict | str = str(f / "fhir-results")
+        if store_thread is not None:
+            store_thread.join()
+            if self.store_error is not None:
+                raise self.store_error
+            consent = {"kind": "fhir", "url": self.fhir_base, "identifier_system": PATIENT_SYSTEM}
+            fhir_results = {"url": self.fhir_base}
         steps = {
             "dic": {
                 "gateway_url": self.requester_gw,
-                "consent": {"kind": "folder", "path": str(f / "consents")},
+                "consent": consent,
                 "pseudonymization": {
                     "domain": "omi-demo", "key_file": str(key), "store": str(f / "requester-pseudonyms.sqlite"),
                     "source": {"kind": "dicomweb", "url": self.requester_gw, "ca_file": self.ca},
@@ -137,7 +152,7 @@ class Demo:
                                          "client_cert": self.dic_client[0], "client_key": self.dic_client[1]}},
                 "pacs": {"host": self.pacs.host, "port": self.pacs.port, "ae_title": self.pacs.aet,
                          "calling_ae": "OMIWORKER"},
-                "fhir_results": str(f / "fhir-results"),
+                "fhir_results": fhir_results,
                 **({"send": self.send} if self.send else {}),
             },
             "ai": {"gateway_url": self.provider_gw, "gateway_ca_file": self.ca, "ai_services": {"lung-seg": self.ai_entry()},
@@ -146,6 +161,23 @@ class Demo:
         self.sites = write_testbed_site_configs(self.state, f / "sites", steps=steps, worker=self.worker_settings)
         self.dsf = DsfClient(load_site_config(self.sites["dic"]).identity)
         return self
+
+    def _start_fhir_store(self) -> threading.Thread:
+        """The requester's FHIR store, started while the other servers start (it takes a minute)."""
+        from omi_dsf.fhirstore import FhirStore
+
+        self.store = FhirStore(self.folder / "fhir-store", port=free_port(), out=lambda *_: None)
+        self.store_error: BaseException | None = None
+
+        def up() -> None:
+            try:
+                self.fhir_base = self.store.up(timeout=600).base_url
+            except BaseException as exc:   # raised in start(), in the caller's thread
+                self.store_error = exc
+
+        thread = threading.Thread(target=up, name="fhir-store-up", daemon=True)
+        thread.start()
+        return thread
 
     def start_ai_service(self) -> None:
         """(Re)start the provider's AI service (on `ai_server`), on the port it had before if any."""
@@ -193,10 +225,36 @@ class Demo:
         ds = pydicom.dcmread(files[0], stop_before_pixels=True)
         self.pacs.load(files)
         study = Study(str(ds.StudyInstanceUID), str(ds.PatientID), str(ds.PatientName), files)
-        if consent:
+        if consent and self.fhir_store:
+            self._load_consent(study.patient_id)
+        elif consent:
             (self.folder / "consents" / f"{study.patient_id}.json").write_text(json.dumps(broad_consent(study.patient_id)))
         self.studies.append(study)
         return study
+
+    def _load_consent(self, patient_id: str) -> None:
+        """The patient (found or created by identifier) and the consent, into the FHIR store."""
+        with self.store.client() as c:
+            r = c.post("", headers={"Content-Type": "application/fhir+json"}, json={
+                "resourceType": "Bundle", "type": "transaction", "entry": [
+                    {"fullUrl": "urn:uuid:patient", "resource": {"resourceType": "Patient", "identifier": [
+                        {"system": PATIENT_SYSTEM, "value": patient_id}]},
+                     "request": {"method": "POST", "url": "Patient",
+                                 "ifNoneExist": f"identifier={PATIENT_SYSTEM}|{patient_id}"}},
+                    {"resource": broad_consent(patient_id, {"reference": "urn:uuid:patient"}),
+                     "request": {"method": "POST", "url": "Consent"}}]})
+            r.raise_for_status()
+
+    def fhir_summary(self, study: Study) -> str:
+        """The FHIR store's URL, how many resources of each kind it holds, and the study's ImagingStudy."""
+        from omi_dsf.client import fhir_record
+
+        with self.store.client() as c:
+            held = fhir_record.counts(c, self.fhir_base)
+            record = fhir_record.study_record(c, self.fhir_base, study.uid)
+        return "\n".join([f"FHIR store {self.fhir_base} holds: "
+                          + ", ".join(f"{n} {t}" for t, n in held.items() if n),
+                          fhir_record.render(record, self.fhir_base)])
 
     def submit(self, study: Study, service: str = "lung-seg") -> str:
         task = message_task("startOmiInference", REQUESTER, REQUESTER, {
@@ -259,6 +317,8 @@ class Demo:
         self.servers.clear()
         if getattr(self, "dsf", None):
             self.dsf.close()
+        if getattr(self, "store", None) is not None:
+            self.store.down()
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -306,9 +366,9 @@ def _run(args) -> int:
     bed.up(timeout=900)   # a running one is used as it is, if it runs the DSF versions asked for
     st = State.load(folder)
     print("DSF: " + ", ".join(f"{s.key} {s.dsf_version}" for s in st.sites))
-    demo = Demo(st, folder / "demo", slices=args.slices)
+    demo = Demo(st, folder / "demo", slices=args.slices, fhir_store=True)
     try:
-        print("starting the legacy PACS, both gateways, the AI service and the workers …")
+        print("starting the legacy PACS, both gateways, the AI service, the requester's FHIR store and the workers …")
         demo.start()
         demo.start_workers()
         study = demo.add_study(seed=int(time.time()) % 100000)
@@ -323,7 +383,8 @@ def _run(args) -> int:
             print(f"  {k}: {v}")
         if task["status"] == "completed":
             print(f"results stored in the legacy PACS {demo.pacs.aet}@{demo.pacs.host}:{demo.pacs.port} under the "
-                  f"original patient's study; FHIR result in {demo.folder / 'fhir-results' / (bk + '.json')}")
+                  f"original patient's study; FHIR result in the requester's FHIR store")
+            print(demo.fhir_summary(study))
         for site in ("dic", "ai"):
             for e in AuditTrail(demo.folder / "sites" / f"{site}-audit.sqlite").events(bk):
                 print(f"  audit {site}: {e.time} {e.action} {json.dumps(e.details, sort_keys=True)}")

@@ -5,8 +5,9 @@ identifying at the provider."""
 
 from __future__ import annotations
 
-import json
+import io
 import signal
+import ssl
 import sqlite3
 import time
 from pathlib import Path
@@ -19,8 +20,11 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from omi_dsf.audit import AuditTrail
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.leakcheck import find_leaks
-from omi_dsf.demo import Demo
+from omi_dsf.client import fhir_record
+from omi_dsf.demo import PATIENT_SYSTEM, Demo
+from omi_dsf.dicomweb_client import DicomwebClient
 from omi_dsf.dsf.tasks import outputs
+from omi_dsf.peer import http_client
 from omi_dsf.testbed.bed import plugin_problems
 
 pytestmark = pytest.mark.integration
@@ -30,8 +34,9 @@ pytestmark = pytest.mark.integration
 def demo(dsf_testbed, tmp_path_factory):
     # one instance per STOW request, so that a worker can be killed in the middle of a send; the
     # provider's model on KServe's model server, as AI providers run theirs
+    # the requester's FHIR store (HAPI FHIR JPA): consent is read from it, results go into it
     d = Demo(dsf_testbed, tmp_path_factory.mktemp("e2e"), slices=12, size=128, send={"batch_instances": 1},
-             ai_server="kserve")
+             ai_server="kserve", fhir_store=True)
     d.start()
     d.start_workers()
     yield d
@@ -52,6 +57,15 @@ def c_find(demo, level: str, **keys) -> list:
                 if s and s.Status in (0xFF00, 0xFF01) and i is not None]
     finally:
         assoc.release()
+
+
+def fhir_subjects(demo, study) -> dict[str, int]:
+    """How many DiagnosticReports and Observations the FHIR store holds on the study's patient."""
+    with demo.store.client() as c:
+        (patient,) = [e["resource"] for e in c.get("/Patient", params={
+            "identifier": f"{PATIENT_SYSTEM}|{study.patient_id}"}).json()["entry"]]
+        return {t: c.get(f"/{t}", params={"subject": f"Patient/{patient['id']}", "_summary": "count"}).json()["total"]
+                for t in ("DiagnosticReport", "Observation")}
 
 
 def provider_files(demo) -> list[Path]:
@@ -87,10 +101,21 @@ def test_inference_end_to_end(demo, dsf_testbed):
     series = c_find(demo, "SERIES", StudyInstanceUID=study.uid, Modality="", SeriesInstanceUID="")
     assert sorted(str(s.Modality) for s in series) == ["CT", "SEG", "SR"]
 
-    # the FHIR result names the original patient
-    bundle = json.loads((demo.folder / "fhir-results" / f"{bk}.json").read_text())
-    report = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
-    assert report["subject"]["identifier"]["value"] == study.patient_id
+    # the FHIR store: the report on the original patient, the study's ImagingStudy with the result
+    # series and an Endpoint at the requester's gateway; through it, WADO-RS gives the SEG
+    assert fhir_subjects(demo, study) == {"DiagnosticReport": 1, "Observation": 3}
+    with demo.store.client() as c:
+        record = fhir_record.study_record(c, demo.fhir_base, study.uid)
+    assert sorted(s["modality"] for s in record["series"]) == ["SEG", "SR"]
+    (endpoint,) = record["endpoints"]
+    assert endpoint["connection_type"] == "dicom-wado-rs" and endpoint["address"] == demo.requester_gw
+    seg_series = next(s for s in record["series"] if s["modality"] == "SEG")
+    assert seg_series["endpoint"] == [endpoint["endpoint"]]
+    with http_client(verify=ssl.create_default_context(cafile=demo.ca), timeout=60) as http:
+        parts = DicomwebClient(http=http, url=endpoint["address"]).retrieve_series(study.uid, seg_series["uid"])
+    seg = pydicom.dcmread(io.BytesIO(parts[0]))
+    assert seg.Modality == "SEG" and str(seg.PatientID) == study.patient_id
+    assert "ImagingStudy/" in demo.fhir_summary(study) and "Endpoint/" in demo.fhir_summary(study)
 
     # nothing identifying at the provider: every object it holds passes the leak check
     assert len(provider_files(demo)) >= demo.slices + 2
@@ -139,10 +164,7 @@ def test_two_requests_at_once_keep_their_results_apart(demo):
             assert str(r.PatientID) == study.patient_id and str(r.PatientName) == study.patient_name
         seg = next(r for r in mine if r.Modality == "SEG")
         assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == ct_series
-        bundle = json.loads((demo.folder / "fhir-results" / f"{demo.business_key(task_id)}.json").read_text())
-        subjects = {e["resource"]["subject"]["identifier"]["value"]
-                    for e in bundle["entry"] if "subject" in e["resource"]}
-        assert subjects == {study.patient_id}
+        assert fhir_subjects(demo, study) == {"DiagnosticReport": 1, "Observation": 3}
     assert_nothing_identifying_at_provider(demo)
 
 
