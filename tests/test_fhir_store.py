@@ -155,3 +155,26 @@ def test_state_round_trip(tmp_path):
     st = State(pid=123, port=1, base_url="http://127.0.0.1:1/fhir", database="H2")
     st.save(tmp_path)
     assert State.load(tmp_path) == st
+
+
+@pytest.mark.integration
+def test_store_on_postgresql(postgres, tmp_path):
+    """The PostgreSQL option: HAPI creates its schema in an empty database and serves from it."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(postgres.new_database())
+    pw = tmp_path / "db.password"
+    pw.write_text(url.password + "\n")
+    store = FhirStore(tmp_path / "pg-store", port=free_port(), db_url=f"jdbc:postgresql://{url.hostname}:{url.port}{url.path}",
+                      db_user=url.username, db_password_file=str(pw), heap="512m", out=lambda *_: None)
+    st = store.up(timeout=600)
+    try:
+        assert st.database == "PostgreSQL"
+        with store.client() as c:
+            body = {"resourceType": "Patient", "identifier": [{"system": "urn:test", "value": "pg-1"}]}
+            assert c.post("/Patient", json=body, headers={"Content-Type": "application/fhir+json"}).status_code == 201
+            assert c.get("/Patient", params={"identifier": "urn:test|pg-1"}).json()["total"] == 1
+        tables = postgres.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'hfj_resource';", db=url.path[1:])
+        assert "1" in tables
+    finally:
+        store.down()
