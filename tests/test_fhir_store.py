@@ -69,27 +69,6 @@ def test_tls_keystore_from_pem(tmp_path):
         FhirStore(tmp_path / "t", tls_cert=str(files.cert), tls_key=str(files.key))._settings(1)
 
 
-@pytest.mark.integration
-def test_tls_store_serves_https_only_with_verification(tmp_path):
-    import httpx
-
-    ca, files = _server_cert(tmp_path)
-    store = FhirStore(tmp_path / "tls-store", port=free_port(), tls_cert=str(files.cert), tls_key=str(files.key),
-                      tls_key_password_file=str(files.key) + ".password", tls_ca=str(ca.cert_path),
-                      heap="512m", out=lambda *_: None)
-    st = store.up(timeout=600)
-    try:
-        with store.client() as c:
-            assert c.get("/metadata").json()["resourceType"] == "CapabilityStatement"
-        with pytest.raises(httpx.ConnectError):       # not trusted without the CA
-            httpx.get(f"{st.base_url}/metadata", timeout=10)
-        with pytest.raises(httpx.HTTPError):          # no plain HTTP on that port
-            httpx.get(f"http://127.0.0.1:{st.port}/fhir/metadata", timeout=10).raise_for_status()
-    finally:
-        store.down()
-    assert not store.running() and port_free(st.port)
-
-
 def test_bad_options_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="--tls-cert and --tls-key go together"):
         FhirStore(tmp_path, tls_cert="c.pem")
@@ -158,23 +137,34 @@ def test_state_round_trip(tmp_path):
 
 
 @pytest.mark.integration
-def test_store_on_postgresql(postgres, tmp_path):
-    """The PostgreSQL option: HAPI creates its schema in an empty database and serves from it."""
+def test_store_on_postgresql_over_tls(postgres, tmp_path):
+    """The options in one store (each start costs a minute): PostgreSQL, where HAPI creates its schema
+    in an empty database, and TLS, HTTPS only and trusted only with the CA."""
     from urllib.parse import urlsplit
+
+    import httpx
 
     url = urlsplit(postgres.new_database())
     pw = tmp_path / "db.password"
     pw.write_text(url.password + "\n")
+    ca, files = _server_cert(tmp_path)
     store = FhirStore(tmp_path / "pg-store", port=free_port(), db_url=f"jdbc:postgresql://{url.hostname}:{url.port}{url.path}",
-                      db_user=url.username, db_password_file=str(pw), heap="512m", out=lambda *_: None)
+                      db_user=url.username, db_password_file=str(pw), tls_cert=str(files.cert), tls_key=str(files.key),
+                      tls_key_password_file=str(files.key) + ".password", tls_ca=str(ca.cert_path),
+                      heap="512m", out=lambda *_: None)
     st = store.up(timeout=600)
     try:
-        assert st.database == "PostgreSQL"
+        assert st.database == "PostgreSQL" and st.base_url.startswith("https://")
         with store.client() as c:
             body = {"resourceType": "Patient", "identifier": [{"system": "urn:test", "value": "pg-1"}]}
             assert c.post("/Patient", json=body, headers={"Content-Type": "application/fhir+json"}).status_code == 201
             assert c.get("/Patient", params={"identifier": "urn:test|pg-1"}).json()["total"] == 1
         tables = postgres.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'hfj_resource';", db=url.path[1:])
-        assert "1" in tables
+        assert tables.strip() == "1"
+        with pytest.raises(httpx.ConnectError):       # not trusted without the CA
+            httpx.get(f"{st.base_url}/metadata", timeout=10)
+        with pytest.raises(httpx.HTTPError):          # no plain HTTP on that port
+            httpx.get(f"http://127.0.0.1:{st.port}/fhir/metadata", timeout=10).raise_for_status()
     finally:
         store.down()
+    assert not store.running() and port_free(st.port)
