@@ -106,6 +106,7 @@ def test_a_missing_server_environment_is_named(monkeypatch, tmp_path):
     (["--server", "mlserver", "--config", "x.yaml"], "give --anonymous"),
     (["--server", "kserve", "--anonymous", "--host", "10.1.2.3"], "listens on all interfaces"),
     (["--server", "mlserver", "--anonymous", "--max-slices", "2"], "at least 3"),
+    (["--anonymous", "--grpc-port", "9"], "--grpc-port is for --server kserve or mlserver"),
 ])
 def test_other_servers_command_line_errors_are_one_line(args, message):
     r = run_cli("ai-service", *args)

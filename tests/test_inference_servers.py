@@ -77,7 +77,7 @@ def test_protocol_is_detected_and_both_encodings_agree(server):
         # the model's own refusal reaches the caller as a 4xx with its message, on every server
         with pytest.raises(InferenceRejected, match="2 slices"):
             ai.infer(lungseg.NAME, {"HU": hu[:2], "SPACING_MM": SPACING})
-    if name == "mlserver":   # its gRPC port takes the tensors as raw bytes
+    if service.grpc_url:   # KServe's and MLServer's gRPC ports take the tensors as raw bytes
         with OipClient(service.url, timeout=60, grpc_url=service.grpc_url) as ai:
             answer = ai.infer(lungseg.NAME, {"HU": hu, "SPACING_MM": SPACING}, request_id="r-2")
             assert answer.id == "r-2" and answer.model_version == lungseg.VERSION

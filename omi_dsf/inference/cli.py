@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="listen address (default 127.0.0.1, or listen.host)")
     p.add_argument("--port", type=int, help="port (default 8500, or listen.port)")
     p.add_argument("--max-slices", type=int, default=None, help="model limit announced in metadata")
-    p.add_argument("--grpc-port", type=int, help="mlserver: its OIP v2 gRPC port (default: a free one); the infer "
-                                                 "step sends tensors there as raw bytes (its HTTP takes JSON only)")
+    p.add_argument("--grpc-port", type=int, help="kserve, mlserver: their OIP v2 gRPC port (kserve: off without it; "
+                                                 "mlserver: default a free one); the infer step sends tensors "
+                                                 "there as raw bytes")
     p.set_defaults(func=_ai_service)
 
 
@@ -35,7 +36,7 @@ def _ai_service(args: argparse.Namespace) -> int:
     if args.server != "reference":
         return _other_server(args)
     if args.grpc_port is not None:
-        raise UserError("--grpc-port is for --server mlserver")
+        raise UserError("--grpc-port is for --server kserve or mlserver")
     if args.config and args.anonymous:
         raise UserError("--anonymous is for running without --config; set auth.anonymous in the file instead")
     if args.config:
@@ -70,6 +71,4 @@ def _other_server(args: argparse.Namespace) -> int:
     max_slices = args.max_slices if args.max_slices is not None else lungseg.DEFAULT_MAX_SLICES
     if max_slices < 3:
         raise UserError(f"--max-slices {max_slices}: the model needs at least 3")
-    if args.grpc_port is not None and args.server != "mlserver":
-        raise UserError(f"--grpc-port is for --server mlserver (not {args.server})")
     return servers.run(args.server, args.host or "127.0.0.1", args.port or 8500, max_slices, args.grpc_port)

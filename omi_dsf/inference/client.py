@@ -66,7 +66,8 @@ class OipClient:
         for in-process tests. With a URL, `verify` is the TLS context (`omi_dsf.tls.client_context`;
         default the system CAs) and `token` a bearer token. Timeout default 120 s.
         `grpc_url` (grpc://host:port, or grpcs:// with the Peer's CA and client certificate): the same
-        server's OIP v2 gRPC port, used for inference when its HTTP interface has no binary tensors."""
+        server's OIP v2 gRPC port; inference then goes there, tensors as raw bytes (KServe and MLServer
+        turn tensors that come over HTTP into Python lists; MLServer's HTTP takes JSON only)."""
         self.grpc_url = grpc_url
         self._grpc_client = None
         self._peer = base_url if isinstance(base_url, Peer) else None
@@ -176,7 +177,8 @@ class OipClient:
               request_id: str | None = None, parameters: Mapping[str, Any] | None = None,
               timings: dict[str, float] | None = None, on_sent: Callable[[], None] | None = None) -> InferResult:
         """Run the model; `binary` selects the binary tensor data extension for inputs and outputs
-        (default: where the server has it, `binary_tensors`).
+        (default: gRPC with raw bytes when the client has a `grpc_url`, else binary where the server's HTTP
+        has it, `binary_tensors`).
         `timings`, if given, receives the seconds spent in "encode", "request" (HTTP round trip,
         the server's work included) and "decode". `on_sent` is called once the request body is
         out, while the server works (e.g. to start work of one's own that would slow the sending)."""
@@ -185,9 +187,9 @@ class OipClient:
             if not self.model_ready(model, version):
                 raise ModelNotReady(f"model '{model}' at {self.base_url} is not ready")
         if binary is None:
-            binary = self.binary_tensors()
-            if not binary and self.grpc_url:
+            if self.grpc_url:
                 return self._infer_grpc(model, inputs, outputs, version, request_id, parameters, timings, on_sent)
+            binary = self.binary_tensors()
         header: dict[str, Any] = {}
         if request_id:
             header["id"] = request_id

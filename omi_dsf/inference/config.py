@@ -98,7 +98,7 @@ class AiServiceSettings(PeerSettings):
     device_ca_file: ExistingFile | None = Field(None, description="the CA of the registry's certificate, for a "
                                                                   "device URL")
     grpc_url: Annotated[str, AfterValidator(_grpc_url)] | None = Field(
-        None, description="for a server whose HTTP interface has no binary tensors (MLServer): its OIP v2 gRPC port, "
-                          "grpc://host:port (grpcs:// with this entry's CA and client certificate); tensors then "
-                          "travel as raw bytes there instead of JSON")
+        None, description="the server's OIP v2 gRPC port, grpc://host:port (grpcs:// with this entry's CA and client "
+                          "certificate): inference then goes there, tensors as raw bytes; for KServe and MLServer, "
+                          "which turn tensors sent over HTTP into Python lists (MLServer's HTTP takes JSON only)")
 

@@ -51,10 +51,12 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def kserve_command(port: int, max_slices: int) -> list[str]:
-    # KServe's server always listens on all interfaces (0.0.0.0); its gRPC port is off here
-    return [str(python_for("kserve")), "-m", "omi_dsf.inference.kserve_model", "--http_port", str(port),
-            "--enable_grpc", "false", "--max_slices", str(max_slices)]
+def kserve_command(port: int, max_slices: int, grpc_port: int | None = None) -> list[str]:
+    # KServe's server always listens on all interfaces (0.0.0.0); gRPC only when a port is given
+    grpc = ["--grpc_port", str(grpc_port), "--grpc_max_receive_message_length", str(MAX_GRPC_MESSAGE),
+            "--grpc_max_send_message_length", str(MAX_GRPC_MESSAGE)] if grpc_port else ["--enable_grpc", "false"]
+    return [str(python_for("kserve")), "-m", "omi_dsf.inference.kserve_model", "--http_port", str(port), *grpc,
+            "--max_slices", str(max_slices)]
 
 
 def mlserver_model_settings(max_slices: int) -> dict:
@@ -89,7 +91,7 @@ def run(server: str, host: str, port: int, max_slices: int, grpc_port: int | Non
     """Run `server` with the lung model in the foreground until it ends or this process is stopped."""
     with tempfile.TemporaryDirectory(prefix=f"omi-ai-{server}-") as tmp:
         if server == "kserve":   # listens on all interfaces whatever `host` is (KServe's choice)
-            argv = kserve_command(port, max_slices)
+            argv = kserve_command(port, max_slices, grpc_port)
         elif server == "mlserver":
             argv = mlserver_command(mlserver_repository(Path(tmp), host, port, max_slices, grpc_port=grpc_port))
         else:

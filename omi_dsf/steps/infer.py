@@ -13,13 +13,13 @@ Site configuration (`ctx.site`, omi_dsf.steps.settings): gateway_url, gateway_ca
 provider's OMI gateway and the CA of its certificate), ai_service_url and ai_model, or ai_services
 (per ai-service-identifier a service with the peer keys and, for a server whose model metadata has no
 parameters (KServe), `device`: the model's Device in the registry, its URL read with
-device_ca_file, or a file holding it; for a server whose HTTP has no binary tensors (MLServer),
-`grpc_url`: its OIP v2 gRPC port), ai_timeout_s.
+device_ca_file, or a file holding it; `grpc_url`: the server's OIP v2 gRPC port, for KServe and
+MLServer), ai_timeout_s.
 
 What the step needs beyond the protocol (modality, slice limits, label meaning, algorithm name and
 version) comes from the model metadata's "parameters" (the reference service, MLServer), else from
-the Device (`omi_dsf/registry/device.py`). Tensors travel binary where the server's HTTP has the
-extension (`OipClient.binary_tensors`), else as raw bytes over gRPC when `grpc_url` is given, else JSON.
+the Device (`omi_dsf/registry/device.py`). Tensors travel as raw bytes over gRPC when `grpc_url` is
+given, else binary where the server's HTTP has the extension (`OipClient.binary_tensors`), else JSON.
 
 Failures the requester must fix (wrong modality, gaps between slices, too many slices, an
 unknown service) raise `StepError`; an unreachable, busy or slow service or gateway raises

@@ -33,8 +33,9 @@ class AiServiceProcess(procs.ChildProcess):
         server listens on all interfaces; it is reached on loopback)."""
         self.server = server
         self.port = port or procs.free_port()
-        # MLServer's HTTP takes tensors as JSON only: its gRPC port carries them as raw bytes
-        self.grpc_port = procs.free_port() if server == "mlserver" else None
+        # KServe and MLServer turn HTTP tensors into Python lists (MLServer takes JSON only); over their
+        # gRPC ports tensors travel as raw bytes
+        self.grpc_port = procs.free_port() if server in ("kserve", "mlserver") else None
         self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log, self.timeout, self.tls, self.token = log, timeout, tls, token
