@@ -154,6 +154,22 @@ def http_client(base_url: str = "", verify: ssl.SSLContext | None = None, timeou
                         headers=all_headers, proxy=proxy, trust_env=False)
 
 
+def json_answer(response: httpx.Response, what: str, error: type[Exception],
+                resource_type: str | None = None) -> dict:
+    """The JSON object a peer answered, or `error` naming `what` and what is wrong with the answer:
+    not JSON, not a JSON object, or (with `resource_type`) not that FHIR resource. The one reading of
+    a peer's JSON answer (FHIR servers, the TTP, the registry's Device, an OIP v2 server)."""
+    try:
+        data = response.json()
+    except ValueError:
+        raise error(f"{what}: the answer is not JSON") from None
+    if not isinstance(data, dict):
+        raise error(f"{what}: the answer is not a JSON object")
+    if resource_type is not None and data.get("resourceType") != resource_type:
+        raise error(f"{what}: the answer is not a {resource_type} resource")
+    return data
+
+
 def _chain_text(exc: BaseException) -> str:
     parts = []
     seen = 0

@@ -234,3 +234,20 @@ def test_peer_client_carries_the_token_and_shares_tls_contexts(tmp_path):
         assert one.headers["Authorization"] == "Bearer s3cret" and "Authorization" not in two.headers
         assert one._transport._pool._ssl_context is two._transport._pool._ssl_context
         assert one.base_url == "https://x" and not one._trust_env
+
+
+def test_json_answer_names_what_is_wrong():
+    from omi_dsf.peer import json_answer
+
+    class Wrong(Exception):
+        pass
+
+    ok = httpx.Response(200, json={"resourceType": "Bundle", "total": 0})
+    assert json_answer(ok, "search", Wrong, "Bundle")["total"] == 0
+    assert json_answer(httpx.Response(200, json={"a": 1}), "meta", Wrong) == {"a": 1}
+    for response, wrong in ((httpx.Response(200, content=b"<html>"), "search: the answer is not JSON"),
+                            (httpx.Response(200, json=[1]), "search: the answer is not a JSON object"),
+                            (ok, "search: the answer is not a Parameters resource")):
+        with pytest.raises(Wrong) as raised:
+            json_answer(response, "search", Wrong, "Parameters" if response is ok else None)
+        assert str(raised.value) == wrong

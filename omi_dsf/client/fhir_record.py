@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 
 from omi_dsf.errors import UserError
+from omi_dsf.peer import json_answer
 from omi_dsf.transfer.fhir_store import DICOM_UID, search
 
 COUNTED = ("Patient", "Consent", "ImagingStudy", "Endpoint", "DiagnosticReport", "Observation", "Device", "Provenance")
@@ -18,13 +19,7 @@ def _get(http: httpx.Client, url: str, what: str) -> dict:
         raise UserError(f"FHIR store: {what}: {type(exc).__name__}") from None
     if r.status_code != 200:
         raise UserError(f"FHIR store: {what}: HTTP {r.status_code}")
-    try:
-        data = r.json()
-    except ValueError:
-        raise UserError(f"FHIR store: {what}: the answer is not JSON") from None
-    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
-        raise UserError(f"FHIR store: {what}: the answer is not a Bundle")
-    return data
+    return json_answer(r, f"FHIR store: {what}", UserError, "Bundle")
 
 
 def study_record(http: httpx.Client, base: str, study_uid: str) -> dict | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from omi_dsf.peer import http_client
+from omi_dsf.peer import http_client, json_answer
 
 
 class ConsentLookupError(Exception):
@@ -43,10 +43,7 @@ def from_fhir_server(base_url: str, identifier_system: str, patient_id: str,
             raise ConsentLookupError(f"consent server unreachable ({type(exc).__name__})") from None
         if resp.status_code != 200:
             raise ConsentLookupError(f"consent server answered HTTP {resp.status_code}")
-        try:
-            bundle = resp.json()
-        except ValueError:
-            raise ConsentLookupError("consent server reply is not JSON") from None
+        bundle = json_answer(resp, "consent server", ConsentLookupError, "Bundle")
         out.extend(_consents_in(bundle))
         url = next((link.get("url") for link in bundle.get("link") or () if link.get("relation") == "next"), None)
         params = None

@@ -18,7 +18,7 @@ import numpy as np
 from omi_dsf.inference import tensors
 from omi_dsf.inference.tensors import TensorError
 from omi_dsf.errors import RetryableError  # the service's state, fit for the Task
-from omi_dsf.peer import Peer, PeerConfigError, http_client
+from omi_dsf.peer import Peer, PeerConfigError, http_client, json_answer
 
 
 class OipError(Exception):
@@ -316,13 +316,7 @@ class OipClient:
         response = self._request(method, path)
         if response.status_code != 200:
             raise InferenceRejected(f"HTTP {response.status_code}: {_error_text(response)}", response.status_code)
-        try:
-            data = response.json()
-        except ValueError:
-            raise OipError(f"{method} {self.base_url}{path}: answer is not JSON") from None
-        if not isinstance(data, dict):
-            raise OipError(f"{method} {self.base_url}{path}: answer is not a JSON object")
-        return data
+        return json_answer(response, f"{method} {self.base_url}{path}", OipError)
 
     def _raise(self, response: httpx.Response, model: str) -> None:
         text = _error_text(response)

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from omi_dsf.errors import RetryableError
-from omi_dsf.peer import Peer
+from omi_dsf.peer import Peer, json_answer
 from omi_dsf.registry import definitions as d
 from omi_dsf.registry import validation as v
 
@@ -90,10 +90,4 @@ def fetch(peer: Peer) -> dict:
         raise DeviceUnavailable(f"Device {peer.url}: HTTP {response.status_code}")
     if response.status_code != 200:
         raise DeviceError(f"Device {peer.url}: HTTP {response.status_code}")
-    try:
-        device = response.json()
-    except ValueError:
-        raise DeviceError(f"Device {peer.url}: answer is not JSON") from None
-    if not isinstance(device, dict):
-        raise DeviceError(f"Device {peer.url}: answer is not a JSON object")
-    return device
+    return json_answer(response, f"Device {peer.url}", DeviceError, "Device")

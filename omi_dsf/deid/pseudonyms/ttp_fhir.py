@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from omi_dsf.peer import Peer
+from omi_dsf.peer import Peer, json_answer
 
 from .base import PseudonymError, UnknownPseudonymError
 
@@ -42,13 +42,7 @@ class TtpFhirProvider:
                 f"TTP-FHIR {operation} in domain {domain!r}: HTTP {resp.status_code} {_issue_code(resp)}")
         if resp.status_code != 200:
             raise PseudonymError(f"TTP-FHIR {operation}: HTTP {resp.status_code} {_issue_code(resp)}")
-        try:
-            data = resp.json()
-        except ValueError:
-            raise PseudonymError(f"TTP-FHIR {operation}: reply is not JSON") from None
-        if not isinstance(data, dict) or data.get("resourceType") != "Parameters":
-            raise PseudonymError(f"TTP-FHIR {operation}: reply is not a Parameters resource")
-        return data
+        return json_answer(resp, f"TTP-FHIR {operation}", PseudonymError, "Parameters")
 
 
 def _parameters(*pairs: tuple[str, str]) -> dict:
