@@ -70,7 +70,7 @@ def check_status(resp: httpx.Response, what: str, ok: Iterable[int] = (200,)) ->
     if status in ok:
         return
     if status >= 500 or status == 429:
-        raise DicomwebBusy(f"{what}: HTTP {status}", status)
+        raise DicomwebBusy(f"{what}: HTTP {status}", status, _reason(resp))
     if status >= 400:
         raise DicomwebRefused(f"{what}: HTTP {status}", status, _reason(resp))
     raise BadAnswer(f"{what}: unexpected HTTP {status}", status)

@@ -49,8 +49,7 @@ def _site(folder: Path, steps: dict | None = None, **top) -> Path:
      "steps.consent.domain: required for kind gics"),
     ({"return": {"modalities": []}}, "steps.return.modalities: must not be empty"),
     ({"ai_services": {"lung": {"model": "lung-seg"}}}, "steps.ai_services.lung.url: required"),
-    ({"pacs": {"host": "pacs", "port": 104, "ae_title": "PACS", "timeout": True}},
-     "steps.pacs.timeout: expected a number, got True"),
+    ({"send": {"batch_mb": True}}, "steps.send.batch_mb: expected a number, got True"),
     ({"gatway_url": "https://gw.test"}, "steps.gatway_url: unknown key"),
 ])
 def test_a_bad_steps_block_stops_the_worker_at_start_naming_the_key(tmp_path, capsys, steps, line):

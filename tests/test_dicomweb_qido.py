@@ -1,18 +1,10 @@
-"""Unit tests of the QIDO engine against a quirky in-memory "PACS" (no servers), and of the lean
-Upper Layer encoding."""
+"""Unit tests of the QIDO engine against a quirky in-memory "PACS" (no servers)."""
 
 from __future__ import annotations
 
-import struct
-from io import BytesIO
-
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from omi_dsf.dicomweb.attributes import INSTANCE, SERIES, STUDY
-from omi_dsf.dicomweb.dimse.association import Peer
-from omi_dsf.dicomweb.dimse.lean_ul import (associate_rq, command, find_proposals, get_proposals, parse_accept,
-                                            parse_command, part10_meta, us_of)
 from omi_dsf.dicomweb.qido import search
 from omi_dsf.dicomweb.query import parse_qido
 
@@ -126,62 +118,3 @@ def test_includefield_limits_what_comes_back():
     q = parse_qido([("includefield", "StudyDescription")], SERIES, study_uid=S1)
     series = search(pacs, q, "http://gw", 100).items[0]
     assert "00100020" not in series  # study attributes are not repeated when the URL fixes the study
-
-
-# -- lean Upper Layer encoding ------------------------------------------------------------------------
-
-def test_command_set_round_trip():
-    cmd = command([(0x0002, b"1.2.3\x00"), (0x0100, struct.pack("<H", 0x0020)), (0x0110, struct.pack("<H", 7))])
-    parsed = parse_command(cmd)
-    assert struct.unpack("<L", parsed[0x00000000])[0] == len(cmd) - 12  # group length after itself
-    assert us_of(parsed, 0x00000100) == 0x0020 and us_of(parsed, 0x00000110) == 7
-    assert parsed[0x00000002] == b"1.2.3\x00"
-
-
-def test_part10_header_is_readable_by_pydicom():
-    body = BytesIO()
-    ds = _ds(SOPClassUID="1.2.840.10008.5.1.4.1.1.2", SOPInstanceUID="1.2.3.4", PatientID="X")
-    from pydicom.filewriter import write_dataset
-    from pydicom.filebase import DicomBytesIO
-    raw = DicomBytesIO()
-    raw.is_little_endian, raw.is_implicit_VR = True, False
-    write_dataset(raw, ds)
-    body.write(part10_meta(b"1.2.840.10008.5.1.4.1.1.2", b"1.2.3.4", b"1.2.840.10008.1.2.1") + raw.getvalue())
-    back = dcmread(BytesIO(body.getvalue()))
-    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and back.PatientID == "X"
-    assert back.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
-
-
-def test_associate_request_and_accept_parsing():
-    peer = Peer("LEGACYPACS", "127.0.0.1", 104)
-    pdu, contexts = associate_rq("OMIGW", peer, get_proposals(), scp_roles=True)
-    kind, _, length = struct.unpack(">BBL", pdu[:6])
-    assert kind == 0x01 and length == len(pdu) - 6
-    assert pdu[10:26] == b"LEGACYPACS      " and pdu[26:42] == b"OMIGW           "
-    assert len(contexts) <= 128 and all(cid % 2 == 1 for cid in contexts)
-    assert pdu.count(b"\x54\x00") >= len(contexts) - 1  # a role selection per storage class
-    _, find_contexts = associate_rq("OMIGW", peer, find_proposals(), scp_roles=False)
-    assert list(find_contexts) == [1]
-    # an A-ASSOCIATE-AC accepting context 1 with Explicit VR LE, max PDU 16384
-    ts = b"1.2.840.10008.1.2.1"
-    item = struct.pack(">BBBB", 1, 0, 0, 0) + struct.pack(">BBH", 0x40, 0, len(ts)) + ts
-    user = struct.pack(">BBHL", 0x51, 0, 4, 16384)
-    body = b"\x00" * 68 + struct.pack(">BBH", 0x21, 0, len(item)) + item + struct.pack(">BBH", 0x50, 0, len(user)) + user
-    accepted, max_pdu = parse_accept(body)
-    assert accepted == {1: ts} and max_pdu == 16384
-
-
-def test_storage_scp_negotiation_round_trip():
-    from omi_dsf.dicomweb.dimse.lean_scp import accept_pdu, parse_request
-
-    peer = Peer("OMIGW", "127.0.0.1", 104)
-    proposals = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"]),
-                 ("1.2.840.10008.5.1.4.1.1.4", ["1.2.3.4.5.6"])]  # a transfer syntax nobody knows
-    rq, _ = associate_rq("LEGACYPACS", peer, proposals, scp_roles=False)
-    called, calling, contexts, max_pdu = parse_request(rq[6:])
-    assert called.strip() == b"OMIGW" and calling.strip() == b"LEGACYPACS" and max_pdu == 1 << 20
-    assert contexts[0] == (1, b"1.2.840.10008.5.1.4.1.1.2", [b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.1"])
-    ac, accepted = accept_pdu(called, calling, contexts)
-    assert accepted == {1: b"1.2.840.10008.1.2.4.50"}  # the proposer's first choice, as stored
-    back, _ = parse_accept(ac[6:])
-    assert back == accepted

@@ -1,7 +1,8 @@
 """The requester's send and return steps against real servers on 127.0.0.1.
 
 The provider's gateway is the project's DICOMweb gateway (store backend) over TLS with a test CA
-made here; the requester's legacy PACS is dcmtk dcmqrscp; the provider's part in between is the
+made here; the requester's legacy PACS is dcmtk dcmqrscp, behind the requester's own gateway
+(dimse backend), which the return step stores the results through; the provider's part in between is the
 real `infer` step with the reference AI service (`python -m omi_dsf ai-service`). Studies are
 small phantoms (8 slices of 128×128) with fake identities. The tests on the requester site
 (dcmqrscp) or the AI service are integration; the STOW-RS body is a unit test. The FHIR result in
@@ -44,7 +45,7 @@ from omi_dsf.testkit.ai_service import AiServiceProcess
 from omi_dsf.testkit.legacy_pacs import Dcmqrscp
 from omi_dsf.transfer import stow as transfer_stow
 from omi_dsf.transfer.errors import TransferError
-from omi_dsf.transfer.pacs import PacsUnavailable
+from omi_dsf.errors import RetryableError
 from omi_dsf.transfer.provider import ProviderUnreachable
 
 
@@ -88,9 +89,22 @@ def pacs(tmp_path_factory):
         yield p
 
 
+def _pacs_gateway(pacs, called_aet: str) -> BackgroundServer:
+    return BackgroundServer(parse_config({
+        "listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "DICPACS",
+        "backends": {"DICPACS": {"type": "dimse", "host": pacs.host, "port": pacs.port, "called_aet": called_aet}}}))
+
+
+@pytest.fixture(scope="module")
+def site_gateway(pacs):
+    """The requester's own gateway in front of its PACS (plain http on 127.0.0.1)."""
+    with _pacs_gateway(pacs, pacs.aet) as server:
+        yield server.url
+
+
 # -- the requester site ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, pki, gateway, pacs) -> dict:
+def site(tmp_path_factory, pki, gateway, pacs, site_gateway) -> dict:
     root = tmp_path_factory.mktemp("requester")
     key = root / "site.key"
     key.write_text("transfer-test-site-key-0123456789")
@@ -104,7 +118,7 @@ def site(tmp_path_factory, pki, gateway, pacs) -> dict:
             },
             "providers": {PROVIDER: {"gateway_url": gateway[0], "ca_file": pki["ca"],
                                      "client_cert": pki["client"][0], "client_key": pki["client"][1]}},
-            "pacs": {"host": pacs.host, "port": pacs.port, "ae_title": pacs.aet, "calling_ae": "OMIWORKER"},
+            "gateway_url": site_gateway,
             "fhir_results": str(root / "fhir-results"),
             "audit": str(root / "audit.sqlite"),
         },
@@ -277,7 +291,7 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     # each step says where its time went (phase names and seconds only)
     assert re.search(r"send bk-round-trip: timings leak_check [\d.]+ s, stow [\d.]+ s, total", caplog.text)
     assert re.search(r"return bk-round-trip: timings wado [\d.]+ s, reidentify [\d.]+ s, fhir [\d.]+ s, "
-                     r"c_store [\d.]+ s, total", caplog.text)
+                     r"stow [\d.]+ s, total", caplog.text)
 
 
 # -- send: leak, crash and retry, TLS, unreachable ------------------------------------------------
@@ -519,7 +533,7 @@ def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
 
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
-def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monkeypatch):
+def test_return_with_a_refusing_pacs_or_absent_gateway(site, gateway, ai_url, pki, pacs, monkeypatch):
     steps, (gw_url, _) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=27, key="bk-pacs")
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
@@ -531,12 +545,15 @@ def test_return_with_a_refusing_or_absent_pacs(site, gateway, ai_url, pki, monke
     inputs = {"result-location": inferred["result-location"], "result-study-instance-uid": pseudo_uid,
               "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
               "provider-organization": PROVIDER}
-    refusing = {**steps["pacs"], "ae_title": "NOSUCHAE"}
-    with pytest.raises(StepError, match="rejected the association"):
-        return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=refusing))
-    absent = {**steps["pacs"], "port": free_port(), "timeout": 5}
-    with pytest.raises(PacsUnavailable):
-        return_results(inputs, _ctx(steps, "return", "bk-pacs", pacs=absent))
+    # the site's gateway reaches a PACS that rejects it: a setting to fix, not retried
+    with _pacs_gateway(pacs, "NOSUCHAE") as refusing:
+        with pytest.raises(StepError, match="rejected the association"):
+            return_results(inputs, _ctx(steps, "return", "bk-pacs", gateway_url=refusing.url))
+    # the site's gateway does not answer: retried
+    with pytest.raises(RetryableError, match="does not answer|refused|connect"):
+        return_results(inputs, _ctx(steps, "return", "bk-pacs", gateway_url=f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(StepError, match="steps.gateway_url is missing"):
+        return_results(inputs, _ctx(steps, "return", "bk-pacs", gateway_url=None))
     # a pseudonym that is not this request's: refused before anything is re-identified
     with pytest.raises(StepError, match="another PatientID than this request's pseudonym"):
         return_results({**inputs, "pseudonym": "PSN-NOTHIS"}, _ctx(steps, "return", "bk-pacs"))

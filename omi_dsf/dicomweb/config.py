@@ -67,8 +67,6 @@ class DimseBackendConfig(Section):
     retrieve: Literal["get", "move", "auto"] = Field(
         "get", description="C-GET, C-MOVE (needs dimse.move_destination), or auto: C-GET, then C-MOVE when "
                            "C-GET finds nothing")
-    engine: Literal["lean", "pynetdicom"] = Field(
-        "lean", description="C-FIND and C-GET by: lean (dimse/lean_*.py) or pynetdicom")
     connect_timeout: float = Field(5.0, ge=0, description="seconds to open the TCP connection")
     acse_timeout: float = Field(10.0, ge=0, description="seconds for association negotiation")
     dimse_timeout: float = Field(30.0, ge=0, description="seconds for a DIMSE response")

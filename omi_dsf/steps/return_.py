@@ -1,17 +1,18 @@
 """The requester's `return` step: result SEG/SR by WADO-RS from the provider's gateway →
-re-identified with the site's pseudonym store → C-STORE into the legacy PACS → FHIR result to the
-configured place.
+re-identified with the site's pseudonym store → STOW-RS to the site's own gateway, which stores
+them in the legacy PACS → FHIR result to the configured place.
 
 Inputs: result-location, result-study-instance-uid, pseudonym, patient-identifier (optional: checked
 after re-identification), study-instance-uid, provider-organization (the provider the study went to).
 
 Site settings read (`steps:` in the site YAML, `ctx.site` here, omi_dsf.steps.settings):
 pseudonymization (domain, store, key_file, provider), providers (the gateways results may be fetched
-from), return (modalities), pacs, fhir_results (a FHIR store also gets the ImagingStudy with an Endpoint at
-gateway_url, and the Patient by consent.identifier_system), actor, audit.
+from), return (modalities), gateway_url and gateway_ca_file (the site's own gateway, in front of its
+PACS: omi_dsf/transfer/archive.py), fhir_results (a FHIR store also gets the ImagingStudy with an
+Endpoint at gateway_url, and the Patient by consent.identifier_system), actor, audit.
 
 Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, AE titles,
-organization identifiers and URLs of the provider's gateway only.
+organization identifiers and URLs of the gateways only.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, s
 from omi_dsf.steps.pseudonymize import pseudonymization_settings
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.fhir import write_fhir_result
-from omi_dsf.transfer.pacs import store_in_pacs
+from omi_dsf.transfer.archive import store_results
 from omi_dsf.transfer.provider import gateway_for_location
 from omi_dsf.transfer.results import fetch_results, reidentify_all
 
@@ -82,8 +83,8 @@ def return_results(inputs: Answers, ctx: StepContext) -> Answers:
             raise StepError(f"the result SR is not a report this site can turn into FHIR "
                             f"({type(exc).__name__})") from None
 
-    with t.phase("c_store"):
-        pacs = store_in_pacs(ctx.site.pacs, results.datasets)
+    with t.phase("stow"):
+        pacs = store_results(ctx.site.gateway_url, ctx.site.gateway_ca_file, results.datasets)
     fhir_target = (write_fhir_result(ctx.site.fhir_results, bundle, ctx.business_key, results.datasets,
                                      gateway_url=ctx.site.gateway_url,
                                      patient_system=ctx.site.consent.identifier_system if ctx.site.consent else None)

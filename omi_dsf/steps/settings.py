@@ -16,30 +16,31 @@ from omi_dsf.config import Database, ExistingFile, FilePath, HttpUrl, Name, Sect
 from omi_dsf.consent.config import ConsentSettings
 from omi_dsf.deid.config import PseudonymizationSettings
 from omi_dsf.inference.config import DEFAULT_MODEL, AiServiceSettings
-from omi_dsf.transfer.config import (FhirResultsSettings, PacsSettings, ProviderSettings, ReturnSettings,
-                                     SendSettings)
+from omi_dsf.transfer.config import FhirResultsSettings, ProviderSettings, ReturnSettings, SendSettings
 
 # which blocks a topic's step cannot do without (checked at worker start for the topics it serves)
 NEEDS: dict[str, tuple[str, ...]] = {
     "consent": ("consent",),
     "pseudonymize": ("pseudonymization", "pseudonymization.source", "pseudonymization.sink"),
     "send": ("pseudonymization", "providers"),
-    "return": ("pseudonymization", "providers", "pacs"),
+    "return": ("pseudonymization", "providers", "gateway_url"),
 }
 
 
 class StepSettings(Section):
     """`steps:` of the site YAML. At the requester (DIC): consent, pseudonymization, gateway_url,
-    providers, send, return, pacs, fhir_results; at the provider: gateway_url, gateway_ca_file and the
+    gateway_ca_file, providers, send, return, fhir_results; at the provider: gateway_url, gateway_ca_file and the
     AI service(s)."""
     consent: ConsentSettings | None = Field(None, description="consent: where consent is looked up "
                                                               "(docs/pseudonymization.md)")
     pseudonymization: PseudonymizationSettings | None = Field(
         None, description="pseudonymize, send, return: domain, key, site store, pseudonym provider, source, sink")
-    gateway_url: HttpUrl | None = Field(None, description="pseudonymize: the site's own OMI gateway in front of the "
-                                                          "legacy PACS (default URL of a dicomweb source or sink); "
-                                                          "infer: the provider's own gateway")
-    gateway_ca_file: ExistingFile | None = Field(None, description="infer: the CA of that gateway's server "
+    gateway_url: HttpUrl | None = Field(None, description="pseudonymize, return: the site's own OMI gateway in "
+                                                          "front of the legacy PACS (default URL of a dicomweb source "
+                                                          "or sink; return stores the results there by STOW-RS, and "
+                                                          "the gateway C-STOREs them into its PACS); infer: the "
+                                                          "provider's own gateway")
+    gateway_ca_file: ExistingFile | None = Field(None, description="return, infer: the CA of that gateway's server "
                                                                    "certificate (default: the system CAs)")
     providers: dict[Name, ProviderSettings] = Field(
         default_factory=dict, description="send, return: per provider organization (the DSF organization identifier "
@@ -47,7 +48,6 @@ class StepSettings(Section):
     send: SendSettings = Field(default_factory=SendSettings, description="send: STOW-RS batching")
     return_: ReturnSettings = Field(default_factory=ReturnSettings, alias="return",
                                     description="return: the result series to fetch")
-    pacs: PacsSettings | None = Field(None, description="return: the legacy PACS the results go into (C-STORE)")
     fhir_results: FhirResultsSettings | None = Field(None, description="return: where the FHIR result goes")
     ai_service_url: HttpUrl | None = Field(None, description="infer: the Open Inference Protocol v2 server")
     ai_model: Name = Field(DEFAULT_MODEL, description="infer: the model on ai_service_url")

@@ -4,7 +4,7 @@
   provider  the provider's DICOMweb gateway: URL, TLS trust, client certificate, token
   stow      STOW-RS of a checked study, idempotent across retries
   results   the AI results (SEG, SR) by WADO-RS, checked and re-identified
-  pacs      C-STORE of the re-identified results into the legacy PACS
+  archive   the re-identified results into the legacy PACS, by STOW-RS to the site's gateway
   fhir      the FHIR result into a folder or onto a FHIR server
 
 A failure the requester must fix raises `errors.TransferError`; a peer that does not answer

@@ -1,6 +1,6 @@
 """The transfer steps' site settings (send and return, `steps:` in the site YAML), typed
-(omi_dsf.config): the provider gateways, batching, the result modalities, the legacy PACS and where
-the FHIR result goes."""
+(omi_dsf.config): the provider gateways, batching, the result modalities and where the FHIR
+result goes."""
 
 from __future__ import annotations
 
@@ -31,15 +31,6 @@ class SendSettings(Section):
 class ReturnSettings(Section):
     modalities: list[Name] = Field(default_factory=lambda: ["SEG", "SR"],
                                    description="modalities of the result series to fetch", min_length=1)
-
-
-class PacsSettings(Section):
-    """The legacy PACS the results go into by C-STORE."""
-    host: Name = Field(description="the PACS's host")
-    port: int = Field(ge=1, le=65535, description="the PACS's port")
-    ae_title: Name = Field(description="the PACS's AE title")
-    calling_ae: Name = Field("OMIWORKER", description="ours (the PACS must accept it)")
-    timeout: float = Field(30.0, gt=0, description="seconds per DIMSE exchange")
 
 
 class FhirResultsSettings(PeerSettings):

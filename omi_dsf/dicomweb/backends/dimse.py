@@ -15,19 +15,15 @@ from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, MODALITY, N_SERIES_INST
                           N_STUDY_SERIES, QR_LEVEL, SERIES, SERIES_UID, SOP_UID, STUDY, UID_KEYWORD,
                           vr_of)
 from ..config import DimseBackendConfig, GatewayConfig
-from ..dimse.association import (AssociationPool, Peer, find_contexts, get_contexts, move_contexts,
-                                 next_message_id)
+from ..dimse.connection import AssociationPool, Peer, next_message_id
+from ..dimse.contexts import find_proposals, move_proposals
 from ..dimse.find import c_find
-from ..dimse.lean_find import LeanFindPool, lean_c_find
-from ..dimse.lean_get import lean_c_get
-from ..dimse.lean_ul import encoded
-from ..dimse.lean_scp import LeanMoveScp
-from ..dimse.retrieve import MoveScp, c_get, c_move, dispatch_store
+from ..dimse.move_scp import MoveScp
+from ..dimse.retrieve import c_get, c_move
 from ..dimse.store import c_store
 from ..errors import NotFound, PacsTimeout, PacsUnavailable
 from ..query import WILDCARD_VRS, split_uid_list
 from ..stream import CancelToken
-from pynetdicom import evt
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +58,15 @@ class MoveScpHolder:
         self._scp = None
         self._lock = threading.Lock()
 
-    def get(self, engine: str = "lean"):
-        """The running SCP; the first backend to need it decides its engine (both work for all)."""
+    def get(self) -> MoveScp:
+        """The running SCP."""
         with self._lock:
             if self._scp is None:
                 if self._dest is None:
                     raise PacsUnavailable("C-MOVE needs dimse.move_destination in the configuration")
                 d = self._dest
-                kind = LeanMoveScp if engine == "lean" else MoveScp
                 try:
-                    self._scp = kind(d.aet, d.bind or d.host, d.port).start()
+                    self._scp = MoveScp(d.aet, d.bind or d.host, d.port).start()
                 except OSError as exc:
                     raise PacsUnavailable(f"cannot listen for C-MOVE on port {d.port}: {exc}") from None
             return self._scp
@@ -129,13 +124,10 @@ class DimseBackend:
         self.calling_aet = calling_aet
         self.peer = Peer(cfg.called_aet, cfg.host, cfg.port, cfg.connect_timeout, cfg.acse_timeout,
                          cfg.dimse_timeout, cfg.network_timeout, cfg.max_pdu)
-        self._find_pool = AssociationPool(calling_aet, self.peer, lambda: (find_contexts(), None),
+        self._find_pool = AssociationPool(calling_aet, self.peer, find_proposals(), "Study Root C-FIND",
                                           size=cfg.pool_size)
-        self._get_pool = AssociationPool(calling_aet, self.peer, get_contexts, size=cfg.pool_size,
-                                         handlers=[(evt.EVT_C_STORE, dispatch_store)])
-        self._move_pool = AssociationPool(calling_aet, self.peer, lambda: (move_contexts(), None),
+        self._move_pool = AssociationPool(calling_aet, self.peer, move_proposals(), "Study Root C-MOVE",
                                           size=cfg.pool_size)
-        self._lean_find_pool = LeanFindPool(calling_aet, self.peer, size=cfg.pool_size)
         self._move = move
         self._summaries: dict[tuple, tuple[float, object]] = {}
         self._summary_lock = threading.Lock()
@@ -172,11 +164,8 @@ class DimseBackend:
         uid_match = match.get({STUDY: 0x0020000D, SERIES: SERIES_UID, INSTANCE: SOP_UID}[level])
         if uid_match:
             setattr(ident, UID_KEYWORD[level], "\\".join(split_uid_list(uid_match)))
-        with self._slot():
-            if self.cfg.engine == "lean":   # (encodes the identifier itself: a bad value is a 400)
-                return lean_c_find(self._lean_find_pool, ident, next_message_id())
-            encoded(ident)   # a bad value is a 400 before pynetdicom logs it with the value
-            return c_find(self._find_pool, ident)
+        with self._slot():   # (c_find encodes the identifier first: a bad value is a 400)
+            return c_find(self._find_pool, ident, next_message_id())
 
     def _cached(self, key: tuple, compute):
         now = time.monotonic()
@@ -233,16 +222,14 @@ class DimseBackend:
         framed = emit if head is None else (lambda data: emit(head() + data))
         if mode in ("get", "auto"):
             try:
-                if self.cfg.engine == "lean":
-                    lean_c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id(), head)
-                else:
-                    c_get(self._get_pool, ident, framed, token)
+                c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id(), head)
                 return
             except NotFound:
                 if mode == "get":
                     raise
                 log.info("C-GET found nothing on %s; trying C-MOVE", self.name)
-        c_move(self._move_pool, self._move.get(self.cfg.engine), ident, framed, token)
+        scp = self._move.get()
+        c_move(self._move_pool, scp, scp.aet, ident, framed, token, next_message_id())
 
     def instance(self, study: str, series: str, sop: str) -> bytes:
         key = f"{study}/{series}/{sop}"
@@ -267,5 +254,5 @@ class DimseBackend:
         return results
 
     def close(self) -> None:
-        for pool in (self._find_pool, self._get_pool, self._move_pool, self._lean_find_pool):
+        for pool in (self._find_pool, self._move_pool):
             pool.close()

@@ -1,8 +1,10 @@
-"""The DIMSE side of the gateway: application entity and associations, then one module per service
-(C-FIND, C-GET/C-MOVE, C-STORE)."""
+"""The DIMSE side of the gateway, in pynetdicom's layers, one engine for every service:
 
-from pynetdicom import _config
+  pdu         Upper Layer PDUs: association negotiation by pynetdicom.pdu, P-DATA written here
+  messages    DIMSE command sets, identifiers, the Part 10 header of a received data set
+  connection  the socket and the association on it, message reassembly, the association pool
+  contexts    the presentation contexts proposed and accepted per service
+  find        C-FIND;  retrieve  C-GET and C-MOVE;  move_scp  the C-MOVE destination;  store  C-STORE
 
-# Identifiers carry patient names and IDs: never log them.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
+Why not pynetdicom's own association and DIMSE layers: docs/gateway.md "DIMSE engine".
+"""

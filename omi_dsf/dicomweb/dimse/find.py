@@ -1,73 +1,59 @@
-"""C-FIND (Study Root) over a pooled association."""
+"""C-FIND (Study Root) on a pooled association."""
 
 from __future__ import annotations
 
 import logging
-import time
 
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from ..errors import PacsTimeout, PacsUnavailable
-from .association import AssociationPool, abort, busy, next_message_id
+from ..errors import BadRequest, PacsTimeout, PacsUnavailable
+from .connection import AssociationPool, messages
+from .contexts import FIND
+from .messages import C_FIND_RSP, CANCELLED, COMMAND_FIELD, PENDING, STATUS, SUCCESS, decoded, encoded, find_rq, us_of
 
 log = logging.getLogger(__name__)
 
-PENDING = (0xFF00, 0xFF01)
 
-
-def lost(op: str, pool: AssociationPool, started: float) -> Exception:
-    """The error for a DIMSE exchange that ended without a final status."""
-    peer = pool.peer
-    if time.monotonic() - started >= peer.dimse_timeout * 0.9:
-        return PacsTimeout(f"{op}: PACS {peer.aet} did not answer within {peer.dimse_timeout:g} s")
-    return PacsUnavailable(f"{op}: PACS {peer.aet} dropped the association")
-
-
-def c_find(pool: AssociationPool, identifier: Dataset) -> list[Dataset]:
-    """All matches of a C-FIND; raises PacsUnavailable/PacsTimeout, never hangs."""
+def c_find(pool: AssociationPool, identifier: Dataset, msg_id: int) -> list[Dataset]:
+    """All matches of a C-FIND; BadRequest for a value that cannot be encoded (nothing sent),
+    PacsUnavailable/PacsTimeout otherwise, never a hang."""
     for attempt in (1, 2):
-        assoc, reused = pool.acquire()
-        started = time.monotonic()
+        conn, reused = pool.acquire()
+        ts = conn.accepted[1]
         results: list[Dataset] = []
         ok = False
         try:
-            with busy(assoc):
-                responses = assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind,
-                                              msg_id=next_message_id())
-                answers = list(responses)
-            for status, ident in answers:
-                code = getattr(status, "Status", None)
-                if code is None:
-                    raise lost("C-FIND", pool, started)
-                if code in PENDING:
-                    if ident is not None:
-                        results.append(ident)
+            payload = encoded(identifier, ts)
+        except BadRequest:   # a value the client sent; nothing went to the PACS
+            pool.release(conn, reusable=True)
+            raise
+        try:
+            conn.send_message(1, find_rq(FIND, msg_id), payload)
+            for _cid, cmd, data in messages(conn):
+                if us_of(cmd, COMMAND_FIELD) != C_FIND_RSP:
+                    raise PacsUnavailable(f"C-FIND: unexpected answer from PACS {pool.peer.aet}")
+                status = us_of(cmd, STATUS)
+                if status in PENDING:
+                    if data:
+                        results.append(decoded(data, ts))
                     continue
-                if code == 0x0000:
+                if status == SUCCESS:
                     ok = True
                     break
-                if code == 0xFE00:
+                if status == CANCELLED:
                     raise PacsUnavailable("C-FIND was cancelled by the PACS")
+                ok = True  # the association itself is fine
                 raise PacsUnavailable(f"C-FIND: PACS {pool.peer.aet} answered with failure status "
-                                      f"0x{code:04X}")
-            else:
-                raise lost("C-FIND", pool, started)
-        except (PacsUnavailable, PacsTimeout) as exc:
-            abort(assoc)
-            pool.release(assoc, reusable=False)
-            if attempt == 1 and reused and not results and not isinstance(exc, PacsTimeout):
+                                      f"0x{status:04X}")
+        except PacsTimeout:
+            pool.release(conn, reusable=False)
+            raise
+        except PacsUnavailable:
+            pool.release(conn, reusable=ok)
+            if attempt == 1 and reused and not ok and not results:
                 log.debug("pooled association was stale; retrying C-FIND on a new one")
                 continue
             raise
-        except (RuntimeError, ValueError, OSError) as exc:
-            abort(assoc)
-            pool.release(assoc, reusable=False)
-            if attempt == 1 and reused:
-                continue
-            raise PacsUnavailable(f"C-FIND: {exc}") from None
-        finally:
-            if ok:
-                pool.release(assoc, reusable=True)
+        pool.release(conn, reusable=True)
         return results
     raise AssertionError("unreachable")

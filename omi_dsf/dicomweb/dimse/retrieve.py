@@ -1,36 +1,44 @@
-"""C-GET and C-MOVE (Study Root) that hand each received instance to ``emit`` as it arrives.
+"""C-GET and C-MOVE (Study Root): each received instance goes to ``emit`` as Part 10 bytes (a file
+meta group + the data set exactly as sent) as it arrives.
 
-C-GET: the instances come back on the same association as C-STORE sub-operations.
-C-MOVE: the PACS opens its own association to the gateway's storage SCP (:class:`MoveScp`); the
-sub-operations carry the Move Originator Message ID, which routes them to the waiting request.
+C-GET: A-ASSOCIATE-RQ (Get context + storage contexts with SCP role) → C-GET-RQ →
+{C-STORE-RQ + data → C-STORE-RSP, C-GET-RSP pending}* → C-GET-RSP final → A-RELEASE. When the
+client is gone (``token``), the association is aborted at once. With ``head`` (the WADO-RS
+multipart part header), each instance is emitted as head + Part 10 in the one buffer the PDV
+fragments are joined into anyway, and its C-STORE-RSP goes out before the instance is handed on:
+the PACS starts the next sub-operation while the HTTP side wakes up.
+
+C-MOVE: the PACS opens its own association to the gateway's storage SCP (move_scp.MoveScp); the
+sub-operations carry the Move Originator Message ID, which routes them to the waiting request
+(:class:`MoveRoutes`). When the client is gone, a C-CANCEL goes to the PACS.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet,
-                                  StudyRootQueryRetrieveInformationModelMove)
-from pynetdicom import StoragePresentationContexts
 
 from ..errors import DicomwebError, NotFound, PacsTimeout, PacsUnavailable
 from ..stream import CancelToken, Cancelled
-from .association import (STORAGE_SYNTAXES, AssociationPool, abort, busy, next_message_id,
-                          set_nodelay_busy)
-from .find import lost
+from .connection import AssociationPool, Peer, messages, open_association, release
+from .contexts import GET, MOVE, get_proposals
+from .messages import (AFFECTED_SOP_CLASS, AFFECTED_SOP_INSTANCE, C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, CANCELLED,
+                       CANNOT_UNDERSTAND, COMMAND_FIELD, COMPLETED, FAILED, OUT_OF_RESOURCES, PENDING, STATUS,
+                       SUCCESS, WARNING, cancel_rq, encoded, get_rq, move_rq, part10_meta, store_rsp, uid_of,
+                       us_of)
+from .pdu import Proposal
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[bytes], None]
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
+Sink = Callable[[bytes], int]      # an instance's Part 10 bytes → the C-STORE status to answer
+WARNING_STATUS = 0xB000
+MOVE_DESTINATION_UNKNOWN = 0xA801
 
 
 @dataclass
@@ -42,15 +50,11 @@ class RetrieveSummary:
     warning: int = 0
 
 
-def _sink(emit: Emit, summary: RetrieveSummary, token: CancelToken) -> Callable:
-    def handle(event) -> int:
+def sink(emit: Emit, summary: RetrieveSummary, token: CancelToken) -> Sink:
+    """What to answer a C-STORE sub-operation after handing its instance to ``emit``."""
+    def handle(data: bytes) -> int:
         if token.cancelled:
             return OUT_OF_RESOURCES  # refuse what still comes after the client left
-        try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception:  # noqa: BLE001
-            log.warning("could not encode a received instance")
-            return CANNOT_UNDERSTAND
         try:
             emit(data)
         except Cancelled:
@@ -59,106 +63,89 @@ def _sink(emit: Emit, summary: RetrieveSummary, token: CancelToken) -> Callable:
             summary.error = summary.error or exc
             return CANNOT_UNDERSTAND
         summary.received += 1
-        return 0x0000
+        return SUCCESS
     return handle
 
 
-def dispatch_store(event) -> int:
-    """EVT_C_STORE handler bound on C-GET associations: forwards to the current request's sink."""
-    sink = getattr(event.assoc, "omi_sink", None)
-    if sink is None:
-        return OUT_OF_RESOURCES
-    return sink(event)
+def _counts(cmd: dict[int, bytes], summary: RetrieveSummary) -> None:
+    summary.completed = us_of(cmd, COMPLETED, summary.received)
+    summary.failed = us_of(cmd, FAILED)
+    summary.warning = us_of(cmd, WARNING)
 
 
-def _final(op: str, pool: AssociationPool, code: int, status: Dataset, summary: RetrieveSummary) -> None:
-    summary.completed = int(getattr(status, "NumberOfCompletedSuboperations", summary.received) or 0)
-    summary.failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0)
-    summary.warning = int(getattr(status, "NumberOfWarningSuboperations", 0) or 0)
-    if code in (0x0000, 0xB000):
-        return
-    if code == 0xFE00:
+def _final(op: str, peer: Peer, code: int, summary: RetrieveSummary) -> None:
+    """Raise for a final status that is a failure with nothing received."""
+    if code == CANCELLED:
         raise PacsUnavailable(f"{op} was cancelled by the PACS")
-    if code == 0xA801:
+    if code == MOVE_DESTINATION_UNKNOWN:
         raise PacsUnavailable(f"{op}: the PACS does not know the move destination "
                               f"(add the gateway's AE title to its configuration)")
-    raise PacsUnavailable(f"{op}: PACS {pool.peer.aet} answered with failure status 0x{code:04X}")
+    if code not in (SUCCESS, WARNING_STATUS) and summary.received == 0:
+        raise PacsUnavailable(f"{op}: PACS {peer.aet} answered with failure status 0x{code:04X}")
 
 
-def _run(op: str, pool: AssociationPool, responses_fn, summary: RetrieveSummary, token: CancelToken,
-         assoc, msg_id: int, query_model: str) -> RetrieveSummary:
-    """Drive the C-GET/C-MOVE responses. When the consumer is gone (``token``), send C-CANCEL at
-    the next pending response and release the association instead of pooling it; abort only when
-    the PACS stops answering (then pynetdicom's DIMSE timeout ends the wait)."""
-    started = time.monotonic()
-    ok = False
-    try:
-        with busy(assoc):
-            _consume(op, pool, responses_fn(), summary, token, assoc, msg_id, query_model, started)
-        ok = True
-    except _CancelledAfterFinal:
-        ok = True
-        raise
-    except (RuntimeError, OSError, ValueError) as exc:
-        ok = False
-        if token.cancelled:
-            raise Cancelled() from None
-        raise PacsUnavailable(f"{op}: {exc}") from None
-    except (PacsUnavailable, PacsTimeout):
-        ok = assoc.is_established and not isinstance(sys.exc_info()[1], PacsTimeout)
-        raise
-    finally:
-        if not ok:
-            abort(assoc)
-        pool.release(assoc, reusable=ok and not token.cancelled)
-    if summary.received == 0:
-        raise summary.error or NotFound(f"{op}: the PACS has no instances for this request")
-    return summary
-
-
-def _consume(op, pool, responses, summary, token, assoc, msg_id, query_model, started) -> None:
-    cancel_sent = False
-    for status, _ident in responses:
-        code = getattr(status, "Status", None)
-        if code is None:
-            if token.cancelled:
-                raise Cancelled()
-            raise lost(op, pool, started)
-        if code in (0xFF00, 0xFF01):
-            if token.cancelled and not cancel_sent:
-                cancel_sent = True
-                assoc.send_c_cancel(msg_id, query_model=query_model)
-            continue
-        if token.cancelled:
-            raise _CancelledAfterFinal()
-        _final(op, pool, code, status, summary)
-        return
-    if token.cancelled:
-        raise Cancelled()
-    raise lost(op, pool, started)
-
-
-class _CancelledAfterFinal(Cancelled):
-    """Cancelled, but the PACS finished the operation: the association is clean."""
-
-
-def c_get(pool: AssociationPool, identifier: Dataset, emit: Emit, token: CancelToken) -> RetrieveSummary:
+def c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Emit, token: CancelToken, msg_id: int,
+          head: Callable[[], bytes] | None = None,
+          proposals: tuple[Proposal, ...] | None = None) -> RetrieveSummary:
+    """C-GET ``identifier`` and ``emit`` every instance as it arrives (Part 10 bytes, after
+    ``head()`` if given; then ``emit`` may only raise :class:`Cancelled`)."""
     summary = RetrieveSummary()
-    for attempt in (1, 2):
-        assoc, reused = pool.acquire()
-        assoc.omi_sink = _sink(emit, summary, token)
-        msg_id = next_message_id()
-        model = StudyRootQueryRetrieveInformationModelGet
-        try:
-            return _run("C-GET", pool, lambda: assoc.send_c_get(identifier, model, msg_id=msg_id),
-                        summary, token, assoc, msg_id, model)
-        except PacsUnavailable:
-            if attempt == 1 and reused and summary.received == 0 and not token.cancelled:
-                continue  # a pooled association the PACS had dropped
-            raise
-        finally:
-            assoc.omi_sink = None
-    raise AssertionError("unreachable")
+    started = time.monotonic()
+    conn = open_association(calling_aet, peer, proposals or get_proposals(), scp_roles=True,
+                            required="Study Root C-GET")
+    done = False
+    try:
+        conn.send_message(1, get_rq(GET, msg_id), encoded(identifier, conn.accepted[1]))
+        final = None
+
+        def meta(cid: int, cmd: dict[int, bytes]) -> bytes:
+            ts = conn.accepted.get(cid)
+            if ts is None or us_of(cmd, COMMAND_FIELD) != C_STORE_RQ:
+                return b""
+            group = part10_meta(uid_of(cmd, AFFECTED_SOP_CLASS), uid_of(cmd, AFFECTED_SOP_INSTANCE), ts)
+            return group if head is None else head() + group
+
+        for cid, cmd, data in messages(conn, token, prefix=meta):
+            field = us_of(cmd, COMMAND_FIELD)
+            if field == C_GET_RSP:
+                status = us_of(cmd, STATUS)
+                if status in PENDING:
+                    continue
+                final = status
+                _counts(cmd, summary)
+                break
+            if field != C_STORE_RQ:
+                raise PacsUnavailable(f"C-GET: unexpected DIMSE command 0x{field:04X} from PACS {peer.aet}")
+            status = SUCCESS
+            if cid not in conn.accepted or data is None:
+                status = CANNOT_UNDERSTAND
+            elif head is not None:
+                # Answer first: the PACS waits for this answer before it sends the next instance.
+                conn.send_message(cid, store_rsp(cmd, status))
+                emit(data)  # raises Cancelled when the client is gone: the association is aborted
+                summary.received += 1
+                continue
+            else:
+                try:
+                    emit(data)  # Part 10: meta() put the file meta group in front
+                    summary.received += 1
+                except Cancelled:
+                    raise
+                except DicomwebError as exc:
+                    summary.error = summary.error or exc
+                    status = CANNOT_UNDERSTAND
+            conn.send_message(cid, store_rsp(cmd, status))
+        _final("C-GET", peer, final if final is not None else SUCCESS, summary)
+        done = True
+    finally:
+        if done:
+            release(conn)
+        else:
+            conn.abort()  # also when the client went away: the association goes at once
+    log.debug("C-GET: %d instances in %.2f s", summary.received, time.monotonic() - started)
+    if summary.received == 0:
+        raise summary.error or NotFound("C-GET: the PACS has no instances for this request")
+    return summary
 
 
 class MoveRoutes:
@@ -166,71 +153,70 @@ class MoveRoutes:
     (Move Originator Message ID); for a PACS that leaves that out, the only pending one."""
 
     def __init__(self) -> None:
-        self._sinks: dict[int, tuple[Callable, str | None]] = {}
+        self._sinks: dict[int, Sink] = {}
         self._lock = threading.Lock()
 
-    def register(self, msg_id: int, sink: Callable, study_uid: str | None) -> None:
+    def register(self, msg_id: int, sink_: Sink) -> None:
         with self._lock:
-            self._sinks[msg_id] = (sink, study_uid)
+            self._sinks[msg_id] = sink_
 
     def unregister(self, msg_id: int) -> None:
         with self._lock:
             self._sinks.pop(msg_id, None)
 
-    def route(self, msg_id: int | None) -> tuple[tuple[Callable, str | None] | None, list]:
-        """(sink, study UID) of the move, or None and every pending move to choose from."""
+    def route(self, msg_id: int | None) -> Sink | None:
         with self._lock:
-            entry = self._sinks.get(msg_id) if msg_id is not None else None
-            if entry is None and len(self._sinks) == 1:
-                entry = next(iter(self._sinks.values()))
-            return entry, (list(self._sinks.values()) if entry is None else [])
+            found = self._sinks.get(msg_id) if msg_id is not None else None
+            if found is None and len(self._sinks) == 1:
+                found = next(iter(self._sinks.values()))
+            return found
 
 
-class MoveScp(MoveRoutes):
-    """The gateway's storage SCP: the destination of its own C-MOVE requests."""
-
-    def __init__(self, aet: str, bind: str, port: int):
-        super().__init__()
-        self.aet, self.bind, self.port = aet, bind, port
-        self._server = None
-
-    def start(self) -> "MoveScp":
-        ae = AE(ae_title=self.aet)
-        for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES)
-        ae.maximum_pdu_size = 0
-        self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=[
-            (evt.EVT_CONN_OPEN, set_nodelay_busy), (evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    def _on_store(self, event) -> int:
-        entry, candidates = self.route(getattr(event.request, "MoveOriginatorMessageID", None))
-        if entry is None and candidates:
-            try:
-                study = event.dataset.StudyInstanceUID
-            except Exception:  # noqa: BLE001
-                study = None
-            entry = next((c for c in candidates if c[1] == study), None)
-        if entry is None:
-            log.warning("C-STORE to the move SCP that belongs to no pending C-MOVE; refused")
-            return OUT_OF_RESOURCES
-        return entry[0](event)
-
-
-def c_move(pool: AssociationPool, scp: MoveScp, identifier: Dataset, emit: Emit,
-           token: CancelToken) -> RetrieveSummary:
+def c_move(pool: AssociationPool, routes: MoveRoutes, destination: str, identifier: Dataset, emit: Emit,
+           token: CancelToken, msg_id: int) -> RetrieveSummary:
+    """C-MOVE ``identifier`` to ``destination`` (the gateway's own storage SCP, whose ``routes``
+    hand each instance to ``emit``)."""
     summary = RetrieveSummary()
-    assoc, _ = pool.acquire()
-    msg_id = next_message_id()
-    scp.register(msg_id, _sink(emit, summary, token), getattr(identifier, "StudyInstanceUID", None))
-    model = StudyRootQueryRetrieveInformationModelMove
+    started = time.monotonic()
+    routes.register(msg_id, sink(emit, summary, token))
     try:
-        return _run("C-MOVE", pool, lambda: assoc.send_c_move(identifier, scp.aet, model, msg_id=msg_id),
-                    summary, token, assoc, msg_id, model)
+        for attempt in (1, 2):
+            conn, reused = pool.acquire()
+            answered, clean = False, False
+            try:
+                conn.send_message(1, move_rq(MOVE, msg_id, destination), encoded(identifier, conn.accepted[1]))
+                cancel_sent = False
+                final = None
+                for _cid, cmd, _data in messages(conn):
+                    answered = True
+                    if us_of(cmd, COMMAND_FIELD) != C_MOVE_RSP:
+                        raise PacsUnavailable(f"C-MOVE: unexpected answer from PACS {pool.peer.aet}")
+                    status = us_of(cmd, STATUS)
+                    if status in PENDING:
+                        if token.cancelled and not cancel_sent:
+                            cancel_sent = True
+                            conn.send_message(1, cancel_rq(msg_id))
+                        continue
+                    final = status
+                    _counts(cmd, summary)
+                    break
+                clean = True
+            except PacsTimeout:
+                raise
+            except PacsUnavailable:
+                if attempt == 1 and reused and not answered and summary.received == 0 and not token.cancelled:
+                    log.debug("pooled association was stale; retrying C-MOVE on a new one")
+                    continue
+                raise
+            finally:
+                pool.release(conn, reusable=clean and not token.cancelled)
+            if token.cancelled:
+                raise Cancelled()
+            _final("C-MOVE", pool.peer, final, summary)
+            log.debug("C-MOVE: %d instances in %.2f s", summary.received, time.monotonic() - started)
+            if summary.received == 0:
+                raise summary.error or NotFound("C-MOVE: the PACS has no instances for this request")
+            return summary
+        raise AssertionError("unreachable")
     finally:
-        scp.unregister(msg_id)
+        routes.unregister(msg_id)
