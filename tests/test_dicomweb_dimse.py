@@ -51,7 +51,14 @@ def test_associate_request_as_pynetdicom_reads_it():
     assert p.called_ae_title == "LEGACYPACS" and p.calling_ae_title == "OMIGW"
     assert len(contexts) <= 128 and all(cid % 2 == 1 for cid in contexts) and contexts[1] == GET
     roles = [i for i in p.user_information if type(i).__name__ == "SCP_SCU_RoleSelectionNegotiation"]
-    assert len(roles) == len(contexts) - 1 and all(r.scp_role for r in roles)
+    classes = set(contexts.values()) - {GET}
+    assert len(roles) == len(classes) > 70 and all(r.scp_role for r in roles)  # one per storage class
+    # a context per transfer-syntax family for the image classes, uncompressed first
+    ct = [cx for cx in p.presentation_context_definition_list if cx.abstract_syntax == CT]
+    assert len(ct) == 5 and ct[0].transfer_syntax == [EXPLICIT, "1.2.840.10008.1.2"]
+    assert all(len(cx.transfer_syntax) <= 2 for cx in ct)
+    lossy = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91"}
+    assert not lossy & {str(ts) for cx in p.presentation_context_definition_list for ts in cx.transfer_syntax}
     assert pdu.associate_rq("OMIGW", "LEGACYPACS", get_proposals(), scp_roles=True)[0] is rq  # kept
     _, find_ids = pdu.associate_rq("OMIGW", "LEGACYPACS", find_proposals())
     assert find_ids == {1: FIND}

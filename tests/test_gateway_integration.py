@@ -211,6 +211,31 @@ def test_a_jpeg_instance_comes_back_as_the_pacs_sends_it(bed, data, aet):
     assert Image.open(BytesIO(png)).mode == "RGB"
 
 
+def test_c_get_from_a_pacs_that_prefers_jpeg(tmp_path, data):
+    """dcmqrscp with +xy accepts JPEG Baseline first wherever it is proposed, sends every instance
+    of a class on the first context accepted for it, and can neither compress nor decompress. One
+    storage context with every syntax let it choose JPEG for the CT class and fail (0xA702) on each
+    uncompressed CT instance; with a context per syntax family, uncompressed first, the CT comes
+    as stored, and the JPEG Baseline instance, which it cannot send uncompressed, in a second pass
+    that proposes JPEG, as stored (nothing is compressed lossy)."""
+    jpeg = data["jpeg"]
+    with Dcmqrscp(tmp_path / "pacs", options=["+xy"]) as pacs:
+        pacs.load(data["ct"] + [data["jpeg_file"]])
+        cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True},
+                            "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port}}})
+        with BackgroundServer(cfg) as server:
+            c = DICOMwebClient(server.url)
+            study = c.retrieve_study(data["study"])
+            originals = {d.SOPInstanceUID: d for d in map(pydicom.dcmread, data["ct"])}
+            assert len(study) == SLICES
+            for got in study:
+                assert got.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+                assert got.PixelData == originals[got.SOPInstanceUID].PixelData
+            back = c.retrieve_study(jpeg.StudyInstanceUID)
+            assert len(back) == 1 and back[0].file_meta.TransferSyntaxUID == jpeg.file_meta.TransferSyntaxUID
+            assert back[0].PixelData == jpeg.PixelData
+
+
 # -- STOW-RS ------------------------------------------------------------------------------------------
 
 def _new_instance(study_uid: str | None = None) -> pydicom.Dataset:

@@ -240,8 +240,9 @@ class Dcmqrscp(LegacyPacs):
 
     def __init__(self, workdir: str | Path, aet: str = "LEGACYPACS", port: int | None = None,
                  move_destinations: dict[str, tuple[str, int]] | None = None,
-                 max_pdu: int = 16384, max_studies: int = 500):
+                 max_pdu: int = 16384, max_studies: int = 500, options: Iterable[str] = ()):
         super().__init__(workdir, aet)
+        self.options = list(options)   # more dcmqrscp options, e.g. +xy: prefer JPEG Baseline when accepting
         self.port = port or free_port()
         self.move_destinations = dict(move_destinations or {})
         self.max_pdu = max_pdu
@@ -275,7 +276,7 @@ class Dcmqrscp(LegacyPacs):
         (self.workdir / "db").mkdir(exist_ok=True)
         cfg = self.workdir / "dcmqrscp.cfg"
         cfg.write_text(self.config_text())
-        self._spawn([dcmtk_tool("dcmqrscp"), "-c", str(cfg), str(self.port)])
+        self._spawn([dcmtk_tool("dcmqrscp"), *self.options, "-c", str(cfg), str(self.port)])
         try:
             wait_for_port(self.host, self.port, 20, self.proc)
         except PacsError as exc:

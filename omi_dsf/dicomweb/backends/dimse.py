@@ -16,7 +16,7 @@ from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, MODALITY, N_SERIES_INST
                           vr_of)
 from ..config import DimseBackendConfig, GatewayConfig
 from ..dimse.connection import AssociationPool, Peer, next_message_id
-from ..dimse.contexts import find_proposals, move_proposals
+from ..dimse.contexts import RETRY_FAMILIES, find_proposals, get_proposals, move_proposals, retry_proposals
 from ..dimse.find import c_find
 from ..dimse.move_scp import MoveScp
 from ..dimse.retrieve import c_get, c_move
@@ -222,7 +222,7 @@ class DimseBackend:
         framed = emit if head is None else (lambda data: emit(head() + data))
         if mode in ("get", "auto"):
             try:
-                c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id(), head)
+                self._c_get(ident, emit, token, head)
                 return
             except NotFound:
                 if mode == "get":
@@ -230,6 +230,28 @@ class DimseBackend:
                 log.info("C-GET found nothing on %s; trying C-MOVE", self.name)
         scp = self._move.get()
         c_move(self._move_pool, scp, scp.aet, ident, framed, token, next_message_id())
+
+    def _c_get(self, ident: Dataset, emit, token: CancelToken, head) -> None:
+        """C-GET with uncompressed and lossless contexts; what the PACS could not send that way
+        is asked for again, one compressed family at a time (dimse/contexts.py)."""
+        seen: set[bytes] = set()
+        first = c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id(), head,
+                      get_proposals(), seen, check=False)
+        total, last = first.suboperations, first
+        for family in RETRY_FAMILIES:
+            if not first.failed or len(seen) >= total or token.cancelled:
+                break
+            last = c_get(self.calling_aet, self.peer, ident, emit, token, next_message_id(), head,
+                         retry_proposals(family), seen, check=False, optional=True)
+        if not seen:
+            if first.status == 0xFE00:
+                raise PacsUnavailable("C-GET was cancelled by the PACS")
+            if first.status not in (0x0000, 0xB000):
+                raise PacsUnavailable(f"C-GET: PACS {self.name} answered with failure status 0x{first.status:04X}")
+            raise first.error or NotFound("C-GET: the PACS has no instances for this request")
+        if len(seen) < total:
+            log.warning("C-GET from %s: %d of %d instances could not be retrieved (last status 0x%04X)",
+                        self.name, total - len(seen), total, last.status)
 
     def instance(self, study: str, series: str, sop: str) -> bytes:
         key = f"{study}/{series}/{sop}"

@@ -48,6 +48,11 @@ class RetrieveSummary:
     completed: int = 0
     failed: int = 0
     warning: int = 0
+    status: int = SUCCESS                # the final response's
+
+    @property
+    def suboperations(self) -> int:
+        return self.completed + self.failed + self.warning
 
 
 def sink(emit: Emit, summary: RetrieveSummary, token: CancelToken) -> Sink:
@@ -85,18 +90,27 @@ def _final(op: str, peer: Peer, code: int, summary: RetrieveSummary) -> None:
 
 
 def c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Emit, token: CancelToken, msg_id: int,
-          head: Callable[[], bytes] | None = None,
-          proposals: tuple[Proposal, ...] | None = None) -> RetrieveSummary:
+          head: Callable[[], bytes] | None = None, proposals: tuple[Proposal, ...] | None = None,
+          seen: set[bytes] | None = None, check: bool = True, optional: bool = False) -> RetrieveSummary:
     """C-GET ``identifier`` and ``emit`` every instance as it arrives (Part 10 bytes, after
-    ``head()`` if given; then ``emit`` may only raise :class:`Cancelled`)."""
+    ``head()`` if given; then ``emit`` may only raise :class:`Cancelled`).
+
+    ``seen``: SOP Instance UIDs already emitted (by an earlier pass); such an instance is answered
+    with success and not emitted again, and every emitted one is added. With ``check`` a failure
+    status or nothing received raises; without, the summary says what happened. ``optional``: when
+    the PACS accepts none of the storage contexts, nothing is asked (an empty summary)."""
     summary = RetrieveSummary()
+    seen = set() if seen is None else seen
     started = time.monotonic()
     conn = open_association(calling_aet, peer, proposals or get_proposals(), scp_roles=True,
                             required="Study Root C-GET")
     done = False
     try:
+        if len(conn.accepted) < 2 and optional:
+            summary.status = SUCCESS
+            done = True
+            return summary
         conn.send_message(1, get_rq(GET, msg_id), encoded(identifier, conn.accepted[1]))
-        final = None
 
         def meta(cid: int, cmd: dict[int, bytes]) -> bytes:
             ts = conn.accepted.get(cid)
@@ -111,23 +125,28 @@ def c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Emit, token: 
                 status = us_of(cmd, STATUS)
                 if status in PENDING:
                     continue
-                final = status
+                summary.status = status
                 _counts(cmd, summary)
                 break
             if field != C_STORE_RQ:
                 raise PacsUnavailable(f"C-GET: unexpected DIMSE command 0x{field:04X} from PACS {peer.aet}")
+            sop = uid_of(cmd, AFFECTED_SOP_INSTANCE)
             status = SUCCESS
             if cid not in conn.accepted or data is None:
                 status = CANNOT_UNDERSTAND
+            elif sop in seen:
+                pass   # sent in an earlier pass
             elif head is not None:
                 # Answer first: the PACS waits for this answer before it sends the next instance.
                 conn.send_message(cid, store_rsp(cmd, status))
+                seen.add(sop)
                 emit(data)  # raises Cancelled when the client is gone: the association is aborted
                 summary.received += 1
                 continue
             else:
                 try:
                     emit(data)  # Part 10: meta() put the file meta group in front
+                    seen.add(sop)
                     summary.received += 1
                 except Cancelled:
                     raise
@@ -135,7 +154,6 @@ def c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Emit, token: 
                     summary.error = summary.error or exc
                     status = CANNOT_UNDERSTAND
             conn.send_message(cid, store_rsp(cmd, status))
-        _final("C-GET", peer, final if final is not None else SUCCESS, summary)
         done = True
     finally:
         if done:
@@ -143,8 +161,10 @@ def c_get(calling_aet: str, peer: Peer, identifier: Dataset, emit: Emit, token: 
         else:
             conn.abort()  # also when the client went away: the association goes at once
     log.debug("C-GET: %d instances in %.2f s", summary.received, time.monotonic() - started)
-    if summary.received == 0:
-        raise summary.error or NotFound("C-GET: the PACS has no instances for this request")
+    if check:
+        _final("C-GET", peer, summary.status, summary)
+        if summary.received == 0:
+            raise summary.error or NotFound("C-GET: the PACS has no instances for this request")
     return summary
 
 
@@ -198,6 +218,7 @@ def c_move(pool: AssociationPool, routes: MoveRoutes, destination: str, identifi
                             conn.send_message(1, cancel_rq(msg_id))
                         continue
                     final = status
+                    summary.status = status
                     _counts(cmd, summary)
                     break
                 clean = True
