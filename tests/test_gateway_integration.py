@@ -147,6 +147,40 @@ def test_relational_searches(bed, data, aet):
     assert len(by_patient) == SLICES
 
 
+def test_keys_the_pacs_ignores_are_matched_and_returned_by_the_gateway(bed, data, monkeypatch):
+    """dcmqrscp leaves out SOPClassUID, Rows, InstitutionName, SeriesDescription, …: the gateway
+    fills them from the instances' headers, matches on them itself, and where it cannot, says so."""
+    from omi_dsf.dicomweb.backends import dimse
+
+    c = client(bed)
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+    mr_only = c.search_for_instances(search_filters={"SOPClassUID": mr})
+    assert [values(i, "0020000D")[0] for i in mr_only] == [data["mr_study"]]
+    assert all(values(i, "00080016") == [mr] for i in mr_only)
+    instances = c.search_for_instances(data["study"], data["series"])
+    assert len(instances) == SLICES
+    assert all(values(i, "00080016") == [ct] and values(i, "00280010") == [128] and values(i, "00280011") == [128]
+               and values(i, "00280100") == [16] for i in instances)
+    series = c.search_for_series(data["study"])
+    assert values(series[0], "0008103E") == ["Thorax 2.5mm Weichteil"]
+    assert c.search_for_series(search_filters={"InstitutionName": "Nowhere*"}) == []
+    found = c.search_for_series(search_filters={"InstitutionName": "Universit*"})
+    assert data["study"] in {values(s, "0020000D")[0] for s in found}
+    # person names: fuzzymatching makes them case-insensitive, also where the PACS is not
+    name = str(pydicom.dcmread(data["ct"][0]).PatientName)
+    lower = name.lower()[:4] + "*"
+    assert c.search_for_studies(search_filters={"PatientName": lower}) == []
+    fuzzy = c.search_for_studies(search_filters={"PatientName": lower}, fuzzymatching=True)
+    assert [values(s, "0020000D")[0] for s in fuzzy] == [data["study"]]
+    # when the gateway may fetch no headers, the key counts as matched and the answer says so
+    monkeypatch.setattr(dimse, "HEADER_FETCHES", 0)
+    for backend in bed["server"].server.config.app.gateway.backends.values():
+        getattr(backend, "_headers", {}).clear()
+    r = httpx.get(f"{bed['url']}/series", params={"InstitutionName": "Nowhere*"}, timeout=60)
+    assert r.status_code == 200 and r.json()
+    assert "InstitutionName" in r.headers["warning"] and "did not match" in r.headers["warning"]
+
+
 # -- WADO-RS ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("aet", BACKENDS)

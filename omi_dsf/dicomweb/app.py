@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from omi_dsf.serving.limits import limit_error_handler
 
 from . import dicomxml, part10, qido, rendering, stowjson, transcode, wado
-from .attributes import INSTANCE, MODALITY, SERIES, SOP_UID, STUDY
+from .attributes import INSTANCE, MODALITY, SERIES, SOP_UID, STUDY, name_of
 from .auth import AuthMiddleware
 from .backends import build_backends
 from .backends.dimse import DimseBackend
@@ -190,6 +190,10 @@ class Gateway:
         if q.empty and not getattr(backend, "empty_value_matching", False):
             warnings.append('299 omi-gateway "The emptyvaluematching parameter is not supported. '
                             'Empty Value Matching has not been performed."')
+        if result.unmatched:   # keys the PACS ignored that the gateway could not check either
+            names = ", ".join(sorted(name_of(t) for t in result.unmatched))
+            warnings.append(f'299 omi-gateway "The PACS did not match on {names}; the gateway could not '
+                            'check them: the results may include non-matching ones"')
         if result.truncated:
             warnings.append('299 omi-gateway "There are additional results that can be requested"')
         if hasattr(backend, "incomplete"):

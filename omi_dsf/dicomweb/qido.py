@@ -4,13 +4,13 @@ merging duplicate matches by UID, computing missing ModalitiesInStudy / NumberOf
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
 from .attributes import (COMPUTED, DEFAULT_RETURN, INSTANCE, LEVEL_ATTRIBUTES, MODALITIES_IN_STUDY,
                          N_SERIES_INSTANCES, RETRIEVE_URL, SERIES, SERIES_UID, SOP_UID, STUDY, STUDY_UID,
-                         UID_TAG, level_of)
+                         UID_TAG, level_of, vr_of)
 from .dicomjson import to_json
 from .errors import Busy
 from .matching import matches
@@ -24,6 +24,7 @@ _QR_LEVEL_TAG = 0x00080052
 class SearchResult:
     items: list[dict]
     truncated: bool   # more matches exist than were returned (no explicit limit)
+    unmatched: set[int] = field(default_factory=set)   # match keys neither the PACS nor the gateway checked
 
 
 def _returns(q: QidoQuery, level: str) -> set[int]:
@@ -69,6 +70,14 @@ def _missing(ds: Dataset, tag: int) -> bool:
     return tag not in ds or ds[tag].value in (None, "", [])
 
 
+def _case_free(match: dict[int, str]) -> dict[int, str]:
+    """What a PACS is asked with fuzzymatching: person names with every letter a ``?``, so that a
+    PACS that matches case-sensitively (dcmqrscp) returns every candidate and the gateway's own
+    case-insensitive matching decides."""
+    return {t: "".join("?" if c.isalpha() else c for c in v) if vr_of(t) == "PN" else v
+            for t, v in match.items()}
+
+
 def _fill_study(backend, ds: Dataset) -> None:
     summary = backend.study_summary(_uid(ds, STUDY_UID))
     for tag, value in summary.items():
@@ -91,19 +100,29 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
     wanted = q.offset + limit + 1
     compute = getattr(backend, "compute_missing", True)
     filter_on_computed = MODALITIES_IN_STUDY in q.match and trust and compute
+    complete = getattr(backend, "complete", None)   # keys a PACS left out, from the instances' headers
+    unmatched: set[int] = set()
 
     def run(level: str, scope: dict[str, str], parent: Dataset | None) -> list[Dataset]:
         match = q.match_at(level)
         in_time()
-        records = backend.find(level, match, _returns(q, level), scope)
+        asked = _case_free(match) if fuzzy and trust else match
+        records = backend.find(level, asked, _returns(q, level), scope)
         in_time()
         records = _dedupe(records, level)
         if level == STUDY and filter_on_computed:
             for ds in records:
                 if _missing(ds, MODALITIES_IN_STUDY):
                     _fill_study(backend, ds)
+        checked: dict[int, str] = {}
+        if complete is not None and match:
+            done, undone = complete(level, records, set(match), scope)
+            unmatched.update(undone)
+            checked = {t: v for t, v in match.items() if t in done}
+            in_time()
         return [_merge_upper(ds, parent) for ds in records
-                if matches(ds, match, fuzzy, missing_matches=trust, empty=q.empty, multiple=q.multiple)]
+                if matches(ds, match, fuzzy, missing_matches=trust, empty=q.empty, multiple=q.multiple)
+                and matches(ds, checked, fuzzy, empty=q.empty, multiple=q.multiple)]
 
     # Walk down from the highest level the URL does not fix.
     results: list[Dataset] = []
@@ -137,6 +156,10 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
 
     # Attributes the PACS left out, for the page only.
     returns = {lvl: _returns(q, lvl) for lvl in _ORDER[:level_pos + 1]}
+    if complete is not None and page:
+        in_time()
+        complete(q.level, page, returns[q.level] - set(q.match), {k: v for k, v in
+                 ((STUDY, q.study_uid), (SERIES, q.series_uid)) if v})
     for ds in page if compute else []:
         in_time()
         if STUDY in returns and q.level == STUDY and returns[STUDY] & COMPUTED[STUDY]:
@@ -174,4 +197,4 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
             obj.pop("00080005", None)
         obj[f"{RETRIEVE_URL:08X}"] = {"vr": "UR", "Value": [url]}
         items.append(obj)
-    return SearchResult(items, truncated)
+    return SearchResult(items, truncated, unmatched)

@@ -8,12 +8,14 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
+from io import BytesIO
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from ..attributes import (INSTANCE, MODALITIES_IN_STUDY, MODALITY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
-                          N_STUDY_SERIES, QR_LEVEL, SERIES, SERIES_UID, SOP_UID, STUDY, UID_KEYWORD,
-                          vr_of)
+from ..attributes import (COMPUTED, INSTANCE, INSTANCE_AVAILABILITY, MODALITIES_IN_STUDY, MODALITY,
+                          N_SERIES_INSTANCES, N_STUDY_INSTANCES, N_STUDY_SERIES, QR_LEVEL, RETRIEVE_URL, SERIES,
+                          SERIES_UID, SOP_UID, STUDY, STUDY_UID, UID_KEYWORD, vr_of)
 from ..config import DimseBackendConfig, GatewayConfig
 from ..dimse.connection import AssociationPool, Peer, next_message_id
 from ..dimse.contexts import RETRY_FAMILIES, find_proposals, get_proposals, move_proposals, retry_proposals
@@ -30,6 +32,18 @@ log = logging.getLogger(__name__)
 
 _WILDCARD_RUN = re.compile(r"[*?]+")
 MAX_PACS_STARS = 2
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"   # (7FE0,0010), Little Endian
+# Keys the gateway never takes from the instances' headers: computed, or not in a header.
+NOT_IN_HEADERS = {RETRIEVE_URL, INSTANCE_AVAILABILITY, 0x00080052, *COMPUTED[STUDY], *COMPUTED[SERIES]}
+HEADER_STUDIES = 16          # studies whose headers are kept (per backend)
+HEADER_FETCHES = 10          # studies one completion may fetch headers of
+
+
+def header_part(data: bytes) -> bytes:
+    """A received instance cut before its (last) Pixel Data tag: the header to parse later. The
+    last occurrence is at or after the real Pixel Data element, so the cut never loses header."""
+    cut = data.rfind(PIXEL_DATA_TAG)
+    return data[:cut] if cut > 0 else data
 
 
 def pacs_pattern(value: str, vr: str) -> str | None:
@@ -132,6 +146,8 @@ class DimseBackend:
         self._summaries: dict[tuple, tuple[float, object]] = {}
         self._summary_lock = threading.Lock()
         self._cache = _InstanceCache(cfg.cache_mb * 1024 * 1024)
+        self._headers: OrderedDict[str, tuple[float, list[Dataset]]] = OrderedDict()
+        self._headers_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(cfg.max_associations)
 
     @contextmanager
@@ -203,6 +219,74 @@ class DimseBackend:
                     N_STUDY_INSTANCES: total}
         return self._cached(("study", study), compute)
 
+    # -- what the PACS leaves out, from the instances' headers ---------------------------------
+    def study_headers(self, study: str) -> list[Dataset]:
+        """The headers (no pixel data) of every instance of the study, kept for ``summary_ttl``
+        seconds for the last HEADER_STUDIES studies; a STOW-RS of the study drops them. Fetched by
+        one C-GET: each instance is cut before its pixel data as it arrives (the C-STORE answer
+        goes first) and parsed after the transfer."""
+        now = time.monotonic()
+        with self._headers_lock:
+            hit = self._headers.get(study)
+            if hit and now - hit[0] < self.cfg.summary_ttl:
+                self._headers.move_to_end(study)
+                return hit[1]
+        parts: list[bytes] = []
+        try:
+            self.retrieve(STUDY, {STUDY: study}, lambda data: parts.append(header_part(data)), CancelToken(),
+                          head=lambda: b"")
+        except NotFound:
+            pass
+        headers = []
+        for part in parts:
+            try:
+                headers.append(dcmread(BytesIO(part), stop_before_pixels=True, force=True))
+            except Exception:  # noqa: BLE001 - a header pydicom cannot read completes nothing
+                log.debug("an instance header from %s could not be parsed", self.name)
+        with self._headers_lock:
+            self._headers[study] = (now, headers)
+            self._headers.move_to_end(study)
+            while len(self._headers) > HEADER_STUDIES:
+                self._headers.popitem(last=False)
+        return headers
+
+    def complete(self, level: str, records: list[Dataset], keys: set[int],
+                 scope: dict[str, str]) -> tuple[set[int], set[int]]:
+        """Fill ``keys`` that the PACS left out of ``records`` (absent, as dcmqrscp leaves out the
+        keys it does not support) from the instances' headers. Returns the keys now checked on
+        every record (an attribute the header lacks stays absent: no match) and those that could
+        not be filled (more than HEADER_FETCHES studies to fetch, or the PACS had no instance)."""
+        keys = {k for k in keys if k not in NOT_IN_HEADERS and not (k >> 16) & 1 and k >> 16 != 0x0002}
+        missing = {k for k in keys for ds in records if k not in ds}
+        if not missing:
+            return set(), set()
+        filled, unfilled, fetched = set(), set(), set()
+        for ds in records:
+            absent = [k for k in missing if k not in ds]
+            if not absent:
+                continue
+            study = scope.get(STUDY) or (str(ds[STUDY_UID].value) if STUDY_UID in ds else "")
+            cached = self._headers.get(study)
+            if not study or (study not in fetched and len(fetched) >= HEADER_FETCHES and cached is None):
+                unfilled.update(absent)
+                continue
+            fetched.add(study)
+            headers = self.study_headers(study)
+            if level == STUDY:
+                source = headers[0] if headers else None
+            else:
+                tag = SERIES_UID if level == SERIES else SOP_UID
+                want = scope.get(level) or (str(ds[tag].value) if tag in ds else "")
+                source = next((h for h in headers if tag in h and str(h[tag].value) == want), None)
+            if source is None:
+                unfilled.update(absent)
+                continue
+            for k in absent:
+                if k in source:
+                    ds[k] = source[k]
+            filled.update(absent)
+        return filled - unfilled, unfilled
+
     # -- C-GET / C-MOVE ------------------------------------------------------------------------
     def _identifier(self, level: str, scope: dict[str, str]) -> Dataset:
         ident = Dataset()
@@ -271,6 +355,9 @@ class DimseBackend:
             results = c_store(self.calling_aet, self.peer, items)
         for study in study_uids:
             self._cache.drop_study(study + "/")
+        with self._headers_lock:
+            for study in study_uids:
+                self._headers.pop(study, None)
         with self._summary_lock:
             self._summaries = {k: v for k, v in self._summaries.items() if k[1] not in study_uids}
         return results
