@@ -15,7 +15,7 @@ from pynetdicom import pdu as ul
 
 from omi_dsf.dicomweb.dimse import pdu
 from omi_dsf.dicomweb.dimse.connection import Connection, Peer, messages
-from omi_dsf.dicomweb.dimse.contexts import FIND, GET, find_proposals, get_proposals, storage_scp_contexts
+from omi_dsf.dicomweb.dimse.contexts import FIND, GET, LOSSY, find_proposals, get_proposals, storage_scp_contexts
 from omi_dsf.dicomweb.dimse.messages import command, parse_command, part10_meta, store_rq, us_of
 
 CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
@@ -72,6 +72,10 @@ def test_storage_scp_negotiation_round_trip():
     ac, accepted = pdu.accept(request, storage_scp_contexts())
     assert accepted == {1: JPEG}  # the proposer's first choice, as stored; context 3 refused
     assert pdu.parse_accept(ac[6:]) == (accepted, pdu.MAX_PDU)
+    # the C-MOVE destination takes a lossy syntax only when nothing else is proposed
+    assert pdu.accept(request, storage_scp_contexts(), LOSSY)[1] == {1: EXPLICIT}
+    only_jpeg = pdu.parse_request(pdu.associate_rq("LEGACYPACS", "OMIGW", ((CT, (JPEG,)),))[0][6:])
+    assert pdu.accept(only_jpeg, storage_scp_contexts(), LOSSY)[1] == {1: JPEG}
 
 
 def test_rejection_is_named():

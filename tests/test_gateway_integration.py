@@ -221,9 +221,10 @@ def test_metadata_bulkdata_frames_rendered(bed, data, aet):
 
 @pytest.mark.parametrize("aet", ["ORTHANC", "ORTHANCMOVE"])
 def test_a_jpeg_instance_comes_back_as_the_pacs_sends_it(bed, data, aet):
-    """C-GET: the gateway proposes uncompressed syntaxes first (never lossy re-compression), so
-    Orthanc decompresses the stored JPEG; C-MOVE: the storage SCP takes what Orthanc has, as
-    stored (and its frames are the JPEG frames)."""
+    """C-GET: the gateway proposes uncompressed syntaxes first and no lossy one, so Orthanc
+    decompresses the stored JPEG; C-MOVE: Orthanc proposes a context with the stored JPEG syntax
+    and one uncompressed, and sends it as stored (the frames are then its JPEG frames). Either
+    way nothing is compressed lossy for the gateway."""
     import numpy as np
 
     c = client(bed, aet)

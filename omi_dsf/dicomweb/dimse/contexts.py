@@ -27,6 +27,9 @@ STORAGE_SYNTAXES = tuple(str(ts) for ts in (
 STORAGE_CLASSES = tuple(str(cx.abstract_syntax) for cx in StoragePresentationContexts)
 
 
+LOSSY = frozenset(str(ts) for ts in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000))
+
+
 def find_proposals() -> tuple[Proposal, ...]:
     return ((FIND, UNCOMPRESSED),)
 

@@ -4,8 +4,8 @@ A PACS answering our C-MOVE opens associations to this SCP and sends C-STORE sub
 each carries the Move Originator Message ID of our request, which routes the instance to the
 waiting HTTP answer (:class:`~.retrieve.MoveRoutes`). Each incoming association is served by one
 thread reading its socket; every storage class is accepted in the first proposed transfer syntax
-we know (the PACS lists what it has first; pynetdicom's acceptor negotiation), and C-ECHO is
-answered.
+we know (the PACS lists what it has first) that is not lossy, a lossy one only when the PACS
+proposes nothing else (so a PACS is never led to compress lossy for us); C-ECHO is answered.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..errors import PacsTimeout, PacsUnavailable
 from ..logs import without_message
 from . import pdu
 from .connection import Connection, Peer, ReleaseRequested, messages
-from .contexts import storage_scp_contexts
+from .contexts import LOSSY, storage_scp_contexts
 from .messages import (AFFECTED_SOP_CLASS, AFFECTED_SOP_INSTANCE, C_ECHO_RQ, C_STORE_RQ, CANNOT_UNDERSTAND,
                        COMMAND_FIELD, MOVE_ORIGINATOR_ID, OUT_OF_RESOURCES, echo_rsp, part10_meta,
                        store_rsp, uid_of, us_of)
@@ -74,7 +74,7 @@ class MoveScp(MoveRoutes):
                 return
             request = pdu.parse_request(data)
             peer.aet = request.calling
-            ac, conn.accepted = pdu.accept(request, self._supported)
+            ac, conn.accepted = pdu.accept(request, self._supported, LOSSY)
             conn.peer_max_pdu = request.max_pdu
             conn.send(ac)
 

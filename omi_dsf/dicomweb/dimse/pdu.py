@@ -129,17 +129,20 @@ def parse_request(body: bytes) -> Request:
                    list(p.presentation_context_definition_list), _max_length(p.user_information))
 
 
-def accept(request: Request, supported: dict[str, frozenset[str]]) -> tuple[bytes, dict[int, str]]:
+def accept(request: Request, supported: dict[str, frozenset[str]],
+           last_resort: frozenset[str] = frozenset()) -> tuple[bytes, dict[int, str]]:
     """The A-ASSOCIATE-AC for ``request`` given the transfer syntaxes we support per abstract
     syntax, and context id → transfer syntax. Each context is accepted in the first transfer
-    syntax the requestor proposed that we support: a storage requestor lists what it has first,
-    and (unlike pynetdicom's acceptor, which goes by the acceptor's order) we take it as it is."""
+    syntax the requestor proposed that we support and is not in ``last_resort`` (else the first
+    we support): a storage requestor lists what it has first, and (unlike pynetdicom's acceptor,
+    which goes by the acceptor's order) we follow it."""
     results = []
     for rq in request.contexts:
         cx = PresentationContext()
         cx.context_id, cx.abstract_syntax = rq.context_id, rq.abstract_syntax
-        ours = supported.get(str(rq.abstract_syntax))
-        chosen = next((ts for ts in rq.transfer_syntax if str(ts) in ours), None) if ours else None
+        ours = supported.get(str(rq.abstract_syntax)) or frozenset()
+        usable = [ts for ts in rq.transfer_syntax if str(ts) in ours]
+        chosen = next((ts for ts in usable if str(ts) not in last_resort), usable[0] if usable else None)
         cx.transfer_syntax = [chosen or rq.transfer_syntax[0]]
         cx.result = 0x00 if chosen else (0x04 if ours else 0x03)
         results.append(cx)
