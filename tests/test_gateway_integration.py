@@ -297,6 +297,27 @@ def test_store_instances_then_find_and_retrieve_them(bed, aet):
     assert back.PixelData == ds.PixelData
 
 
+def test_metadata_from_the_headers_the_gateway_holds(bed, data, monkeypatch):
+    """Series metadata over DIMSE: one C-GET of the study, kept as headers; asked again, the PACS
+    is not asked; a STOW-RS into the study drops what was kept."""
+    backend = bed["server"].server.config.app.gateway.backends["LEGACYPACS"]
+    c = client(bed)
+    first = c.retrieve_series_metadata(data["study"], data["series"])
+    assert len(first) == SLICES and all(m["7FE00010"]["BulkDataURI"].endswith("/bulk/7FE00010") for m in first)
+    retrievals = []
+    real = backend.retrieve
+    monkeypatch.setattr(backend, "retrieve", lambda *a, **k: (retrievals.append(a), real(*a, **k))[1])
+    assert c.retrieve_series_metadata(data["study"], data["series"]) == first
+    assert retrievals == []
+    one = _new_instance()
+    c.store_instances([one])
+    assert len(c.retrieve_study_metadata(one.StudyInstanceUID)) == 1
+    two = _new_instance(one.StudyInstanceUID)
+    c.store_instances([two])
+    assert {values(m, "00080018")[0] for m in c.retrieve_study_metadata(one.StudyInstanceUID)} == {
+        one.SOPInstanceUID, two.SOPInstanceUID}
+
+
 def _multipart(parts: list[bytes], boundary: str = "b0undary") -> tuple[bytes, dict]:
     body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
                     for p in parts) + b"--" + boundary.encode() + b"--\r\n"

@@ -315,13 +315,24 @@ class Gateway:
         base = self.base_url(request)
         boundary = new_boundary()
 
-        def to_meta(data: bytes) -> bytes:
-            ds = wado.read(data)
+        def render(ds) -> bytes:
+            """One instance's metadata: its DICOM JSON object, or its Native DICOM Model document."""
             uri = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
                    f"/instances/{ds.SOPInstanceUID}/bulk")
+            obj = wado.to_json(ds, uri)
+            return dicomxml.to_xml(obj) if as_xml else dumps(obj)
+
+        def to_meta(data: bytes) -> bytes:
+            doc = render(wado.read(data))
+            return CRLF + part_head(boundary, DICOM_XML) + doc if as_xml else doc
+
+        held = getattr(backend, "metadata", None)
+        if held is not None:   # a PACS: the headers it already holds, fetched without pixel data
+            docs = await self.run(held, level, scope, (base, as_xml), render)
             if as_xml:
-                return CRLF + part_head(boundary, DICOM_XML) + dicomxml.to_xml(wado.to_json(ds, uri))
-            return dumps(wado.to_json(ds, uri))
+                body = b"".join(CRLF + part_head(boundary, DICOM_XML) + d for d in docs)[2:]
+                return Response(body + CRLF + closing(boundary), media_type=content_type(boundary, DICOM_XML))
+            return Response(b"[" + b",".join(docs) + b"]", media_type=DICOM_JSON)
 
         if as_xml:
             stream, first = await self.open_stream(backend, level, scope, to_meta)

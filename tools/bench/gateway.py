@@ -10,7 +10,10 @@
 * 8 concurrent clients (QIDO + WADO-RS of the small study): no errors;
 * transcoding: WADO-RS of a JPEG-Lossless-stored study asked for uncompressed
   (``transfer-syntax=1.2.840.10008.1.2.1``), the gateway's store vs Orthanc's DICOMweb plugin on
-  the same files, both read by curl: ratio Orthanc time / gateway time (target >= 1.0).
+  the same files, both read by curl: ratio Orthanc time / gateway time (target >= 1.0);
+* series metadata of the big study through the gateway over dcmqrscp (its headers held after a
+  first request; and, for reference, with a C-GET each time) vs Orthanc's DICOMweb plugin
+  holding the same files: ratio gateway time / Orthanc time (target <= 1.5).
 
 The gateway runs as its own process (``python -m omi_dsf gateway --config``), so its memory is
 its own. The last line printed is one JSON object with the figures, the targets and "met".
@@ -52,7 +55,7 @@ from omi_dsf.testkit.phantom import cached_ct_study  # noqa: E402
 from omi_dsf.testkit.procs import free_port  # noqa: E402
 
 TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
-           "concurrent_errors_max": 0, "transcode_ratio_min": 1.0}
+           "concurrent_errors_max": 0, "transcode_ratio_min": 1.0, "metadata_ratio_max": 1.5}
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
@@ -114,6 +117,40 @@ def curl_transcoded(url: str, study: str) -> tuple[float, int]:
     if code != "200":
         raise RuntimeError(f"WADO-RS of {url} answered {code}")
     return secs, int(size)
+
+
+def curl_metadata(url: str, study: str, series: str) -> float:
+    """Series metadata (WADO-RS, DICOM JSON) read by curl: seconds."""
+    t = time.perf_counter()
+    r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Accept: application/dicom+json",
+                        f"{url}/studies/{study}/series/{series}/metadata"], check=True, capture_output=True,
+                       text=True, timeout=600)
+    if r.stdout != "200":
+        raise RuntimeError(f"series metadata of {url} answered {r.stdout}")
+    return time.perf_counter() - t
+
+
+def series_metadata(url: str, work: Path, files: list[Path], runs: int) -> dict:
+    """Series metadata of the same study: the gateway over dcmqrscp with the study's headers held
+    (LEGACYPACS, after one request) and without (COLD: summary_ttl 0, one C-GET per request) vs
+    Orthanc's DICOMweb plugin holding the same files; interleaved, medians."""
+    head = dcmread(files[0], stop_before_pixels=True)
+    study, series = head.StudyInstanceUID, head.SeriesInstanceUID
+    with Orthanc(work / "orthanc-meta") as orthanc:
+        orthanc.load(files)
+        theirs_url = orthanc.dicomweb_url
+        curl_metadata(url, study, series)   # warm-up: the headers are fetched once
+        curl_metadata(theirs_url, study, series)
+        warm, cold, theirs = [], [], []
+        for _ in range(runs):
+            warm.append(curl_metadata(url, study, series))
+            cold.append(curl_metadata(url + "/aets/COLD", study, series))
+            theirs.append(curl_metadata(theirs_url, study, series))
+    w, c, o = map(statistics.median, (warm, cold, theirs))
+    log(f"series metadata ({len(files)} instances): gateway {w * 1000:.0f} ms (headers held), {c * 1000:.0f} ms "
+        f"(C-GET each time); Orthanc {o * 1000:.0f} ms")
+    return {"metadata_instances": len(files), "metadata_gateway_s": round(w, 3), "metadata_gateway_cold_s": round(c, 3),
+            "metadata_orthanc_s": round(o, 3), "metadata_ratio": round(w / o, 3), "metadata_cold_ratio": round(c / o, 3)}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -318,6 +355,8 @@ def main() -> int:
                 "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port},
                              "MOVEPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port,
                                           "called_aet": "LEGACYPACS", "retrieve": "move"},
+                             "COLD": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port,
+                                      "called_aet": "LEGACYPACS", "summary_ttl": 0},
                              "STORE": {"type": "store", "path": str(work / "store")}}}, work).start()
             url = gateway.url
 
@@ -363,6 +402,7 @@ def main() -> int:
             log(f"{args.clients} concurrent clients: {n_err} errors in {conc_s:.1f} s {samples}")
             hwm_end = vm(gateway.proc.pid, "VmHWM")
 
+            meta = series_metadata(url, work, big, args.transcode_runs)
             transcoded = transcoding(url, gateway.proc.pid, work, lossless, args.transcode_runs)
             log(f"transcoding {len(lossless)} JPEG Lossless slices to uncompressed: gateway "
                 f"{transcoded['transcode_gateway_s']:.2f} s, Orthanc {transcoded['transcode_orthanc_s']:.2f} s")
@@ -380,14 +420,15 @@ def main() -> int:
             "gateway_hwm_big_mb": round(hwm_big, 1), "gateway_hwm_after_concurrency_mb": round(hwm_end, 1),
             "memory_growth_mb": round(hwm_big - hwm_small, 1), "small_instances": len(small),
             "concurrent_clients": args.clients, "concurrent_errors": n_err, "concurrent_s": round(conc_s, 2),
-            **transcoded, "load_avg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+            **meta, **transcoded, "load_avg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
             "targets": TARGETS,
         })
         result["met"] = bool(result["throughput_ratio"] >= TARGETS["throughput_ratio_min"]
                              and result["qido_added_ms"] <= TARGETS["qido_added_ms_max"]
                              and result["memory_growth_mb"] <= TARGETS["memory_growth_mb_max"]
                              and n_err <= TARGETS["concurrent_errors_max"]
-                             and result["transcode_ratio"] >= TARGETS["transcode_ratio_min"])
+                             and result["transcode_ratio"] >= TARGETS["transcode_ratio_min"]
+                             and result["metadata_ratio"] <= TARGETS["metadata_ratio_max"])
     finally:
         if gateway is not None:
             gateway.stop()

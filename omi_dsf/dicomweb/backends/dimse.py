@@ -12,6 +12,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from ..attributes import (COMPUTED, INSTANCE, INSTANCE_AVAILABILITY, MODALITIES_IN_STUDY, MODALITY,
                           N_SERIES_INSTANCES, N_STUDY_INSTANCES, N_STUDY_SERIES, QR_LEVEL, RETRIEVE_URL, SERIES,
@@ -39,11 +40,12 @@ HEADER_STUDIES = 16          # studies whose headers are kept (per backend)
 HEADER_FETCHES = 10          # studies one completion may fetch headers of
 
 
-def header_part(data: bytes) -> bytes:
-    """A received instance cut before its (last) Pixel Data tag: the header to parse later. The
-    last occurrence is at or after the real Pixel Data element, so the cut never loses header."""
+def header_part(data: bytes) -> tuple[bytes, bool]:
+    """A received instance cut before its (last) Pixel Data tag: the header to parse later, and
+    whether it had pixel data. The last occurrence is at or after the real Pixel Data element, so
+    the cut never loses header."""
     cut = data.rfind(PIXEL_DATA_TAG)
-    return data[:cut] if cut > 0 else data
+    return (data[:cut], True) if cut > 0 else (data, False)
 
 
 def pacs_pattern(value: str, vr: str) -> str | None:
@@ -146,7 +148,8 @@ class DimseBackend:
         self._summaries: dict[tuple, tuple[float, object]] = {}
         self._summary_lock = threading.Lock()
         self._cache = _InstanceCache(cfg.cache_mb * 1024 * 1024)
-        self._headers: OrderedDict[str, tuple[float, list[Dataset]]] = OrderedDict()
+        # study UID → (when fetched, its instance headers, their metadata as rendered per request kind)
+        self._headers: OrderedDict[str, tuple[float, list[Dataset], dict]] = OrderedDict()
         self._headers_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(cfg.max_associations)
 
@@ -231,7 +234,7 @@ class DimseBackend:
             if hit and now - hit[0] < self.cfg.summary_ttl:
                 self._headers.move_to_end(study)
                 return hit[1]
-        parts: list[bytes] = []
+        parts: list[tuple[bytes, bool]] = []
         try:
             self.retrieve(STUDY, {STUDY: study}, lambda data: parts.append(header_part(data)), CancelToken(),
                           head=lambda: b"")
@@ -240,15 +243,43 @@ class DimseBackend:
         headers = []
         for part in parts:
             try:
-                headers.append(dcmread(BytesIO(part), stop_before_pixels=True, force=True))
+                ds = dcmread(BytesIO(part[0]), stop_before_pixels=True, force=True)
             except Exception:  # noqa: BLE001 - a header pydicom cannot read completes nothing
                 log.debug("an instance header from %s could not be parsed", self.name)
+                continue
+            if part[1]:   # it has pixel data: a stand-in, so that its metadata names a BulkDataURI
+                ds.add_new(0x7FE00010, "OW" if ds.get("BitsAllocated", 8) > 8 and not ds.file_meta.get(
+                    "TransferSyntaxUID", ExplicitVRLittleEndian).is_compressed else "OB", b"\0\0")
+            headers.append(ds)
         with self._headers_lock:
-            self._headers[study] = (now, headers)
+            self._headers[study] = (now, headers, {})
             self._headers.move_to_end(study)
             while len(self._headers) > HEADER_STUDIES:
                 self._headers.popitem(last=False)
         return headers
+
+    def metadata(self, level: str, scope: dict[str, str], kind: object, render) -> list[bytes]:
+        """WADO-RS metadata of a study, series or instance: ``render(header)`` of each instance
+        header, from the per-study cache, each rendering kept with the headers under ``kind`` (the
+        request's base URL and media type); NotFound when the PACS has none."""
+        found = self.study_headers(scope[STUDY])
+        with self._headers_lock:
+            entry = self._headers.get(scope[STUDY])
+        rendered = entry[2] if entry is not None and entry[1] is found else {}
+        if len(rendered) > 4 * len(found):   # at most a few kinds (base URL × JSON/XML) per study
+            rendered.clear()
+        for lvl, tag in ((SERIES, SERIES_UID), (INSTANCE, SOP_UID)):
+            if lvl in scope:
+                found = [h for h in found if tag in h and str(h[tag].value) == scope[lvl]]
+        if not found:
+            raise NotFound(f"no instances for this {level}")
+        out = []
+        for h in found:
+            key = (id(h), kind)
+            if key not in rendered:
+                rendered[key] = render(h)
+            out.append(rendered[key])
+        return out
 
     def complete(self, level: str, records: list[Dataset], keys: set[int],
                  scope: dict[str, str]) -> tuple[set[int], set[int]]:
