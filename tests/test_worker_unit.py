@@ -8,6 +8,7 @@ import pytest
 from helpers_cli import run_cli
 from omi_dsf.dsf.errors import operation_outcome_text
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
+from omi_dsf.spec.model import load_spec
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.steps.demo import demo_step, fingerprint
 
@@ -28,7 +29,8 @@ def qr(**answers) -> dict:
 def test_topics_come_from_the_spec():
     topics = topics_from_spec()
     assert set(topics) == {"consent", "pseudonymize", "send", "infer", "return"}
-    assert topics["consent"].endswith("/fhir/Questionnaire/omi-consent|0.1")
+    version = load_spec().plugin.resource_version          # a.b of the plugin's a.b.c.d
+    assert topics["consent"].endswith(f"/fhir/Questionnaire/omi-consent|{version}")
 
 
 def test_work_item_reads_inputs_and_keys():

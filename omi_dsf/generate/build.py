@@ -123,6 +123,9 @@ def build(spec_path: Path | None = None, root: Path | None = None, package: bool
                 tmp_jar.unlink()
                 raise BuildError([f.render() for f in jar_findings])
             tmp_jar.replace(jar)
+            for stale in dist.glob(f"{spec.plugin.name}-*.jar"):   # an earlier version: the test bed
+                if stale != jar:                                    # deploys every jar in dist/
+                    stale.unlink()
         for d in GENERATED_DIRS:
             _replace_dir(staging / d, root / d)
     return BuildResult(spec, len(rendered), jar)
