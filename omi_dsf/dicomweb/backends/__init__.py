@@ -10,7 +10,13 @@ Both offer the same blocking operations (run in worker threads by the web layer)
   a level, handed to ``emit`` as soon as it arrives, each after ``head()`` (a multipart part
   header) when given; raises NotFound when there is none;
 * ``instance(study, series, sop) -> bytes`` -- one instance (cached), for frames/bulk/rendered;
-* ``store(items) -> [(status, comment)]`` -- STOW-RS.
+* ``store(items, study_uids, headers=None) -> [(status, comment)]`` -- STOW-RS: ``items`` are
+  (study, series, sop, Part 10 bytes); ``headers`` (the parsed headers, when the web layer has them)
+  spare the store backend a re-parse.
+
+Each has extras the web layer uses where present: the store backend ``note_upload`` /
+``incomplete`` (a STOW-RS body that broke off marks its studies), the DIMSE backend ``metadata``
+and ``complete`` (headers it holds fill what the PACS leaves out).
 """
 
 from __future__ import annotations
