@@ -6,8 +6,9 @@ Set-up (not timed): a synthetic CT study (`phantom.write_ct_study`) is stored in
 each server (`omi_dsf.testkit.ai_service`, `ai-service --server reference|kserve|mlserver`). Then the
 real step handler (`omi_dsf.steps.infer`) runs on it --repeats times per server, interleaved (one run
 on each server, then the model in this process, then the next round): QIDO, WADO-RS, volume, OIP v2
-request, SEG, SR, STOW-RS. Tensors travel as each server takes them: binary over HTTP (reference,
-KServe), raw bytes over gRPC (MLServer, whose HTTP takes JSON only).
+request, SEG, SR, STOW-RS. Tensors travel binary over HTTP to the reference service and as raw bytes
+over gRPC to KServe and MLServer (their gRPC ports are on: KServe turns binary tensors that come over
+HTTP into Python lists, MLServer's HTTP takes JSON only).
 
 Model time, per server, as it reports it:
   reference  the answer's parameters.model_time_ms (the service times `LungSegModel.infer`)
