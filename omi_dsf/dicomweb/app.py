@@ -77,7 +77,9 @@ class Gateway:
         self.backends, self._close = build_backends(cfg)
         self.limiter = anyio.CapacityLimiter(32)
         self.stats = Stats()
-        self.transcoder = transcode.Pool()
+        # one of several worker processes (serve() set the shared folder): the cores are shared too
+        workers = cfg.worker_count if cfg._shared is not None else 1
+        self.transcoder = transcode.Pool(None if workers == 1 else transcode.pool_size() // workers)
 
     def close(self) -> None:
         self.transcoder.close()

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -145,6 +146,11 @@ class GatewayConfig(Section):
     cors_origins: list[Name] = Field(default_factory=list, description="browser viewers on other origins "
                                                                       "(https://viewer.example.org)")
     limits: GatewayLimits = Field(default_factory=GatewayLimits, description="see Limits")
+    workers: int | None = Field(None, ge=1, le=64, description=(
+        "worker processes sharing the listening socket, each with its own associations and caches "
+        "(default: the machine's cores, at most 4; 1 when dimse.move_destination is set)"))
+    # the folder the worker processes share (association slots, STOW marks); set by serve()
+    _shared: Path | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -168,6 +174,9 @@ class GatewayConfig(Section):
                     raise ValueError(f"backends.{name}.retrieve: {backend.retrieve} needs dimse.move_destination")
         if self.default is not None and self.default not in self.backends:
             raise ValueError(f"default: no backend named {self.default!r}")
+        if self.workers is not None and self.workers > 1 and self.dimse.move_destination is not None:
+            raise ValueError("workers: more than 1 cannot share dimse.move_destination (one listener "
+                             "receives the C-MOVE sub-operations); use 1, or retrieve: get")
         if self.dimse.move_destination is not None and self.dimse.move_destination.aet is None:
             self.dimse.move_destination.aet = self.dimse.calling_aet
         return self
@@ -188,6 +197,12 @@ class GatewayConfig(Section):
     @property
     def move_destination(self) -> MoveDestination | None:
         return self.dimse.move_destination
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.dimse.move_destination is not None else max(1, min(4, os.cpu_count() or 1))
 
     @property
     def default_backend(self) -> str:

@@ -238,6 +238,11 @@ def _convert_in_worker(data: bytes, wanted: list[str]) -> tuple[bytes, str] | tu
         return None, exc.message
 
 
+def pool_size() -> int:
+    """Transcoding processes for the whole gateway: the machine's cores, at most 4."""
+    return min(4, os.cpu_count() or 1)
+
+
 class Pool:
     """Worker processes that transcode, so that decoding runs beside the event loop and the
     retrieval thread instead of sharing one interpreter lock with them: instances of one answer
@@ -245,7 +250,7 @@ class Pool:
     converts in the calling thread (what a one-core machine gets)."""
 
     def __init__(self, size: int | None = None):
-        self.size = min(4, os.cpu_count() or 1) if size is None else size
+        self.size = pool_size() if size is None else size
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 

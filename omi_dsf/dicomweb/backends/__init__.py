@@ -35,7 +35,7 @@ def build_backends(cfg: GatewayConfig) -> tuple[dict, object]:
         if isinstance(b, StoreBackendConfig):
             out[name] = StoreBackend(b)
         elif isinstance(b, DimseBackendConfig):
-            out[name] = DimseBackend(b, cfg.calling_aet, move)
+            out[name] = DimseBackend(b, cfg.calling_aet, move, cfg._shared)
 
     def close() -> None:
         for backend in out.values():

@@ -25,6 +25,7 @@ from ..dimse.move_scp import MoveScp
 from ..dimse.retrieve import c_get, c_move
 from ..dimse.store import c_store
 from ..errors import NotFound, PacsTimeout, PacsUnavailable
+from ..slots import ChangeMark, Slots, SlotsBusy
 from ..query import WILDCARD_VRS, split_uid_list
 from ..stream import CancelToken
 
@@ -134,7 +135,7 @@ class DimseBackend:
     def compute_missing(self) -> bool:
         return self.cfg.compute_missing
 
-    def __init__(self, cfg: DimseBackendConfig, calling_aet: str, move: MoveScpHolder):
+    def __init__(self, cfg: DimseBackendConfig, calling_aet: str, move: MoveScpHolder, shared=None):
         self.cfg = cfg
         self.name = cfg.name
         self.calling_aet = calling_aet
@@ -151,17 +152,28 @@ class DimseBackend:
         # study UID → (when fetched, its instance headers, their metadata as rendered per request kind)
         self._headers: OrderedDict[str, tuple[float, list[Dataset], dict]] = OrderedDict()
         self._headers_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(cfg.max_associations)
+        # ``shared``: the folder of the gateway's worker processes (several workers): the slots are
+        # counted across them, and a STOW-RS through one drops the caches of all
+        self._slots = Slots(cfg.max_associations, shared and shared / "slots" / self.name)
+        self._stowed = ChangeMark(shared and shared / f"{self.name}.stow")
 
     @contextmanager
     def _slot(self):
         """One of ``max_associations``; waiting longer than a DIMSE timeout is a 504, not a hang."""
-        if not self._slots.acquire(timeout=self.cfg.dimse_timeout):
-            raise PacsTimeout(f"all {self.cfg.max_associations} associations to PACS {self.name} are busy")
         try:
-            yield
-        finally:
-            self._slots.release()
+            with self._slots.hold(self.cfg.dimse_timeout):
+                yield
+        except SlotsBusy:
+            raise PacsTimeout(f"all {self.cfg.max_associations} associations to PACS {self.name} are busy") from None
+
+    def _drop_if_stowed_elsewhere(self) -> None:
+        """Another worker process stored to this PACS: what this one cached may be stale."""
+        if self._stowed.changed():
+            self._cache.drop_study("")
+            with self._headers_lock:
+                self._headers.clear()
+            with self._summary_lock:
+                self._summaries = {}
 
     # -- C-FIND --------------------------------------------------------------------------------
     def find(self, level: str, match: dict[int, str], returns: set[int], scope: dict[str, str]) -> list[Dataset]:
@@ -187,6 +199,7 @@ class DimseBackend:
             return c_find(self._find_pool, ident, next_message_id())
 
     def _cached(self, key: tuple, compute):
+        self._drop_if_stowed_elsewhere()
         now = time.monotonic()
         with self._summary_lock:
             hit = self._summaries.get(key)
@@ -228,6 +241,7 @@ class DimseBackend:
         seconds for the last HEADER_STUDIES studies; a STOW-RS of the study drops them. Fetched by
         one C-GET: each instance is cut before its pixel data as it arrives (the C-STORE answer
         goes first) and parsed after the transfer."""
+        self._drop_if_stowed_elsewhere()
         now = time.monotonic()
         with self._headers_lock:
             hit = self._headers.get(study)
@@ -370,6 +384,7 @@ class DimseBackend:
 
     def instance(self, study: str, series: str, sop: str) -> bytes:
         key = f"{study}/{series}/{sop}"
+        self._drop_if_stowed_elsewhere()
         data = self._cache.get(key)
         if data is not None:
             return data
@@ -384,6 +399,7 @@ class DimseBackend:
               headers=None) -> list[tuple[int, str]]:  # headers: parsed by the store backend only
         with self._slot():
             results = c_store(self.calling_aet, self.peer, items)
+        self._stowed.touch()
         for study in study_uids:
             self._cache.drop_study(study + "/")
         with self._headers_lock:

@@ -7,6 +7,8 @@ half-written instance behind. Storing an instance again into the same study and 
 the same patient) replaces it (idempotent senders); a SOP Instance UID already stored under
 another study, series or patient is refused (``INSTANCE_CONFLICT``), never moved. A study whose
 upload broke off is noted (``uploads``) until a later upload of it completes.
+The gateway's worker processes share one store: SQLite's locks order their writes (each index
+transaction takes the write lock first), and temporary names carry the process id.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class StoreBackend:
         self.root = Path(cfg.path)
         (self.root / "files").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False,
+        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, timeout=30,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
@@ -249,7 +251,7 @@ class StoreBackend:
         costs a WAL sync each); a conflict that arose meanwhile refuses that instance."""
         outcome: list[str | None] = []
         with self._lock:
-            self._db.execute("BEGIN")
+            self._db.execute("BEGIN IMMEDIATE")   # the write lock first: other worker processes wait
             try:
                 for row, tmp in prepared:
                     conflict = self._conflict(row[0], row[1], row[2], json.loads(row[8]))
