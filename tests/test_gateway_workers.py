@@ -1,6 +1,6 @@
 """Several gateway worker processes: the association slots they share (flock on slot files, freed
 by the kernel when a holder dies), the STOW mark their caches check, and the gateway at workers=2
-in front of dcmqrscp (real processes, real sockets)."""
+in front of dcmqrscp (real processes, real sockets), and the embedded store written by both."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from conftest import free_port
 from omi_dsf.dicomweb.config import parse_config
+from omi_dsf.dicomweb.multipart import dicom_body
 from omi_dsf.dicomweb.slots import ChangeMark, Slots, SlotsBusy
 
 HOLDER = """
@@ -174,6 +177,21 @@ def test_two_workers_share_the_association_limit_and_survive_a_killed_worker(tmp
             assert counts == [30] * 6
             assert 1 <= seen[0] <= limit, f"the PACS saw {seen[0]} associations at once (limit {limit})"
 
+            # a STOW-RS through one worker: no worker serves the study's metadata from before it
+            def metadata(_=None) -> int:
+                with httpx.Client(timeout=60) as http:   # a new connection each: either worker
+                    return len(http.get(f"{gw.url}/studies/{study}/metadata").json())
+
+            assert set(ThreadPoolExecutor(4).map(metadata, range(12))) == {30}   # cached in both workers
+            ds = pydicom.dcmread(files[0])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            buf = BytesIO()
+            ds.save_as(buf)
+            body, ctype = dicom_body([buf.getvalue()])
+            assert httpx.post(f"{gw.url}/studies", content=body, headers={"Content-Type": ctype},
+                              timeout=60).status_code == 200
+            assert set(ThreadPoolExecutor(4).map(metadata, range(12))) == {31}
+
             # kill the worker that holds an association in the middle of a retrieval
             box: dict = {}
             busy = threading.Thread(target=lambda: box.setdefault("r", _try(fetch)), daemon=True)
@@ -190,7 +208,7 @@ def test_two_workers_share_the_association_limit_and_survive_a_killed_worker(tmp
             busy.join(60)
             # the gateway keeps serving, the dead worker's slots are free again, and it is replaced
             with ThreadPoolExecutor(limit) as pool:
-                assert list(pool.map(fetch, range(2 * limit))) == [30] * (2 * limit)
+                assert list(pool.map(fetch, range(2 * limit))) == [31] * (2 * limit)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 now = _children(gw.proc.pid)
@@ -211,3 +229,34 @@ def _try(fn):
         return fn()
     except Exception as exc:  # noqa: BLE001 - the request the killed worker served may fail
         return exc
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_two_workers_store_into_one_embedded_store(tmp_path):
+    from omi_dsf.testkit.gateway import GatewayProcess
+    from pydicom.data import get_testdata_file
+
+    study = generate_uid()
+
+    def stow(_i) -> int:
+        parts = []
+        for _ in range(10):
+            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            ds.StudyInstanceUID = study
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            buf = BytesIO()
+            ds.save_as(buf)
+            parts.append(buf.getvalue())
+        body, ctype = dicom_body(parts)
+        with httpx.Client(timeout=60) as http:   # a new connection each: either worker
+            return http.post(f"{gw.url}/studies", content=body, headers={"Content-Type": ctype}).status_code
+
+    gw = GatewayProcess({"listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                         "workers": 2, "backends": {"STORE": {"type": "store", "path": str(tmp_path / "store")}}},
+                        tmp_path / "gw")
+    with gw:
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(stow, range(16))) == [200] * 16
+        assert len(httpx.get(f"{gw.url}/studies/{study}/instances", timeout=30).json()) == 160
+    assert "Traceback" not in gw.log.read_text()

@@ -8,6 +8,10 @@
 * the gateway's peak memory (VmHWM) while it streams a small and the big study: must not grow
   with study size;
 * 8 concurrent clients (QIDO + WADO-RS of the small study): no errors;
+* aggregate throughput: 4 concurrent curl clients retrieving the big study through the gateway at
+  workers=1 and at workers=N (N: the gateway's default for this machine, at least 2) vs 4
+  concurrent ``getscu --ignore`` of the same study, interleaved; ratio gateway MB/s / getscu MB/s
+  (target >= 0.8 at workers=N), with the load average before and after;
 * transcoding: WADO-RS of a JPEG-Lossless-stored study asked for uncompressed
   (``transfer-syntax=1.2.840.10008.1.2.1``), the gateway's store vs Orthanc's DICOMweb plugin on
   the same files, both read by curl: ratio Orthanc time / gateway time (target >= 1.0);
@@ -47,6 +51,7 @@ from pynetdicom import AE, StoragePresentationContexts, build_role, evt  # noqa:
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  # noqa: E402
                                   StudyRootQueryRetrieveInformationModelGet)
 
+from omi_dsf.dicomweb.config import parse_config  # noqa: E402
 from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
 from omi_dsf.dicomweb.multipart import dicom_body  # noqa: E402
 from omi_dsf.testkit.conformance import jpeg_lossless  # noqa: E402
@@ -54,7 +59,7 @@ from omi_dsf.testkit.legacy_pacs import Dcmqrscp, Orthanc, dcmtk_tool  # noqa: E
 from omi_dsf.testkit.phantom import cached_ct_study  # noqa: E402
 from omi_dsf.testkit.procs import free_port  # noqa: E402
 
-TARGETS = {"throughput_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
+TARGETS = {"throughput_ratio_min": 0.8, "aggregate_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
            "concurrent_errors_max": 0, "transcode_ratio_min": 1.0, "metadata_ratio_max": 1.5}
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -319,6 +324,32 @@ def concurrent_clients(url: str, study: str, expected_parts: int, clients: int) 
     return len(errors), time.perf_counter() - t, errors[:5]
 
 
+def aggregate(pacs: Dcmqrscp, urls: dict[str, str], study: str, study_mb: float, clients: int,
+              runs: int) -> dict:
+    """``clients`` concurrent retrievals of ``study`` by each way in ``urls`` (gateway URLs) and by
+    getscu, interleaved: the median aggregate MB/s of each, and the ratios to getscu's."""
+    ways = {name: (lambda u=u: curl_study(u, study)[0]) for name, u in urls.items()}
+    ways["getscu"] = lambda: getscu(pacs, study)
+    walls: dict[str, list[float]] = {name: [] for name in ways}
+    load_before = os.getloadavg()[0]
+    for i in range(runs):
+        for name, fn in ways.items():
+            t = time.perf_counter()
+            with cf.ThreadPoolExecutor(clients) as pool:
+                list(pool.map(lambda _: fn(), range(clients)))
+            walls[name].append(time.perf_counter() - t)
+        log(f"aggregate run {i + 1}: " + ", ".join(f"{n} {clients * study_mb / w[-1]:.0f} MB/s"
+                                                   for n, w in walls.items()))
+    rate = {name: clients * study_mb / statistics.median(w) for name, w in walls.items()}
+    out = {"aggregate_clients": clients, "aggregate_load_before": round(load_before, 2),
+           "aggregate_load_after": round(os.getloadavg()[0], 2)}
+    for name, r in rate.items():
+        out[f"aggregate_{name}_mb_per_s"] = round(r, 1)
+        if name != "getscu":
+            out[f"aggregate_ratio_{name}"] = round(r / rate["getscu"], 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=500)
@@ -327,6 +358,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=11)
     ap.add_argument("--queries", type=int, default=30)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--aggregate-clients", type=int, default=4)
+    ap.add_argument("--aggregate-runs", type=int, default=3)
+    ap.add_argument("--only-aggregate", action="store_true", help="only the aggregate-throughput part")
     ap.add_argument("--transcode-slices", type=int, default=100,
                     help="slices of the JPEG Lossless study for the transcoding comparison")
     ap.add_argument("--transcode-runs", type=int, default=5)
@@ -337,10 +371,10 @@ def main() -> int:
     big = cached_ct_study(args.cache, args.slices, 11, args.rows)
     small = cached_ct_study(args.cache, args.small, 12, args.rows)
     big_uid, small_uid = dcmread(big[0]).StudyInstanceUID, dcmread(small[0]).StudyInstanceUID
-    lossless = lossless_study(args.cache, args.transcode_slices, args.rows)
+    lossless = [] if args.only_aggregate else lossless_study(args.cache, args.transcode_slices, args.rows)
     big_mb = sum(f.stat().st_size for f in big) / 1e6
     work = Path(tempfile.mkdtemp(prefix="omi-gw-bench-"))
-    gateway = None
+    gateway = many = None
     result: dict = {"bench": "dicomweb-gateway", "study_instances": len(big), "study_mb": round(big_mb, 1)}
     try:
         move_port = free_port()
@@ -348,8 +382,16 @@ def main() -> int:
             t = time.monotonic()
             pacs.load(big + small)
             log(f"loaded {len(big) + len(small)} files into dcmqrscp in {time.monotonic() - t:.1f} s")
+            # workers=N: no C-MOVE destination (one listener), C-GET only
+            n_workers = max(2, parse_config({"auth": {"anonymous": True}}).worker_count)
+            many = GatewayProcess({
+                "listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                "workers": n_workers, "default": "LEGACYPACS",
+                "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port}}},
+                work, name="gateway-workers").start()
             gateway = GatewayProcess({
                 "listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                "workers": 1,
                 "dimse": {"calling_aet": "OMIGW", "move_destination": {"aet": "OMIGW", "port": move_port}},
                 "default": "LEGACYPACS",
                 "backends": {"LEGACYPACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port},
@@ -359,6 +401,19 @@ def main() -> int:
                                       "called_aet": "LEGACYPACS", "summary_ttl": 0},
                              "STORE": {"type": "store", "path": str(work / "store")}}}, work).start()
             url = gateway.url
+            curl_study(many.url, big_uid)   # warm-up
+            agg = aggregate(pacs, {"workers_1": url, f"workers_{n_workers}": many.url}, big_uid, big_mb,
+                            args.aggregate_clients, args.aggregate_runs)
+            agg.update({"aggregate_workers": n_workers,
+                        "aggregate_ratio": agg[f"aggregate_ratio_workers_{n_workers}"]})
+            result.update(agg)
+            log(f"aggregate, {args.aggregate_clients} clients: {json.dumps(agg)}")
+            if args.only_aggregate:
+                result.update({"load_avg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+                               "targets": {"aggregate_ratio_min": TARGETS["aggregate_ratio_min"]},
+                               "met": agg["aggregate_ratio"] >= TARGETS["aggregate_ratio_min"]})
+                print(json.dumps(result))
+                return 0
 
             # memory: peak RSS after warm-up, after the small study, after the big one
             qido_times(url, small_uid, 3)
@@ -424,14 +479,16 @@ def main() -> int:
             "targets": TARGETS,
         })
         result["met"] = bool(result["throughput_ratio"] >= TARGETS["throughput_ratio_min"]
+                             and result["aggregate_ratio"] >= TARGETS["aggregate_ratio_min"]
                              and result["qido_added_ms"] <= TARGETS["qido_added_ms_max"]
                              and result["memory_growth_mb"] <= TARGETS["memory_growth_mb_max"]
                              and n_err <= TARGETS["concurrent_errors_max"]
                              and result["transcode_ratio"] >= TARGETS["transcode_ratio_min"]
                              and result["metadata_ratio"] <= TARGETS["metadata_ratio_max"])
     finally:
-        if gateway is not None:
-            gateway.stop()
+        for g in (gateway, many):
+            if g is not None:
+                g.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
     return 0
