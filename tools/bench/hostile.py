@@ -277,6 +277,7 @@ def main() -> int:
         (work / "wild.dcm").write_bytes(_encode(wild))
         with Dcmqrscp(work / "pacs") as pacs, GatewayProcess({
                 "listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                "workers": 1,   # one process: its memory is the gateway's, its limits the ones attacked
                 "default": "STORE",
                 "backends": {"STORE": {"type": "store", "path": str(work / "store")},
                              "PACS": {"type": "dimse", "host": "127.0.0.1", "port": pacs.port,

@@ -129,6 +129,7 @@ def main() -> int:
         boundary = multipart_body(files, work / "body")
         port = free_port()
         config = {"listen": {"host": "127.0.0.1", "port": port}, "auth": {"anonymous": True},
+                  "workers": 1,   # one process: its CPU time is the gateway's
                   "backends": {"STORE": {"type": "store", "path": str(work / "store")}}}
         with GatewayProcess(config, work) as gw, Dcmqrscp(work / "pacs") as pacs:
             pid = gw.proc.pid
