@@ -118,3 +118,20 @@ def test_includefield_limits_what_comes_back():
     q = parse_qido([("includefield", "StudyDescription")], SERIES, study_uid=S1)
     series = search(pacs, q, "http://gw", 100).items[0]
     assert "00100020" not in series  # study attributes are not repeated when the URL fixes the study
+
+
+def test_the_source_character_set_is_named_and_names_are_decoded():
+    class Latin1Pacs(QuirkyPacs):
+        def find(self, level, match, returns, scope):
+            found = super().find(level, match, returns, scope)
+            if level == STUDY:
+                for ds in found:
+                    ds.SpecificCharacterSet = "ISO_IR 100"
+                    ds.PatientName = "M\u00fcller^J\u00fcrgen"
+            return found
+
+    study = search(Latin1Pacs(), parse_qido([], STUDY), "http://gw", 100).items[0]
+    assert _v(study, "00080005") == ["ISO_IR 100"]
+    assert _v(study, "00100010") == [{"Alphabetic": "M\u00fcller^J\u00fcrgen"}]
+    plain = search(QuirkyPacs(), parse_qido([], STUDY), "http://gw", 100).items[0]
+    assert "00080005" not in plain      # absent in the source: absent in the answer

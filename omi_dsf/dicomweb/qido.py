@@ -177,6 +177,7 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
             allowed |= returns[lvl]
     if q.level == INSTANCE:
         allowed.add(SERIES_UID)
+    allowed.add(0x00080005)           # SpecificCharacterSet, where the source has one (below)
     allowed.discard(_QR_LEVEL_TAG)
     items = []
     for ds in page:
@@ -193,8 +194,8 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
             ds.SeriesInstanceUID = q.series_uid
         obj = to_json(ds, None, None if q.include_all else allowed)
         obj.pop(f"{_QR_LEVEL_TAG:08X}", None)
-        if not q.include_all:
-            obj.pop("00080005", None)
+        # SpecificCharacterSet stays: the JSON is UTF-8, the value names the source's character set
+        # (CP-2518; Orthanc answers it too)
         obj[f"{RETRIEVE_URL:08X}"] = {"vr": "UR", "Value": [url]}
         items.append(obj)
     return SearchResult(items, truncated, unmatched)
