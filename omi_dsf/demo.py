@@ -58,6 +58,19 @@ def broad_consent(patient_id: str, patient: dict | None = None) -> dict:
     }
 
 
+def load_consent(client, patient_id: str) -> None:
+    """The patient (found or created by identifier) and its broad consent, in one transaction into
+    the FHIR store that `client` (an httpx client at its base) talks to."""
+    client.post("", headers={"Content-Type": "application/fhir+json"}, json={
+        "resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:patient", "resource": {"resourceType": "Patient", "identifier": [
+                {"system": PATIENT_SYSTEM, "value": patient_id}]},
+             "request": {"method": "POST", "url": "Patient",
+                         "ifNoneExist": f"identifier={PATIENT_SYSTEM}|{patient_id}"}},
+            {"resource": broad_consent(patient_id, {"reference": "urn:uuid:patient"}),
+             "request": {"method": "POST", "url": "Consent"}}]}).raise_for_status()
+
+
 def _plain_key(encrypted: Path, password: str, dest: Path) -> Path:
     """The gateway and the HTTP client read unencrypted keys; keep such copies 0600 in the demo folder."""
     key = serialization.load_pem_private_key(encrypted.read_bytes(), password.encode())
@@ -232,17 +245,8 @@ class Demo:
         return study
 
     def _load_consent(self, patient_id: str) -> None:
-        """The patient (found or created by identifier) and the consent, into the FHIR store."""
         with self.store.client() as c:
-            r = c.post("", headers={"Content-Type": "application/fhir+json"}, json={
-                "resourceType": "Bundle", "type": "transaction", "entry": [
-                    {"fullUrl": "urn:uuid:patient", "resource": {"resourceType": "Patient", "identifier": [
-                        {"system": PATIENT_SYSTEM, "value": patient_id}]},
-                     "request": {"method": "POST", "url": "Patient",
-                                 "ifNoneExist": f"identifier={PATIENT_SYSTEM}|{patient_id}"}},
-                    {"resource": broad_consent(patient_id, {"reference": "urn:uuid:patient"}),
-                     "request": {"method": "POST", "url": "Consent"}}]})
-            r.raise_for_status()
+            load_consent(c, patient_id)
 
     def fhir_summary(self, study: Study) -> str:
         """The FHIR store's URL, how many resources of each kind it holds, and the study's ImagingStudy."""

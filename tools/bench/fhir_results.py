@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 
 from omi_dsf.consent.sources import from_fhir_server, from_folder  # noqa: E402
-from omi_dsf.demo import PATIENT_SYSTEM, broad_consent  # noqa: E402
+from omi_dsf.demo import PATIENT_SYSTEM, broad_consent, load_consent  # noqa: E402
 from omi_dsf.fhirstore import FhirStore  # noqa: E402
 from omi_dsf.inference import lungseg, results  # noqa: E402
 from omi_dsf.testkit import phantom  # noqa: E402
@@ -83,14 +83,7 @@ def main() -> int:
         with store.client() as c:
             for datasets, bundle, pid in cases:      # each patient's consent, in both places
                 (consents / f"{pid}.json").write_text(json.dumps(broad_consent(pid)))
-                c.post("", headers={"Content-Type": "application/fhir+json"}, json={
-                    "resourceType": "Bundle", "type": "transaction", "entry": [
-                        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "identifier": [
-                            {"system": PATIENT_SYSTEM, "value": pid}]},
-                         "request": {"method": "POST", "url": "Patient",
-                                     "ifNoneExist": f"identifier={PATIENT_SYSTEM}|{pid}"}},
-                        {"resource": broad_consent(pid, {"reference": "urn:uuid:p"}),
-                         "request": {"method": "POST", "url": "Consent"}}]}).raise_for_status()
+                load_consent(c, pid)
         # warm-up (first requests load HAPI's search and validation caches), not counted
         write_fhir_result(store_target, warm[1], "warm", warm[0], gateway_url=GATEWAY)
         for i, (datasets, bundle, pid) in enumerate(cases):
