@@ -245,10 +245,11 @@ class FhirStore:
         while time.monotonic() < deadline:
             if not pid_alive(st.pid, self.needle):
                 proc = getattr(self, "_proc", None)
-                if proc is not None:
-                    proc.poll()
-                msg = tail(self.dir / "console.log", 1) or tail(self.dir / "fhir-store.log", 2)
-                raise UserError(f"the FHIR store exited during start-up: {msg} (see {self.dir / 'console.log'})")
+                code = proc.poll() if proc is not None else None
+                how = ("" if code is None else f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+                msg = tail(self.dir / "console.log", 1) or tail(self.dir / "fhir-store.log", 2) or "no output"
+                raise UserError(f"the FHIR store exited during start-up ({how or 'pid ' + str(st.pid) + ' gone'}): "
+                                f"{msg} (see {self.dir / 'console.log'})")
             try:
                 r = httpx.get(f"{st.base_url}/metadata", verify=verify, timeout=10)
                 if r.status_code == 200:
