@@ -52,6 +52,20 @@ NO_IMAGES = {"SR", "KO", "PR", "DOC", "RTPLAN", "RTSTRUCT", "RTRECORD", "ECG", "
 STOW_BATCH_BYTES, STOW_BATCH_PARTS = 8 << 20, 32   # stored while the rest of a STOW body arrives
 
 
+
+async def multipart_body(stream, first: bytes, boundary: str) -> AsyncIterator[bytes]:
+    """A multipart body from a retrieval's parts, each starting with CRLF and its delimiter: the
+    first without that CRLF, the others as they come (empty ones, instances left out, skipped), the
+    closing delimiter; the retrieval cancelled however the body ends (a client gone included)."""
+    try:
+        yield first[2:]
+        async for data in stream:
+            if data:
+                yield data
+        yield CRLF + closing(boundary)
+    finally:
+        stream.cancel()
+
 class Stats:
     """Counters for tests and benchmarks (no patient data)."""
 
@@ -298,17 +312,7 @@ class Gateway:
             return b"".join(chunks)
 
         stream, first = await self.open_stream(backend, level, scope, to_parts)
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                yield first[2:]   # the first delimiter has no CRLF before it
-                async for data in stream:
-                    yield data
-                yield CRLF + closing(boundary)
-            finally:
-                stream.cancel()
-
-        return StreamingResponse(body(), media_type=content_type(boundary, wado.OCTET))
+        return StreamingResponse(multipart_body(stream, first, boundary), media_type=content_type(boundary, wado.OCTET))
 
     async def retrieve_metadata(self, request: Request, level: str) -> Response:
         scope = self.scope(request)
@@ -338,16 +342,8 @@ class Gateway:
 
         if as_xml:
             stream, first = await self.open_stream(backend, level, scope, to_meta)
-
-            async def parts() -> AsyncIterator[bytes]:
-                try:
-                    yield first[2:]   # the first delimiter has no CRLF before it
-                    async for item in stream:
-                        yield item
-                    yield CRLF + closing(boundary)
-                finally:
-                    stream.cancel()
-            return StreamingResponse(parts(), media_type=content_type(boundary, DICOM_XML))
+            return StreamingResponse(multipart_body(stream, first, boundary),
+                                     media_type=content_type(boundary, DICOM_XML))
 
         stream, first = await self.open_stream(backend, level, scope, to_meta)
 
@@ -441,17 +437,7 @@ class Gateway:
             stream.cancel()
             raise NotFound(f"nothing to render in this {level}") from None
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                yield first[2:]   # the first delimiter has no CRLF before it
-                async for data in stream:
-                    if data:
-                        yield data
-                yield CRLF + closing(boundary)
-            finally:
-                stream.cancel()
-
-        return StreamingResponse(body(), media_type=content_type(boundary, media))
+        return StreamingResponse(multipart_body(stream, first, boundary), media_type=content_type(boundary, media))
 
     async def retrieve_rendered(self, request: Request, thumbnail: bool = False) -> Response:
         accept = self.accept(request)
