@@ -206,6 +206,10 @@ class Worker:
     def _complete(self, topic: str, item: WorkItem, outputs: dict, error: str | None, attempt: int) -> Outcome:
         s = self.settings
         self._settle(item)
+        # recorded before the answer: a worker that dies between answering and recording would leave
+        # a step done without its record (another worker never sees an answered item); a retry after
+        # a failed answer records again, so the trail holds each step at least once
+        self._record(item, topic, error, attempt)
         try:
             try:
                 self.client.update(item.completed(outputs, error))
@@ -220,6 +224,7 @@ class Worker:
                 # Questionnaire) must not leave the process waiting: report that instead
                 log.error("work item %s: answers refused: %s; completing with an error", item.id, exc)
                 error = f"{topic}: the DSF refused the step's answers ({getattr(exc, 'status', None) or 'invalid'})"
+                self._record(item, topic, error, attempt)
                 self.client.update(item.completed({}, error))
         except DsfConflict:
             log.info("work item %s: changed by someone else meanwhile; not ours any more", item.id)
@@ -236,10 +241,12 @@ class Worker:
         self.leases.finish(item.id, s.owner)
         status = "failed" if error else "completed"
         log.info("work item %s (%s, business key %s): %s", item.id, topic, item.business_key, status)
-        if self.audit is not None:
-            self.audit.record(item.business_key, f"step-{status}", self.actor, item_id=item.id, outcome=topic,
-                              attempt=attempt, error=error)
         return Outcome(item.id, item.business_key, topic, status, attempt)
+
+    def _record(self, item: WorkItem, topic: str, error: str | None, attempt: int) -> None:
+        if self.audit is not None:
+            self.audit.record(item.business_key, f"step-{'failed' if error else 'completed'}", self.actor,
+                              item_id=item.id, outcome=topic, attempt=attempt, error=error)
 
     # -- loop -----------------------------------------------------------------------------
 
