@@ -251,3 +251,14 @@ def test_json_answer_names_what_is_wrong():
         with pytest.raises(Wrong) as raised:
             json_answer(response, "search", Wrong, "Parameters" if response is ok else None)
         assert str(raised.value) == wrong
+
+
+def test_a_dsf_answer_cut_off_is_a_retryable_connection_error():
+    from omi_dsf.dsf.client import _body
+    from omi_dsf.dsf.errors import DsfBadAnswer, DsfConnectionError
+
+    cut = httpx.Response(200, content=b'{"resourceType": "Bundle", "entry": [{"reso')
+    with pytest.raises(DsfConnectionError) as raised:       # the worker releases the item and retries
+        _body(cut, "GET QuestionnaireResponse?")
+    assert isinstance(raised.value, DsfBadAnswer) and "not JSON" in str(raised.value)
+    assert _body(httpx.Response(200, json={"resourceType": "Bundle"}), "x") == {"resourceType": "Bundle"}

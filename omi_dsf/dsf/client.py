@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from omi_dsf.dsf.errors import (DsfAuthError, DsfConflict, DsfConnectionError, DsfError, DsfNotFound, DsfTlsError,
+from omi_dsf.dsf.errors import (DsfAuthError, DsfBadAnswer, DsfConflict, DsfConnectionError, DsfError, DsfNotFound, DsfTlsError,
                                 DsfValidationError, operation_outcome_text)
-from omi_dsf.peer import http_client
+from omi_dsf.peer import http_client, json_answer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ def _reason(resp: httpx.Response) -> str:
     if not text:
         text = (resp.text or "").strip().replace("\n", " ")[:300]
     return f"{resp.status_code} {resp.reason_phrase}" + (f": {text}" if text else "")
+
+
+def _body(resp: httpx.Response, what: str) -> dict:
+    """The answer's JSON object; one cut off or not JSON (a server going away mid-answer) is a
+    DsfBadAnswer, retried like a connection error."""
+    return json_answer(resp, what, DsfBadAnswer)
 
 
 def raise_for_status(resp: httpx.Response, what: str) -> None:
@@ -119,15 +125,15 @@ class DsfClient:
     # -- REST -----------------------------------------------------------------------------
 
     def metadata(self) -> dict:
-        return self._request("GET", "/metadata", "GET metadata").json()
+        return _body(self._request("GET", "/metadata", "GET metadata"), "GET metadata")
 
     def read(self, rtype: str, rid: str) -> dict:
-        return self._request("GET", f"/{rtype}/{rid}", f"GET {rtype}/{rid}").json()
+        return _body(self._request("GET", f"/{rtype}/{rid}", f"GET {rtype}/{rid}"), f"GET {rtype}/{rid}")
 
     def history(self, rtype: str, rid: str) -> list[dict]:
         """Every stored version of one resource, oldest first."""
-        bundle = self._request("GET", f"/{rtype}/{rid}/_history", f"GET {rtype}/{rid}/_history",
-                               params={"_count": 1000}).json()
+        bundle = _body(self._request("GET", f"/{rtype}/{rid}/_history", f"GET {rtype}/{rid}/_history",
+                                     params={"_count": 1000}), f"GET {rtype}/{rid}/_history")
         return sorted((e["resource"] for e in bundle.get("entry", []) if "resource" in e),
                       key=lambda r: int(r["meta"]["versionId"]))
 
@@ -135,7 +141,7 @@ class DsfClient:
         rtype = resource["resourceType"]
         resp = self._request("POST", f"/{rtype}", f"POST {rtype}", content=json.dumps(resource),
                              headers={"Content-Type": FHIR_JSON, "Prefer": "return=representation"})
-        return resp.json() if resp.content else {}
+        return _body(resp, f"POST {rtype}") if resp.content else {}
 
     def update(self, resource: dict, check_version: bool = True) -> dict:
         """PUT; with check_version, only if nobody changed it since we read it (If-Match)."""
@@ -145,14 +151,14 @@ class DsfClient:
         if check_version and version:
             headers["If-Match"] = f'W/"{version}"'
         resp = self._request("PUT", f"/{rtype}/{rid}", f"PUT {rtype}/{rid}", content=json.dumps(resource), headers=headers)
-        return resp.json() if resp.content else {}
+        return _body(resp, f"PUT {rtype}/{rid}") if resp.content else {}
 
     def search(self, rtype: str, params: dict[str, Any] | None = None, page_size: int = 50) -> Iterator[dict]:
         """All matching resources (search-mode match), following the Bundle's next links."""
         params = {"_count": page_size, **(params or {})}
         resp = self._request("GET", f"/{rtype}", f"GET {rtype}?", params=params)
         while True:
-            bundle = resp.json()
+            bundle = _body(resp, f"GET {rtype}?")
             for entry in bundle.get("entry", []):
                 if (entry.get("search") or {}).get("mode", "match") == "match" and "resource" in entry:
                     yield entry["resource"]

@@ -19,6 +19,11 @@ class DsfConnectionError(DsfError):
     """The server could not be reached (refused, timed out, reset)."""
 
 
+class DsfBadAnswer(DsfConnectionError):
+    """The answer is not the JSON object it should be (cut off while the server went away, or not
+    FHIR JSON at all): retried like a connection error."""
+
+
 class DsfAuthError(DsfError):
     """401/403: the certificate is not on the allow list, or the identity may not do this."""
 
