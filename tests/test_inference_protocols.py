@@ -107,8 +107,39 @@ def test_a_missing_server_environment_is_named(monkeypatch, tmp_path):
     (["--server", "kserve", "--anonymous", "--host", "10.1.2.3"], "listens on all interfaces"),
     (["--server", "mlserver", "--anonymous", "--max-slices", "2"], "at least 3"),
     (["--anonymous", "--grpc-port", "9"], "--grpc-port is for --server kserve or mlserver"),
+    (["--anonymous", "--metrics-port", "9"], "--metrics-port is for --server mlserver"),
+    (["--server", "kserve", "--anonymous", "--metrics-port", "9"], "kserve serves /metrics on --port"),
 ])
 def test_other_servers_command_line_errors_are_one_line(args, message):
     r = run_cli("ai-service", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("settings, extra, message", [
+    ({"auth": {"jwt": [{"issuer": "https://idp.test", "key_file": "idp.pem"}]}}, [], "auth.jwt: KServe's model server checks no tokens"),
+    ({"tls": {"client_ca": "ca.pem"}}, [], "tls.client_ca: KServe's model server checks no client certificates"),
+    ({"tls": {"keyfile_password_file": "ca.pem"}}, [], "tls.keyfile_password_file"),
+    ({"limits": {"max_body_mb": 10}}, [], "limits: the reference service's"),
+    ({"listen": {"host": "127.0.0.1"}}, [], "listen.host: KServe's model server listens on all interfaces"),
+    ({}, ["--grpc-port", "9"], "KServe's gRPC port serves no TLS"),
+    ({"listen": {"port": 8080}}, [], "moves a TLS server from port 8080 to 8443"),
+    ({}, ["--anonymous"], "--anonymous is for running without --config"),
+])
+def test_kserve_takes_of_the_configuration_what_it_can_serve(tmp_path, settings, extra, message):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    for name in ("ca.pem", "ai.pem", "ai.key"):
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "idp.pem").write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    data = {"auth": {"anonymous": True}, "tls": {"certfile": "ai.pem", "keyfile": "ai.key"}}
+    for key, value in settings.items():
+        data[key] = {**data.get(key, {}), **value} if key in ("tls", "auth") else value
+    if "jwt" in data["auth"]:
+        data["auth"].pop("anonymous")
+    (tmp_path / "ai.yaml").write_text(json.dumps(data))
+    r = run_cli("ai-service", "--server", "kserve", "--config", str(tmp_path / "ai.yaml"), *extra)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

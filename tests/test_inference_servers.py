@@ -16,9 +16,10 @@ import numpy as np
 import pydicom
 import pytest
 from starlette.testclient import TestClient
+from tritonclient.utils import InferenceServerException
 
 from omi_dsf.dicomweb_client import DicomwebClient
-from omi_dsf.inference import lungseg
+from omi_dsf.inference import lungseg, tensors
 from omi_dsf.inference.client import InferenceRejected, OipClient
 from omi_dsf.peer import Peer
 from omi_dsf.registry.app import create_app
@@ -79,11 +80,30 @@ def test_protocol_is_detected_and_both_encodings_agree(server):
             ai.infer(lungseg.NAME, {"HU": hu[:2], "SPACING_MM": SPACING})
     if service.grpc_url:   # KServe's and MLServer's gRPC ports take the tensors as raw bytes
         with OipClient(service.url, timeout=60, grpc_url=service.grpc_url) as ai:
-            answer = ai.infer(lungseg.NAME, {"HU": hu, "SPACING_MM": SPACING}, request_id="r-2")
-            assert answer.id == "r-2" and answer.model_version == lungseg.VERSION
-            assert np.array_equal(answer.outputs["LUNG_LABELS"], expected["LUNG_LABELS"])
+            # MLServer's model takes them packed too (one BYTES element each): its metadata says so
+            assert (ai.model_metadata(lungseg.NAME).get("parameters") or {}).get("packed_tensors") is (
+                True if name == "mlserver" else None)
+            for packed in (None, False):   # as the metadata says, and as declared
+                answer = ai.infer(lungseg.NAME, {"HU": hu, "SPACING_MM": SPACING}, request_id="r-2", packed=packed)
+                assert answer.id == "r-2" and answer.model_version == lungseg.VERSION
+                assert answer.outputs["LUNG_LABELS"].dtype == np.uint8
+                assert np.array_equal(answer.outputs["LUNG_LABELS"], expected["LUNG_LABELS"])
+                assert np.allclose(answer.outputs["LUNG_VOLUME_ML"], expected["LUNG_VOLUME_ML"])
             with pytest.raises(InferenceRejected, match="2 slices"):
                 ai.infer(lungseg.NAME, {"HU": hu[:2], "SPACING_MM": SPACING})
+    if name == "mlserver":   # a packed tensor that does not fit its stated shape: 400 with the problem named
+        import tritonclient.grpc as triton_grpc
+
+        raw, params = tensors.packed(hu)
+        entry = triton_grpc.InferInput("HU", [1], "BYTES").set_data_from_numpy(np.array([raw[:-2]], dtype=object))
+        for key, value in params.items():
+            entry._get_tensor().parameters[key].string_param = value
+        spacing = triton_grpc.InferInput("SPACING_MM", [3], "FP32").set_data_from_numpy(SPACING)
+        client = triton_grpc.InferenceServerClient(service.grpc_url.removeprefix("grpc://"))
+        with pytest.raises(InferenceServerException, match="binary data, but shape") as caught:
+            client.infer(lungseg.NAME, [entry, spacing])
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        client.close()
 
 
 def _ctx(gateway_url: str, entry: dict) -> StepContext:
@@ -139,3 +159,38 @@ def test_registry_health_checks_each_server(server, tmp_path):
         states = app.state.checker.check_all()
     assert states["known"].status == "up", states["known"].detail
     assert states["unknown"].status == "degraded" and "model not ready" in states["unknown"].detail
+
+
+def test_kserve_serves_tls_the_step_verifies(tmp_path):
+    """KServe's model server with the reference service's configuration file (tls.certfile/keyfile):
+    HTTPS on its port; the OIP client verifies it against the site's CA as for every peer, and refuses
+    a server its CA did not sign."""
+    import ipaddress
+
+    import yaml
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from helpers_pki import issue, make_ca, write_ca, write_pem
+    from omi_dsf.inference.client import ServiceUnavailable
+    from omi_dsf.testkit.ai_service import AiServiceProcess
+    from omi_dsf.tls import client_context
+
+    ca_key, ca_cert = make_ca("kserve test CA")
+    ca = write_ca(tmp_path / "ca.pem", ca_cert)
+    other = write_ca(tmp_path / "other.pem", make_ca("another CA")[1])
+    cert, key = write_pem(tmp_path, "server", *issue(ca_key, ca_cert, "localhost", ExtendedKeyUsageOID.SERVER_AUTH,
+                                                     [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    (tmp_path / "ai.yaml").write_text(yaml.safe_dump({"tls": {"certfile": cert, "keyfile": key},
+                                                      "auth": {"anonymous": True}, "max_slices": 10}))
+    with AiServiceProcess(log=tmp_path / "kserve.log", args=("--config", str(tmp_path / "ai.yaml")),
+                          tls=client_context(ca), timeout=120, server="kserve") as service:
+        assert service.url.startswith("https://") and service.grpc_url is None
+        hu = phantom.phantom_hu(6, 3, 64, 64)
+        with OipClient(Peer(url=service.url, ca_file=ca, timeout=60)) as ai:   # as the infer step makes it
+            assert ai.server_ready() and ai.binary_tensors()
+            answer = ai.infer(lungseg.NAME, {"HU": hu, "SPACING_MM": SPACING})
+            expected = lungseg.LungSegModel().infer({"HU": hu, "SPACING_MM": SPACING})
+            assert np.array_equal(answer.outputs["LUNG_LABELS"], expected["LUNG_LABELS"])
+        with OipClient(Peer(url=service.url, ca_file=other, timeout=10)) as ai, pytest.raises(ServiceUnavailable):
+            ai.server_ready()

@@ -104,3 +104,29 @@ def test_parts_are_views_of_the_arrays_and_chunks_rebuild_the_body():
                                                                          {"HU": hu, "SPACING_MM": spacing}, True)
     _, out = tensors.decode(body, headers[HEADER_LENGTH], "inputs")
     assert np.array_equal(out["HU"], hu) and np.shares_memory(out["HU"], np.frombuffer(body, np.uint8))
+
+
+@pytest.mark.parametrize("name", ["i16", "u8", "f32", "f64", "b"])
+def test_packed_tensors_round_trip_without_a_copy(name):
+    array = SAMPLES[name]
+    raw, params = tensors.packed(array)
+    assert tensors.is_packed("BYTES", params) and not tensors.is_packed("INT16", params)
+    out = tensors.unpacked(name, raw, params)
+    assert out.dtype == array.dtype and out.shape == array.shape and (out == array).all()
+    assert np.shares_memory(out, np.frombuffer(raw, np.uint8))   # a view of the element
+
+
+@pytest.mark.parametrize("params, element, message", [
+    ({"packed_datatype": "INT16"}, b"\0\0", "without a numeric packed_datatype and a packed_shape"),
+    ({"packed_datatype": "BYTES", "packed_shape": "1"}, b"\0\0", "without a numeric"),
+    ({"packed_datatype": "INT17", "packed_shape": "1"}, b"\0\0", "unknown datatype"),
+    ({"packed_datatype": "INT16", "packed_shape": "2,x"}, b"\0\0", "not a list of integers"),
+    ({"packed_datatype": "INT16", "packed_shape": "-1"}, b"\0\0", "non-negative"),
+    ({"packed_datatype": "INT16", "packed_shape": "2"}, b"\0\0", "2 bytes of binary data, but shape"),
+    ({"packed_datatype": "INT16", "packed_shape": "1"}, "AAA=", "must be bytes"),
+])
+def test_bad_packed_tensors_name_the_problem(params, element, message):
+    with pytest.raises(TensorError, match=message):
+        tensors.unpacked("HU", element, params)
+    with pytest.raises(TensorError, match="cannot be packed"):
+        tensors.packed(SAMPLES["s"])

@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, help="kserve, mlserver: their OIP v2 gRPC port (kserve: off without it; "
                                                  "mlserver: default a free one); the infer step sends tensors "
                                                  "there as raw bytes")
+    p.add_argument("--metrics-port", type=int, help="mlserver: its Prometheus metrics port (default a free one; "
+                                                    "kserve serves /metrics on --port)")
     p.set_defaults(func=_ai_service)
 
 
@@ -37,6 +39,8 @@ def _ai_service(args: argparse.Namespace) -> int:
         return _other_server(args)
     if args.grpc_port is not None:
         raise UserError("--grpc-port is for --server kserve or mlserver")
+    if args.metrics_port is not None:
+        raise UserError("--metrics-port is for --server mlserver")
     if args.config and args.anonymous:
         raise UserError("--anonymous is for running without --config; set auth.anonymous in the file instead")
     if args.config:
@@ -61,14 +65,58 @@ def _other_server(args: argparse.Namespace) -> int:
     from omi_dsf.errors import UserError
     from omi_dsf.inference import lungseg, servers
 
-    if args.config or not args.anonymous:
-        raise UserError(f"ai-service --server {args.server}: the project's TLS and authentication settings are the "
-                        f"reference service's; {args.server} serves plain HTTP here: give --anonymous (in production "
-                        f"TLS and authentication come from the platform in front of it; docs/inference.md)")
+    tls, file_slices, file_port = None, lungseg.DEFAULT_MAX_SLICES, 8500
+    if args.config and args.anonymous:
+        raise UserError("--anonymous is for running without --config; set auth.anonymous in the file instead")
+    if args.config and args.server == "kserve":
+        tls, file_slices, file_port = _kserve_config(args)
+    elif args.config or not args.anonymous:
+        raise UserError(f"ai-service --server {args.server}: {args.server} serves plain HTTP here, without "
+                        f"authentication: give --anonymous (in production TLS and authentication come from the "
+                        f"ingress in front of it; docs/inference.md)"
+                        + (" or --config with tls (KServe serves TLS on its HTTP port)" if args.server == "kserve"
+                           else ""))
     if args.server == "kserve" and args.host not in (None, "0.0.0.0"):   # noqa: S104
         raise UserError("ai-service --server kserve: KServe's model server listens on all interfaces; "
                         "--host cannot choose one (leave it out)")
-    max_slices = args.max_slices if args.max_slices is not None else lungseg.DEFAULT_MAX_SLICES
+    if args.server == "kserve" and args.metrics_port is not None:
+        raise UserError("--metrics-port is for --server mlserver (kserve serves /metrics on --port)")
+    max_slices = args.max_slices if args.max_slices is not None else file_slices
     if max_slices < 3:
         raise UserError(f"--max-slices {max_slices}: the model needs at least 3")
-    return servers.run(args.server, args.host or "127.0.0.1", args.port or 8500, max_slices, args.grpc_port)
+    port = args.port or file_port
+    if tls and port == servers.KSERVE_DEFAULT_HTTP_PORT:
+        raise UserError(f"ai-service --server kserve: KServe moves a TLS server from port {port} to 8443; choose "
+                        f"another port")
+    return servers.run(args.server, args.host or "127.0.0.1", port, max_slices, args.grpc_port,
+                       metrics_port=args.metrics_port, tls=tls)
+
+
+def _kserve_config(args: argparse.Namespace) -> tuple[tuple[str, str] | None, int, int]:
+    """KServe's model server from the reference service's configuration file: what KServe can do of it
+    (listen.port, tls.certfile and tls.keyfile: TLS without client certificates, max_slices); anything
+    else is refused naming the key. Answers (certfile, keyfile) or None, max_slices and the port."""
+    from omi_dsf import config
+    from omi_dsf.errors import UserError
+    from omi_dsf.inference.config import ServiceConfig
+
+    cfg = config.load(ServiceConfig, args.config)
+    where = f"ai-service --server kserve: {args.config}"
+    if cfg.auth.jwt:
+        raise UserError(f"{where}: auth.jwt: KServe's model server checks no tokens (authentication comes from the "
+                        f"ingress in front of it); set auth.anonymous: true")
+    if cfg.tls and (cfg.tls.client_ca or cfg.tls.require_client_cert):
+        raise UserError(f"{where}: tls.client_ca: KServe's model server checks no client certificates (mutual TLS "
+                        f"comes from the ingress in front of it)")
+    if cfg.tls and cfg.tls.keyfile_password_file:
+        raise UserError(f"{where}: tls.keyfile_password_file: KServe's model server takes no key password; give "
+                        f"an unencrypted keyfile readable only by the server")
+    if "limits" in cfg.model_fields_set:
+        raise UserError(f"{where}: limits: the reference service's; KServe's model server has its own")
+    if "host" in cfg.listen.model_fields_set and cfg.listen.host != "0.0.0.0":   # noqa: S104
+        raise UserError(f"{where}: listen.host: KServe's model server listens on all interfaces; leave it out")
+    if cfg.tls and args.grpc_port is not None:
+        raise UserError(f"{where}: tls with --grpc-port: KServe's gRPC port serves no TLS (TLS for it comes from "
+                        f"the ingress); leave --grpc-port out, tensors then go binary over HTTPS")
+    tls = (str(cfg.tls.certfile.resolve()), str(cfg.tls.keyfile.resolve())) if cfg.tls else None
+    return tls, cfg.max_slices, cfg.listen.port

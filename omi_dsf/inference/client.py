@@ -175,20 +175,27 @@ class OipClient:
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
               binary: bool | None = None, version: str | None = None, check: bool = True,
               request_id: str | None = None, parameters: Mapping[str, Any] | None = None,
-              timings: dict[str, float] | None = None, on_sent: Callable[[], None] | None = None) -> InferResult:
+              timings: dict[str, float] | None = None, on_sent: Callable[[], None] | None = None,
+              packed: bool | None = None) -> InferResult:
         """Run the model; `binary` selects the binary tensor data extension for inputs and outputs
         (default: gRPC with raw bytes when the client has a `grpc_url`, else binary where the server's HTTP
         has it, `binary_tensors`).
         `timings`, if given, receives the seconds spent in "encode", "request" (HTTP round trip,
         the server's work included) and "decode". `on_sent` is called once the request body is
-        out, while the server works (e.g. to start work of one's own that would slow the sending)."""
+        out, while the server works (e.g. to start work of one's own that would slow the sending).
+        `packed` (gRPC only): numeric tensors each as one BYTES element (`tensors.packed`); default as the
+        model's metadata says (`parameters.packed_tensors`)."""
         if check:
             self.check_inputs(model, inputs, version)
             if not self.model_ready(model, version):
                 raise ModelNotReady(f"model '{model}' at {self.base_url} is not ready")
         if binary is None:
             if self.grpc_url:
-                return self._infer_grpc(model, inputs, outputs, version, request_id, parameters, timings, on_sent)
+                if packed is None:
+                    meta = self.model_metadata(model, version)
+                    packed = (meta.get("parameters") or {}).get("packed_tensors") is True
+                return self._infer_grpc(model, inputs, outputs, version, request_id, parameters, timings, on_sent,
+                                        packed)
             binary = self.binary_tensors()
         header: dict[str, Any] = {}
         if request_id:
@@ -240,8 +247,11 @@ class OipClient:
 
     def _infer_grpc(self, model: str, inputs: Mapping[str, np.ndarray], outputs: list[str] | None,
                     version: str | None, request_id: str | None, parameters: Mapping[str, Any] | None,
-                    timings: dict[str, float] | None, on_sent: Callable[[], None] | None) -> InferResult:
-        """`infer` over gRPC: tensors as raw bytes (raw_input_contents), the answer's likewise."""
+                    timings: dict[str, float] | None, on_sent: Callable[[], None] | None,
+                    packed: bool = False) -> InferResult:
+        """`infer` over gRPC: tensors as raw bytes (raw_input_contents), the answer's likewise; `packed`
+        (the model's metadata says `packed_tensors`): numeric tensors each as one BYTES element
+        (`tensors.packed`), for a server that would unpack raw bytes into Python lists (MLServer)."""
         import threading
 
         import tritonclient.grpc as triton_grpc
@@ -251,9 +261,19 @@ class OipClient:
         wire = []
         for name, array in inputs.items():
             array = np.asarray(array)
-            entry = triton_grpc.InferInput(name, list(array.shape), tensors.datatype_of(array))
-            entry.set_data_from_numpy(array)
+            datatype = tensors.datatype_of(array)
+            if packed and datatype != "BYTES":
+                raw, params = tensors.packed(array)
+                entry = triton_grpc.InferInput(name, [1], "BYTES")
+                entry.set_data_from_numpy(np.array([raw], dtype=object))
+                for key, value in params.items():   # tritonclient has no setter for an input's parameters
+                    entry._get_tensor().parameters[key].string_param = value
+            else:
+                entry = triton_grpc.InferInput(name, list(array.shape), datatype)
+                entry.set_data_from_numpy(array)
             wire.append(entry)
+        if packed:
+            parameters = {**(parameters or {}), "packed_outputs": True}
         t1 = time.perf_counter()
         done = threading.Event()
         answer: list = []
@@ -276,7 +296,10 @@ class OipClient:
         if error is not None:
             self._raise_grpc(error, model)
         response = result.get_response()
-        out = {o.name: result.as_numpy(o.name) for o in response.outputs}
+        try:
+            out = _grpc_outputs(result, response)
+        except TensorError as exc:
+            raise OipError(f"malformed response from model '{model}': {exc}") from None
         if timings is not None:
             timings.update(encode=t1 - t0, request=t2 - t1, decode=time.perf_counter() - t2)
         params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
@@ -336,6 +359,25 @@ def uses_binary_tensors(server_metadata: Mapping[str, Any]) -> bool:
     if isinstance(extensions, list) and "binary_tensor_data" in extensions:
         return True
     return str(server_metadata.get("name", "")).strip().lower() == "kserve"
+
+
+def _grpc_outputs(result, response) -> dict[str, np.ndarray]:
+    """The answer's tensors; a packed one (`tensors.packed`) as the numeric tensor it carries, read from its
+    raw contents (4 bytes of length, then the element) without a copy."""
+    out = {}
+    for index, tensor in enumerate(response.outputs):
+        params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in tensor.parameters.items()
+                  if v.WhichOneof("parameter_choice")}
+        if not tensors.is_packed(tensor.datatype, params):
+            out[tensor.name] = result.as_numpy(tensor.name)
+            continue
+        if index >= len(response.raw_output_contents):
+            raise TensorError(f"tensor '{tensor.name}': packed, but not in the raw output contents")
+        raw = memoryview(response.raw_output_contents[index])
+        if len(raw) < 4 or int.from_bytes(raw[:4], "little") != len(raw) - 4:
+            raise TensorError(f"tensor '{tensor.name}': packed, but not one BYTES element")
+        out[tensor.name] = tensors.unpacked(tensor.name, raw[4:], params)
+    return out
 
 
 def _body(parts: list, on_sent: Callable[[], None] | None) -> Iterator[memoryview]:

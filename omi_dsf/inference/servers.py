@@ -51,12 +51,19 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def kserve_command(port: int, max_slices: int, grpc_port: int | None = None) -> list[str]:
+KSERVE_DEFAULT_HTTP_PORT = 8080   # KServe serves TLS on 8443 instead when given this one
+
+
+def kserve_command(port: int, max_slices: int, grpc_port: int | None = None,
+                   tls: tuple[str, str] | None = None) -> list[str]:
+    """KServe's model server with the lung model; `tls` (certfile, keyfile): HTTPS on `port` (no client
+    certificates; its gRPC port has no TLS)."""
     # KServe's server always listens on all interfaces (0.0.0.0); gRPC only when a port is given
     grpc = ["--grpc_port", str(grpc_port), "--grpc_max_receive_message_length", str(MAX_GRPC_MESSAGE),
             "--grpc_max_send_message_length", str(MAX_GRPC_MESSAGE)] if grpc_port else ["--enable_grpc", "false"]
+    https = ["--ssl_certfile", tls[0], "--ssl_keyfile", tls[1]] if tls else []
     return [str(python_for("kserve")), "-m", "omi_dsf.inference.kserve_model", "--http_port", str(port), *grpc,
-            "--max_slices", str(max_slices)]
+            *https, "--max_slices", str(max_slices)]
 
 
 def mlserver_model_settings(max_slices: int) -> dict:
@@ -87,13 +94,15 @@ def mlserver_command(folder: Path) -> list[str]:
     return [str(python_for("mlserver")), "-m", "mlserver.cli.main", "start", str(folder)]
 
 
-def run(server: str, host: str, port: int, max_slices: int, grpc_port: int | None = None) -> int:
+def run(server: str, host: str, port: int, max_slices: int, grpc_port: int | None = None,
+        metrics_port: int | None = None, tls: tuple[str, str] | None = None) -> int:
     """Run `server` with the lung model in the foreground until it ends or this process is stopped."""
     with tempfile.TemporaryDirectory(prefix=f"omi-ai-{server}-") as tmp:
         if server == "kserve":   # listens on all interfaces whatever `host` is (KServe's choice)
-            argv = kserve_command(port, max_slices, grpc_port)
+            argv = kserve_command(port, max_slices, grpc_port, tls)
         elif server == "mlserver":
-            argv = mlserver_command(mlserver_repository(Path(tmp), host, port, max_slices, grpc_port=grpc_port))
+            argv = mlserver_command(mlserver_repository(Path(tmp), host, port, max_slices, metrics_port=metrics_port,
+                                                          grpc_port=grpc_port))
         else:
             raise UserError(f"ai-service --server {server!r}: one of {', '.join(SERVERS)}")
         child = subprocess.Popen(argv, env=_env(), cwd=tmp)

@@ -143,6 +143,44 @@ def from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarr
     return values.reshape(shape)
 
 
+# A numeric tensor *packed*: a BYTES tensor of shape [1] whose one element is the tensor's raw bytes
+# (row-major, little-endian), its own datatype and shape in the tensor's parameters `packed_datatype`
+# ("INT16") and `packed_shape` ("200,512,512"). For a server that turns raw tensor bytes into Python
+# lists on arrival but passes BYTES elements through as they are (MLServer over gRPC, its issue #913):
+# a model on it says in its metadata parameters that it takes and gives tensors so
+# (`packed_tensors: true`); a request asks for packed outputs with the request parameter
+# `packed_outputs: true`.
+PACKED_DATATYPE, PACKED_SHAPE = "packed_datatype", "packed_shape"
+
+
+def packed(array: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """A numeric tensor's one BYTES element and its parameters."""
+    datatype = datatype_of(array)
+    if datatype == "BYTES":
+        raise TensorError("a BYTES tensor cannot be packed")
+    raw = np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
+    return raw, {PACKED_DATATYPE: datatype, PACKED_SHAPE: ",".join(str(d) for d in array.shape)}
+
+
+def is_packed(datatype: str, parameters: Mapping[str, Any] | None) -> bool:
+    return datatype == "BYTES" and PACKED_DATATYPE in (parameters or {})
+
+
+def unpacked(name: str, element: Any, parameters: Mapping[str, Any]) -> np.ndarray:
+    """The numeric tensor a packed one carries (a read-only view of `element`, no copy)."""
+    datatype, shape_text = parameters.get(PACKED_DATATYPE), parameters.get(PACKED_SHAPE)
+    if not isinstance(datatype, str) or datatype == "BYTES" or not isinstance(shape_text, str):
+        raise TensorError(f"tensor '{name}': packed, but without a numeric {PACKED_DATATYPE} and a {PACKED_SHAPE}")
+    if not isinstance(element, (bytes, bytearray, memoryview)):
+        raise TensorError(f"tensor '{name}': a packed tensor's element must be bytes (packed tensors travel over "
+                          f"gRPC)")
+    try:
+        shape = [int(d) for d in shape_text.split(",")] if shape_text.strip() else []
+    except ValueError:
+        raise TensorError(f"tensor '{name}': {PACKED_SHAPE} {shape_text[:40]!r} is not a list of integers") from None
+    return from_wire(name, datatype, _check_shape(name, shape), element)
+
+
 def _json_data(array: np.ndarray) -> list:
     if datatype_of(array) == "BYTES":
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]

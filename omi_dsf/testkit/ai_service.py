@@ -35,9 +35,13 @@ class AiServiceProcess(procs.ChildProcess):
         self.port = port or procs.free_port()
         # KServe and MLServer turn HTTP tensors into Python lists (MLServer takes JSON only); over their
         # gRPC ports tensors travel as raw bytes
-        self.grpc_port = procs.free_port() if server in ("kserve", "mlserver") else None
+        self.grpc_port = procs.free_port() if server in ("kserve", "mlserver") and tls is None else None
         self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        # Prometheus metrics (the model time each server reports): MLServer's own port, KServe's HTTP port
+        self.metrics_port = procs.free_port() if server == "mlserver" else None
+        self.metrics_url = (f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port
+                            else f"{self.url}/metrics" if server == "kserve" else None)
         self.log, self.timeout, self.tls, self.token = log, timeout, tls, token
         self.args = tuple(args) if "--config" in args else ("--anonymous", *args)
         self.proc: subprocess.Popen | None = None
@@ -48,6 +52,8 @@ class AiServiceProcess(procs.ChildProcess):
             host = () if self.server == "kserve" else ("--host", "127.0.0.1")
             if self.grpc_port:
                 host += ("--grpc-port", str(self.grpc_port))
+            if self.metrics_port:
+                host += ("--metrics-port", str(self.metrics_port))
             self.proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "ai-service", "--server", self.server,
                                           *host, "--port", str(self.port), *self.args],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -8,15 +8,17 @@ real step handler (`omi_dsf.steps.infer`) runs on it --repeats times per server,
 on each server, then the model in this process, then the next round): QIDO, WADO-RS, volume, OIP v2
 request, SEG, SR, STOW-RS. Tensors travel binary over HTTP to the reference service and as raw bytes
 over gRPC to KServe and MLServer (their gRPC ports are on: KServe turns binary tensors that come over
-HTTP into Python lists, MLServer's HTTP takes JSON only).
+HTTP into Python lists, MLServer's HTTP takes JSON only); to MLServer packed, one BYTES element each, as
+its model's metadata asks (MLServer unpacks numeric raw bytes into Python lists).
 
-Model time, per server, as it reports it:
+Model time, per server, as it reports it (the run's increase of its Prometheus figure):
   reference  the answer's parameters.model_time_ms (the service times `LungSegModel.infer`)
-  kserve     KServe's Prometheus histogram request_predict_seconds (its /metrics), the run's increase:
-             the adapter's predict(), i.e. the model plus taking and giving the tensors as numpy arrays
-  mlserver   estimated: the same model on the same volume in this process, the median of the runs.
-             MLServer's own figure (model_infer_request_duration) would include its conversion of the
-             tensors to and from Python lists, which happens inside the runtime's predict()
+  kserve     request_predict_seconds (at its HTTP port's /metrics): the adapter's predict(), i.e. the
+             model plus taking and giving the tensors as numpy arrays
+  mlserver   model_infer_request_duration (at its metrics port): the runtime's predict(), i.e. the model
+             plus taking and giving the tensors (packed: views of the bytes, `tensors.packed`)
+The same model on the same volume in this process, between rounds, is printed for comparison
+(model_in_process_s).
 Overhead share = (step − model) / step, the part of the step spent outside the model; target ≤ 0.20
 on each server.
 
@@ -88,11 +90,14 @@ def protocol_figures(url: str, size: int, repeats: int) -> dict:
             "binary_over_json": round(binary / as_json, 3), "binary_over_direct": round(binary / direct, 3)}
 
 
-def kserve_predict_seconds(url: str) -> float:
-    """KServe's running total of predict() seconds for the lung model (its Prometheus /metrics)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = re.search(r'^request_predict_seconds_sum\{model_name="lung-seg"\} ([0-9.eE+-]+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+# the running total of seconds a server reports for the lung model (Prometheus text at its metrics URL)
+MODEL_SECONDS = {"kserve": r'^request_predict_seconds_sum\{model_name="lung-seg"\} ([0-9.eE+-]+)$',
+                 "mlserver": r'^model_infer_request_duration_sum\{model="lung-seg",[^}]*\} ([0-9.eE+-]+)$'}
+
+
+def reported_model_seconds(server: str, metrics_url: str) -> float:
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(float(x) for x in re.findall(MODEL_SECONDS[server], text, re.M))
 
 
 def main() -> int:
@@ -138,11 +143,12 @@ def main() -> int:
         spacing = np.array([2.5, 0.7, 0.7], np.float32)  # write_ct_study's geometry
         for k in range(args.repeats):
             for name in names:
-                before = kserve_predict_seconds(services[name].url) if name == "kserve" else None
+                metrics = services[name].metrics_url if name in MODEL_SECONDS else None
+                before = reported_model_seconds(name, metrics) if metrics else None
                 _, timings = step.infer_timed(inputs, contexts[name])
                 run = dict(timings.seconds)
-                if name == "kserve":
-                    run["model"] = kserve_predict_seconds(services[name].url) - before
+                if metrics:
+                    run["model"] = reported_model_seconds(name, metrics) - before
                 runs[name].append(run)
                 print(f"{name} run {k + 1}: {timings.summary()}", file=sys.stderr)
             start = time.perf_counter()  # what the reference service times: segmentation and volumes
@@ -158,8 +164,6 @@ def main() -> int:
     for name in names:
         rs = runs[name]
         for r in rs:
-            if name == "mlserver":
-                r["model"] = in_process
             r["oip_request_minus_model"] = r["oip_request"] - r["model"]
 
         def med(key: str) -> float:
@@ -169,7 +173,7 @@ def main() -> int:
         total, model_s = med("total"), med("model")
         per_server[name] = {
             "model_time": {"reference": "reported (model_time_ms)", "kserve": "reported (request_predict_seconds)",
-                           "mlserver": "estimated (in-process model)"}[name],
+                           "mlserver": "reported (model_infer_request_duration)"}[name],
             "step_s": round(total, 2), "model_s": round(model_s, 2), "outside_model_s": round(total - model_s, 2),
             "overhead_share": round(statistics.median(shares), 3),
             "overhead_share_runs": [round(x, 3) for x in shares],
