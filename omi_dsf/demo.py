@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,13 +62,14 @@ def broad_consent(patient_id: str, patient: dict | None = None) -> dict:
 def load_consent(client, patient_id: str) -> None:
     """The patient (found or created by identifier) and its broad consent, in one transaction into
     the FHIR store that `client` (an httpx client at its base) talks to."""
+    patient = f"urn:uuid:{uuid.uuid4()}"
     client.post("", headers={"Content-Type": "application/fhir+json"}, json={
         "resourceType": "Bundle", "type": "transaction", "entry": [
-            {"fullUrl": "urn:uuid:patient", "resource": {"resourceType": "Patient", "identifier": [
+            {"fullUrl": patient, "resource": {"resourceType": "Patient", "identifier": [
                 {"system": PATIENT_SYSTEM, "value": patient_id}]},
              "request": {"method": "POST", "url": "Patient",
                          "ifNoneExist": f"identifier={PATIENT_SYSTEM}|{patient_id}"}},
-            {"resource": broad_consent(patient_id, {"reference": "urn:uuid:patient"}),
+            {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": broad_consent(patient_id, {"reference": patient}),
              "request": {"method": "POST", "url": "Consent"}}]}).raise_for_status()
 
 
@@ -178,7 +180,9 @@ class Demo:
         """The requester's FHIR store, started while the other servers start (it takes a minute)."""
         from omi_dsf.fhirstore import FhirStore
 
-        self.store = FhirStore(self.folder / "fhir-store", port=free_port(), out=lambda *_: None)
+        # validating what it is sent (R4; the MII profiles claimed are not loaded here: warnings)
+        self.store = FhirStore(self.folder / "fhir-store", port=free_port(), validate=True,
+                               unknown_profiles="warning", out=lambda *_: None)
         self.store_error: BaseException | None = None
 
         def up() -> None:

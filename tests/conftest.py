@@ -86,10 +86,14 @@ def site_db(request, tmp_path) -> str:
 @pytest.fixture(scope="session")
 def fhir_store(tmp_path_factory):
     """One HAPI FHIR JPA server (fhir-store/, H2) for the session: it takes about a minute to start.
-    Tests give their resources identifiers of their own and search only for those."""
+    Tests give their resources identifiers of their own and search only for those. It validates
+    every resource sent (R4 base specification, refused on error); the MII profiles the resources
+    claim are not loaded (their packages are on no registry this machine reaches), so only those
+    claims are warnings."""
     from omi_dsf.fhirstore import FhirStore
 
-    store = FhirStore(tmp_path_factory.mktemp("fhir-store"), port=free_port(), out=lambda *_: None)
+    store = FhirStore(tmp_path_factory.mktemp("fhir-store"), port=free_port(), validate=True,
+                       unknown_profiles="warning", out=lambda *_: None)
     store.up(timeout=600)
     try:
         yield store

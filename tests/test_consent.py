@@ -258,7 +258,8 @@ def mii_consent(patient_ref: str, signed: dt.date, modules: dict[int, tuple[str,
             "period": {"start": start, "end": _years(root_years, signed)},
             "provision": [{"type": kind, "period": {"start": start, "end": _years(years, signed)},
                            "code": [{"coding": [{"system": MII_POLICY_SYSTEM, "code": f"{OID}{n}",
-                                                 "display": DISPLAY.get(f"{OID}{n}", "")}]}]}
+                                                 **({"display": DISPLAY[f"{OID}{n}"]} if f"{OID}{n}" in DISPLAY
+                                                    else {})}]}]}
                           for n, (kind, years) in modules.items()],
         },
     }
@@ -268,13 +269,18 @@ ALL_MODULES = {6: ("permit", 5), 7: ("permit", 5), 8: ("permit", 30), 19: ("perm
                22: ("permit", 30)}
 
 
+PATIENT = "urn:uuid:patient"   # replaced by the patient entry's fullUrl when loaded
+
+
 def load_patient(c, system: str, pid: str, consents: list[dict]) -> list[str]:
     """One transaction: the Patient (conditional create on its identifier) and its consents; the ids."""
-    entries = [{"fullUrl": "urn:uuid:patient", "resource": {
+    patient_urn = f"urn:uuid:{uuid.uuid4()}"
+    entries = [{"fullUrl": patient_urn, "resource": {
         "resourceType": "Patient", "identifier": [{"system": system, "value": pid}], "gender": "unknown"},
         "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={system}|{pid}"}}]
     for cons in consents:
-        entries.append({"resource": cons, "request": {"method": "POST", "url": "Consent"}})
+        entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {**cons, "patient": {"reference": patient_urn}},
+                        "request": {"method": "POST", "url": "Consent"}})
     r = c.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
                headers={"Content-Type": "application/fhir+json"})
     assert r.status_code == 200, r.text
@@ -287,19 +293,19 @@ def consent_store(fhir_store):
     system = f"https://dic.example.org/sid/patient-id/{uuid.uuid4()}"
     y = TODAY.year
     cases = {
-        "PERMIT": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1), ALL_MODULES)],
-        "DENY": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1),
+        "PERMIT": [mii_consent(PATIENT, TODAY.replace(year=y - 1), ALL_MODULES)],
+        "DENY": [mii_consent(PATIENT, TODAY.replace(year=y - 1),
                              {**ALL_MODULES, 8: ("deny", 30)})],
-        "EXPIRED": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 31), ALL_MODULES)],
-        "MODULE-EXPIRED": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 6), {**ALL_MODULES, 8: ("permit", 5)})],
-        "WITHDRAWN": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 2), ALL_MODULES),
-                      mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1), {8: ("deny", 30)})],
-        "REVOKED": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 2), ALL_MODULES, status="inactive")],
-        "SOME-PURPOSES": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1),
+        "EXPIRED": [mii_consent(PATIENT, TODAY.replace(year=y - 31), ALL_MODULES)],
+        "MODULE-EXPIRED": [mii_consent(PATIENT, TODAY.replace(year=y - 6), {**ALL_MODULES, 8: ("permit", 5)})],
+        "WITHDRAWN": [mii_consent(PATIENT, TODAY.replace(year=y - 2), ALL_MODULES),
+                      mii_consent(PATIENT, TODAY.replace(year=y - 1), {8: ("deny", 30)})],
+        "REVOKED": [mii_consent(PATIENT, TODAY.replace(year=y - 2), ALL_MODULES, status="inactive")],
+        "SOME-PURPOSES": [mii_consent(PATIENT, TODAY.replace(year=y - 1),
                                       {6: ("permit", 5), 7: ("permit", 5), 19: ("permit", 5)})],
-        "SEVERAL": [mii_consent("urn:uuid:patient", TODAY.replace(year=y - 3), {6: ("permit", 5)}),
-                    mii_consent("urn:uuid:patient", TODAY.replace(year=y - 2), {8: ("deny", 30)}, status="inactive"),
-                    mii_consent("urn:uuid:patient", TODAY.replace(year=y - 1), ALL_MODULES)],
+        "SEVERAL": [mii_consent(PATIENT, TODAY.replace(year=y - 3), {6: ("permit", 5)}),
+                    mii_consent(PATIENT, TODAY.replace(year=y - 2), {8: ("deny", 30)}, status="inactive"),
+                    mii_consent(PATIENT, TODAY.replace(year=y - 1), ALL_MODULES)],
     }
     with fhir_store.client() as c:
         ids = {pid: load_patient(c, system, pid, consents) for pid, consents in cases.items()}

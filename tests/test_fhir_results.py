@@ -27,6 +27,7 @@ from omi_dsf.transfer.fhir_store import imaging_study, study_of, transaction
 
 ALGO = results.Algorithm("lung-seg", "1.0.0")
 SYSTEM = "https://dic.example.org/sid/patient-id"
+BASE = "https://fhir.dic.example.org/fhir"
 
 
 def _made(tmp_path, seed: int, patient_id: str):
@@ -55,7 +56,7 @@ def _search(c, query: str) -> list[dict]:
 def test_transaction_is_conditional_and_links_by_reference(tmp_path):
     _, datasets, bundle = _made(tmp_path, 3, "PAT-T")
     study = study_of(datasets)
-    tx = transaction(bundle, gateway_url="https://gw.dic.example.org/dicomweb", study=study, existing_study=None,
+    tx = transaction(bundle, base=BASE, gateway_url="https://gw.dic.example.org/dicomweb", study=study, existing_study=None,
                      patient_system=SYSTEM)
     kinds = [(e["resource"]["resourceType"], e["request"]["method"]) for e in tx["entry"]]
     assert kinds[:3] == [("Patient", "POST"), ("Endpoint", "PUT"), ("ImagingStudy", "POST")]
@@ -83,13 +84,15 @@ def test_transaction_is_conditional_and_links_by_reference(tmp_path):
     assert [s["uid"] for s in again["series"]][0] == "1.2.3" and len(again["series"]) == 3
     assert again["endpoint"] == [{"reference": "Endpoint/pacs"}, {"reference": "urn:uuid:ep"}]
     assert again["numberOfInstances"] == 6 + 2
-    tx = transaction(bundle, gateway_url="https://gw", study=study, existing_study=existing, patient_system=SYSTEM)
+    tx = transaction(bundle, base=BASE, gateway_url="https://gw", study=study, existing_study=existing,
+                     patient_system=SYSTEM)
     img_entry = next(e for e in tx["entry"] if e["resource"]["resourceType"] == "ImagingStudy")
     assert img_entry["request"] == {"method": "PUT", "url": "ImagingStudy/77", "ifMatch": 'W/"3"'}
+    assert img_entry["fullUrl"] == f"{BASE}/ImagingStudy/77"      # absolute (R4 bdl-7)
     # the store has the Endpoint already and the study names it: by its id, still once
     named = {**existing, "endpoint": [{"reference": "Endpoint/9"}]}
-    tx = transaction(bundle, gateway_url="https://gw", study=study, existing_study=named, patient_system=SYSTEM,
-                     endpoint_id="9")
+    tx = transaction(bundle, base=BASE, gateway_url="https://gw", study=study, existing_study=named,
+                     patient_system=SYSTEM, endpoint_id="9")
     img = next(e for e in tx["entry"] if e["resource"]["resourceType"] == "ImagingStudy")["resource"]
     assert img["endpoint"] == [{"reference": "Endpoint/9"}]
     assert next(e for e in tx["entry"] if e["resource"]["resourceType"] == "Endpoint")["request"] == {
@@ -235,7 +238,8 @@ def test_store_errors_are_retried_or_refused(fhir_store, site_gateway, tmp_path,
     broken = {**bundle, "entry": [dict(e) for e in bundle["entry"]]}
     obs = next(e for e in broken["entry"] if e["resource"]["resourceType"] == "Observation")
     obs["resource"] = {**obs["resource"], "status": "not-a-status"}
-    with pytest.raises(TransferError, match=r"the FHIR store refused the result bundle \(HTTP 400\)"):
+    # (422 from a validating store, 400 from the parser of one that does not validate)
+    with pytest.raises(TransferError, match=r"the FHIR store refused the result bundle \(HTTP 4(00|22)\)"):
         write_fhir_result(target, broken, "bk-err", datasets, **site)
     # a store that does not answer: retried
     down = FhirResultsSettings(url=f"http://127.0.0.1:{free_port()}/fhir")

@@ -130,6 +130,35 @@ def test_fhir_r4_conditional_create_search_and_paging(fhir_store):
         assert sorted(seen) == sorted(f"q{i}" for i in range(25))
 
 
+@pytest.mark.integration
+def test_validating_store_refuses_invalid_resources_and_warns_on_unloaded_profiles(fhir_store):
+    """The session store runs with --validate --unknown-profiles warning: a resource that breaks R4
+    is refused (422, the OperationOutcome says where); one that only claims a profile the store
+    does not hold is stored."""
+    system = f"urn:test:{uuid.uuid4()}"
+    headers = {"Content-Type": "application/fhir+json"}
+    with fhir_store.client() as c:
+        bad = {"resourceType": "Observation", "identifier": [{"system": system, "value": "o1"}],
+               "status": "no-such-status", "code": {"text": "lung volume"}}
+        r = c.post("/Observation", json=bad, headers=headers)
+        assert r.status_code == 422, r.text
+        issues = [i for i in r.json()["issue"] if i["severity"] == "error"]
+        assert any("Observation.status" in " ".join(i.get("location") or i.get("expression") or []) for i in issues)
+        good = {**bad, "status": "final",
+                "meta": {"profile": ["https://example.org/fhir/StructureDefinition/not-loaded-here"]}}
+        assert c.post("/Observation", json=good, headers=headers).status_code == 201
+        assert c.get("/Observation", params={"identifier": f"{system}|o1"}).json()["total"] == 1
+
+
+def test_unknown_profiles_setting(tmp_path):
+    store = FhirStore(tmp_path / "s", validate=True, unknown_profiles="warning")
+    store.dir.mkdir()
+    assert "validation.unknown_profiles=warning" in store._settings(18126)[0].read_text()
+    assert "validation.unknown_profiles=error" in FhirStore(tmp_path / "s")._settings(18126)[0].read_text()
+    with pytest.raises(UserError, match="--unknown-profiles must be error or warning"):
+        FhirStore(tmp_path, unknown_profiles="ignore")
+
+
 def test_state_round_trip(tmp_path):
     st = State(pid=123, port=1, base_url="http://127.0.0.1:1/fhir", database="H2")
     st.save(tmp_path)

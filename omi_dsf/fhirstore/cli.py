@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     up.add_argument("--tls-ca", help="CA file to check the server with (default: --tls-cert)")
     up.add_argument("--validate", action="store_true",
                     help="validate every resource sent (base spec and profiles the store holds); refuse errors")
+    up.add_argument("--unknown-profiles", choices=("error", "warning"), default="error",
+                    help="with --validate: a claimed profile the store does not hold is an error (default) "
+                    "or a warning (a store without the profiles' packages)")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for start-up (default 300)")
     up.set_defaults(func=_up)
 
@@ -50,7 +53,8 @@ def _store(args: argparse.Namespace, **kw):
 def _up(args: argparse.Namespace) -> int:
     _store(args, port=args.port, heap=args.heap, db_url=args.db_url, db_user=args.db_user,
            db_password_file=args.db_password_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
-           tls_ca=args.tls_ca, tls_key_password_file=args.tls_key_password_file, validate=args.validate).up(timeout=args.timeout)
+           tls_ca=args.tls_ca, tls_key_password_file=args.tls_key_password_file, validate=args.validate,
+           unknown_profiles=args.unknown_profiles).up(timeout=args.timeout)
     return 0
 
 

@@ -133,7 +133,8 @@ class FhirStore:
     def __init__(self, folder: Path, *, port: int | None = None, heap: str | None = None,
                  db_url: str | None = None, db_user: str | None = None, db_password_file: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None,
-                 tls_key_password_file: str | None = None, validate: bool = False, out=print):
+                 tls_key_password_file: str | None = None, validate: bool = False,
+                 unknown_profiles: str = "error", out=print):
         self.dir = Path(folder).resolve()
         self.port = port
         self.heap = heap or DEFAULT_HEAP
@@ -143,6 +144,9 @@ class FhirStore:
         self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
         self.tls_key_password_file = tls_key_password_file
         self.validate = validate
+        if unknown_profiles not in ("error", "warning"):
+            raise UserError(f"--unknown-profiles must be error or warning, not {unknown_profiles!r}")
+        self.unknown_profiles = unknown_profiles
         self.out = out
         if bool(tls_cert) != bool(tls_key):
             raise UserError("--tls-cert and --tls-key go together")
@@ -202,7 +206,8 @@ class FhirStore:
     def _settings(self, port: int) -> tuple[Path, State]:
         tls = bool(self.tls_cert)
         lines = ["host=127.0.0.1", f"port={port}", f"db.url={self.db_url or _h2_url(self.dir)}",
-                 f"validation.requests={'true' if self.validate else 'false'}"]
+                 f"validation.requests={'true' if self.validate else 'false'}",
+                 f"validation.unknown_profiles={self.unknown_profiles}"]
         if self.db_user:
             lines.append(f"db.user={self.db_user}")
         if self.db_password_file:
@@ -243,8 +248,11 @@ class FhirStore:
         last = ""
         verify = self._verify(st)
         while time.monotonic() < deadline:
-            if not pid_alive(st.pid, self.needle):
-                proc = getattr(self, "_proc", None)
+            proc = getattr(self, "_proc", None)
+            # our own child: its exit status decides (a read of /proc/PID/cmdline while the Java
+            # launcher execs can come back empty); a store started by another process: its pid
+            exited = proc.poll() is not None if proc is not None else not pid_alive(st.pid, self.needle)
+            if exited:
                 code = proc.poll() if proc is not None else None
                 how = ("" if code is None else f"killed by signal {-code}" if code < 0 else f"exit code {code}")
                 msg = tail(self.dir / "console.log", 1) or tail(self.dir / "fhir-store.log", 2) or "no output"

@@ -74,7 +74,7 @@ def _to_server(cfg: FhirResultsSettings, bundle: dict, datasets: Sequence, gatew
         with peer.errors("the FHIR store"):
             existing = _imaging_study(http, base, study.uid) if study is not None else None
             endpoint_id = _endpoint_id(http, base, str(gateway)) if existing is not None else None
-            tx = transaction(bundle, gateway_url=str(gateway) if gateway else None, study=study,
+            tx = transaction(bundle, base=base, gateway_url=str(gateway) if gateway else None, study=study,
                              existing_study=existing, patient_system=patient_system, endpoint_id=endpoint_id)
             resp = http.post(base, content=json.dumps(tx), headers=headers)
     except PeerTlsError:

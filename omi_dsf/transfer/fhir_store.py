@@ -97,8 +97,10 @@ def endpoint(address: str) -> dict:
         "status": "active",
         "name": "DICOMweb gateway of the site's PACS (WADO-RS)",
         "connectionType": {"system": CONNECTION_TYPE, "code": "dicom-wado-rs"},
-        "payloadType": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/endpoint-payload-type",
-                                     "code": "DICOM"}], "text": "DICOM"}],
+        # DICOM's own code for what the endpoint serves (DCM 113014 "Study"), as IHE's imaging
+        # profiles use it; R4's endpoint-payload-type has no code for DICOM (HAPI refuses "DICOM")
+        "payloadType": [{"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
+                                     "code": "113014", "display": "Study"}], "text": "DICOM study"}],
         "payloadMimeType": ["application/dicom"],
         "address": address,
     }).model_dump(mode="json", exclude_none=True)
@@ -159,9 +161,12 @@ def _retarget(obj, mapping: dict[tuple[str, str], str]):
     return obj
 
 
-def transaction(bundle: dict, *, gateway_url: str | None, study: StudyInfo | None, existing_study: dict | None,
-                patient_system: str | None, endpoint_id: str | None = None) -> dict:
-    """The transaction Bundle for the store (see the module docstring)."""
+def transaction(bundle: dict, *, base: str, gateway_url: str | None, study: StudyInfo | None,
+                existing_study: dict | None, patient_system: str | None, endpoint_id: str | None = None) -> dict:
+    """The transaction Bundle for the store at FHIR base `base` (see the module docstring). Entries
+    for resources the store holds have their absolute URL at `base` as fullUrl (R4 bdl-7; a
+    validating server refuses relative ones) and are referenced by their relative URL."""
+    base = base.rstrip("/")
     entries: list[dict] = []
     mapping: dict[tuple[str, str], str] = {}
 
@@ -182,7 +187,7 @@ def transaction(bundle: dict, *, gateway_url: str | None, study: StudyInfo | Non
     if study is not None and gateway_url:
         if endpoint_id:     # the store has it: by its id, so that the ImagingStudy names it once
             ep_ref = f"Endpoint/{endpoint_id}"
-            entries.append({"fullUrl": ep_ref, "resource": {**endpoint(gateway_url), "id": endpoint_id},
+            entries.append({"fullUrl": f"{base}/{ep_ref}", "resource": {**endpoint(gateway_url), "id": endpoint_id},
                             "request": {"method": "PUT", "url": ep_ref}})
         else:
             ep_ref = _urn("endpoint", gateway_url)
@@ -195,7 +200,7 @@ def transaction(bundle: dict, *, gateway_url: str | None, study: StudyInfo | Non
             request = {"method": "PUT", "url": ref, **({"ifMatch": f'W/"{version}"'} if version else {})}
             if patient_ref and not res.get("subject"):
                 res["subject"] = {"reference": patient_ref}
-            entries.append({"fullUrl": f"{ref}", "resource": res, "request": request})
+            entries.append({"fullUrl": f"{base}/{ref}", "resource": res, "request": request})
         else:
             ref = _urn("imaging-study", study.uid)
             if not patient_ref:

@@ -135,7 +135,10 @@ public final class FhirStoreMain {
 		if (s.bool("validation.requests", false)) {
 			// Resources sent to the store are validated against the base specification and every
 			// profile they claim that the store holds as a StructureDefinition; errors are refused.
+			// A claimed profile the store does not hold is an error unless validation.unknown_profiles
+			// is "warning" (for a store without the profiles' packages, as in the tests here).
 			FhirInstanceValidator module = new FhirInstanceValidator(validation);
+			module.setErrorForUnknownProfiles(!"warning".equals(s.get("validation.unknown_profiles", "error")));
 			RequestValidatingInterceptor validator = new RequestValidatingInterceptor();
 			validator.addValidatorModule(module);
 			validator.setFailOnSeverity(ResultSeverityEnum.ERROR);
