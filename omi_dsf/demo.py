@@ -113,6 +113,14 @@ class Demo:
     # -- the non-DSF parts of both sites ------------------------------------------------------
 
     def start(self) -> "Demo":
+        """Start every non-DSF server of both sites; one that fails stops those already started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "Demo":
         f = self.folder
         store_thread = self._start_fhir_store() if self.fhir_store else None
         ca = TestCA(f / "pki")
