@@ -1,4 +1,4 @@
-"""The one storage layer of a site's shared state (leases, UID map, audit trail) and of the registry:
+"""The one storage layer of a site's shared state (leases, UID map, audit trail):
 SQLite (one machine: a file) or PostgreSQL (workers on several machines) chosen by URL.
 
     sqlite:///var/omi/site.db    a SQLite file (also: a plain path; relative to the configuration

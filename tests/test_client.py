@@ -145,20 +145,23 @@ def test_start_waits_for_the_business_key():
         start(FakeDsf([]), "dic.omi.test", {**INPUTS, "study-instance-uid": ""}, wait=1)
 
 
-def test_registry_view_and_table(tmp_path):
+@pytest.mark.integration   # the session's FHIR store
+def test_registry_view_and_table(tmp_path, fhir_store):
     from omi_dsf.registry.app import create_app
     from omi_dsf.registry.config import parse_config
     from omi_dsf.registry.entries import service_bundle
     from omi_dsf.registry.registrations import Registry
     from omi_dsf.registry.store import Store
 
-    store = Store(str(tmp_path / "r.db"))
+    cfg = parse_config({"fhir_store": {"url": fhir_store.state().base_url}, "health": {"interval": 0}}, tmp_path)
+    store = Store(cfg.store_peer())
+    store.install_search_parameters()
+    store.clear()
     b = service_bundle("ai.omi.test", "lung-seg", name="Lung", model="lung-seg", model_version="0.1.0",
                        oip_url="http://127.0.0.1:9", modality=["CT"], body_site=[("http://snomed.info/sct", "39607008")])
     Registry(store).transaction(b, "ai.omi.test")
     store.record_check("lung-seg", "degraded", 1500.0, "slow: 1500 ms > 1000 ms")
-    app = create_app(parse_config({"database": str(tmp_path / "r.db"), "health": {"interval": 0}}, tmp_path),
-                     store=store, run_checks=False)
+    app = create_app(cfg, store=store, run_checks=False)
     with TestClient(app, base_url="http://registry.test") as http:
         reg = RegistryClient("http://registry.test", http=http)
         (svc,) = reg.services({"modality": "CT"})

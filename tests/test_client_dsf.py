@@ -49,7 +49,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(dsf_testbed, tmp_path_factory):
+def world(dsf_testbed, fhir_store, tmp_path_factory):
     state = dsf_testbed
     folder = tmp_path_factory.mktemp("client-dsf")
     ai, dic = state.site("ai"), state.site("dic")
@@ -60,7 +60,10 @@ def world(dsf_testbed, tmp_path_factory):
     (folder / "key-password").write_text(KEY_PASSWORD)
     der = x509.load_pem_x509_certificate(Path(ai.client_cert).read_bytes()).public_bytes(serialization.Encoding.DER)
     port = free_port()
-    cfg = {"host": "127.0.0.1", "port": port, "database": "registry.db",
+    from omi_dsf.peer import Peer
+    from omi_dsf.registry.store import Store
+    Store(Peer(url=fhir_store.state().base_url)).clear()   # no entries of earlier tests in the session's store
+    cfg = {"host": "127.0.0.1", "port": port, "fhir_store": {"url": fhir_store.state().base_url},
            "tls": {"certfile": str(server.cert), "keyfile": str(server.key),
                    "keyfile_password_file": "key-password", "client_ca": state.ca_cert},
            "auth": {"organizations": {thumbprint(der): ai.identifier}, "cert_attribute": None},

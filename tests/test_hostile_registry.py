@@ -40,6 +40,7 @@ def _bundle_with(change) -> dict:
     return b
 
 
+@pytest.mark.integration   # the session's FHIR store
 @pytest.mark.parametrize("change, named", [
     (lambda b: b["entry"][0].update(request=[{"method": "PUT"}]), "Bundle.entry[0].request must be an object"),
     (lambda b: b["entry"][0]["request"].update(url={"x": 1}), "Bundle.entry[0].request must be an object with a method and a url"),
@@ -58,6 +59,7 @@ def test_odd_transaction_shapes_are_400(reg, keys, change, named):
     assert r.status_code == 400 and named in diagnostics(r), r.text
 
 
+@pytest.mark.integration   # the session's FHIR store
 @pytest.mark.parametrize("body, named", [
     ([], "takes an optional Parameters resource"),
     ({"resourceType": "Parameters", "parameter": {"name": "note"}}, "Parameters.parameter must be a list of objects"),
@@ -74,6 +76,7 @@ def test_odd_heartbeat_shapes_are_400(reg, keys, body, named):
     assert r.status_code == 200
 
 
+@pytest.mark.integration   # the session's FHIR store
 @pytest.mark.parametrize("claims", [{"iss": [ISSUER]}, {"iss": {"url": ISSUER}}, {"iss": 1}, {"iss": None},
                                     {"iss": ISSUER, "exp": "tomorrow"}, {"iss": ISSUER, "aud": {"a": 1}},
                                     {"iss": ISSUER, "organization": ["ai.omi.test"]}])
@@ -83,6 +86,7 @@ def test_tokens_with_odd_claims_are_refused(reg, keys, claims):
     assert r.status_code in (401, 403) and r.json()["resourceType"] == "OperationOutcome", r.text
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_limits_in_process(reg, keys):
     r = reg.post("/fhir", content=b" " * ((1 << 20) + 1), headers=hdr(keys[1]))
     assert r.status_code == 413 and "limits.max_body_mb (1 MB)" in diagnostics(r)
@@ -95,13 +99,15 @@ def test_limits_in_process(reg, keys):
     assert r.status_code == 400 and "_count" in diagnostics(r)
 
 
-def test_page_honours_public_read_and_shows_no_addresses(tmp_path, keys):
+@pytest.mark.integration   # the session's FHIR store
+def test_page_honours_public_read_and_shows_no_addresses(tmp_path, keys, fhir_store):
     folder, key, _ = keys
-    cfg = parse_config({"database": "registry.db", "health": {"interval": 0},
+    cfg = parse_config({"fhir_store": {"url": fhir_store.state().base_url}, "health": {"interval": 0},
                         "auth": {"public_read": False, "jwt": [{"issuer": ISSUER, "key_file": str(folder / "idp.pem"),
                                                                  "audience": "omi-registry"}]}}, tmp_path)
     app = create_app(cfg, run_checks=False)
     with TestClient(app, base_url="http://registry.test") as c:
+        app.state.store.clear()
         register(c, key, bundle(oip="https://10.20.30.40:8500/internal/"))
         app.state.store.record_check("lung-seg", "down", 12.0, "unreachable: ServiceUnavailable: GET "
                                      "https://10.20.30.40:8500/internal/v2/health/ready: ConnectError: refused")
@@ -129,7 +135,9 @@ def test_page_honours_public_read_and_shows_no_addresses(tmp_path, keys):
     ({"limits": {"header_timeout": True}}, "limits.header_timeout: expected a number, got True"),
     ({"port": "8700"}, "port: expected an integer, got '8700'"),
     ({"public_url": "javascript:alert(1)"}, "public_url: must be an http(s) URL"),
-    ({"database": None}, "database: expected a string"),
+    ({"fhir_store": "http://127.0.0.1:8090/fhir"}, "fhir_store: expected a mapping"),
+    ({"fhir_store": {"url": "ftp://fhir"}}, "fhir_store.url: must be an http(s) URL"),
+    ({"fhir_store": {"url": "http://127.0.0.1:8090/fhir", "ca_file": "nope.pem"}}, "fhir_store.ca_file: file"),
 ])
 def test_config_with_wrong_types_names_the_key(tmp_path, data, named):
     with pytest.raises(ConfigError) as info:

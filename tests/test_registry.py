@@ -1,6 +1,7 @@
-"""The service registry in process (no servers): registration, validation, duplicates, ownership,
-search parameters, transactions, health states, the ImagingStudy link. Authentication is by real
-bearer JWTs (pyjwt, RSA keys made here); mutual TLS is in test_registry_integration.py."""
+"""The service registry in process, its entries in the session's FHIR store (HAPI, `fhir_store`):
+registration, validation, duplicates, ownership, search parameters, transactions, health states, the
+ImagingStudy link. Authentication is by real bearer JWTs (pyjwt, RSA keys made here); mutual TLS is in
+test_registry_integration.py. Each test starts with no registry entries in the store."""
 
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def hdr(key, org=AI, **kw) -> dict:
 
 
 @pytest.fixture
-def reg(tmp_path, keys):
+def reg(tmp_path, keys, fhir_store):
     folder, key, _ = keys
-    cfg = parse_config({"database": "registry.db", "health": {"interval": 0},
+    cfg = parse_config({"fhir_store": {"url": fhir_store.state().base_url}, "health": {"interval": 0},
                         "auth": {"jwt": [{"issuer": ISSUER, "key_file": str(folder / "idp.pem"),
                                           "audience": "omi-registry"}]}}, tmp_path)
     app = create_app(cfg, run_checks=False)
     with TestClient(app, base_url="http://registry.test") as c:
+        app.state.store.clear()
         c.app_state = app.state
         yield c
 
@@ -90,9 +92,12 @@ def count_all(c) -> int:
 # -- registration ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_register_service_then_read_and_search(reg, keys):
     out = register(reg, keys[1])
     assert [e["response"]["status"] for e in out["entry"]] == ["201 Created"] * 3
+    # the session's FHIR store keeps counting versions of an id whose resource an earlier test deleted
+    version = int(out["entry"][0]["resource"]["meta"]["versionId"])
     hs = reg.get("/fhir/HealthcareService/lung-seg").json()
     health = next(e for e in hs["extension"] if e["url"] == d.EXT_HEALTH)
     assert {"url": "status", "valueCode": "unknown"} in health["extension"]
@@ -101,13 +106,17 @@ def test_register_service_then_read_and_search(reg, keys):
     assert r.status_code == 200
     kinds = sorted((e["search"]["mode"], e["resource"]["resourceType"]) for e in r.json()["entry"])
     assert kinds == [("include", "Device"), ("include", "Endpoint"), ("match", "HealthcareService")]
-    # registering again updates (PUT), versions go up, nothing is duplicated
+    # registering again updates (PUT), nothing is duplicated; an unchanged resource keeps its
+    # version (the FHIR store makes no new version of what did not change), a changed one goes up
     again = register(reg, keys[1])
     assert [e["response"]["status"] for e in again["entry"]] == ["200 OK"] * 3
-    assert again["entry"][0]["resource"]["meta"]["versionId"] == "2"
+    assert again["entry"][0]["resource"]["meta"]["versionId"] == str(version)
+    again = register(reg, keys[1], bundle(min_slices=3))
+    assert again["entry"][0]["resource"]["meta"]["versionId"] == str(version + 1)
     assert count_all(reg) == 3
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_search_parameters(reg, keys):
     register(reg, keys[1])
     register(reg, keys[1], bundle("brain-mr", modality=("MR",)), AI)
@@ -137,6 +146,7 @@ def test_search_parameters(reg, keys):
     assert len(rest["entry"]) == 1
 
 
+@pytest.mark.integration   # the session's FHIR store
 @pytest.mark.parametrize("query, named", [
     ("colour=red", "'colour'"),
     ("modality:exact=CT", "':exact'"),
@@ -151,6 +161,7 @@ def test_bad_search_is_400_naming_the_parameter(reg, query, named):
     assert named in diagnostics(r)
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_unsupported_interactions_answer_with_operation_outcome(reg, keys):
     register(reg, keys[1])
     r = reg.delete("/fhir/HealthcareService/lung-seg", headers=hdr(keys[1]))
@@ -166,6 +177,7 @@ def test_unsupported_interactions_answer_with_operation_outcome(reg, keys):
     assert ids(reg.get("/fhir/HealthcareService?health=up")) == []
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_capability_statement_declares_the_search_parameters(reg):
     cs = reg.get("/fhir/metadata").json()
     hs = next(r for r in cs["rest"][0]["resource"] if r["type"] == "HealthcareService")
@@ -173,6 +185,7 @@ def test_capability_statement_declares_the_search_parameters(reg):
     assert {"modality", "body-site", "service-type", "organization", "health"} <= names
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_invalid_fhir_is_refused_and_nothing_is_stored(reg, keys):
     b = bundle()
     b["entry"][2]["resource"]["active"] = "maybe"      # HealthcareService.active is a boolean
@@ -204,6 +217,7 @@ def test_invalid_fhir_is_refused_and_nothing_is_stored(reg, keys):
     assert count_all(reg) == 0
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_broken_link_rolls_back_the_whole_bundle(reg, keys):
     b = bundle()
     b["entry"][2]["resource"]["endpoint"].append({"reference": "Endpoint/nowhere"})
@@ -217,6 +231,7 @@ def test_broken_link_rolls_back_the_whole_bundle(reg, keys):
     assert count_all(reg) == 0
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_duplicate_registration_is_409_and_stores_nothing(reg, keys):
     register(reg, keys[1])
     dup = copy.deepcopy(bundle())
@@ -231,23 +246,36 @@ def test_duplicate_registration_is_409_and_stores_nothing(reg, keys):
     assert count_all(reg) == 3
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_post_with_urn_uuid_references(reg, keys):
+    import uuid
+
     b = bundle()
+    # urn:uuid: with a UUID (RFC 4122, lowercase): a FHIR server refuses 'urn:uuid:lung-seg-algorithm'
+    urn = {e["resource"]["id"]: f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, e['resource']['id'])}" for e in b["entry"]}
     for e in b["entry"]:
-        e["fullUrl"] = f"urn:uuid:{e['resource']['id']}"
+        e["fullUrl"] = urn[e["resource"]["id"]]
         e["request"] = {"method": "POST", "url": e["resource"]["resourceType"]}
     hs = b["entry"][2]["resource"]
-    hs["extension"][0]["valueReference"]["reference"] = "urn:uuid:lung-seg-algorithm"
-    hs["endpoint"] = [{"reference": "urn:uuid:lung-seg-oip"}]
+    hs["extension"][0]["valueReference"]["reference"] = urn["lung-seg-algorithm"]
+    hs["endpoint"] = [{"reference": urn["lung-seg-oip"]}]
     out = register(reg, keys[1], b)
+    # a urn:uuid that is no UUID: the FHIR server's 4xx, with its words
+    bad = bundle("other")
+    bad["entry"][0]["fullUrl"] = "urn:uuid:other-algorithm"
+    bad["entry"][0]["request"] = {"method": "POST", "url": "Device"}
+    bad["entry"][2]["resource"]["extension"][0]["valueReference"]["reference"] = "urn:uuid:other-algorithm"
+    r = reg.post("/fhir", content=json.dumps(bad), headers=hdr(keys[1]))
+    assert 400 <= r.status_code < 500 and "UUID" in diagnostics(r), r.text
     stored = out["entry"][2]["resource"]
     device_id = out["entry"][0]["resource"]["id"]
     assert stored["extension"][0]["valueReference"]["reference"] == f"Device/{device_id}"
     assert device_id != "lung-seg-algorithm"   # the server assigns ids on POST
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_providers_change_only_their_own_entries(reg, keys):
-    register(reg, keys[1])
+    version = register(reg, keys[1])["entry"][2]["resource"]["meta"]["versionId"]
     # another provider claiming the entry in the resource
     r = reg.post("/fhir", content=json.dumps(bundle()), headers=hdr(keys[1], "evil.omi.test"))
     assert r.status_code == 403 and "authenticated as 'evil.omi.test'" in diagnostics(r)
@@ -258,9 +286,10 @@ def test_providers_change_only_their_own_entries(reg, keys):
     r = reg.post("/fhir/HealthcareService/lung-seg/$heartbeat", headers=hdr(keys[1], "evil.omi.test"))
     assert r.status_code == 403
     hs = reg.get("/fhir/HealthcareService/lung-seg").json()
-    assert hs["providedBy"]["identifier"]["value"] == AI and hs["meta"]["versionId"] == "1"
+    assert hs["providedBy"]["identifier"]["value"] == AI and hs["meta"]["versionId"] == version
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_authentication_errors(reg, keys):
     _, key, other = keys
     body = json.dumps(bundle())
@@ -276,6 +305,7 @@ def test_authentication_errors(reg, keys):
     assert count_all(reg) == 0
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_heartbeat_and_page(reg, keys):
     register(reg, keys[1])
     r = reg.post("/fhir/HealthcareService/lung-seg/$heartbeat", headers=hdr(keys[1]),
@@ -289,6 +319,7 @@ def test_heartbeat_and_page(reg, keys):
     assert page.status_code == 200 and 'data-service="lung-seg"' in page.text and "unknown" in page.text
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_health_check_marks_unreachable_service_down_without_deleting(reg, keys):
     register(reg, keys[1])   # its OIP endpoint is 127.0.0.1:9, where nothing listens
     states = reg.app_state.checker.check_all()
@@ -312,9 +343,10 @@ def test_assess_and_heartbeat_staleness():
     assert effective(ServiceState("y", status="up"), HealthSettings(), now).status == "up"
 
 
-def test_store_keeps_a_bounded_check_history(tmp_path):
+def test_store_keeps_a_bounded_check_history():
+    from omi_dsf.peer import Peer
     from omi_dsf.registry import store as st
-    s = Store(str(tmp_path / "r.db"))
+    s = Store(Peer(url="http://127.0.0.1:9/fhir"))   # health is in memory: the FHIR store is not asked
     for i in range(st.KEEP_CHECKS + 7):
         s.record_check("svc", "down" if i % 2 else "up", float(i), "x", at=f"2026-11-28T00:00:{i:02d}.000Z"
                        if i < 60 else f"2026-11-28T00:01:{i - 60:02d}.000Z")
@@ -347,6 +379,7 @@ def test_cli_refuses_bad_config_in_one_line(tmp_path, capsys):
     assert err == f"error: {p}: port: expected an integer, got [1]"
 
 
+@pytest.mark.integration   # the session's FHIR store
 def test_provider_registers_its_dicomweb_gateway_endpoint(reg, keys):
     from omi_dsf.client.registry_client import services_from_bundle
     from omi_dsf.dicomweb.config import parse_config as gateway_config

@@ -62,7 +62,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, verify=True, timeout
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, fhir_store):
     folder = tmp_path_factory.mktemp("registry-it")
     ca_key, ca_cert = make_ca("registry test CA")
     ca = write_ca(folder / "ca.pem", ca_cert)
@@ -75,7 +75,10 @@ def env(tmp_path_factory):
     ai_port, reg_port = free_port(), free_port()
     ai_log, reg_log = folder / "ai-service.log", folder / "registry.log"
     ai = _start(["ai-service", "--anonymous", "--host", "127.0.0.1", "--port", str(ai_port)], ai_log)
-    cfg = {"host": "127.0.0.1", "port": reg_port, "database": "registry.db",
+    from omi_dsf.peer import Peer
+    from omi_dsf.registry.store import Store
+    Store(Peer(url=fhir_store.state().base_url)).clear()   # no entries of earlier tests in the session's store
+    cfg = {"host": "127.0.0.1", "port": reg_port, "fhir_store": {"url": fhir_store.state().base_url},
            "tls": {"certfile": server[0], "keyfile": server[1],
                    "keyfile_password_file": "key-password", "client_ca": ca},
            "auth": {"organizations": {thumbprint(der): AI}, "cert_attribute": None},

@@ -89,7 +89,7 @@ def heartbeat_note(params: object) -> str | None:
 
 
 def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool = True) -> Starlette:
-    store = store or Store(cfg.database)
+    store = store or Store(cfg.store_peer())
     registry = Registry(store, cfg.health)
     authn = Authenticator(cfg.auth)
     checker = HealthChecker(store, cfg.health)
@@ -169,12 +169,10 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
         if not cfg.auth.public_read:
             organization(request)
         def gather():
-            services = store.all("HealthcareService")
+            services, linked = store.services()
             devices, checks = {}, {}
             for s in services:
-                ref = v.algorithm_ref(s)
-                got = store.read("Device", ref.partition("/")[2]) if ref else None
-                devices[s["id"]] = got[0] if got else {}
+                devices[s["id"]] = linked.get(v.algorithm_ref(s) or "") or {}
                 checks[s["id"]] = store.recent_checks(s["id"], 20)
             return page.render(services, registry.states(), devices, checks)
         return HTMLResponse(await run_in_threadpool(gather))
@@ -184,6 +182,7 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await run_in_threadpool(store.install_search_parameters)
         stop = asyncio.Event()
         task = asyncio.create_task(checker.run(stop)) if run_checks and cfg.health.interval > 0 else None
         try:
@@ -193,6 +192,7 @@ def create_app(cfg: RegistryConfig, store: Store | None = None, run_checks: bool
             if task:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=cfg.health.timeout * 3)
+            store.close()
 
     routes = [
         Route("/", guarded(status_page), methods=["GET"]),

@@ -21,11 +21,16 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.port:
         cfg.port = args.port
+    from omi_dsf.peer import PeerConfigError
+    from omi_dsf.registry.errors import FhirError
+
     try:
-        Store(cfg.database).close()  # fail here, in one line, if the database is unusable
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"database {cfg.database.split('@')[-1]}: {str(exc).splitlines()[0]}") from exc
-    serve(cfg)
+        peer = cfg.store_peer(str(args.config))
+        store = Store(peer)
+        store.install_search_parameters()   # fail here, in one line, if the FHIR store is unusable
+    except PeerConfigError as exc:
+        raise UserError(str(exc)) from None
+    except FhirError as exc:
+        raise UserError(f"{args.config}: fhir_store {peer.url}: {exc.message}") from None
+    serve(cfg, store)
     return 0

@@ -3,7 +3,9 @@
     host: 127.0.0.1
     port: 8700
     public_url: https://registry.example.org     # base of the links in Bundles (default: from host/port)
-    database: registry.db                         # SQLite file, or postgresql://user@host/db
+    fhir_store:                                   # the FHIR server holding the entries
+      url: http://127.0.0.1:8090/fhir
+      ca_file: fhir-ca.crt                        # and the other peer keys (client_cert, token_file, ...)
     tls:                                          # omit for plain HTTP (then only bearer tokens)
       certfile: server.crt
       keyfile: server.key
@@ -37,17 +39,22 @@ from pathlib import Path
 
 from pydantic import Field
 
-from omi_dsf.config import Database, HttpUrl, Name, Section, load, parse
+from omi_dsf.config import ConfigError, HttpUrl, Name, PeerSettings, Section, load, parse
 from omi_dsf.registry.auth import AuthSettings
 from omi_dsf.registry.health import HealthSettings
 from omi_dsf.serving.config import Limits, TlsSettings
 
 
+class FhirStoreSettings(PeerSettings):
+    """The FHIR R4 server that holds the registry's entries (HAPI FHIR JPA: `python -m omi_dsf fhir-store up`)."""
+    url: HttpUrl = Field(description="its FHIR base, e.g. http://127.0.0.1:8090/fhir")
+
+
 class RegistryConfig(Section):
     host: Name = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8700, ge=1, le=65535, description="TCP port")
-    database: Database = Field("registry.db", validate_default=True,
-                               description="SQLite file, or postgresql://user@host/db")
+    fhir_store: FhirStoreSettings | None = Field(None, description="the FHIR server that stores the entries "
+                                                                  "(required)")
     public_url: HttpUrl | None = Field(None, description="base of the links in Bundles (default: from host, port "
                                                          "and tls)")
     tls: TlsSettings | None = Field(None, description="omit for plain HTTP (then only bearer tokens)")
@@ -55,6 +62,13 @@ class RegistryConfig(Section):
     health: HealthSettings = Field(default_factory=HealthSettings, description="the registry's own checks of "
                                                                                "registered services")
     limits: Limits = Field(default_factory=Limits, description="what one request may cost")
+
+    def store_peer(self, where: str = "registry config"):
+        """The FHIR store as a Peer, or a one-line error naming fhir_store."""
+        if self.fhir_store is None:
+            raise ConfigError(f"{where}: fhir_store: required (the FHIR server that stores the entries: "
+                              "fhir_store: {url: http://127.0.0.1:8090/fhir})")
+        return self.fhir_store.peer(self.fhir_store.url, f"{where}: fhir_store", timeout=30)
 
     def base_url(self) -> str:
         if self.public_url:

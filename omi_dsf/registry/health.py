@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from omi_dsf.inference.client import OipClient, OipError
 from omi_dsf.peer import http_client
 from omi_dsf.registry import validation as v
+from omi_dsf.registry.errors import FhirError
 from omi_dsf.registry.store import ServiceState, Store
 from omi_dsf.config import ExistingFile, Section
 from omi_dsf.tls import client_context
@@ -88,24 +89,23 @@ class HealthChecker:
         self._verify = settings.tls_context()
         self._pool: ThreadPoolExecutor | None = None
 
-    def _targets(self, service: dict) -> tuple[str | None, str | None]:
-        """(OIP base URL, model name) of a HealthcareService."""
+    @staticmethod
+    def _targets(service: dict, linked: dict[str, dict]) -> tuple[str | None, str | None]:
+        """(OIP base URL, model name) of a HealthcareService; `linked`: its Devices and Endpoints by reference."""
         url = model = None
         for ref in service.get("endpoint", []):
-            rtype, _, rid = (ref.get("reference") or "").partition("/")
-            got = self.store.read(rtype, rid) if rtype == "Endpoint" else None
-            if got and v.endpoint_kind(got[0]) == "oip" and got[0].get("status") == "active":
-                url = got[0]["address"]
+            got = linked.get(ref.get("reference") or "")
+            if got and got.get("resourceType") == "Endpoint" and v.endpoint_kind(got) == "oip" \
+                    and got.get("status") == "active":
+                url = got["address"]
                 break
         alg = v.algorithm_ref(service)
-        if alg:
-            rtype, _, rid = alg.partition("/")
-            got = self.store.read(rtype, rid)
-            model = v.model_name(got[0]) if got else None
+        if alg and linked.get(alg):
+            model = v.model_name(linked[alg])
         return url, model
 
-    def check_service(self, service: dict) -> ServiceState:
-        url, model = self._targets(service)
+    def check_service(self, service: dict, linked: dict[str, dict]) -> ServiceState:
+        url, model = self._targets(service, linked)
         if not url or not model:
             return self.store.record_check(service["id"], "down", None, "no active OIP endpoint or model name")
         http = http_client(url.rstrip("/"), self._verify, self.settings.timeout)
@@ -123,17 +123,17 @@ class HealthChecker:
         return self.store.record_check(service["id"], status, round(latency, 1), detail)
 
     def check_all(self) -> dict[str, ServiceState]:
-        services = [s for s in self.store.all("HealthcareService") if s.get("active", True) is not False]
+        services, linked = self.store.services()   # one search, with their Devices and Endpoints
+        services = [s for s in services if s.get("active", True) is not False]
 
         def one(service: dict) -> tuple[str, ServiceState | None]:
             try:
-                return service["id"], self.check_service(service)
+                return service["id"], self.check_service(service, linked)
             except Exception:  # one broken entry must not stop the checks of the others
                 log.exception("health check of HealthcareService/%s failed", service["id"])
                 return service["id"], None
 
-        # the checks wait on the network, not the CPU: a few at a time keep a round short; the
-        # pool lives across rounds so its threads keep their database connections
+        # the checks wait on the network, not the CPU: a few at a time keep a round short
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.settings.parallel, thread_name_prefix="health")
         return {sid: st for sid, st in self._pool.map(one, services) if st is not None}
@@ -152,11 +152,15 @@ class HealthChecker:
     async def _rounds(self, stop: asyncio.Event) -> None:
         seen: dict[str, str] = {}
         while not stop.is_set():
-            states = await asyncio.to_thread(self.check_all)
+            try:
+                states = await asyncio.to_thread(self.check_all)
+            except FhirError as exc:   # the FHIR store is away: the services keep their last state
+                log.warning("health round skipped: %s", exc.message)
+                states = {}
             for sid, st in sorted(states.items()):   # log changes only: a round every 30 s is not news
                 if seen.get(sid) != st.status:
                     log.info("HealthcareService/%s: %s (%s)", sid, st.status, st.detail)
-            seen = {sid: st.status for sid, st in states.items()}
+            seen.update({sid: st.status for sid, st in states.items()})
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.interval)
             except asyncio.TimeoutError:

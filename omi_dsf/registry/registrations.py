@@ -1,14 +1,18 @@
-"""Registering, updating, reading and searching entries; every write is one store transaction.
+"""Who may write what, and reading and searching with health: the registry's rules in front of its
+FHIR store (store.py), which stores, versions, searches and pages.
 
 A registration is a FHIR transaction Bundle (HealthcareService + Device + Endpoints, POST with
 urn:uuid fullUrls or PUT Type/id), or a single resource (POST Type, PUT Type/id). All of it is
-checked (FHIR validity, owner, links, duplicates) before anything is committed.
+checked (FHIR validity, owner, links, duplicate identifiers) before it goes to the FHIR store as one
+transaction, which stores all of it or nothing. Writes pass one at a time through this process, so
+that two registrations of the same identifier cannot both pass the duplicate check.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
+import threading
 import uuid
 from typing import Iterable
 from urllib.parse import urlencode
@@ -18,25 +22,19 @@ from omi_dsf.registry import search
 from omi_dsf.registry import validation as v
 from omi_dsf.registry.errors import FhirError, duplicate, forbidden, invalid, not_found
 from omi_dsf.registry.health import HealthSettings, effective
-from omi_dsf.registry.store import DuplicateError, ServiceState, Store
+from omi_dsf.registry.store import TAG, ServiceState, Store, tagged
 
 
-def _walk_references(node, mapping: dict[str, str]) -> None:
-    if isinstance(node, dict):
-        for k, val in node.items():
-            if k == "reference" and isinstance(val, str) and val in mapping:
-                node[k] = mapping[val]
-            else:
-                _walk_references(val, mapping)
-    elif isinstance(node, list):
-        for x in node:
-            _walk_references(x, mapping)
+def _escape(value: str) -> str:
+    """A token search value with FHIR's escapes for , | $ and \\."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
 
 
 class Registry:
     def __init__(self, store: Store, health: HealthSettings | None = None):
         self.store = store
         self.health = health or HealthSettings()
+        self._writes = threading.Lock()
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -48,8 +46,8 @@ class Registry:
         entries = bundle.get("entry")
         if not isinstance(entries, list) or not entries:
             raise invalid("Bundle.entry is empty", "Bundle.entry")
-        work = []  # (method, resource)
-        mapping: dict[str, str] = {}
+        work = []  # (method, url, fullUrl, resource)
+        pending: dict[str, dict] = {}   # what references in the Bundle can point at
         for i, entry in enumerate(entries):
             where = f"Bundle.entry[{i}]"
             if not isinstance(entry, dict):
@@ -67,7 +65,7 @@ class Registry:
             if method == "POST":
                 if url != rtype:
                     raise invalid(f"{where}.request.url must be {rtype!r} for POST", f"{where}.request.url")
-                resource["id"] = uuid.uuid4().hex
+                resource.pop("id", None)   # the FHIR store assigns it
             elif method == "PUT":
                 if url.partition("/")[0] != rtype or not url.partition("/")[2]:
                     raise invalid(f"{where}.request.url must be '{rtype}/<id>' for PUT", f"{where}.request.url")
@@ -78,39 +76,105 @@ class Registry:
                 if not v.ID_RE.match(rid):
                     raise invalid(f"{where}.request.url: {rid!r} is not a valid FHIR id", f"{where}.request.url")
                 resource["id"] = rid
+                pending[f"{rtype}/{rid}"] = resource
             else:
                 raise invalid(f"{where}.request.method must be POST or PUT, not {str(method)[:40]!r}",
                               f"{where}.request.method")
             if full_url:
-                mapping[full_url] = f"{rtype}/{resource['id']}"
+                pending[full_url] = resource
             v.check_owner(resource, organization)
             if "extension" in resource:   # health is the registry's to say: never stored from a client
                 resource["extension"] = [e for e in resource["extension"] if e.get("url") != d.EXT_HEALTH]
-            work.append((method, resource))
-        for _, resource in work:
-            _walk_references(resource, mapping)
-        results = self._commit(work, organization)
-        return {"resourceType": "Bundle", "type": "transaction-response",
-                "entry": [{"response": {"status": "201 Created" if created else "200 OK",
-                                        "location": f"{r['resourceType']}/{r['id']}/_history/{r['meta']['versionId']}"},
-                           "resource": r} for r, created in results]}
+            meta = resource.setdefault("meta", {})
+            meta["tag"] = [t for t in meta.get("tag", []) if t.get("system") != TAG["system"]] + [dict(TAG)]
+            for key in ("versionId", "lastUpdated"):
+                meta.pop(key, None)
+            work.append((method, url if method == "POST" else f"{rtype}/{resource['id']}", full_url, resource))
+        # every entry with a fullUrl (bdl-7; a validating FHIR store refuses relative references in a
+        # Bundle otherwise): a PUT's is its URL at the FHIR store, a POST's a new urn:uuid
+        full_urls = [f or (f"{self.store.base}/{u}" if m == "PUT" else f"urn:uuid:{uuid.uuid4()}")
+                     for m, u, f, _ in work]
+        with self._writes:
+            self._check(work, pending, organization)
+            answer = self.store.transaction({
+                "resourceType": "Bundle", "type": "transaction",
+                "entry": [{"fullUrl": f, "resource": r, "request": {"method": m, "url": u}}
+                          for (m, u, _, r), f in zip(work, full_urls)]})
+        out = []
+        for (_, url, _, _), e in zip(work, answer.get("entry", [])):
+            response = e.get("response") or {}
+            resource = e.get("resource")
+            location = response.get("location", "")
+            if resource is None:   # a server that does not return what it stored
+                rtype, _, rest = location.partition("/")
+                resource = self.store.read(rtype, rest.partition("/")[0]) or {}
+            location = f"{resource.get('resourceType')}/{resource.get('id')}/_history/" \
+                       f"{(resource.get('meta') or {}).get('versionId')}"
+            out.append({"response": {"status": response.get("status", "200 OK"), "location": location},
+                        "resource": resource})
+        return {"resourceType": "Bundle", "type": "transaction-response", "entry": out}
+
+    def _check(self, work: list, pending: dict[str, dict], organization: str) -> None:
+        """Owner of what is replaced, duplicate identifiers, links: against the FHIR store."""
+        wanted: dict[tuple[str, str, str], str | None] = {}   # (type, system, value) -> id in the Bundle
+        for method, url, _, resource in work:
+            rtype, rid = resource["resourceType"], resource.get("id")
+            if method == "PUT":
+                old = self.store.read_any(rtype, rid)
+                if old is not None and not tagged(old):
+                    raise duplicate(f"{rtype}/{rid} exists in the registry's FHIR store and is not a registry "
+                                    "entry; choose another id", f"{rtype}.id")
+                owner = v.owner_of(old) if old else None
+                if old and owner != organization:
+                    raise forbidden(f"{rtype}/{rid} belongs to organization {owner!r}; "
+                                    "providers update their own entries only")
+            idents = v.identifiers(resource)
+            if len(set(idents)) != len(idents):
+                raise invalid(f"{rtype}/{rid} lists the same identifier twice", f"{rtype}.identifier")
+            for system, value in idents:
+                key = (rtype, system, value)
+                if key in wanted and wanted[key] != rid:
+                    raise duplicate(f"duplicate: two {rtype} entries of the Bundle have identifier {system}|{value}",
+                                    f"{rtype}.identifier")
+                wanted[key] = rid
+        for rtype in dict.fromkeys(r["resourceType"] for _, _, _, r in work):   # in the Bundle's order
+            keys = [(s, val) for t, s, val in wanted if t == rtype]
+            if not keys:
+                continue
+            found = self.store.search_all(rtype, [("identifier", ",".join(f"{_escape(s)}|{_escape(val)}"
+                                                                          for s, val in keys))])
+            for holder in found:
+                for system, value in v.identifiers(holder):
+                    key = (rtype, system, value)
+                    if key in wanted and wanted[key] != holder["id"]:
+                        raise duplicate(f"duplicate: {rtype} with identifier {system}|{value} is already "
+                                        f"registered as {rtype}/{holder['id']}", f"{rtype}.identifier")
+
+        def resolve(ref: str) -> dict | None:
+            if ref in pending:
+                return pending[ref]
+            rtype, _, rid = ref.partition("/")
+            if rtype not in d.RESOURCE_TYPES or not v.ID_RE.match(rid):
+                return None
+            got = self.store.read(rtype, rid)
+            return got if got and v.owner_of(got) == organization else None
+
+        for _, _, _, resource in work:
+            if resource["resourceType"] == "HealthcareService":
+                v.check_links(resource, resolve)
 
     def create(self, rtype: str, resource: object, organization: str) -> dict:
-        res = self._single(rtype, resource, "POST", rtype, organization)
-        return res
+        self._expect_type(rtype, resource)
+        bundle = {"resourceType": "Bundle", "type": "transaction",
+                  "entry": [{"resource": resource, "request": {"method": "POST", "url": rtype}}]}
+        return self.transaction(bundle, organization)["entry"][0]["resource"]
 
     def update(self, rtype: str, rid: str, resource: object, organization: str) -> tuple[dict, bool]:
+        self._expect_type(rtype, resource)
         bundle = {"resourceType": "Bundle", "type": "transaction",
                   "entry": [{"resource": resource, "request": {"method": "PUT", "url": f"{rtype}/{rid}"}}]}
-        self._expect_type(rtype, resource)
         entry = self.transaction(bundle, organization)["entry"][0]
         return entry["resource"], entry["response"]["status"].startswith("201")
-
-    def _single(self, rtype, resource, method, url, organization) -> dict:
-        self._expect_type(rtype, resource)
-        bundle = {"resourceType": "Bundle", "type": "transaction",
-                  "entry": [{"resource": resource, "request": {"method": method, "url": url}}]}
-        return self.transaction(bundle, organization)["entry"][0]["resource"]
 
     @staticmethod
     def _expect_type(rtype: str, resource: object) -> None:
@@ -118,50 +182,13 @@ class Registry:
             got = resource.get("resourceType") if isinstance(resource, dict) else type(resource).__name__
             raise invalid(f"expected a {rtype} resource, got {got!r}", "resourceType")
 
-    def _commit(self, work: list[tuple[str, dict]], organization: str) -> list[tuple[dict, bool]]:
-        pending = {f"{r['resourceType']}/{r['id']}": r for _, r in work}
-        results = []
-        try:
-            with self.store.transaction() as tx:
-                for method, resource in work:
-                    rtype, rid = resource["resourceType"], resource["id"]
-                    old = tx.get(rtype, rid)
-                    if old and old[1] != organization:
-                        raise forbidden(f"{rtype}/{rid} belongs to organization {old[1]!r}; "
-                                        "providers update their own entries only")
-                    idents = v.identifiers(resource)
-                    for system, value in idents:
-                        holder = tx.id_for_identifier(rtype, system, value)
-                        if holder is not None and holder != rid:
-                            raise duplicate(f"duplicate: {rtype} with identifier {system}|{value} is already "
-                                            f"registered as {rtype}/{holder}", f"{rtype}.identifier")
-                    if len(set(idents)) != len(idents):
-                        raise invalid(f"{rtype}/{rid} lists the same identifier twice", f"{rtype}.identifier")
-
-                def resolve(ref: str) -> dict | None:
-                    if ref in pending:
-                        return pending[ref]
-                    rtype, _, rid = ref.partition("/")
-                    got = tx.get(rtype, rid) if rtype in d.RESOURCE_TYPES else None
-                    return got[0] if got and got[1] == organization else None
-
-                for _, resource in work:
-                    if resource["resourceType"] == "HealthcareService":
-                        v.check_links(resource, resolve)
-                for method, resource in work:
-                    created = tx.get(resource["resourceType"], resource["id"]) is None
-                    stored = tx.put(resource, organization, v.identifiers(resource))
-                    results.append((stored, created))
-        except DuplicateError as exc:  # a concurrent registration won the race for the same key
-            raise duplicate(f"duplicate: {exc}") from None
-        return results
-
     def heartbeat(self, service_id: str, organization: str, note: str | None) -> str:
-        got = self.store.read("HealthcareService", service_id)
+        got = self.store.read("HealthcareService", service_id) if v.ID_RE.match(service_id) else None
         if not got:
             raise not_found(f"HealthcareService/{service_id} is not registered")
-        if got[1] != organization:
-            raise forbidden(f"HealthcareService/{service_id} belongs to organization {got[1]!r}; "
+        owner = v.owner_of(got)
+        if owner != organization:
+            raise forbidden(f"HealthcareService/{service_id} belongs to organization {owner!r}; "
                             "only its provider sends its heartbeats")
         return self.store.record_heartbeat(service_id, (note or "")[:200] or None)
 
@@ -192,57 +219,58 @@ class Registry:
     def read(self, rtype: str, rid: str) -> dict:
         if rtype not in d.RESOURCE_TYPES:
             raise not_found(f"resource type {rtype!r} is not served here")
-        got = self.store.read(rtype, rid)
+        got = self.store.read(rtype, rid) if v.ID_RE.match(rid) else None
         if not got:
             raise not_found(f"{rtype}/{rid} is not registered")
         if rtype == "HealthcareService":
-            return self.with_health(got[0], self.states().get(rid))
-        return got[0]
+            return self.with_health(got, self.states().get(rid))
+        return got
+
+    def _health_ids(self, values: list[str], states: dict[str, ServiceState]) -> set[str]:
+        wanted = set(values)
+        out = {sid for sid, st in states.items() if st.status in wanted}
+        if "unknown" in wanted:
+            every = {r["id"] for r in self.store.search_all("HealthcareService", [("_elements", "id")])}
+            out |= {sid for sid in every if sid not in states}
+        return out
 
     def search(self, rtype: str, items: Iterable[tuple[str, str]], base_url: str = "") -> dict:
         if rtype not in d.RESOURCE_TYPES:
             raise not_found(f"resource type {rtype!r} is not served here")
         items = list(items)
         query = search.parse(rtype, items)
-        resources = self.store.all(rtype)
         states = self.states() if rtype == "HealthcareService" else {}
-        cache: dict[str, dict | None] = {}
-        if rtype == "HealthcareService":   # their Devices and Endpoints, in one read each
-            for t in ("Device", "Endpoint"):
-                cache.update({f"{t}/{r['id']}": r for r in self.store.all(t)})
-
-        def resolve(ref: str) -> dict | None:
-            if ref not in cache:
-                t, _, i = ref.partition("/")
-                got = self.store.read(t, i) if t in d.RESOURCE_TYPES else None
-                cache[ref] = got[0] if got else None
-            return cache[ref]
-
-        ctx = search.Context(resolve, lambda sid: (states.get(sid) or ServiceState(sid)).status)
-        hits = [r for r in resources if search.matches(r, query, ctx)]
-        page = hits[query.offset:query.offset + query.count]
+        params = list(query.server)
+        if query.health:
+            ids: set[str] | None = None
+            for values in query.health:
+                got = self._health_ids(values, states)
+                ids = got if ids is None else ids & got
+            if not ids:
+                return {"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []}
+            params.append(("_id", ",".join(sorted(ids))))
+        page = self.store.search(rtype, params + [("_count", str(query.count)), ("_offset", str(query.offset)),
+                                                  ("_total", "accurate")])
         entries = []
-        for r in page:
-            if rtype == "HealthcareService":
-                r = self.with_health(r, states.get(r["id"]))
-            entries.append({"fullUrl": f"{base_url}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}})
-        included: dict[str, dict] = {}
-        for r in page:
-            refs = []
-            if "HealthcareService:algorithm" in query.includes and v.algorithm_ref(r):
-                refs.append(v.algorithm_ref(r))
-            if "HealthcareService:endpoint" in query.includes:
-                refs += [e.get("reference", "") for e in r.get("endpoint", [])]
-            for ref in refs:
-                target = resolve(ref)
-                if target is not None:
-                    included[ref] = target
-        entries += [{"fullUrl": f"{base_url}/{ref}", "resource": res, "search": {"mode": "include"}}
-                    for ref, res in included.items()]
-        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(hits), "entry": entries}
-        if query.offset + query.count < len(hits):
+        matches = 0
+        for e in page.get("entry", []):
+            r = e["resource"]
+            mode = (e.get("search") or {}).get("mode", "match")
+            if mode == "match":
+                matches += 1
+                if rtype == "HealthcareService":
+                    r = self.with_health(r, states.get(r["id"]))
+            entries.append({"fullUrl": f"{base_url}/{r['resourceType']}/{r['id']}", "resource": r,
+                            "search": {"mode": mode}})
+        total = page.get("total")
+        bundle = {"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries}
+        if total is None:
+            bundle.pop("total")
+        more = (query.offset + matches < total) if total is not None else \
+            any(link.get("relation") == "next" for link in page.get("link", []))
+        if matches and more:
             keep = [(k, val) for k, val in items if k not in ("_count", "_offset")]
-            keep += [("_count", str(query.count)), ("_offset", str(query.offset + query.count))]
+            keep += [("_count", str(query.count)), ("_offset", str(query.offset + matches))]
             bundle["link"] = [{"relation": "next", "url": f"{base_url}/{rtype}?{urlencode(keep)}"}]
         return bundle
 

@@ -11,6 +11,6 @@ from omi_dsf.registry.config import RegistryConfig
 from omi_dsf.serving.limits import uvicorn_config
 
 
-def serve(cfg: RegistryConfig) -> None:
-    uvicorn.Server(uvicorn_config(create_app(cfg), host=cfg.host, port=cfg.port, tls=cfg.tls, limits=cfg.limits,
+def serve(cfg: RegistryConfig, store=None) -> None:
+    uvicorn.Server(uvicorn_config(create_app(cfg, store), host=cfg.host, port=cfg.port, tls=cfg.tls, limits=cfg.limits,
                                   protocol=PeerCertH11Protocol)).run()

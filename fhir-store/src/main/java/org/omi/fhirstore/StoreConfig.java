@@ -48,6 +48,8 @@ public class StoreConfig {
 		retVal.setExpungeEnabled(s.bool("expunge", false));
 		retVal.setDefaultSearchParamsCanBeOverridden(true);
 		retVal.setIndexMissingFields(JpaStorageSettings.IndexEnabledEnum.DISABLED);
+		// string :contains (the service registry's name:contains)
+		retVal.setAllowContainsSearches(true);
 		// A search answers from the database, never from an earlier search's cached result: a consent
 		// withdrawn or a study's ImagingStudy created a moment ago must be found at once.
 		retVal.setReuseCachedSearchResultsForMillis(null);
