@@ -3,6 +3,8 @@ broken answer becomes (a step error, or a retry when it was cut off)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from http.server import BaseHTTPRequestHandler
 
 import pydicom
@@ -10,7 +12,7 @@ import pytest
 
 from helpers_http import serve
 from omi_dsf.deid.dicomweb_io import WadoStudySource, WadoTruncated
-from omi_dsf.dicomweb_client import DicomwebBusy, DicomwebClient
+from omi_dsf.dicomweb_client import DicomwebBusy, DicomwebClient, read_ahead
 from omi_dsf.deid.instance_io import SourceError
 from omi_dsf.errors import RetryableError
 from omi_dsf.peer import Peer
@@ -118,3 +120,39 @@ def test_step_over_wado_source(study, tmp_path):
                                                                 "sink": {"kind": "folder",
                                                                          "path": str(tmp_path / "out2")}}}))
     assert not list((tmp_path / "out2").glob("*.dcm"))
+
+
+def _counting(n: int, produced: list, closed: list, fail_at: int | None = None):
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise ConnectionResetError("cut")
+            produced.append(i)
+            yield i
+    finally:
+        closed.append(True)
+
+
+def _reader_threads() -> int:
+    return sum(t.name == "omi-read-ahead" for t in threading.enumerate())
+
+
+def test_read_ahead_reads_ahead_of_a_slow_caller_and_stops_with_it():
+    produced, closed = [], []
+    items = read_ahead(_counting(100, produced, closed), 4)
+    assert next(items) == 0
+    time.sleep(0.3)                      # the caller is busy with item 0; the thread goes on reading
+    assert 3 <= len(produced) <= 1 + 4 + 1, produced   # ahead, but no more than the depth (+1 in hand)
+    items.close()                        # the caller stops early: the source is closed, the thread gone
+    assert closed == [True] and _reader_threads() == 0
+    assert len(produced) < 100
+
+
+def test_read_ahead_keeps_order_and_raises_the_source_error_where_it_happened():
+    produced, closed = [], []
+    got = []
+    with pytest.raises(ConnectionResetError):
+        for item in read_ahead(_counting(10, produced, closed, fail_at=6), 2):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4, 5] and closed == [True] and _reader_threads() == 0
+    assert list(read_ahead(_counting(50, [], []), 3)) == list(range(50))

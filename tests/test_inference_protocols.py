@@ -143,3 +143,45 @@ def test_kserve_takes_of_the_configuration_what_it_can_serve(tmp_path, settings,
     r = run_cli("ai-service", "--server", "kserve", "--config", str(tmp_path / "ai.yaml"), *extra)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_grpc_request_carries_each_tensor_once_as_raw_contents(packed):
+    """The client's ModelInferRequest is built with the tensors appended as raw_input_contents fields; a
+    protobuf parser reads it as tritonclient's would be read, packed tensors as one BYTES element each."""
+    import numpy as np
+    from tritonclient.grpc import service_pb2
+
+    from omi_dsf.inference import tensors
+    from omi_dsf.inference.client import _grpc_request
+
+    hu = np.arange(-300, 300, dtype=np.int16).reshape(6, 10, 10)[:, ::2]   # not contiguous: made so once
+    spacing = np.array([2.5, 0.7, 0.7], np.float32)
+    body = _grpc_request("lung-seg", "1", "r-1", {"HU": hu, "SPACING_MM": spacing}, ["LUNG_LABELS"],
+                         {"packed_outputs": True, "note": "x", "n": 3}, packed)
+    request = service_pb2.ModelInferRequest.FromString(body)
+    assert (request.model_name, request.model_version, request.id) == ("lung-seg", "1", "r-1")
+    assert [o.name for o in request.outputs] == ["LUNG_LABELS"]
+    assert request.parameters["packed_outputs"].bool_param and request.parameters["n"].int64_param == 3
+    got = {}
+    for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
+        params = {k: v.string_param for k, v in tensor.parameters.items()}
+        if packed:
+            assert (tensor.datatype, list(tensor.shape)) == ("BYTES", [1])
+            assert int.from_bytes(raw[:4], "little") == len(raw) - 4
+            got[tensor.name] = tensors.unpacked(tensor.name, raw[4:], params)
+        else:
+            got[tensor.name] = tensors.from_wire(tensor.name, tensor.datatype, list(tensor.shape), raw)
+    assert np.array_equal(got["HU"], hu) and got["HU"].dtype == np.int16 and np.array_equal(got["SPACING_MM"], spacing)
+
+
+def test_grpc_port_that_does_not_answer_is_unavailable():
+    import numpy as np
+
+    from omi_dsf.inference.client import OipClient, ServiceUnavailable
+    from omi_dsf.testkit.procs import free_port
+
+    with OipClient("http://127.0.0.1:9", timeout=5, grpc_url=f"grpc://127.0.0.1:{free_port()}") as ai:
+        with pytest.raises(ServiceUnavailable, match="UNAVAILABLE"):
+            ai.infer("lung-seg", {"HU": np.zeros((3, 4, 4), np.int16)}, outputs=["LUNG_LABELS"], check=False,
+                     packed=False)

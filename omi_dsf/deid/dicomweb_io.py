@@ -3,9 +3,9 @@
 Source config: {"kind": "dicomweb", "url": DICOMweb base (else the site's gateway_url), and the
 peer keys (omi_dsf.peer): "ca_file", "client_cert", "client_key", "token_file", "timeout"; the
 deprecated "verify"/"cert"/"key" are translated with a warning}. The gateway streams the study as
-multipart; instances
-are handed on as they arrive, as their Part 10 bytes (the pipeline parses each once), so no
-study is held in memory whole.
+multipart; instances are handed on as they arrive, as their Part 10 bytes (the pipeline parses each
+once), read by a thread up to READ_AHEAD instances ahead of the de-identification (the gateway,
+the reading and the de-identification overlap), so no study is held in memory whole.
 Sink config: the same keys; instances go to POST {url}/studies in batches. STOW-RS is not
 transactional: when a later instance fails the leak check, instances already stored stay
 (each of them passed the check); the batch not yet sent is dropped.
@@ -25,6 +25,7 @@ from .instance_io import SinkError, SourceError, register_sink, register_source
 _BATCH_BYTES = 32 << 20
 _BATCH_COUNT = 64
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
+READ_AHEAD = 8          # instances read ahead of the de-identification (~4 MB for CT)
 
 
 def _client(config, params: Mapping[str, Any], what: str, timeout: float) -> DicomwebClient:
@@ -52,8 +53,9 @@ class WadoStudySource:
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         n = 0
+        parts = self.dicomweb.iter_study(self.study_uid, _EXPLICIT_LE, ahead=READ_AHEAD)
         try:
-            for n, body in enumerate(self.dicomweb.iter_study(self.study_uid, _EXPLICIT_LE), 1):
+            for n, body in enumerate(parts, 1):
                 yield f"WADO-RS instance {n}", body
         except DicomwebRefused as exc:
             raise SourceError(f"WADO-RS retrieve of the study failed: HTTP {exc.status}") from None
@@ -63,6 +65,7 @@ class WadoStudySource:
             raise SourceError(f"WADO-RS {str(exc).split(': ', 1)[-1]}") from None
         # 5xx (DicomwebBusy) and no answer (PeerUnreachable): the gateway may recover, the worker retries
         finally:
+            parts.close()           # the reading thread first, then its connection
             self.dicomweb.close()
 
 

@@ -8,6 +8,7 @@ Errors are `OipError` subclasses with messages fit for a Task's error output.
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -69,7 +70,7 @@ class OipClient:
         server's OIP v2 gRPC port; inference then goes there, tensors as raw bytes (KServe and MLServer
         turn tensors that come over HTTP into Python lists; MLServer's HTTP takes JSON only)."""
         self.grpc_url = grpc_url
-        self._grpc_client = None
+        self._grpc_channel = self._grpc_call = None
         self._peer = base_url if isinstance(base_url, Peer) else None
         if isinstance(base_url, Peer):
             peer = base_url
@@ -87,8 +88,8 @@ class OipClient:
 
     def close(self) -> None:
         self._http.close()
-        if self._grpc_client is not None:
-            self._grpc_client.close()
+        if self._grpc_channel is not None:
+            self._grpc_channel.close()
 
     def __enter__(self) -> "OipClient":
         return self
@@ -225,25 +226,38 @@ class OipClient:
         return InferResult(model_name=message.get("model_name", model), model_version=message.get("model_version"),
                            id=message.get("id"), outputs=out, parameters=message.get("parameters") or {})
 
-    # -- gRPC (tritonclient, the OIP v2 gRPC client) -------------------------------------------
+    # -- gRPC (OIP v2's GRPCInferenceService; the messages of tritonclient's service_pb2) ----------
 
     def _grpc(self):
-        if self._grpc_client is None:
-            import tritonclient.grpc as triton_grpc
+        """The ModelInfer call on the gRPC channel, opened once: requests go as bytes (`_grpc_request`),
+        answers come as bytes."""
+        if self._grpc_call is None:
+            import grpc
 
             scheme, _, address = self.grpc_url.partition("://")
             if scheme not in ("grpc", "grpcs") or not address:
                 raise OipError(f"grpc_url {self.grpc_url!r}: expected grpc://host:port or grpcs://host:port")
-            tls: dict[str, Any] = {}
+            options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
             if scheme == "grpcs":
                 peer = self._peer
                 if peer is not None and peer.client_key_password_file:
                     raise OipError("grpc_url: a client key with a password is not supported over gRPC")
-                tls = {"ssl": True, "root_certificates": peer.ca_file if peer else None,
-                       "private_key": peer.client_key if peer else None,
-                       "certificate_chain": peer.client_cert if peer else None}
-            self._grpc_client = triton_grpc.InferenceServerClient(address, **tls)
-        return self._grpc_client
+
+                def read(path: str | None) -> bytes | None:
+                    try:
+                        return Path(path).read_bytes() if path else None
+                    except OSError as exc:
+                        raise OipError(f"grpc_url: {path}: {exc.strerror}") from None
+
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=read(peer.ca_file if peer else None),
+                    private_key=read(peer.client_key if peer else None),
+                    certificate_chain=read(peer.client_cert if peer else None))
+                self._grpc_channel = grpc.secure_channel(address, credentials, options)
+            else:
+                self._grpc_channel = grpc.insecure_channel(address, options)
+            self._grpc_call = self._grpc_channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        return self._grpc_call
 
     def _infer_grpc(self, model: str, inputs: Mapping[str, np.ndarray], outputs: list[str] | None,
                     version: str | None, request_id: str | None, parameters: Mapping[str, Any] | None,
@@ -252,69 +266,52 @@ class OipClient:
         """`infer` over gRPC: tensors as raw bytes (raw_input_contents), the answer's likewise; `packed`
         (the model's metadata says `packed_tensors`): numeric tensors each as one BYTES element
         (`tensors.packed`), for a server that would unpack raw bytes into Python lists (MLServer)."""
-        import threading
-
-        import tritonclient.grpc as triton_grpc
+        import grpc
 
         names = outputs or [t["name"] for t in self.model_metadata(model, version)["outputs"]]
-        t0 = time.perf_counter()
-        wire = []
-        for name, array in inputs.items():
-            array = np.asarray(array)
-            datatype = tensors.datatype_of(array)
-            if packed and datatype != "BYTES":
-                raw, params = tensors.packed(array)
-                entry = triton_grpc.InferInput(name, [1], "BYTES")
-                entry.set_data_from_numpy(np.array([raw], dtype=object))
-                for key, value in params.items():   # tritonclient has no setter for an input's parameters
-                    entry._get_tensor().parameters[key].string_param = value
-            else:
-                entry = triton_grpc.InferInput(name, list(array.shape), datatype)
-                entry.set_data_from_numpy(array)
-            wire.append(entry)
         if packed:
             parameters = {**(parameters or {}), "packed_outputs": True}
+        t0 = time.perf_counter()
+        body = _grpc_request(model, version, request_id, inputs, names, parameters, packed)
         t1 = time.perf_counter()
-        done = threading.Event()
-        answer: list = []
-
-        def callback(result, error) -> None:
-            answer.append((result, error))
-            done.set()
-
         token = self._peer.token() if self._peer is not None else None
-        self._grpc().async_infer(model, wire, callback, model_version=version or "", request_id=request_id or "",
-                                 outputs=[triton_grpc.InferRequestedOutput(n) for n in names],
-                                 parameters=dict(parameters) if parameters else None, client_timeout=self.timeout,
-                                 headers={"authorization": f"Bearer {token}"} if token else None)
+        call = self._grpc().future(body, timeout=self.timeout,
+                                   metadata=(("authorization", f"Bearer {token}"),) if token else None)
+        del body
         if on_sent is not None:
             on_sent()
-        if not done.wait(self.timeout + 5):
-            raise InferenceTimeout(f"{self.grpc_url}: no answer within {self.timeout:g} s")
-        t2 = time.perf_counter()
-        result, error = answer[0]
-        if error is not None:
-            self._raise_grpc(error, model)
-        response = result.get_response()
         try:
-            out = _grpc_outputs(result, response)
+            answer = call.result(timeout=self.timeout + 5)
+        except grpc.FutureTimeoutError:
+            call.cancel()
+            raise InferenceTimeout(f"{self.grpc_url}: no answer within {self.timeout:g} s") from None
+        except grpc.RpcError as exc:
+            self._raise_grpc(exc, model)
+        t2 = time.perf_counter()
+        from tritonclient.grpc import service_pb2
+
+        try:
+            response = service_pb2.ModelInferResponse.FromString(answer)
+            del answer
+            out = _grpc_outputs(response)
         except TensorError as exc:
             raise OipError(f"malformed response from model '{model}': {exc}") from None
+        except Exception as exc:   # protobuf's DecodeError
+            raise OipError(f"malformed response from model '{model}': {type(exc).__name__}") from None
         if timings is not None:
             timings.update(encode=t1 - t0, request=t2 - t1, decode=time.perf_counter() - t2)
-        params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
-                  if v.WhichOneof("parameter_choice")}
         return InferResult(model_name=response.model_name or model, model_version=response.model_version or None,
-                           id=response.id or None, outputs=out, parameters=params)
+                           id=response.id or None, outputs=out, parameters=_grpc_parameters(response.parameters))
 
-    def _raise_grpc(self, error: Exception, model: str) -> None:
-        status = str(getattr(error, "status", lambda: "")() or "")
-        text = str(getattr(error, "message", lambda: "")() or error)[:300]
-        if status.endswith(("UNAVAILABLE", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED")):
+    def _raise_grpc(self, error, model: str) -> None:
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        status = getattr(code, "name", "") or ""
+        text = str((error.details() if callable(getattr(error, "details", None)) else None) or error)[:300]
+        if status in ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED", "CANCELLED"):
             raise ServiceUnavailable(f"{self.grpc_url}: {status}: {text}")
-        if status.endswith("DEADLINE_EXCEEDED"):
+        if status == "DEADLINE_EXCEEDED":
             raise InferenceTimeout(f"{self.grpc_url}: no answer within {self.timeout:g} s")
-        if status.endswith("NOT_FOUND"):
+        if status == "NOT_FOUND":
             raise ModelNotReady(f"model '{model}' is unknown to {self.grpc_url}: {text}")
         raise InferenceRejected(f"model '{model}' rejected the request ({status or 'gRPC'}): {text}", 400)
 
@@ -361,22 +358,93 @@ def uses_binary_tensors(server_metadata: Mapping[str, Any]) -> bool:
     return str(server_metadata.get("name", "")).strip().lower() == "kserve"
 
 
-def _grpc_outputs(result, response) -> dict[str, np.ndarray]:
-    """The answer's tensors; a packed one (`tensors.packed`) as the numeric tensor it carries, read from its
-    raw contents (4 bytes of length, then the element) without a copy."""
+_RAW_INPUT_CONTENTS = b"\x3a"   # ModelInferRequest field 7 (raw_input_contents), length-delimited
+# InferTensorContents field per datatype, for an answer whose tensors are not raw
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _grpc_request(model: str, version: str | None, request_id: str | None, inputs: Mapping[str, np.ndarray],
+                  outputs: list[str], parameters: Mapping[str, Any] | None, packed: bool) -> bytes:
+    """A serialized ModelInferRequest, its tensors' bytes copied once: the message without them, then each
+    as a raw_input_contents field appended (protobuf's wire format: fields may follow in any order), from
+    a view of the array (tritonclient copies a 100 MB volume three times: tobytes, the message, its
+    serialization)."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version or "", id=request_id or "")
+    raws: list[list[bytes | memoryview]] = []
+    for name, array in inputs.items():
+        array = np.asarray(array)
+        datatype = tensors.datatype_of(array)
+        tensor = request.inputs.add(name=name)
+        view = tensors.wire_view(array)
+        if packed and datatype != "BYTES":   # one BYTES element: 4 bytes of length, then the raw bytes
+            tensor.datatype, tensor.shape[:] = "BYTES", [1]
+            for key, value in tensors.packed_parameters(array).items():
+                tensor.parameters[key].string_param = value
+            raws.append([len(view).to_bytes(4, "little"), view])
+        else:
+            tensor.datatype, tensor.shape[:] = datatype, list(array.shape)
+            raws.append([view])
+    for name in outputs:
+        request.outputs.add(name=name)
+    for key, value in (parameters or {}).items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            request.parameters[key].int64_param = value
+        elif isinstance(value, float):
+            request.parameters[key].double_param = value
+        else:
+            request.parameters[key].string_param = str(value)
+    parts: list[bytes | memoryview] = [request.SerializeToString()]
+    for pieces in raws:
+        parts += [_RAW_INPUT_CONTENTS, _varint(sum(len(p) for p in pieces)), *pieces]
+    return b"".join(parts)
+
+
+def _grpc_parameters(parameters) -> dict[str, Any]:
+    return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in parameters.items()
+            if v.WhichOneof("parameter_choice")}
+
+
+def _grpc_outputs(response) -> dict[str, np.ndarray]:
+    """The answer's tensors, from its raw contents (views, no copy) or its typed contents; a packed one
+    (`tensors.packed`) as the numeric tensor it carries."""
     out = {}
+    raw_outputs = response.raw_output_contents
     for index, tensor in enumerate(response.outputs):
-        params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in tensor.parameters.items()
-                  if v.WhichOneof("parameter_choice")}
-        if not tensors.is_packed(tensor.datatype, params):
-            out[tensor.name] = result.as_numpy(tensor.name)
-            continue
-        if index >= len(response.raw_output_contents):
-            raise TensorError(f"tensor '{tensor.name}': packed, but not in the raw output contents")
-        raw = memoryview(response.raw_output_contents[index])
-        if len(raw) < 4 or int.from_bytes(raw[:4], "little") != len(raw) - 4:
-            raise TensorError(f"tensor '{tensor.name}': packed, but not one BYTES element")
-        out[tensor.name] = tensors.unpacked(tensor.name, raw[4:], params)
+        shape = list(tensor.shape)
+        if index < len(raw_outputs):
+            raw = raw_outputs[index]
+            params = _grpc_parameters(tensor.parameters)
+            if tensors.is_packed(tensor.datatype, params):
+                view = memoryview(raw)
+                if len(view) < 4 or int.from_bytes(view[:4], "little") != len(view) - 4:
+                    raise TensorError(f"tensor '{tensor.name}': packed, but not one BYTES element")
+                out[tensor.name] = tensors.unpacked(tensor.name, view[4:], params)
+            else:
+                out[tensor.name] = tensors.from_wire(tensor.name, tensor.datatype, shape, raw)
+        elif tensor.datatype in _CONTENTS:
+            values = list(getattr(tensor.contents, _CONTENTS[tensor.datatype]))
+            if tensor.datatype == "BYTES":
+                out[tensor.name] = np.array(values, dtype=object).reshape(shape)
+            else:
+                out[tensor.name] = tensors.from_json(tensor.name, tensor.datatype, shape, values)
+        else:
+            raise TensorError(f"tensor '{tensor.name}': unknown datatype {tensor.datatype!r}")
     return out
 
 

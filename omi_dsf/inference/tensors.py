@@ -97,7 +97,7 @@ def _bytes_from_wire(name: str, raw: bytes, count: int) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def _wire_view(array: np.ndarray) -> bytes | memoryview:
+def wire_view(array: np.ndarray) -> bytes | memoryview:
     """Raw bytes of a tensor for the binary extension (row-major, little-endian), without a copy
     when the array already is that (a 200-slice CT is 100 MB: every copy costs tens of
     milliseconds and as much memory)."""
@@ -153,13 +153,18 @@ def from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarr
 PACKED_DATATYPE, PACKED_SHAPE = "packed_datatype", "packed_shape"
 
 
-def packed(array: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """A numeric tensor's one BYTES element and its parameters."""
+def packed_parameters(array: np.ndarray) -> dict[str, str]:
+    """The parameters of a numeric tensor sent packed."""
     datatype = datatype_of(array)
     if datatype == "BYTES":
         raise TensorError("a BYTES tensor cannot be packed")
-    raw = np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
-    return raw, {PACKED_DATATYPE: datatype, PACKED_SHAPE: ",".join(str(d) for d in array.shape)}
+    return {PACKED_DATATYPE: datatype, PACKED_SHAPE: ",".join(str(d) for d in array.shape)}
+
+
+def packed(array: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """A numeric tensor's one BYTES element and its parameters."""
+    params = packed_parameters(array)
+    return np.ascontiguousarray(array, dtype=DTYPES[params[PACKED_DATATYPE]]).tobytes(), params
 
 
 def is_packed(datatype: str, parameters: Mapping[str, Any] | None) -> bool:
@@ -216,7 +221,7 @@ def encode_parts(header: Mapping[str, Any], key: str, tensors: Mapping[str, np.n
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
         params = dict((tensor_parameters or {}).get(name, {}))
         if name in binary_names:
-            raw = _wire_view(array)
+            raw = wire_view(array)
             params["binary_data_size"] = len(raw)
             blobs.append(raw)
         else:

@@ -15,10 +15,12 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from omi_dsf.audit import certificate_subject, trail
 from omi_dsf.steps.settings import StepSettings, step_settings
+
+T = TypeVar("T")
 
 Answers = Mapping[str, str | int | bool | float]
 
@@ -110,6 +112,19 @@ class Timings:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def timed(self, name: str, items: Iterable[T]) -> Iterator[T]:
+        """`items`, the time spent waiting for each one added to phase `name`."""
+        found = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(found)
+            except StopIteration:
+                return
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            yield item
 
     def finish(self) -> None:
         self.seconds["total"] = time.perf_counter() - self._start  # wall time of the whole step

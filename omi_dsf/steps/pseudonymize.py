@@ -23,7 +23,7 @@ from omi_dsf.deid.pseudonyms import UnknownPseudonymError, make_provider
 from omi_dsf.deid.pseudonyms.factory import ConfigError
 from omi_dsf.deid.refusal import Refused
 from omi_dsf.deid.store import SiteStore
-from omi_dsf.steps.api import Answers, StepContext, StepError, text_input
+from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, text_input
 from omi_dsf.steps.settings import StepSettings
 
 IN_STUDY = "study-instance-uid"
@@ -38,6 +38,7 @@ def pseudonymization_settings(site: StepSettings) -> PseudonymizationSettings:
 
 
 def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
+    t = Timings()
     study_uid = text_input(inputs, IN_STUDY)
     patient_id = text_input(inputs, IN_PATIENT, required=False) or None
     cfg = pseudonymization_settings(ctx.site)
@@ -60,17 +61,20 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
                                  pixel_recipes=cfg.pixel_recipes)
         written = 0
         # number the instances: file names may carry patient names, and errors go to the Task
-        numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(source, 1))
-        for out in run.process(numbered):
-            written += sink.write(out.dataset, out.data)
+        numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(t.timed("read", source), 1))
+        for out in t.timed("deid", run.process(numbered)):
+            with t.phase("write"):
+                written += sink.write(out.dataset, out.data)
         refused = [str(r) for r in run.result.refused]
         if run.result.instances == 0:
             if refused:
                 raise StepError(f"no instance of the study could be sent: {len(refused)} refused; "
                                 f"the first: {refused[0]}")
             raise StepError("no instances of the study found in the source")
-        store.sync()  # the UID map is durable before the step reports success
-        location = sink.close()
+        with t.phase("sync"):
+            store.sync()  # the UID map is durable before the step reports success
+        with t.phase("write"):
+            location = sink.close()
     except FileNotFoundError:
         if sink is not None:
             sink.abort()
@@ -86,8 +90,11 @@ def pseudonymize(inputs: Answers, ctx: StepContext) -> Answers:
         raise  # e.g. the pseudonym service is down: transient, the runtime retries
     finally:
         store.close()
+    t.seconds["deid"] = t.seconds.get("deid", 0.0) - t.seconds.get("read", 0.0)  # waiting for the source apart
+    t.finish()
     ctx.log.info("pseudonymized %d instances (%d bytes) for %s", run.result.instances, written,
                  ctx.business_key)
+    ctx.log.info("pseudonymize %s: timings %s", ctx.business_key, t.summary())
     _report_refused(ctx, refused, run.result.pseudo_study_uid)
     out = {
         "pseudonym": run.result.pseudonym,
