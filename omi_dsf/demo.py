@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import pydicom
 from cryptography.hazmat.primitives import serialization
 
 from omi_dsf.dsf.client import DsfClient
+from omi_dsf.errors import UserError
 from omi_dsf.dsf.tasks import message_task, outputs
 from omi_dsf.testbed.certs import TestCA
 from omi_dsf.testkit import phantom, procs
@@ -101,7 +101,7 @@ class Demo:
     out: object = print
     send: dict = field(default_factory=dict)   # the requester's `send` step settings (batch_mb, batch_instances)
     ai_server: str = "reference"               # the provider's model server: reference, kserve or mlserver
-    fhir_store: bool = False                   # the requester's FHIR store (HAPI): consent from it, results into it
+    fhir_store: bool = False                   # the DIC's FHIR store (the test bed's): consent from it, results into it
 
     def __post_init__(self):
         self.folder = Path(self.folder).resolve()
@@ -122,7 +122,6 @@ class Demo:
 
     def _start(self) -> "Demo":
         f = self.folder
-        store_thread = self._start_fhir_store() if self.fhir_store else None
         ca = TestCA(f / "pki")
         ca.ensure()
         self.ca = str(ca.cert_path)
@@ -156,10 +155,8 @@ class Demo:
             key.chmod(0o600)
         consent: dict = {"kind": "folder", "path": str(f / "consents")}
         fhir_results: dict | str = str(f / "fhir-results")
-        if store_thread is not None:
-            store_thread.join()
-            if self.store_error is not None:
-                raise self.store_error
+        if self.fhir_store:
+            self._use_fhir_store()
             consent = {"kind": "fhir", "url": self.fhir_base, "identifier_system": PATIENT_SYSTEM}
             fhir_results = {"url": self.fhir_base}
         steps = {
@@ -184,24 +181,19 @@ class Demo:
         self.dsf = DsfClient(load_site_config(self.sites["dic"]).identity)
         return self
 
-    def _start_fhir_store(self) -> threading.Thread:
-        """The requester's FHIR store, started while the other servers start (it takes a minute)."""
-        from omi_dsf.fhirstore import FhirStore
+    def _use_fhir_store(self) -> None:
+        """The requester's FHIR store: the one the test bed started for its DIC."""
+        from omi_dsf.testbed.bed import fhir_store
 
-        # validating what it is sent (R4; the MII profiles claimed are not loaded here: warnings)
-        self.store = FhirStore(self.folder / "fhir-store", port=free_port(), validate=True,
-                               unknown_profiles="warning", out=lambda *_: None)
-        self.store_error: BaseException | None = None
-
-        def up() -> None:
-            try:
-                self.fhir_base = self.store.up(timeout=600).base_url
-            except BaseException as exc:   # raised in start(), in the caller's thread
-                self.store_error = exc
-
-        thread = threading.Thread(target=up, name="fhir-store-up", daemon=True)
-        thread.start()
-        return thread
+        site = self.state.site("dic")
+        if not site.fhir_store_dir:
+            raise UserError("the test bed runs no FHIR store for the DIC (it was started with --no-fhir-store); "
+                            "stop it and start it again without that option")
+        self.store = fhir_store(site)
+        if not self.store.running():
+            raise UserError(f"the DIC's FHIR store is not running (python -m omi_dsf testbed status); "
+                            f"see {self.store.dir / 'fhir-store.log'}")
+        self.fhir_base = site.fhir_store_url
 
     def start_ai_service(self) -> None:
         """(Re)start the provider's AI service (on `ai_server`), on the port it had before if any."""
@@ -332,8 +324,6 @@ class Demo:
         self.servers.clear()
         if getattr(self, "dsf", None):
             self.dsf.close()
-        if getattr(self, "store", None) is not None:
-            self.store.down()
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -358,8 +348,6 @@ def register(sub) -> None:
 
 
 def _sample_study(args) -> int:
-    from omi_dsf.errors import UserError
-
     try:
         paths = phantom.write_ct_study(args.out, slices=args.slices, seed=args.seed, rows=args.rows, cols=args.cols)
     except ValueError as exc:
@@ -377,13 +365,13 @@ def _run(args) -> int:
     st = State.load(folder)
     bed = TestBed(folder, dsf_home=args.dsf_home, site_dsf_homes=dict(args.site_dsf_home))
     if not (st and all(pid_alive(s.pid) for s in st.servers)):
-        print("starting the DSF test bed (two sites; takes a few minutes) …")
+        print("starting the DSF test bed (two sites, the DIC's FHIR store; takes a few minutes) …")
     bed.up(timeout=900)   # a running one is used as it is, if it runs the DSF versions asked for
     st = State.load(folder)
     print("DSF: " + ", ".join(f"{s.key} {s.dsf_version}" for s in st.sites))
     demo = Demo(st, folder / "demo", slices=args.slices, fhir_store=True)
     try:
-        print("starting the legacy PACS, both gateways, the AI service, the requester's FHIR store and the workers …")
+        print("starting the legacy PACS, both gateways, the AI service and the workers …")
         demo.start()
         demo.start_workers()
         study = demo.add_study(seed=int(time.time()) % 100000)

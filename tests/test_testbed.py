@@ -202,6 +202,23 @@ def test_fhir_servers_answer_over_mtls(bed):
 
 
 @pytest.mark.integration
+def test_each_dic_has_a_fhir_store_of_its_own(bed, capsys):
+    """`up` starts a HAPI FHIR server per requester site (not for the provider); `status` and
+    `logs` know it; it validates what it is sent."""
+    dic, ai = bed.site("dic"), bed.site("ai")
+    assert dic.fhir_store_url and not ai.fhir_store_url
+    r = httpx.get(dic.fhir_store_url + "/metadata", timeout=30)
+    assert r.status_code == 200 and r.json()["fhirVersion"].startswith("4.0")
+    bad = httpx.post(dic.fhir_store_url + "/Observation", json={"resourceType": "Observation", "status": "nope"},
+                     headers={"Content-Type": "application/fhir+json"}, timeout=30)
+    assert bad.status_code == 422
+    assert bed.bed.status() == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "dic-store" in x]
+    assert " running " in line and dic.fhir_store_url in line
+    assert bed.bed.log_path("dic-store") == [Path(dic.fhir_store_dir) / "fhir-store.log"]
+
+
+@pytest.mark.integration
 def test_allow_list_is_loaded(bed):
     with client(bed, bed.sites[0]) as c:
         orgs = c.get("/Organization", params={"_count": 50}).json()

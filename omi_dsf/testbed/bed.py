@@ -11,6 +11,8 @@ Layout of the test bed folder (default `.testbed/`):
         log/fhir.log, console.log
     <site>/bpe/               working directory of the site's BPE
         conf/..., process/*.jar (the plugin), log/bpe.log, console.log
+    <site>/fhir-store/        a requester DIC's own FHIR store (HAPI FHIR JPA, omi_dsf.fhirstore):
+                              consent is read from it, results are written into it
 
 The DSF servers are taken from a DSF 1.9 or 2.x distribution (`DSF_HOME`, default /opt/dsf-1.9.0;
 see distribution.py), by default the same for every site; one site may run another version
@@ -54,6 +56,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = Path(".testbed")
 DEFAULT_BASE_PORT = 8200
 DB_PASSWORD = "db-password"  # test bed only
+STORE_PORT = 5               # a requester site's FHIR store listens on base + 20i + 5
 
 FHIR_MAIN = "dev.dsf.fhir.FhirJettyServerHttps"
 BPE_MAIN = "dev.dsf.bpe.BpeJettyServerHttps"
@@ -138,6 +141,8 @@ class SiteInfo:
     client_key: str
     key_password: str = KEY_PASSWORD
     dsf_version: str = ""
+    fhir_store_url: str = ""     # the DIC's own FHIR store (HAPI), requester sites only
+    fhir_store_dir: str = ""
 
 
 @dataclass
@@ -191,7 +196,7 @@ def ports_for(base: int, sites: int) -> list[int]:
     ports = [base + 99]
     for i in range(sites):
         b = base + 20 * i
-        ports += [b + 1, b + 2, b + 11, b + 12]
+        ports += [b + 1, b + 2, b + 11, b + 12, b + STORE_PORT]
     return ports
 
 
@@ -288,7 +293,7 @@ class TestBed:
     def __init__(self, folder: Path = DEFAULT_DIR, *, sites: int = 2,
                  dsf_home: str | None = None, base_port: int = DEFAULT_BASE_PORT,
                  heap: str | None = None, plugins: list[Path] | None = None,
-                 site_dsf_homes: dict[str, str] | None = None, out=print):
+                 site_dsf_homes: dict[str, str] | None = None, fhir_store: bool = True, out=print):
         self.dir = folder.resolve()
         self.n_sites = sites
         self.dsf_home_arg = dsf_home
@@ -296,6 +301,7 @@ class TestBed:
         self.base_port = base_port
         self.heap = heap
         self.plugins = plugins
+        self.with_fhir_store = fhir_store
         self.out = out
 
     @contextlib.contextmanager
@@ -340,9 +346,12 @@ class TestBed:
             fhir_url = f"https://localhost:{fhir_port}/fhir"
             bpe_url = f"https://localhost:{bpe_port}/bpe"
             dist = dists[spec.key]
+            store = self.with_fhir_store and spec.role == "requester"
             sites.append(SiteInfo(spec.key, spec.identifier, spec.name, spec.role,
                                   roles.get(spec.role, "DIC"), fhir_url, bpe_url,
-                                  str(cl.cert), str(cl.key), dsf_version=dist.version))
+                                  str(cl.cert), str(cl.key), dsf_version=dist.version,
+                                  fhir_store_url=f"http://127.0.0.1:{base + STORE_PORT}/fhir" if store else "",
+                                  fhir_store_dir=str(self.dir / spec.key / "fhir-store") if store else ""))
             for kind, port, url in (("fhir", fhir_port, fhir_url), ("bpe", bpe_port, bpe_url)):
                 servers.append(Server(f"{spec.key}-{kind}", spec.key, kind, port, port + 10,
                                       str(self.dir / spec.key / kind), url,
@@ -526,8 +535,10 @@ class TestBed:
             if running and have_versions != wanted_versions:
                 raise UserError(f"the test bed in {self.dir} runs DSF {_versions(have_versions)}, not "
                                 f"{_versions(wanted_versions)}; stop it first (testbed down --dir {self.dir})")
-            if len(running) == len(old.servers) and Cluster(self.dir / "postgres",
-                                                             old.postgres_port).pid():
+            stores_up = all(fhir_store(s).running() for s in old.sites if s.fhir_store_dir) and \
+                all(bool(s.fhir_store_dir) == (self.with_fhir_store and s.role == "requester") for s in old.sites)
+            if len(running) == len(old.servers) and stores_up and Cluster(self.dir / "postgres",
+                                                                          old.postgres_port).pid():
                 wanted = self.plugins if self.plugins is not None else default_plugins()
                 bpes = [s for s in old.servers if s.kind == "bpe"]
                 if all(_same_jars(wanted, Path(b.workdir) / "process") for b in bpes):
@@ -556,6 +567,9 @@ class TestBed:
                  f"log {cluster.log}")
 
         deadline = t0 + timeout
+        # the DICs' own FHIR stores start beside the DSF servers (about a minute each)
+        store_pool = ThreadPoolExecutor(max(1, len(st.sites)))
+        stores = [(site, store_pool.submit(fhir_store(site).up, timeout)) for site in st.sites if site.fhir_store_dir]
         fhir = [s for s in st.servers if s.kind == "fhir"]
         bpe = [s for s in st.servers if s.kind == "bpe"]
         ad_urls = (jar_activity_definition_urls(st.plugins) or activity_definition_urls()) if st.plugins else []
@@ -572,6 +586,11 @@ class TestBed:
                     f.result()
             for srv in group:
                 self.out(f"{srv.name:<9} {srv.url:<34} pid {srv.pid:<7} log {srv.log_file}")
+        for site, fut in stores:
+            store_state = fut.result()
+            self.out(f"{site.key + '-store':<9} {site.fhir_store_url:<34} pid {store_state.pid:<7} "
+                     f"log {Path(site.fhir_store_dir) / 'fhir-store.log'}")
+        store_pool.shutdown()
         st.up_seconds = round(time.monotonic() - t0, 1)
         st.save()
         if st.plugins:
@@ -602,6 +621,9 @@ class TestBed:
         # BPEs first (they hold websockets to their FHIR server), then the FHIR servers
         self._stop([s for s in st.servers if s.kind == "bpe"], grace)
         self._stop([s for s in st.servers if s.kind == "fhir"], grace)
+        for site in st.sites:
+            if site.fhir_store_dir and Path(site.fhir_store_dir).exists():
+                fhir_store(site, self.out).down(grace)
         cluster = Cluster(self.dir / "postgres", st.postgres_port)
         if cluster.pid() is not None:
             cluster.stop()
@@ -687,6 +709,12 @@ class TestBed:
             self.out(f"  {s.name:<9} {'running' if alive else 'stopped':<8} {s.url:<36} "
                      f"DSF {s.dsf_version or '?':<6} pid {(s.pid if alive else '-'):<7} log {s.log_file}")
         for site in st.sites:
+            if site.fhir_store_dir:
+                alive = fhir_store(site).running()
+                all_up &= alive
+                self.out(f"  {site.key + '-store':<9} {'running' if alive else 'stopped':<8} {site.fhir_store_url:<36} "
+                         f"HAPI FHIR  log {Path(site.fhir_store_dir) / 'fhir-store.log'}")
+        for site in st.sites:
             self.out(f"  site {site.key}: {site.identifier} ({site.name}, role {site.role_code}) "
                      f"client cert {site.client_cert}")
         self.out(f"  plugins: {', '.join(Path(p).name for p in st.plugins) or 'none'}")
@@ -696,8 +724,11 @@ class TestBed:
         st = State.load(self.dir)
         if st is None:
             raise UserError(f"no test bed in {self.dir}")
+        stores = {f"{s.key}-store": Path(s.fhir_store_dir) / "fhir-store.log" for s in st.sites if s.fhir_store_dir}
         if server in (None, "all"):
-            return [self.dir / "postgres" / "postgres.log"] + [s.log_file for s in st.servers]
+            return [self.dir / "postgres" / "postgres.log"] + [s.log_file for s in st.servers] + list(stores.values())
+        if server in stores:
+            return [stores[server]]
         if server == "postgres":
             return [self.dir / "postgres" / "postgres.log"]
         for s in st.servers:
@@ -705,9 +736,18 @@ class TestBed:
                 return [s.log_file]
             if server == f"{s.name}-console":
                 return [s.console_file]
-        names = ["postgres"] + [s.name for s in st.servers]
+        names = ["postgres"] + [s.name for s in st.servers] + list(stores)
         raise UserError(f"unknown server {server!r}; one of {', '.join(names)} "
                         "(or <server>-console)")
+
+
+def fhir_store(site: SiteInfo, out=lambda *_: None):
+    """The requester site's own FHIR store (started by `up`): it validates what it is sent (R4;
+    the MII profiles are not loaded in a test bed, so claiming one is a warning)."""
+    from omi_dsf.fhirstore import FhirStore
+
+    port = int(site.fhir_store_url.rsplit(":", 1)[1].split("/")[0])
+    return FhirStore(Path(site.fhir_store_dir), port=port, validate=True, unknown_profiles="warning", out=out)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     up.add_argument("--plugin", action="append", type=Path, metavar="JAR",
                     help="plugin jar for every BPE (repeatable; default: dist/*.jar)")
     up.add_argument("--no-plugin", action="store_true", help="start the BPEs without any plugin")
+    up.add_argument("--no-fhir-store", action="store_true",
+                    help="no FHIR store of its own for a requester DIC (default: one HAPI FHIR server each)")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
     up.set_defaults(func=_up)
 
@@ -42,7 +44,7 @@ def register(subparsers) -> None:
     down.set_defaults(func=_down)
 
     lg = act.add_parser("logs", parents=[common], help="tail a server's log")
-    lg.add_argument("server", nargs="?", help="postgres, dic-fhir, dic-bpe, ai-fhir, ai-bpe, ... "
+    lg.add_argument("server", nargs="?", help="postgres, dic-fhir, dic-bpe, dic-store, ai-fhir, ai-bpe, ... "
                     "(or <server>-console); default: all")
     lg.add_argument("-n", "--lines", type=int, default=40)
     lg.add_argument("-f", "--follow", action="store_true")
@@ -75,7 +77,8 @@ def _bed(args: argparse.Namespace, **kw):
 def _up(args: argparse.Namespace) -> int:
     plugins = [] if args.no_plugin else args.plugin
     bed = _bed(args, sites=args.sites, dsf_home=args.dsf_home, base_port=args.base_port,
-               heap=args.heap, plugins=plugins, site_dsf_homes=dict(args.site_dsf_home))
+               heap=args.heap, plugins=plugins, site_dsf_homes=dict(args.site_dsf_home),
+               fhir_store=not args.no_fhir_store)
     return bed.up(timeout=args.timeout)
 
 
