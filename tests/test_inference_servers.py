@@ -143,15 +143,16 @@ def test_slice_limit_comes_from_the_device_on_kserve(kserve_service, gateway, tm
         step.infer(inputs, _ctx(orthanc.dicomweb_url, entry))
 
 
-def test_registry_health_checks_each_server(server, tmp_path):
+def test_registry_health_checks_each_server(server, tmp_path, fhir_store):
     name, service = server
     key = tmp_path / "idp.pem"   # the registry needs a way in for writes; this test registers directly
     key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    cfg = parse_config({"database": "registry.db", "health": {"interval": 0},
+    cfg = parse_config({"fhir_store": {"url": fhir_store.state().base_url}, "health": {"interval": 0},
                         "auth": {"jwt": [{"issuer": "https://idp.test", "key_file": str(key)}]}}, tmp_path)
     app = create_app(cfg, run_checks=False)
     with TestClient(app, base_url="http://registry.test"):
+        app.state.store.clear()   # no registry entries of earlier tests in the session's store
         for sid, model in (("known", lungseg.NAME), ("unknown", "no-such-model")):
             app.state.registry.transaction(service_bundle(
                 "ai.example.org", sid, name=sid, model=model, model_version="1", oip_url=service.url,
