@@ -131,11 +131,16 @@ class Demo:
         self.dic_client = (str(dic_client.cert), str(_plain_key(dic_client.key, dic_client.password,
                                                                  f / "pki" / "dic-gateway-client.plain.key")))
         tls = {"certfile": str(gw_cert.cert), "keyfile": str(gw_key), "client_ca": self.ca}
+        # the requester's gateway also knows the site's DSF client certificate (the omi client's, for
+        # `omi submit --query` and `omi results`)
+        own = f / "pki" / "requester-gateway-clients.pem"
+        own.write_bytes(Path(self.ca).read_bytes() + Path(self.state.ca_cert).read_bytes())
         self.pacs = Dcmqrscp(f / "pacs", aet="DICPACS").start()
         self.servers.append(self.pacs)
         # each site's gateway in its own process, configured as an operator would (docs/gateway.md)
         requester_gw = GatewayProcess({
-            "listen": {"host": "127.0.0.1", "port": free_port()}, "tls": tls, "auth": {"anonymous": True},
+            "listen": {"host": "127.0.0.1", "port": free_port()}, "tls": {**tls, "client_ca": str(own)},
+            "auth": {"anonymous": True},
             "backends": {"DICPACS": {"type": "dimse", "host": self.pacs.host, "port": self.pacs.port,
                                      "called_aet": self.pacs.aet}},
             "default": "DICPACS"}, f / "gateways", "requester-gateway", ca_file=self.ca).start()
@@ -177,7 +182,8 @@ class Demo:
             "ai": {"gateway_url": self.provider_gw, "gateway_ca_file": self.ca, "ai_services": {"lung-seg": self.ai_entry()},
                    "ai_timeout_s": 300},
         }
-        self.sites = write_testbed_site_configs(self.state, f / "sites", steps=steps, worker=self.worker_settings)
+        self.sites = write_testbed_site_configs(self.state, f / "sites", steps=steps, worker=self.worker_settings,
+                                                top={"dic": {"gateway_url": self.requester_gw, "gateway_ca_file": self.ca}})
         self.dsf = DsfClient(load_site_config(self.sites["dic"]).identity)
         return self
 
@@ -235,9 +241,10 @@ class Demo:
 
     # -- a request ------------------------------------------------------------------------------
 
-    def add_study(self, seed: int, consent: bool = True) -> Study:
+    def add_study(self, seed: int, consent: bool = True, patient: dict | None = None) -> Study:
+        """A phantom CT study in the PACS (`patient`: keys of phantom.write_ct_study's `patient`)."""
         files = phantom.write_ct_study(self.folder / "studies" / str(seed), slices=self.slices, seed=seed,
-                                       rows=self.size, cols=self.size)
+                                       rows=self.size, cols=self.size, patient=patient)
         ds = pydicom.dcmread(files[0], stop_before_pixels=True)
         self.pacs.load(files)
         study = Study(str(ds.StudyInstanceUID), str(ds.PatientID), str(ds.PatientName), files)

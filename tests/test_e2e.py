@@ -242,3 +242,51 @@ def test_worker_killed_mid_send_does_not_duplicate_the_study(demo):
     assert len(sent) == 1, sent
     assert sent[0].details["already_there"] >= at_kill
     assert sent[0].details["sent_now"] + sent[0].details["already_there"] == demo.slices
+
+
+def test_cohort_by_query_completes_each_study_once(demo, tmp_path):
+    """`omi submit --query`: QIDO-RS at the site's own gateway (the legacy PACS behind it) picks the
+    studies; every one runs through every step and completes once; run again, nothing is submitted."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from omi_dsf.client.requests import request_tasks
+    from omi_dsf.demo import PROVIDER
+    from omi_dsf.dsf.tasks import input_value
+
+    studies = [demo.add_study(seed=4120 + n, patient={"id": f"QRY{4120 + n}"}) for n in range(3)]
+    demo.add_study(seed=4130)            # in the PACS too, but not what the query asks for
+    before = _stored_instances(demo)
+    record = tmp_path / "query.record.csv"
+    cmd = [sys.executable, "-m", "omi_dsf", "submit", "--query", "ModalitiesInStudy=CT&PatientID=QRY*",
+           "--record", str(record), "--service", "lung-seg", "--provider", PROVIDER,
+           "--site", str(demo.sites["dic"]), "--parallel", "2", "--interval", "0.5", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout)
+    assert (s["studies"], s["completed"], s["failed"], s["pending"]) == (3, 3, 0, 0), s
+    with record.open() as f:
+        rows = {row["study_uid"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {st.uid for st in studies}
+    for st in studies:
+        row = rows[st.uid]
+        assert row["status"] == "completed" and row["attempts"] == "1" and row["patient"] == st.patient_id
+        assert row["stored_study_uid"] == st.uid and row["result_location"].startswith(demo.provider_gw)
+    assert "QRY41" not in r.stdout + r.stderr                 # no patient identifiers in the output
+
+    # once each: one start Task per study, its images once at the provider, one SEG and one SR back
+    uids = [input_value(t, "study-instance-uid") for t in request_tasks(demo.dsf, 1000)]
+    assert {st.uid: uids.count(st.uid) for st in studies} == {st.uid: 1 for st in studies}
+    assert _stored_instances(demo) - before == 3 * demo.slices
+    results = _pacs_results(demo)
+    for st in studies:
+        assert sorted(str(x.Modality) for x in results if str(x.StudyInstanceUID) == st.uid) == ["SEG", "SR"]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)   # resumes: all finished
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["completed"] == 3
+    uids = [input_value(t, "study-instance-uid") for t in request_tasks(demo.dsf, 1000)]
+    assert {st.uid: uids.count(st.uid) for st in studies} == {st.uid: 1 for st in studies}
+    assert_nothing_identifying_at_provider(demo)

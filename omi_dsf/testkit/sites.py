@@ -8,8 +8,9 @@ import yaml
 
 
 def write_testbed_site_configs(state, folder: Path, steps: dict[str, dict] | None = None,
-                               worker: dict | None = None) -> dict[str, Path]:
-    """One YAML per test bed site (key → path); the key password goes into a file beside it."""
+                               worker: dict | None = None, top: dict[str, dict] | None = None) -> dict[str, Path]:
+    """One YAML per test bed site (key → path); the key password goes into a file beside it.
+    `top`: more top-level keys per site (the omi client's gateway_url, gateway_ca_file, ...)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for site in state.sites:
@@ -27,6 +28,7 @@ def write_testbed_site_configs(state, folder: Path, steps: dict[str, dict] | Non
             "audit": f"{site.key}-audit.sqlite",
             "worker": dict(worker or {}),
             "steps": dict((steps or {}).get(site.key, {})),
+            **(top or {}).get(site.key, {}),
         }
         path = folder / f"{site.key}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
