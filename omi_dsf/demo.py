@@ -152,6 +152,7 @@ class Demo:
             f / "gateways", "provider-gateway", ca_file=self.ca).start()
         self.servers.append(provider_gw)
         self.requester_gw, self.provider_gw, self.provider_store = requester_gw.url, provider_gw.url, provider_store
+        self.gateways = {"requester": requester_gw, "provider": provider_gw}
         self.start_ai_service()
         (f / "consents").mkdir(exist_ok=True)
         key = f / "requester-deid.key"

@@ -8,6 +8,12 @@ are network namespaces on this machine (omi_dsf/testkit/hosts.py; root and `ip` 
 worker processes side by side), so they share its cores: the figures say what the software does
 with the same CPUs, not what a second machine adds. Baseline and cohort runs alternate.
 
+Where the time goes: CPU seconds per study of each component (omi_dsf/testkit/cputime.py, from
+/proc: each DSF FHIR and BPE JVM, PostgreSQL, the workers, both gateways, the AI service, the
+PACS, `omi submit`), and `other`, what the machine spent beyond them (other programs on it); and
+the components' CPU seconds per minute with nothing to do. CPU seconds do not depend much on what
+else runs on the machine; studies per minute do, so the load is recorded with them.
+
     python tools/bench/cohort.py [--dir DIR] [--studies 20] [--slices 50] [--size 256] [--parallel 1,4,8]
 
 Targets: parallel 8 ≥ 4× the studies per minute of parallel 1; two hosts ≥ 1.6× one host (both at
@@ -22,6 +28,7 @@ import csv
 import datetime as dt
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +46,7 @@ from omi_dsf.demo import PROVIDER, Demo  # noqa: E402
 from omi_dsf.dsf.client import DsfClient  # noqa: E402
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec  # noqa: E402
 from omi_dsf.testbed.bed import running_testbed  # noqa: E402
-from omi_dsf.testkit import hosts  # noqa: E402
+from omi_dsf.testkit import cputime, hosts  # noqa: E402
 from omi_dsf.testkit.legacy_pacs import Dcmqrscp, dcmtk_tool  # noqa: E402
 from omi_dsf.worker.config import load_site_config  # noqa: E402
 
@@ -87,6 +94,42 @@ def step_seconds(client: DsfClient, keys: set[str], topics: dict[str, str]) -> d
     return out
 
 
+def components(demo: Demo, dic_workers: list[int] = (), forwarders: list[int] = ()) -> dict[str, list[int]]:
+    """The process trees whose CPU time the bench counts: name → root pids."""
+    out = {f"{s.site}_{s.kind}": [int(s.pid)] for s in demo.state.servers}     # the DSF JVMs
+    out["postgres"] = [int(demo.state.postgres_pid)]                            # the DSF's database
+    out["dic_workers"] = list(dic_workers)
+    out["ai_worker"] = [demo.procs["ai-worker"].pid]
+    out.update({f"{k}_gateway": [g.proc.pid] for k, g in demo.gateways.items()})
+    out["ai_service"] = [demo.ai_service.proc.pid]
+    out["pacs"] = [demo.pacs.proc.pid]
+    if forwarders:
+        out["netns_forwarders"] = list(forwarders)     # the test's two "hosts" only, not a real site
+    return out
+
+
+def cpu_table(spent: dict[str, float], per: float) -> dict[str, float]:
+    """CPU seconds per component divided by `per` (studies, or minutes), largest first; `other` is
+    what the machine spent beyond the components (other programs on it, this bench)."""
+    ours = {k: v for k, v in spent.items() if k != "machine"}
+    ours["other"] = max(0.0, spent["machine"] - sum(ours.values()))
+    return {k: round(v / per, 2) for k, v in sorted(ours.items(), key=lambda kv: -kv[1])}
+
+
+def idle_cpu(demo: Demo, seconds: float = 20) -> dict[str, float]:
+    """CPU seconds per minute of each component with nothing to do (both sites' workers polling)."""
+    dic = demo._spawn("idle-dic-worker", ["worker", "--site", str(demo.sites["dic"]), "--topics",
+                                          "consent,pseudonymize,send,return"])
+    try:
+        time.sleep(5)
+        comps = components(demo, [dic.pid])
+        before = cputime.snapshot(comps)
+        time.sleep(seconds)
+        return cpu_table(cputime.spent(before, cputime.snapshot(comps)), seconds / 60)
+    finally:
+        demo.stop_process("idle-dic-worker")
+
+
 def cohort_run(demo: Demo, studies, folder: Path, parallel: int, n_hosts: int) -> dict:
     """One cohort run with fresh DIC workers on `n_hosts` hosts; the figures of the run."""
     name = f"p{parallel}-h{n_hosts}-{time.time_ns()}"
@@ -109,13 +152,20 @@ def cohort_run(demo: Demo, studies, folder: Path, parallel: int, n_hosts: int) -
             started.append(subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
     try:
         time.sleep(3)   # workers up
+        pids = [s.procs[-1].pid if isinstance(s, hosts.Host) else s.pid for s in started]
+        comps = components(demo, pids, [s.forwarder.pid for s in started if isinstance(s, hosts.Host)])
         load0 = os.getloadavg()[0]
+        cpu0, cli0 = cputime.snapshot(comps), resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "omi_dsf", "submit", "--cohort", str(cohort), "--service", "lung-seg",
                             "--provider", PROVIDER, "--site", str(site), "--parallel", str(parallel), "--interval", "1",
                             "--json"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
         wall = time.monotonic() - t0
+        cpu1, cli1 = cputime.snapshot(comps), resource.getrusage(resource.RUSAGE_CHILDREN)
         load1 = os.getloadavg()[0]
+        spent = cputime.spent(cpu0, cpu1)
+        # `omi submit` itself: the one child of this process that ended meanwhile
+        spent["omi_submit"] = (cli1.ru_utime + cli1.ru_stime) - (cli0.ru_utime + cli0.ru_stime)
     finally:
         for s in started:
             if isinstance(s, hosts.Host):
@@ -137,9 +187,12 @@ def cohort_run(demo: Demo, studies, folder: Path, parallel: int, n_hosts: int) -
         steps.update(step_seconds(ai, keys, {"infer": topics["infer"]}))
     return {"parallel": parallel, "hosts": n_hosts, "hosts_kind": "netns" if why is None else "processes",
             "completed": summary.get("completed"), "failed": summary.get("failed"),
+            "failed_by_reason": summary.get("failed_by_reason"),
             "wall_s": round(wall, 1), "studies_per_min": round(len(rows) / wall * 60, 2),
             "p50_s": round(pct(per_study, 0.5), 1), "p95_s": round(pct(per_study, 0.95), 1),
             "step_median_s": {k: round(statistics.median(v), 2) for k, v in steps.items() if v},
+            "cpu_s_per_study": cpu_table(spent, len(rows)),
+            "cpu_busy_share": round(spent["machine"] / (wall * os.cpu_count()), 2),
             "load_1m": [round(load0, 2), round(load1, 2)]}
 
 
@@ -163,6 +216,8 @@ def main() -> int:
             studies = [demo.add_study(seed=1000 + i) for i in range(args.studies)]
             mb = sum(f.stat().st_size for s in studies for f in s.files) / 2**20
             demo._spawn("ai-worker", ["worker", "--site", str(demo.sites["ai"]), "--topics", "infer"])
+            idle = idle_cpu(demo)
+            log(f"idle CPU s/min: {json.dumps(idle)}")
             plan = [(p, 1) for p in levels] + [(levels[-1], 2)]
             for parallel, n_hosts in plan:      # baseline and cohort runs alternate
                 base.append(baseline(demo, studies, folder))
@@ -188,14 +243,24 @@ def main() -> int:
               f"{r['p95_s']} | {r['completed']}/{args.studies} | "
               + ", ".join(f"{k} {v}" for k, v in r["step_median_s"].items()) + " |")
     print(f"parallel {levels[-1]} / parallel {levels[0]}: {speedup:.2f}x; two hosts / one: {hosts_gain:.2f}x")
-    limit = (f"CPU: {os.cpu_count()} cores shared by both DSF sites (4 JVMs), PostgreSQL, the PACS, both gateways, "
-             f"the AI service and the workers; load {top['load_1m'][1]} during parallel {levels[-1]}")
+    print("CPU seconds per study by component (the whole machine's beyond them: other):")
+    for r in runs:
+        print(f"  parallel {r['parallel']}, {r['hosts']} host(s), machine busy {r['cpu_busy_share']:.0%}: "
+              + ", ".join(f"{k} {v}" for k, v in r["cpu_s_per_study"].items()))
+    print("CPU seconds per minute when idle: " + ", ".join(f"{k} {v}" for k, v in idle.items()))
+    cpu = top["cpu_s_per_study"]
+    dsf = sum(v for k, v in cpu.items() if k.endswith(("_fhir", "_bpe")) or k == "postgres")
+    total = sum(v for k, v in cpu.items() if k != "other")
+    limit = (f"CPU: at parallel {levels[-1]} the machine was {top['cpu_busy_share']:.0%} busy on {os.cpu_count()} "
+             f"cores; a study costs {total:.1f} CPU s, of which the DSF (4 JVMs + PostgreSQL) {dsf:.1f} s "
+             f"({dsf / total:.0%}); {os.cpu_count() * 60 / total:.1f} studies/min is the most these cores can give at that cost")
+    print(limit)
     print(json.dumps({"benchmark": "cohort", "studies": args.studies, "slices": args.slices, "size": args.size,
                       "study_mb": round(mb / args.studies, 1), "load_avg_1m_at_start": round(load[0], 2),
                       "cores": os.cpu_count(), "baseline_s": [round(b, 1) for b in base],
                       "baseline_studies_per_min": round(args.studies / raw_s * 60, 1), "runs": runs,
                       "parallel_speedup": round(speedup, 2), "two_hosts_gain": round(hosts_gain, 2),
-                      "limit": limit, "targets": {"parallel_speedup_min": 4.0, "two_hosts_gain_min": 1.6},
+                      "idle_cpu_s_per_min": idle, "limit": limit, "targets": {"parallel_speedup_min": 4.0, "two_hosts_gain_min": 1.6},
                       "met": speedup >= 4.0 and hosts_gain >= 1.6}))
     return 0
 
