@@ -35,6 +35,7 @@ IN_FLIGHT = ("submitting", "submitted", "running")
 MAX_COHORT_BYTES = 20 * 1024 * 1024
 MAX_STUDIES = 100_000
 REFUSING_STEP = "consent"
+LOOK_SLACK_S = 10.0          # a look also asks for what changed this long before the last one
 
 
 def _now() -> str:
@@ -241,6 +242,11 @@ class Run:
     on_change: Callable[[dict], None] | None = None
     started: float = field(default_factory=time.monotonic)
     finished_now: int = 0
+    # what the last looks saw, so that each look asks only for what changed since (see follow)
+    _tasks: dict = field(default_factory=dict, repr=False)      # Task id → the start Task
+    _items: dict = field(default_factory=dict, repr=False)      # business key → {work item id: item}
+    _answers: dict = field(default_factory=dict, repr=False)    # business key → the result message
+    _looked: float | None = field(default=None, repr=False)    # the server's clock at the last look
 
     def run(self, sleep: Callable[[float], None] = time.sleep) -> dict:
         from omi_dsf.dsf.errors import DsfAuthError, DsfError
@@ -323,21 +329,45 @@ class Run:
             except (ValueError, UserError) as exc:
                 self.record.update(uid, status="failed", step="submit", error=str(exc))
                 continue
+            self._tasks[task["id"]] = task
             self.record.update(uid, status="submitted", task=task["id"], business_key=key or "")
 
     # -- following --------------------------------------------------------------------------
     def follow(self) -> None:
-        from omi_dsf.client.requests import progress_of_tasks
+        """Where the in-flight studies are. The first look reads their Tasks and every work item
+        since the oldest was authored; later looks ask only for the start Tasks, work items and result
+        messages that changed since the last look (less a slack for clocks and commits), so that
+        following a cohort costs the DSF about the same per look however many studies it holds."""
+        from omi_dsf.client.progress import derive
+        from omi_dsf.client.requests import business_key, result_messages, since_of, start_profile, topic_of, \
+            work_items
 
         rows = self.record.with_status("submitted", "running")
         if not rows:
             return
-        tasks = {r["study_uid"]: self.client.read("Task", r["task"]) for r in rows}
-        progress = progress_of_tasks(self.client, list(tasks.values()))
+        now = self.client.server_now()
+        ids = {r["task"] for r in rows}
+        for tid in sorted(ids - set(self._tasks)):          # adopted or resumed: not seen yet
+            self._tasks[tid] = self.client.read("Task", tid)
+        if self._looked is None:
+            stamps = [since_of(self._tasks[t]) for t in ids]
+            since = min(stamps) if all(stamps) else None
+        else:
+            since = dt.datetime.fromtimestamp(self._looked - LOOK_SLACK_S, dt.timezone.utc).isoformat()
+            for task in self.client.search("Task", {"_profile": start_profile(), "_lastUpdated": f"ge{since}"}):
+                if task.get("id") in ids:
+                    self._tasks[task["id"]] = task
+        for key, found in work_items(self.client, None, since).items():
+            self._items.setdefault(key, {}).update((qr["id"], qr) for qr in found)
+        self._answers.update(result_messages(self.client, None, since))
+        self._looked = now
+        topics = topic_of()
         changed = False
         for row in rows:
             uid = row["study_uid"]
-            p = progress[tasks[uid]["id"]]
+            task = self._tasks[row["task"]]
+            key = business_key(task) or ""
+            p = derive(task, list(self._items.get(key, {}).values()), topics, self._answers.get(key))
             values = {"business_key": p.business_key or "", "step": p.current,
                       "result_location": p.outputs.get("result-location"),
                       "stored_study_uid": p.outputs.get("stored-study-instance-uid")}
@@ -355,6 +385,19 @@ class Run:
             changed = self.record.update(uid, save=False, **values) or changed
         if changed:
             self.record.save()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Keep only what the studies still in flight need (a busy site's other requests, and
+        finished ones, are dropped)."""
+        from omi_dsf.client.requests import business_key
+
+        live = {r["task"] for r in self.record.with_status("submitted", "running")}
+        self._tasks = {t: task for t, task in self._tasks.items() if t in live}
+        keys = {business_key(task) or "" for task in self._tasks.values()}
+        if "" not in keys:                                 # every one's key known: the rest is not ours
+            self._items = {k: v for k, v in self._items.items() if k in keys}
+            self._answers = {k: v for k, v in self._answers.items() if k in keys}
 
 
 def retry_failed(record: Record) -> int:
