@@ -480,6 +480,58 @@ def test_client_disconnect_releases_the_association(bed, data, retrieve):
             time.sleep(0.1)
 
 
+def test_idle_pooled_associations_count_against_the_limit(bed, data):
+    """max_associations bounds what the PACS sees, idle pooled associations included: after a burst
+    of searches leaves associations in the pool, a retrieval closes an idle one to get its slot."""
+    pacs = bed["pacs"]
+
+    def open_to_pacs() -> int:
+        """TCP connections to the PACS port that are established on the client side (a released
+        association's dcmqrscp child may take a moment longer to exit than its connection)."""
+        n = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as fh:
+                for line in fh.readlines()[1:]:
+                    cols = line.split()
+                    if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == pacs.port:
+                        n += 1
+        return n
+
+    with _gateway_for(bed, max_associations=2, pool_size=4, retrieve="get") as server:
+        baseline = open_to_pacs()
+        peak, done = [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], open_to_pacs() - baseline)
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            def search(_):
+                return httpx.get(f"{server.url}/studies", params={"PatientID": "*"}, timeout=60).status_code
+
+            threads = [threading.Thread(target=lambda: codes.append(search(0))) for _ in range(6)]
+            codes: list[int] = []
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert codes == [200] * 6
+            # (while requests wait for a slot, idle associations close; one search alone leaves one)
+            assert httpx.get(f"{server.url}/studies", params={"PatientID": "BIGSTUDY01"}, timeout=60).status_code == 200
+            time.sleep(0.2)
+            assert open_to_pacs() - baseline >= 1       # the pool kept one open
+            started = time.monotonic()
+            r = httpx.get(f"{server.url}/studies/{data['big_study']}", timeout=60)
+            assert r.status_code == 200 and time.monotonic() - started < 20
+        finally:
+            done.set()
+            watcher.join()
+        assert peak[0] <= 2, f"the PACS saw {peak[0]} associations at once (limit 2)"
+
+
 # -- differential: the gateway over dcmqrscp vs Orthanc's own DICOMweb ------------------------------
 
 def _summary(items: list[dict], key: str, tags: list[str]) -> dict:

@@ -63,6 +63,51 @@ def test_slots_are_counted_across_processes_and_freed_when_a_holder_is_killed(tm
             p.wait(5)
 
 
+IDLE_HOLDER = """
+import sys, time
+from pathlib import Path
+from omi_dsf.dicomweb.slots import Slots
+slots = Slots(int(sys.argv[2]), Path(sys.argv[1]))
+idle = [slots.take() for _ in range(slots.limit)]
+def give_one():
+    if idle:
+        slots.give(idle.pop())
+        print("gave", flush=True)
+slots.on_busy(give_one)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_idle_slots_of_another_process_are_given_back_when_someone_waits(tmp_path):
+    """A worker whose pool holds every slot idle gives them back when another worker waits (the
+    pressure file it watches); one that holds its slots for work does not (the first test)."""
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_HOLDER, str(tmp_path), "2"], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        slots = Slots(2, tmp_path)
+        assert slots.take(relieve=False) is None          # not asked: the idle holder keeps them
+        started = time.monotonic()
+        slot = slots.take(timeout=5)
+        assert slot is not None and time.monotonic() - started < 2
+        assert proc.stdout.readline().strip() == "gave"
+        slots.give(slot)
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_idle_slots_in_the_same_process_are_given_back_at_once():
+    slots = Slots(1)
+    idle = [slots.take()]
+    slots.on_busy(lambda: idle and slots.give(idle.pop()))
+    assert slots.take(relieve=False) is None
+    slot = slots.take(timeout=2)
+    assert slot is not None and idle == []
+    slots.give(slot)
+
+
 def test_slots_within_one_process_never_exceed_the_limit(tmp_path):
     for folder in (None, tmp_path):
         slots, inside, most, lock = Slots(3, folder), [0], [0], threading.Lock()

@@ -72,8 +72,8 @@ class DimseBackendConfig(Section):
     acse_timeout: float = Field(10.0, ge=0, description="seconds for association negotiation")
     dimse_timeout: float = Field(30.0, ge=0, description="seconds for a DIMSE response")
     network_timeout: float = Field(60.0, ge=0, description="seconds of network silence before giving up")
-    pool_size: int = Field(4, ge=1, description="idle associations kept per kind")
-    max_associations: int = Field(16, ge=1, description="at most this many operations at once on this PACS")
+    pool_size: int = Field(4, ge=1, description="idle associations kept per kind (C-FIND, C-MOVE), within max_associations")
+    max_associations: int = Field(16, ge=1, description="at most this many associations open to this PACS at once, working or idle")
     compute_missing: bool = Field(True, description="ModalitiesInStudy / NumberOf* by lower-level C-FINDs when "
                                                     "the PACS does not answer them")
     summary_ttl: float = Field(60.0, ge=0, description="seconds the computed study/series summaries are cached")

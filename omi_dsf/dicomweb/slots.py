@@ -22,19 +22,72 @@ class SlotsBusy(TimeoutError):
     """No slot came free in time."""
 
 
+class Slot:
+    """One held slot: its locked file descriptor (None within one process)."""
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+
 class Slots:
-    """At most ``limit`` holders at once, across every process using the same ``folder``."""
+    """At most ``limit`` holders at once, across every process using the same ``folder``.
+
+    Holders that can give their slot back on demand (an association pool's idle associations)
+    register ``on_busy``: whoever waits for a slot calls them in its own process (every 50 ms while it
+    waits), and with a folder touches ``pressure`` there, which a thread in each other process
+    watches and answers by calling its callbacks; so idle associations make room for work in any
+    worker process."""
 
     def __init__(self, limit: int, folder: Path | None = None, name: str = "slots"):
         self.limit = limit
         self._local = threading.BoundedSemaphore(limit)   # this process never asks for more
         self._paths = None
+        self._pressure: Path | None = None
+        self._on_busy: list = []
+        self._watcher: threading.Thread | None = None
         if folder is not None:
             base = Path(folder) / name
             base.mkdir(parents=True, exist_ok=True)
             self._paths = [base / f"{i}.slot" for i in range(limit)]
             for p in self._paths:
                 p.touch(exist_ok=True)
+            self._pressure = base / "pressure"
+            self._pressure.touch(exist_ok=True)
+
+    def on_busy(self, callback) -> None:
+        """``callback()`` gives back slots held idle; called when some holder waits for a slot."""
+        self._on_busy.append(callback)
+        if self._pressure is not None and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="slots-pressure", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        seen = self._pressure_mark()
+        while True:
+            time.sleep(0.05)
+            mark = self._pressure_mark()
+            if mark != seen:
+                seen = mark
+                self._relieve()
+
+    def _pressure_mark(self) -> int:
+        try:
+            return os.stat(self._pressure).st_mtime_ns
+        except OSError:
+            return 0
+
+    def _relieve(self) -> None:
+        for callback in list(self._on_busy):
+            callback()
+
+    def _busy(self) -> None:
+        self._relieve()
+        if self._pressure is not None:
+            try:
+                os.utime(self._pressure)
+            except OSError:
+                pass
 
     def _grab(self) -> int | None:
         for path in self._paths:
@@ -46,27 +99,48 @@ class Slots:
                 os.close(fd)
         return None
 
+    def take(self, timeout: float = 0.0, relieve: bool = True) -> Slot | None:
+        """A slot, or None after ``timeout`` seconds (0: only if one is free now). With
+        ``relieve``, finding none first asks idle holders everywhere to give theirs back."""
+        deadline = time.monotonic() + timeout
+        if not self._local.acquire(blocking=False):
+            got = False
+            while relieve and not got and time.monotonic() < deadline:
+                self._busy()
+                got = self._local.acquire(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            if not got and not self._local.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return None
+        if self._paths is None:
+            return Slot(None)
+        pause, asked = 0.002, 0.0
+        while (fd := self._grab()) is None:
+            if relieve and time.monotonic() - asked > 0.05:   # ask again while waiting
+                self._busy()
+                asked = time.monotonic()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._local.release()
+                return None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+        return Slot(fd)
+
+    def give(self, slot: Slot) -> None:
+        if slot.fd is not None:
+            os.close(slot.fd)   # releases the lock
+            slot.fd = None
+        self._local.release()
+
     @contextmanager
     def hold(self, timeout: float) -> Iterator[None]:
         """One slot for the block; SlotsBusy after ``timeout`` seconds without one."""
-        deadline = time.monotonic() + timeout
-        if not self._local.acquire(timeout=timeout):
+        slot = self.take(timeout)
+        if slot is None:
             raise SlotsBusy(f"all {self.limit} slots busy")
-        fd = None
         try:
-            if self._paths is not None:
-                pause = 0.002
-                while (fd := self._grab()) is None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise SlotsBusy(f"all {self.limit} slots busy")
-                    time.sleep(min(pause, left))
-                    pause = min(pause * 2, 0.05)
             yield
         finally:
-            if fd is not None:
-                os.close(fd)   # releases the lock
-            self._local.release()
+            self.give(slot)
 
 
 class ChangeMark:

@@ -141,10 +141,15 @@ class DimseBackend:
         self.calling_aet = calling_aet
         self.peer = Peer(cfg.called_aet, cfg.host, cfg.port, cfg.connect_timeout, cfg.acse_timeout,
                          cfg.dimse_timeout, cfg.network_timeout, cfg.max_pdu)
+        # ``shared``: the folder of the gateway's worker processes (several workers): the slots are
+        # counted across them, and a STOW-RS through one drops the caches of all. Idle pooled
+        # associations hold slots too: at most max_associations are open to the PACS at any time.
+        self._slots = Slots(cfg.max_associations, shared and shared / "slots" / self.name)
+        self._stowed = ChangeMark(shared and shared / f"{self.name}.stow")
         self._find_pool = AssociationPool(calling_aet, self.peer, find_proposals(), "Study Root C-FIND",
-                                          size=cfg.pool_size)
+                                          size=cfg.pool_size, slots=self._slots)
         self._move_pool = AssociationPool(calling_aet, self.peer, move_proposals(), "Study Root C-MOVE",
-                                          size=cfg.pool_size)
+                                          size=cfg.pool_size, slots=self._slots)
         self._move = move
         self._summaries: dict[tuple, tuple[float, object]] = {}
         self._summary_lock = threading.Lock()
@@ -152,10 +157,6 @@ class DimseBackend:
         # study UID → (when fetched, its instance headers, their metadata as rendered per request kind)
         self._headers: OrderedDict[str, tuple[float, list[Dataset], dict]] = OrderedDict()
         self._headers_lock = threading.Lock()
-        # ``shared``: the folder of the gateway's worker processes (several workers): the slots are
-        # counted across them, and a STOW-RS through one drops the caches of all
-        self._slots = Slots(cfg.max_associations, shared and shared / "slots" / self.name)
-        self._stowed = ChangeMark(shared and shared / f"{self.name}.stow")
 
     @contextmanager
     def _slot(self):

@@ -218,16 +218,30 @@ def release(conn: Connection) -> bool:
 
 
 class AssociationPool:
-    """Up to ``size`` idle associations of one kind (the same proposals) to one PACS."""
+    """Up to ``size`` idle associations of one kind (the same proposals) to one PACS.
+
+    With ``slots`` (the PACS's association limit, dicomweb/slots.py) an idle association holds a
+    slot of its own, so idle and working associations together stay within the limit: one is kept
+    idle only if a slot is free, and every idle one is closed and gives its slot back when someone
+    waits for a slot (``drop_idle``, registered with the slots)."""
 
     def __init__(self, calling_aet: str, peer: Peer, proposals: tuple[pdu.Proposal, ...], required: str,
-                 size: int = 4, idle_seconds: float = 20.0):
+                 size: int = 4, idle_seconds: float = 20.0, slots=None):
         self.calling_aet, self.peer = calling_aet, peer
         self.proposals, self.required = proposals, required
         self._size, self._idle_seconds = size, idle_seconds
-        self._idle: list[tuple[Connection, float]] = []
+        self._idle: list[tuple[Connection, float, object]] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._slots = slots
+        if slots is not None:
+            slots.on_busy(self.drop_idle)
+
+    def _end(self, idle: list[tuple[Connection, float, object]]) -> None:
+        for conn, _, slot in idle:
+            release(conn)
+            if slot is not None:
+                self._slots.give(slot)
 
     def acquire(self) -> tuple[Connection, bool]:
         """An association and whether it was reused (a reused one may have been dropped meanwhile)."""
@@ -235,31 +249,43 @@ class AssociationPool:
         stale, found = [], None
         with self._lock:
             while self._idle:
-                conn, since = self._idle.pop()
-                if now - since < self._idle_seconds:
-                    found = conn
+                entry = self._idle.pop()
+                if now - entry[1] < self._idle_seconds:
+                    found = entry
                     break
-                stale.append(conn)
-        for conn in stale:
-            release(conn)
+                stale.append(entry)
+        self._end(stale)
         if found is not None:
-            return found, True
+            conn, _, slot = found
+            if slot is not None:
+                self._slots.give(slot)   # the caller works under a slot of its own
+            return conn, True
         return open_association(self.calling_aet, self.peer, self.proposals, required=self.required), False
 
     def release(self, conn: Connection, reusable: bool) -> None:
         if reusable and not self._closed and not conn.closed:
-            with self._lock:
-                if len(self._idle) < self._size:
-                    self._idle.append((conn, time.monotonic()))
-                    return
+            slot = self._slots.take(relieve=False) if self._slots is not None else None
+            if slot is not None or self._slots is None:
+                with self._lock:
+                    if len(self._idle) < self._size:
+                        self._idle.append((conn, time.monotonic(), slot))
+                        return
+                if slot is not None:
+                    self._slots.give(slot)
         if reusable and not conn.closed:
             release(conn)
         else:
             conn.abort()
 
+    def drop_idle(self, all_: bool = False) -> None:
+        """Close the idle association unused longest (with ``all_``: every one), giving back its slot."""
+        with self._lock:
+            if all_:
+                idle, self._idle = self._idle, []
+            else:
+                idle = [self._idle.pop(0)] if self._idle else []
+        self._end(idle)
+
     def close(self) -> None:
         self._closed = True
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            release(conn)
+        self.drop_idle(all_=True)
