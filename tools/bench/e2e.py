@@ -243,12 +243,20 @@ def measure(st, sizes: list[int], size: int, runs: int) -> dict:
     d_raw = per_size[large]["raw_transfer_s"] - per_size[small]["raw_transfer_s"]
     marginal = d_rt / d_raw if d_raw > 0 else float("inf")
     intercept = per_size[small]["without_model_s"] - d_rt * small / (large - small)
+    def at_zero(a: float, b: float) -> float:   # the line through (small, a) and (large, b) at 0 slices
+        return round(a - (b - a) * small / (large - small), 2)
+    by_step = {k: at_zero(per_size[small]["steps_s"].get(k, 0.0), per_size[large]["steps_s"].get(k, 0.0))
+               for k in per_size[small]["steps_s"]}
+    by_step["between steps"] = at_zero(per_size[small]["between_steps_s"], per_size[large]["between_steps_s"])
+    by_step["model excluded"] = -at_zero(per_size[small]["model_excluded_s"], per_size[large]["model_excluded_s"])
+    print("fixed cost by part (each at 0 slices; the model's is subtracted): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in by_step.items()))
     print(f"marginal cost ({large} - {small} slices): {d_rt:.2f} s / {d_raw:.2f} s of raw transfer = "
           f"{marginal:.2f}x (target <= 2.0)")
     print(f"fixed cost (intercept at 0 slices): {intercept:.2f} s; the DSF alone (median of 3): {floor:.2f} s "
           f"({floor_between:.2f} s between work items) -> {intercept - floor:+.2f} s (target <= +1 s)")
     return {"dsf": dsf, "sizes": {str(n): v for n, v in per_size.items()},
-            "marginal_ratio": round(marginal, 2), "intercept_s": round(intercept, 2),
+            "marginal_ratio": round(marginal, 2), "intercept_s": round(intercept, 2), "intercept_by_part_s": by_step,
             "dsf_alone_s": round(floor, 2), "dsf_alone_between_items_s": round(floor_between, 2),
             "intercept_minus_dsf_alone_s": round(intercept - floor, 2)}
 
