@@ -11,8 +11,9 @@ What grows with the study and what does not:
 
 Model time is what the AI service reports for this request (model_time_ms); the model's run in this
 process on the same volume is used only if the service reported nothing. Every figure is the median
-of --runs, the sizes interleaved (a new study per request: a repeated one would find its instances
-at the provider already and skip the STOW).
+of --runs, the sizes interleaved and each request right after its study's raw transfer (a new
+study per request: a repeated one would find its instances at the provider already and skip the
+STOW); the marginal cost of each run's pair is printed beside the one of the medians.
 
     python tools/bench/e2e.py [--dir DIR] [--slices 100 --slices 400] [--size 512] [--runs 3]
                               [--dsf-home PATH ...]
@@ -198,17 +199,17 @@ def measure(st, sizes: list[int], size: int, runs: int) -> dict:
                     demo.slices = n
                     studies[n].append(demo.add_study(seed=7000 + 10 * r + sizes.index(n)))
             mb = {n: sum(f.stat().st_size for f in studies[n][0].files) / 2**20 for n in sizes}
-            raw: dict[int, list[float]] = {n: [] for n in sizes}
-            with Dcmqrscp(Path(tmp) / "other-pacs", aet="OTHERPACS") as other:
-                for r in range(runs):          # interleaved: the machine's other jobs hit both sizes alike
-                    for n in sizes:
-                        raw[n].append(raw_transfer(demo, studies[n][r].uid, Path(tmp), other))
             floor, floor_between = dsf_floor(demo, studies[sizes[0]][0])
             demo.start_workers()
+            raw: dict[int, list[float]] = {n: [] for n in sizes}
             req: dict[int, list[dict]] = {n: [] for n in sizes}
-            for r in range(runs):
-                for n in sizes:
-                    req[n].append(one_request(demo, studies[n][r]))
+            with Dcmqrscp(Path(tmp) / "other-pacs", aet="OTHERPACS") as other:
+                # each request right after its study's raw transfer, the sizes interleaved: the
+                # machine's other jobs weigh on both of a pair alike
+                for r in range(runs):
+                    for n in sizes:
+                        raw[n].append(raw_transfer(demo, studies[n][r].uid, Path(tmp), other))
+                        req[n].append(one_request(demo, studies[n][r]))
         finally:
             demo.stop()
     dsf = ", ".join(sorted({s.dsf_version for s in st.sites}))
@@ -251,12 +252,16 @@ def measure(st, sizes: list[int], size: int, runs: int) -> dict:
     by_step["model excluded"] = -at_zero(per_size[small]["model_excluded_s"], per_size[large]["model_excluded_s"])
     print("fixed cost by part (each at 0 slices; the model's is subtracted): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in by_step.items()))
+    pairs = [(req[large][r]["without_model_s"] - req[small][r]["without_model_s"]) / (raw[large][r] - raw[small][r])
+             for r in range(runs) if raw[large][r] > raw[small][r]]
+    print(f"marginal cost of each run's pair: {', '.join(f'{x:.2f}' for x in pairs)}")
     print(f"marginal cost ({large} - {small} slices): {d_rt:.2f} s / {d_raw:.2f} s of raw transfer = "
           f"{marginal:.2f}x (target <= 2.0)")
     print(f"fixed cost (intercept at 0 slices): {intercept:.2f} s; the DSF alone (median of 3): {floor:.2f} s "
           f"({floor_between:.2f} s between work items) -> {intercept - floor:+.2f} s (target <= +1 s)")
     return {"dsf": dsf, "sizes": {str(n): v for n, v in per_size.items()},
-            "marginal_ratio": round(marginal, 2), "intercept_s": round(intercept, 2), "intercept_by_part_s": by_step,
+            "marginal_ratio": round(marginal, 2), "marginal_ratio_by_run": [round(x, 2) for x in pairs],
+            "intercept_s": round(intercept, 2), "intercept_by_part_s": by_step,
             "dsf_alone_s": round(floor, 2), "dsf_alone_between_items_s": round(floor_between, 2),
             "intercept_minus_dsf_alone_s": round(intercept - floor, 2)}
 
