@@ -2,8 +2,7 @@
 through the one DICOMweb client (omi_dsf.dicomweb_client).
 
 WADO-RS: the multipart answer is parsed part by part as it streams in (the gateway's own
-incremental reader), by a thread a few instances ahead of the decoding, so decoding overlaps the
-gateway's sending and the reading instead of following them. Instances are asked for with transfer-syntax=* (as
+incremental reader), so decoding overlaps the gateway's sending instead of following it. Instances are asked for with transfer-syntax=* (as
 stored): a gateway then need not parse each instance to see whether it must convert it, and the
 volume check decides what it can decode.
 STOW-RS: instances go as the Part 10 bytes they already are (a prepared SEG is never re-encoded).
@@ -11,7 +10,6 @@ STOW-RS: instances go as the Part 10 bytes they already are (a prepared SEG is n
 
 from __future__ import annotations
 
-from contextlib import closing
 from io import BytesIO
 
 from pydicom import dcmread
@@ -24,15 +22,10 @@ class MultipartError(ValueError):
     """The answer is not the multipart/related body it claims to be (or was cut off): retried."""
 
 
-READ_AHEAD = 8   # instances read (by a thread) ahead of their decoding
-
-
 def retrieve_series(dicomweb: DicomwebClient, study_uid: str, series_uid: str) -> list[Dataset]:
-    """All instances of a series, as stored at the gateway; each decoded while the next ones are
-    read."""
+    """All instances of a series, as stored at the gateway."""
     try:
-        with closing(dicomweb.iter_series(study_uid, series_uid, "*", ahead=READ_AHEAD)) as bodies:
-            return [dcmread(BytesIO(body)) for body in bodies]
+        return [dcmread(BytesIO(body)) for body in dicomweb.iter_series(study_uid, series_uid, "*")]
     except BadAnswer as exc:   # truncated or malformed: the runtime retries
         raise MultipartError(str(exc)) from None
 
