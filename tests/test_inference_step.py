@@ -195,3 +195,45 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
         with pytest.raises(StepError, match=f"more than the model's limit of {MAX_SLICES}"):
             step.infer({"pseudonymized-study-instance-uid": str(pydicom.dcmread(big[0]).StudyInstanceUID)},
                        _ctx(gw.url, ai_url))
+
+
+def test_busy_service_is_waited_for_not_a_failure(gateway, caplog):
+    """The AI service takes one request at a time (limits.max_concurrent_infer 1) and the model is
+    slow: three studies at once all complete, the later ones after waiting for room."""
+    from omi_dsf.inference.config import ServiceConfig
+
+    class Slow(LungSegModel):
+        def infer(self, inputs):
+            time.sleep(1.5)
+            return super().infer(inputs)
+
+    cfg = ServiceConfig.model_validate({"auth": {"anonymous": True}, "limits": {"max_concurrent_infer": 1}})
+    server = uvicorn.Server(uvicorn.Config(create_app([Slow(max_slices=MAX_SLICES)], cfg), host="127.0.0.1",
+                                           port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    orthanc, uids = gateway
+    caplog.set_level(logging.INFO)
+    out: list = []
+
+    def one() -> None:
+        try:
+            out.append(step.infer({"pseudonymized-study-instance-uid": uids["good"], "ai-service-identifier": "lung-seg"},
+                                  _ctx(orthanc.dicomweb_url, f"http://127.0.0.1:{server.config.port}")))
+        except Exception as exc:   # noqa: BLE001 - reported below
+            out.append(exc)
+
+    try:
+        runs = [threading.Thread(target=one) for _ in range(3)]
+        for r in runs:
+            r.start()
+        for r in runs:
+            r.join(120)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert [o["status"] if isinstance(o, dict) else repr(o) for o in out] == ["completed"] * 3
+    assert "the AI service is busy; asking again" in caplog.text

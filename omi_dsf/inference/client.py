@@ -38,6 +38,15 @@ class ModelNotReady(OipError, RetryableError):
     """The model is unknown to the server or not ready to infer."""
 
 
+class ServiceBusy(ModelNotReady):
+    """The server has no room for another request now (HTTP 503 or 429 with Retry-After, gRPC
+    RESOURCE_EXHAUSTED): ask again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class TensorMismatch(OipError):
     """An input does not fit the model's declared inputs (name, datatype, shape)."""
 
@@ -307,7 +316,9 @@ class OipClient:
         code = error.code() if callable(getattr(error, "code", None)) else None
         status = getattr(code, "name", "") or ""
         text = str((error.details() if callable(getattr(error, "details", None)) else None) or error)[:300]
-        if status in ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED", "CANCELLED"):
+        if status == "RESOURCE_EXHAUSTED":
+            raise ServiceBusy(f"{self.grpc_url}: {status}: {text}")
+        if status in ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED"):
             raise ServiceUnavailable(f"{self.grpc_url}: {status}: {text}")
         if status == "DEADLINE_EXCEEDED":
             raise InferenceTimeout(f"{self.grpc_url}: no answer within {self.timeout:g} s")
@@ -340,6 +351,9 @@ class OipClient:
 
     def _raise(self, response: httpx.Response, model: str) -> None:
         text = _error_text(response)
+        retry_after = response.headers.get("Retry-After", "")
+        if response.status_code in (429, 503) and retry_after.strip().isdigit():
+            raise ServiceBusy(f"model '{model}' is busy: {text}", float(retry_after))
         if response.status_code == 503 or "not ready" in text.lower():
             raise ModelNotReady(f"model '{model}' is not ready: {text}")
         if response.status_code == 404:

@@ -22,8 +22,10 @@ the Device (`omi_dsf/registry/device.py`). Tensors travel as raw bytes over gRPC
 given, else binary where the server's HTTP has the extension (`OipClient.binary_tensors`), else JSON.
 
 Failures the requester must fix (wrong modality, gaps between slices, too many slices, an
-unknown service) raise `StepError`; an unreachable, busy or slow service or gateway raises
-other exceptions, which the worker runtime retries. Result UIDs are deterministic, so a
+unknown service) raise `StepError`; an unreachable or slow service or gateway raises
+other exceptions, which the worker runtime retries. A service that says it is busy (its limit on
+requests at once, with Retry-After) is asked again after that wait, for up to ai_timeout_s, before
+the runtime's retries: with a cohort in flight, studies queue at the provider instead of failing. Result UIDs are deterministic, so a
 retry after a crash stores the same objects again rather than new ones.
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from omi_dsf.registry import device
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, text_input
 from omi_dsf.steps.settings import StepSettings
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
+BUSY_WAIT_MAX_S = 5.0      # the longest wait between asks of a busy AI service (its Retry-After, capped)
 
 # highdicom logs study/series/SOP instance UIDs at INFO; UIDs count as identifying.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -221,11 +225,23 @@ def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: Dicomweb
                                                   volume.datasets, algorithm, uids))
         try:
             oip_times: dict[str, float] = {}
-            try:
-                answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
-                                  request_id=ctx.business_key, timings=oip_times, on_sent=prepare)
-            except (oip.TensorMismatch, oip.InferenceRejected) as exc:
-                raise StepError(str(exc)) from None
+            busy_until = time.monotonic() + timeout
+            while True:
+                try:
+                    answer = ai.infer(model, {"HU": volume.hu, "SPACING_MM": np.array(volume.spacing_mm, np.float32)},
+                                      request_id=ctx.business_key, timings=oip_times, on_sent=prepare)
+                    break
+                except (oip.TensorMismatch, oip.InferenceRejected) as exc:
+                    raise StepError(str(exc)) from None
+                except oip.ServiceBusy as exc:
+                    # the service's own limit on requests at once: wait for room (up to ai_timeout_s),
+                    # as the answer asks, rather than fail the study; then the runtime's retries
+                    wait = min(max(exc.retry_after, 0.5), BUSY_WAIT_MAX_S)
+                    if time.monotonic() + wait > busy_until:
+                        raise
+                    ctx.log.info("infer %s: the AI service is busy; asking again in %.1f s", ctx.business_key, wait)
+                    t.seconds["busy_wait"] = t.seconds.get("busy_wait", 0.0) + wait
+                    time.sleep(wait)
             # ModelNotReady, InferenceTimeout, ServiceUnavailable: transient, the runtime retries
             for name, seconds in oip_times.items():
                 t.seconds[f"oip_{name}"] = seconds
