@@ -185,3 +185,21 @@ def test_grpc_port_that_does_not_answer_is_unavailable():
         with pytest.raises(ServiceUnavailable, match="UNAVAILABLE"):
             ai.infer("lung-seg", {"HU": np.zeros((3, 4, 4), np.int16)}, outputs=["LUNG_LABELS"], check=False,
                      packed=False)
+
+
+def test_grpcs_uses_the_peers_ca_and_fails_as_unavailable_without_a_server(tmp_path):
+    """grpcs:// reads the Peer's CA (and client certificate) for the channel; nothing listening is
+    ServiceUnavailable, retried by the worker like any unreachable service."""
+    import numpy as np
+
+    from helpers_pki import make_ca, write_ca
+    from omi_dsf.inference.client import OipClient, ServiceUnavailable
+    from omi_dsf.peer import Peer
+    from omi_dsf.testkit.procs import free_port
+
+    ca = write_ca(tmp_path / "ca.pem", make_ca("grpc test CA")[1])
+    with OipClient(Peer(url="https://127.0.0.1:9", ca_file=ca, timeout=5),
+                   grpc_url=f"grpcs://127.0.0.1:{free_port()}") as ai:
+        with pytest.raises(ServiceUnavailable, match="UNAVAILABLE"):
+            ai.infer("lung-seg", {"HU": np.zeros((3, 4, 4), np.int16)}, outputs=["LUNG_LABELS"], check=False,
+                     packed=False)
