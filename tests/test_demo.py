@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from omi_dsf import demo as demo_module
 from omi_dsf.demo import Demo
+from omi_dsf.testbed.certs import TestCA
 
 pytestmark = pytest.mark.integration   # starts a real dcmqrscp and a gateway process
 
@@ -22,7 +25,9 @@ def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path, monkeypatch
             return started[-1]
 
     monkeypatch.setattr(demo_module, "GatewayProcess", SecondGatewayFails)
-    d = Demo(state=None, folder=tmp_path / "demo")
+    bed_ca = TestCA(tmp_path / "bed-pki")        # the test bed's CA is all the start reads of the bed
+    bed_ca.ensure()
+    d = Demo(state=SimpleNamespace(ca_cert=str(bed_ca.cert_path)), folder=tmp_path / "demo")
     with pytest.raises(RuntimeError, match="provider's gateway"):
         d.start()
     assert started, "the requester's gateway was started first"
