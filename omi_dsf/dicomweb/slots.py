@@ -101,29 +101,25 @@ class Slots:
 
     def take(self, timeout: float = 0.0, relieve: bool = True) -> Slot | None:
         """A slot, or None after ``timeout`` seconds (0: only if one is free now). With
-        ``relieve``, finding none first asks idle holders everywhere to give theirs back."""
+        ``relieve``, while it waits it asks idle holders everywhere to give theirs back (every 50 ms)."""
         deadline = time.monotonic() + timeout
-        if not self._local.acquire(blocking=False):
-            got = False
-            while relieve and not got and time.monotonic() < deadline:
-                self._busy()
-                got = self._local.acquire(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
-            if not got and not self._local.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        local, pause, asked = False, 0.002, float("-inf")
+        while True:
+            local = local or self._local.acquire(blocking=False)
+            if local:
+                fd = None if self._paths is None else self._grab()
+                if self._paths is None or fd is not None:
+                    return Slot(fd)
+            now = time.monotonic()
+            if now >= deadline:
+                if local:
+                    self._local.release()
                 return None
-        if self._paths is None:
-            return Slot(None)
-        pause, asked = 0.002, 0.0
-        while (fd := self._grab()) is None:
-            if relieve and time.monotonic() - asked > 0.05:   # ask again while waiting
+            if relieve and now - asked >= 0.05:
                 self._busy()
-                asked = time.monotonic()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._local.release()
-                return None
-            time.sleep(min(pause, left))
+                asked = now
+            time.sleep(min(pause, deadline - now))
             pause = min(pause * 2, 0.05)
-        return Slot(fd)
 
     def give(self, slot: Slot) -> None:
         if slot.fd is not None:

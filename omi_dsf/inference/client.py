@@ -8,9 +8,9 @@ Errors are `OipError` subclasses with messages fit for a Task's error output.
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import httpx

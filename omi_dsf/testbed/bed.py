@@ -568,8 +568,32 @@ class TestBed:
 
         deadline = t0 + timeout
         # the DICs' own FHIR stores start beside the DSF servers (about a minute each)
-        store_pool = ThreadPoolExecutor(max(1, len(st.sites)))
-        stores = [(site, store_pool.submit(fhir_store(site).up, timeout)) for site in st.sites if site.fhir_store_dir]
+        with_store = [site for site in st.sites if site.fhir_store_dir]
+        store_pool = ThreadPoolExecutor(max(1, len(with_store)))
+        stores = [(site, store_pool.submit(fhir_store(site).up, timeout)) for site in with_store]
+        try:
+            ad_urls = self._start_dsf_servers(st, deadline)
+        finally:
+            store_pool.shutdown(wait=False)   # on an error `down` stops the stores once they answer
+        for site, fut in stores:
+            store_state = fut.result()
+            self.out(f"{site.key + '-store':<9} {site.fhir_store_url:<34} pid {store_state.pid:<7} "
+                     f"log {Path(site.fhir_store_dir) / 'fhir-store.log'}")
+        st.up_seconds = round(time.monotonic() - t0, 1)
+        st.save()
+        if st.plugins:
+            self.out(f"plugins: {', '.join(Path(p).name for p in st.plugins)}; active "
+                     f"ActivityDefinitions on every FHIR server: {', '.join(ad_urls) or '-'}")
+        else:
+            self.out("no plugin jar found in dist/ (run `python -m omi_dsf build`); BPEs run "
+                     "with an empty process folder")
+        self.out(f"test bed up in {st.up_seconds:.0f} s ({len(st.sites)} sites, state "
+                 f"{self.dir / 'state.json'})")
+        return 0
+
+    def _start_dsf_servers(self, st: State, deadline: float) -> list[str]:
+        """Start the FHIR servers, wait for them, then the BPEs until the plugin's
+        ActivityDefinitions are active; the ActivityDefinition URLs waited for."""
         fhir = [s for s in st.servers if s.kind == "fhir"]
         bpe = [s for s in st.servers if s.kind == "bpe"]
         ad_urls = (jar_activity_definition_urls(st.plugins) or activity_definition_urls()) if st.plugins else []
@@ -586,22 +610,7 @@ class TestBed:
                     f.result()
             for srv in group:
                 self.out(f"{srv.name:<9} {srv.url:<34} pid {srv.pid:<7} log {srv.log_file}")
-        for site, fut in stores:
-            store_state = fut.result()
-            self.out(f"{site.key + '-store':<9} {site.fhir_store_url:<34} pid {store_state.pid:<7} "
-                     f"log {Path(site.fhir_store_dir) / 'fhir-store.log'}")
-        store_pool.shutdown()
-        st.up_seconds = round(time.monotonic() - t0, 1)
-        st.save()
-        if st.plugins:
-            self.out(f"plugins: {', '.join(Path(p).name for p in st.plugins)}; active "
-                     f"ActivityDefinitions on every FHIR server: {', '.join(ad_urls) or '-'}")
-        else:
-            self.out("no plugin jar found in dist/ (run `python -m omi_dsf build`); BPEs run "
-                     "with an empty process folder")
-        self.out(f"test bed up in {st.up_seconds:.0f} s ({len(st.sites)} sites, state "
-                 f"{self.dir / 'state.json'})")
-        return 0
+        return ad_urls
 
     # ---------------------------------------------------------------- stopping, status
     def down(self, purge: bool = False, grace: float = 30) -> int:

@@ -222,8 +222,8 @@ class AssociationPool:
 
     With ``slots`` (the PACS's association limit, dicomweb/slots.py) an idle association holds a
     slot of its own, so idle and working associations together stay within the limit: one is kept
-    idle only if a slot is free, and every idle one is closed and gives its slot back when someone
-    waits for a slot (``drop_idle``, registered with the slots)."""
+    idle only if a slot is free, and while someone waits for a slot the idle ones are closed one at
+    a time, each giving its slot back (``drop_idle``, registered with the slots)."""
 
     def __init__(self, calling_aet: str, peer: Peer, proposals: tuple[pdu.Proposal, ...], required: str,
                  size: int = 4, idle_seconds: float = 20.0, slots=None):
