@@ -3,10 +3,23 @@ services that cannot run here: gPAS, gICS, a TTP-FHIR gateway)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """A stand-in's request handler: `_send` answers with a body (a JSON-able object or bytes)."""
+
+    def _send(self, status: int, body, content_type: str = "application/fhir+json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 @contextmanager

@@ -11,10 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from http.server import BaseHTTPRequestHandler
 
 import pytest
-from helpers_http import serve
+from helpers_http import StandIn, serve
 
 from omi_dsf.consent.gics import GicsChecker
 from omi_dsf.consent.mii import evaluate, evaluate_all
@@ -170,7 +169,7 @@ def test_consent_step_from_folder(tmp_path):
 
 
 # -- stand-in servers (helpers_http.serve) ---------------------------------------------------
-class GicsStandIn(BaseHTTPRequestHandler):
+class GicsStandIn(StandIn):
     """Stand-in for the TTP-FHIR gateway's gICS $isConsented (not gICS itself)."""
 
     consented: dict = {}     # (patient, policy code) -> bool
@@ -193,14 +192,6 @@ class GicsStandIn(BaseHTTPRequestHandler):
         key = (p["personIdentifier"]["valueIdentifier"]["value"], p["policy"]["valueCoding"]["code"])
         return self._send(200, {"resourceType": "Parameters",
                                 "parameter": [{"name": "consented", "valueBoolean": self.consented.get(key, False)}]})
-
-    def _send(self, status, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 def test_gics_is_consented_against_stand_in():

@@ -11,10 +11,9 @@ wire format and error handling, not gPAS itself.
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
 
 import pytest
-from helpers_http import serve
+from helpers_http import StandIn, serve
 from lxml import etree
 
 from omi_dsf.deid.keys import KeyError_, load_key
@@ -113,7 +112,7 @@ WSDL = """<?xml version="1.0" encoding="UTF-8"?>
 SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 
 
-class GpasStandIn(BaseHTTPRequestHandler):
+class GpasStandIn(StandIn):
     """Stand-in for gPAS's PSNManagerBeanService (not gPAS): one domain "omi", counter pseudonyms."""
 
     domains = {"omi": {}}
@@ -163,13 +162,6 @@ class GpasStandIn(BaseHTTPRequestHandler):
                f"<faultstring>{text}</faultstring>{det}</S:Fault></S:Body></S:Envelope>")
         self._send(500, xml.encode(), "text/xml; charset=utf-8")
 
-    def _send(self, status, body, ctype):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
 
 def test_gpas_client_against_soap_stand_in():
     GpasStandIn.domains = {"omi": {}}
@@ -203,7 +195,7 @@ def test_gpas_unreachable_is_a_pseudonym_error():
         make_provider(provider({"kind": "gpas", "wsdl": f"{base}/gpas/gpasService?wsdl", "timeout": 2}), KEY, SiteStore())
 
 
-class TtpStandIn(BaseHTTPRequestHandler):
+class TtpStandIn(StandIn):
     """Stand-in for the THS TTP-FHIR gateway's gPAS operations (not the gateway itself)."""
 
     pairs: dict = {}
@@ -238,14 +230,6 @@ class TtpStandIn(BaseHTTPRequestHandler):
             return self._send(422, {"resourceType": "OperationOutcome",
                                     "issue": [{"severity": "error", "code": "processing"}]})
         return self._send(404, {})
-
-    def _send(self, status, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 def _answer(name, domain, original, psn):
