@@ -20,15 +20,12 @@ from omi_dsf.peer import Peer, PeerConfigError, PeerTlsError, PeerUnreachable
 
 ROOT = Path(__file__).resolve().parent.parent / "omi_dsf"
 ONE_PLACE = "peer.py"
-# Modules that may still build an HTTP client themselves, each with its reason. Not product code
-# talking to a peer: the harness's launchers wait for their own child process on loopback, the
-# test bed (its owner's) talks to the DSF servers it starts.
-NOT_PEERS = {
-    "testbed/bed.py": "the test bed's own DSF servers",
-    "testkit/gateway.py": "waits for the gateway process it started",
-    "testkit/legacy_pacs.py": "Orthanc's REST API on loopback, started by it (urllib)",
-}
+# Modules that may still build an HTTP client themselves, each with its reason: none (the test bed,
+# the FHIR store's launcher and the harness's launchers use peer.http_client / Peer.client too).
+NOT_PEERS: dict[str, str] = {}
 CLIENT_CLASSES = {"Client", "AsyncClient"}
+# httpx's module-level calls, each of which opens a client of its own
+CLIENT_FUNCTIONS = {"get", "post", "put", "patch", "delete", "head", "options", "request", "stream"}
 OTHER_HTTP_LIBRARIES = {"requests", "urllib.request", "urllib3", "aiohttp", "http.client", "dicomweb_client"}
 
 
@@ -43,13 +40,14 @@ def _http_uses(path: Path) -> list[str]:
                       if a.name in OTHER_HTTP_LIBRARIES or a.name.split(".")[0] in {"requests", "dicomweb_client"}]
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "httpx":
-                from_httpx |= {a.asname or a.name for a in node.names if a.name in CLIENT_CLASSES}
+                from_httpx |= {a.asname or a.name for a in node.names if a.name in CLIENT_CLASSES | CLIENT_FUNCTIONS}
             elif node.module in OTHER_HTTP_LIBRARIES or node.module.split(".")[0] in {"requests", "dicomweb_client"}:
                 found.append(f"from {node.module} import …")
         elif isinstance(node, ast.Call):
             f = node.func
-            if (isinstance(f, ast.Attribute) and f.attr in CLIENT_CLASSES and isinstance(f.value, ast.Name)
-                    and f.value.id == "httpx") or (isinstance(f, ast.Name) and f.id in from_httpx):
+            if (isinstance(f, ast.Attribute) and f.attr in CLIENT_CLASSES | CLIENT_FUNCTIONS
+                    and isinstance(f.value, ast.Name) and f.value.id == "httpx") \
+                    or (isinstance(f, ast.Name) and f.id in from_httpx):
                 found.append(f"httpx.{getattr(f, 'attr', getattr(f, 'id', '?'))}(…) at line {node.lineno}")
     return found
 
@@ -74,9 +72,10 @@ def test_one_module_opens_http_clients_to_peers():
 def test_the_rule_sees_each_way_of_building_a_client(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("import httpx\nimport requests\nfrom httpx import Client as C\nimport urllib.request\n"
-                      "a = httpx.Client()\nb = C()\nc = httpx.AsyncClient()\nfrom dicomweb_client.api import X\n")
+                      "a = httpx.Client()\nb = C()\nc = httpx.AsyncClient()\nfrom dicomweb_client.api import X\n"
+                      "d = httpx.get('http://x')\n")
     uses = _http_uses(sample)
-    assert sum(u.startswith("httpx.") for u in uses) == 3
+    assert sum(u.startswith("httpx.") for u in uses) == 4
     assert {"import requests", "import urllib.request", "from dicomweb_client.api import …"} <= set(uses)
 
 

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import ssl
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -172,19 +171,12 @@ class FhirStore:
             fcntl.flock(fh, fcntl.LOCK_EX)
             yield
 
-    def _verify(self, st: State) -> ssl.SSLContext | bool:
-        if not st.tls:
-            return True
-        return ssl.create_default_context(cafile=st.ca_file)
-
     def client(self, timeout: float = 30) -> httpx.Client:
         """An httpx client for the running store's FHIR base."""
         st = self.state()
         if st is None:
             raise UserError(f"no FHIR store in {self.dir} (run: python -m omi_dsf fhir-store up --dir {self.dir})")
-        peer = Peer(url=st.base_url, ca_file=st.ca_file if st.tls else None, timeout=timeout,
-                    where="fhir-store")
-        return peer.client(headers={"Accept": "application/fhir+json"})
+        return _client(st, timeout)
 
     # ------------------------------------------------------------------ up
     def up(self, timeout: float = 300) -> State:
@@ -246,7 +238,6 @@ class FhirStore:
         t0 = time.monotonic()
         deadline = t0 + timeout
         last = ""
-        verify = self._verify(st)
         while time.monotonic() < deadline:
             proc = getattr(self, "_proc", None)
             # our own child: its exit status decides (a read of /proc/PID/cmdline while the Java
@@ -259,7 +250,8 @@ class FhirStore:
                 raise UserError(f"the FHIR store exited during start-up ({how or 'pid ' + str(st.pid) + ' gone'}): "
                                 f"{msg} (see {self.dir / 'console.log'})")
             try:
-                r = httpx.get(f"{st.base_url}/metadata", verify=verify, timeout=10)
+                with _client(st, 10) as c:
+                    r = c.get("/metadata")
                 if r.status_code == 200:
                     st.ready_seconds = round(time.monotonic() - t0, 1)
                     st.save(self.dir)
@@ -313,3 +305,8 @@ class FhirStore:
         st.pid = None
         st.save(self.dir)
         (self.dir / "fhir-store.pid").unlink(missing_ok=True)
+
+
+def _client(st: State, timeout: float) -> httpx.Client:
+    peer = Peer(url=st.base_url, ca_file=st.ca_file if st.tls else None, timeout=timeout, where="fhir-store")
+    return peer.client(headers={"Accept": "application/fhir+json"})

@@ -43,6 +43,7 @@ import yaml
 from lxml import etree
 
 from omi_dsf.errors import UserError
+from omi_dsf.peer import http_client
 from omi_dsf.processes import pid_alive, port_free, tail  # noqa: F401 (used by tests and demo too)
 from omi_dsf.testbed import allowlist
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA, thumbprint
@@ -224,8 +225,7 @@ def client(state: State, site: str | SiteInfo, *, unlisted: bool = False,
         ctx = ssl_context(state.ca_cert, state.unlisted_client_cert, state.unlisted_client_key)
     else:
         ctx = ssl_context(state.ca_cert, s.client_cert, s.client_key, s.key_password)
-    return httpx.Client(base_url=s.fhir_url, verify=ctx, timeout=timeout,
-                        headers={"Accept": "application/fhir+json"})
+    return http_client(s.fhir_url, ctx, timeout, headers={"Accept": "application/fhir+json"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +500,8 @@ class TestBed:
                                 f"and {srv.log_file}: {tail(srv.console_file, 3)}")
             if not status_ok:
                 try:
-                    status_ok = httpx.get(srv.status_url, timeout=5).status_code == 200
+                    with http_client(timeout=5) as c:
+                        status_ok = c.get(srv.status_url).status_code == 200
                 except httpx.HTTPError:
                     pass
             if status_ok:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import httpx
 import yaml
 
+from omi_dsf.peer import Peer
 from omi_dsf.testkit import procs
 
 
@@ -35,10 +36,11 @@ class GatewayProcess(procs.ChildProcess):
             self.proc = subprocess.Popen([sys.executable, "-m", "omi_dsf", "gateway", "--config", str(self.config_file)],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout
-        with httpx.Client(verify=str(self.ca_file) if self.ca_file else True, timeout=2) as http:
+        peer = Peer(self.url, ca_file=str(self.ca_file) if self.ca_file else None, timeout=2, where="gateway")
+        with peer.client() as http:
             while True:
                 try:
-                    if http.get(self.url + "/health").status_code == 200:
+                    if http.get("/health").status_code == 200:
                         return self
                 except httpx.TransportError:
                     pass

@@ -27,10 +27,12 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterable
 
+import httpx
+
+from omi_dsf.peer import http_client
 from omi_dsf.testkit.procs import free_port
 
 log = logging.getLogger(__name__)
@@ -338,19 +340,22 @@ class Orthanc(LegacyPacs):
             wait_for_port(self.host, self.http_port, 30, self.proc)
             wait_for_port(self.host, self.port, 30, self.proc)
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{self.url}/system", timeout=2) as r:
-                        if r.status == 200:
+            with http_client(timeout=2) as http:
+                while True:
+                    try:
+                        if http.get(f"{self.url}/system").status_code == 200:
                             break
-                except OSError:
+                    except httpx.HTTPError:
+                        pass
                     if time.monotonic() > deadline:
-                        raise PacsError("Orthanc REST /system does not answer") from None
+                        raise PacsError("Orthanc REST /system does not answer")
                     time.sleep(0.1)
         except PacsError as exc:
             raise PacsError(f"Orthanc did not start: {exc}\n{self.log_tail()}") from None
         return self
 
     def instance_count(self) -> int:
-        with urllib.request.urlopen(f"{self.url}/statistics", timeout=10) as r:
-            return int(json.loads(r.read())["CountInstances"])
+        with http_client(timeout=10) as http:
+            answer = http.get(f"{self.url}/statistics")
+        answer.raise_for_status()
+        return int(answer.json()["CountInstances"])
