@@ -103,36 +103,129 @@ def test_qido_studies_agree_with_orthanc(conformance_bed, base):
         assert set(_v(item, "00080061") or []) == set(_v(ref, "00080061") or [])
 
 
-def test_qido_unsupported_parameters_are_ignored(conformance_bed):
+@pytest.mark.parametrize("base", BASES)
+def test_qido_unsupported_parameters_are_ignored(conformance_bed, base):
     """PS3.18 8.3: unsupported query parameters are ignored (Orthanc too)."""
     b = conformance_bed
     params = {"NoSuchKeyword": "x", "ReferencedSeriesSequence.SeriesInstanceUID": "1.2", "_": "1700000000"}
-    ours = b["http"].get(b["url"] + "/studies", params=params)
+    ours = b["http"].get(b["url"] + base + "/studies", params=params)
     theirs = b["http"].get(b["ref"] + "/studies", params=params)
     assert ours.status_code == 200 and theirs.status_code == 200
     assert _ids(ours.json()) == _ids(theirs.json())
     assert "NoSuchKeyword" in ours.headers["warning"]
-    bad = b["http"].get(b["url"] + "/studies", params={"StudyDate": "yesterday"})
+    bad = b["http"].get(b["url"] + base + "/studies", params={"StudyDate": "yesterday"})
     assert bad.status_code == 400 and "StudyDate" in bad.json()["error"]
 
 
-def test_qido_modality_on_studies_and_matching_options(conformance_bed):
+@pytest.mark.parametrize("base", BASES)
+def test_qido_modality_on_studies_and_matching_options(conformance_bed, base):
     b = conformance_bed
-    r = b["http"].get(b["url"] + "/studies", params={"Modality": "CT"})
+    r = b["http"].get(b["url"] + base + "/studies", params={"Modality": "CT"})
     assert r.status_code == 200 and b["http"].get(b["ref"] + "/studies", params={"Modality": "CT"}).status_code == 200
     headers = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID): pydicom.dcmread(f, stop_before_pixels=True)
                for f in b["files"]}
     ct_studies = {uid for uid, ds in headers.items() if ds.Modality == "CT"}
     assert _ids(r.json()) >= ct_studies and all("CT" in _v(i, "00080061") for i in r.json())
     # multiplevaluematching: CT or MR
-    both = b["http"].get(b["url"] + "/series", params={"Modality": "CT,MR", "multiplevaluematching": "true"}).json()
-    assert {_v(i, "00080060")[0] for i in both} == {"CT", "MR"}
+    both = b["http"].get(b["url"] + base + "/series", params={"Modality": "CT,MR", "multiplevaluematching": "true"})
+    assert {_v(i, "00080060")[0] for i in both.json()} == {"CT", "MR"} and "warning" not in both.headers
     # emptyvaluematching: the studies without an AccessionNumber match any key
     empty = {uid for uid, ds in headers.items() if not ds.get("AccessionNumber")}
     assert empty, "the data set has studies without an accession number"
-    found = b["http"].get(b["url"] + "/studies", params={"AccessionNumber": "NO-SUCH", "emptyvaluematching": "true"})
-    assert found.status_code == 200 and _ids(found.json()) == empty
-    assert b["http"].get(b["url"] + "/studies", params={"AccessionNumber": "NO-SUCH"}).json() == []
+    found = b["http"].get(b["url"] + base + "/studies",
+                          params={"AccessionNumber": "NO-SUCH", "emptyvaluematching": "true"})
+    assert found.status_code == 200 and _ids(found.json()) == empty and "warning" not in found.headers
+    assert b["http"].get(b["url"] + base + "/studies", params={"AccessionNumber": "NO-SUCH"}).json() == []
+
+
+def _heads(b: dict) -> list:
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in b["files"]]
+
+
+INSTANCE_KEYS = {"00080016": "SOPClassUID", "00280010": "Rows", "00280011": "Columns", "00280100": "BitsAllocated",
+                 "00280008": "NumberOfFrames"}
+
+
+def _same(item: dict, ds, keys: dict[str, str]) -> None:
+    """Each of ``keys`` in the answer exactly when the instance has a value, and equal to it."""
+    for tag, keyword in keys.items():
+        want = ds.get(keyword)
+        want = None if want is None or want == "" else [str(v) for v in (want if isinstance(
+            want, pydicom.multival.MultiValue) else [want])]
+        got = _v(item, tag)
+        assert (None if got is None else [str(v) for v in got]) == want, (keyword, ds.SOPInstanceUID)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_qido_instances_match_and_return_what_the_pacs_leaves_out(conformance_bed, base):
+    """``/instances?SOPClassUID=<CT>`` finds the CT instances only, and the type-R instance keys
+    (SOPClassUID, Rows, Columns, BitsAllocated, NumberOfFrames) come back with their values."""
+    b = conformance_bed
+    heads = {str(h.SOPInstanceUID): h for h in _heads(b)}
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    fields = {"includefield": ",".join(INSTANCE_KEYS), "limit": "1000"}
+    ours = b["http"].get(b["url"] + base + "/instances", params={"SOPClassUID": ct, **fields})
+    theirs = b["http"].get(b["ref"] + "/instances", params={"SOPClassUID": ct, **fields})
+    assert ours.status_code == 200 and theirs.status_code == 200
+    expected = {sop for sop, h in heads.items() if h.SOPClassUID == ct}
+    assert _ids(ours.json(), "00080018") == expected == _ids(theirs.json(), "00080018")
+    assert "warning" not in ours.headers, ours.headers["warning"]
+    every = b["http"].get(b["url"] + base + "/instances", params=fields)
+    assert every.status_code == 200 and _ids(every.json(), "00080018") == set(heads)
+    for item in every.json():
+        _same(item, heads[_v(item, "00080018")[0]], INSTANCE_KEYS)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_qido_series_and_studies_return_their_default_keys(conformance_bed, base):
+    """PS3.18 Table 10.6.3-3/-4 (default return keys): a series has SeriesDescription and the
+    performed procedure step's start; a study its SpecificCharacterSet and TimezoneOffsetFromUTC."""
+    b = conformance_bed
+    heads = _heads(b)
+    series = b["http"].get(b["url"] + base + "/series", params={"limit": "1000"})
+    assert series.status_code == 200
+    by_series = {str(h.SeriesInstanceUID): h for h in heads}
+    assert _ids(series.json(), "0020000E") == set(by_series)
+    for item in series.json():
+        _same(item, by_series[_v(item, "0020000E")[0]], {"0008103E": "SeriesDescription",
+               "00400244": "PerformedProcedureStepStartDate", "00400245": "PerformedProcedureStepStartTime"})
+    assert any(_v(i, "00400244") for i in series.json()), "the data have a performed procedure step"
+    studies = b["http"].get(b["url"] + base + "/studies")
+    theirs = {_v(i, "0020000D")[0]: i for i in b["http"].get(b["ref"] + "/studies").json()}
+    by_study = {str(h.StudyInstanceUID): h for h in heads}
+    for item in studies.json():
+        ds = by_study[_v(item, "0020000D")[0]]
+        _same(item, ds, {"00080201": "TimezoneOffsetFromUTC"})
+        assert _v(item, "00080201") == _v(theirs[_v(item, "0020000D")[0]], "00080201")
+        # the character set the values were in: the file's (store), the PACS's answer's (DIMSE;
+        # Orthanc answers in its default, ISO_IR 100, as its DICOMweb says too)
+        source = ds.get("SpecificCharacterSet") if not base else "ISO_IR 100"
+        if source:
+            assert _v(item, "00080005") == [source], ds.StudyInstanceUID
+    assert any(_v(i, "00080201") for i in studies.json()) and any(_v(i, "00080005") for i in studies.json())
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_qido_keys_matched_by_the_gateway(conformance_bed, base):
+    """A key a PACS may not match on (InstitutionName) is matched; person names are matched
+    case-sensitively, and case-insensitively with fuzzymatching (as the PS3.18 option says)."""
+    b = conformance_bed
+    heads = _heads(b)
+    get = b["http"].get
+    none = get(b["url"] + base + "/series", params={"InstitutionName": "No Such Hospital*"})
+    assert none.status_code == 200 and none.json() == [] and "warning" not in none.headers
+    assert get(b["ref"] + "/series", params={"InstitutionName": "No Such Hospital*"}).json() == []
+    some = get(b["url"] + base + "/series", params={"InstitutionName": "JFK*"})
+    assert _ids(some.json(), "0020000E") == {str(h.SeriesInstanceUID) for h in heads
+                                              if str(h.get("InstitutionName", "")).startswith("JFK")}
+    name = "lossless^j*"   # the JPEG Lossless study's patient is Lossless^Jpeg
+    study = str(pydicom.dcmread(b["lossless"][0], stop_before_pixels=True).StudyInstanceUID)
+    assert get(b["url"] + base + "/studies", params={"PatientName": name}).json() == []
+    fuzzy = get(b["url"] + base + "/studies", params={"PatientName": name, "fuzzymatching": "true"})
+    assert _ids(fuzzy.json()) == {study}   # (Orthanc 1.10's DICOMweb finds no name with a ^ and a *)
+    assert _ids(get(b["url"] + base + "/studies", params={"PatientName": "Lossless^J*"}).json()) == {study}
+    exact = get(b["url"] + base + "/studies", params={"PatientName": "LOSSLESS^JPEG", "fuzzymatching": "true"})
+    assert _ids(exact.json()) == {study}
 
 
 # -- WADO-RS ------------------------------------------------------------------------------------------

@@ -118,6 +118,15 @@ def test_search_matching_kinds(bed, data, aet):
     mr = c.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})
     assert [values(s, "0020000D")[0] for s in mr] == [data["mr_study"]]
     assert len(c.search_for_studies(fuzzymatching=True, search_filters={"PatientID": pid})) == 1
+    # emptyvaluematching (PS3.4 C.2.2.2.7): a study without the value matches too
+    held = data["files"] + (data["big"][:1] if aet is None else [data["jpeg_file"]])
+    without = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in held
+               if not pydicom.dcmread(f, stop_before_pixels=True).get("ReferringPhysicianName")}
+    assert without and data["study"] not in without
+    url = f"{bed['url']}/aets/{aet}/studies" if aet else f"{bed['url']}/studies"
+    r = httpx.get(url, params={"ReferringPhysicianName": "Nobody*", "emptyvaluematching": "true"}, timeout=60)
+    assert r.status_code == 200 and "warning" not in r.headers
+    assert {values(s, "0020000D")[0] for s in r.json()} == without
 
 
 def test_search_paging_and_includefield(bed, data):

@@ -203,9 +203,6 @@ class Gateway:
         if q.ignored:   # PS3.18 8.3: unsupported parameters are ignored; say which
             names = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in ", ".join(q.ignored[:10]))
             warnings.append(f'299 omi-gateway "Unsupported query parameters ignored: {names}"')
-        if q.empty and not getattr(backend, "empty_value_matching", False):
-            warnings.append('299 omi-gateway "The emptyvaluematching parameter is not supported. '
-                            'Empty Value Matching has not been performed."')
         if result.unmatched:   # keys the PACS ignored that the gateway could not check either
             names = ", ".join(sorted(name_of(t) for t in result.unmatched))
             warnings.append(f'299 omi-gateway "The PACS did not match on {names}; the gateway could not '

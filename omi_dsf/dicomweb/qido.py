@@ -107,6 +107,8 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
         match = q.match_at(level)
         in_time()
         asked = _case_free(match) if fuzzy and trust else match
+        if q.empty and trust:   # a PACS returns no entity whose value is empty: ask it for the values
+            asked = {t: v for t, v in asked.items() if vr_of(t) == "UI"}
         records = backend.find(level, asked, _returns(q, level), scope)
         in_time()
         records = _dedupe(records, level)

@@ -63,6 +63,7 @@ PROCESSING_FAILURE = 0x0110
 CANNOT_UNDERSTAND = 0xC000
 INSTANCE_CONFLICT = 0xA770   # STOW-RS Failure Reason: the SOP Instance UID belongs to another study/patient
 PATIENT_ID = "00100020"
+CHARSET = "00080005"   # SpecificCharacterSet
 _TMP_NAMES = itertools.count()
 
 
@@ -84,12 +85,14 @@ def split_levels(ds: Dataset) -> tuple[dict, dict, dict]:
             key = f"{tag:08X}"
             if key in levels[STUDY] or key in levels[SERIES]:
                 levels[lvl][key] = levels[STUDY].get(key) or levels[SERIES][key]
+    if CHARSET in levels[INSTANCE]:   # every level's match names the character set its source was in
+        levels[STUDY][CHARSET] = levels[SERIES][CHARSET] = levels[INSTANCE][CHARSET]
     return levels[STUDY], levels[SERIES], levels[INSTANCE]
 
 
 class StoreBackend:
-    trusts_matching = False   # we match ourselves: an absent attribute does not match
-    empty_value_matching = True   # ... unless the query asks for Empty Value Matching
+    trusts_matching = False   # we match ourselves: an absent attribute does not match (but
+                              # for Empty Value Matching)
 
     def __init__(self, cfg: StoreBackendConfig):
         self.cfg = cfg
@@ -132,7 +135,7 @@ class StoreBackend:
         # Decode only what the query returns or matches: a stored header has ~100 attributes and
         # decoding all of them for each of a study's instances dominated QIDO. includefield=all
         # (every attribute of the level asked for) still gets everything the store has.
-        keys = None if set(LEVEL_ATTRIBUTES[level]) <= returns else {f"{t:08X}" for t in returns | set(match) | {STUDY_UID, SERIES_UID, SOP_UID}}
+        keys = None if set(LEVEL_ATTRIBUTES[level]) <= returns else {f"{t:08X}" for t in returns | set(match) | {STUDY_UID, SERIES_UID, SOP_UID}} | {CHARSET}
 
         def load(text: str) -> Dataset:
             obj = json.loads(text)
