@@ -32,9 +32,13 @@ DOMAIN = {"deid", "consent", "inference", "dicomweb", "dsf", "registry", "audit"
 NOT_FROM_DOMAIN = {"worker", "steps", "cli", "demo", "testbed", "testkit"}
 
 # The test and demo harness (phantoms, synthetic identities, PACS / gateway / AI service launchers,
-# test bed site files) and who may use it: itself and the demo command (besides tests/ and tools/,
-# which are not read here). Every other module of omi_dsf is product and never imports it, neither
-# by an import statement nor by name (importlib, a handler reference "module:function").
+# test bed site files) and who may use it: itself and the demo command, omi_dsf/demo.py (besides
+# tests/ and tools/, which are not read here). The demo command is the harness's user, not a
+# product module: nothing but the command line's table of commands (a name, loaded when `omi demo`
+# runs) reaches it. Every other module of omi_dsf is product and never imports the harness, neither
+# by an import statement, nor through a module that does (omi_dsf.demo), nor by name (importlib, a
+# handler reference "module:function"). omi_dsf/steps/demo.py, the no-op handler of `worker --demo`,
+# is product and uses no harness.
 HARNESS = "testkit"
 HARNESS_USERS = {"testkit", "demo"}
 _HARNESS_NAME = re.compile(rf"omi_dsf\.{HARNESS}(\.\w+)*(:\w+)?")
@@ -122,12 +126,27 @@ def test_domain_packages_import_no_runtime_steps_cli_or_harness():
 
 
 def harness_uses(imports: dict[str, set[str]], named: dict[str, set[str]]) -> list[str]:
-    """Product modules (every package but HARNESS_USERS) that import the harness or name it."""
+    """Product modules (every package but HARNESS_USERS) that import the harness or name it, directly
+    or through a module that does (importing omi_dsf.demo, the harness's user, counts too)."""
+    reaches: dict[str, bool] = {}
+
+    def uses_harness(module: str, seen: frozenset = frozenset()) -> bool:
+        if _package(module) == HARNESS:
+            return True
+        if module not in reaches:
+            reaches[module] = module not in seen and any(
+                uses_harness(t, seen | {module}) for t in imports.get(module, ()))
+        return reaches[module]
+
     bad = []
     for module in sorted(set(imports) | set(named)):
         if _package(module) in HARNESS_USERS:
             continue
-        bad += [f"{module} imports {t}" for t in sorted(imports.get(module, ())) if _package(t) == HARNESS]
+        for t in sorted(imports.get(module, ())):
+            if _package(t) == HARNESS:
+                bad.append(f"{module} imports {t}")
+            elif uses_harness(t):
+                bad.append(f"{module} imports {t}, which uses the harness")
         bad += [f"{module} names {t!r}" for t in sorted(named.get(module, ()))]
     return bad
 
@@ -149,8 +168,10 @@ def test_the_harness_rule_catches_an_import_and_a_name(tmp_path):
     named = _named_modules(tmp_path / "m.py")
     assert named == {"omi_dsf.testkit.steps:no_op"}
     imports = {"omi_dsf.deid.cli": {"omi_dsf.testkit.phantom", "omi_dsf.deid.pipeline"},
-               "omi_dsf.demo": {"omi_dsf.testkit.phantom"}, "omi_dsf.testkit.gateway": {"omi_dsf.testkit.procs"}}
+               "omi_dsf.demo": {"omi_dsf.testkit.phantom"}, "omi_dsf.testkit.gateway": {"omi_dsf.testkit.procs"},
+               "omi_dsf.client.cli": {"omi_dsf.demo", "omi_dsf.deid.pipeline"}}
     assert harness_uses(imports, {"omi_dsf.worker.config": named, "omi_dsf.demo": named}) == [
+        "omi_dsf.client.cli imports omi_dsf.demo, which uses the harness",
         "omi_dsf.deid.cli imports omi_dsf.testkit.phantom", "omi_dsf.worker.config names 'omi_dsf.testkit.steps:no_op'"]
 
 
