@@ -29,8 +29,9 @@
       client_cert: health.crt # for services that require mutual TLS (with client_key, client_key_password_file)
     limits: {max_body_mb: 1, max_query_bytes: 8192, header_timeout: 10, body_timeout: 30, max_concurrent: 32}
 
-Checked with pydantic (omi_dsf/serving/config.py): wrong types, unknown keys and missing files are
-refused at start in one line naming the key.
+Typed with pydantic (the models below, on omi_dsf.config; tls and limits are the servers' shared
+sections of omi_dsf/serving/config.py): wrong types, unknown keys and missing files are refused at
+start in one line naming the key.
 """
 
 from __future__ import annotations
