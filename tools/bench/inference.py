@@ -5,7 +5,9 @@ Set-up (not timed): a synthetic CT study (`phantom.write_ct_study`) is stored in
 (`python -m omi_dsf gateway`, `store` backend: the provider's inbox) and the lung model is started on
 each server (`omi_dsf.testkit.ai_service`, `ai-service --server reference|kserve|mlserver`). Then the
 real step handler (`omi_dsf.steps.infer`) runs on it --repeats times per server, interleaved (one run
-on each server, then the model in this process, then the next round): QIDO, WADO-RS, volume, OIP v2
+on each server, each round starting at the next server, then the model in this process, then the next
+round; --settle seconds of quiet before each run, so that one server's work after its answer does not
+fall into the next server's run): QIDO, WADO-RS, volume, OIP v2
 request, SEG, SR, STOW-RS. Tensors travel binary over HTTP to the reference service and as raw bytes
 over gRPC to KServe and MLServer (their gRPC ports are on: KServe turns binary tensors that come over
 HTTP into Python lists, MLServer's HTTP takes JSON only); to MLServer packed, one BYTES element each, as
@@ -23,7 +25,7 @@ Overhead share = (step − model) / step, the part of the step spent outside the
 on each server.
 
     flock /tmp/omi-bench.lock python tools/bench/inference.py [--slices 200] [--size 512] [--repeats 3]
-                                                              [--servers reference,kserve,mlserver]
+                                                              [--servers reference,kserve,mlserver] [--settle 2]
 
 Last line: one JSON object with the figures, the targets and "met".
 """
@@ -106,6 +108,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--servers", default="reference,kserve,mlserver")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds of quiet before each run (the previous server's work after its answer, "
+                         "its memory freed, does not fall into the next run; default 2)")
     ap.add_argument("--protocol", action="store_true", help="also OIP binary vs JSON tensors (20 slices, reference)")
     args = ap.parse_args()
     n, names = args.slices, [x for x in args.servers.split(",") if x]
@@ -142,7 +147,9 @@ def main() -> int:
         hu, model = phantom.phantom_hu(n, 7, args.size, args.size), LungSegModel()
         spacing = np.array([2.5, 0.7, 0.7], np.float32)  # write_ct_study's geometry
         for k in range(args.repeats):
-            for name in names:
+            # each round starts at the next server: no server always follows the same one
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                time.sleep(args.settle)
                 metrics = services[name].metrics_url if name in MODEL_SECONDS else None
                 before = reported_model_seconds(name, metrics) if metrics else None
                 _, timings = step.infer_timed(inputs, contexts[name])
@@ -151,6 +158,7 @@ def main() -> int:
                     run["model"] = reported_model_seconds(name, metrics) - before
                 runs[name].append(run)
                 print(f"{name} run {k + 1}: {timings.summary()}", file=sys.stderr)
+            time.sleep(args.settle)
             start = time.perf_counter()  # what the reference service times: segmentation and volumes
             labels = model.infer({"HU": hu, "SPACING_MM": spacing})["LUNG_LABELS"]
             inprocess.append(time.perf_counter() - start)
@@ -184,6 +192,7 @@ def main() -> int:
         "benchmark": "inference",
         "volume": [n, args.size, args.size],
         "repeats": args.repeats,
+        "settle_s": args.settle,
         "load": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
         "model_in_process_s": round(in_process, 2),
         "servers": per_server,
