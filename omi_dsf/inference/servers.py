@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from omi_dsf.errors import UserError
+from omi_dsf.processes import free_port
 
 SERVERS = ("reference", "kserve", "mlserver")
 MAX_GRPC_MESSAGE = 1 << 30
@@ -43,12 +43,6 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT), *filter(None, [env.get("PYTHONPATH")])])
     return env
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 KSERVE_DEFAULT_HTTP_PORT = 8080   # KServe serves TLS on 8443 instead when given this one
@@ -80,7 +74,7 @@ def mlserver_repository(folder: Path, host: str, port: int, max_slices: int, met
                         grpc_port: int | None = None) -> Path:
     """A model repository for `mlserver start`: settings.json and lung-seg/model-settings.json."""
     settings = {"host": host, "http_port": port,
-                "grpc_port": grpc_port or _free_port(host), "metrics_port": metrics_port or _free_port(host),
+                "grpc_port": grpc_port or free_port(host), "metrics_port": metrics_port or free_port(host),
                 "grpc_max_message_length": MAX_GRPC_MESSAGE,   # a 600-slice 512x512 volume is 300 MB
                 "parallel_workers": 0,       # infer in the server process: no copy of the volume to a worker
                 "metrics_dir": str(folder / ".metrics")}
