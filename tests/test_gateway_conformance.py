@@ -330,16 +330,28 @@ def test_bulk_data_of_a_study(conformance_bed, base):
     for f in b["ct"]:
         one = pydicom.dcmread(f)
         assert parts[f"{one.SOPInstanceUID}/bulk/7FE00010"] == one.PixelData
+    # an instance: its bulk values, each part named by its BulkDataURI (JPEG Lossless: decoded)
+    for f in (b["ct"][1], b["lossless"][0]):
+        one = pydicom.dcmread(f)
+        r = b["http"].get(b["url"] + base + _path(one),
+                          headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+        assert r.status_code == 200
+        (part,) = [p for p in _parts(r)[1] if p.headers["content-location"].endswith("/bulk/7FE00010")]
+        assert part.body == one.pixel_array.astype("<u2" if one.PixelRepresentation == 0 else "<i2").tobytes()
 
 
 # -- STOW-RS ------------------------------------------------------------------------------------------
 
-def test_stow_of_orthancs_metadata_and_bulk_data(conformance_bed):
+@pytest.mark.parametrize("base", BASES)
+def test_stow_of_orthancs_metadata_and_bulk_data(conformance_bed, base):
     """An instance as Orthanc's DICOMweb describes it (JSON metadata, bulk data fetched from its
-    BulkDataURIs) stored in the gateway as metadata + bulk data: the same pixels come back."""
+    BulkDataURIs) stored in the gateway as metadata + bulk data (as a new instance): the same
+    pixels come back, from the store and from the PACS the gateway stored it in."""
     b = conformance_bed
     ds = pydicom.dcmread(b["ct"][1])
     meta = b["http"].get(b["ref"] + _path(ds) + "/metadata").json()[0]
+    new_uid = pydicom.uid.generate_uid()
+    meta["00080018"]["Value"] = [new_uid]
     uri = meta["7FE00010"]["BulkDataURI"]
     pixels = b["http"].get(uri, headers={"Accept": 'multipart/related; type="application/octet-stream"'})
     assert pixels.status_code == 200
@@ -348,20 +360,32 @@ def test_stow_of_orthancs_metadata_and_bulk_data(conformance_bed):
     body = (f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode() + json.dumps([meta]).encode()
             + f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Location: {uri}\r\n\r\n".encode()
             + value + f"\r\n--{boundary}--\r\n".encode())
-    r = b["http"].post(b["url"] + "/studies", content=body, headers={
+    r = b["http"].post(b["url"] + base + "/studies", content=body, headers={
         "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'})
     assert r.status_code == 200, r.text
-    back = b["http"].get(b["url"] + _path(ds), headers={"Accept": 'multipart/related; type="application/dicom"'})
-    got = pydicom.dcmread(BytesIO(_parts(back)[1][0].body))
-    assert np.array_equal(got.pixel_array, ds.pixel_array) and got.PatientID == ds.PatientID
+    path = _path(ds).replace(ds.SOPInstanceUID, new_uid)
+    for url in [b["url"] + base] + ([b["ref"]] if base else []):
+        back = b["http"].get(url + path, headers={"Accept": 'multipart/related; type="application/dicom"'})
+        assert back.status_code == 200, url
+        got = pydicom.dcmread(BytesIO(_parts(back)[1][0].body))
+        assert np.array_equal(got.pixel_array, ds.pixel_array) and got.PatientID == ds.PatientID
+        assert got.SOPInstanceUID == new_uid
 
 
-def test_stow_of_two_studies(conformance_bed):
+@pytest.mark.parametrize("base", BASES)
+def test_stow_of_two_studies(conformance_bed, base):
+    """PS3.18 Table 10.5.3-1: the top-level Retrieve URL is there (Type 2), empty when the
+    instances belong to several studies; each stored instance has its own."""
     b = conformance_bed
     body, ctype = dicom_body([b["ct"][0].read_bytes(), b["lossless"][0].read_bytes()])
-    r = b["http"].post(b["url"] + "/studies", content=body, headers={"Content-Type": ctype})
+    r = b["http"].post(b["url"] + base + "/studies", content=body, headers={"Content-Type": ctype})
     assert r.status_code == 200 and r.json()["00081190"] == {"vr": "UR"}
-    assert len(r.json()["00081199"]["Value"]) == 2
+    refs = r.json()["00081199"]["Value"]
+    assert len(refs) == 2 and all(_v(i, "00081190")[0].startswith(b["url"] + base + "/studies/") for i in refs)
+    one, ctype = dicom_body([b["ct"][0].read_bytes()])
+    r = b["http"].post(b["url"] + base + "/studies", content=one, headers={"Content-Type": ctype})
+    ds = pydicom.dcmread(b["ct"][0], stop_before_pixels=True)
+    assert _v(r.json(), "00081190") == [f"{b['url']}{base}/studies/{ds.StudyInstanceUID}"]
 
 
 # -- a viewer's requests ------------------------------------------------------------------------------

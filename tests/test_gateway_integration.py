@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 
 from conftest import free_port
 from omi_dsf.dicomweb.config import parse_config
+from omi_dsf.dicomweb.multipart import parse_media_type, parse_multipart
 from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.testkit.legacy_pacs import Dcmqrscp, Orthanc
 from omi_dsf.testkit.phantom import write_ct_study
@@ -278,6 +279,19 @@ def test_c_get_from_a_pacs_that_prefers_jpeg(tmp_path, data):
             back = c.retrieve_study(jpeg.StudyInstanceUID)
             assert len(back) == 1 and back[0].file_meta.TransferSyntaxUID == jpeg.file_meta.TransferSyntaxUID
             assert back[0].PixelData == jpeg.PixelData
+            # a syntax this PACS cannot give: made by the gateway (uncompressed), or 406 (lossy), never 502
+            path = f"/studies/{jpeg.StudyInstanceUID}/series/{jpeg.SeriesInstanceUID}/instances/{jpeg.SOPInstanceUID}"
+            r = httpx.get(server.url + path, timeout=60, headers={
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'})
+            assert r.status_code == 200, r.text[:200]
+            ctype = parse_media_type(r.headers["content-type"])
+            native = pydicom.dcmread(BytesIO(parse_multipart(r.content, ctype.params["boundary"])[0].body))
+            assert native.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+            assert (native.pixel_array == jpeg.pixel_array).all()
+            ct = pydicom.dcmread(data["ct"][0])
+            lossy = httpx.get(f"{server.url}/studies/{ct.StudyInstanceUID}", timeout=60, headers={
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.91'})
+            assert lossy.status_code == 406
 
 
 # -- STOW-RS ------------------------------------------------------------------------------------------

@@ -95,15 +95,16 @@ def retry_proposals(family: tuple[str, ...]) -> tuple[Proposal, ...]:
 
 
 def store_proposals(items: list[tuple[str, str]]) -> tuple[Proposal, ...]:
-    """For C-STORE of (SOP class, transfer syntax) items: per SOP class, the syntaxes the items
-    have, then the uncompressed ones (the PACS chooses)."""
-    syntaxes: dict[str, list[str]] = {}
+    """For C-STORE of (SOP class, transfer syntax) items: per SOP class, one context with the
+    uncompressed syntaxes, then one for each other syntax the items have. A PACS accepts one
+    syntax per context: offered together, a PACS that prefers uncompressed data (Orthanc) took
+    Explicit VR Little Endian for a JPEG Lossless instance, which then could not be sent (0xC122)."""
+    syntaxes: dict[str, list[tuple[str, ...]]] = {}
     for sop_class, ts in items:
-        wanted = syntaxes.setdefault(sop_class, [])
-        for t in (ts, *UNCOMPRESSED):
-            if t not in wanted:
-                wanted.append(t)
-    return tuple((sc, tuple(tss)) for sc, tss in syntaxes.items())
+        wanted = syntaxes.setdefault(sop_class, [UNCOMPRESSED])
+        if ts not in UNCOMPRESSED and (ts,) not in wanted:
+            wanted.append((ts,))
+    return tuple((sc, tss) for sc, family in syntaxes.items() for tss in family)
 
 
 def storage_scp_contexts() -> dict[str, frozenset[str]]:
