@@ -114,3 +114,23 @@ def test_the_worker_pool_converts_in_order_and_survives_a_dead_worker():
         assert outcome is not None and transcode.Pool.result(outcome)[1] == ExplicitVRLittleEndian
     finally:
         pool.close()
+
+
+def test_jpeg_lossless_to_uncompressed_is_converted_in_threads(tmp_path):
+    """JPEG Lossless asked for uncompressed goes to the pool's threads (libjpeg-turbo releases the
+    interpreter lock): the same bytes as the worker processes make, and no process is started;
+    other conversions still go to the processes."""
+    from omi_dsf.testkit.conformance import jpeg_lossless
+    from omi_dsf.testkit.phantom import write_ct_study
+    files = jpeg_lossless(write_ct_study(tmp_path / "ct", slices=3, seed=4, rows=64, cols=64), tmp_path / "jl")
+    datas = [f.read_bytes() for f in files]
+    pool = transcode.Pool(2)
+    try:
+        outcomes = [transcode.Pool.result(f.result(timeout=60))
+                    for f in [pool.submit(d, [ExplicitVRLittleEndian]) for d in datas]]
+        assert pool._executor is None and pool._threads is not None
+        assert outcomes == [transcode.convert(d, [ExplicitVRLittleEndian]) for d in datas]
+        rle = transcode.Pool.result(pool.submit(datas[0], [RLELossless]).result(timeout=60))
+        assert rle[1] == RLELossless and pool._executor is not None
+    finally:
+        pool.close()

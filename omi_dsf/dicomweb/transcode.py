@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import struct
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from io import BytesIO
 
@@ -243,18 +243,38 @@ def pool_size() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _decoded_in_threads(data: bytes, wanted: list[str]) -> bool:
+    """Whether converting ``data`` is JPEG Lossless decoded by libjpeg-turbo into the spliced
+    uncompressed instance (:func:`_native_splice`): the decoder releases the interpreter lock, and
+    the rest is a header parse and a few copies, so threads convert it for less CPU than worker
+    processes, which must be sent each instance and send back twice its size."""
+    if imagecodecs is None or not wanted or wanted[0] != ExplicitVRLittleEndian:
+        return False
+    try:
+        return read_meta(data)[0].transfer_syntax in JPEG_LOSSLESS
+    except Exception:  # noqa: BLE001 - not what part10 reads: the general path decides
+        return False
+
+
 class Pool:
     """Worker processes that transcode, so that decoding runs beside the event loop and the
     retrieval thread instead of sharing one interpreter lock with them: instances of one answer
-    are converted several at a time and sent in order. Started at the first use; ``size`` 0
+    are converted several at a time and sent in order. JPEG Lossless to uncompressed goes to
+    threads instead (:func:`_decoded_in_threads`). Started at the first use; ``size`` 0 or 1
     converts in the calling thread (what a one-core machine gets)."""
 
     def __init__(self, size: int | None = None):
         self.size = pool_size() if size is None else size
         self._executor: ProcessPoolExecutor | None = None
+        self._threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def submit(self, data: bytes, wanted: list[str]) -> Future:
+        if self.size >= 2 and _decoded_in_threads(data, wanted):
+            with self._lock:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(self.size, thread_name_prefix="transcode")
+                return self._threads.submit(_convert_in_worker, data, wanted)
         if self.size < 2:
             done: Future = Future()
             try:
@@ -283,6 +303,9 @@ class Pool:
 
     def close(self) -> None:
         with self._lock:
+            if self._threads is not None:
+                self._threads.shutdown(wait=False, cancel_futures=True)
+                self._threads = None
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
