@@ -29,11 +29,14 @@ from omi_dsf.steps import infer as step
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.testkit import phantom
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not shutil.which("Orthanc") and not Path("/usr/sbin/Orthanc").exists(),
-                       reason="Orthanc not installed (tools/apt-packages.txt: orthanc, orthanc-dicomweb)"),
-]
+# the tests against Orthanc (a real PACS with DICOMweb, as a process) are integration tests; the one
+# against the project's gateway and the reference service, both in this process, is a unit test
+_NEEDS_ORTHANC = pytest.mark.skipif(not shutil.which("Orthanc") and not Path("/usr/sbin/Orthanc").exists(),
+                                    reason="Orthanc not installed (tools/apt-packages.txt: orthanc, orthanc-dicomweb)")
+
+
+def orthanc(test):
+    return pytest.mark.integration(_NEEDS_ORTHANC(test))
 
 MAX_SLICES = 10
 
@@ -87,6 +90,7 @@ def _ctx(gateway_url: str, ai_url: str, **site) -> StepContext:
                        site={"gateway_url": gateway_url, "ai_service_url": ai_url, "ai_timeout_s": 60, **site})
 
 
+@orthanc
 def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
     orthanc, uids = gateway
     caplog.set_level(logging.INFO)
@@ -130,6 +134,7 @@ def test_infer_stores_seg_and_sr_and_answers_where(gateway, ai_url, caplog):
     assert orthanc.instance_count() == before + 2
 
 
+@orthanc
 @pytest.mark.parametrize("study, message", [
     ("mr", r"study has no CT series \(modalities found: MR\); the model needs CT"),
     ("gap", r"slices are unevenly spaced: 5.00 mm between instances 3 and 5, 2.50 mm elsewhere; "
@@ -144,6 +149,7 @@ def test_bad_input_is_a_step_error_naming_the_problem(gateway, ai_url, study, me
     assert orthanc.instance_count() == before  # nothing stored
 
 
+@orthanc
 def test_unknown_study_model_or_service(gateway, ai_url):
     orthanc, uids = gateway
     with pytest.raises(StepError, match="not at the gateway|does not know study"):
@@ -159,6 +165,7 @@ def test_unknown_study_model_or_service(gateway, ai_url):
         step.infer({}, _ctx(orthanc.dicomweb_url, ai_url))
 
 
+@orthanc
 def test_unreachable_service_is_transient_not_a_step_error(gateway):
     orthanc, uids = gateway
     with pytest.raises(ServiceUnavailable) as info:
@@ -197,6 +204,7 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
                        _ctx(gw.url, ai_url))
 
 
+@orthanc
 def test_busy_service_is_waited_for_not_a_failure(gateway, caplog):
     """The AI service takes one request at a time (limits.max_concurrent_infer 1) and the model is
     slow: three studies at once all complete, the later ones after waiting for room."""

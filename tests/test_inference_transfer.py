@@ -64,8 +64,7 @@ def test_client_reads_bodies_and_tells_cut_off_from_malformed():
         assert not isinstance(err.value, Truncated)   # malformed, not cut off
 
 
-@pytest.mark.integration
-def test_series_in_and_results_out_through_the_gateway(tmp_path):
+def test_series_in_and_results_out_through_the_gateway(tmp_path):   # the gateway in this process: a unit test
     from omi_dsf.dicomweb.config import parse_config
     from omi_dsf.dicomweb.server import BackgroundServer
     from dicomweb_client.api import DICOMwebClient
