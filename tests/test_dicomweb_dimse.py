@@ -15,7 +15,8 @@ from pynetdicom import pdu as ul
 
 from omi_dsf.dicomweb.dimse import pdu
 from omi_dsf.dicomweb.dimse.connection import Connection, Peer, messages
-from omi_dsf.dicomweb.dimse.contexts import FIND, GET, LOSSY, find_proposals, get_proposals, storage_scp_contexts
+from omi_dsf.dicomweb.dimse.contexts import (FIND, GET, LOSSY, UNCOMPRESSED, find_proposals, get_proposals,
+                                             storage_scp_contexts, store_proposals)
 from omi_dsf.dicomweb.dimse.messages import command, parse_command, part10_meta, store_rq, us_of
 
 CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
@@ -62,6 +63,15 @@ def test_associate_request_as_pynetdicom_reads_it():
     assert pdu.associate_rq("OMIGW", "LEGACYPACS", get_proposals(), scp_roles=True)[0] is rq  # kept
     _, find_ids = pdu.associate_rq("OMIGW", "LEGACYPACS", find_proposals())
     assert find_ids == {1: FIND}
+
+
+def test_store_proposes_one_context_per_syntax_family():
+    """C-STORE (STOW-RS to a PACS): per SOP class the uncompressed syntaxes in one context and
+    each other syntax in its own, so a PACS accepting one syntax per context cannot choose an
+    uncompressed one for a compressed instance."""
+    jl = "1.2.840.10008.1.2.4.70"
+    got = store_proposals([(CT, EXPLICIT), (CT, jl), (CT, jl), (MR, JPEG), (MR, "1.2.840.10008.1.2")])
+    assert got == ((CT, UNCOMPRESSED), (CT, (jl,)), (MR, UNCOMPRESSED), (MR, (JPEG,)))
 
 
 def test_storage_scp_negotiation_round_trip():

@@ -173,6 +173,11 @@ def test_keys_the_pacs_ignores_are_matched_and_returned_by_the_gateway(bed, data
                and values(i, "00280100") == [16] for i in instances)
     series = c.search_for_series(data["study"])
     assert values(series[0], "0008103E") == ["Thorax 2.5mm Weichteil"]
+    head = pydicom.dcmread(data["ct"][0], stop_before_pixels=True)
+    assert values(series[0], "00400244") == [head.PerformedProcedureStepStartDate]
+    assert values(series[0], "00400245") == [head.PerformedProcedureStepStartTime]
+    study = c.search_for_studies(search_filters={"StudyInstanceUID": data["study"]})
+    assert values(study[0], "00080005") == [head.SpecificCharacterSet]
     assert c.search_for_series(search_filters={"InstitutionName": "Nowhere*"}) == []
     found = c.search_for_series(search_filters={"InstitutionName": "Universit*"})
     assert data["study"] in {values(s, "0020000D")[0] for s in found}
