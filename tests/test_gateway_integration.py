@@ -194,6 +194,10 @@ def test_keys_the_pacs_ignores_are_matched_and_returned_by_the_gateway(bed, data
     r = httpx.get(f"{bed['url']}/series", params={"InstitutionName": "Nowhere*"}, timeout=60)
     assert r.status_code == 200 and r.json()
     assert "InstitutionName" in r.headers["warning"] and "did not match" in r.headers["warning"]
+    # … and a return key it could not fill in: the answer names it too
+    r = httpx.get(f"{bed['url']}/studies/{data['study']}/instances", params={"includefield": "Rows"}, timeout=60)
+    assert r.status_code == 200 and len(r.json()) == SLICES and not any("00280010" in i for i in r.json())
+    assert "The PACS did not return" in r.headers["warning"] and "Rows" in r.headers["warning"]
 
 
 # -- WADO-RS ------------------------------------------------------------------------------------------

@@ -207,6 +207,10 @@ class Gateway:
             names = ", ".join(sorted(name_of(t) for t in result.unmatched))
             warnings.append(f'299 omi-gateway "The PACS did not match on {names}; the gateway could not '
                             'check them: the results may include non-matching ones"')
+        if result.unfilled:   # return keys the PACS left out that the gateway could not fill either
+            names = ", ".join(sorted(name_of(t) for t in result.unfilled))
+            warnings.append(f'299 omi-gateway "The PACS did not return {names}; the gateway could not fill '
+                            'them in for every match"')
         if result.truncated:
             warnings.append('299 omi-gateway "There are additional results that can be requested"')
         if hasattr(backend, "incomplete"):

@@ -25,6 +25,7 @@ class SearchResult:
     items: list[dict]
     truncated: bool   # more matches exist than were returned (no explicit limit)
     unmatched: set[int] = field(default_factory=set)   # match keys neither the PACS nor the gateway checked
+    unfilled: set[int] = field(default_factory=set)    # return keys the PACS left out and the gateway could not fill
 
 
 def _returns(q: QidoQuery, level: str) -> set[int]:
@@ -158,10 +159,11 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
 
     # Attributes the PACS left out, for the page only.
     returns = {lvl: _returns(q, lvl) for lvl in _ORDER[:level_pos + 1]}
+    unfilled: set[int] = set()
     if complete is not None and page:
         in_time()
-        complete(q.level, page, returns[q.level] - set(q.match), {k: v for k, v in
-                 ((STUDY, q.study_uid), (SERIES, q.series_uid)) if v})
+        unfilled = complete(q.level, page, returns[q.level] - set(q.match), {k: v for k, v in
+                            ((STUDY, q.study_uid), (SERIES, q.series_uid)) if v})[1]
     for ds in page if compute else []:
         in_time()
         if STUDY in returns and q.level == STUDY and returns[STUDY] & COMPUTED[STUDY]:
@@ -200,4 +202,4 @@ def search(backend, q: QidoQuery, base_url: str, max_results: int, time_limit: f
         # (CP-2518; Orthanc answers it too)
         obj[f"{RETRIEVE_URL:08X}"] = {"vr": "UR", "Value": [url]}
         items.append(obj)
-    return SearchResult(items, truncated, unmatched)
+    return SearchResult(items, truncated, unmatched, unfilled)
