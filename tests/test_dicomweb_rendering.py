@@ -49,3 +49,25 @@ def test_monochrome_through_rescale_and_window():
     expected = (np.clip((hu - (40 - 200)) / 400, 0, 1) * 255).astype(int)
     assert img.shape == hu.shape and np.abs(img - expected).max() <= 1
     assert (_png("CT_small.dcm", window=(4000.0, 10.0)) == 0).all()   # everything below the window
+
+
+def test_monochrome_through_a_voi_lut_and_monochrome1_inverted():
+    """Without a window asked for, a VOI LUT Sequence maps the Modality LUT's output (PS3.4 N.2);
+    MONOCHROME1 comes out inverted."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 8]          # 256 entries from modality value 0, 8 bits
+    lut.add_new(0x00283006, "US", list(range(256)))   # LUTData
+    ds.VOILUTSequence = Sequence([lut])
+    hu = pixel_array(ds).astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = np.clip(hu, 0, 255).astype(int)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    again = pydicom.dcmread(BytesIO(buf.getvalue()))
+    img = np.asarray(Image.open(BytesIO(render(again, 1, "image/png", OPTS)))).astype(int)
+    assert np.abs(img - expected).max() <= 1 and len(np.unique(expected)) > 10
+    again.PhotometricInterpretation = "MONOCHROME1"
+    inverted = np.asarray(Image.open(BytesIO(render(again, 1, "image/png", OPTS)))).astype(int)
+    assert np.abs(inverted - (255 - expected)).max() <= 1

@@ -100,6 +100,12 @@ def to_image(ds: Dataset, arr: np.ndarray, window: tuple[float, float] | None) -
     voi = ds.get("VOILUTSequence")
     if window is None and voi:
         item = voi[0]
+        if "LUTDescriptor" in item:   # values past the table map to its first / last entry (PS3.3
+            # C.11.2.1.1); pydicom 3.0 wraps them around instead (256 → entry 0 of a 256-entry table)
+            entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+            if first >= 32768 and data.min() < 0:   # a signed first value written as US
+                first -= 65536
+            data = np.clip(data, first, first + entries - 1)
         out = apply_voi_lut(data, ds, index=0, prefer_lut=True)
         top = (1 << int(item.LUTDescriptor[2])) - 1 if "LUTDescriptor" in item else float(out.max() or 1)
         scaled = _to_8bit(out, top)
