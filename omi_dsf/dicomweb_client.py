@@ -5,7 +5,7 @@ as dicomweb-client names them (search_for_series, retrieve_series, store_instanc
 Why not dicomweb-client itself: its session is requests', which would be a second HTTP library
 and a second way to configure TLS; and its retrieve parses whole answers, where the callers here
 read WADO-RS part by part as it streams in (multipart.iter_bodies, the gateway's own measured
-reader) and send STOW-RS bodies streamed from files with a Content-Length.
+reader).
 
 One error mapping, for every transaction:
   no answer, TLS                 PeerUnreachable (retryable) / PeerTlsError (omi_dsf.peer)
@@ -26,14 +26,12 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import httpx
 
 from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import Truncated, closing, content_type, dicom_body, iter_bodies, new_boundary, \
-    part_head
+from omi_dsf.dicomweb.multipart import Truncated, dicom_body, iter_bodies
 from omi_dsf.errors import RetryableError
 from omi_dsf.peer import Peer
 
@@ -66,10 +64,6 @@ class AnswerTruncated(BadAnswer, ConnectionError, RetryableError):
     """A multipart answer ended inside a part: transient."""
 
 
-class InstanceChanged(DicomwebError):
-    """A file changed size while it was being sent (the Content-Length would lie)."""
-
-
 def check_status(resp: httpx.Response, what: str, ok: Iterable[int] = (200,)) -> None:
     """The one mapping of HTTP statuses to errors."""
     status = resp.status_code
@@ -94,30 +88,6 @@ def _reason(resp: httpx.Response) -> str:
 class StowAnswer:
     status: int                                    # 200 all stored, 202 some failed or warnings, 409 none
     answer: dict = field(default_factory=dict)     # the DICOM JSON answer (00081199, 00081198, …)
-
-
-class FilesBody:
-    """A STOW-RS body of Part 10 files, read file by file while it is sent: the sender holds one
-    instance, not the batch, and the gateway starts on the first while the rest is read. With a
-    length, so it goes as Content-Length (a gateway can refuse it by size at once), not chunked."""
-
-    def __init__(self, boundary: str, files: Sequence[Path]):
-        self.head = part_head(boundary, "application/dicom")
-        self.tail = closing(boundary)
-        self.files = list(files)
-        self.sizes = [p.stat().st_size for p in self.files]
-        self.length = sum(len(self.head) + n + 2 for n in self.sizes) + len(self.tail)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[bytes]:
-        for path, size in zip(self.files, self.sizes):
-            data = path.read_bytes()
-            if len(data) != size:
-                raise InstanceChanged("an instance changed while it was being sent")
-            yield self.head + data + b"\r\n"
-        yield self.tail
 
 
 T = TypeVar("T")
@@ -308,21 +278,12 @@ class DicomwebClient:
 
     # -- STOW-RS ---------------------------------------------------------------------------------
 
-    def store_instances(self, instances: Sequence[bytes] | None = None, study_instance_uid: str | None = None,
-                        *, files: Sequence[Path] | None = None) -> StowAnswer:
-        """STOW-RS of Part 10 instances, given as bytes or as files (streamed from disk, sent with a
-        Content-Length). The answer for 200, 202 and 409 (the caller reads which instances failed and
-        why); any other status raises."""
+    def store_instances(self, instances: Sequence[bytes], study_instance_uid: str | None = None) -> StowAnswer:
+        """STOW-RS of Part 10 instances. The answer for 200, 202 and 409 (the caller reads which
+        instances failed and why); any other status raises."""
         path = f"/studies/{study_instance_uid}" if study_instance_uid else "/studies"
         headers = {"Accept": DICOM_JSON}
-        if files is not None:
-            boundary = new_boundary()
-            body = FilesBody(boundary, files)
-            content: Any = iter(body)
-            headers["Content-Type"] = content_type(boundary, "application/dicom")
-            headers["Content-Length"] = str(len(body))
-        else:
-            content, headers["Content-Type"] = dicom_body(instances or [])
+        content, headers["Content-Type"] = dicom_body(list(instances))
         with self._errors("STOW-RS"):
             resp = self._http.post(self.url + path, content=content, headers=headers)
         check_status(resp, "STOW-RS", STOW_ANSWERS)

@@ -28,7 +28,7 @@ from omi_dsf.testkit.gateway import GatewayProcess
 from omi_dsf.testkit.sites import write_testbed_site_configs
 
 pytestmark = pytest.mark.integration
-DIC_TOPICS = "consent,pseudonymize,send,return"
+DIC_TOPICS = "consent,send,return"
 
 
 def _omi(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -103,7 +103,7 @@ def world(dsf_testbed, fhir_store, tmp_path_factory):
         # insecure: the test's own gateway is plain http on 127.0.0.1 (the CLI refuses http otherwise)
         raw.update(registry_url=url, registry_ca_file=str(ca.cert_path), insecure=True)
         sites["dic"].write_text(yaml.safe_dump(raw))
-        raw["steps"] = {"demo_deny_topics": ["pseudonymize"]}
+        raw["steps"] = {"demo_deny_topics": ["send"]}
         deny = folder / "sites" / "dic-deny.yaml"
         deny.write_text(yaml.safe_dump(raw))
         raw_ai = yaml.safe_load(sites["ai"].read_text())
@@ -162,7 +162,7 @@ def test_submit_follow_and_fetch_results(world, stop_after):
     frames = watch.stdout.split(f"request {key}: ")
     assert len(frames) >= 3, watch.stdout            # it showed progress, not just the end
     assert frames[-1].startswith("completed")
-    assert all(f"[x] {step}" in frames[-1] for step in ("consent", "pseudonymize", "send", "infer", "return"))
+    assert all(f"[x] {step}" in frames[-1] for step in ("consent", "send", "infer", "return"))
 
     st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
     assert st["task_status"] == "completed" and st["current"] == "completed"
@@ -203,10 +203,10 @@ def test_denied_request_shows_where_and_why(world, stop_after):
     assert st["task_status"] == "failed"
     steps = {s["name"]: s for s in st["steps"]}
     assert steps["consent"]["state"] == "done"
-    assert steps["pseudonymize"]["state"] == "failed" and "denied by the demo handler" in steps["pseudonymize"]["detail"]
-    assert [steps[n]["state"] for n in ("send", "infer", "return")] == ["pending"] * 3
+    assert steps["send"]["state"] == "failed" and "denied by the demo handler" in steps["send"]["detail"]
+    assert [steps[n]["state"] for n in ("infer", "return")] == ["pending"] * 2
     res = _omi("results", key, "--site", world["dic"])
-    assert res.returncode == 1 and "error: pseudonymize: denied by the demo handler" in res.stdout
+    assert res.returncode == 1 and "error: send: denied by the demo handler" in res.stdout
     _stop([deny])
 
 
@@ -223,7 +223,7 @@ def test_provider_error_shows_at_infer(world, stop_after):
     st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
     steps = {s["name"]: s for s in st["steps"]}
     assert st["task_status"] == "failed" and st["current"] == "failed"
-    assert [steps[n]["state"] for n in ("consent", "pseudonymize", "send")] == ["done"] * 3
+    assert [steps[n]["state"] for n in ("consent", "send")] == ["done"] * 2
     assert steps["infer"]["state"] == "failed"
     assert steps["infer"]["detail"] == "at the provider: infer: denied by the demo handler"
     assert steps["return"]["state"] == "pending"
@@ -251,12 +251,12 @@ def _start_tasks_per_study(site: str, studies: list[str]) -> dict[str, int]:
 
 
 def test_cohort_runs_resumes_and_reports(world, stop_after, tmp_path):
-    """Four studies, two in flight: two complete, one fails at pseudonymize, one is refused by
+    """Four studies, two in flight: two complete, one fails at send, one is refused by
     consent; the run is killed midway and a crash between creating a Task and recording it is
     staged; the second run adopts that Task, skips what finished, and no study is submitted twice.
     --retry-failed runs only the failed one again."""
     raw = yaml.safe_load(Path(world["dic"]).read_text())
-    raw["steps"] = {"demo_delay": 1, "demo_deny_patients": {"consent": ["P-NOCONSENT"], "pseudonymize": ["P-FAIL"]}}
+    raw["steps"] = {"demo_delay": 1, "demo_deny_patients": {"consent": ["P-NOCONSENT"], "send": ["P-FAIL"]}}
     raw["in_flight_per_provider"] = 2
     cfg = Path(world["dic"]).with_name("dic-cohort.yaml")
     cfg.write_text(yaml.safe_dump(raw))
@@ -298,7 +298,7 @@ def test_cohort_runs_resumes_and_reports(world, stop_after, tmp_path):
     assert second.returncode == 1, second.stderr          # one study failed: exit 1, the cohort went on
     s = json.loads(second.stdout)
     assert (s["completed"], s["failed"], s["refused"], s["in_flight"], s["pending"]) == (2, 1, 1, 0, 0)
-    assert list(s["failed_by_reason"]) == ["pseudonymize: denied by the demo handler for this patient"]
+    assert list(s["failed_by_reason"]) == ["send: denied by the demo handler for this patient"]
     assert list(s["refused_by_reason"]) == ["consent: denied by the demo handler for this patient"]
     final = rows()
     by_patient = {studies[u]: r for u, r in final.items()}
@@ -313,7 +313,7 @@ def test_cohort_runs_resumes_and_reports(world, stop_after, tmp_path):
     shown = json.loads(st.stdout)
     assert (shown["completed"], shown["failed"], shown["refused"]) == (2, 1, 1) and "P-FAIL" not in st.stdout
     text = _omi("status", "--cohort", str(record), "--site", str(cfg)).stdout
-    assert "2 completed, 1 failed, 1 refused by consent" in text and "pseudonymize: denied" in text
+    assert "2 completed, 1 failed, 1 refused by consent" in text and "send: denied" in text
 
     again = subprocess.run(cmd + ["--json", "--retry-failed"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1, again.stderr

@@ -43,8 +43,10 @@ def _site(folder: Path, steps: dict | None = None, **top) -> Path:
      "steps.pseudonymization.provider.wsdl: required"),
     ({"pseudonymization": {"domain": "d", "provider": {"kind": "magic"}}},
      "steps.pseudonymization.provider.kind: must be one of embedded, gpas, ttp-fhir, got 'magic'"),
-    ({"pseudonymization": {"domain": "d", "sink": {"kind": "folder"}}},
-     "steps.pseudonymization.sink.path: required for kind folder"),
+    ({"pseudonymization": {"domain": "d", "source": {"kind": "folder"}}},
+     "steps.pseudonymization.source.path: required for kind folder"),
+    ({"pseudonymization": {"domain": "d", "sink": {"kind": "folder", "path": "out"}}},
+     "steps.pseudonymization.sink: unknown key"),
     ({"consent": {"kind": "gics", "url": "https://ttp.test/gics", "identifier_system": "s"}},
      "steps.consent.domain: required for kind gics"),
     ({"return": {"modalities": []}}, "steps.return.modalities: must not be empty"),
@@ -80,14 +82,15 @@ def test_a_worker_refuses_topics_whose_steps_lack_their_settings(tmp_path, capsy
     assert "steps.ai_service_url (or steps.ai_services): required for the infer step" in capsys.readouterr().err
     cfg = load_site_config(site)
     assert cfg.steps.missing_for(["consent"]) == []
-    assert cfg.steps.missing_for(["pseudonymize"]) == ["steps.pseudonymization: required for the pseudonymize step"]
+    assert cfg.steps.missing_for(["send"]) == ["steps.pseudonymization: required for the send step",
+                                               "steps.providers: required for the send step"]
 
 
 def test_paths_resolve_from_the_file_folder_at_every_level(tmp_path, monkeypatch):
     conf = tmp_path / "etc" / "omi"
     site = _site(conf, {"pseudonymization": {"domain": "d", "key_file": "site.key", "store": "state/site.sqlite",
                                              "source": {"kind": "folder", "path": "pacs/{study_uid}"},
-                                             "sink": {"kind": "folder", "path": "/var/out/{business_key}"}},
+                                             },
                         "providers": {"ai": {"gateway_url": "https://gw.test", "ca_file": "ca.pem"}}},
                     audit="state/audit.sqlite", lease_store="sqlite:///state/leases.db")
     (conf / "site.key").write_text("k" * 32)
@@ -96,7 +99,6 @@ def test_paths_resolve_from_the_file_folder_at_every_level(tmp_path, monkeypatch
     p = cfg.steps.pseudonymization
     assert (p.key_file, p.store, p.source.path) == (conf / "site.key", str(conf / "state/site.sqlite"),
                                                     conf / "pacs/{study_uid}")
-    assert p.sink.path == Path("/var/out/{business_key}")
     assert cfg.steps.providers["ai"].ca_file == conf / "ca.pem" == cfg.ca_file
     assert (cfg.audit, cfg.lease_store) == (str(conf / "state/audit.sqlite"), str(conf / "state/leases.db"))
     assert load_site_config(_site(conf, lease_store="postgresql://omi@db/omi")).lease_store == "postgresql://omi@db/omi"

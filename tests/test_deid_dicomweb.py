@@ -1,4 +1,5 @@
-"""The pseudonymize step over DICOMweb: WADO-RS from a real DICOMweb server, STOW-RS to it.
+"""The send step over DICOMweb: QIDO-RS and WADO-RS from a real DICOMweb server (the site's PACS),
+STOW-RS to the provider's gateway.
 
 Orthanc (Debian package with its DICOMweb plugin) plays the gateway; it is a real server.
 """
@@ -13,7 +14,8 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from omi_dsf.steps.api import StepContext, StepError
-from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.steps.send import send
+from helpers_provider import PROVIDER, instances_at, provider_gateway
 from omi_dsf.testkit.phantom import write_ct_study
 
 pytestmark = [
@@ -38,15 +40,15 @@ def test_wado_in_stow_out(pacs):
     orthanc, first, root = pacs
     key = root / "key"
     key.write_text("dicomweb-step-key-0123456789")
-    site = {"gateway_url": orthanc.dicomweb_url, "pseudonymization": {
-        "domain": "omi-web", "key_file": str(key), "store": str(root / "site.sqlite"),
-        "source": {"kind": "dicomweb"},                      # the site's gateway_url
-        "sink": {"kind": "dicomweb", "url": orthanc.dicomweb_url}}}
-    out = pseudonymize({"study-instance-uid": first.StudyInstanceUID, "patient-identifier": first.PatientID},
-                       StepContext(topic="pseudonymize", business_key="bk-web", site=site))
+    with provider_gateway(root / "provider") as provider:
+        site = {"gateway_url": orthanc.dicomweb_url, "providers": provider["providers"], "pseudonymization": {
+            "domain": "omi-web", "key_file": str(key), "store": str(root / "site.sqlite"),
+            "source": {"kind": "dicomweb"}}}                      # the site's gateway_url
+        out = send({"study-instance-uid": first.StudyInstanceUID, "patient-identifier": first.PatientID,
+                    "provider-organization": PROVIDER}, StepContext(topic="send", business_key="bk-web", site=site))
+        stored = [pydicom.dcmread(p) for p in instances_at(provider["store"], out["pseudonymized-study-instance-uid"])]
     assert out["instance-count"] == 5
     web = DICOMwebClient(orthanc.dicomweb_url)
-    stored = web.retrieve_study(out["pseudonymized-study-instance-uid"])
     assert len(stored) == 5
     for ds in stored:
         assert ds.PatientID == out["pseudonym"] and ds.PatientIdentityRemoved == "YES"
@@ -59,10 +61,10 @@ def test_unknown_study_over_wado_is_a_step_error(pacs):
     orthanc, first, root = pacs
     key = root / "key2"
     key.write_text("dicomweb-step-key-0123456789")
-    site = {"pseudonymization": {
-        "domain": "omi-web", "key_file": str(key), "store": str(root / "site2.sqlite"),
-        "source": {"kind": "dicomweb", "url": orthanc.dicomweb_url},
-        "sink": {"kind": "folder", "path": str(root / "out" / "{business_key}")}}}
-    with pytest.raises(StepError, match="WADO-RS retrieve of the study failed: HTTP 404"):
-        pseudonymize({"study-instance-uid": "1.2.3.999"},
-                     StepContext(topic="pseudonymize", business_key="bk-404", site=site))
+    with provider_gateway(root / "provider2") as provider:
+        site = {"pseudonymization": {
+            "domain": "omi-web", "key_file": str(key), "store": str(root / "site2.sqlite"),
+            "source": {"kind": "dicomweb", "url": orthanc.dicomweb_url}}, "providers": provider["providers"]}
+        with pytest.raises(StepError, match="the study was not found in the configured source"):
+            send({"study-instance-uid": "1.2.3.999", "provider-organization": PROVIDER},
+                 StepContext(topic="send", business_key="bk-404", site=site))

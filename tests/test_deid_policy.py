@@ -12,10 +12,10 @@ import pytest
 
 from omi_dsf.audit import AuditTrail
 from omi_dsf.cli import main
-from omi_dsf.steps.pseudonymize import REFUSED_LINES_MAX, pseudonymize, refused_text
+from omi_dsf.steps.send import REFUSED_LINES_MAX, refused_text
 from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
-from test_deid_step import burned_in, site  # noqa: F401  (site: the step tests' fixture, extended below)
+from test_deid_step import at_provider, burned_in, provider, pseudonymize, site  # noqa: F401  (the step tests' fixtures)
 
 LINE = re.compile(r"^instance (\d+) \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation \(0028,0301\) is YES;"
                   r" no pixel recipe covers .* \(rule: burned-in text")
@@ -23,7 +23,7 @@ LINE = re.compile(r"^instance (\d+) \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnot
 
 @pytest.fixture
 def policy_site(site):
-    """The step tests' site (4 instances, folder source and sink) with an audit trail; instance 3
+    """The step tests' site (4 instances, folder source, a provider) with an audit trail; instance 3
     says it shows text, and no pixel recipe covers it."""
     tmp, cfg, first = site
     burned_in(site, 2)
@@ -32,24 +32,24 @@ def policy_site(site):
 
 
 def ctx(cfg, key):
-    return StepContext(topic="pseudonymize", business_key=key, site=cfg, item_id="qr-1")
+    return StepContext(topic="send", business_key=key, site=cfg, item_id="qr-1")
 
 
-def test_default_policy_refuses_the_study(policy_site):
+def test_default_policy_refuses_the_study(policy_site, provider):
     tmp, cfg, first = policy_site
     with pytest.raises(StepError, match=r"instance 3 \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation"):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-default"))
-    assert list((tmp / "outbox" / "bk-default").glob("*.dcm")) == []
+    assert at_provider(provider, cfg, first.StudyInstanceUID) == []
 
 
-def test_send_rest_sends_the_others_and_reports_the_refused_one(policy_site, caplog):
+def test_send_rest_sends_the_others_and_reports_the_refused_one(policy_site, provider, caplog):
     tmp, cfg, first = policy_site
     cfg["pseudonymization"]["on_refused_instance"] = "send-rest"
     with caplog.at_level(logging.WARNING, logger="omi_dsf.step"):
         out = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-rest"))
     assert out["instance-count"] == 3 and out["refused-instance-count"] == 1
     assert LINE.match(out["refused-instances"]).group(1) == "3"
-    assert len(list((tmp / "outbox" / "bk-rest").glob("*.dcm"))) == 3
+    assert len(at_provider(provider, cfg, first.StudyInstanceUID)) == 3
     events = [e for e in AuditTrail(cfg["audit"]).events("bk-rest") if e.action == "instance-refused"]
     assert [e.details["error"] for e in events] == [out["refused-instances"]]
     assert events[0].details["pseudonymized_study_uid"] == out["pseudonymized-study-instance-uid"]

@@ -1,4 +1,5 @@
-"""The pseudonymize step handler: folder in, de-identified folder out, errors as StepError."""
+"""The send step's de-identification: a folder source in, de-identified instances out to a provider's
+gateway (the project's gateway over TLS), errors as StepError and nothing sent."""
 
 from __future__ import annotations
 
@@ -11,13 +12,33 @@ from omi_dsf.deid import instance_io
 
 from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
-from omi_dsf.steps.pseudonymize import pseudonymize
+from helpers_provider import PROVIDER, instances_at, provider_gateway
+from omi_dsf.deid.deidentify import uid_for
+from omi_dsf.deid.keys import load_key
+from omi_dsf.steps.send import send
 from omi_dsf.testkit import synthetic
 from omi_dsf.testkit.phantom import write_ct_study
 
 
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory):
+    with provider_gateway(tmp_path_factory.mktemp("provider")) as gw:
+        yield gw
+
+
+def pseudonymize(inputs: dict, context: StepContext) -> dict:
+    """The send step for `inputs` (study-instance-uid, patient-identifier) to the test provider."""
+    return send({**inputs, "provider-organization": PROVIDER}, context)
+
+
+def at_provider(provider, cfg, study_uid) -> list:
+    """What the provider's gateway holds of the study (its pseudonymized UID from the site key)."""
+    p = cfg["pseudonymization"]
+    return instances_at(provider["store"], uid_for(load_key(p["key_file"]), p["domain"], study_uid))
+
+
 @pytest.fixture
-def site(tmp_path):
+def site(tmp_path, provider):
     paths = write_ct_study(tmp_path / "staging", slices=4, rows=32, cols=32, seed=5)
     first = pydicom.dcmread(paths[0])
     study_dir = tmp_path / "pacs" / first.StudyInstanceUID
@@ -25,13 +46,12 @@ def site(tmp_path):
     for p in paths:
         p.rename(study_dir / p.name)
     key = tmp_path / "site.key"
-    key.write_text("pseudonymize-step-key-0123456789")
+    key.write_text(f"send-step-key-{tmp_path.name}-0123456789")   # a key per test: studies apart at the provider
     cfg = {"pseudonymization": {
         "domain": "omi-test", "key_file": str(key), "store": str(tmp_path / "site.sqlite"),
         "options": ["retain-modified-dates", "retain-patient-characteristics"],
         "source": {"kind": "folder", "path": str(tmp_path / "pacs" / "{study_uid}")},
-        "sink": {"kind": "folder", "path": str(tmp_path / "outbox" / "{business_key}")},
-    }}
+    }, "providers": provider["providers"]}
     return tmp_path, cfg, first
 
 
@@ -46,17 +66,17 @@ def burned_in(site, index: int):
 
 
 def ctx(cfg, key="bk-1"):
-    return StepContext(topic="pseudonymize", business_key=key, site=cfg)
+    return StepContext(topic="send", business_key=key, site=cfg)
 
 
-def test_pseudonymize_step_writes_deidentified_study(site):
+def test_send_step_sends_the_deidentified_study(site, provider):
     tmp, cfg, first = site
     out = pseudonymize({"study-instance-uid": first.StudyInstanceUID,
                         "patient-identifier": first.PatientID}, ctx(cfg))
     assert out["instance-count"] == 4 and out["byte-count"] > 4 * 2048
     assert out["pseudonym"].startswith("PSN-")
-    files = sorted(Path(out["pseudonymized-study-location"]).glob("*.dcm"))
-    assert len(files) == 4
+    files = at_provider(provider, cfg, first.StudyInstanceUID)
+    assert len(files) == 4 and out["study-location"] == f"{provider['url']}/studies/{files[0].parent.parent.name}"
     ds = pydicom.dcmread(files[0])
     assert ds.StudyInstanceUID == out["pseudonymized-study-instance-uid"] != first.StudyInstanceUID
     assert ds.PatientID == out["pseudonym"] and ds.PatientIdentityRemoved == "YES"
@@ -66,17 +86,17 @@ def test_pseudonymize_step_writes_deidentified_study(site):
     assert again == out
     # as the worker runtime calls it: only the work item's output items are answered
     wanted = ("pseudonym", "pseudonymized-study-instance-uid", "instance-count")
-    runtime_ctx = StepContext(topic="pseudonymize", business_key="bk-1", site=cfg, outputs=wanted)
+    runtime_ctx = StepContext(topic="send", business_key="bk-1", site=cfg, outputs=wanted)
     assert pseudonymize({"study-instance-uid": first.StudyInstanceUID}, runtime_ctx) == \
         {k: out[k] for k in wanted}
 
 
-def test_wrong_patient_is_refused_and_nothing_left(site):
+def test_wrong_patient_is_refused_and_nothing_sent(site, provider):
     tmp, cfg, first = site
     with pytest.raises(StepError, match=r"PatientID \(0010,0020\) does not match the requested patient"):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID, "patient-identifier": "SOMEONE"},
                      ctx(cfg, "bk-2"))
-    assert list((tmp / "outbox" / "bk-2").glob("*")) == []
+    assert at_provider(provider, cfg, first.StudyInstanceUID) == []
 
 
 def test_unknown_study_and_missing_inputs(site):
@@ -96,13 +116,13 @@ def test_unknown_study_and_missing_inputs(site):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx({}))
 
 
-def test_leak_stops_the_step_and_removes_partial_output(site, monkeypatch):
+def test_leak_stops_the_step_and_nothing_is_sent(site, provider, monkeypatch):
     tmp, cfg, first = site
     # the third instance declares burned-in text, which no pixel recipe covers
     victim, ds = burned_in(site, 2)
     with pytest.raises(StepError, match=r"BurnedInAnnotation \(0028,0301\)"):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-3"))
-    assert list((tmp / "outbox" / "bk-3").glob("*.dcm")) == []
+    assert at_provider(provider, cfg, first.StudyInstanceUID) == []
     # an attribute the profile keeps (Manufacturer) carrying the patient's name
     ds.BurnedInAnnotation = "NO"
     ds.Manufacturer = f"Scanner of {str(first.PatientName).split('^')[0]}"
@@ -110,32 +130,25 @@ def test_leak_stops_the_step_and_removes_partial_output(site, monkeypatch):
     with pytest.raises(StepError, match=r"identifying value in Manufacturer \(0008,0070\): name part of PatientName \(rule: ") as err:
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-4"))
     assert str(first.PatientName).split("^")[0] not in str(err.value)
-    assert list((tmp / "outbox" / "bk-4").glob("*.dcm")) == []
+    assert at_provider(provider, cfg, first.StudyInstanceUID) == []
 
 
-def test_source_and_sink_are_pluggable(site):
+def test_source_is_pluggable(site, provider):
     tmp, cfg, first = site
-    received = []
+    instances = [synthetic.ct_instance(0), synthetic.ct_instance(1)]
 
-    class MemorySink:
-        def write(self, ds, data):
-            assert data[128:132] == b"DICM"
-            received.append(ds)
-            return len(data)
+    class MemorySource:
+        def __iter__(self):
+            return iter([("m0", synthetic.ct_instance(0)), ("m1", synthetic.ct_instance(1))])
 
-        def close(self):
-            return "memory:"
+        def uids(self):
+            return {str(ds[tag].value) for ds in instances for tag in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                       "SOPInstanceUID")}
 
-        def abort(self):
-            received.clear()
-
-    instance_io.register_source("memory", lambda c, p: [("m0", synthetic.ct_instance(0)),
-                                                       ("m1", synthetic.ct_instance(1))])
-    instance_io.register_sink("memory", lambda c, p: MemorySink())
-    mem = {"pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "memory"},
-                                "sink": {"kind": "memory"}}}
-    out = pseudonymize({"study-instance-uid": synthetic.ct_instance(0).StudyInstanceUID}, ctx(mem))
-    assert out["pseudonymized-study-location"] == "memory:" and len(received) == 2
+    instance_io.register_source("memory", lambda c, p: MemorySource())
+    mem = {**cfg, "pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "memory"}}}
+    out = pseudonymize({"study-instance-uid": instances[0].StudyInstanceUID}, ctx(mem))
+    assert out["instance-count"] == 2 and len(at_provider(provider, cfg, instances[0].StudyInstanceUID)) == 2
     with pytest.raises(ConfigError, match="pseudonymization.source.kind: unknown kind 'pigeon'"):
         ctx({"pseudonymization": {**mem["pseudonymization"], "source": {"kind": "pigeon"}}})
 
@@ -171,15 +184,15 @@ def test_pixel_data_pass_through_unchanged(site, tmp_path):
 def test_empty_study_folder_is_a_step_error(site):
     tmp, cfg, first = site
     (tmp / "pacs" / "1.2.3.empty").mkdir()
-    with pytest.raises(StepError, match="no instances of the study"):
+    with pytest.raises(StepError, match="the study was not found in the configured source"):
         pseudonymize({"study-instance-uid": "1.2.3.empty"}, ctx(cfg, "bk-empty"))
 
 
-def test_step_errors_name_the_instance_not_the_file(site):
+def test_step_errors_name_the_instance_not_the_file(site, provider):
     tmp, cfg, first = site
     study_dir = tmp / "pacs" / first.StudyInstanceUID
     (study_dir / "zz_Mustermann_Max.txt").write_text("not an image")
     with pytest.raises(StepError, match=r"instance 5: not a DICOM file") as err:
         pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-5"))
     assert "Mustermann" not in str(err.value)
-    assert list((tmp / "outbox" / "bk-5").glob("*.dcm")) == []
+    assert at_provider(provider, cfg, first.StudyInstanceUID) == []

@@ -1,8 +1,9 @@
-"""The pseudonymize step's WADO-RS source: the multipart answer parsed as it streams, and what a
+"""The send step's DICOMweb source (QIDO-RS listing, then WADO-RS): the multipart answer parsed as it streams, and what a
 broken answer becomes (a step error, or a retry when it was cut off)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -11,13 +12,14 @@ import pydicom
 import pytest
 
 from helpers_http import serve
+from helpers_provider import PROVIDER, instances_at, provider_gateway
 from omi_dsf.deid.dicomweb_io import WadoStudySource, WadoTruncated
 from omi_dsf.dicomweb_client import DicomwebBusy, DicomwebClient, read_ahead
 from omi_dsf.deid.instance_io import SourceError
 from omi_dsf.errors import RetryableError
 from omi_dsf.peer import Peer
 from omi_dsf.steps.api import StepContext, StepError
-from omi_dsf.steps.pseudonymize import pseudonymize
+from omi_dsf.steps.send import send
 from omi_dsf.testkit.phantom import write_ct_study
 
 B = "b0undary"
@@ -28,12 +30,31 @@ def _body(blobs: list[bytes], close: bool = True) -> bytes:
     return b"preamble\r\n" + parts + (f"--{B}--\r\n".encode() if close else b"")
 
 
-def _handler(status: int, body: bytes, ctype: str = f'multipart/related; type="application/dicom"; boundary={B}'):
+def _listing(blobs: list[bytes]) -> bytes:
+    """The instance-level QIDO-RS answer for the study of `blobs`."""
+    found = []
+    for blob in blobs:
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(blob), stop_before_pixels=True)
+        found.append({tag: {"vr": "UI", "Value": [str(ds[kw].value)]} for tag, kw in
+                      (("0020000D", "StudyInstanceUID"), ("0020000E", "SeriesInstanceUID"),
+                       ("00080018", "SOPInstanceUID"))})
+    return json.dumps(found).encode()
+
+
+def _handler(status: int, body: bytes, ctype: str = f'multipart/related; type="application/dicom"; boundary={B}',
+             listing: bytes | None = None):
     class H(BaseHTTPRequestHandler):
         seen: list[tuple[str, str]] = []
 
         def do_GET(self):
             H.seen.append((self.path, self.headers.get("Accept", "")))
+            if listing is not None and self.path.split("?")[0].endswith("/instances"):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(listing)))
+                self.end_headers()
+                self.wfile.write(listing)
+                return
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -100,26 +121,27 @@ def test_step_over_wado_source(study, tmp_path):
     key.write_text("wado-source-test-key-0123456789")
     site = {"pseudonymization": {
         "domain": "omi-wado", "key_file": str(key), "store": str(tmp_path / "site.sqlite"),
-        "source": {"kind": "dicomweb"}, "sink": {"kind": "folder", "path": str(tmp_path / "out")}}}
-    with serve(_handler(200, _body(blobs))) as url:
-        ctx = StepContext(topic="pseudonymize", business_key="bk", site={**site, "gateway_url": url},
-                          outputs=("instance-count", "byte-count"))
-        out = pseudonymize({"study-instance-uid": str(first.StudyInstanceUID)}, ctx)
-    assert out["instance-count"] == 3
-    written = sorted((tmp_path / "out").glob("*.dcm"))
-    assert len(written) == 3 and sum(p.stat().st_size for p in written) == out["byte-count"]
-    ds = pydicom.dcmread(written[0])
-    assert ds.PatientIdentityRemoved == "YES" and ds.PatientName != first.PatientName
-    # a broken answer fails the step with the reason, and nothing stays in the sink
-    with serve(_handler(200, b"garbage", "text/html")) as url:
-        with pytest.raises(StepError, match="not multipart/related"):
-            pseudonymize({"study-instance-uid": str(first.StudyInstanceUID)},
-                         StepContext(topic="pseudonymize", business_key="bk2",
-                                     site={**site, "gateway_url": url,
-                                           "pseudonymization": {**site["pseudonymization"],
-                                                                "sink": {"kind": "folder",
-                                                                         "path": str(tmp_path / "out2")}}}))
-    assert not list((tmp_path / "out2").glob("*.dcm"))
+        "source": {"kind": "dicomweb"}}}
+    inputs = {"study-instance-uid": str(first.StudyInstanceUID), "provider-organization": PROVIDER}
+    with provider_gateway(tmp_path / "provider") as provider:
+        site["providers"] = provider["providers"]
+        with serve(_handler(200, _body(blobs), listing=_listing(blobs))) as url:
+            ctx = StepContext(topic="send", business_key="bk", site={**site, "gateway_url": url},
+                              outputs=("instance-count", "byte-count", "pseudonymized-study-instance-uid"))
+            out = send(inputs, ctx)
+        assert out["instance-count"] == 3
+        written = instances_at(provider["store"], out["pseudonymized-study-instance-uid"])
+        assert len(written) == 3
+        ds = pydicom.dcmread(written[0])
+        assert ds.PatientIdentityRemoved == "YES" and ds.PatientName != first.PatientName
+        # a broken answer fails the step with the reason, and nothing is sent
+        site["pseudonymization"]["domain"] = "omi-wado-2"
+        with serve(_handler(200, b"garbage", "text/html", listing=_listing(blobs))) as url:
+            with pytest.raises(StepError, match="not multipart/related"):
+                send(inputs, StepContext(topic="send", business_key="bk2", site={**site, "gateway_url": url}))
+        from omi_dsf.deid.deidentify import uid_for
+        assert instances_at(provider["store"], uid_for(key.read_bytes().strip(), "omi-wado-2",
+                                                       str(first.StudyInstanceUID))) == []
 
 
 def _counting(n: int, produced: list, closed: list, fail_at: int | None = None):

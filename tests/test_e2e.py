@@ -1,5 +1,5 @@
-"""End to end on the DSF test bed: a DIC's legacy PACS → consent → pseudonymize → send (STOW-RS over
-TLS) → the provider's DSF and AI service → result message → re-identified results in the PACS.
+"""End to end on the DSF test bed: a DIC's legacy PACS → consent → send (pseudonymized and
+leak-checked instance by instance, STOW-RS over TLS as it goes) → the provider's DSF and AI service → result message → re-identified results in the PACS.
 Plus the failure paths, each ending with a clear error on the requester's Task and nothing
 identifying at the provider."""
 

@@ -1,5 +1,9 @@
 """The requester's send and return steps against real servers on 127.0.0.1.
 
+The send step streams the study from the site's source (a folder here; the site's gateway in
+front of dcmqrscp in test_send_reads_the_study_through_the_site_gateway) through de-identification
+and the leak check to the provider's gateway.
+
 The provider's gateway is the project's DICOMweb gateway (store backend) over TLS with a test CA
 made here; the requester's legacy PACS is dcmtk dcmqrscp, behind the requester's own gateway
 (dimse backend), which the return step stores the results through; the provider's part in between is the
@@ -11,6 +15,7 @@ the DIC's FHIR store: tests/test_fhir_results.py.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
@@ -29,7 +34,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from conftest import free_port
 from omi_dsf.audit import AuditTrail
+from omi_dsf.deid.deidentify import Deidentifier, uid_for
 from omi_dsf.deid.identity import Identity
+from omi_dsf.deid.keys import load_key
 from omi_dsf.deid.leakcheck import find_leaks
 from omi_dsf.dicomweb.config import parse_config
 from omi_dsf.dicomweb.server import BackgroundServer
@@ -37,7 +44,6 @@ from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
 from omi_dsf.steps.settings import step_settings
 from omi_dsf.steps.infer import infer
-from omi_dsf.steps.pseudonymize import pseudonymize
 from omi_dsf.steps.return_ import return_results
 from omi_dsf.steps.send import send
 from omi_dsf.testkit import phantom
@@ -114,7 +120,6 @@ def site(tmp_path_factory, pki, gateway, pacs, site_gateway) -> dict:
             "pseudonymization": {
                 "domain": "omi-transfer-test", "key_file": str(key), "store": str(root / "site.sqlite"),
                 "source": {"kind": "folder", "path": str(root / "pacs-export" / "{study_uid}")},
-                "sink": {"kind": "folder", "path": str(root / "outbox" / "{business_key}")},
             },
             "providers": {PROVIDER: {"gateway_url": gateway[0], "ca_file": pki["ca"],
                                      "client_cert": pki["client"][0], "client_key": pki["client"][1]}},
@@ -143,17 +148,35 @@ def _ctx(steps: dict, topic: str, key: str, **extra) -> StepContext:
 
 
 def _pseudonymized(site: dict, seed: int, key: str) -> tuple[dict, str, list[Path]]:
+    """A study in the site's source: the send step's inputs for it, and the pseudonymized study UID
+    it will have (derived from the site key)."""
     study_uid, paths = _study(site, seed)
     original = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    out = pseudonymize({"study-instance-uid": study_uid, "patient-identifier": str(original.PatientID)},
-                       _ctx(site["steps"], "pseudonymize", key))
-    return out, study_uid, paths
+    cfg = site["steps"]["pseudonymization"]
+    inputs = {"study-instance-uid": study_uid, "patient-identifier": str(original.PatientID),
+              "provider-organization": PROVIDER}
+    return ({"inputs": inputs,
+             "pseudonymized-study-instance-uid": uid_for(load_key(cfg["key_file"]), cfg["domain"], study_uid)},
+            study_uid, paths)
 
 
 def _send_inputs(pseudo: dict) -> dict:
-    return {"pseudonymized-study-instance-uid": pseudo["pseudonymized-study-instance-uid"],
-            "pseudonymized-study-location": pseudo["pseudonymized-study-location"],
-            "provider-organization": PROVIDER}
+    return pseudo["inputs"]
+
+
+def _plant(monkeypatch, change) -> list[int]:
+    """De-identification gone wrong: `change(n, ds)` edits instance n (1-based) after it was
+    de-identified, before its leak check."""
+    real, calls = Deidentifier.deidentify, []
+
+    def deidentify(self, ds, *args, **kwargs):
+        out = real(self, ds, *args, **kwargs)
+        calls.append(1)
+        change(len(calls), ds)
+        return out
+
+    monkeypatch.setattr(Deidentifier, "deidentify", deidentify)
+    return calls
 
 
 def _index(store: Path) -> list[tuple[str, str]]:
@@ -210,11 +233,13 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     sent = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
     t_send = time.monotonic() - t0
     assert sent["study-location"] == f"{gw_url}/studies/{pseudo_uid}"
+    assert sent["pseudonymized-study-instance-uid"] == pseudo_uid and sent["instance-count"] == SLICES
+    assert sent["pseudonym"].startswith("PSN-") and sent["refused-instance-count"] == 0
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
 
     # a second send (a retried work item) leaves exactly one copy per SOP Instance UID
     again = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
-    assert again["study-location"] == sent["study-location"]
+    assert {k: again[k] for k in sent} == sent       # the same pseudonym and UIDs on a retry
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
 
     # the provider's part: the real infer step against its gateway (trusting the test CA)
@@ -230,7 +255,7 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     returned = return_results(
         {"result-location": inferred["result-location"],
          "result-study-instance-uid": inferred["result-study-instance-uid"],
-         "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
+         "pseudonym": sent["pseudonym"], "patient-identifier": str(original.PatientID),
          "study-instance-uid": study_uid, "provider-organization": PROVIDER},
         _ctx(steps, "return", "bk-round-trip"))
     t_return = time.monotonic() - t0
@@ -255,7 +280,7 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     # a retried return stores the same objects again, not more of them
     return_results({"result-location": inferred["result-location"],
                              "result-study-instance-uid": inferred["result-study-instance-uid"],
-                             "pseudonym": pseudo["pseudonym"], "patient-identifier": str(original.PatientID),
+                             "pseudonym": sent["pseudonym"], "patient-identifier": str(original.PatientID),
                              "study-instance-uid": study_uid, "provider-organization": PROVIDER},
                    _ctx(steps, "return", "bk-round-trip"))
     series = _c_find(pacs, "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", Modality="")
@@ -289,37 +314,62 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
         assert value not in caplog.text   # nor in what the steps logged
     assert "send bk-round-trip: 8 instances" in caplog.text
     # each step says where its time went (phase names and seconds only)
-    assert re.search(r"send bk-round-trip: timings leak_check [\d.]+ s, stow [\d.]+ s, total", caplog.text)
+    assert re.search(r"send bk-round-trip: timings list [\d.]+ s, stow [\d.]+ s, read [\d.]+ s, deid [\d.]+ s, "
+                     r"sync [\d.]+ s, total", caplog.text)
     assert re.search(r"return bk-round-trip: timings wado [\d.]+ s, reidentify [\d.]+ s, fhir [\d.]+ s, "
                      r"stow [\d.]+ s, total", caplog.text)
 
 
 # -- send: leak, crash and retry, TLS, unreachable ------------------------------------------------
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
-def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway):
+def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway, monkeypatch):
+    """The leak check of each instance, as the bytes will be sent, before they are handed to STOW-RS
+    (a de-identification that leaves something behind is simulated by planting it)."""
     steps, (_, store) = site["steps"], gateway
     pseudo, _, paths = _pseudonymized(site, seed=22, key="bk-leak")
-    name = str(pydicom.dcmread(paths[0], stop_before_pixels=True).PatientName)
-    victim = sorted((site["root"] / "outbox" / "bk-leak").glob("*.dcm"))[5]
-    ds = pydicom.dcmread(victim)
-    ds.PatientName = name                      # planted: the original name in a de-identified instance
-    ds.save_as(victim)
+    pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+    originals = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    name = str(originals[0].PatientName)
+    planted = _plant(monkeypatch, lambda n, ds: setattr(ds, "PatientName", name) if n == 6 else None)
+    ctx = _ctx(steps, "send", "bk-leak", send={"batch_instances": 2})
     with pytest.raises(StepError) as err:
-        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
+        send(_send_inputs(pseudo), ctx)
     message = str(err.value)
-    assert "leak check stopped the send" in message and "PatientName (0010,0010)" in message
+    assert re.search(r"instance 6 \(SOPInstanceUID 2\.25\.\d+\): identifying value in PatientName \(0010,0010\)",
+                     message)
     assert name not in message and name.split("^")[0] not in message
+    # instances go out as they come: the four before it, checked, may be at the gateway; never it
+    assert len(planted) == 6 and _at_gateway(store, pseudo_uid)[0] <= 4
+    sent_sops = {s for u, s in _index(store) if u == pseudo_uid}
+    assert uid_for(load_key(steps["pseudonymization"]["key_file"]), "omi-transfer-test",
+                   str(originals[5].SOPInstanceUID)) not in sent_sops
+
+    # the original UID of the study's last instance, in the first: known before the first is sent
+    # (the source lists the study's UIDs up front)
+    def reference_the_last(n, ds):
+        if n == 1:
+            ref = pydicom.Dataset()
+            ref.ReferencedSOPClassUID = ds.SOPClassUID
+            ref.ReferencedSOPInstanceUID = str(originals[-1].SOPInstanceUID)
+            ds.ReferencedImageSequence = [ref]
+    monkeypatch.undo()
+    pseudo, _, paths = _pseudonymized(site, seed=30, key="bk-leak-uid")
+    originals = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(paths)]
+    _plant(monkeypatch, reference_the_last)
+    with pytest.raises(StepError, match=r"instance 1 \(SOPInstanceUID 2\.25\.\d+\): identifying value in "
+                                        r"ReferencedImageSequence \(0008,1140\)\[0\]\.ReferencedSOPInstanceUID "
+                                        r"\(0008,1155\): original UID") as err:
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak-uid", send={"batch_instances": 1}))
+    assert str(originals[-1].SOPInstanceUID) not in str(err.value)
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
 
     # every instance with the original PatientID (as if de-identification had not run on it)
+    monkeypatch.undo()
+    pseudo, _, paths = _pseudonymized(site, seed=31, key="bk-leak-id")
     original_id = str(pydicom.dcmread(paths[0], stop_before_pixels=True).PatientID)
-    for path in (site["root"] / "outbox" / "bk-leak").glob("*.dcm"):
-        ds = pydicom.dcmread(path)
-        ds.PatientID = original_id
-        ds.PatientName = "Anonymous^"
-        ds.save_as(path)
-    with pytest.raises(StepError, match="not a pseudonym this site issued") as err:
-        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak"))
+    _plant(monkeypatch, lambda n, ds: setattr(ds, "PatientID", original_id))
+    with pytest.raises(StepError, match=r"instance 1 .*identifying value in PatientID \(0010,0020\)") as err:
+        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-leak-id"))
     assert original_id not in str(err.value)
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (0, 0)
 
@@ -351,18 +401,18 @@ def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypat
     assert len(event) == 1 and event[0].details["instances"] == SLICES
 
     # and the gateway itself: a second STOW of an instance it holds replaces it (still one copy)
-    one = sorted((site["root"] / "outbox" / "bk-crash").glob("*.dcm"))[0]
+    one = sorted((store / "files" / pseudo_uid).rglob("*.dcm"))[0]
     sop = str(pydicom.dcmread(one, stop_before_pixels=True).SOPInstanceUID)
     from omi_dsf.transfer.provider import open_gateway
     gw = open_gateway(step_settings(steps).providers, PROVIDER)
-    transfer_stow._post(gw, pseudo_uid, [one])
+    transfer_stow._post(gw, pseudo_uid, [one.read_bytes()])
     gw.close()
     assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
     assert sum(1 for _, s in _index(store) if s == sop) == 1
 
 
 def _count_listings(monkeypatch) -> list[str]:
-    """Spy on the full QIDO-RS listings stow_study asks for."""
+    """Spy on the full QIDO-RS listings the STOW-RS stream asks for."""
     calls, real = [], transfer_stow.instances_at_gateway
 
     def spy(gw, study_uid):
@@ -398,7 +448,7 @@ def test_gateway_losing_an_instance_after_answering_stored_is_detected(site, gat
         stored = real_post(gw, study_uid, batch)
         posts.append(len(batch))
         if len(posts) == 1:
-            sop = str(pydicom.dcmread(batch[0], stop_before_pixels=True).SOPInstanceUID)
+            sop = str(pydicom.dcmread(io.BytesIO(batch[0]), stop_before_pixels=True).SOPInstanceUID)
             with sqlite3.connect(store / "index.sqlite") as db:
                 db.execute("DELETE FROM instances WHERE sop_uid = ?", (sop,))
         return stored
@@ -434,33 +484,6 @@ def test_gateway_answer_not_naming_an_instance_falls_back_to_the_listing(site, g
     assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
 
 
-def test_stow_body_is_streamed_with_a_content_length_and_refuses_a_changed_file(tmp_path):
-    import httpx
-
-    from omi_dsf.dicomweb_client import DicomwebClient, FilesBody, InstanceChanged
-    files = []
-    for n, size in enumerate((10, 0, 3000)):
-        files.append(tmp_path / f"{n}.dcm")
-        files[-1].write_bytes(bytes([n]) * size)
-    body = FilesBody("b0undary", files)
-    data = b"".join(body)
-    assert len(body) == len(data) and data.endswith(b"--b0undary--\r\n") and data.count(b"--b0undary\r\n") == 3
-    seen = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append((request.headers, request.read()))
-        return httpx.Response(200, json={})
-
-    with DicomwebClient(http=httpx.Client(transport=httpx.MockTransport(answer)), url="https://gw.invalid") as dw:
-        dw.store_instances(files=files)
-        headers, sent = seen[0]
-        assert headers["Content-Length"] == str(len(sent)) and "Transfer-Encoding" not in headers
-        assert sent.count(b"\r\nContent-Type: application/dicom\r\n") == 3
-    files[2].write_bytes(b"x")   # not what was measured (nor what was leak-checked)
-    with pytest.raises(InstanceChanged, match="changed while it was being sent"):
-        b"".join(body)
-
-
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_path):
     staging = phantom.write_ct_study(tmp_path / "big", slices=4, seed=45, rows=512, cols=512)   # > 1 MB
@@ -474,8 +497,12 @@ def test_gateway_refusing_the_batch_size_is_a_clear_step_error(site, pki, tmp_pa
         steps = {"providers": {PROVIDER: {**site["steps"]["providers"][PROVIDER], "gateway_url": server.url}}}
         gw = open_gateway(step_settings(steps).providers, PROVIDER)
         try:
+            stream = transfer_stow.StowStream(gw, uid)
             with pytest.raises(TransferError, match=r"refused the size \(HTTP 413\); lower send.batch_mb"):
-                transfer_stow.stow_study(gw, uid, staging, ["1.2.3.%d" % n for n in range(4)])
+                for n, path in enumerate(staging):
+                    stream.add("1.2.3.%d" % n, path.read_bytes())
+                stream.finish()
+            stream.close()
         finally:
             gw.close()
 
@@ -511,8 +538,9 @@ def test_unreachable_provider_is_retried_not_a_step_error(site, pki):
 def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
     steps, (gw_url, _) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=26, key="bk-stranger")
+    sent = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-stranger"))
     base = {"result-location": f"{gw_url}/studies/2.25.1234", "result-study-instance-uid": "2.25.1234",
-            "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
+            "pseudonym": sent["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
             "provider-organization": PROVIDER}
     with pytest.raises(StepError, match="never sent it"):
         return_results(base, _ctx(steps, "return", "bk-stranger"))
@@ -525,7 +553,6 @@ def test_return_refuses_what_this_site_never_sent(site, gateway, pacs):
     # sent, but no results at the provider yet; the location names the provider gateway by an inner
     # address (as a provider worker behind a loopback listener would): read from the gateway of the
     # request's provider-organization
-    send(_send_inputs(pseudo), _ctx(steps, "send", "bk-stranger"))
     pending = {**base, "result-study-instance-uid": pseudo_uid,
                "result-location": f"https://127.0.0.1:1/studies/{pseudo_uid}"}
     with pytest.raises(StepError, match="has no SEG or SR series"):
@@ -537,13 +564,13 @@ def test_return_with_a_refusing_pacs_or_absent_gateway(site, gateway, ai_url, pk
     steps, (gw_url, _) = site["steps"], gateway
     pseudo, study_uid, paths = _pseudonymized(site, seed=27, key="bk-pacs")
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
-    send(_send_inputs(pseudo), _ctx(steps, "send", "bk-pacs"))
+    sent = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-pacs"))
     inferred = infer({"pseudonymized-study-instance-uid": pseudo_uid},
                      StepContext(topic="infer", business_key="bk-pacs",
                                  site={"gateway_url": gw_url, "gateway_ca_file": pki["ca"],
                                        "ai_service_url": ai_url, "ai_timeout_s": 120}))
     inputs = {"result-location": inferred["result-location"], "result-study-instance-uid": pseudo_uid,
-              "pseudonym": pseudo["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
+              "pseudonym": sent["pseudonym"], "patient-identifier": "", "study-instance-uid": study_uid,
               "provider-organization": PROVIDER}
     # the site's gateway reaches a PACS that rejects it: a setting to fix, not retried
     with _pacs_gateway(pacs, "NOSUCHAE") as refusing:
@@ -584,19 +611,21 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
 
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
-def test_send_reads_a_dicomweb_outbox(site, gateway, tmp_path):
-    """The pseudonymize step may write into a DICOMweb store at the site (sink kind dicomweb):
-    send reads the study from there (WADO-RS), checks it whole and sends it on."""
-    outbox_cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "OUTBOX",
-                               "backends": {"OUTBOX": {"type": "store", "path": str(tmp_path / "outbox")}}})
-    with BackgroundServer(outbox_cfg) as outbox:
-        steps = dict(site["steps"])
-        steps["pseudonymization"] = {**steps["pseudonymization"], "sink": {"kind": "dicomweb", "url": outbox.url}}
-        study_uid, paths = _study(site, 29)
-        original = pydicom.dcmread(paths[0], stop_before_pixels=True)
-        pseudo = pseudonymize({"study-instance-uid": study_uid, "patient-identifier": str(original.PatientID)},
-                              _ctx(steps, "pseudonymize", "bk-outbox"))
-        pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
-        assert _at_gateway(tmp_path / "outbox", pseudo_uid) == (SLICES, SLICES)
-        send(_send_inputs(pseudo), _ctx(steps, "send", "bk-outbox"))
-        assert _at_gateway(gateway[1], pseudo_uid) == (SLICES, SLICES)
+def test_send_reads_the_study_through_the_site_gateway(site, gateway, pacs, monkeypatch):
+    """Source kind dicomweb: the study's UIDs by one instance-level QIDO-RS of the site's gateway
+    (a C-FIND at dcmqrscp), then the instances by WADO-RS, de-identified and sent as they come: the
+    first batch is at the provider before the last instance is read."""
+    steps = dict(site["steps"])
+    steps["pseudonymization"] = {**steps["pseudonymization"], "source": {"kind": "dicomweb"}}
+    pseudo, study_uid, paths = _pseudonymized(site, seed=29, key="bk-wado")
+    pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
+    assert pacs.load(paths) == SLICES
+    seen_at_gateway = []
+    _plant(monkeypatch, lambda n, ds: seen_at_gateway.append(_at_gateway(gateway[1], pseudo_uid)[0])
+           if n == SLICES else None)
+    out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-wado", send={"batch_instances": 2}))
+    assert out["instance-count"] == SLICES and out["pseudonymized-study-instance-uid"] == pseudo_uid
+    assert _at_gateway(gateway[1], pseudo_uid) == (SLICES, SLICES)
+    assert seen_at_gateway and seen_at_gateway[0] >= 2     # sent while the last one was de-identified
+    with pytest.raises(StepError, match="the study was not found in the configured source"):
+        send({**_send_inputs(pseudo), "study-instance-uid": "1.2.3.4.5.6.7"}, _ctx(steps, "send", "bk-wado-none"))

@@ -24,7 +24,7 @@ from omi_dsf.worker.config import load_site_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-DIC_TOPICS = "consent,pseudonymize,send,return"
+DIC_TOPICS = "consent,send,return"
 FAST = {"poll_interval": 2, "lease_ttl": 4, "backoff": 0.3, "max_attempts": 2}
 
 
@@ -131,7 +131,7 @@ def test_instance_advances_through_every_work_item(site):
     assert out["result-location"].startswith("infer-") and out["stored-study-instance-uid"].startswith("return-")
     bk = business_key(task)
     topics = [t for t, _, k, _ in site.executions([bk])]
-    assert sorted(topics) == sorted(["consent", "pseudonymize", "send", "infer", "return"])
+    assert sorted(topics) == sorted(["consent", "send", "infer", "return"])
 
 
 def test_three_workers_thirty_instances_every_item_exactly_once(site):
@@ -234,13 +234,13 @@ def test_failing_handler_ends_the_instance_with_its_error(site):
 
 
 def test_denied_step_ends_the_instance_with_the_reason(site):
-    site.worker(site.config("dic", "deny", steps={"demo_deny_topics": ["pseudonymize"]}), DIC_TOPICS, "deny")
+    site.worker(site.config("dic", "deny", steps={"demo_deny_topics": ["send"]}), DIC_TOPICS, "deny")
     (tid,) = site.submit(1)
     keys = site.business_keys([tid])
     task = site.wait([tid], timeout=180)[tid]
     assert task["status"] == "failed"
-    assert outputs(task)["error"] == "pseudonymize: denied by the demo handler"
-    assert [t for t, *_ in site.executions(keys)] == ["consent", "pseudonymize"]   # nothing after the denial
+    assert outputs(task)["error"] == "send: denied by the demo handler"
+    assert [t for t, *_ in site.executions(keys)] == ["consent", "send"]   # nothing after the denial
 
 
 def test_workers_on_two_hosts_share_postgresql_and_one_host_dies(site, postgres):

@@ -28,7 +28,7 @@ def qr(**answers) -> dict:
 
 def test_topics_come_from_the_spec():
     topics = topics_from_spec()
-    assert set(topics) == {"consent", "pseudonymize", "send", "infer", "return"}
+    assert set(topics) == {"consent", "send", "infer", "return"}
     version = load_spec().plugin.resource_version          # a.b of the plugin's a.b.c.d
     assert topics["consent"].endswith(f"/fhir/Questionnaire/omi-consent|{version}")
 
@@ -76,9 +76,9 @@ def test_operation_outcome_text():
 
 
 def test_demo_handler_answers_every_output_from_its_inputs():
-    ctx = StepContext(topic="pseudonymize", business_key="bk", site={}, outputs=("pseudonym", "instance-count"))
+    ctx = StepContext(topic="send", business_key="bk", site={}, outputs=("pseudonym", "instance-count"))
     out = demo_step({"patient-identifier": "P1"}, ctx)
-    assert out == {"pseudonym": f"pseudonymize-{fingerprint('pseudonymize', {'patient-identifier': 'P1'})}", "instance-count": 1}
+    assert out == {"pseudonym": f"send-{fingerprint('send', {'patient-identifier': 'P1'})}", "instance-count": 1}
     assert demo_step({"patient-identifier": "P2"}, ctx)["pseudonym"] != out["pseudonym"]
     with pytest.raises(StepError):
         demo_step({}, StepContext(topic="consent", business_key="bk", site={"demo_deny_topics": ["consent"]}))

@@ -1,7 +1,7 @@
 """Where an inference request is: derived from the start Task (status, outputs) and the site's work
 items (QuestionnaireResponses) carrying the request's business key.
 
-The DIC sees its own work items (consent, pseudonymize, send, return) but not the provider's `infer`
+The DIC sees its own work items (consent, send, return) but not the provider's `infer`
 item: infer counts as running once `send` is done, and as done (or failed, with the provider's error)
 once the provider's result message (an omiInferenceResult Task at this site) has arrived.
 """
@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from omi_dsf.dsf.tasks import BPMN_MESSAGE, input_value, outputs
 from omi_dsf.dsf.workitem import WorkItem
 
-STEPS = ("consent", "pseudonymize", "send", "infer", "return")
-LOCAL_STEPS = ("consent", "pseudonymize", "send", "return")
+STEPS = ("consent", "send", "infer", "return")
+LOCAL_STEPS = ("consent", "send", "return")
 
 
 @dataclass

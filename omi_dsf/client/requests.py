@@ -73,7 +73,7 @@ def work_items(client: DsfClient, key: str | None, since: str | None = None) -> 
     given. `since` (the oldest request's authoredOn) keeps the searches short on a busy site."""
     topics = topics_from_spec()
     out: dict[str, list[dict]] = {}
-    for topic in ("consent", "pseudonymize", "send", "return"):
+    for topic in ("consent", "send", "return"):
         params = {"questionnaire": topics[topic]}
         if since:
             params["_lastUpdated"] = f"ge{since}"

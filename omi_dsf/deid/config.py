@@ -1,6 +1,6 @@
-"""The pseudonymize step's site settings (`steps.pseudonymization` in the site YAML), typed
-(omi_dsf.config): the pseudonym domain, key, site store, pseudonym provider, where the originals
-come from and where the de-identified study goes. Send and return read them too."""
+"""The send step's pseudonymization settings (`steps.pseudonymization` in the site YAML), typed
+(omi_dsf.config): the pseudonym domain, key, site store, pseudonym provider and where the originals
+come from. The return step reads them too."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ PseudonymProviderSettings = Annotated[
 
 
 class InstanceIoSettings(PeerSettings):
-    """Where instances are read (source) or written (sink): a folder, or a DICOMweb store (WADO-RS /
-    STOW-RS, with the peer keys); other parts may register more kinds (omi_dsf.deid.instance_io)."""
+    """Where the study's original instances are read: a folder, or a DICOMweb store (QIDO-RS and
+    WADO-RS, with the peer keys); other parts may register more kinds (omi_dsf.deid.instance_io)."""
     kind: Name = Field("folder", description="`folder`, `dicomweb`, or a kind another part registered")
     path: FilePath | None = Field(None, description="folder: its path; may name the study by `{study_uid}` or "
                                                     "`{business_key}`")
@@ -73,9 +73,6 @@ class PseudonymizationSettings(Section):
     options: list[Name] = Field(default_factory=list, description="de-identification options (profile.OPTION_NAMES)")
     source: InstanceIoSettings | None = Field(None, description="where the originals are read: `{kind: folder, "
                                                                 "path: …/{study_uid}}` or `{kind: dicomweb, url: …}`")
-    sink: InstanceIoSettings | None = Field(None, description="where the de-identified study is written: "
-                                                              "`{kind: folder, path: …/{business_key}}` or "
-                                                              "`{kind: dicomweb, url: …}`")
     on_refused_instance: Literal["refuse-study", "send-rest"] = Field(
         "refuse-study", description="refuse-study: one instance that cannot be de-identified safely stops the "
                                     "study; send-rest: it is left out and reported, the rest is sent")

@@ -1,4 +1,4 @@
-"""DICOMweb as an instance source (WADO-RS, one instance at a time) and sink (STOW-RS, batched).
+"""DICOMweb as an instance source (QIDO-RS listing up front, then WADO-RS one instance at a time).
 
 Source config: {"kind": "dicomweb", "url": DICOMweb base (else the site's gateway_url), and the
 peer keys (omi_dsf.peer): "ca_file", "client_cert", "client_key", "token_file", "timeout"; the
@@ -6,37 +6,33 @@ deprecated "verify"/"cert"/"key" are translated with a warning}. The gateway str
 multipart; instances are handed on as they arrive, as their Part 10 bytes (the pipeline parses each
 once), read by a thread up to READ_AHEAD instances ahead of the de-identification (the gateway,
 the reading and the de-identification overlap), so no study is held in memory whole.
-Sink config: the same keys; instances go to POST {url}/studies in batches. STOW-RS is not
-transactional: when a later instance fails the leak check, instances already stored stay
-(each of them passed the check); the batch not yet sent is dropped.
+Before the first instance, `uids()` lists the study's instances (one instance-level QIDO-RS of the
+study, a C-FIND at a DIMSE gateway): their study, series and SOP instance UIDs.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-from pydicom.dataset import Dataset
-
 from omi_dsf.dicomweb_client import AnswerTruncated, BadAnswer, DicomwebClient, DicomwebRefused
 from omi_dsf.peer import Peer, PeerConfigError, PeerUnreachable
 
-from .instance_io import SinkError, SourceError, register_sink, register_source
+from .instance_io import SourceError, register_source
 
-_BATCH_BYTES = 32 << 20
-_BATCH_COUNT = 64
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
 READ_AHEAD = 8          # instances read ahead of the de-identification (~4 MB for CT)
 
 
 def _client(config, params: Mapping[str, Any], what: str, timeout: float) -> DicomwebClient:
     url = config.url or params.get("gateway_url")
     if not url:
-        raise SourceError("DICOMweb source/sink needs 'url' (or the site's gateway_url)")
+        raise SourceError("DICOMweb source needs 'url' (or the site's gateway_url)")
     try:
         peer = config.peer(str(url).format(**params), f"pseudonymization.{what}", timeout=timeout)
         return DicomwebClient(peer)
     except PeerConfigError as exc:
-        raise (SourceError if what == "source" else SinkError)(str(exc)) from None
+        raise SourceError(str(exc)) from None
 
 
 class WadoTruncated(PeerUnreachable):
@@ -50,6 +46,23 @@ class WadoStudySource:
         self.dicomweb = dicomweb
         self.study_uid = study_uid
         self.url = f"{dicomweb.url}/studies/{study_uid}"
+
+    def uids(self) -> set[str]:
+        """The study, series and SOP instance UIDs of the study's instances (empty: no such study)."""
+        try:
+            items = self.dicomweb.search_for_instances(self.study_uid, fields=[_SERIES, _SOP])
+        except DicomwebRefused as exc:
+            if exc.status == 404:
+                return set()
+            raise SourceError(f"QIDO-RS search of the study's instances failed: HTTP {exc.status}") from None
+        except BadAnswer as exc:
+            raise SourceError(f"QIDO-RS {str(exc).split(': ', 1)[-1]}") from None
+        found: set[str] = set()
+        for item in items:
+            for tag in (_STUDY, _SERIES, _SOP):
+                values = (item.get(tag) or {}).get("Value") or [] if isinstance(item, dict) else []
+                found.update(str(v) for v in values if v)
+        return found
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         n = 0
@@ -69,58 +82,8 @@ class WadoStudySource:
             self.dicomweb.close()
 
 
-class StowSink:
-    def __init__(self, dicomweb: DicomwebClient):
-        self.dicomweb = dicomweb
-        self.url = dicomweb.url + "/studies"
-        self._batch: list[bytes] = []
-        self._size = 0
-        self.stored = 0
-
-    def write(self, ds: Dataset, data: bytes | None = None) -> int:
-        if data is None:
-            import io
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            data = buf.getvalue()
-        self._batch.append(data)
-        self._size += len(data)
-        if self._size >= _BATCH_BYTES or len(self._batch) >= _BATCH_COUNT:
-            self._flush()
-        return len(data)
-
-    def _flush(self) -> None:
-        if not self._batch:
-            return
-        try:
-            status = self.dicomweb.store_instances(self._batch).status
-        except DicomwebRefused as exc:
-            raise SinkError(f"STOW-RS refused the instances: HTTP {exc.status}") from None
-        # 5xx (DicomwebBusy) and no answer (PeerUnreachable): transient
-        if status == 409:
-            raise SinkError("STOW-RS refused the instances: HTTP 409")
-        self.stored += len(self._batch)
-        self._batch, self._size = [], 0
-
-    def close(self) -> str:
-        try:
-            self._flush()
-        finally:
-            self.dicomweb.close()
-        return self.url
-
-    def abort(self) -> None:
-        self._batch, self._size = [], 0
-        self.dicomweb.close()
-
-
 def _source(config, params: Mapping[str, Any]) -> WadoStudySource:
     return WadoStudySource(_client(config, params, "source", 60), params["study_uid"])
 
 
-def _sink(config, params: Mapping[str, Any]) -> StowSink:
-    return StowSink(_client(config, params, "sink", 120))
-
-
 register_source("dicomweb", _source)
-register_sink("dicomweb", _sink)

@@ -1,10 +1,11 @@
-"""Where the pseudonymize step reads instances from and writes them to: a folder, or DICOMweb
-(dicomweb_io: WADO-RS source, STOW-RS sink), or a kind another part registers.
+"""Where the send step reads the study's original instances from: a folder, or DICOMweb
+(dicomweb_io: WADO-RS), or a kind another part registers; and the folder sink of the `deid` command.
 
 A source yields (name, instance) pairs one at a time (an instance is a pydicom Dataset, the
-bytes of a Part 10 file, or a path). A sink takes de-identified instances one at a time (the
-dataset and the Part 10 bytes the leak check saw).
-Both are chosen by "kind" from the site configuration (`InstanceIoSettings`, omi_dsf.deid.config);
+bytes of a Part 10 file, or a path), and lists the study's original UIDs up front (`uids()`:
+StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID of every instance at least), so that the
+leak check of the first instance already knows the UIDs of the last.
+A source is chosen by "kind" from the site configuration (`InstanceIoSettings`, omi_dsf.deid.config);
 other parts register more kinds. A factory gets the settings and the step's parameters.
 """
 
@@ -18,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
+import pydicom
 from pydicom.dataset import Dataset
 
 
@@ -25,32 +27,17 @@ class SourceError(Exception):
     """The source cannot deliver the study (not found, refused); retrying will not help."""
 
 
-class SinkError(Exception):
-    """The sink refused the instances; retrying will not help."""
-
-
 class InstanceSource(Protocol):
     def __iter__(self) -> Iterator[tuple[str, Any]]: ...
-
-
-class InstanceSink(Protocol):
-    def write(self, ds: Dataset, data: bytes) -> int: ...  # data: the checked Part 10 bytes
-    def close(self) -> str: ...                      # where the instances are now
-    def abort(self) -> None: ...                     # drop what was written (the step failed)
+    def uids(self) -> set[str]: ...   # the study's original UIDs, before the first instance is read
 
 
 SourceFactory = Callable[[Any, Mapping[str, Any]], InstanceSource]   # (InstanceIoSettings, params)
-SinkFactory = Callable[[Any, Mapping[str, Any]], InstanceSink]
 SOURCES: dict[str, SourceFactory] = {}
-SINKS: dict[str, SinkFactory] = {}
 
 
 def register_source(kind: str, factory: SourceFactory) -> None:
     SOURCES[kind] = factory
-
-
-def register_sink(kind: str, factory: SinkFactory) -> None:
-    SINKS[kind] = factory
 
 
 def _load_kinds(kind: str) -> None:
@@ -59,8 +46,8 @@ def _load_kinds(kind: str) -> None:
 
 
 def known_kinds() -> set[str]:
-    """The kinds a source or sink may have (dicomweb registers itself when first used)."""
-    return set(SOURCES) | set(SINKS) | {"dicomweb"}
+    """The kinds a source may have (dicomweb registers itself when first used)."""
+    return set(SOURCES) | {"dicomweb"}
 
 
 def open_source(config, params: Mapping[str, Any]) -> InstanceSource:
@@ -70,15 +57,6 @@ def open_source(config, params: Mapping[str, Any]) -> InstanceSource:
     if kind not in SOURCES:
         raise ValueError(f"unknown instance source kind {kind!r} (known: {', '.join(sorted(SOURCES))})")
     return SOURCES[kind](config, params)
-
-
-def open_sink(config, params: Mapping[str, Any]) -> InstanceSink:
-    """The sink `config` (InstanceIoSettings) describes."""
-    kind = config.kind
-    _load_kinds(kind)
-    if kind not in SINKS:
-        raise ValueError(f"unknown instance sink kind {kind!r} (known: {', '.join(sorted(SINKS))})")
-    return SINKS[kind](config, params)
 
 
 class FolderSource:
@@ -94,9 +72,27 @@ class FolderSource:
             if p.is_file() and p.name.upper() != "DICOMDIR" and not p.name.startswith("."):
                 yield str(p.relative_to(self.path)), p
 
+    def uids(self) -> set[str]:
+        """The study, series and SOP instance UIDs in the headers of the folder's files (a file
+        that does not read is left to the de-identification, which refuses it)."""
+        found: set[str] = set()
+        for _, path in self:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                     specific_tags=[0x0020000D, 0x0020000E, 0x00080018])
+                for tag in (0x0020000D, 0x0020000E, 0x00080018):
+                    value = ds.get_item(tag).value if tag in ds else None
+                    value = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+                    if value and str(value).strip("\x00 "):
+                        found.add(str(value).strip("\x00 "))
+            except Exception:  # pydicom raises many kinds on damaged files
+                continue
+        return found
+
 
 class FolderSink:
-    """<folder>/<SOPInstanceUID>.dcm, each written to a temporary name and renamed when complete.
+    """The `deid` command's output: <folder>/<SOPInstanceUID>.dcm, each written to a temporary name
+    and renamed when complete.
 
     Files are written by one background thread while the caller prepares the next instance (the
     disk and the CPU work at once; a bounded queue keeps at most a few instances in memory). A
@@ -179,9 +175,4 @@ def _folder_source(config, params: Mapping[str, Any]) -> FolderSource:
     return FolderSource(str(config.path).format(**params))
 
 
-def _folder_sink(config, params: Mapping[str, Any]) -> FolderSink:
-    return FolderSink(str(config.path).format(**params))
-
-
 register_source("folder", _folder_source)
-register_sink("folder", _folder_sink)

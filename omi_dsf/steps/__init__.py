@@ -1,8 +1,8 @@
 """The step handlers: one module per work item topic, on the contract in `api.py`.
 
   consent       consent.py       the patient's consent for the external AI service
-  pseudonymize  pseudonymize.py  de-identify and pseudonymize the study (omi_dsf.deid)
-  send          send.py          leak check, STOW-RS to the provider's gateway (omi_dsf.transfer)
+  send          send.py          the study, instance by instance: de-identification (omi_dsf.deid),
+                                 leak check, STOW-RS to the provider's gateway (omi_dsf.transfer)
   infer         infer.py         provider: study → AI service → SEG + SR (omi_dsf.inference)
   return        return_.py       results back, re-identified, into the PACS (omi_dsf.transfer)
   (any)         demo.py          answers every item without touching data (`worker --demo`)
@@ -23,7 +23,6 @@ from omi_dsf.steps.api import Handler
 # topic -> "module:function"; a site's `handlers:` may name another for a topic
 HANDLERS = {
     "consent": "omi_dsf.steps.consent:consent",
-    "pseudonymize": "omi_dsf.steps.pseudonymize:pseudonymize",
     "send": "omi_dsf.steps.send:send",
     "infer": "omi_dsf.steps.infer:infer",
     "return": "omi_dsf.steps.return_:return_results",

@@ -1,6 +1,6 @@
 """What a step handler sees: the contract between the worker runtime and the steps.
 
-A handler is a plain callable registered per topic (consent, pseudonymize, send, infer,
+A handler is a plain callable registered per topic (consent, send, infer,
 return; omi_dsf.steps.HANDLERS). It receives the work item's input answers and a context, and
 returns the output answers. A `StepError` is a business failure with a message fit for the
 requester's Task (never patient data); any other exception counts as a transient failure and is
@@ -31,7 +31,7 @@ class StepError(Exception):
 
 @dataclass(frozen=True)
 class StepContext:
-    topic: str                  # e.g. "pseudonymize"
+    topic: str                  # e.g. "send"
     business_key: str           # the DSF process instance's business key
     site: StepSettings          # the site's `steps:` settings (a mapping is validated into them)
     attempt: int = 1

@@ -1,11 +1,29 @@
-"""The requester's `send` step: the pseudonymize step's output → leak check of every object →
-STOW-RS over TLS to the provider's gateway (only instances it does not hold yet) → study-location.
+"""The requester's `send` step: the study from the site's source, instance by instance, through
+de-identification and pseudonymization (omi_dsf.deid) and the leak check, to the provider's
+gateway by STOW-RS over TLS (omi_dsf.transfer.stow) as the instances come → study-location.
 
-Inputs: pseudonymized-study-instance-uid, pseudonymized-study-location (where pseudonymize wrote
-the study), provider-organization.
+Before the first instance is read, the source lists the study's original UIDs (an instance-level
+QIDO-RS of the site's gateway, a C-FIND at its PACS; for a folder, every UID in the files'
+headers), so that the leak check of the first instance already looks for the UIDs of the last.
+Each instance's Part 10 bytes are checked as they will be sent (omi_dsf.deid.pipeline: the
+patient's and the study's identifying values of the instances read so far, every original UID
+listed up front and every original UID of the instances read so far; the de-identification flags)
+and only then handed to the STOW-RS stream, which posts batches on a thread of its own while the
+next instances are read and de-identified. The site store (UID map, removed attributes, embedded
+pseudonyms) is made durable before each batch leaves; the pseudonym and every replacement UID are
+derived from the site key, so a retried step sends the same instances, and the gateway's QIDO-RS
+listing at the start lets it skip what an earlier attempt already stored (exactly once at the
+provider).
 
-Site settings read (`steps:` in the site YAML, `ctx.site` here, omi_dsf.steps.settings):
-pseudonymization (domain, store, sink), providers, send (batching), actor, audit.
+Site configuration, `ctx.site`: pseudonymization (domain, key_file, store, provider, options,
+source, on_refused_instance, pixel_recipes), gateway_url (the default URL of a dicomweb source),
+providers, send (batching), actor, audit.
+Inputs: study-instance-uid, patient-identifier (checked against the instances),
+provider-organization. Outputs: pseudonym, pseudonymized-study-instance-uid, instance-count,
+refused-instance-count, refused-instances, study-location, and where the work item asks for it
+byte-count. A refused instance (policy send-rest) is reported in the outputs, the audit trail and
+the log. With policy refuse-study, a refused instance fails the step; instances posted before it
+stay at the provider's gateway (each passed the leak check), and no inference is started.
 
 Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, organization
 identifiers and URLs of the provider's gateway only.
@@ -13,43 +31,142 @@ identifiers and URLs of the provider's gateway only.
 
 from __future__ import annotations
 
+from omi_dsf.audit import trail
+from omi_dsf.deid import instance_io
+from omi_dsf.deid.config import PseudonymizationSettings
+from omi_dsf.deid.deidentify import uid_for
+from omi_dsf.deid.keys import KeyError_, load_key
+from omi_dsf.deid.leakcheck import text_of
+from omi_dsf.deid.pipeline import StudyPseudonymizer
+from omi_dsf.deid.profile import parse_options
+from omi_dsf.deid.pseudonyms import UnknownPseudonymError, make_provider
+from omi_dsf.deid.pseudonyms.factory import ConfigError
+from omi_dsf.deid.refusal import Refused
 from omi_dsf.deid.store import SiteStore
-from omi_dsf.steps.api import Answers, StepContext, Timings, audit, step_errors, text_input
-from omi_dsf.steps.pseudonymize import pseudonymization_settings
+from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, step_errors, text_input
+from omi_dsf.steps.settings import StepSettings
 from omi_dsf.transfer.errors import TransferError
-from omi_dsf.transfer.outgoing import collect
 from omi_dsf.transfer.provider import open_gateway
-from omi_dsf.transfer.stow import stow_study
+from omi_dsf.transfer.stow import StowStream
+
+IN_STUDY = "study-instance-uid"
+IN_PATIENT = "patient-identifier"
+IN_PROVIDER = "provider-organization"
+
+
+def pseudonymization_settings(site: StepSettings) -> PseudonymizationSettings:
+    """The site's `pseudonymization` settings (return reads them too)."""
+    if site.pseudonymization is None:
+        raise StepError("site configuration steps.pseudonymization is missing")
+    return site.pseudonymization
 
 
 @step_errors(TransferError)
 def send(inputs: Answers, ctx: StepContext) -> Answers:
     t = Timings()
-    pseudo_uid = text_input(inputs, "pseudonymized-study-instance-uid")
-    location = text_input(inputs, "pseudonymized-study-location")
-    organization = text_input(inputs, "provider-organization")
+    study_uid = text_input(inputs, IN_STUDY)
+    patient_id = text_input(inputs, IN_PATIENT, required=False) or None
+    organization = text_input(inputs, IN_PROVIDER)
     cfg = pseudonymization_settings(ctx.site)
-    domain, batching = cfg.domain, ctx.site.send
-    gw = open_gateway(ctx.site.providers, organization)     # config errors before any file is read
+    if cfg.source is None:
+        raise StepError("site configuration steps.pseudonymization needs source")
+    try:
+        key = load_key(cfg.key_file)
+    except KeyError_ as exc:
+        raise StepError(str(exc)) from None
+    batching = ctx.site.send
+    gw = open_gateway(ctx.site.providers, organization)     # config errors before anything is read
+    params = {"study_uid": study_uid, "business_key": ctx.business_key, "gateway_url": ctx.site.gateway_url or ""}
+    pseudo_uid = uid_for(key, cfg.domain, study_uid.strip())
     store = SiteStore(cfg.store)
+    stream = None
+    total = 0
     try:
-        with t.phase("leak_check"):
-            study = collect(cfg, store, pseudo_uid, location)
-    finally:
-        store.close()
-    try:
+        provider = make_provider(cfg.provider, key, store)
+        source = instance_io.open_source(cfg.source, params)
+        run = StudyPseudonymizer(key=key, domain=cfg.domain, provider=provider, store=store,
+                                 options=parse_options(cfg.options), expect_patient_id=patient_id,
+                                 expect_study_uid=study_uid, policy=cfg.on_refused_instance,
+                                 pixel_recipes=cfg.pixel_recipes)
+        with t.phase("list"):
+            originals = source.uids()
+        if study_uid not in originals:
+            raise FileNotFoundError(study_uid)
+        run.identity.add_uids(originals)        # every instance is checked against all of them
         with t.phase("stow"):
-            outcome = stow_study(gw, pseudo_uid, study.files, study.sop_uids,
-                                 batch_bytes=batching.batch_bytes, batch_instances=batching.batch_instances)
+            stream = StowStream(gw, pseudo_uid, batch_bytes=batching.batch_bytes,
+                                batch_instances=batching.batch_instances, before_send=store.sync)
+        # number the instances: file names may carry patient names, and errors go to the Task
+        numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(t.timed("read", source), 1))
+        for out in t.timed("deid", run.process(numbered)):
+            with t.phase("stow"):
+                stream.add(text_of(out.dataset, 0x00080018), out.data)
+            total += len(out.data)
+        refused = [str(r) for r in run.result.refused]
+        if run.result.instances == 0:
+            if refused:
+                raise StepError(f"no instance of the study could be sent: {len(refused)} refused; "
+                                f"the first: {refused[0]}")
+            raise StepError("no instances of the study found in the source")
+        with t.phase("stow"):
+            outcome = stream.finish()
+        with t.phase("sync"):
+            store.sync()
+    except FileNotFoundError:
+        raise StepError("the study was not found in the configured source") from None
+    except (Refused, UnknownPseudonymError, ConfigError, ValueError, instance_io.SourceError) as exc:
+        raise StepError(str(exc)) from None
     finally:
-        study.close()
+        if stream is not None:
+            stream.close()
+        store.close()
         gw.close()
-    ctx.log.info("send %s: %d instances to %s (%d sent now, %d already there)", ctx.business_key,
-                 len(study.sop_uids), organization, outcome.sent, outcome.skipped)
-    audit(ctx, "sent", gw.client_cert, pseudonymized_study_uid=pseudo_uid, instances=len(study.sop_uids),
-          sent_now=outcome.sent, already_there=outcome.skipped,
-          bytes=study.bytes, target=gw.base_url, organization=organization, pseudonym_domain=domain)
+    if run.result.pseudo_study_uid != pseudo_uid:   # the stream's study is the one pseudonymized
+        raise StepError("the study's instances name another study")
+    t.seconds["deid"] = t.seconds.get("deid", 0.0) - t.seconds.get("read", 0.0)  # waiting for the source apart
     t.finish()
+    instances = run.result.instances
+    ctx.log.info("send %s: %d instances (%d bytes) to %s (%d sent now, %d already there)", ctx.business_key,
+                 instances, total, organization, outcome.sent, outcome.skipped)
     ctx.log.info("send %s: timings %s", ctx.business_key, t.summary())
-    return ctx.wanted({"study-location": f"{gw.base_url}/studies/{pseudo_uid}",
-                       "instance-count": len(study.sop_uids), "byte-count": study.bytes})
+    _report_refused(ctx, refused, pseudo_uid)
+    audit(ctx, "sent", gw.client_cert, pseudonymized_study_uid=pseudo_uid, instances=instances,
+          sent_now=outcome.sent, already_there=outcome.skipped,
+          bytes=total, target=gw.base_url, organization=organization, pseudonym_domain=cfg.domain)
+    return ctx.wanted({
+        "pseudonym": run.result.pseudonym,
+        "pseudonymized-study-instance-uid": pseudo_uid,
+        "instance-count": instances,
+        "refused-instance-count": len(refused),
+        "refused-instances": refused_text(refused) or None,
+        "study-location": f"{gw.base_url}/studies/{pseudo_uid}",
+        "byte-count": total,
+    })
+
+
+REFUSED_LINES_MAX = 50   # the work item's answer stays readable; the audit trail has every line
+
+
+def refused_text(refused: list[str]) -> str:
+    """One line per refused instance (at most REFUSED_LINES_MAX, then how many more)."""
+    lines = refused[:REFUSED_LINES_MAX]
+    if len(refused) > REFUSED_LINES_MAX:
+        lines.append(f"... and {len(refused) - REFUSED_LINES_MAX} more (see the site's audit trail)")
+    return "\n".join(lines)
+
+
+def _report_refused(ctx: StepContext, refused: list[str], pseudo_study_uid: str) -> None:
+    """Each refused instance in the step's log and, where the site keeps one, its audit trail.
+    The lines name instances by number and pseudonymized UID only: no patient data."""
+    if not refused:
+        return
+    ctx.log.warning("%d instance(s) refused and not sent for %s (policy send-rest)", len(refused),
+                    ctx.business_key)
+    for line in refused:
+        ctx.log.warning("refused %s", line)
+    if ctx.site.audit:
+        audit_trail = trail(str(ctx.site.audit))
+        for line in refused:
+            audit_trail.record(ctx.business_key, "instance-refused", ctx.site.actor or "omi-worker",
+                               item_id=ctx.item_id or None, attempt=ctx.attempt,
+                               pseudonymized_study_uid=pseudo_study_uid, error=line)

@@ -21,8 +21,7 @@ from omi_dsf.transfer.config import FhirResultsSettings, ProviderSettings, Retur
 # which blocks a topic's step cannot do without (checked at worker start for the topics it serves)
 NEEDS: dict[str, tuple[str, ...]] = {
     "consent": ("consent",),
-    "pseudonymize": ("pseudonymization", "pseudonymization.source", "pseudonymization.sink"),
-    "send": ("pseudonymization", "providers"),
+    "send": ("pseudonymization", "pseudonymization.source", "providers"),
     "return": ("pseudonymization", "providers", "gateway_url"),
 }
 
@@ -34,10 +33,10 @@ class StepSettings(Section):
     consent: ConsentSettings | None = Field(None, description="consent: where consent is looked up "
                                                               "(docs/pseudonymization.md)")
     pseudonymization: PseudonymizationSettings | None = Field(
-        None, description="pseudonymize, send, return: domain, key, site store, pseudonym provider, source, sink")
-    gateway_url: HttpUrl | None = Field(None, description="pseudonymize, return: the site's own OMI gateway in "
-                                                          "front of the legacy PACS (default URL of a dicomweb source "
-                                                          "or sink; return stores the results there by STOW-RS, and "
+        None, description="send, return: domain, key, site store, pseudonym provider, source")
+    gateway_url: HttpUrl | None = Field(None, description="send, return: the site's own OMI gateway in "
+                                                          "front of the legacy PACS (default URL of a dicomweb source; "
+                                                          "return stores the results there by STOW-RS, and "
                                                           "the gateway C-STOREs them into its PACS); infer: the "
                                                           "provider's own gateway")
     gateway_ca_file: ExistingFile | None = Field(None, description="return, infer: the CA of that gateway's server "

@@ -2,7 +2,7 @@
 gateway, which stores them in its PACS by C-STORE (the gateway's default backend).
 
 Site settings (`steps:` in the site YAML, omi_dsf.steps.settings): gateway_url, the DICOMweb base
-URL of the site's gateway (the one pseudonymize reads from), and gateway_ca_file, the CA of its
+URL of the site's gateway (the one the send step reads from), and gateway_ca_file, the CA of its
 server certificate for https (default: the system CAs).
 
 A gateway that does not answer or answers 5xx, or a PACS out of resources, raises a RetryableError

@@ -1,4 +1,5 @@
-"""STOW-RS of a checked study to the provider's gateway, so that a retry never makes a second copy.
+"""STOW-RS of checked instances to the provider's gateway as they come, so that a retry never
+makes a second copy.
 
 Idempotency rests on two things: the instances keep their SOP Instance UIDs on every attempt
 (pseudonymization is deterministic), and before sending we ask the gateway (QIDO-RS) which of
@@ -6,8 +7,10 @@ them it already holds and send only the rest. So a send that crashed after half 
 resumes with the other half; the OMI gateway's store would also replace an instance stored
 again, but a PACS behind another gateway might not.
 
-Each batch is streamed from the files as it is sent (the gateway stores parts while the rest
-arrives), and afterwards the gateway must account for every instance: each one named stored in a
+`StowStream` takes one instance at a time (its Part 10 bytes as the leak check saw them) and posts
+batches on a thread of its own while the caller prepares the next instances; a batch is sent when
+it reaches the batch size (bytes or instances), so the first bytes leave long before the last
+instance is read. Afterwards the gateway must account for every instance: each one named stored in a
 STOW-RS answer (or listed before we sent) and the study's instance count at the gateway exactly
 what that implies; otherwise, or when the gateway gives no count, its full QIDO-RS listing decides
 (the count costs the gateway a few ms, the listing of 200 instances ~0.15 s).
@@ -15,19 +18,20 @@ what that implies; otherwise, or when the gateway gives no count, its full QIDO-
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable
 
-from omi_dsf.dicomweb_client import (BadAnswer, DicomwebBusy, DicomwebError, DicomwebRefused, InstanceChanged,
-                                     StowAnswer)
+from omi_dsf.dicomweb_client import BadAnswer, DicomwebBusy, DicomwebError, DicomwebRefused, StowAnswer
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.provider import ProviderGateway
 
 SOP_UID, FAILED_SOP_SEQ, FAILURE_REASON = "00080018", "00081198", "00081197"
 REFERENCED_SOP_SEQ, REFERENCED_SOP_UID = "00081199", "00081155"
 STUDY_UID, STUDY_INSTANCES = "0020000D", "00201208"
-BATCH_BYTES = 32 << 20
-BATCH_INSTANCES = 64
+BATCH_BYTES = 8 << 20
+BATCH_INSTANCES = 16
 
 
 class GatewayBusy(RuntimeError):
@@ -38,7 +42,7 @@ class GatewayBusy(RuntimeError):
 class StowOutcome:
     sent: int = 0          # instances posted in this attempt
     skipped: int = 0       # already at the gateway from an earlier attempt
-    bytes: int = 0
+    bytes: int = 0         # bytes posted in this attempt
 
 
 def first_value(item: dict, tag: str):
@@ -100,13 +104,10 @@ def study_instance_count(gw: ProviderGateway, study_uid: str) -> int | None:
         return None
 
 
-def _post(gw: ProviderGateway, study_uid: str, batch: list[Path]) -> set[str]:
-    """STOW-RS of one batch, streamed from the files; the SOP Instance UIDs the gateway's answer
-    names as stored."""
+def _post(gw: ProviderGateway, study_uid: str, batch: list[bytes]) -> set[str]:
+    """STOW-RS of one batch; the SOP Instance UIDs the gateway's answer names as stored."""
     try:
-        stow: StowAnswer = gw.translated(gw.dicomweb.store_instances, study_instance_uid=study_uid, files=batch)
-    except InstanceChanged:  # the Content-Length would lie; and it is not what was leak-checked
-        raise TransferError("an instance of the checked study changed while it was being sent") from None
+        stow: StowAnswer = gw.translated(gw.dicomweb.store_instances, batch, study_instance_uid=study_uid)
     except DicomwebError as exc:
         raise as_transfer_error(exc, "STOW-RS") from None
     answer = stow.answer
@@ -128,36 +129,94 @@ def _referenced(answer: dict) -> set[str]:
             and first_value(i, REFERENCED_SOP_UID)}
 
 
-def stow_study(gw: ProviderGateway, study_uid: str, files: list[Path], sop_uids: list[str],
-               batch_bytes: int = BATCH_BYTES, batch_instances: int = BATCH_INSTANCES) -> StowOutcome:
-    """Send the instances the gateway does not hold yet, then check that it holds all of them."""
-    outcome = StowOutcome()
-    have = instances_at_gateway(gw, study_uid)
-    stored: set[str] = set()
-    batch: list[Path] = []
-    size = 0
-    for path, sop in zip(files, sop_uids):
-        if sop in have:
-            outcome.skipped += 1
-            continue
-        batch.append(path)
-        size += path.stat().st_size
-        if size >= batch_bytes or len(batch) >= batch_instances:
-            stored |= _post(gw, study_uid, batch)
-            outcome.sent += len(batch)
-            outcome.bytes += size
-            batch, size = [], 0
-    if batch:
-        stored |= _post(gw, study_uid, batch)
-        outcome.sent += len(batch)
-        outcome.bytes += size
-    wanted = set(sop_uids)
-    # Cheap check first: all accounted for, and the gateway counts as many as that means (an
-    # instance lost after its STOW answer lowers the count). Anything else: the full listing.
-    if wanted <= have | stored and study_instance_count(gw, study_uid) == len(wanted | have):
-        return outcome
-    missing = wanted - instances_at_gateway(gw, study_uid)
-    if missing:
-        raise GatewayBusy(f"the provider's gateway lists {len(sop_uids) - len(missing)} of {len(sop_uids)} "
-                          "instances after STOW-RS")
-    return outcome
+class StowStream:
+    """The instances of one study to the gateway as they are added (`add`), in batches posted by a
+    thread of its own (at most two batches wait for it); `finish` sends the rest and checks that
+    the gateway holds every instance added. An error of the sending thread is raised by the next
+    `add` or by `finish`; `close` stops the thread (after the batch it is posting).
+
+    `before_send` runs before each batch is handed to the thread (the send step makes the site
+    store durable there, so that what leaves can always be re-identified)."""
+
+    QUEUE = 2
+
+    def __init__(self, gw: ProviderGateway, study_uid: str, batch_bytes: int = BATCH_BYTES,
+                 batch_instances: int = BATCH_INSTANCES, before_send: Callable[[], None] = lambda: None):
+        self.gw, self.study_uid = gw, study_uid
+        self.batch_bytes, self.batch_instances = batch_bytes, batch_instances
+        self.before_send = before_send
+        self.outcome = StowOutcome()
+        self.have = instances_at_gateway(gw, study_uid)   # from an earlier attempt
+        self.wanted: set[str] = set()
+        self.stored: set[str] = set()
+        self._batch: list[bytes] = []
+        self._size = 0
+        self._queue: queue.Queue = queue.Queue(self.QUEUE)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def add(self, sop_uid: str, data: bytes) -> None:
+        self._raise_error()
+        self.wanted.add(sop_uid)
+        if sop_uid in self.have:
+            self.outcome.skipped += 1
+            return
+        self._batch.append(data)
+        self._size += len(data)
+        if self._size >= self.batch_bytes or len(self._batch) >= self.batch_instances:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._batch:
+            return
+        self.before_send()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sender, name="omi-stow", daemon=True)
+            self._thread.start()
+        self._queue.put(self._batch)   # waits while two batches are queued: the reading slows down
+        self._batch, self._size = [], 0
+
+    def _sender(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is not None:
+                continue            # drain after a failure; the caller is told once
+            try:
+                self.stored |= _post(self.gw, self.study_uid, batch)
+                self.outcome.sent += len(batch)
+                self.outcome.bytes += sum(len(b) for b in batch)
+            except BaseException as exc:  # kept for the caller
+                self._error = exc
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.close()
+            raise error
+
+    def close(self) -> None:
+        """Stop the sending thread (after the batch it is posting); what is not posted is dropped."""
+        if self._thread is not None:
+            self._batch, self._size = [], 0
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def finish(self) -> StowOutcome:
+        """Send the rest, then check that the gateway holds every instance added."""
+        self._raise_error()
+        self._hand_over()
+        self.close()
+        self._raise_error()
+        wanted, have, stored = self.wanted, self.have, self.stored
+        # Cheap check first: all accounted for, and the gateway counts as many as that means (an
+        # instance lost after its STOW answer lowers the count). Anything else: the full listing.
+        if wanted <= have | stored and study_instance_count(self.gw, self.study_uid) == len(wanted | have):
+            return self.outcome
+        missing = wanted - instances_at_gateway(self.gw, self.study_uid)
+        if missing:
+            raise GatewayBusy(f"the provider's gateway lists {len(wanted) - len(missing)} of {len(wanted)} "
+                              "instances after STOW-RS")
+        return self.outcome

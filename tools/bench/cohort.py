@@ -2,8 +2,8 @@
 1, 4 and 8, and with the requester's workers on one host and on two, against moving the same
 studies one by one with dcmtk (getscu from the requester's PACS + storescu into a second PACS).
 
-Every run is the real request (consent, pseudonymize from the PACS through the site's gateway,
-send over TLS to the provider's gateway, the reference AI service, return into the PACS). "Hosts"
+Every run is the real request (consent, send: pseudonymized from the PACS through the site's gateway
+and on over TLS to the provider's gateway as it goes, the reference AI service, return into the PACS). "Hosts"
 are network namespaces on this machine (omi_dsf/testkit/hosts.py; root and `ip` needed, else
 worker processes side by side), so they share its cores: the figures say what the software does
 with the same CPUs, not what a second machine adds. Baseline and cohort runs alternate.
@@ -119,7 +119,7 @@ def cpu_table(spent: dict[str, float], per: float) -> dict[str, float]:
 def idle_cpu(demo: Demo, seconds: float = 20) -> dict[str, float]:
     """CPU seconds per minute of each component with nothing to do (both sites' workers polling)."""
     dic = demo._spawn("idle-dic-worker", ["worker", "--site", str(demo.sites["dic"]), "--topics",
-                                          "consent,pseudonymize,send,return"])
+                                          "consent,send,return"])
     try:
         time.sleep(5)
         comps = components(demo, [dic.pid])
@@ -142,7 +142,7 @@ def cohort_run(demo: Demo, studies, folder: Path, parallel: int, n_hosts: int) -
     why = hosts.available() if n_hosts > 1 else "one host"
     for h in range(n_hosts):
         args = [sys.executable, "-m", "omi_dsf", "worker", "--site", str(site), "--topics",
-                "consent,pseudonymize,send,return"]
+                "consent,send,return"]
         log = open(folder / f"{name}-worker-{h}.log", "ab")
         if why is None:
             host = hosts.Host(f"bench{h}", ports, folder / f"{name}-host-{h}.log")

@@ -88,7 +88,7 @@ def run_ours(in_dir: Path, out: Path, store_path: Path) -> None:
     for out_ in sp.process(FolderSource(in_dir)):
         sink.write(out_.dataset, out_.data)
     store.sync()
-    sink.close()     # every file complete, as the command and the step wait for it
+    sink.close()     # every file complete, as the command waits for it
     store.close()
 
 

@@ -1,0 +1,48 @@
+"""A provider's gateway for the send step's tests: the project's DICOMweb gateway (store backend)
+over TLS with a test CA made here, and the `steps.providers` entry that reaches it."""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from helpers_pki import issue, make_ca, write_ca, write_pem
+
+from conftest import free_port
+from omi_dsf.dicomweb.config import parse_config
+from omi_dsf.dicomweb.server import BackgroundServer
+
+PROVIDER = "ai.omi.test"
+
+
+@contextmanager
+def provider_gateway(folder: Path) -> Iterator[dict]:
+    """{"providers": the steps.providers block, "store": the gateway's store folder}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = make_ca("OMI send test CA")
+    server = write_pem(folder, "gateway", *issue(ca_key, ca, "gateway.ai.omi.test", ExtendedKeyUsageOID.SERVER_AUTH,
+                                                 [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    ca_file = write_ca(folder / "ca.pem", ca)
+    store = folder / "store"
+    cfg = parse_config({"listen": {"port": free_port()}, "auth": {"anonymous": True}, "default": "INBOX",
+                        "tls": {"certfile": server[0], "keyfile": server[1]},
+                        "backends": {"INBOX": {"type": "store", "path": str(store)}}})
+    with BackgroundServer(cfg) as gw:
+        yield {"providers": {PROVIDER: {"gateway_url": gw.url, "ca_file": ca_file}}, "store": store, "url": gw.url}
+
+
+def instances_at(store: Path, study_uid: str) -> list[Path]:
+    """The files of one study in the provider gateway's store (what was sent)."""
+    if not (store / "index.sqlite").exists():
+        return []
+    with sqlite3.connect(store / "index.sqlite") as db:
+        rows = db.execute("SELECT sop_uid FROM instances WHERE study_uid = ?", (study_uid,)).fetchall()
+    folder = store / "files" / study_uid
+    files = sorted(folder.rglob("*.dcm")) if folder.exists() else []
+    assert len(files) == len(rows)
+    return files
