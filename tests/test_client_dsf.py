@@ -166,8 +166,8 @@ def test_submit_follow_and_fetch_results(world, stop_after):
 
     st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
     assert st["task_status"] == "completed" and st["current"] == "completed"
-    assert [s["state"] for s in st["steps"]] == ["done"] * 5
-    assert st["steps"][3]["updated"]   # infer: when the provider's result message arrived at this site
+    assert [s["state"] for s in st["steps"]] == ["done"] * 4
+    assert st["steps"][2]["updated"]   # infer: when the provider's result message arrived at this site
     assert st["service"] == "lung-seg" and st["provider"] == world["ai_id"]
 
     res = _omi("results", key, "--site", world["dic"], "--json")

@@ -61,8 +61,8 @@ def _broken(mutate) -> list[str]:
 
 @pytest.mark.parametrize("mutate, expected", [
     (lambda r: r["plugin"].update(version="1.0"), r"plugin\.version: '1\.0' is not a DSF plugin version"),
-    (lambda r: r["processes"][0]["steps"][3].update(send="executeSomethingElse"), r"message 'executeSomethingElse' is not defined.*dangling"),
-    (lambda r: r["processes"][0]["steps"].pop(4), r"omiInferenceResult: no receive step waits for it \(dangling message\)"),
+    (lambda r: r["processes"][0]["steps"][2].update(send="executeSomethingElse"), r"message 'executeSomethingElse' is not defined.*dangling"),
+    (lambda r: r["processes"][0]["steps"].pop(3), r"omiInferenceResult: no receive step waits for it \(dangling message\)"),
     (lambda r: r["processes"][0]["steps"][0]["inputs"].append("pseudonym"), r"Questionnaire item 'pseudonym' has no value at this point"),
     (lambda r: r["processes"][0]["steps"][1]["outputs"].append("no-such-code"), r"unknown code 'no-such-code'"),
     (lambda r: r["plugin"]["roles"].update(provider="AI"), r"plugin\.roles\.provider: 'AI' is not a DSF organization-role code"),
@@ -161,7 +161,7 @@ def test_gateway_flows_are_named_and_processes_state_their_history_time_to_live(
             flows = proc.findall("bpmn:sequenceFlow", BPMN_NS)
             sources = [f.get("sourceRef") for f in flows]
             branching += [f for f in flows if sources.count(f.get("sourceRef")) > 1]
-    assert len(branching) >= 12
+    assert len(branching) >= 10         # an error gateway after each work item, and more
     assert all(f.get("name") for f in branching), [f.get("id") for f in branching if not f.get("name")]
 
 
