@@ -307,6 +307,7 @@ class DimseBackend:
         if not missing:
             return set(), set()
         filled, unfilled, fetched = set(), set(), set()
+        by_uid: dict[tuple[str, int], dict[str, Dataset]] = {}   # a study's headers by series/SOP UID
         for ds in records:
             absent = [k for k in missing if k not in ds]
             if not absent:
@@ -323,7 +324,13 @@ class DimseBackend:
             else:
                 tag = SERIES_UID if level == SERIES else SOP_UID
                 want = scope.get(level) or (str(ds[tag].value) if tag in ds else "")
-                source = next((h for h in headers if tag in h and str(h[tag].value) == want), None)
+                index = by_uid.get((study, tag))
+                if index is None:       # once per study, not a scan of its headers per record
+                    index = by_uid[(study, tag)] = {}
+                    for h in headers:
+                        if tag in h:
+                            index.setdefault(str(h[tag].value), h)
+                source = index.get(want)
             if source is None:
                 unfilled.update(absent)
                 continue
