@@ -97,9 +97,13 @@ def parse_accept(body: bytes) -> tuple[dict[int, str], int]:
     length (0: unlimited)."""
     ac = ul.A_ASSOCIATE_AC()
     ac.decode(_whole(A_ASSOCIATE_AC, body))
-    accepted = {cx.context_id: str(cx.transfer_syntax[0]) for cx in ac.to_primitive()
-                .presentation_context_definition_results_list if cx.result == 0 and cx.transfer_syntax}
-    return accepted, _max_length(ac.to_primitive().user_information)
+    # read from the decoded items: pynetdicom's to_primitive() validates every UID of every
+    # context again (about 40 ms for the ~130 contexts a C-GET proposes)
+    accepted = {cx.context_id: str(cx.transfer_syntax) for cx in ac.presentation_context
+                if cx.result == 0 and cx.transfer_syntax}
+    user = ac.user_information
+    max_length = user.maximum_length if user is not None else None
+    return accepted, 16384 if max_length is None else int(max_length)
 
 
 def reject_reason(body: bytes) -> str:
