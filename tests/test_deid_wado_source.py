@@ -178,3 +178,37 @@ def test_read_ahead_keeps_order_and_raises_the_source_error_where_it_happened():
             got.append(item)
     assert got == [0, 1, 2, 3, 4, 5] and closed == [True] and _reader_threads() == 0
     assert list(read_ahead(_counting(50, [], []), 3)) == list(range(50))
+
+
+def test_uid_listing_is_read_in_pages(study, monkeypatch):
+    """A study longer than a page of the up-front listing: every page is asked for (limit/offset),
+    so the UIDs of the last instances are known too."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from omi_dsf.deid import dicomweb_io
+    blobs, first = study
+    rows = json.loads(_listing(blobs))
+    asked = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            query = parse_qs(urlsplit(self.path).query)
+            limit, offset = int(query["limit"][0]), int(query.get("offset", ["0"])[0])
+            asked.append((limit, offset))
+            body = json.dumps(rows[offset:offset + limit]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(dicomweb_io, "LIST_PAGE", 2)
+    with serve(H) as url:
+        found = WadoStudySource(DicomwebClient(Peer(url, timeout=10)), str(first.StudyInstanceUID)).uids()
+    assert asked == [(2, 0), (2, 2)]
+    sops = {str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(b), stop_before_pixels=True).SOPInstanceUID)
+            for b in blobs}
+    assert sops <= found and str(first.StudyInstanceUID) in found

@@ -612,7 +612,7 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
 def test_send_reads_the_study_through_the_site_gateway(site, gateway, pacs, monkeypatch):
-    """Source kind dicomweb: the study's UIDs by one instance-level QIDO-RS of the site's gateway
+    """Source kind dicomweb: the study's UIDs by instance-level QIDO-RS of the site's gateway
     (a C-FIND at dcmqrscp), then the instances by WADO-RS, de-identified and sent as they come: the
     first batch is at the provider before the last instance is read."""
     steps = dict(site["steps"])

@@ -6,7 +6,7 @@ deprecated "verify"/"cert"/"key" are translated with a warning}. The gateway str
 multipart; instances are handed on as they arrive, as their Part 10 bytes (the pipeline parses each
 once), read by a thread up to READ_AHEAD instances ahead of the de-identification (the gateway,
 the reading and the de-identification overlap), so no study is held in memory whole.
-Before the first instance, `uids()` lists the study's instances (one instance-level QIDO-RS of the
+Before the first instance, `uids()` lists the study's instances (instance-level QIDO-RS of the
 study, a C-FIND at a DIMSE gateway): their study, series and SOP instance UIDs.
 """
 
@@ -21,6 +21,7 @@ from .instance_io import SourceError, register_source
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
+LIST_PAGE = 1000        # instances per QIDO-RS page of the up-front listing
 READ_AHEAD = 8          # instances read ahead of the de-identification (~4 MB for CT)
 
 
@@ -48,21 +49,28 @@ class WadoStudySource:
         self.url = f"{dicomweb.url}/studies/{study_uid}"
 
     def uids(self) -> set[str]:
-        """The study, series and SOP instance UIDs of the study's instances (empty: no such study)."""
-        try:
-            items = self.dicomweb.search_for_instances(self.study_uid, fields=[_SERIES, _SOP])
-        except DicomwebRefused as exc:
-            if exc.status == 404:
-                return set()
-            raise SourceError(f"QIDO-RS search of the study's instances failed: HTTP {exc.status}") from None
-        except BadAnswer as exc:
-            raise SourceError(f"QIDO-RS {str(exc).split(': ', 1)[-1]}") from None
+        """The study, series and SOP instance UIDs of the study's instances (empty: no such study),
+        in pages of LIST_PAGE (a gateway cuts an answer without a limit: ours at 1000)."""
         found: set[str] = set()
-        for item in items:
-            for tag in (_STUDY, _SERIES, _SOP):
-                values = (item.get(tag) or {}).get("Value") or [] if isinstance(item, dict) else []
-                found.update(str(v) for v in values if v)
-        return found
+        offset = 0
+        while True:
+            try:
+                items = self.dicomweb.search_for_instances(self.study_uid, fields=[_SERIES, _SOP],
+                                                           limit=LIST_PAGE, offset=offset)
+            except DicomwebRefused as exc:
+                if exc.status == 404:
+                    return found
+                raise SourceError(f"QIDO-RS search of the study's instances failed: HTTP {exc.status}") from None
+            except BadAnswer as exc:
+                raise SourceError(f"QIDO-RS {str(exc).split(': ', 1)[-1]}") from None
+            before = len(found)
+            for item in items:
+                for tag in (_STUDY, _SERIES, _SOP):
+                    values = ((item.get(tag) or {}).get("Value") or []) if isinstance(item, dict) else []
+                    found.update(str(v) for v in values if v)
+            if len(items) < LIST_PAGE or len(found) == before:   # the last page (or a server ignoring offset)
+                return found
+            offset += len(items)
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         n = 0
