@@ -505,3 +505,21 @@ def test_role_based_message_between_sites(bed):
     r = _post_json(bed, ai, ai, _message_task(bed, "omi-inference-execute.xml", ai, ai))
     assert r.status_code == 403, r.text
     assert [i.get("code") for i in r.json()["issue"]] == ["forbidden"]
+
+
+def test_a_plugin_jar_of_another_version_than_the_spec_is_refused(tmp_path, monkeypatch):
+    """A jar built before the spec changed would be deployed and answer every Task 403: the test
+    bed (and so the demo and the e2e bench) refuses it and says how to build the right one."""
+    from omi_dsf.spec.model import load_spec
+    from omi_dsf.testbed import bed as bed_module
+    spec = load_spec().plugin
+    (tmp_path / "dist").mkdir()
+    monkeypatch.setattr(bed_module, "REPO", tmp_path)
+    assert bed_module.default_plugins() == []                      # none built: nothing to deploy
+    (tmp_path / "dist" / f"{spec.name}-0.0.1.0.jar").write_bytes(b"PK")
+    with pytest.raises(UserError, match=rf"{spec.name}-0\.0\.1\.0\.jar, not {spec.name}-{spec.version}\.jar.*"
+                                        r"python -m omi_dsf build"):
+        bed_module.default_plugins()
+    current = tmp_path / "dist" / f"{spec.name}-{spec.version}.jar"
+    current.write_bytes(b"PK")
+    assert current in bed_module.default_plugins()

@@ -45,6 +45,7 @@ from lxml import etree
 from omi_dsf.errors import UserError
 from omi_dsf.peer import http_client
 from omi_dsf.processes import pid_alive, port_free, tail  # noqa: F401 (used by tests and demo too)
+from omi_dsf.spec.model import load_spec
 from omi_dsf.testbed import allowlist
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA, thumbprint
 from omi_dsf.testbed.distribution import Distribution
@@ -284,7 +285,15 @@ def _same_jars(wanted: list[Path], process_dir: Path) -> bool:
 
 
 def default_plugins() -> list[Path]:
-    return sorted((REPO / "dist").glob("*.jar"))
+    """The plugin jars in dist/; UserError when the OMI plugin there is not the version the spec
+    names (a jar built before the spec changed: its BPE would refuse today's Tasks with 403)."""
+    jars = sorted((REPO / "dist").glob("*.jar"))
+    spec = load_spec().plugin
+    mine = [p for p in jars if p.name.startswith(f"{spec.name}-")]
+    if mine and not any(p.name == f"{spec.name}-{spec.version}.jar" for p in mine):
+        raise UserError(f"dist/ holds {', '.join(p.name for p in mine)}, not {spec.name}-{spec.version}.jar "
+                        f"of omi_dsf/spec/omi.yaml: build the plugin first (python -m omi_dsf build)")
+    return jars
 
 
 class TestBed:
