@@ -133,7 +133,7 @@ class StowStream:
     """The instances of one study to the gateway as they are added (`add`), in batches posted by a
     thread of its own (at most two batches wait for it); `finish` sends the rest and checks that
     the gateway holds every instance added. An error of the sending thread is raised by the next
-    `add` or by `finish`; `close` stops the thread (after the batch it is posting).
+    `add` or by `finish`; `close` stops the thread after the batches handed to it.
 
     `before_send` runs before each batch is handed to the thread (the send step makes the site
     store durable there, so that what leaves can always be re-identified)."""
@@ -197,7 +197,8 @@ class StowStream:
             raise error
 
     def close(self) -> None:
-        """Stop the sending thread (after the batch it is posting); what is not posted is dropped."""
+        """Stop the sending thread once it has posted the batches already handed to it (each passed
+        the leak check); the batch still being filled is dropped."""
         if self._thread is not None:
             self._batch, self._size = [], 0
             self._queue.put(None)

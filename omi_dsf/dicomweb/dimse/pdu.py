@@ -98,7 +98,7 @@ def parse_accept(body: bytes) -> tuple[dict[int, str], int]:
     ac = ul.A_ASSOCIATE_AC()
     ac.decode(_whole(A_ASSOCIATE_AC, body))
     # read from the decoded items: pynetdicom's to_primitive() validates every UID of every
-    # context again (about 40 ms for the ~130 contexts a C-GET proposes)
+    # context again (3.9 ms against 1.8 ms for the 128 contexts a C-GET proposes)
     accepted = {cx.context_id: str(cx.transfer_syntax) for cx in ac.presentation_context
                 if cx.result == 0 and cx.transfer_syntax}
     user = ac.user_information
