@@ -17,11 +17,32 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from omi_dsf.errors import UserError
+
+def connect_sqlite(path: str | Path, wait: float = 30.0) -> sqlite3.Connection:
+    """A connection to the SQLite file at ``path`` in WAL mode (readers never wait for the writer),
+    autocommit, usable from any thread, waiting up to ``wait`` seconds for a lock. Processes that
+    start together on one new file (gateway workers, site workers) race to switch it to WAL; that
+    switch takes an exclusive lock SQLite's busy timeout does not wait for ("database is locked" at
+    once), so it is retried here until ``wait`` runs out."""
+    conn = sqlite3.connect(path, timeout=wait, isolation_level=None, check_same_thread=False)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return conn
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.05)
+
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _AUTOINCREMENT = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -117,10 +138,10 @@ class Database:
             except psycopg.OperationalError as exc:
                 reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"database {safe_target(self.url)}: {reason}") from None
-        conn = sqlite3.connect(self.path or ":memory:", timeout=30, isolation_level=None, check_same_thread=False)
-        if not self.memory:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")   # durable at sync(), one fsync per checkpoint
+        if self.memory:
+            return sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        conn = connect_sqlite(self.path)
+        conn.execute("PRAGMA synchronous=NORMAL")   # durable at sync(), one fsync per checkpoint
         return conn
 
     def _conn(self):

@@ -493,3 +493,34 @@ def test_search_results_as_xml(gw, files):
     for doc, item in zip(docs, as_json):
         assert {a.get("tag") for a in doc.findall("d:DicomAttribute", ns)} == set(item)
         assert doc.findtext("d:DicomAttribute[@tag='00081190']/d:Value", None, ns) == _val(item, "00081190")[0]
+
+
+
+def _open_at(args) -> str:
+    what, path, start = args
+    while time.time() < start:   # all at once, as workers forked together
+        pass
+    try:
+        if what == "gateway store":
+            from omi_dsf.dicomweb.backends.store import StoreBackend
+            from omi_dsf.dicomweb.config import StoreBackendConfig
+            StoreBackend(StoreBackendConfig(type="store", path=path)).close()
+        else:
+            from omi_dsf.deid.store import SiteStore
+            SiteStore(f"sqlite:///{path}/site.db").close()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - the answer is what failed
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("what", ["gateway store", "site state"])
+def test_workers_opening_a_new_sqlite_file_together_all_succeed(tmp_path, what):
+    """Workers start at once on one new SQLite file (gateway workers on their store, site workers
+    on the site state): each must open it. Switching a new file to WAL takes a lock SQLite's busy
+    timeout does not wait for; CI saw 'database is locked' from a gateway worker."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        start = time.time() + 0.5
+        with ctx.Pool(6) as pool:
+            assert pool.map(_open_at, [(what, str(tmp_path / str(attempt)), start)] * 6) == ["ok"] * 6

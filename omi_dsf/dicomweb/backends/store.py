@@ -26,6 +26,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from omi_dsf.database import connect_sqlite
+
 from ..attributes import (INSTANCE, LEVEL_ATTRIBUTES, MODALITIES_IN_STUDY, N_SERIES_INSTANCES, N_STUDY_INSTANCES,
                           N_STUDY_SERIES, SERIES, SERIES_UID, SOP_UID, STUDY, STUDY_UID, level_of)
 from ..config import StoreBackendConfig
@@ -100,9 +102,7 @@ class StoreBackend:
         self.root = Path(cfg.path)
         (self.root / "files").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, timeout=30,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect_sqlite(self.root / "index.sqlite")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
