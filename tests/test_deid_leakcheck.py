@@ -92,6 +92,24 @@ def test_file_meta_is_checked(clean):
     assert any("MediaStorageSOPInstanceUID" in h for h in find_leaks(out, identity))
 
 
+@pytest.mark.parametrize("attribute,value", [
+    ("StudyID", "1000"),           # in "1.2.840.10008…", the transfer syntax of the file meta
+    ("StudyID", "840"),
+    ("AccessionNumber", "100"),    # in "ISO_IR 100"
+], ids=["study-id-in-transfer-syntax", "study-id-840", "accession-in-character-set"])
+def test_short_ids_inside_the_standards_own_values_are_no_leak(attribute, value):
+    """A site's short StudyID or accession that happens to occur inside a value the standard fixes
+    (a transfer syntax UID, a character set) is not a leak: the instance leaves."""
+    store = SiteStore()
+    sp = StudyPseudonymizer(key=KEY, domain="omi", provider=EmbeddedProvider(KEY, store), store=store)
+    ds = synthetic.ct_instance()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    setattr(ds, attribute, value)
+    out = sp.process_encoded(ds, "ct")           # the send path: encoded, checked on its bytes
+    assert value in sp.identity.texts            # it was searched for
+    assert out.data[128:132] == b"DICM"
+
+
 def test_name_parts_do_not_match_inside_other_words(clean):
     out, identity = clean
     out.SeriesDescription = "Schneidermann protocol"  # contains the family name, not the name

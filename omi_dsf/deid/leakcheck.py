@@ -17,15 +17,19 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+from pydicom.filereader import read_dataset
+from pydicom.charset import python_encoding
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from . import un
 from .identity import UID_KIND, Identity
 from .refusal import Refused
 
+_CHARSET = 0x00080005
 _TEXT_VRS = {"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"}
 _BINARY_VRS = {"OB", "OW"}                      # may carry text (documents, vendor blobs)
 PIXEL_TAGS = _PIXEL_TAGS = {Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009)}
@@ -195,6 +199,8 @@ class _Walker:
             return ("PatientBirthDate" if any(str(v).strip()[:8] in identity.dates for v in values)
                     else None), RULE_DATE
         if vr == "CS":
+            if tag == _CHARSET:   # the standard's own terms ("ISO_IR 100" holds no accession "100")
+                values = [v for v in values if str(v).strip() not in python_encoding]
             return _first(identity.text_kind(str(v), "ids") for v in values), RULE_CODE
         if vr in _TEXT_VRS and tag in _SAME_FOR_EVERY_PATIENT:
             return _first(identity.text_kind(str(v), "patient") for v in values), RULE_SAME
@@ -260,10 +266,9 @@ def encoded_hits(data: bytes, identity: Identity, codec: str | None,
     view = memoryview(data)
     if _loose(view[:lo], codec, identity) is None and _loose(view[hi:], codec, identity) is None:
         return []
-    ds = pydicom.dcmread(BytesIO(data), force=True)
     walker = _Walker(identity, spans=True)
-    walker.walk(ds.file_meta)
-    walker.walk(ds)
+    for ds in _in_place(data):
+        walker.walk(ds)
     if walker.hits:
         return walker.hits
     masked = bytearray(data)
@@ -274,6 +279,24 @@ def encoded_hits(data: bytes, identity: Identity, codec: str | None,
         return []
     pos, kind = found
     return [Hit(_place(walker.places, pos), RULE_BYTES, kind)]
+
+
+def _in_place(data: bytes) -> tuple[Dataset, Dataset]:
+    """(file meta, dataset) read from Part 10 bytes with every element left undecoded, so that
+    each value's position is known: dcmread decodes the elements it uses itself (TransferSyntaxUID,
+    SpecificCharacterSet), which loses where they are, and bytes no element check explains are
+    searched again with no boundaries ("1.2.840.10008" would hold a StudyID "1000")."""
+    fp = BytesIO(data)
+    if data[128:132] != b"DICM":
+        return Dataset(), pydicom.dcmread(fp, force=True)
+    fp.seek(132)
+    meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                        stop_when=lambda tag, vr, length: tag.group != 2)
+    ts = text_of(meta, 0x00020010)
+    if ts == DeflatedExplicitVRLittleEndian:   # positions are in the inflated stream
+        return meta, pydicom.dcmread(BytesIO(data), force=True)
+    return meta, read_dataset(fp, is_implicit_VR=ts == ImplicitVRLittleEndian,
+                              is_little_endian=ts != ExplicitVRBigEndian)
 
 
 def _place(places: list[tuple[int, int, str]], pos: int | None) -> str:
