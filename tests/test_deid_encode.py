@@ -87,3 +87,31 @@ def test_odd_lengths_and_long_values(tmp_path, length):
     ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
     read = pydicom.dcmread(tmp_path / "odd.dcm")
     assert encode_part10(read)[0] == pydicom_bytes(pydicom.dcmread(tmp_path / "odd.dcm"))
+
+
+def test_file_meta_written_as_read_unless_pydicom_would_change_it(tmp_path, monkeypatch):
+    """A complete file meta is written by us, byte for byte as pydicom writes it; one missing an
+    element pydicom's writer adds (or fills in, or refuses without) goes through pydicom."""
+    from omi_dsf.deid import encode
+
+    path = write_ct_study(tmp_path / "c", slices=1, rows=16, cols=16, seed=2)[0]
+    calls = []
+    real = encode.write_file_meta_info
+    monkeypatch.setattr(encode, "write_file_meta_info", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"   # decoded next to undecoded
+    assert encode_part10(ds)[0] == pydicom_bytes(ds) and calls == []
+    for keyword, value in [("ImplementationVersionName", None), ("FileMetaInformationVersion", b""),
+                           ("ImplementationClassUID", None), ("FileMetaInformationGroupLength", None)]:
+        ds = pydicom.dcmread(path)
+        if value is None:
+            del ds.file_meta[keyword]
+        else:
+            setattr(ds.file_meta, keyword, value)
+        calls.clear()
+        assert encode_part10(ds)[0] == pydicom_bytes(ds), keyword
+        assert calls == ([] if keyword == "FileMetaInformationGroupLength" else [1]), keyword
+    ds = pydicom.dcmread(path)
+    del ds.file_meta.MediaStorageSOPClassUID
+    with pytest.raises(AttributeError, match="Media Storage SOP Class UID"):
+        encode_part10(ds)
