@@ -175,6 +175,53 @@ def test_grpc_request_carries_each_tensor_once_as_raw_contents(packed):
     assert np.array_equal(got["HU"], hu) and got["HU"].dtype == np.int16 and np.array_equal(got["SPACING_MM"], spacing)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_grpc_answer_is_read_without_copying_its_tensors(packed):
+    """The client reads a ModelInferResponse with its raw_output_contents split off as views of the answer
+    (protobuf would copy them): the same outputs and fields as protobuf's own parse, the mask's array a
+    view of the answer's bytes; a cut-off answer is malformed, as protobuf says."""
+    import numpy as np
+    from tritonclient.grpc import service_pb2
+
+    from omi_dsf.inference import tensors
+    from omi_dsf.inference.client import _grpc_outputs, _split_raw_contents
+
+    labels = np.random.default_rng(3).integers(0, 3, (4, 300, 70), dtype=np.uint8)   # > 16 KB: multi-byte lengths
+    volumes = np.array([1500.5, 1400.25], np.float32)
+    response = service_pb2.ModelInferResponse(model_name="lung-seg", model_version="2", id="r-9")
+    response.parameters["model_time_ms"].double_param = 812.5
+    response.parameters["note"].string_param = "x" * 300
+    for name, array in (("LUNG_LABELS", labels), ("LUNG_VOLUME_ML", volumes)):
+        tensor = response.outputs.add(name=name)
+        if packed:
+            tensor.datatype, tensor.shape[:] = "BYTES", [1]
+            for key, value in tensors.packed_parameters(array).items():
+                tensor.parameters[key].string_param = value
+            response.raw_output_contents.append(len(array.tobytes()).to_bytes(4, "little") + array.tobytes())
+        else:
+            tensor.datatype, tensor.shape[:] = tensors.datatype_of(array), list(array.shape)
+            response.raw_output_contents.append(array.tobytes())
+    answer = response.SerializeToString()
+
+    head, raws = _split_raw_contents(answer)
+    assert len(head) < 1000 and len(raws) == 2
+    parsed = service_pb2.ModelInferResponse.FromString(head)
+    assert (parsed.model_name, parsed.model_version, parsed.id) == ("lung-seg", "2", "r-9")
+    assert parsed.parameters["model_time_ms"].double_param == 812.5 and not parsed.raw_output_contents
+    out = _grpc_outputs(parsed, raws)
+    whole = _grpc_outputs(service_pb2.ModelInferResponse.FromString(answer))
+    assert np.array_equal(out["LUNG_LABELS"], labels) and out["LUNG_LABELS"].dtype == np.uint8
+    assert np.array_equal(out["LUNG_VOLUME_ML"], volumes)
+    assert all(np.array_equal(out[k], whole[k]) for k in whole)
+    assert np.shares_memory(out["LUNG_LABELS"], np.frombuffer(answer, np.uint8))   # a view, not a copy
+
+    cut = answer[:-100]   # inside the last raw contents field: handed to protobuf whole, which refuses it
+    head, raws = _split_raw_contents(cut)
+    assert raws is None and head is cut
+    with pytest.raises(Exception, match="(?i)error|truncat"):
+        service_pb2.ModelInferResponse.FromString(head)
+
+
 def test_grpc_port_that_does_not_answer_is_unavailable():
     import numpy as np
 

@@ -300,9 +300,11 @@ class OipClient:
         from tritonclient.grpc import service_pb2
 
         try:
-            response = service_pb2.ModelInferResponse.FromString(answer)
-            del answer
-            out = _grpc_outputs(response)
+            # the small fields parsed by protobuf, the tensors' raw contents as views of the answer: protobuf
+            # would copy them (52 MB for a 200-slice mask)
+            head, raws = _split_raw_contents(answer)
+            response = service_pb2.ModelInferResponse.FromString(head)
+            out = _grpc_outputs(response, raws)
         except TensorError as exc:
             raise OipError(f"malformed response from model '{model}': {exc}") from None
         except Exception as exc:   # protobuf's DecodeError
@@ -434,11 +436,66 @@ def _grpc_parameters(parameters) -> dict[str, Any]:
             if v.WhichOneof("parameter_choice")}
 
 
-def _grpc_outputs(response) -> dict[str, np.ndarray]:
-    """The answer's tensors, from its raw contents (views, no copy) or its typed contents; a packed one
-    (`tensors.packed`) as the numeric tensor it carries."""
+_RAW_OUTPUT_CONTENTS = 6   # ModelInferResponse field 6 (raw_output_contents), repeated bytes
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _split_raw_contents(answer: bytes) -> tuple[bytes | memoryview, list[memoryview] | None]:
+    """A serialized ModelInferResponse as (the message without its raw_output_contents, those contents
+    as views of `answer`, in order), walking its top-level fields by protobuf's wire format; (answer,
+    None) where the walk does not get through it (protobuf then parses it whole, or says what is
+    wrong)."""
+    view = memoryview(answer).cast("B")
+    head: list[memoryview] = []
+    raws: list[memoryview] = []
+    pos, end = 0, len(view)
+    try:
+        while pos < end:
+            start = pos
+            key, pos = _read_varint(view, pos)
+            wire = key & 7
+            if wire == 0:
+                _, pos = _read_varint(view, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length, pos = _read_varint(view, pos)
+                if key >> 3 == _RAW_OUTPUT_CONTENTS and pos + length <= end:
+                    raws.append(view[pos:pos + length])
+                    pos += length
+                    continue
+                pos += length
+            else:   # groups: none in this message
+                return answer, None
+            if pos > end:
+                return answer, None
+            head.append(view[start:pos])
+    except ValueError:
+        return answer, None
+    return b"".join(head), raws
+
+
+def _grpc_outputs(response, raw_outputs: list | None = None) -> dict[str, np.ndarray]:
+    """The answer's tensors, from its raw contents (views, no copy; `raw_outputs` where they were split off
+    the message, `_split_raw_contents`) or its typed contents; a packed one (`tensors.packed`) as the
+    numeric tensor it carries."""
     out = {}
-    raw_outputs = response.raw_output_contents
+    if raw_outputs is None:
+        raw_outputs = response.raw_output_contents
     for index, tensor in enumerate(response.outputs):
         shape = list(tensor.shape)
         if index < len(raw_outputs):
