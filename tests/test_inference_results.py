@@ -191,3 +191,33 @@ def test_a_seg_whose_frames_cannot_be_told_is_made_whole_from_the_mask(made, mon
     assert pydicom.dcmread(BytesIO(blob)).SOPInstanceUID == uids.seg_instance
     with pytest.raises(ValueError, match="5 label slices for 6 source images"):
         prepared.fill(labels[:5])
+
+
+def test_seg_and_sr_from_instances_read_with_their_pixels_left_in_the_bytes_are_the_same(made):
+    """The infer step reads instances with their Pixel Data left in the WADO-RS part (`read_instance`):
+    its SEG and SR are byte for byte those made from instances read whole (but for what differs
+    each time they are made), and making them loads no Pixel Data."""
+    from omi_dsf.inference.volume import PIXEL_DATA, read_instance
+
+    source, labels, volumes, uids, *_ = made
+    parts = [results.to_part10(ds) for ds in source]
+    whole = [pydicom.dcmread(BytesIO(part)) for part in parts]
+    light = [read_instance(part, defer_bytes=1024) for part in parts]   # (64x64 slices: 8 KB)
+
+    def made_from(datasets):
+        seg, seg_blob = results.prepare_segmentation(datasets, ALGO, uids).fill(labels)
+        sr = results.build_measurement_report(datasets, seg, volumes, ALGO, uids)
+        return [_timeless(seg_blob), _timeless(results.to_part10(sr))]
+
+    assert made_from(light) == made_from(whole)
+    assert all(ds.get_item(PIXEL_DATA, keep_deferred=True).value is None for ds in light)
+
+
+def _timeless(part10: bytes) -> bytes:
+    """The object with what differs each time it is made blanked: dates and times (creation, content,
+    contribution) and the SEG's Dimension Organization UID (highdicom draws a new one)."""
+    ds = pydicom.dcmread(BytesIO(part10))
+    for elem in ds.iterall():
+        if elem.VR in ("DA", "TM", "DT") or elem.tag == 0x00209164:
+            elem.value = ""
+    return results.to_part10(ds)

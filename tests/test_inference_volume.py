@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from io import BytesIO
 
 import numpy as np
 import pydicom
 import pytest
 
-from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
+from omi_dsf.inference.volume import PIXEL_DATA, VolumeError, build_volume, pick_series, read_instance
 from omi_dsf.testkit import phantom
 
 
@@ -116,3 +117,58 @@ def test_rescale_slope_and_out_of_range_values_take_the_general_path(series):
     for k, ds in enumerate(vol.datasets):
         assert np.array_equal(vol.hu[k], _general_path(ds)), k
     assert vol.hu[[int(ds.InstanceNumber) for ds in vol.datasets].index(2)].max() == 32767
+
+
+def _part10(ds, syntax=pydicom.uid.ExplicitVRLittleEndian) -> bytes:
+    """`ds` as the Part 10 bytes a WADO-RS part carries, in `syntax`."""
+    ds = copy.deepcopy(ds)
+    ds.file_meta.TransferSyntaxUID = syntax
+    buf = BytesIO()
+    ds.save_as(buf, implicit_vr=syntax == pydicom.uid.ImplicitVRLittleEndian, little_endian=True,
+               enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
+@pytest.mark.parametrize("signed, bits_stored", [(False, 12), (False, 16), (True, 12), (True, 16)])
+def test_pixels_read_from_the_part10_bytes_equal_pydicoms(series, syntax, signed, bits_stored):
+    """An instance read from its bytes (`read_instance`, as WADO-RS parts are) keeps its Pixel Data there:
+    the volume takes uncompressed int16/uint16 samples from those bytes, without loading the value into
+    the dataset, and gets what pydicom's pixel_array gives; the dataset still answers PixelData."""
+    rng = np.random.default_rng(bits_stored + signed)
+    parts = []
+    for ds in fresh(series):
+        raw = rng.integers(0, 1 << (16 if signed else 15), (32, 32)).astype(np.uint16)   # junk above BitsStored
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), bits_stored, bits_stored - 1
+        ds.RescaleIntercept = 0 if signed else -1024
+        ds.PixelData = raw.tobytes()
+        parts.append(_part10(ds, syntax))
+    read = [read_instance(part, defer_bytes=1024) for part in parts]   # (32x32 slices: 2 KB)
+    vol = build_volume(read[::-1])
+    assert all(ds.get_item(PIXEL_DATA, keep_deferred=True).value is None for ds in read)   # never copied in
+    whole = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(BytesIO(part)) for part in parts)}
+    assert np.array_equal(vol.hu, np.stack([_general_path(whole[str(ds.SOPInstanceUID)]) for ds in vol.datasets]))
+    assert read[0].PixelData == whole[str(read[0].SOPInstanceUID)].PixelData
+    assert read[0].file_meta.TransferSyntaxUID == syntax
+
+
+def test_compressed_or_rescaled_instances_read_from_bytes_take_the_general_path(series):
+    """A compressed transfer syntax (RLE Lossless here) and a rescale slope are decoded by pydicom, from
+    the same bytes, as for a dataset read whole; a slice too short for its size still fails by name."""
+    parts = []
+    for k, ds in enumerate(fresh(series)):
+        if k == 1:
+            ds.RescaleSlope = 0.5
+        if k in (2, 4):
+            ds.compress(pydicom.uid.RLELossless, encoding_plugin="pydicom")
+        parts.append(_part10(ds, ds.file_meta.TransferSyntaxUID))
+    vol = build_volume([read_instance(part, 1024) for part in parts])
+    expected = {str(ds.SOPInstanceUID): _general_path(ds) for ds in (pydicom.dcmread(BytesIO(p)) for p in parts)}
+    assert np.array_equal(vol.hu, np.stack([expected[str(ds.SOPInstanceUID)] for ds in vol.datasets]))
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in vol.datasets} == {pydicom.uid.RLELossless,
+                                                                            pydicom.uid.ExplicitVRLittleEndian}
+
+    short = fresh(series)
+    short[3].PixelData = short[3].PixelData[:100]
+    with pytest.raises(VolumeError, match="instance 4: pixel data cannot be decoded"):
+        build_volume([read_instance(_part10(ds), 1024) for ds in short])

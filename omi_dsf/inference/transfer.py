@@ -2,20 +2,20 @@
 through the one DICOMweb client (omi_dsf.dicomweb_client).
 
 WADO-RS: the multipart answer is parsed part by part as it streams in (the gateway's own
-incremental reader), so decoding overlaps the gateway's sending instead of following it. Instances are asked for with transfer-syntax=* (as
-stored): a gateway then need not parse each instance to see whether it must convert it, and the
-volume check decides what it can decode.
+incremental reader), so decoding overlaps the gateway's sending instead of following it; each
+instance's Pixel Data stays in the part's bytes (`volume.read_instance`: the volume takes
+uncompressed pixels from there, not from a copy). Instances are asked for with transfer-syntax=*
+(as stored): a gateway then need not parse each instance to see whether it must convert it, and
+the volume check decides what it can decode.
 STOW-RS: instances go as the Part 10 bytes they already are (a prepared SEG is never re-encoded).
 """
 
 from __future__ import annotations
 
-from io import BytesIO
-
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from omi_dsf.dicomweb_client import BadAnswer, DicomwebClient
+from omi_dsf.inference.volume import read_instance
 
 
 class MultipartError(ValueError):
@@ -25,7 +25,7 @@ class MultipartError(ValueError):
 def retrieve_series(dicomweb: DicomwebClient, study_uid: str, series_uid: str) -> list[Dataset]:
     """All instances of a series, as stored at the gateway."""
     try:
-        return [dcmread(BytesIO(body)) for body in dicomweb.iter_series(study_uid, series_uid, "*")]
+        return [read_instance(body) for body in dicomweb.iter_series(study_uid, series_uid, "*")]
     except BadAnswer as exc:   # truncated or malformed: the runtime retries
         raise MultipartError(str(exc)) from None
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Sequence
 
 import numpy as np
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -19,6 +22,20 @@ AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
 class VolumeError(ValueError):
     """The study cannot become the volume the model needs; the message says why."""
+
+
+PIXEL_DATA = 0x7FE00010
+# A value longer than this stays in the instance's bytes when read (`read_instance`): the Pixel Data of an
+# uncompressed slice (512 KB for 512x512 int16) is read from there as a view, not copied into the dataset
+DEFER_BYTES = 64 * 1024
+
+
+def read_instance(part10: bytes, defer_bytes: int = DEFER_BYTES) -> Dataset:
+    """One instance from its Part 10 bytes (a WADO-RS part) as a dataset whose long values (its Pixel
+    Data) are left in `part10` until asked for: `ds.PixelData` then reads them as pydicom does, and
+    `build_volume` takes uncompressed pixels straight from there (`_pixel_view`) without a copy.
+    The rest is parsed as `dcmread` parses it."""
+    return dcmread(BytesIO(part10), defer_size=defer_bytes)
 
 
 @dataclass
@@ -131,7 +148,7 @@ def _native_hu(ds: Dataset, slope: float, intercept: float, out: np.ndarray) -> 
             or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("PixelRepresentation", 0)) not in (0, 1)):
         return False
     rows, cols = out.shape
-    data = ds.PixelData
+    data = _pixel_view(ds)
     if len(data) < rows * cols * 2:
         return False
     signed = int(ds.PixelRepresentation) == 1
@@ -147,3 +164,19 @@ def _native_hu(ds: Dataset, slope: float, intercept: float, out: np.ndarray) -> 
         return False  # rare: let the general path clip
     np.add(raw.view(np.int16), np.int16(intercept), out=out)
     return True
+
+
+def _pixel_view(ds: Dataset) -> bytes | memoryview:
+    """A slice's Pixel Data value: where it was left in the Part 10 bytes the slice was read from
+    (`read_instance`), a view of them (no copy) once the element header in front of it is checked;
+    else `ds.PixelData`."""
+    elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    buffer = getattr(ds, "buffer", None)
+    if (isinstance(elem, RawDataElement) and elem.value is None and isinstance(buffer, BytesIO)
+            and elem.length != 0xFFFFFFFF):
+        whole = buffer.getvalue()   # the bytes it was made from, not a copy, while nobody wrote to it
+        start, end = elem.value_tell, elem.value_tell + elem.length
+        head = start - (8 if elem.is_implicit_VR else 12)
+        if head >= 0 and end <= len(whole) and whole[head:head + 4] == b"\xe0\x7f\x10\x00":
+            return memoryview(whole)[start:end]
+    return ds.PixelData
