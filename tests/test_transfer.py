@@ -38,6 +38,7 @@ from omi_dsf.deid.deidentify import Deidentifier, uid_for
 from omi_dsf.deid.identity import Identity
 from omi_dsf.deid.keys import load_key
 from omi_dsf.deid.leakcheck import find_leaks
+from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.dicomweb.config import parse_config
 from omi_dsf.dicomweb.server import BackgroundServer
 from omi_dsf.config import ConfigError
@@ -165,14 +166,17 @@ def _send_inputs(pseudo: dict) -> dict:
 
 
 def _plant(monkeypatch, change) -> list[int]:
-    """De-identification gone wrong: `change(n, ds)` edits instance n (1-based) after it was
-    de-identified, before its leak check."""
-    real, calls = Deidentifier.deidentify, []
+    """De-identification gone wrong: `change(n, ds)` edits instance n (1-based, in the order first
+    seen) after it was de-identified, before its leak check, each time it is de-identified (an
+    instance de-identified before the study's UIDs were listed may be de-identified again)."""
+    real, calls, numbers = Deidentifier.deidentify, [], {}
 
     def deidentify(self, ds, *args, **kwargs):
         out = real(self, ds, *args, **kwargs)
-        calls.append(1)
-        change(len(calls), ds)
+        n = numbers.setdefault(str(ds.SOPInstanceUID), len(numbers) + 1)
+        if n > len(calls):
+            calls.append(1)
+        change(n, ds)
         return out
 
     monkeypatch.setattr(Deidentifier, "deidentify", deidentify)
@@ -314,8 +318,10 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
         assert value not in caplog.text   # nor in what the steps logged
     assert "send bk-round-trip: 8 instances" in caplog.text
     # each step says where its time went (phase names and seconds only)
-    assert re.search(r"send bk-round-trip: timings list [\d.]+ s, stow [\d.]+ s, read [\d.]+ s, deid [\d.]+ s, "
-                     r"sync [\d.]+ s, total", caplog.text)
+    line = re.search(r"send bk-round-trip: timings (.*)", caplog.text).group(1)
+    assert re.fullmatch(r"read [\d.]+ s, list [\d.]+ s, deid [\d.]+ s, stow [\d.]+ s, sync [\d.]+ s, total [\d.]+ s, "
+                        r"(gateway listing|listing) [\d.]+ s \(alongside reading\), "
+                        r"(gateway listing|listing) [\d.]+ s \(alongside reading\)", line), line
     assert re.search(r"return bk-round-trip: timings wado [\d.]+ s, reidentify [\d.]+ s, fhir [\d.]+ s, "
                      r"stow [\d.]+ s, total", caplog.text)
 
@@ -621,8 +627,17 @@ def test_send_reads_the_study_through_the_site_gateway(site, gateway, pacs, monk
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
     assert pacs.load(paths) == SLICES
     seen_at_gateway = []
-    _plant(monkeypatch, lambda n, ds: seen_at_gateway.append(_at_gateway(gateway[1], pseudo_uid)[0])
-           if n == SLICES else None)
+
+    def at_gateway_while_the_last_is_deidentified(n, ds):
+        if n == SLICES:     # the first batches leave on their own: wait for them here, not for the end
+            deadline = time.monotonic() + 20
+            while _at_gateway(gateway[1], pseudo_uid)[0] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen_at_gateway.append(_at_gateway(gateway[1], pseudo_uid)[0])
+    _plant(monkeypatch, at_gateway_while_the_last_is_deidentified)
+    # the listing runs alongside the reading; the instances read meanwhile wait for it, at most
+    # two here (the default holds more than this study)
+    monkeypatch.setattr(StudyPseudonymizer, "HOLD_INSTANCES", 2)
     out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-wado", send={"batch_instances": 2}))
     assert out["instance-count"] == SLICES and out["pseudonymized-study-instance-uid"] == pseudo_uid
     assert _at_gateway(gateway[1], pseudo_uid) == (SLICES, SLICES)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, Protocol, Union
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -124,6 +125,24 @@ def _check_complete(ds: Dataset, name: str) -> None:
         raise DeidError(f"truncated: PixelData (7FE0,0010) has {have} of {expected} bytes").locate(name)
 
 
+class Listing(Protocol):
+    """The study's original UIDs as they are being listed (concurrent.futures.Future fits)."""
+    def done(self) -> bool: ...
+    def result(self) -> set[str]: ...
+
+
+@dataclass
+class _Ready:
+    """A de-identified, encoded instance before its leak check, and what it was made from."""
+    ds: Dataset
+    data: bytes
+    pixels: tuple[int, int]
+    item: Instance
+    name: str
+    instance: str
+    size: int
+
+
 @dataclass
 class Outgoing:
     """A de-identified instance that passed the leak check, and its Part 10 bytes as checked."""
@@ -165,17 +184,63 @@ class StudyPseudonymizer:
         self._patient_id: str | None = None
         self._stored_studies: set[str] = set()
 
-    def process(self, instances: Iterable[tuple[str, Instance]]) -> Iterator[Outgoing]:
-        """One instance at a time: read, de-identify, encode, leak-check; nothing is buffered."""
+    # While the listing of the study's UIDs is still under way, at most this many instances wait
+    # de-identified for their leak check (their bytes as read and as encoded count).
+    HOLD_INSTANCES = 64
+    HOLD_BYTES = 96 << 20
+
+    def process(self, instances: Iterable[tuple[str, Instance]], listing: Listing | None = None
+                ) -> Iterator[Outgoing]:
+        """One instance at a time: read, de-identify, encode, leak-check; nothing is buffered.
+
+        With `listing` (the study's original UIDs still being listed: a Future), instances are
+        read, de-identified and encoded while it runs, and wait (at most HOLD_INSTANCES or
+        HOLD_BYTES, then the listing is waited for) for their leak check until every listed UID
+        is in `identity`: none is checked, and none yielded, before that. An instance that then
+        fails the check is de-identified again with every UID known (the C actions scrub what
+        they know) and checked again, so the outcome is that of listing first. An error of the
+        listing is raised by this generator."""
+        held: deque[_Ready] = deque()
+        size = 0
         for name, item in instances:
-            try:
-                out = self.process_encoded(item, name)
-            except Refused as exc:
-                if self.policy != "send-rest":
-                    raise
-                self.result.refused.append(exc)
+            ready = self._unless_refused(self._prepare, item, name)
+            if ready is None:
                 continue
-            yield out
+            if listing is None:
+                out = self._unless_refused(self._check, ready)
+                if out is not None:
+                    yield out
+                continue
+            held.append(ready)
+            size += ready.size + len(ready.data)
+            if not listing.done() and len(held) < self.HOLD_INSTANCES and size < self.HOLD_BYTES:
+                continue
+            self.take_listing(listing)
+            listing = None
+            yield from self._release(held)
+        if listing is not None:
+            self.take_listing(listing)
+        yield from self._release(held)
+
+    def take_listing(self, listing: Listing) -> None:
+        """Wait for the study's original UIDs; every later leak check looks for all of them."""
+        self.identity.add_uids(listing.result())
+
+    def _release(self, held: deque) -> Iterator[Outgoing]:
+        while held:
+            ready = held.popleft()
+            out = self._unless_refused(self._check_held, ready)
+            if out is not None:
+                yield out
+
+    def _unless_refused(self, fn, *args):
+        try:
+            return fn(*args)
+        except Refused as exc:
+            if self.policy != "send-rest":
+                raise
+            self.result.refused.append(exc)
+            return None
 
     def process_one(self, item: Instance, name: str = "instance") -> Dataset:
         return self.process_encoded(item, name).dataset
@@ -183,16 +248,36 @@ class StudyPseudonymizer:
     def process_encoded(self, item: Instance, name: str = "instance") -> Outgoing:
         """One instance; a `Refused` (DeidError, LeakError) names the file, the instance (its
         pseudonymized SOPInstanceUID), the attribute and the rule."""
+        return self._check(self._prepare(item, name))
+
+    def _prepare(self, item: Instance, name: str) -> "_Ready":
         instance = ""
         try:
             ds = read_instance(item, name)
             original_sop = text_of(ds, 0x00080018)
             instance = uid_for_name(self.key, self.domain, original_sop)
-            return self._process(ds, item, name)
+            return self._deidentify(ds, item, name, instance)
         except Refused as exc:
             raise exc.locate(name, instance)
 
-    def _process(self, ds: Dataset, item: Instance, name: str) -> Outgoing:
+    def _check(self, ready: "_Ready") -> Outgoing:
+        hits = encoded_hits(ready.data, self.identity, codec_of(ready.ds), ready.pixels)
+        if hits:
+            raise LeakError(hits=hits).locate(ready.name, ready.instance)
+        self.result.instances += 1
+        self.result.bytes_in += ready.size
+        return Outgoing(ready.ds, ready.data)
+
+    def _check_held(self, ready: "_Ready") -> Outgoing:
+        """The check of an instance de-identified before the listing was in."""
+        try:
+            return self._check(ready)
+        except LeakError:
+            if isinstance(ready.item, Dataset):
+                raise                       # changed in place: there is no original to start again from
+        return self._check(self._prepare(ready.item, ready.name))
+
+    def _deidentify(self, ds: Dataset, item: Instance, name: str, instance: str) -> "_Ready":
         size = len(item) if isinstance(item, (bytes, bytearray)) else (
             Path(item).stat().st_size if isinstance(item, (str, os.PathLike)) and Path(item).exists() else 0)
         patient_id = text_of(ds, 0x00100020)
@@ -232,13 +317,7 @@ class StudyPseudonymizer:
         self._clean_pixels(ds)
         check_flags(ds)
         data, pixels_start, pixels_end = _encode(ds, PIXEL_TAGS)
-        hits = encoded_hits(data, self.identity, codec_of(ds), (pixels_start, pixels_end))
-        if hits:
-            raise LeakError(hits=hits)
-        self.result.instances += 1
-        self.result.bytes_in += size
-        return Outgoing(ds, data)
-
+        return _Ready(ds, data, (pixels_start, pixels_end), item, name, instance, size)
 
     def _clean_pixels(self, ds: Dataset) -> None:
         """Pixels that may show text are cleaned by the first recipe covering the image, else

@@ -96,13 +96,15 @@ class Timings:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.overlapped: dict[str, float] = {}
+        self._alongside: dict[str, str] = {}
         self._start = time.perf_counter()
 
-    def background(self, name: str, fn, *args):
+    def background(self, name: str, fn, *args, alongside: str = "the model", **kwargs):
         start = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
+            self._alongside[name] = alongside
             self.overlapped[name] = time.perf_counter() - start
 
     @contextmanager
@@ -131,5 +133,6 @@ class Timings:
 
     def summary(self) -> str:
         return ", ".join([f"{k} {v:.2f} s" for k, v in self.seconds.items()]
-                         + [f"{k} {v:.2f} s (alongside the model)" for k, v in self.overlapped.items()])
+                         + [f"{k} {v:.2f} s (alongside {self._alongside.get(k, 'the model')})"
+                            for k, v in self.overlapped.items()])
 
