@@ -119,6 +119,27 @@ def test_rescale_slope_and_out_of_range_values_take_the_general_path(series):
     assert vol.hu[[int(ds.InstanceNumber) for ds in vol.datasets].index(2)].max() == 32767
 
 
+@pytest.mark.parametrize("signed, bits_stored, intercept, low, high", [
+    (False, 16, -32768, 30000, 65535),   # unsigned above int16, brought back by the intercept
+    (False, 16, -1024, 0, 40000),        # unsigned above int16 after the intercept: clipped
+    (True, 16, -1024, -32768, 1000),     # below int16 after the intercept: clipped
+    (True, 16, 1024, -100, 32767),       # above: clipped
+    (True, 16, -1024, -20000, 20000),    # the bits allow leaving int16, these values do not
+    (False, 15, 16384, 0, 32767),        # 15 stored bits + intercept reach past int16
+])
+def test_values_near_the_int16_limits_equal_pydicom_decoding(series, signed, bits_stored, intercept, low, high):
+    dss = fresh(series)
+    rng = np.random.default_rng(abs(intercept))
+    for ds in dss:
+        raw = rng.integers(low, high, (32, 32), endpoint=True).astype(np.int16 if signed else np.uint16)
+        raw[0, :2] = low, high
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), bits_stored, bits_stored - 1
+        ds.RescaleIntercept = intercept
+        ds.PixelData = raw.tobytes()
+    vol = build_volume(dss)
+    assert np.array_equal(vol.hu, np.stack([_general_path(ds) for ds in vol.datasets]))
+
+
 def _part10(ds, syntax=pydicom.uid.ExplicitVRLittleEndian) -> bytes:
     """`ds` as the Part 10 bytes a WADO-RS part carries, in `syntax`."""
     ds = copy.deepcopy(ds)

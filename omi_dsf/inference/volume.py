@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+_AXIAL = AXIAL.tolist()
 
 
 class VolumeError(ValueError):
@@ -82,6 +83,7 @@ def build_volume(datasets: Sequence[Dataset], min_slices: int = 1, max_slices: i
     if max_slices is not None and n > max_slices:
         raise VolumeError(f"series has {n} slices, more than the model's limit of {max_slices}")
     first = datasets[0]
+    first_size = first_spacing = None
     for ds in datasets:
         label = f"instance {ds.get('InstanceNumber', '?')}"
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "PixelData"):
@@ -89,14 +91,18 @@ def build_volume(datasets: Sequence[Dataset], min_slices: int = 1, max_slices: i
                 raise VolumeError(f"{label} lacks {keyword}")
         if ds.get("Modality") != "CT":
             raise VolumeError(f"{label} has modality {ds.get('Modality', 'none')}, the model needs CT")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+        if first_size is None:
+            first_size, first_spacing = (first.Rows, first.Columns), [float(v) for v in first.PixelSpacing]
+        if (ds.Rows, ds.Columns) != first_size:
             raise VolumeError(f"{label} is {ds.Rows}x{ds.Columns}, others are {first.Rows}x{first.Columns}")
-        if not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in first.PixelSpacing], atol=1e-4):
+        # (the same values, as they mostly are, pass without numpy's comparison)
+        spacing = [float(v) for v in ds.PixelSpacing]
+        if spacing != first_spacing and not np.allclose(spacing, first_spacing, atol=1e-4):
             raise VolumeError(f"{label} has pixel spacing {list(ds.PixelSpacing)}, others {list(first.PixelSpacing)}")
-        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
-        if not np.allclose(orientation, AXIAL, atol=1e-3):
-            raise VolumeError(f"{label} is not an axial slice in standard orientation "
-                              f"(ImageOrientationPatient {orientation.round(3).tolist()}, expected 1\\0\\0\\0\\1\\0)")
+        orientation = [float(v) for v in ds.ImageOrientationPatient]
+        if orientation != _AXIAL and not np.allclose(orientation, AXIAL, atol=1e-3):
+            raise VolumeError(f"{label} is not an axial slice in standard orientation (ImageOrientationPatient "
+                              f"{np.array(orientation).round(3).tolist()}, expected 1\\0\\0\\0\\1\\0)")
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise VolumeError(f"{label} is not a grayscale image")
     # normal of 1\0\0\0\1\0 is +z; sort cranial (highest z) first as the model expects
@@ -154,15 +160,25 @@ def _native_hu(ds: Dataset, slope: float, intercept: float, out: np.ndarray) -> 
     signed = int(ds.PixelRepresentation) == 1
     raw = np.frombuffer(data, "<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
     bits = int(ds.get("BitsStored", 16) or 16)
-    if 0 < bits < 16:
-        if signed:  # sign-extend from the top stored bit
-            raw = (raw << (16 - bits)) >> (16 - bits)
-        else:
-            raw = raw & np.uint16((1 << bits) - 1)
-    low, high = int(raw.min()) + int(intercept), int(raw.max()) + int(intercept)
-    if low < -32768 or high > 32767 or (not signed and int(raw.max()) > 32767):
-        return False  # rare: let the general path clip
-    np.add(raw.view(np.int16), np.int16(intercept), out=out)
+    bits = bits if 0 < bits < 16 else 16
+    offset = int(intercept)
+    # the stored bits into `out` itself (no array in between): masked, or sign-extended from the top stored bit
+    samples = out if signed else out.view(np.uint16)
+    if bits == 16:
+        np.copyto(samples, raw)
+    elif signed:
+        np.left_shift(raw, 16 - bits, out=out)
+        np.right_shift(out, 16 - bits, out=out)
+    else:
+        np.bitwise_and(raw, np.uint16((1 << bits) - 1), out=samples)
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if low + offset < -32768 or high + offset > 32767 or high > 32767:
+        # values the stored bits allow would leave int16: look at the ones there are
+        low, high = int(samples.min()), int(samples.max())
+        if low + offset < -32768 or high + offset > 32767 or high > 32767:
+            return False  # rare: let the general path clip
+    if offset:
+        np.add(out, np.int16(offset), out=out)
     return True
 
 
