@@ -221,3 +221,17 @@ def _timeless(part10: bytes) -> bytes:
         if elem.VR in ("DA", "TM", "DT") or elem.tag == 0x00209164:
             elem.value = ""
     return results.to_part10(ds)
+
+
+@pytest.mark.parametrize("volumes", [(1523.45, 1400.04), (0.0, 3.0), (12.0, 1e-3)])
+def test_prepared_report_equals_the_one_made_with_the_volumes(made, volumes):
+    """The SR made before the volumes are known (while the model runs) and filled in afterwards is
+    byte for byte the one made with them (but for its dates and times), its volumes read back."""
+    source, _labels, _v, uids, seg, *_ = made
+    prepared = results.prepare_measurement_report(source, seg, ALGO, uids)
+    sr, blob = prepared.fill(volumes)
+    direct = results.to_part10(results.build_measurement_report(source, seg, volumes, ALGO, uids))
+    assert _timeless(blob) == _timeless(direct)
+    assert results.read_measurement_report(pydicom.dcmread(BytesIO(blob)))[1] == tuple(round(v, 1) for v in volumes)
+    with pytest.raises(ValueError, match="1 volumes for 2 lungs"):
+        prepared.fill(volumes[:1])

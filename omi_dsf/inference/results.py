@@ -225,12 +225,7 @@ def build_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation
             finding_type=codes.SCT.Lung,
             finding_sites=[hd.sr.FindingSite(site)],
             algorithm_id=algo,
-            measurements=[hd.sr.Measurement(
-                name=codes.SCT.Volume,
-                value=round(float(volume), 1),
-                unit=hd.sr.CodedConcept("ml", "UCUM", "milliliter"),
-                algorithm_id=algo,
-            )],
+            measurements=[_volume_measurement(volume, algo)],
         ))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -253,6 +248,58 @@ def build_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation
         is_complete=True,
         series_description=f"AI lung volumes ({algorithm.name} {algorithm.version})",
     )
+
+
+def _volume_measurement(volume_ml: float, algo: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=codes.SCT.Volume,
+        value=round(float(volume_ml), 1),
+        unit=hd.sr.CodedConcept("ml", "UCUM", "milliliter"),
+        algorithm_id=algo,
+    )
+
+
+@dataclass
+class PreparedReport:
+    """The SR made before the volumes are known, to be filled in once they are.
+
+    All of the SR but its two volumes follows from the source images and the SEG's header: the
+    infer step makes it while the model runs (highdicom's construction: the evidence of every
+    source image and the content tree); `fill` then puts each lung's volume into its measurement
+    as highdicom encodes a measurement, and encodes the SR."""
+
+    sr: hd.sr.Comprehensive3DSR
+    numbers: list[Dataset]       # per lung, in SEGMENTS' order: the SR's NUM content item of its volume
+    algorithm: Algorithm
+
+    def fill(self, volumes_ml: tuple[float, float]) -> tuple[hd.sr.Comprehensive3DSR, bytes]:
+        """The SR with `volumes_ml` (right, left) and its Part 10 bytes."""
+        if len(volumes_ml) != len(self.numbers):
+            raise ValueError(f"{len(volumes_ml)} volumes for {len(self.numbers)} lungs")
+        algo = hd.sr.AlgorithmIdentification(name=self.algorithm.name, version=self.algorithm.version)
+        for item, volume in zip(self.numbers, volumes_ml):
+            item.MeasuredValueSequence = _volume_measurement(volume, algo)[0].MeasuredValueSequence
+        return self.sr, to_part10(self.sr)
+
+
+def prepare_measurement_report(source: Sequence[Dataset], seg: hd.seg.Segmentation, algorithm: Algorithm,
+                               uids: ResultUids) -> PreparedReport:
+    """Everything of the lung SR (`build_measurement_report`) but the volumes; `seg` needs only its
+    header (a prepared SEG's, before its mask is filled in)."""
+    sr = build_measurement_report(source, seg, (0.0, 0.0), algorithm, uids)
+    numbers: list[Dataset] = []
+
+    def walk(items: Sequence[Dataset]) -> None:
+        for item in items:
+            if (item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == codes.SCT.Volume.value
+                    and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == "SCT"):
+                numbers.append(item)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    if len(numbers) != len(SEGMENTS):
+        raise ValueError(f"the lung SR holds {len(numbers)} volume measurements, not {len(SEGMENTS)}")
+    return PreparedReport(sr, numbers, algorithm)
 
 
 def read_measurement_report(sr: Dataset) -> tuple[Algorithm, tuple[float, float], ResultUids]:

@@ -214,15 +214,24 @@ def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: Dicomweb
         ctx.log.info("infer %s: %d slices to model %s", ctx.business_key, volume.hu.shape[0], model)
 
         uids = results.result_uids(volume.series_uid, algorithm)
-        # The SEG's header depends on the source images only: make and encode it while the model runs,
-        # starting once the volume is sent (its GIL-heavy start would otherwise hold up the sending).
+        # The SEG's header depends on the source images only, the SR's on them and the SEG's header: make
+        # them (and encode the SEG's) while the model runs, starting once the volume is sent (their GIL-heavy
+        # start would otherwise hold up the sending); the answer then only fills in the mask and the volumes.
         background = ThreadPoolExecutor(1, thread_name_prefix="infer-seg")
         prepared: list[Future] = []
+
+        def prepare_report(seg: Future) -> results.PreparedReport | None:
+            made = seg.result()
+            if not isinstance(made, results.PreparedSegmentation):
+                return None   # a SEG made whole from the mask: the SR after it
+            return t.background("sr_prepare", results.prepare_measurement_report, volume.datasets, made.seg,
+                                algorithm, uids)
 
         def prepare() -> None:
             if not prepared:
                 prepared.append(background.submit(t.background, "seg_prepare", results.prepare_segmentation,
                                                   volume.datasets, algorithm, uids))
+                prepared.append(background.submit(prepare_report, prepared[0]))
         try:
             oip_times: dict[str, float] = {}
             busy_until = time.monotonic() + timeout
@@ -257,12 +266,16 @@ def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: Dicomweb
             with t.phase("seg"):
                 prepare()  # (a server that answered before reading the whole request)
                 seg, seg_bytes = prepared[0].result().fill(labels)
+            with t.phase("sr"):
+                report = prepared[1].result()
+                if report is not None:
+                    sr, sr_bytes = report.fill(volumes_ml)
+                else:
+                    sr = results.build_measurement_report(volume.datasets, seg, volumes_ml, algorithm, uids)
+                    sr_bytes = results.to_part10(sr)
         finally:
             background.shutdown(wait=False, cancel_futures=True)
 
-    with t.phase("sr"):
-        sr = results.build_measurement_report(volume.datasets, seg, volumes_ml, algorithm, uids)
-        sr_bytes = results.to_part10(sr)
     with t.phase("stow"):
         transfer.store_instances(dicomweb, [seg_bytes, sr_bytes])
     ctx.log.info("infer %s: stored SEG and SR (%s %s)", ctx.business_key, algorithm.name, algorithm.version)
