@@ -205,6 +205,8 @@ def _late_listing_source(datasets, listed, fail_reading=None):
     read = threading.Event()
 
     class LateListingSource:
+        lists_alongside_reading = True
+
         def __iter__(self):
             try:
                 for n, ds in enumerate(datasets):

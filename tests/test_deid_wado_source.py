@@ -49,11 +49,13 @@ def _handler(status: int, body: bytes, ctype: str = f'multipart/related; type="a
         def do_GET(self):
             H.seen.append((self.path, self.headers.get("Accept", "")))
             if listing is not None and self.path.split("?")[0].endswith("/instances"):
+                time.sleep(0.2)     # a PACS's C-FIND takes a while: a reading alongside would come first
                 self.send_response(200)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(listing)))
                 self.end_headers()
                 self.wfile.write(listing)
+                H.seen.append(("listed", ""))
                 return
             self.send_response(status)
             self.send_header("Content-Type", ctype)
@@ -125,11 +127,16 @@ def test_step_over_wado_source(study, tmp_path):
     inputs = {"study-instance-uid": str(first.StudyInstanceUID), "provider-organization": PROVIDER}
     with provider_gateway(tmp_path / "provider") as provider:
         site["providers"] = provider["providers"]
-        with serve(_handler(200, _body(blobs), listing=_listing(blobs))) as url:
+        handler = _handler(200, _body(blobs), listing=_listing(blobs))
+        with serve(handler) as url:
             ctx = StepContext(topic="send", business_key="bk", site={**site, "gateway_url": url},
                               outputs=("instance-count", "byte-count", "pseudonymized-study-instance-uid"))
             out = send(inputs, ctx)
         assert out["instance-count"] == 3
+        # the listing is answered before the WADO-RS request is made (a PACS may serve a C-FIND
+        # only after a C-GET of the study, which waits for the reader: never alongside)
+        assert [path.split("?")[0].rsplit("/", 1)[-1] for path, _ in handler.seen] == [
+            "instances", "listed", str(first.StudyInstanceUID)]
         written = instances_at(provider["store"], out["pseudonymized-study-instance-uid"])
         assert len(written) == 3
         ds = pydicom.dcmread(written[0])

@@ -1,4 +1,4 @@
-"""DICOMweb as an instance source (a QIDO-RS listing of the study, and WADO-RS one instance at a time).
+"""DICOMweb as an instance source (QIDO-RS listing up front, then WADO-RS one instance at a time).
 
 Source config: {"kind": "dicomweb", "url": DICOMweb base (else the site's gateway_url), and the
 peer keys (omi_dsf.peer): "ca_file", "client_cert", "client_key", "token_file", "timeout"; the
@@ -6,9 +6,8 @@ deprecated "verify"/"cert"/"key" are translated with a warning}. The gateway str
 multipart; instances are handed on as they arrive, as their Part 10 bytes (the pipeline parses each
 once), read by a thread up to READ_AHEAD instances ahead of the de-identification (the gateway,
 the reading and the de-identification overlap), so no study is held in memory whole.
-`uids()` lists the study's instances (instance-level QIDO-RS of the study, a C-FIND at a DIMSE
-gateway): their study, series and SOP instance UIDs, on a connection of its own, so the send step
-runs it alongside the reading.
+Before the first instance, `uids()` lists the study's instances (instance-level QIDO-RS of the
+study, a C-FIND at a DIMSE gateway): their study, series and SOP instance UIDs.
 """
 
 from __future__ import annotations
@@ -42,31 +41,29 @@ class WadoTruncated(PeerUnreachable):
 
 
 class WadoStudySource:
-    """WADO-RS of a study, parsed part by part as it streams in (the gateway's own reader)."""
+    """WADO-RS of a study, parsed part by part as it streams in (the gateway's own reader).
 
-    def __init__(self, dicomweb: DicomwebClient, study_uid: str, listing: DicomwebClient | None = None):
+    The listing comes first, not alongside the reading: a PACS may answer a C-FIND only once a
+    C-GET of the same study in progress has ended (dcmqrscp does: a QIDO-RS of a study whose
+    WADO-RS had begun answered after it, 1.26 s against 0.79 s for the WADO-RS, and not at all
+    while the reader stalled), and the send step stops reading while instances wait for the
+    listing: each would wait for the other until the gateway's timeout."""
+
+    lists_alongside_reading = False
+
+    def __init__(self, dicomweb: DicomwebClient, study_uid: str):
         self.dicomweb = dicomweb
-        self.listing = listing          # a client of its own: the listing runs alongside the reading
         self.study_uid = study_uid
         self.url = f"{dicomweb.url}/studies/{study_uid}"
 
     def uids(self) -> set[str]:
         """The study, series and SOP instance UIDs of the study's instances (empty: no such study),
-        in pages of LIST_PAGE (a gateway cuts an answer without a limit: ours at 1000). May run
-        on another thread while the instances are read (then on the `listing` client, closed here)."""
-        if self.listing is None:
-            return self._uids(self.dicomweb)
-        try:
-            return self._uids(self.listing)
-        finally:
-            self.listing.close()
-
-    def _uids(self, client: DicomwebClient) -> set[str]:
+        in pages of LIST_PAGE (a gateway cuts an answer without a limit: ours at 1000)."""
         found: set[str] = set()
         offset = 0
         while True:
             try:
-                items = client.search_for_instances(self.study_uid, fields=[_SERIES, _SOP],
+                items = self.dicomweb.search_for_instances(self.study_uid, fields=[_SERIES, _SOP],
                                                            limit=LIST_PAGE, offset=offset)
             except DicomwebRefused as exc:
                 if exc.status == 404:
@@ -102,8 +99,7 @@ class WadoStudySource:
 
 
 def _source(config, params: Mapping[str, Any]) -> WadoStudySource:
-    return WadoStudySource(_client(config, params, "source", 60), params["study_uid"],
-                           listing=_client(config, params, "source", 60))
+    return WadoStudySource(_client(config, params, "source", 60), params["study_uid"])
 
 
 register_source("dicomweb", _source)

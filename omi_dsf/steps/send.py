@@ -3,12 +3,14 @@ de-identification and pseudonymization (omi_dsf.deid) and the leak check, to the
 gateway by STOW-RS over TLS (omi_dsf.transfer.stow) as the instances come → study-location.
 
 The source lists the study's original UIDs (an instance-level QIDO-RS of the site's gateway, a
-C-FIND at its PACS; for a folder, every UID in the files' headers) on a thread of its own while
-the first instances are read, de-identified and encoded; none of them is leak-checked, and none
-leaves, before the listing is in, so that the check of the first instance already looks for the
-UIDs of the last (omi_dsf.deid.pipeline holds at most HOLD_INSTANCES meanwhile; an instance that
-fails its check is de-identified again with every UID known, as if the listing had come first,
-and a failed listing fails the step as it would have before any reading). Each instance's Part 10
+C-FIND at its PACS; for a folder, every UID in the files' headers) before the first instance is
+checked: first of all, or, for a source that says its listing may run while it is read (a folder;
+not DICOMweb, see instance_io), on a thread of its own while the first instances are read,
+de-identified and encoded, none of them leak-checked, and none leaving, before the listing is in
+(omi_dsf.deid.pipeline holds at most HOLD_INSTANCES meanwhile; an instance that fails its check is
+de-identified again with every UID known, as if the listing had come first, and a failed listing
+fails the step as it would have before any reading). So the check of the first instance already
+looks for the UIDs of the last. Each instance's Part 10
 bytes are checked as they will be sent (the patient's and the study's identifying values of the
 instances read so far, every listed original UID and every original UID of the instances read so
 far; the de-identification flags) and only then handed to the STOW-RS stream, which posts batches
@@ -98,21 +100,27 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
                                  options=parse_options(cfg.options), expect_patient_id=patient_id,
                                  expect_study_uid=study_uid, policy=cfg.on_refused_instance,
                                  pixel_recipes=cfg.pixel_recipes)
-        listing = pool.submit(t.background, "listing", _study_uids, source, study_uid, alongside="reading")
         opening = pool.submit(t.background, "gateway listing", StowStream, gw, pseudo_uid, alongside="reading",
                               batch_bytes=batching.batch_bytes, batch_instances=batching.batch_instances,
                               before_send=store.sync)
+        if getattr(source, "lists_alongside_reading", False):
+            listing = pool.submit(t.background, "listing", _study_uids, source, study_uid, alongside="reading")
+        else:   # the listing first (see instance_io.InstanceSource)
+            with t.phase("list"):
+                run.identity.add_uids(_study_uids(source, study_uid))
         # number the instances: file names may carry patient names, and errors go to the Task
         numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(t.timed("read", source), 1))
         try:
-            for out in t.timed("deid", run.process(numbered, listing=_Waited(listing, t))):
+            waited = _Waited(listing, t) if listing is not None else None
+            for out in t.timed("deid", run.process(numbered, listing=waited)):
                 with t.phase("stow"):
                     if stream is None:
                         stream = opening.result()
                     stream.add(text_of(out.dataset, 0x00080018), out.data)
                 total += len(out.data)
         except Exception:
-            _listing_error_first(listing)   # what listing first would have failed with
+            if listing is not None:
+                _listing_error_first(listing)   # what listing first would have failed with
             raise
         refused = [str(r) for r in run.result.refused]
         if run.result.instances == 0:
