@@ -626,8 +626,14 @@ def test_send_reads_the_study_through_the_site_gateway(site, gateway, pacs, monk
     pseudo_uid = pseudo["pseudonymized-study-instance-uid"]
     assert pacs.load(paths) == SLICES
     seen_at_gateway = []
-    _plant(monkeypatch, lambda n, ds: seen_at_gateway.append(_at_gateway(gateway[1], pseudo_uid)[0])
-           if n == SLICES else None)
+
+    def at_gateway_while_the_last_is_deidentified(n, ds):
+        if n == SLICES:     # the first batches leave on their own thread: wait for them here (not for the end)
+            deadline = time.monotonic() + 20
+            while _at_gateway(gateway[1], pseudo_uid)[0] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen_at_gateway.append(_at_gateway(gateway[1], pseudo_uid)[0])
+    _plant(monkeypatch, at_gateway_while_the_last_is_deidentified)
     out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-wado", send={"batch_instances": 2}))
     assert out["instance-count"] == SLICES and out["pseudonymized-study-instance-uid"] == pseudo_uid
     assert _at_gateway(gateway[1], pseudo_uid) == (SLICES, SLICES)
