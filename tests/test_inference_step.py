@@ -195,7 +195,7 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
                 "stow", "total"} <= set(seconds)
         assert 0 < seconds["model"] <= seconds["oip_request"]
         assert sum(v for k, v in seconds.items() if k not in ("model", "total")) <= seconds["total"]
-        assert timings.overlapped["seg_prepare"] > 0 and timings.overlapped["sr_prepare"] > 0   # made while the model ran
+        assert timings.overlapped["seg_prepare"] > 0 and timings.overlapped["sr_prepare"] > 0   # while the model ran
         assert len(web.search_for_instances(uid)) == 6 + 2
         modalities = {s["00080060"]["Value"][0] for s in web.search_for_series(uid)}
         assert modalities == {"CT", "SEG", "SR"}

@@ -123,6 +123,9 @@ def _segmentation(source: Sequence[Dataset], labels: np.ndarray, algorithm: Algo
 _PIXEL_DATA_HEADER = b"\xe0\x7f\x10\x00OB\x00\x00"
 
 
+FILL_FRAMES = 8   # frames masked and packed at a time (8 frames of 512x512: a 2 MB mask)
+
+
 @dataclass
 class PreparedSegmentation:
     """A SEG made before the mask is known, to be filled in once it is.
@@ -146,11 +149,24 @@ class PreparedSegmentation:
             raise ValueError(f"{labels.shape[0] if labels.ndim else 0} label slices for {self.slices} source images")
         if labels.shape[1:] != (rows, cols):
             raise ValueError(f"label slices of {labels.shape[1]}x{labels.shape[2]} for images of {rows}x{cols}")
-        masks = np.empty((len(self.frame_slices), rows, cols), bool)
-        for i, (k, number) in enumerate(zip(self.frame_slices, self.frame_segments)):
-            np.equal(labels[k], number, out=masks[i])
         # DICOM bit packing (PS3.5 8.1.1): frames back to back, first pixel in the lowest bit, even length
-        packed = np.packbits(masks, axis=None, bitorder="little").tobytes()
+        frames = len(self.frame_slices)
+        if (rows * cols) % 8:   # frames of part bytes: the bits run on from frame to frame, packed at once
+            masks = np.empty((frames, rows, cols), bool)
+            for i, (k, number) in enumerate(zip(self.frame_slices, self.frame_segments)):
+                np.equal(labels[k], number, out=masks[i])
+            packed = np.packbits(masks, axis=None, bitorder="little").tobytes()
+        else:   # whole bytes per frame: a few frames at a time through one small mask, not one of the whole volume
+            frame_bytes = rows * cols // 8
+            out = np.empty(frames * frame_bytes, np.uint8)
+            masks = np.empty((max(1, min(FILL_FRAMES, frames)), rows, cols), bool)
+            for start in range(0, frames, len(masks)):
+                chunk = masks[:min(len(masks), frames - start)]
+                for j in range(len(chunk)):
+                    np.equal(labels[self.frame_slices[start + j]], self.frame_segments[start + j], out=chunk[j])
+                out[start * frame_bytes:(start + len(chunk)) * frame_bytes] = np.packbits(chunk, axis=None,
+                                                                                          bitorder="little")
+            packed = out.tobytes()
         if len(packed) % 2:
             packed += b"\x00"
         self.seg.PixelData = packed
