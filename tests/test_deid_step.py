@@ -253,3 +253,27 @@ def test_a_study_the_listing_lacks_is_not_found_whatever_the_reading_met(site, p
     instance_io.register_source("late-listing", lambda c, p: _late_listing_source(instances, set(), "HTTP 404"))
     with pytest.raises(StepError, match="the study was not found in the configured source"):
         pseudonymize({"study-instance-uid": str(instances[0].StudyInstanceUID)}, ctx(late, "bk-late-3"))
+
+
+def test_each_batch_leaves_after_its_uid_map_is_written(site, provider, monkeypatch):
+    """The UID map is kept in memory per instance and written before each STOW-RS batch leaves:
+    another connection to the site store finds every instance of a batch when it is posted."""
+    import io
+
+    from omi_dsf.deid.store import SiteStore
+    from omi_dsf.transfer import stow
+
+    tmp, cfg, first = site
+    p = cfg["pseudonymization"]
+    reader, posted = SiteStore(p["store"]), []
+    real = stow._post
+
+    def post(gw, study_uid, batch):
+        for data in batch:
+            sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+            posted.append(reader.original_uid(p["domain"], sop))
+        return real(gw, study_uid, batch)
+    monkeypatch.setattr(stow, "_post", post)
+    out = pseudonymize({"study-instance-uid": first.StudyInstanceUID},
+                       ctx({**cfg, "send": {"batch_instances": 1}}, "bk-map"))
+    assert out["instance-count"] == 4 and len(posted) == 4 and None not in posted

@@ -91,7 +91,9 @@ def test_uid_map_round_trip_and_removed_attributes(site_db):
 
 
 def test_a_retried_write_keeps_the_first_mapping(site_db):
-    SiteStore(site_db).put_uids("d", {"2.25.1": "1.2.3"})
+    first = SiteStore(site_db)
+    first.put_uids("d", {"2.25.1": "1.2.3"})
+    first.close()
     retry = SiteStore(site_db)                            # a new process: nothing cached
     retry.put_uids("d", {"2.25.1": "1.2.3", "2.25.2": "1.2.4"})
     retry.put_uids("d", {"2.25.1": "9.9.9"})               # never overwrites what results come back to
@@ -100,6 +102,33 @@ def test_a_retried_write_keeps_the_first_mapping(site_db):
     assert retry.put_pseudonym("d", "P1", "PSN-A") == "PSN-A"
     assert SiteStore(site_db).put_pseudonym("d", "P1", "PSN-B") == "PSN-A"   # the stored one wins
     assert retry.value_for("d", "PSN-A") == "P1" and retry.value_for("d", "PSN-B") is None
+
+
+def test_uid_pairs_are_written_together_when_flushed(site_db, monkeypatch):
+    """put_uids keeps the pairs of each instance; flush (sync, close, a read of the map) writes
+    them in one transaction; a flush that fails keeps them for the next one."""
+    store, other = SiteStore(site_db), SiteStore(site_db)
+    store.put_uids("d", {"2.25.1": "1.2.1"})
+    store.put_uids("d", {"2.25.2": "1.2.2", "2.25.1": "1.2.1"})
+    assert other.original_uid("d", "2.25.1") is None              # not written yet
+    assert store.original_uid("d", "2.25.2") == "1.2.2"           # a read flushes first
+    assert other.original_uid("d", "2.25.1") == "1.2.1"
+    store.put_uids("d", {"2.25.3": "1.2.3"})
+    real = store.db.transaction
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(store.db, "transaction", broken)
+    with pytest.raises(OSError):
+        store.sync()
+    monkeypatch.setattr(store.db, "transaction", real)
+    store.put_uids("d", {"2.25.3": "1.2.3"})                     # known: not kept twice
+    store.sync()
+    assert other.original_uid("d", "2.25.3") == "1.2.3"
+    assert other.db.one("SELECT COUNT(*) FROM uids")[0] == 3
+    store.put_uids("d", {"2.25.4": "1.2.4"})
+    store.close()
+    assert other.original_uid("d", "2.25.4") == "1.2.4"
 
 
 def _write_map(url: str, first: int, last: int, start, out) -> None:

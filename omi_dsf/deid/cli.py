@@ -80,6 +80,7 @@ def run(args) -> int:
                                       options=args.option, policy=args.on_refused_instance,
                                       pixel_recipes=args.pixel_recipes)
             for out in run_.process(source):
+                store.flush()       # the instance's UID map at the site before its file is written
                 sink.write(out.dataset, out.data)
             store.sync()
             r = run_.result

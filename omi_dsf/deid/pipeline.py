@@ -158,8 +158,10 @@ def encode_part10(ds: Dataset) -> tuple[bytes, int]:
 class StudyPseudonymizer:
     """De-identify instances of one patient's study(ies); yields datasets that passed the leak check.
 
-    Before the first instance leaves, the UID map and the removed patient/study attributes are
-    stored at the site, so anything returned can be re-identified.
+    The removed patient/study attributes are stored at the site as the first instance is read;
+    the UID map is kept by the store (SiteStore.put_uids) until whoever lets an instance leave
+    flushes it (the send step's STOW-RS stream syncs before each batch, the deid command flushes
+    before each file), so anything returned can be re-identified.
 
     `policy` says what one refused instance does: "refuse-study" (default) raises its `Refused`
     and the study stops; "send-rest" records it in `result.refused` and goes on with the rest.
@@ -311,7 +313,7 @@ class StudyPseudonymizer:
 
         self.deid.deidentify(ds, pseudonym, self.identity)
         self.identity.add_uids(self.deid.new_uids.values())
-        # the map must be at the site before the instance can leave it
+        # kept by the store until the instance is about to leave (the consumer flushes it)
         self.store.put_uids(self.domain, self.deid.new_uids)
         self.deid.new_uids = {}
         self._clean_pixels(ds)

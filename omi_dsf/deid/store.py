@@ -10,6 +10,7 @@ workers pseudonymizing the same study at once, leave one row per key and the fir
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from omi_dsf.database import Database
@@ -38,15 +39,35 @@ class SiteStore:
         self.db = Database(url, SCHEMA)
         self.path = self.db.url
         self._known_uids: set[tuple[str, str]] = set()
+        self._pending: list[tuple[str, str, str]] = []     # UID pairs not yet written (put_uids)
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.flush()
+        finally:
+            self.db.close()
 
     def sync(self) -> None:
-        """Make everything written so far durable (SQLite commits run without an fsync each;
-        one checkpoint at the end of a study makes the map safe on disk before the step reports
-        success; PostgreSQL commits are durable already)."""
+        """Write what `put_uids` keeps and make everything written so far durable (SQLite commits
+        run without an fsync each; one checkpoint makes the map safe on disk; PostgreSQL commits
+        are durable already)."""
+        self.flush()
         self.db.sync()
+
+    def flush(self) -> None:
+        """Write the UID pairs `put_uids` keeps, in one transaction."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            with self.db.transaction() as tx:
+                tx.many("INSERT INTO uids VALUES (?,?,?) ON CONFLICT DO NOTHING", pending)
+        except BaseException:
+            with self._lock:
+                self._pending[:0] = pending     # kept for the next flush
+            raise
 
     # -- embedded pseudonyms -------------------------------------------------------------
     def put_pseudonym(self, domain: str, value: str, pseudonym: str) -> str:
@@ -63,15 +84,18 @@ class SiteStore:
 
     # -- UIDs ----------------------------------------------------------------------------
     def put_uids(self, domain: str, pairs: dict[str, str]) -> None:
-        """pairs: pseudonymized -> original. Written in one transaction before anything leaves."""
-        new = [(domain, p, o) for p, o in pairs.items() if (domain, p) not in self._known_uids]
-        if not new:
-            return
-        with self.db.transaction() as tx:
-            tx.many("INSERT INTO uids VALUES (?,?,?) ON CONFLICT DO NOTHING", new)
-        self._known_uids.update((d, p) for d, p, _ in new)
+        """pairs: pseudonymized -> original. Kept until `flush` (or `sync`, `close`, a read of the
+        map), which writes every pair kept in one transaction: whoever lets an instance leave
+        flushes first (the send step syncs before each STOW-RS batch, the deid command flushes
+        before each file). One transaction per instance cost ~0.7 ms of each instance's time in
+        the send step (py-spy, 400 slices, SQLite), more on PostgreSQL (a round trip each)."""
+        with self._lock:
+            new = [(domain, p, o) for p, o in pairs.items() if (domain, p) not in self._known_uids]
+            self._pending.extend(new)
+            self._known_uids.update((d, p) for d, p, _ in new)
 
     def original_uid(self, domain: str, pseudo: str) -> str | None:
+        self.flush()
         row = self.db.one("SELECT original FROM uids WHERE domain=? AND pseudo=?", (domain, pseudo))
         return row[0] if row else None
 

@@ -86,6 +86,7 @@ def run_ours(in_dir: Path, out: Path, store_path: Path) -> None:
                             store=store, options=OPTIONS)
     sink = FolderSink(out)
     for out_ in sp.process(FolderSource(in_dir)):
+        store.flush()           # as the command does: the UID map written before each file
         sink.write(out_.dataset, out_.data)
     store.sync()
     sink.close()     # every file complete, as the command waits for it
