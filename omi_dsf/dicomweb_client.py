@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar
 import httpx
 
 from omi_dsf.dicomweb.errors import BadRequest
-from omi_dsf.dicomweb.multipart import Truncated, dicom_body, iter_bodies
+from omi_dsf.dicomweb.multipart import Truncated, dicom_pieces, iter_bodies
 from omi_dsf.errors import RetryableError
 from omi_dsf.peer import Peer
 
@@ -283,9 +283,10 @@ class DicomwebClient:
         instances failed and why); any other status raises."""
         path = f"/studies/{study_instance_uid}" if study_instance_uid else "/studies"
         headers = {"Accept": DICOM_JSON}
-        content, headers["Content-Type"] = dicom_body(list(instances))
+        pieces, headers["Content-Type"] = dicom_pieces(instances)
+        headers["Content-Length"] = str(sum(len(p) for p in pieces))   # sent as it is, not chunked
         with self._errors("STOW-RS"):
-            resp = self._http.post(self.url + path, content=content, headers=headers)
+            resp = self._http.post(self.url + path, content=pieces, headers=headers)
         check_status(resp, "STOW-RS", STOW_ANSWERS)
         try:
             answer = resp.json() if resp.content else {}

@@ -122,6 +122,23 @@ def test_stow_answers_200_202_409_and_raises_otherwise():
         _client(lambda request: httpx.Response(502)).store_instances([b"x"])
 
 
+def test_stow_body_is_sent_in_pieces_with_its_length():
+    """The instances' bytes go out as they are (not joined into one body first), with a
+    Content-Length: not chunked, which some STOW-RS servers refuse."""
+    from omi_dsf.dicomweb.multipart import iter_bodies
+
+    seen = {}
+
+    def answer(request):
+        seen["headers"], seen["body"] = request.headers, request.read()
+        return httpx.Response(200, json={})
+    instances = [b"first" * 1000, b"second", b"\r\n--not-a-boundary\r\n"]
+    _client(answer).store_instances(instances, "1.2.3")
+    assert int(seen["headers"]["content-length"]) == len(seen["body"])
+    assert "transfer-encoding" not in seen["headers"]
+    assert list(iter_bodies(seen["headers"]["content-type"], iter([seen["body"]]))) == instances
+
+
 def test_empty_search_answers_and_bad_ones():
     assert _client(lambda request: httpx.Response(204)).search_for_studies() == []
     assert _client(lambda request: httpx.Response(200, content=b"")).search_for_instances("1.2") == []

@@ -344,7 +344,8 @@ def test_leak_stops_the_send_and_nothing_reaches_the_gateway(site, gateway, monk
                      message)
     assert name not in message and name.split("^")[0] not in message
     # instances go out as they come: the four before it, checked, may be at the gateway; never it
-    assert len(planted) == 6 and _at_gateway(store, pseudo_uid)[0] <= 4
+    # (those read while the folder's listing ran may have been de-identified past it, never sent)
+    assert len(planted) >= 6 and _at_gateway(store, pseudo_uid)[0] <= 4
     sent_sops = {s for u, s in _index(store) if u == pseudo_uid}
     assert uid_for(load_key(steps["pseudonymization"]["key_file"]), "omi-transfer-test",
                    str(originals[5].SOPInstanceUID)) not in sent_sops

@@ -109,10 +109,18 @@ def closing(boundary: str) -> bytes:
 
 def dicom_body(instances: Iterable[bytes]) -> tuple[bytes, str]:
     """A STOW-RS request of Part 10 instances: its body and its Content-Type."""
+    pieces, ctype = dicom_pieces(instances)
+    return b"".join(pieces), ctype
+
+
+def dicom_pieces(instances: Iterable[bytes]) -> tuple[list[bytes], str]:
+    """The same body as the list of its pieces (the instances' bytes themselves, not copied), to
+    be sent one after the other: joining a batch of 64 CT instances (32 MB) takes 22 ms."""
     boundary = new_boundary()
     head = part_head(boundary, "application/dicom")
-    body = b"".join(part for data in instances for part in (head, data, CRLF)) + closing(boundary)
-    return body, content_type(boundary, "application/dicom")
+    pieces = [part for data in instances for part in (head, data, CRLF)]
+    pieces.append(closing(boundary))
+    return pieces, content_type(boundary, "application/dicom")
 
 
 @dataclass
