@@ -22,6 +22,7 @@ from pydicom.uid import UID
 _LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 _SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _UNDEFINED = 0xFFFFFFFF
+_BIG = 64 << 10
 
 
 def _pydicom_bytes(ds: Dataset, pixel_tags) -> tuple[bytes, int, int]:
@@ -78,15 +79,20 @@ def encode_part10(ds: Dataset, pixel_tags) -> tuple[bytes, int, int]:
         fp.write(meta)
     fp.is_implicit_VR, fp.is_little_endian = implicit, True
     charset = ds.get("SpecificCharacterSet", "iso8859") if 0x00080005 in ds else "iso8859"
+    # large values (the pixel data) are not copied into the buffer but joined once at the end:
+    # 100 fresh 512x512 CT instances, each output kept as the stream keeps it, 0.59-0.66 ms per
+    # instance against 0.73-0.79 ms (medians of 6 interleaved rounds, two runs, load 1.8)
+    pieces: list[bytes] = []
+    done = 0                    # bytes in `pieces`
     header_end = pixels_end = None
     write = fp.write
     for tag in sorted(ds.keys()):
         if tag.element == 0 and tag.group > 6:
             continue  # retired group lengths are not written (PS3.5 7.2), as pydicom does
         if tag in pixel_tags:
-            header_end = fp.tell() if header_end is None else header_end
+            header_end = done + fp.tell() if header_end is None else header_end
         elif header_end is not None and pixels_end is None:
-            pixels_end = fp.tell()
+            pixels_end = done + fp.tell()
         elem = ds.get_item(tag)
         head = _raw_header(elem, implicit) if isinstance(elem, RawDataElement) else None
         if head is None:
@@ -96,10 +102,19 @@ def encode_part10(ds: Dataset, pixel_tags) -> tuple[bytes, int, int]:
             write_data_element(fp, full, charset)
             continue
         write(head)
-        write(elem.value)
+        value = elem.value
+        if len(value) >= _BIG:
+            pieces += [fp.getvalue(), value]
+            done += fp.tell() + len(value)
+            fp = DicomBytesIO()
+            fp.is_implicit_VR, fp.is_little_endian = implicit, True
+            write = fp.write
+        else:
+            write(value)
         if elem.length == _UNDEFINED:
             write(_SEQ_DELIMITER)
-    data = fp.getvalue()
+    pieces.append(fp.getvalue())
+    data = b"".join(pieces)
     if header_end is None:
         return data, len(data), len(data)
     return data, header_end, len(data) if pixels_end is None else pixels_end
