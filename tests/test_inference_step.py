@@ -204,6 +204,37 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
                        _ctx(gw.url, ai_url))
 
 
+def test_a_seg_made_whole_after_the_answer_takes_its_sr_with_it(tmp_path, ai_url, monkeypatch):
+    """Where the SEG's frames cannot be told from its header (so it is made whole from the mask after the
+    answer), the SR is made after it too, not ahead: both are stored, the SR with the model's volumes."""
+    from omi_dsf.dicomweb.config import parse_config
+    from omi_dsf.dicomweb.server import BackgroundServer
+
+    real = results._segmentation
+
+    def without_derivation(*args):
+        seg = real(*args)
+        for frame in seg.PerFrameFunctionalGroupsSequence:
+            del frame.DerivationImageSequence
+        return seg
+
+    monkeypatch.setattr(results, "_segmentation", without_derivation)
+    cfg = parse_config({"listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
+                        "backends": {"OUTBOX": {"type": "store", "path": str(tmp_path / "store")}}})
+    good = phantom.write_ct_study(tmp_path / "good", slices=6, rows=64, cols=64, seed=22)
+    with BackgroundServer(cfg) as gw:
+        web = DicomwebClient(Peer(gw.url))
+        web.store_instances([p.read_bytes() for p in good])
+        uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
+        out, timings = step.infer_timed({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url))
+        assert "seg_prepare" in timings.overlapped and "sr_prepare" not in timings.overlapped
+        seg_series, sr_series = out["result-series-uids"].split(",")
+        sr = pydicom.dcmread(BytesIO(web.retrieve_series(uid, sr_series)[0]))
+        _, volumes, _ = results.read_measurement_report(sr)
+        assert all(v > 0 for v in volumes)
+        assert len(web.retrieve_series(uid, seg_series)) == 1
+
+
 @orthanc
 def test_busy_service_is_waited_for_not_a_failure(gateway, caplog):
     """The AI service takes one request at a time (limits.max_concurrent_infer 1) and the model is
