@@ -11,7 +11,11 @@ from pathlib import Path
 
 
 def pid_alive(pid: int | None, needle: str | None = None) -> bool:
-    """Whether `pid` runs (not a zombie) and, with `needle`, its command line contains it."""
+    """Whether `pid` runs (not a zombie) and, with `needle`, its command line contains it.
+
+    An empty command line counts as running: a process shows none while its image is being set up
+    (for milliseconds after Popen returns, a java launcher that starts itself again, longer under
+    load) and while it exits; only a command line without `needle` is another program."""
     if not pid:
         return False
     try:
@@ -25,8 +29,8 @@ def pid_alive(pid: int | None, needle: str | None = None) -> bool:
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return False
         if needle is not None:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            return needle in cmd
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            return not cmd or needle in cmd
     except OSError:
         return False
     return True
