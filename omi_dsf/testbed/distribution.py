@@ -116,9 +116,10 @@ class Distribution:
                         "(set OMI_DSF_JAVA to its java binary)")
 
     def default_heap(self, kind: str) -> str:
-        """-Xmx for a server: a DSF 2.x FHIR server (HAPI 8) ran out of 512m of heap within minutes
-        of a restart under the worker tests; 1g held."""
-        return "1g" if self.major >= 2 and kind == "fhir" else "512m"
+        """-Xmx for a server: FHIR servers ran out of 512m of heap within minutes of a restart under
+        the worker tests (DSF 2.x with HAPI 8 first; DSF 1.9 too, answering the workers' and the
+        restarted BPE's searches on a loaded machine); 1g held. BPEs: 512m."""
+        return "1g" if kind == "fhir" else "512m"
 
     def classpath(self, kind: str) -> list[str]:
         home = self.home / kind
