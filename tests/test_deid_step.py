@@ -277,3 +277,30 @@ def test_each_batch_leaves_after_its_uid_map_is_written(site, provider, monkeypa
     out = pseudonymize({"study-instance-uid": first.StudyInstanceUID},
                        ctx({**cfg, "send": {"batch_instances": 1}}, "bk-map"))
     assert out["instance-count"] == 4 and len(posted) == 4 and None not in posted
+
+
+def test_timings_keep_the_listing_apart_from_the_de_identification(site, provider, caplog):
+    """A listing that comes first is its own phase, not taken off the de-identification's."""
+    import re
+    import time
+
+    tmp, cfg, first = site
+    instances = [synthetic.ct_instance(0), synthetic.ct_instance(1)]
+    listed = {str(ds[kw].value) for ds in instances for kw in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                               "SOPInstanceUID")}
+
+    class SlowListingFirst:
+        lists_alongside_reading = False
+
+        def __iter__(self):
+            return iter([("m0", instances[0]), ("m1", instances[1])])
+
+        def uids(self):
+            time.sleep(0.3)
+            return listed
+    instance_io.register_source("slow-listing", lambda c, p: SlowListingFirst())
+    slow = {**cfg, "pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "slow-listing"}}}
+    with caplog.at_level("INFO", logger="omi_dsf.step"):
+        pseudonymize({"study-instance-uid": str(instances[0].StudyInstanceUID)}, ctx(slow, "bk-phases"))
+    phases = dict(re.findall(r"(\w+) (-?[\d.]+) s", caplog.text.split(": timings ", 1)[1].splitlines()[0]))
+    assert float(phases["list"]) >= 0.3 and float(phases["deid"]) >= 0, phases

@@ -37,6 +37,7 @@ identifiers and URLs of the provider's gateway only.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from omi_dsf.audit import trail
@@ -92,7 +93,7 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     # the two listings (the study's UIDs at the source, what the provider's gateway already
     # holds) run on threads of their own while the first instances are read and de-identified
     pool = ThreadPoolExecutor(2, thread_name_prefix="omi-send")
-    listing = opening = None
+    listing = opening = waited = None
     try:
         provider = make_provider(cfg.provider, key, store)
         source = instance_io.open_source(cfg.source, params)
@@ -146,8 +147,9 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
         gw.close()
     if run.result.pseudo_study_uid != pseudo_uid:   # the stream's study is the one pseudonymized
         raise StepError("the study's instances name another study")
-    # waiting for the source and for the listing apart
-    t.seconds["deid"] = t.seconds.get("deid", 0.0) - t.seconds.get("read", 0.0) - t.seconds.get("list", 0.0)
+    # waiting for the source, and for a listing running alongside, apart
+    t.seconds["deid"] = (t.seconds.get("deid", 0.0) - t.seconds.get("read", 0.0)
+                         - (waited.seconds if waited is not None else 0.0))
     t.finish()
     instances = run.result.instances
     ctx.log.info("send %s: %d instances (%d bytes) to %s (%d sent now, %d already there)", ctx.business_key,
@@ -192,13 +194,18 @@ class _Waited:
 
     def __init__(self, future: Future, t: Timings):
         self.future, self.t = future, t
+        self.seconds = 0.0          # waited inside the de-identification's phase
 
     def done(self) -> bool:
         return self.future.done()
 
     def result(self) -> set[str]:
-        with self.t.phase("list"):
-            return self.future.result()
+        start = time.perf_counter()
+        try:
+            with self.t.phase("list"):
+                return self.future.result()
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def _listing_error_first(listing: Future) -> None:
