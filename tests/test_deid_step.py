@@ -198,33 +198,23 @@ def test_step_errors_name_the_instance_not_the_file(site, provider):
     assert at_provider(provider, cfg, first.StudyInstanceUID) == []
 
 
-def _late_listing_source(datasets, listed, fail_reading=None):
-    """A source whose listing comes in only once the reading is over (or has failed)."""
-    import threading
+class _ListedSource:
+    """The instances as read, and a listing of the study that may name more than they hold."""
 
-    read = threading.Event()
+    def __init__(self, datasets, listed):
+        self.datasets, self.listed = datasets, listed
 
-    class LateListingSource:
-        lists_alongside_reading = True
+    def __iter__(self):
+        return iter([(f"m{n}", ds) for n, ds in enumerate(self.datasets)])
 
-        def __iter__(self):
-            try:
-                for n, ds in enumerate(datasets):
-                    yield f"m{n}", ds
-                if fail_reading:
-                    raise instance_io.SourceError(fail_reading)
-            finally:
-                read.set()
-
-        def uids(self):
-            assert read.wait(30)
-            return listed
-    return LateListingSource()
+    def uids(self):
+        return self.listed
 
 
-def test_listing_alongside_reading_refuses_what_only_the_listing_names(site, provider):
-    """The listing runs while the instances are read; the leak check of each waits for it: an
-    instance naming a UID only the listing knows (an instance the reading did not deliver) is refused."""
+def test_an_instance_naming_a_uid_only_the_listing_knows_is_refused(site, provider):
+    """The listing comes before the first instance: an instance naming a UID of the study that
+    no instance read so far carries (one later in the study, or one the reading did not deliver)
+    is refused by its leak check."""
     tmp, cfg, first = site
     unread = "1.2.826.0.1.3680043.8.498.777777"
     instances = [synthetic.ct_instance(0), synthetic.ct_instance(1)]
@@ -232,27 +222,27 @@ def test_listing_alongside_reading_refuses_what_only_the_listing_names(site, pro
     listed = {str(ds[kw].value) for ds in instances for kw in ("StudyInstanceUID", "SeriesInstanceUID",
                                                                "SOPInstanceUID")}
     study = str(instances[0].StudyInstanceUID)
-    late = {**cfg, "pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "late-listing"}}}
-    instance_io.register_source("late-listing", lambda c, p: _late_listing_source(instances, listed | {unread}))
+    listing = {**cfg, "pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "listed"}}}
+    instance_io.register_source("listed", lambda c, p: _ListedSource(instances, listed | {unread}))
     with pytest.raises(StepError, match=r"instance 1 \(SOPInstanceUID 2\.25\.\d+\): identifying value in Manufacturer "
                                         r"\(0008,0070\): original UID") as err:
-        pseudonymize({"study-instance-uid": study}, ctx(late, "bk-late"))
+        pseudonymize({"study-instance-uid": study}, ctx(listing, "bk-listed"))
     assert unread not in str(err.value)
     assert at_provider(provider, cfg, study) == []
     # the study listed without that UID: sent
     instances = [synthetic.ct_instance(0), synthetic.ct_instance(1)]
     instances[0].Manufacturer = f"see {unread}"
-    instance_io.register_source("late-listing", lambda c, p: _late_listing_source(instances, listed))
-    assert pseudonymize({"study-instance-uid": study}, ctx(late, "bk-late-2"))["instance-count"] == 2
+    instance_io.register_source("listed", lambda c, p: _ListedSource(instances, listed))
+    assert pseudonymize({"study-instance-uid": study}, ctx(listing, "bk-listed-2"))["instance-count"] == 2
 
 
-def test_a_study_the_listing_lacks_is_not_found_whatever_the_reading_met(site, provider):
+def test_a_study_the_listing_lacks_is_not_found(site, provider):
     tmp, cfg, first = site
     instances = [synthetic.ct_instance(0)]
-    late = {**cfg, "pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "late-listing"}}}
-    instance_io.register_source("late-listing", lambda c, p: _late_listing_source(instances, set(), "HTTP 404"))
+    listing = {**cfg, "pseudonymization": {**cfg["pseudonymization"], "source": {"kind": "listed"}}}
+    instance_io.register_source("listed", lambda c, p: _ListedSource(instances, set()))
     with pytest.raises(StepError, match="the study was not found in the configured source"):
-        pseudonymize({"study-instance-uid": str(instances[0].StudyInstanceUID)}, ctx(late, "bk-late-3"))
+        pseudonymize({"study-instance-uid": str(instances[0].StudyInstanceUID)}, ctx(listing, "bk-listed-3"))
 
 
 def test_each_batch_leaves_after_its_uid_map_is_written(site, provider, monkeypatch):
@@ -290,8 +280,6 @@ def test_timings_keep_the_listing_apart_from_the_de_identification(site, provide
                                                                "SOPInstanceUID")}
 
     class SlowListingFirst:
-        lists_alongside_reading = False
-
         def __iter__(self):
             return iter([("m0", instances[0]), ("m1", instances[1])])
 

@@ -28,11 +28,7 @@ class SourceError(Exception):
 
 
 class InstanceSource(Protocol):
-    """`uids()` runs before the first instance is read, or, where `lists_alongside_reading` is
-    true, on another thread while the instances are read: only for a source whose reading never
-    makes its listing wait (the send step holds the instances read meanwhile, a bounded number, and
-    then stops reading until the listing is in)."""
-    lists_alongside_reading: bool
+    """The send step calls `uids()` before it reads the first instance."""
     def __iter__(self) -> Iterator[tuple[str, Any]]: ...
     def uids(self) -> set[str]: ...   # the study's original UIDs
 
@@ -66,8 +62,6 @@ def open_source(config, params: Mapping[str, Any]) -> InstanceSource:
 
 class FolderSource:
     """Every regular file under a folder, in name order (DICOMDIR skipped), as paths."""
-
-    lists_alongside_reading = True      # the same files read twice: nothing waits for the other
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

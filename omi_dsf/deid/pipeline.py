@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Union
+from typing import Iterable, Iterator, Union
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -125,12 +124,6 @@ def _check_complete(ds: Dataset, name: str) -> None:
         raise DeidError(f"truncated: PixelData (7FE0,0010) has {have} of {expected} bytes").locate(name)
 
 
-class Listing(Protocol):
-    """The study's original UIDs as they are being listed (concurrent.futures.Future fits)."""
-    def done(self) -> bool: ...
-    def result(self) -> set[str]: ...
-
-
 @dataclass
 class _Ready:
     """A de-identified, encoded instance before its leak check, and what it was made from."""
@@ -186,52 +179,11 @@ class StudyPseudonymizer:
         self._patient_id: str | None = None
         self._stored_studies: set[str] = set()
 
-    # While the listing of the study's UIDs is still under way, at most this many instances wait
-    # de-identified for their leak check (their bytes as read and as encoded count).
-    HOLD_INSTANCES = 64
-    HOLD_BYTES = 96 << 20
-
-    def process(self, instances: Iterable[tuple[str, Instance]], listing: Listing | None = None
-                ) -> Iterator[Outgoing]:
-        """One instance at a time: read, de-identify, encode, leak-check; nothing is buffered.
-
-        With `listing` (the study's original UIDs still being listed: a Future), instances are
-        read, de-identified and encoded while it runs, and wait (at most HOLD_INSTANCES or
-        HOLD_BYTES, then the listing is waited for) for their leak check until every listed UID
-        is in `identity`: none is checked, and none yielded, before that. An instance that then
-        fails the check is de-identified again with every UID known (the C actions scrub what
-        they know) and checked again, so the outcome is that of listing first. An error of the
-        listing is raised by this generator."""
-        held: deque[_Ready] = deque()
-        size = 0
+    def process(self, instances: Iterable[tuple[str, Instance]]) -> Iterator[Outgoing]:
+        """One instance at a time: read, de-identify, encode, leak-check; nothing is buffered."""
         for name, item in instances:
             ready = self._unless_refused(self._prepare, item, name)
-            if ready is None:
-                continue
-            if listing is None:
-                out = self._unless_refused(self._check, ready)
-                if out is not None:
-                    yield out
-                continue
-            held.append(ready)
-            size += ready.size + len(ready.data)
-            if not listing.done() and len(held) < self.HOLD_INSTANCES and size < self.HOLD_BYTES:
-                continue
-            self.take_listing(listing)
-            listing = None
-            yield from self._release(held)
-        if listing is not None:
-            self.take_listing(listing)
-        yield from self._release(held)
-
-    def take_listing(self, listing: Listing) -> None:
-        """Wait for the study's original UIDs; every later leak check looks for all of them."""
-        self.identity.add_uids(listing.result())
-
-    def _release(self, held: deque) -> Iterator[Outgoing]:
-        while held:
-            ready = held.popleft()
-            out = self._unless_refused(self._check_held, ready)
+            out = self._unless_refused(self._check, ready) if ready is not None else None
             if out is not None:
                 yield out
 
@@ -269,15 +221,6 @@ class StudyPseudonymizer:
         self.result.instances += 1
         self.result.bytes_in += ready.size
         return Outgoing(ready.ds, ready.data)
-
-    def _check_held(self, ready: "_Ready") -> Outgoing:
-        """The check of an instance de-identified before the listing was in."""
-        try:
-            return self._check(ready)
-        except LeakError:
-            if isinstance(ready.item, Dataset):
-                raise                       # changed in place: there is no original to start again from
-        return self._check(self._prepare(ready.item, ready.name))
 
     def _deidentify(self, ds: Dataset, item: Instance, name: str, instance: str) -> "_Ready":
         size = len(item) if isinstance(item, (bytes, bytearray)) else (

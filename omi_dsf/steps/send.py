@@ -2,24 +2,18 @@
 de-identification and pseudonymization (omi_dsf.deid) and the leak check, to the provider's
 gateway by STOW-RS over TLS (omi_dsf.transfer.stow) as the instances come → study-location.
 
-The source lists the study's original UIDs (an instance-level QIDO-RS of the site's gateway, a
-C-FIND at its PACS; for a folder, every UID in the files' headers) before the first instance is
-checked: first of all, or, for a source that says its listing may run while it is read (a folder;
-not DICOMweb, see instance_io), on a thread of its own while the first instances are read,
-de-identified and encoded, none of them leak-checked, and none leaving, before the listing is in
-(omi_dsf.deid.pipeline holds at most HOLD_INSTANCES meanwhile; an instance that fails its check is
-de-identified again with every UID known, as if the listing had come first, and a failed listing
-fails the step as it would have before any reading). So the check of the first instance already
-looks for the UIDs of the last. Each instance's Part 10
-bytes are checked as they will be sent (the patient's and the study's identifying values of the
-instances read so far, every listed original UID and every original UID of the instances read so
-far; the de-identification flags) and only then handed to the STOW-RS stream, which posts batches
-on a thread of its own while the next instances are read and de-identified. The site store (UID
-map, removed attributes, embedded pseudonyms) is made durable before each batch leaves; the
-pseudonym and every replacement UID are derived from the site key, so a retried step sends the
-same instances, and the gateway's QIDO-RS listing (also alongside the first instances, and in
-before the first is added to the stream) lets it skip what an earlier attempt already stored
-(exactly once at the provider).
+Before the first instance is read, the source lists the study's original UIDs (an instance-level
+QIDO-RS of the site's gateway, a C-FIND at its PACS; for a folder, every UID in the files'
+headers), so that the leak check of the first instance already looks for the UIDs of the last.
+Each instance's Part 10 bytes are checked as they will be sent (the patient's and the study's
+identifying values of the instances read so far, every listed original UID and every original
+UID of the instances read so far; the de-identification flags) and only then handed to the
+STOW-RS stream, which posts batches on a thread of its own while the next instances are read and
+de-identified. The site store (UID map, removed attributes, embedded pseudonyms) is made durable
+before each batch leaves; the pseudonym and every replacement UID are derived from the site key,
+so a retried step sends the same instances, and the gateway's QIDO-RS listing (on a thread of its
+own while the source lists and the first instances are read; in before the first is added to the
+stream) lets it skip what an earlier attempt already stored (exactly once at the provider).
 
 Site configuration, `ctx.site`: pseudonymization (domain, key_file, store, provider, options,
 source, on_refused_instance, pixel_recipes), gateway_url (the default URL of a dicomweb source),
@@ -37,8 +31,7 @@ identifiers and URLs of the provider's gateway only.
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from omi_dsf.audit import trail
 from omi_dsf.deid import instance_io
@@ -90,10 +83,9 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     store = SiteStore(cfg.store)
     stream = None
     total = 0
-    # the two listings (the study's UIDs at the source, what the provider's gateway already
-    # holds) run on threads of their own while the first instances are read and de-identified
-    pool = ThreadPoolExecutor(2, thread_name_prefix="omi-send")
-    listing = opening = waited = None
+    # what the provider's gateway already holds is asked on a thread of its own meanwhile
+    pool = ThreadPoolExecutor(1, thread_name_prefix="omi-send")
+    opening = None
     try:
         provider = make_provider(cfg.provider, key, store)
         source = instance_io.open_source(cfg.source, params)
@@ -104,25 +96,16 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
         opening = pool.submit(t.background, "gateway listing", StowStream, gw, pseudo_uid, alongside="reading",
                               batch_bytes=batching.batch_bytes, batch_instances=batching.batch_instances,
                               before_send=store.sync)
-        if getattr(source, "lists_alongside_reading", False):
-            listing = pool.submit(t.background, "listing", _study_uids, source, study_uid, alongside="reading")
-        else:   # the listing first (see instance_io.InstanceSource)
-            with t.phase("list"):
-                run.identity.add_uids(_study_uids(source, study_uid))
+        with t.phase("list"):       # every instance is checked against all of them
+            run.identity.add_uids(_study_uids(source, study_uid))
         # number the instances: file names may carry patient names, and errors go to the Task
         numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(t.timed("read", source), 1))
-        try:
-            waited = _Waited(listing, t) if listing is not None else None
-            for out in t.timed("deid", run.process(numbered, listing=waited)):
-                with t.phase("stow"):
-                    if stream is None:
-                        stream = opening.result()
-                    stream.add(text_of(out.dataset, 0x00080018), out.data)
-                total += len(out.data)
-        except Exception:
-            if listing is not None:
-                _listing_error_first(listing)   # what listing first would have failed with
-            raise
+        for out in t.timed("deid", run.process(numbered)):
+            with t.phase("stow"):
+                if stream is None:
+                    stream = opening.result()
+                stream.add(text_of(out.dataset, 0x00080018), out.data)
+            total += len(out.data)
         refused = [str(r) for r in run.result.refused]
         if run.result.instances == 0:
             if refused:
@@ -138,7 +121,7 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     except (Refused, UnknownPseudonymError, ConfigError, ValueError, instance_io.SourceError) as exc:
         raise StepError(str(exc)) from None
     finally:
-        pool.shutdown(wait=True)    # the listings end by themselves (the clients' timeouts)
+        pool.shutdown(wait=True)    # the gateway's listing ends by itself (the client's timeout)
         if stream is None and opening is not None and opening.done() and opening.exception() is None:
             stream = opening.result()
         if stream is not None:
@@ -147,9 +130,7 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
         gw.close()
     if run.result.pseudo_study_uid != pseudo_uid:   # the stream's study is the one pseudonymized
         raise StepError("the study's instances name another study")
-    # waiting for the source, and for a listing running alongside, apart
-    t.seconds["deid"] = (t.seconds.get("deid", 0.0) - t.seconds.get("read", 0.0)
-                         - (waited.seconds if waited is not None else 0.0))
+    t.seconds["deid"] = t.seconds.get("deid", 0.0) - t.seconds.get("read", 0.0)  # waiting for the source apart
     t.finish()
     instances = run.result.instances
     ctx.log.info("send %s: %d instances (%d bytes) to %s (%d sent now, %d already there)", ctx.business_key,
@@ -187,34 +168,6 @@ def _study_uids(source, study_uid: str) -> set[str]:
     if study_uid not in originals:
         raise FileNotFoundError(study_uid)
     return originals
-
-
-class _Waited:
-    """The listing as the pipeline waits for it, the wait in the step's "list" phase."""
-
-    def __init__(self, future: Future, t: Timings):
-        self.future, self.t = future, t
-        self.seconds = 0.0          # waited inside the de-identification's phase
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def result(self) -> set[str]:
-        start = time.perf_counter()
-        try:
-            with self.t.phase("list"):
-                return self.future.result()
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
-def _listing_error_first(listing: Future) -> None:
-    """Raise the listing's error, if it fails: reading failed too, and the listing's error is the
-    one a step that lists first meets (a study not in the source is "not found")."""
-    try:
-        listing.result()
-    except Exception as exc:
-        raise exc from None
 
 
 def _report_refused(ctx: StepContext, refused: list[str], pseudo_study_uid: str) -> None:
