@@ -122,6 +122,24 @@ def mlserver_service(tmp_path_factory):
 
 
 @pytest.fixture
+def seg_without_derivation(monkeypatch):
+    """omi_dsf.inference.results makes SEGs whose frames name no source image (no
+    DerivationImageSequence), so that their frames cannot be told from the header; gives the real
+    SEG maker."""
+    from omi_dsf.inference import results
+    real = results._segmentation
+
+    def without_derivation(*args):
+        seg = real(*args)
+        for frame in seg.PerFrameFunctionalGroupsSequence:
+            del frame.DerivationImageSequence
+        return seg
+
+    monkeypatch.setattr(results, "_segmentation", without_derivation)
+    return real
+
+
+@pytest.fixture
 def artifacts_dir() -> Path:
     """Where tests keep things worth looking at after the run (screenshots, reports)."""
     ARTIFACTS.mkdir(exist_ok=True)

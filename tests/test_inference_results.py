@@ -173,17 +173,9 @@ def test_prepared_segmentation_equals_highdicoms_own(tmp_path, size):
         results.prepare_segmentation(source, ALGO, uids).fill(np.zeros((5, 16, 16), np.uint8))
 
 
-def test_a_seg_whose_frames_cannot_be_told_is_made_whole_from_the_mask(made, monkeypatch):
+def test_a_seg_whose_frames_cannot_be_told_is_made_whole_from_the_mask(made, seg_without_derivation):
     source, labels, _v, uids, *_ = made
-    real = results._segmentation
-
-    def without_derivation(*args):
-        seg = real(*args)
-        for frame in seg.PerFrameFunctionalGroupsSequence:
-            del frame.DerivationImageSequence
-        return seg
-
-    monkeypatch.setattr(results, "_segmentation", without_derivation)
+    real = seg_without_derivation
     prepared = results.prepare_segmentation(source, ALGO, uids)
     assert not isinstance(prepared, results.PreparedSegmentation)
     seg, blob = prepared.fill(labels)

@@ -204,21 +204,12 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
                        _ctx(gw.url, ai_url))
 
 
-def test_a_seg_made_whole_after_the_answer_takes_its_sr_with_it(tmp_path, ai_url, monkeypatch):
+def test_a_seg_made_whole_after_the_answer_takes_its_sr_with_it(tmp_path, ai_url, seg_without_derivation):
     """Where the SEG's frames cannot be told from its header (so it is made whole from the mask after the
     answer), the SR is made after it too, not ahead: both are stored, the SR with the model's volumes."""
     from omi_dsf.dicomweb.config import parse_config
     from omi_dsf.dicomweb.server import BackgroundServer
 
-    real = results._segmentation
-
-    def without_derivation(*args):
-        seg = real(*args)
-        for frame in seg.PerFrameFunctionalGroupsSequence:
-            del frame.DerivationImageSequence
-        return seg
-
-    monkeypatch.setattr(results, "_segmentation", without_derivation)
     cfg = parse_config({"listen": {"host": "127.0.0.1", "port": free_port()}, "auth": {"anonymous": True},
                         "backends": {"OUTBOX": {"type": "store", "path": str(tmp_path / "store")}}})
     good = phantom.write_ct_study(tmp_path / "good", slices=6, rows=64, cols=64, seed=22)
