@@ -125,18 +125,6 @@ def _check_complete(ds: Dataset, name: str) -> None:
 
 
 @dataclass
-class _Ready:
-    """A de-identified, encoded instance before its leak check, and what it was made from."""
-    ds: Dataset
-    data: bytes
-    pixels: tuple[int, int]
-    item: Instance
-    name: str
-    instance: str
-    size: int
-
-
-@dataclass
 class Outgoing:
     """A de-identified instance that passed the leak check, and its Part 10 bytes as checked."""
     dataset: Dataset
@@ -182,19 +170,14 @@ class StudyPseudonymizer:
     def process(self, instances: Iterable[tuple[str, Instance]]) -> Iterator[Outgoing]:
         """One instance at a time: read, de-identify, encode, leak-check; nothing is buffered."""
         for name, item in instances:
-            ready = self._unless_refused(self._prepare, item, name)
-            out = self._unless_refused(self._check, ready) if ready is not None else None
-            if out is not None:
-                yield out
-
-    def _unless_refused(self, fn, *args):
-        try:
-            return fn(*args)
-        except Refused as exc:
-            if self.policy != "send-rest":
-                raise
-            self.result.refused.append(exc)
-            return None
+            try:
+                out = self.process_encoded(item, name)
+            except Refused as exc:
+                if self.policy != "send-rest":
+                    raise
+                self.result.refused.append(exc)
+                continue
+            yield out
 
     def process_one(self, item: Instance, name: str = "instance") -> Dataset:
         return self.process_encoded(item, name).dataset
@@ -202,27 +185,16 @@ class StudyPseudonymizer:
     def process_encoded(self, item: Instance, name: str = "instance") -> Outgoing:
         """One instance; a `Refused` (DeidError, LeakError) names the file, the instance (its
         pseudonymized SOPInstanceUID), the attribute and the rule."""
-        return self._check(self._prepare(item, name))
-
-    def _prepare(self, item: Instance, name: str) -> "_Ready":
         instance = ""
         try:
             ds = read_instance(item, name)
             original_sop = text_of(ds, 0x00080018)
             instance = uid_for_name(self.key, self.domain, original_sop)
-            return self._deidentify(ds, item, name, instance)
+            return self._process(ds, item)
         except Refused as exc:
             raise exc.locate(name, instance)
 
-    def _check(self, ready: "_Ready") -> Outgoing:
-        hits = encoded_hits(ready.data, self.identity, codec_of(ready.ds), ready.pixels)
-        if hits:
-            raise LeakError(hits=hits).locate(ready.name, ready.instance)
-        self.result.instances += 1
-        self.result.bytes_in += ready.size
-        return Outgoing(ready.ds, ready.data)
-
-    def _deidentify(self, ds: Dataset, item: Instance, name: str, instance: str) -> "_Ready":
+    def _process(self, ds: Dataset, item: Instance) -> Outgoing:
         size = len(item) if isinstance(item, (bytes, bytearray)) else (
             Path(item).stat().st_size if isinstance(item, (str, os.PathLike)) and Path(item).exists() else 0)
         patient_id = text_of(ds, 0x00100020)
@@ -262,7 +234,12 @@ class StudyPseudonymizer:
         self._clean_pixels(ds)
         check_flags(ds)
         data, pixels_start, pixels_end = _encode(ds, PIXEL_TAGS)
-        return _Ready(ds, data, (pixels_start, pixels_end), item, name, instance, size)
+        hits = encoded_hits(data, self.identity, codec_of(ds), (pixels_start, pixels_end))
+        if hits:
+            raise LeakError(hits=hits)
+        self.result.instances += 1
+        self.result.bytes_in += size
+        return Outgoing(ds, data)
 
     def _clean_pixels(self, ds: Dataset) -> None:
         """Pixels that may show text are cleaned by the first recipe covering the image, else
