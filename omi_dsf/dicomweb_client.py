@@ -141,9 +141,15 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
 
 
 def _fields(fields: Sequence[str] | None, search_filters: Mapping[str, Any] | None, limit: int | None,
-            offset: int | None) -> list[tuple[str, str]]:
+            offset: int | None, include_defaults: bool = True) -> list[tuple[str, str]]:
+    """QIDO-RS query parameters. ``include_defaults=False`` asks for ``fields`` (and the UIDs
+    placing each match) without the PS3.18 default return keys: ``includedefaults=false``, as
+    dcm4chee-arc and the OMI gateway know it; a server that does not ignores it (PS3.18 8.3) and
+    answers the defaults too."""
     params = [(str(k), str(v)) for k, v in (search_filters or {}).items()]
     params += [("includefield", str(f)) for f in fields or ()]
+    if not include_defaults:
+        params.append(("includedefaults", "false"))
     if limit is not None:
         params.append(("limit", str(limit)))
     if offset is not None:
@@ -202,24 +208,28 @@ class DicomwebClient:
     # -- QIDO-RS ---------------------------------------------------------------------------------
 
     def search_for_studies(self, fields: Sequence[str] | None = None, search_filters: Mapping[str, Any] | None = None,
-                           limit: int | None = None, offset: int | None = None) -> list[dict]:
-        return self._get_json("/studies", _fields(fields, search_filters, limit, offset), "QIDO-RS search of studies")
+                           limit: int | None = None, offset: int | None = None, *,
+                           include_defaults: bool = True) -> list[dict]:
+        return self._get_json("/studies", _fields(fields, search_filters, limit, offset, include_defaults),
+                              "QIDO-RS search of studies")
 
     def search_for_series(self, study_instance_uid: str | None = None, fields: Sequence[str] | None = None,
                           search_filters: Mapping[str, Any] | None = None, limit: int | None = None,
-                          offset: int | None = None) -> list[dict]:
+                          offset: int | None = None, *, include_defaults: bool = True) -> list[dict]:
         path = f"/studies/{study_instance_uid}/series" if study_instance_uid else "/series"
-        return self._get_json(path, _fields(fields, search_filters, limit, offset), "QIDO-RS search of series")
+        return self._get_json(path, _fields(fields, search_filters, limit, offset, include_defaults),
+                              "QIDO-RS search of series")
 
     def search_for_instances(self, study_instance_uid: str | None = None, series_instance_uid: str | None = None,
                              fields: Sequence[str] | None = None, search_filters: Mapping[str, Any] | None = None,
-                             limit: int | None = None, offset: int | None = None) -> list[dict]:
+                             limit: int | None = None, offset: int | None = None, *,
+                             include_defaults: bool = True) -> list[dict]:
         path = ""
         if study_instance_uid:
             path = f"/studies/{study_instance_uid}"
             if series_instance_uid:
                 path += f"/series/{series_instance_uid}"
-        return self._get_json(path + "/instances", _fields(fields, search_filters, limit, offset),
+        return self._get_json(path + "/instances", _fields(fields, search_filters, limit, offset, include_defaults),
                               "QIDO-RS search of instances")
 
     # -- WADO-RS ---------------------------------------------------------------------------------

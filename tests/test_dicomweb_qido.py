@@ -27,10 +27,12 @@ class QuirkyPacs:
     def __init__(self):
         self.series = {S1: [("1.2.826.1.1.1", "CT", 3), ("1.2.826.1.1.2", "SR", 1)], S2: [("1.2.826.1.2.1", "MR", 2)]}
         self.finds: list[tuple[str, dict]] = []
+        self.asked: list[tuple[str, dict, set]] = []
         self.summaries = 0
 
     def find(self, level, match, returns, scope):
         self.finds.append((level, dict(match)))
+        self.asked.append((level, dict(match), set(returns)))
         if level == STUDY:
             out = []
             for study, pid in ((S1, "P1"), (S2, "P2")):
@@ -118,6 +120,21 @@ def test_includefield_limits_what_comes_back():
     q = parse_qido([("includefield", "StudyDescription")], SERIES, study_uid=S1)
     series = search(pacs, q, "http://gw", 100).items[0]
     assert "00100020" not in series  # study attributes are not repeated when the URL fixes the study
+
+
+def test_includedefaults_false_returns_what_includefield_names_and_the_uids():
+    pacs = QuirkyPacs()
+    q = parse_qido([("includefield", "InstanceNumber"), ("includedefaults", "false")], INSTANCE, study_uid=S1)
+    items = search(pacs, q, "http://gw", 100).items
+    assert len(items) == 4
+    assert set(items[0]) == {"0020000D", "0020000E", "00080018", "00200013", "00081190"}
+    asked = [returns for level, _, returns in pacs.asked if level == INSTANCE]
+    assert asked and all(0x00280010 not in r and 0x00080016 not in r for r in asked)   # no Rows, SOPClassUID
+    with_defaults = search(pacs, parse_qido([], INSTANCE, study_uid=S1), "http://gw", 100).items[0]
+    assert pacs.asked[-1][0] == INSTANCE and {0x00280010, 0x00080016} <= pacs.asked[-1][2]
+    assert "00200013" in with_defaults and "00080016" not in items[0]
+    study = search(pacs, parse_qido([("includedefaults", "false")], STUDY), "http://gw", 100).items[0]
+    assert set(study) == {"0020000D", "00081190"} and pacs.summaries == 0   # nothing computed
 
 
 def test_the_source_character_set_is_named_and_names_are_decoded():

@@ -29,6 +29,7 @@ def test_parse_collects_keys_includefield_and_paging():
     assert {0x00081030, 0x00101010, STUDY_DATE} <= q.return_keys
     assert (q.limit, q.offset, q.fuzzy, q.include_all) == (10, 5, True, False)
     assert parse_qido([("includefield", "all")], SERIES).include_all
+    assert q.include_defaults and not parse_qido([("includedefaults", "False")], SERIES).include_defaults
 
 
 @pytest.mark.parametrize("params, named", [
@@ -44,6 +45,7 @@ def test_parse_collects_keys_includefield_and_paging():
     ([("PatientID", "a"), ("00100020", "b")], "00100020"),
     ([("emptyvaluematching", "yes")], "emptyvaluematching"),
     ([("multiplevaluematching", "1")], "multiplevaluematching"),
+    ([("includedefaults", "no")], "includedefaults: 'no'"),
     ([("StudyDate", "20240101,2024"), ("multiplevaluematching", "true")], "StudyDate"),
 ])
 def test_parse_rejects_bad_parameters_naming_them(params, named):

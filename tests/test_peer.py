@@ -161,6 +161,9 @@ def test_search_parameters_and_paths():
     assert seen[0].path == "/studies/1.2/instances"
     assert seen[0].params.get_list("includefield") == ["00080018"] and seen[0].params["offset"] == "20"
     assert seen[1].path == "/studies" and seen[1].params["StudyInstanceUID"] == "1.2"
+    assert "includedefaults" not in seen[0].params
+    dw.search_for_instances("1.2", fields=["00080018"], include_defaults=False)
+    assert seen[2].params.get_list("includedefaults") == ["false"]
 
 
 def test_wado_streams_parts_and_tells_cut_off_from_malformed():

@@ -31,8 +31,10 @@ class SearchResult:
 def _returns(q: QidoQuery, level: str) -> set[int]:
     if q.include_all:
         tags = set(LEVEL_ATTRIBUTES[level])
-    else:
+    elif q.include_defaults:
         tags = set(DEFAULT_RETURN[level])
+    else:   # includedefaults=false: what includefield names, the match keys and the UID
+        tags = set()
     tags |= {t for t in q.return_keys if level_of(t, q.level) == level}
     tags |= set(q.match_at(level))
     tags.add(UID_TAG[level])

@@ -54,6 +54,7 @@ class QidoQuery:
     match: dict[int, str] = field(default_factory=dict)   # tag → match value (never empty)
     return_keys: set[int] = field(default_factory=set)    # includefield + empty-valued keys
     include_all: bool = False
+    include_defaults: bool = True   # includedefaults=false: no PS3.18 default return keys (as dcm4chee-arc)
     fuzzy: bool = False
     empty: bool = False      # emptyvaluematching: an empty or absent value matches too (PS3.4 C.2.2.2.7)
     multiple: bool = False   # multiplevaluematching: "a\\b" or "a,b" matches either (PS3.4 C.2.2.2.8)
@@ -142,6 +143,8 @@ def parse_qido(params: list[tuple[str, str]], level: str, study_uid: str | None 
             q.empty = _bool_param("emptyvaluematching", value)
         elif lname == "multiplevaluematching":
             q.multiple = _bool_param("multiplevaluematching", value)
+        elif lname == "includedefaults":
+            q.include_defaults = _bool_param("includedefaults", value)
         elif lname == "includefield":
             for item in (v.strip() for v in value.split(",")):
                 if not item:
