@@ -200,6 +200,39 @@ def test_keys_the_pacs_ignores_are_matched_and_returned_by_the_gateway(bed, data
     assert "The PACS did not return" in r.headers["warning"] and "Rows" in r.headers["warning"]
 
 
+def test_includedefaults_false_fetches_no_headers(bed, data, monkeypatch):
+    """includedefaults=false (dcm4chee-arc's parameter): only what includefield names, and no
+    C-GET of the study for the default keys dcmqrscp leaves out (Rows, SOPClassUID, …); without
+    it, or with true, they are filled from the headers as before. The send step's listing asks so."""
+    from omi_dsf.deid.dicomweb_io import WadoStudySource
+    from omi_dsf.dicomweb_client import DicomwebClient
+    from omi_dsf.peer import Peer
+
+    backend = bed["server"].server.config.app.gateway.backends["LEGACYPACS"]
+    retrievals = []
+    real = backend.retrieve
+    monkeypatch.setattr(backend, "retrieve", lambda *a, **k: (retrievals.append(a), real(*a, **k))[1])
+    backend._headers.clear()
+    url = f"{bed['url']}/studies/{data['study']}/instances"
+    fields = [("includefield", "SeriesInstanceUID,SOPInstanceUID")]
+    r = httpx.get(url, params=fields + [("includedefaults", "false")], timeout=60)
+    assert r.status_code == 200 and "warning" not in r.headers
+    assert len(r.json()) == SLICES
+    assert all(set(i) == {"0020000D", "0020000E", "00080018", "00081190"} for i in r.json())
+    assert retrievals == [] and data["study"] not in backend._headers
+    sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in data["ct"]}
+    assert WadoStudySource(DicomwebClient(Peer(bed["url"], timeout=60)), data["study"]).uids() == (
+        sops | {data["study"], data["series"]})
+    assert retrievals == []
+    for extra in ([], [("includedefaults", "true")]):
+        backend._headers.clear()
+        r = httpx.get(url, params=fields + extra, timeout=60)
+        assert r.status_code == 200 and all(values(i, "00280010") == [128] for i in r.json())
+    assert len(retrievals) == 2 and retrievals[0][1] == {"study": data["study"]}
+    r = httpx.get(url, params={"includedefaults": "nope"}, timeout=60)
+    assert r.status_code == 400 and "includedefaults: 'nope'" in r.json()["error"]
+
+
 # -- WADO-RS ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("aet", BACKENDS)

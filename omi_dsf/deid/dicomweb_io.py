@@ -7,7 +7,10 @@ multipart; instances are handed on as they arrive, as their Part 10 bytes (the p
 once), read by a thread up to READ_AHEAD instances ahead of the de-identification (the gateway,
 the reading and the de-identification overlap), so no study is held in memory whole.
 Before the first instance, `uids()` lists the study's instances (instance-level QIDO-RS of the
-study, a C-FIND at a DIMSE gateway): their study, series and SOP instance UIDs.
+study, a C-FIND at a DIMSE gateway): their study, series and SOP instance UIDs, asked for with
+`includedefaults=false` (no default return keys such as Rows, which a DIMSE gateway fills from the
+instances' headers: a C-GET of the whole study); a server that does not know the parameter
+ignores it and answers the defaults too.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class WadoStudySource:
         while True:
             try:
                 items = self.dicomweb.search_for_instances(self.study_uid, fields=[_SERIES, _SOP],
-                                                           limit=LIST_PAGE, offset=offset)
+                                                           limit=LIST_PAGE, offset=offset, include_defaults=False)
             except DicomwebRefused as exc:
                 if exc.status == 404:
                     return found
