@@ -306,7 +306,8 @@ class DimseBackend:
         missing = {k for k in keys for ds in records if k not in ds}
         if not missing:
             return set(), set()
-        filled, unfilled, fetched = set(), set(), set()
+        filled, unfilled = set(), set()
+        fetched: dict[str, list[Dataset]] = {}   # study → its headers, once per completion (summary_ttl may be 0)
         by_uid: dict[tuple[str, int], dict[str, Dataset]] = {}   # a study's headers by series/SOP UID
         for ds in records:
             absent = [k for k in missing if k not in ds]
@@ -317,8 +318,9 @@ class DimseBackend:
             if not study or (study not in fetched and len(fetched) >= HEADER_FETCHES and cached is None):
                 unfilled.update(absent)
                 continue
-            fetched.add(study)
-            headers = self.study_headers(study)
+            headers = fetched.get(study)
+            if headers is None:
+                headers = fetched[study] = self.study_headers(study)
             if level == STUDY:
                 source = headers[0] if headers else None
             else:
