@@ -5,6 +5,10 @@
   discards) vs dcmtk ``getscu --ignore`` of the same study: throughput and ratio; also the time
   with a Python client (httpx) and of an in-process pynetdicom C-GET, for reference;
 * QIDO-RS study search vs a direct C-FIND from this process: added latency;
+* the send step's up-front listing of the big study (``WadoStudySource.uids``: instance-level
+  QIDO-RS, UIDs only, ``includedefaults=false``) vs the same search with the default return keys,
+  which dcmqrscp lacks and the gateway fills from a C-GET of the study (a backend that keeps no
+  headers, as at a study's first listing); interleaved, ratio (target <= 0.5);
 * the gateway's peak memory (VmHWM) while it streams a small and the big study: must not grow
   with study size;
 * 8 concurrent clients (QIDO + WADO-RS of the small study): no errors;
@@ -51,7 +55,10 @@ from pynetdicom import AE, StoragePresentationContexts, build_role, evt  # noqa:
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,  # noqa: E402
                                   StudyRootQueryRetrieveInformationModelGet)
 
+from omi_dsf.deid.dicomweb_io import LIST_PAGE, WadoStudySource  # noqa: E402
 from omi_dsf.dicomweb.config import parse_config  # noqa: E402
+from omi_dsf.dicomweb_client import DicomwebClient  # noqa: E402
+from omi_dsf.peer import Peer  # noqa: E402
 from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
 from omi_dsf.dicomweb.multipart import dicom_body  # noqa: E402
 from omi_dsf.testkit.conformance import jpeg_lossless  # noqa: E402
@@ -60,7 +67,8 @@ from omi_dsf.testkit.phantom import cached_ct_study  # noqa: E402
 from omi_dsf.testkit.procs import free_port  # noqa: E402
 
 TARGETS = {"throughput_ratio_min": 0.8, "aggregate_ratio_min": 0.8, "qido_added_ms_max": 5.0, "memory_growth_mb_max": 64.0,
-           "concurrent_errors_max": 0, "transcode_ratio_min": 1.0, "metadata_ratio_max": 1.5}
+           "concurrent_errors_max": 0, "transcode_ratio_min": 1.0, "metadata_ratio_max": 1.5,
+           "listing_ratio_max": 0.5}
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
@@ -300,6 +308,25 @@ def qido_times(url: str, study: str, n: int) -> list[float]:
     return out
 
 
+def listing_times(url: str, study: str, instances: int, n: int) -> tuple[list[float], list[float]]:
+    """The send step's listing (UIDs only) and the same search with the default keys, interleaved."""
+    uids_only, defaults = [], []
+    for _ in range(n):
+        source = WadoStudySource(DicomwebClient(Peer(url, timeout=120)), study)
+        t = time.perf_counter()
+        found = source.uids()
+        uids_only.append(time.perf_counter() - t)
+        source.dicomweb.close()
+        with DicomwebClient(Peer(url, timeout=120)) as c:
+            t = time.perf_counter()
+            items = c.search_for_instances(study, fields=["0020000E", "00080018"], limit=LIST_PAGE)
+            defaults.append(time.perf_counter() - t)
+        assert len(items) == min(instances, LIST_PAGE) and "00280010" in items[0], "the defaults were not filled"
+        assert instances > LIST_PAGE or found == {str(v) for i in items for tag in ("0020000D", "0020000E", "00080018")
+                                                  for v in i[tag]["Value"]}, "the listing differs"
+    return uids_only, defaults
+
+
 def concurrent_clients(url: str, study: str, expected_parts: int, clients: int) -> tuple[int, float, list[str]]:
     errors: list[str] = []
 
@@ -364,6 +391,7 @@ def main() -> int:
     ap.add_argument("--transcode-slices", type=int, default=100,
                     help="slices of the JPEG Lossless study for the transcoding comparison")
     ap.add_argument("--transcode-runs", type=int, default=5)
+    ap.add_argument("--listing-runs", type=int, default=5)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "omi_dsf" / "bench")
     args = ap.parse_args()
@@ -452,6 +480,10 @@ def main() -> int:
             fresh, reused = cfind_times(pacs, big_uid, args.queries)
             f_fresh, f_reused = statistics.median(fresh), statistics.median(reused)
             log(f"QIDO-RS {q:.1f} ms; C-FIND {f_fresh:.1f} ms (new association), {f_reused:.1f} ms (open one)")
+            lst_new, lst_old = map(statistics.median, listing_times(url + "/aets/COLD", big_uid, len(big),
+                                                                    args.listing_runs))
+            log(f"the send step's listing of {len(big)} instances: {lst_new:.3f} s (UIDs only); "
+                f"{lst_old:.3f} s with the default keys (filled from a C-GET of the study)")
 
             n_err, conc_s, samples = concurrent_clients(url, small_uid, len(small), args.clients)
             log(f"{args.clients} concurrent clients: {n_err} errors in {conc_s:.1f} s {samples}")
@@ -471,6 +503,8 @@ def main() -> int:
             "qido_ms": round(q, 2), "cfind_new_association_ms": round(f_fresh, 2),
             "cfind_open_association_ms": round(f_reused, 2),
             "qido_added_ms": round(q - f_fresh, 2), "qido_added_vs_open_association_ms": round(q - f_reused, 2),
+            "listing_uids_only_s": round(lst_new, 3), "listing_with_defaults_s": round(lst_old, 3),
+            "listing_ratio": round(lst_new / lst_old, 3),
             "gateway_hwm_idle_mb": round(hwm0, 1), "gateway_hwm_small_mb": round(hwm_small, 1),
             "gateway_hwm_big_mb": round(hwm_big, 1), "gateway_hwm_after_concurrency_mb": round(hwm_end, 1),
             "memory_growth_mb": round(hwm_big - hwm_small, 1), "small_instances": len(small),
@@ -484,7 +518,8 @@ def main() -> int:
                              and result["memory_growth_mb"] <= TARGETS["memory_growth_mb_max"]
                              and n_err <= TARGETS["concurrent_errors_max"]
                              and result["transcode_ratio"] >= TARGETS["transcode_ratio_min"]
-                             and result["metadata_ratio"] <= TARGETS["metadata_ratio_max"])
+                             and result["metadata_ratio"] <= TARGETS["metadata_ratio_max"]
+                             and result["listing_ratio"] <= TARGETS["listing_ratio_max"])
     finally:
         for g in (gateway, many):
             if g is not None:
