@@ -113,12 +113,18 @@ def test_query_finds_the_studies_at_the_gateway(tmp_path):
             ds = pydicom.dcmread(files[0], stop_before_pixels=True)
             expected.add((ds.StudyInstanceUID, str(ds.PatientID)))
         client = DicomwebClient(http=gw, url="http://gw.test")
+        asked: list[str] = []
+        gw.event_hooks["request"] = [lambda request: asked.append(str(request.url))]
         assert set(query_studies(client, "ModalitiesInStudy=CT", is_uid, page=2)) == expected
+        # the two keys it reads, not the defaults a DIMSE gateway computes per study
+        assert asked and all("includedefaults=false" in url for url in asked)
         one = sorted(expected)[0]
         assert query_studies(client, f"PatientID={one[1]}", is_uid) == [one]
         with pytest.raises(UserError, match="found no studies"):
             query_studies(client, "PatientID=nobody-here", is_uid)
         with pytest.raises(UserError, match="limit are set by omi"):
             query_studies(client, "limit=5", is_uid)
+        with pytest.raises(UserError, match="includedefaults are set by omi"):
+            query_studies(client, "includedefaults=true", is_uid)
         with pytest.raises(UserError, match="is not of the form key=value"):
             query_studies(client, "ModalitiesInStudy", is_uid)

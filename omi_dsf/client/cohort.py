@@ -91,13 +91,14 @@ def query_studies(dicomweb, query: str, is_uid: Callable[[str], bool], limit: in
         filters = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
     except ValueError:
         raise UserError(f"--query {query[:200]!r} is not of the form key=value&key=value") from None
-    reserved = {k for k, _ in filters} & {"limit", "offset", "includefield"}
+    reserved = {k for k, _ in filters} & {"limit", "offset", "includefield", "includedefaults"}
     if reserved:
         raise UserError(f"--query: {', '.join(sorted(reserved))} are set by omi, not in the query")
     out, offset = [], 0
     while True:
+        # only the two keys it reads: no default key a DIMSE gateway computes per study (counts, modalities)
         found = dicomweb.search_for_studies(fields=("0020000D", "00100020"), search_filters=dict(filters),
-                                            limit=page, offset=offset)
+                                            limit=page, offset=offset, include_defaults=False)
         for study in found:
             uid = ((study.get("0020000D") or {}).get("Value") or [None])[0]
             pid = ((study.get("00100020") or {}).get("Value") or [None])[0]
