@@ -536,6 +536,21 @@ def test_study_streams_before_the_last_instance_arrives(bed, data, retrieve):
         assert stats.get("instances_received") == BIG_SLICES and parts == BIG_SLICES
 
 
+def _connections_to(port: int) -> set[int]:
+    """The TCP connections to ``port`` that are established on the connecting side (a gateway's
+    associations to the PACS), by socket inode. Tests compare these sets, not their sizes: a
+    connection that another gateway closes meanwhile changes nothing, and a line that
+    /proc/net/tcp (read in pieces while sockets come and go) lists twice counts once."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port:
+                    found.add(int(cols[9]))
+    return found
+
+
 @pytest.mark.parametrize("retrieve", ["get", "move"])
 def test_client_disconnect_releases_the_association(bed, data, retrieve):
     pacs = bed["pacs"]
@@ -562,27 +577,25 @@ def test_client_disconnect_releases_the_association(bed, data, retrieve):
 def test_idle_pooled_associations_count_against_the_limit(bed, data):
     """max_associations bounds what the PACS sees, idle pooled associations included: after a burst
     of searches leaves associations in the pool, a retrieval closes an idle one to get its slot."""
-    pacs = bed["pacs"]
-
-    def open_to_pacs() -> int:
-        """TCP connections to the PACS port that are established on the client side (a released
-        association's dcmqrscp child may take a moment longer to exit than its connection)."""
-        n = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as fh:
-                for line in fh.readlines()[1:]:
-                    cols = line.split()
-                    if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == pacs.port:
-                        n += 1
-        return n
-
+    port = bed["pacs"].port
     with _gateway_for(bed, max_associations=2, pool_size=4, retrieve="get") as server:
-        baseline = open_to_pacs()
+        before = _connections_to(port)   # the bed gateway's pooled ones
+
+        def ours() -> set[int]:
+            return _connections_to(port) - before
+
         peak, done = [0], threading.Event()
 
         def watch():
+            # One read of /proc/net/tcp is no snapshot (it takes milliseconds, more on a busy machine):
+            # a connection closed after its line was read and one opened before its line is reached
+            # are both in it. One in two reads in a row was open from the end of the first read to
+            # the start of the second: those were open at the same time.
+            last: set[int] = set()
             while not done.is_set():
-                peak[0] = max(peak[0], open_to_pacs() - baseline)
+                now = ours()
+                peak[0] = max(peak[0], len(now & last))
+                last = now
                 time.sleep(0.002)
 
         watcher = threading.Thread(target=watch)
@@ -600,11 +613,13 @@ def test_idle_pooled_associations_count_against_the_limit(bed, data):
             assert codes == [200] * 6
             # (while requests wait for a slot, idle associations close; one search alone leaves one)
             assert httpx.get(f"{server.url}/studies", params={"PatientID": "BIGSTUDY01"}, timeout=60).status_code == 200
-            time.sleep(0.2)
-            assert open_to_pacs() - baseline >= 1       # the pool kept one open
-            started = time.monotonic()
+            deadline = time.monotonic() + 30   # (polled: a read of /proc/net/tcp may miss a socket)
+            while not ours():
+                assert time.monotonic() < deadline, "the pool kept no association open"
+                time.sleep(0.05)
+            # no slot free for dimse_timeout (30 s) would be a 504, not a slow 200
             r = httpx.get(f"{server.url}/studies/{data['big_study']}", timeout=60)
-            assert r.status_code == 200 and time.monotonic() - started < 20
+            assert r.status_code == 200
         finally:
             done.set()
             watcher.join()
