@@ -144,6 +144,9 @@ def test_plugin_problems_include_jar_level_and_run_time_lines(tmp_path):
         "org/operaton/bpm/model/xml/instance/ModelElementInstance",
         "WARN  QuestionnaireResponseHandler - Unable to complete UserTask: org.camunda.bpm.engine.exception."
         "NullValueException - Cannot find task with id 6e387dae: task is null",   # its instance is gone
+        # DSF 1.9 at DEBUG: a bare line, the stack trace after it, then the WARN line above (restarted BPE)
+        "DEBUG dev.dsf.bpe.subscription.QuestionnaireResponseHandler - Unable to complete UserTask",
+        "org.camunda.bpm.engine.exception.NullValueException: Cannot find task with id 4e966594: task is null",
         "DEBUG Something - fine",
     ]))
     assert len(plugin_problems(log)) == 4

@@ -807,9 +807,10 @@ PLUGIN_PROBLEM = re.compile(
     r"|Unable to create spring application context|Error loading process plugins"
     r"|Error while executing process plugins resource bundle"
     r"|Unable to create \S+ for |NoClassDefFoundError"
-    # a user task the plugin's glue could not complete; not the answer to a work item whose process
+    # a user task the plugin's glue could not complete, as the BPE reports it (WARN, with the cause; DSF
+    # 1.9 also logs a bare DEBUG line before the stack trace); not the answer to a work item whose process
     # instance is gone (the BPE finds no task with that id: docs/testbed.md)
-    r"|Unable to complete UserTask(?!: \S*NullValueException - Cannot find task)")
+    r"|(?:WARN|ERROR)\s+\S+ - Unable to complete UserTask(?!: \S*NullValueException - Cannot find task)")
 
 
 def plugin_problems(bpe_log: Path, since: int = 0) -> list[str]:
