@@ -554,16 +554,23 @@ def _connections_to(port: int) -> set[int]:
 @pytest.mark.parametrize("retrieve", ["get", "move"])
 def test_client_disconnect_releases_the_association(bed, data, retrieve):
     pacs = bed["pacs"]
-    with _gateway_for(bed, retrieve=retrieve) as server:
-        baseline = pacs.association_processes()
+    with _gateway_for(bed, retrieve=retrieve) as server:   # (its pool starts empty)
+        # dcmqrscp's children by process ID, not their number: a child of an earlier test's
+        # association may still be exiting while this one starts
+        before = pacs.association_pids()
         with httpx.stream("GET", f"{server.url}/studies/{data['big_study']}", timeout=60) as r:
             chunks = r.iter_raw(4096)  # (an abandoned iterator would close the response at once)
             next(chunks)
-            time.sleep(0.2)
-            assert pacs.association_processes() == baseline + 1  # the C-GET is still running
-        # the client went away mid-stream: the C-GET association must go, not linger or be pooled
+            ours: set[int] = set()
+            deadline = time.monotonic() + 10
+            while not ours:
+                assert time.monotonic() < deadline, "no association of the retrieval at the PACS"
+                ours = pacs.association_pids() - before   # the retrieval's, still running
+                time.sleep(0.05)
+            assert len(ours) == 1, ours
+        # the client went away mid-stream: the retrieval's association must go, not linger or be pooled
         deadline = time.monotonic() + 10
-        while pacs.association_processes() > baseline:
+        while pacs.association_pids() & ours:
             assert time.monotonic() < deadline, "association still open after the client left"
             time.sleep(0.1)
         gw = server.server.config.app.gateway

@@ -261,17 +261,21 @@ class Dcmqrscp(LegacyPacs):
 
     def association_processes(self) -> int:
         """How many child processes dcmqrscp runs now (it forks one per open association)."""
+        return len(self.association_pids())
+
+    def association_pids(self) -> set[int]:
+        """The process IDs of dcmqrscp's children now, one per open association (not yet exited)."""
         if self.proc is None:
-            return 0
-        n = 0
+            return set()
+        pids = set()
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if int(fields[1]) == self.proc.pid and fields[0] != "Z":
-                n += 1
-        return n
+                pids.add(int(stat.parent.name))
+        return pids
 
     def start(self) -> "Dcmqrscp":
         self.workdir.mkdir(parents=True, exist_ok=True)
