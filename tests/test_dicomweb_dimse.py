@@ -117,3 +117,20 @@ def test_large_message_is_fragmented_and_reassembled():
     assert cid == 3 and us_of(cmd, 0x00000110) == 9 and data == b"HEAD" + dataset
     sender.close()
     receiver.close()
+
+
+def test_a_stopped_move_scp_frees_its_port_at_once():
+    """A gateway stopping and another starting on the same C-MOVE port (a restart, the tests'
+    gateways one after another) must be able to listen: closing the listener while its accept
+    thread waits in it kept the port for up to half a second ("Address already in use")."""
+    from omi_dsf.dicomweb.dimse.move_scp import MoveScp
+    from omi_dsf.processes import free_port
+
+    port = free_port()
+    for _ in range(3):
+        scp = MoveScp("OMIGW", "127.0.0.1", port).start()
+        scp.stop()
+        with socket.socket() as probe:   # no one listens any more: the port can be bound right away
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+            probe.listen(1)

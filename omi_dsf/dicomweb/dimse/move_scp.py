@@ -34,6 +34,7 @@ class MoveScp(MoveRoutes):
         super().__init__()
         self.aet, self.bind, self.port, self.timeout = aet, bind, port, timeout
         self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
         self._stopping = False
         self._supported = storage_scp_contexts()
 
@@ -44,19 +45,31 @@ class MoveScp(MoveRoutes):
         listener.listen(16)
         listener.settimeout(0.5)
         self._listener = listener
-        threading.Thread(target=self._accept_loop, name="dicomweb-move-scp", daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept_loop, args=(listener,), name="dicomweb-move-scp",
+                                          daemon=True)
+        self._acceptor.start()
         return self
 
     def stop(self) -> None:
+        """Stops listening; the port is free when this returns. (A listener closed while the accept
+        thread waits in it stays open until that wait ends: a gateway started on the same port
+        meanwhile could not bind it. shutdown ends the wait at once.)"""
         self._stopping = True
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-
-    def _accept_loop(self) -> None:
-        while not self._stopping and self._listener is not None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
             try:
-                sock, addr = self._listener.accept()
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        if self._acceptor is not None and self._acceptor is not threading.current_thread():
+            self._acceptor.join(timeout=5)
+            self._acceptor = None
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while not self._stopping:
+            try:
+                sock, addr = listener.accept()
             except socket.timeout:
                 continue
             except OSError:
