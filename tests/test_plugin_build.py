@@ -45,10 +45,21 @@ def test_spec_describes_both_processes_and_their_steps():
     spec = load_spec()
     names = {p.name: p for p in spec.processes}
     assert set(names) == {"omiInferenceRequest", "omiInferenceExecute"}
-    topics = [s.name for s in names["omiInferenceRequest"].steps if s.kind == "work_item"]
-    assert topics == ["consent", "send", "return"]
+    request = names["omiInferenceRequest"]
+    assert [s.name for s in request.all_steps() if s.kind == "work_item"] == ["consent", "prepare", "send", "return"]
+    # the provider is asked before the study is sent, and the answer is awaited while it is being sent
+    kinds = [s.kind for s in request.steps]
+    assert kinds.index("send") < kinds.index("parallel")
+    parallel = request.steps[kinds.index("parallel")]
+    assert [[(s.kind, s.name) for s in b] for b in parallel.branches] == [
+        [("work_item", "send")], [("receive", "omiInferenceResult")]]
     assert [s.name for s in names["omiInferenceExecute"].steps if s.kind == "work_item"] == ["infer"]
     assert spec.process_id(names["omiInferenceRequest"]) == "medizininformatik-initiativede_omiInferenceRequest"
+
+
+def _parallel(raw) -> list:
+    """The branches of the request process's parallel step in a raw spec."""
+    return next(st["parallel"] for st in raw["processes"][0]["steps"] if "parallel" in st)
 
 
 def _broken(mutate) -> list[str]:
@@ -69,6 +80,16 @@ def _broken(mutate) -> list[str]:
     (lambda r: r["processes"][0]["steps"][0].update(timeout="1 hour"), r"timeout: '1 hour' is not an ISO 8601 duration"),
     (lambda r: r["processes"][1]["start"]["recipient"].__setitem__(0, {"code": "REMOTE_ALL"}), r"recipient\[0\]\.code: 'REMOTE_ALL' is not allowed"),
     (lambda r: r["processes"][1]["start"]["inputs"].update({"stored-study-instance-uid": "1..1"}), r"Task input 'stored-study-instance-uid' \(min 1\) has no value"),
+    # parallel steps: a branch cannot use what another sets, both cannot set one variable, no nesting
+    (lambda r: _parallel(r)[1].insert(1, {"work_item": "peek", "inputs": ["instance-count"]}),
+     r"parallel\[1\]\[1\].*Questionnaire item 'instance-count' has no value at this point"),
+    (lambda r: _parallel(r)[1].append({"work_item": "twice", "outputs": ["pseudonym"]}),
+     r"'pseudonym' is set by more than one branch"),
+    (lambda r: _parallel(r)[1].append({"parallel": [[{"work_item": "a"}], [{"work_item": "b"}]]}),
+     r"a parallel step cannot be inside another one"),
+    (lambda r: _parallel(r).pop(), r"parallel: a list of at least two branches"),
+    (lambda r: _parallel(r)[0].append({"end_send": "omiInferenceResult", "role": "requester"}),
+     r"a message end must be the last step"),
 ])
 def test_broken_spec_names_the_problem(mutate, expected):
     findings = _broken(mutate)
@@ -163,6 +184,28 @@ def test_gateway_flows_are_named_and_processes_state_their_history_time_to_live(
             branching += [f for f in flows if sources.count(f.get("sourceRef")) > 1]
     assert len(branching) >= 10         # an error gateway after each work item, and more
     assert all(f.get("name") for f in branching), [f.get("id") for f in branching if not f.get("name")]
+
+
+def test_the_request_awaits_the_answer_while_sending_and_any_failure_ends_it(tree):
+    """The parallel step in BPMN: a parallel gateway into the send work item and the wait for the
+    answer, one out of both; every failure end terminates the process (a failed send must not leave the
+    wait for the answer open for 12 hours, nor an error answer the send running)."""
+    root = _bpmn_models(tree)["omi-inference-request.bpmn"]
+    proc = root.find("bpmn:process", BPMN_NS)
+    flows = proc.findall("bpmn:sequenceFlow", BPMN_NS)
+    gateways = {g.get("id") for g in proc.findall("bpmn:parallelGateway", BPMN_NS)}
+    assert len(gateways) == 2
+    out_of = {gw: {f.get("targetRef") for f in flows if f.get("sourceRef") == gw} for gw in gateways}
+    into = {gw: {f.get("sourceRef") for f in flows if f.get("targetRef") == gw} for gw in gateways}
+    split = next(gw for gw in gateways if len(out_of[gw]) == 2)
+    join = next(gw for gw in gateways if len(into[gw]) == 2)
+    assert out_of[split] == {"WorkItem_send", "Await_omiInferenceResult"}
+    assert into[join] == {"Gateway_send_ok", "Gateway_omiInferenceResult_ok"}
+    assert into[split] == {"Send_executeOmiInference"} and out_of[join] == {"WorkItem_return"}
+    ends = proc.findall("bpmn:endEvent", BPMN_NS)
+    plain = [e.get("id") for e in ends if len(e) == len(e.findall("bpmn:incoming", BPMN_NS))]
+    assert plain == ["End"]    # the one normal end, after the join; every other end terminates
+    assert all(e.find("bpmn:terminateEventDefinition", BPMN_NS) is not None for e in ends if e.get("id") != "End")
 
 
 def test_broken_spec_writes_nothing(tmp_path):

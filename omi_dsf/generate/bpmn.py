@@ -3,7 +3,11 @@
 The shape is fixed by the DSF's way of working: a message start, the start Task's inputs read
 into variables, then the steps in order. A work item is a user task (the DSF external work item)
 followed by a gateway that leaves for the failure end when the step answered `error`. Every
-error path ends in the start Task failing with that error, never in a process that waits forever.
+error path ends in the start Task failing with that error, never in a process that waits forever:
+its end event terminates the process, so a failing step in one branch of a parallel step also
+ends what the other branches are waiting for. A parallel step is a parallel gateway splitting into
+its branches (each a lane of its own in the diagram, the first on the main line, the others above)
+and one joining them; the process goes on when every branch has arrived.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ HISTORY_TIME_TO_LIVE = "P30D"
 SIZES = {  # width, height of each kind for the diagram
     "startEvent": (36, 36), "endEvent": (36, 36), "messageEndEvent": (36, 36),
     "intermediateThrowEvent": (36, 36), "messageCatchEvent": (36, 36), "timerCatchEvent": (36, 36),
-    "serviceTask": (100, 80), "userTask": (100, 80),
-    "exclusiveGateway": (50, 50), "eventBasedGateway": (50, 50), "boundaryTimer": (36, 36),
+    "terminateEndEvent": (36, 36), "serviceTask": (100, 80), "userTask": (100, 80),
+    "exclusiveGateway": (50, 50), "eventBasedGateway": (50, 50), "parallelGateway": (50, 50),
+    "boundaryTimer": (36, 36),
 }
 
 
@@ -88,7 +93,9 @@ class Graph:
         return next((f for f in self.outgoing(node) if f.condition is None), None) if node.kind == "exclusiveGateway" else None
 
 
-MAIN_Y, FAIL_Y, STEP_X = 100, 300, 160
+MAIN_Y, STEP_X = 100, 160
+LANE_DY = 200        # between the lanes of a parallel step's branches
+FAIL_DY = 200        # from the main line down to the failure path
 
 
 class _Builder:
@@ -96,10 +103,14 @@ class _Builder:
         self.spec, self.g = spec, Graph(process, spec.process_id(process))
         self.x = 60
         self.fail: Node | None = None
+        lanes = max((len(s.branches) for s in process.steps if s.kind == "parallel"), default=1)
+        self.main_y = MAIN_Y + LANE_DY * (lanes - 1)    # the other branches' lanes above the main line
+        self.fail_y = self.main_y + FAIL_DY
+        self.lane_y = self.main_y
 
     def add(self, id_: str, kind: str, name: str = "", y: int | None = None, advance: bool = True, **attrs) -> Node:
         w, h = SIZES[kind]
-        node = Node(id_, kind, name, self.x + (100 - w) // 2, (MAIN_Y if y is None else y) + (80 - h) // 2, attrs)
+        node = Node(id_, kind, name, self.x + (100 - w) // 2, (self.lane_y if y is None else y) + (80 - h) // 2, attrs)
         self.g.nodes.append(node)
         if advance:
             self.x += STEP_X
@@ -122,9 +133,9 @@ class _Builder:
             x = self.x
             self.fail = self.service("FailStartTask", "fail start Task", "SetTaskOutputs",
                                      {"failed": "true", "outputs": ",".join(c.code for c in self.g.process.outputs)},
-                                     y=FAIL_Y, advance=False)
+                                     y=self.fail_y, advance=False)
             self.fail.x = 60 + STEP_X * 2
-            end = self.add("EndFailed", "endEvent", "failed", y=FAIL_Y, advance=False)
+            end = self.add("EndFailed", "terminateEndEvent", "failed", y=self.fail_y, advance=False)
             end.x = self.fail.x + STEP_X + 32
             self.flow(self.fail, end)
             self.x = x
@@ -137,13 +148,14 @@ class _Builder:
         self.x = anchor.x + 60
         if message_end is not None:
             fields = dict(message_end, errorMessage=text)
-            end = self.add(f"Timeout_{step_name}", "messageEndEvent", f"{step_name} timed out", y=FAIL_Y,
+            end = self.add(f"Timeout_{step_name}", "messageEndEvent", f"{step_name} timed out", y=self.fail_y,
                            advance=False, cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=fields)
             self.x = x
             return end
         task = self.service(f"Timeout_{step_name}", f"{step_name} timed out", "SetTaskOutputs",
-                            {"failed": "true", "errorMessage": text}, y=FAIL_Y + 120, advance=False)
-        end = self.add(f"EndTimeout_{step_name}", "endEvent", "timed out", y=FAIL_Y + 120, advance=False)
+                            {"failed": "true", "errorMessage": text}, y=self.fail_y + 120, advance=False)
+        end = self.add(f"EndTimeout_{step_name}", "terminateEndEvent", "timed out", y=self.fail_y + 120,
+                       advance=False)
         end.x = task.x + STEP_X
         self.flow(task, end)
         self.x = x
@@ -172,6 +184,65 @@ class _Builder:
             fields["targetOrganizationVariable"] = step.target_variable
         return fields
 
+    def step(self, step: Step, prev: Node, end_send: Step | None) -> Node:
+        """The nodes of one step after `prev`, on the current lane; answers the node to go on from."""
+        if step.kind == "work_item":
+            task = self.add(f"WorkItem_{step.name}", "userTask", step.name,
+                            formKey=f"{self.spec.questionnaire_url(step)}|#{{version}}",
+                            listener=f"{JAVA_PACKAGE}.WorkItemListener",
+                            answers=f"{JAVA_PACKAGE}.WorkItemAnswers")
+            self.leave(prev, task)
+            if step.timeout:
+                timer = self.add(f"Timer_{step.name}", "boundaryTimer", f"{step.timeout}", advance=False,
+                                 attached=task.id, duration=step.timeout)
+                timer.x, timer.y = task.x + 32, task.y + task.height - 18
+                target = self.timeout_end(task, step.name, step.timeout,
+                                          self.send_fields(end_send) if (step.continue_on_error and end_send) else None)
+                self.flow(timer, target)
+            return task if step.continue_on_error else self.error_gateway(task, step.name)
+        if step.kind == "send":
+            node = self.add(f"Send_{step.name}", "intermediateThrowEvent", step.name,
+                            cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=self.send_fields(step))
+            self.leave(prev, node)
+            return node
+        if step.kind == "receive":
+            gw = self.add(f"Await_{step.name}", "eventBasedGateway", f"await {step.name}")
+            self.leave(prev, gw)
+            catch = self.add(f"Receive_{step.name}", "messageCatchEvent", step.name, message=self.message_id(step.name))
+            self.flow(gw, catch, name=f"{step.name} received")
+            if step.timeout:
+                timer = self.add(f"Timer_{step.name}", "timerCatchEvent", step.timeout, advance=False,
+                                 y=self.lane_y + (FAIL_DY // 2 if self.lane_y == self.main_y else -FAIL_DY // 2),
+                                 duration=step.timeout)
+                timer.x = catch.x
+                self.flow(gw, timer, name=f"{step.timeout} passed")
+                self.flow(timer, self.timeout_end(timer, step.name, step.timeout, None))
+            read = self.service(f"Read_{step.name}", f"read {step.name} inputs", "ReadTaskInputs")
+            self.flow(catch, read)
+            return self.error_gateway(read, step.name)
+        raise AssertionError(f"step kind {step.kind}")
+
+    def parallel(self, step: Step, prev: Node, end_send: Step | None) -> Node:
+        """A parallel gateway into the branches, each on its lane, and one out of them all."""
+        n = sum(1 for node in self.g.nodes if node.kind == "parallelGateway") // 2 + 1
+        split = self.add(f"Split_{n}", "parallelGateway", "at once")
+        self.leave(prev, split)
+        x0, ends, xs = self.x, [], []
+        for k, branch in enumerate(step.branches):
+            self.x, self.lane_y = x0, self.main_y - LANE_DY * k
+            last = split
+            for inner in branch:
+                last = self.step(inner, last, end_send)
+            ends.append(last)
+            xs.append(self.x)
+        for f in self.g.outgoing(split):   # each flow named for the branch it starts
+            f.name = f.target.name
+        self.x, self.lane_y = max(xs), self.main_y
+        join = self.add(f"Join_{n}", "parallelGateway", "all done")
+        for last in ends:
+            self.leave(last, join)
+        return join
+
     def build(self) -> Graph:
         proc = self.g.process
         start = self.add("Start", "startEvent", proc.start.name, message=self.message_id(proc.start.name))
@@ -179,44 +250,12 @@ class _Builder:
         self.flow(start, prev)
         end_send = next((s for s in proc.steps if s.kind == "end_send"), None)
         for step in proc.steps:
-            if step.kind == "work_item":
-                task = self.add(f"WorkItem_{step.name}", "userTask", step.name,
-                                formKey=f"{self.spec.questionnaire_url(step)}|#{{version}}",
-                                listener=f"{JAVA_PACKAGE}.WorkItemListener",
-                                answers=f"{JAVA_PACKAGE}.WorkItemAnswers")
-                self.leave(prev, task)
-                if step.timeout:
-                    timer = self.add(f"Timer_{step.name}", "boundaryTimer", f"{step.timeout}", advance=False,
-                                     attached=task.id, duration=step.timeout)
-                    timer.x, timer.y = task.x + 32, task.y + task.height - 18
-                    target = self.timeout_end(task, step.name, step.timeout,
-                                              self.send_fields(end_send) if (step.continue_on_error and end_send) else None)
-                    self.flow(timer, target)
-                prev = task if step.continue_on_error else self.error_gateway(task, step.name)
-            elif step.kind == "send":
-                node = self.add(f"Send_{step.name}", "intermediateThrowEvent", step.name,
-                                cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=self.send_fields(step))
-                self.leave(prev, node)
-                prev = node
-            elif step.kind == "receive":
-                gw = self.add(f"Await_{step.name}", "eventBasedGateway", f"await {step.name}")
-                self.leave(prev, gw)
-                catch = self.add(f"Receive_{step.name}", "messageCatchEvent", step.name, message=self.message_id(step.name))
-                self.flow(gw, catch, name=f"{step.name} received")
-                if step.timeout:
-                    timer = self.add(f"Timer_{step.name}", "timerCatchEvent", step.timeout, advance=False,
-                                     y=FAIL_Y - 100, duration=step.timeout)
-                    timer.x = catch.x
-                    self.flow(gw, timer, name=f"{step.timeout} passed")
-                    self.flow(timer, self.timeout_end(timer, step.name, step.timeout, None))
-                read = self.service(f"Read_{step.name}", f"read {step.name} inputs", "ReadTaskInputs")
-                self.flow(catch, read)
-                prev = self.error_gateway(read, step.name)
-            elif step.kind == "end_send":
+            if step.kind == "end_send":
                 end = self.add(f"End_{step.name}", "messageEndEvent", step.name,
                                cls=f"{JAVA_PACKAGE}.SendTaskMessage", fields=self.send_fields(step))
                 self.leave(prev, end)
                 return self.g
+            prev = self.parallel(step, prev, end_send) if step.kind == "parallel" else self.step(step, prev, end_send)
         done = self.service("SetOutputs", "set start Task outputs", "SetTaskOutputs",
                             {"outputs": ",".join(c.code for c in proc.outputs)})
         self.leave(prev, done)

@@ -73,7 +73,7 @@ def render(spec: Spec) -> Rendered:
             if msg.is_start and any(a.code.startswith("LOCAL") for a in msg.requester):
                 files.append(put(f"fhir_profiles/Task/{msg.profile}.xml", "Task.xml.j2", process=proc, message=msg,
                                  draft=True, business_key=""))
-        for step in proc.steps:
+        for step in proc.all_steps():
             if step.kind != "work_item":
                 continue
             # inputs are answered by the BPE, so required; outputs are not answered when the step fails,

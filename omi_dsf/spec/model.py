@@ -89,8 +89,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Step:
-    kind: str                      # work_item | send | receive | end_send
-    name: str                      # work item topic, or message name
+    kind: str                      # work_item | send | receive | end_send | parallel
+    name: str                      # work item topic, or message name ("parallel" for a parallel step)
     title: str = ""
     inputs: tuple[Code, ...] = ()
     outputs: tuple[Code, ...] = ()
@@ -99,6 +99,7 @@ class Step:
     target_variable: str | None = None   # send: variable holding the target organization
     to_requester: bool = False           # end_send: answer the start Task's requester
     role: str | None = None              # organization-role code of the target
+    branches: tuple[tuple["Step", ...], ...] = ()   # parallel: the steps of each branch, all run at once
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,11 @@ class Process:
     outputs: tuple[Code, ...]
     steps: tuple[Step, ...]
     messages: tuple[Message, ...]        # received after the start
+
+    def all_steps(self) -> list[Step]:
+        """Every step, those of parallel branches in place (branch by branch), parallel steps left out."""
+        return [inner for step in self.steps
+                for inner in ([s for branch in step.branches for s in branch] if step.kind == "parallel" else [step])]
 
 
 @dataclass(frozen=True)
@@ -318,12 +324,17 @@ def _parse_message(name, rm: dict, codes, roles, ctx: str, bad, is_start: bool) 
     )
 
 
-def _parse_step(rs: dict, codes, roles, ctx: str, bad) -> Step | None:
-    kinds = [k for k in ("work_item", "send", "receive", "end_send") if k in rs]
+STEP_KINDS = ("work_item", "send", "receive", "end_send", "parallel")
+
+
+def _parse_step(rs: dict, codes, roles, ctx: str, bad, nested: bool = False) -> Step | None:
+    kinds = [k for k in STEP_KINDS if k in rs]
     if len(kinds) != 1:
-        bad(f"{ctx}: a step is exactly one of work_item, send, receive, end_send")
+        bad(f"{ctx}: a step is exactly one of {', '.join(STEP_KINDS)}")
         return None
     kind = kinds[0]
+    if kind == "parallel":
+        return _parse_parallel(rs["parallel"], codes, roles, ctx, bad, nested)
     timeout = rs.get("timeout")
     if timeout is not None and not DURATION_RE.match(str(timeout)):
         bad(f"{ctx}.timeout: '{timeout}' is not an ISO 8601 duration like PT1H")
@@ -339,6 +350,23 @@ def _parse_step(rs: dict, codes, roles, ctx: str, bad) -> Step | None:
         target_variable=rs.get("to"), to_requester=bool(rs.get("to_requester")),
         role=roles.get(role_key) if role_key else None,
     )
+
+
+def _parse_parallel(raw, codes, roles, ctx: str, bad, nested: bool) -> Step | None:
+    """`parallel: [[steps of branch 1], [steps of branch 2], ...]`: the branches start together and the
+    process goes on when all have ended; a failing step in any branch fails the whole process."""
+    if nested:
+        bad(f"{ctx}: a parallel step cannot be inside another one")
+        return None
+    if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(b, list) and b for b in raw):
+        bad(f"{ctx}.parallel: a list of at least two branches, each a non-empty list of steps")
+        return None
+    branches = []
+    for k, branch in enumerate(raw):
+        steps = [_parse_step(st or {}, codes, roles, f"{ctx}.parallel[{k}][{j}]", bad, nested=True)
+                 for j, st in enumerate(branch)]
+        branches.append(tuple(st for st in steps if st is not None))
+    return Step(kind="parallel", name="parallel", branches=tuple(branches))
 
 
 def _parse_process(i: int, rp: dict, codes, roles, bad) -> Process | None:
@@ -383,54 +411,23 @@ def check_spec(spec: Spec) -> list[str]:
     for n in {n for n in names if names.count(n) > 1}:
         findings.append(f"message {n}: defined more than once")
 
-    received = {s.name for p in spec.processes for s in p.steps if s.kind == "receive"}
-    sent = {s.name for p in spec.processes for s in p.steps if s.kind in ("send", "end_send")}
+    received = {s.name for p in spec.processes for s in p.all_steps() if s.kind == "receive"}
+    sent = {s.name for p in spec.processes for s in p.all_steps() if s.kind in ("send", "end_send")}
     starts = {p.start.name for p in spec.processes}
     for proc in spec.processes:
         for msg in proc.messages:
-            if msg.name not in {s.name for s in proc.steps if s.kind == "receive"}:
+            if msg.name not in {s.name for s in proc.all_steps() if s.kind == "receive"}:
                 findings.append(f"processes.{proc.name}.messages.{msg.name}: no receive step waits for it (dangling message)")
             if msg.name not in sent:
                 findings.append(f"processes.{proc.name}.messages.{msg.name}: no process sends it (dangling message)")
         if proc.start.name not in sent and not any(a.code.startswith("LOCAL") for a in proc.start.requester):
             findings.append(f"processes.{proc.name}.start: nobody can start it (not sent by a process, no LOCAL requester)")
 
-        available = {p.code.code for p in proc.start.inputs}
-        steps = proc.steps
-        topics = [s.name for s in steps if s.kind == "work_item"]
+        topics = [s.name for s in proc.all_steps() if s.kind == "work_item"]
         for t in {t for t in topics if topics.count(t) > 1}:
             findings.append(f"processes.{proc.name}: work item '{t}' appears more than once")
-        for j, step in enumerate(steps):
-            ctx = f"processes.{proc.name}.steps[{j}] ({step.kind} {step.name})"
-            if step.kind == "work_item":
-                if not NAME_RE.match(step.name):
-                    findings.append(f"{ctx}: topic may only contain letters, digits and '-'")
-                for c in step.inputs:
-                    if c.code not in available:
-                        findings.append(f"{ctx}: Questionnaire item '{c.code}' has no value at this point "
-                                        f"(not a start input nor an earlier output)")
-                available |= {c.code for c in step.outputs} | {"error"}
-            elif step.kind in ("send", "end_send"):
-                owner = spec.message_owner(step.name)
-                if owner is None:
-                    findings.append(f"{ctx}: message '{step.name}' is not defined by any process (dangling message)")
-                    continue
-                target_proc, target_msg = owner
-                if step.kind == "send" and not target_msg.is_start:
-                    findings.append(f"{ctx}: '{step.name}' is not a start message; send starts another process")
-                if step.kind == "send" and step.target_variable not in available:
-                    findings.append(f"{ctx}: target variable '{step.target_variable}' has no value at this point")
-                for p in target_msg.inputs:
-                    if p.min > 0 and p.code.code not in available:
-                        findings.append(f"{ctx}: Task input '{p.code.code}' (min {p.min}) has no value at this point")
-                if step.kind == "end_send" and j != len(steps) - 1:
-                    findings.append(f"{ctx}: a message end must be the last step")
-            elif step.kind == "receive":
-                msg = next((m for m in proc.messages if m.name == step.name), None)
-                if msg is None:
-                    findings.append(f"{ctx}: message '{step.name}' is not in processes.{proc.name}.messages (dangling message)")
-                else:
-                    available |= {p.code.code for p in msg.inputs}
+        available = _check_steps(spec, proc, proc.steps, {p.code.code for p in proc.start.inputs},
+                                 f"processes.{proc.name}.steps", findings, last=True)
         for c in proc.outputs:
             if c.code not in available:
                 findings.append(f"processes.{proc.name}.start.outputs: '{c.code}' is never set")
@@ -439,3 +436,52 @@ def check_spec(spec: Spec) -> list[str]:
     for name in sent - received - starts:
         findings.append(f"message {name}: sent but neither a start message nor received (dangling message)")
     return findings
+
+
+def _check_steps(spec: Spec, proc: Process, steps: tuple[Step, ...], available: set[str], ctx_base: str,
+                 findings: list[str], last: bool) -> set[str]:
+    """Check steps in order against the variables set before each; answer those set after them. A
+    parallel step's branches each start from what is set before it and cannot use each other's
+    outputs; after it, all of theirs are set."""
+    available = set(available)
+    for j, step in enumerate(steps):
+        ctx = f"{ctx_base}[{j}] ({step.kind} {step.name})"
+        if step.kind == "parallel":
+            after = set(available)
+            for k, branch in enumerate(step.branches):
+                sets = _check_steps(spec, proc, branch, available, f"{ctx_base}[{j}].parallel[{k}]", findings,
+                                    last=False) - available - {"error"}
+                for code in sorted(sets & after):   # which branch's value would stay is left to chance
+                    findings.append(f"{ctx}: '{code}' is set by more than one branch")
+                after |= sets
+            available = after | ({"error"} if any(s.kind == "work_item" for b in step.branches for s in b) else set())
+        elif step.kind == "work_item":
+            if not NAME_RE.match(step.name):
+                findings.append(f"{ctx}: topic may only contain letters, digits and '-'")
+            for c in step.inputs:
+                if c.code not in available:
+                    findings.append(f"{ctx}: Questionnaire item '{c.code}' has no value at this point "
+                                    f"(not a start input nor an earlier output)")
+            available |= {c.code for c in step.outputs} | {"error"}
+        elif step.kind in ("send", "end_send"):
+            owner = spec.message_owner(step.name)
+            if owner is None:
+                findings.append(f"{ctx}: message '{step.name}' is not defined by any process (dangling message)")
+                continue
+            target_proc, target_msg = owner
+            if step.kind == "send" and not target_msg.is_start:
+                findings.append(f"{ctx}: '{step.name}' is not a start message; send starts another process")
+            if step.kind == "send" and step.target_variable not in available:
+                findings.append(f"{ctx}: target variable '{step.target_variable}' has no value at this point")
+            for p in target_msg.inputs:
+                if p.min > 0 and p.code.code not in available:
+                    findings.append(f"{ctx}: Task input '{p.code.code}' (min {p.min}) has no value at this point")
+            if step.kind == "end_send" and not (last and j == len(steps) - 1):
+                findings.append(f"{ctx}: a message end must be the last step")
+        elif step.kind == "receive":
+            msg = next((m for m in proc.messages if m.name == step.name), None)
+            if msg is None:
+                findings.append(f"{ctx}: message '{step.name}' is not in processes.{proc.name}.messages (dangling message)")
+            else:
+                available |= {p.code.code for p in msg.inputs}
+    return available
