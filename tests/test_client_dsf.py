@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives import serialization
 from conftest import ROOT, free_port
 from omi_dsf.registry.auth import thumbprint
 from omi_dsf.registry.entries import service_bundle
+from omi_dsf.spec.model import load_spec
 from omi_dsf.testbed.certs import KEY_PASSWORD, TestCA
 from omi_dsf.testkit.gateway import GatewayProcess
 from omi_dsf.testkit.sites import write_testbed_site_configs
 
 pytestmark = pytest.mark.integration
-DIC_TOPICS = "consent,send,return"
+DIC_TOPICS = ",".join(next(p for p in load_spec().processes if p.name == "omiInferenceRequest").topics())
 
 
 def _omi(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

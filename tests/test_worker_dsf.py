@@ -18,13 +18,14 @@ from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfError
 from omi_dsf.dsf.tasks import message_task, outputs
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
+from omi_dsf.spec.model import load_spec
 from omi_dsf.steps.demo import fingerprint
 from omi_dsf.testkit.sites import write_testbed_site_configs
 from omi_dsf.worker.config import load_site_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-DIC_TOPICS = "consent,send,return"
+DIC_TOPICS = ",".join(next(p for p in load_spec().processes if p.name == "omiInferenceRequest").topics())
 FAST = {"poll_interval": 2, "lease_ttl": 4, "backoff": 0.3, "max_attempts": 2}
 
 
@@ -131,7 +132,7 @@ def test_instance_advances_through_every_work_item(site):
     assert out["result-location"].startswith("infer-") and out["stored-study-instance-uid"].startswith("return-")
     bk = business_key(task)
     topics = [t for t, _, k, _ in site.executions([bk])]
-    assert sorted(topics) == sorted(["consent", "send", "infer", "return"])
+    assert sorted(topics) == sorted(["consent", "prepare", "send", "infer", "return"])
 
 
 def test_three_workers_thirty_instances_every_item_exactly_once(site):
@@ -240,7 +241,42 @@ def test_denied_step_ends_the_instance_with_the_reason(site):
     task = site.wait([tid], timeout=180)[tid]
     assert task["status"] == "failed"
     assert outputs(task)["error"] == "send: denied by the demo handler"
-    assert [t for t, *_ in site.executions(keys)] == ["consent", "send"]   # nothing after the denial
+    assert [t for t, *_ in site.executions(keys)] == ["consent", "prepare", "send"]   # nothing after the denial
+
+
+def test_an_error_answer_during_the_send_ends_the_request_and_withdraws_the_send(site):
+    """The provider's process starts before the study is sent, so its answer can come at any time: an
+    error answer ends the request at once (not after the send, nor after the wait's 12 hours), the
+    send still running is withdrawn (its work item stopped, the worker's late answer dropped) and no
+    step after it runs."""
+    send_s = 30
+    site.worker(site.base["dic"], "consent,prepare,return", "dic")
+    site.worker(site.config("dic", "slow", steps={"demo_delay": send_s}), "send", "slow")
+    site.worker(site.config("ai", "deny", steps={"demo_deny_topics": ["infer"]}), "infer", "ai")
+    (tid,) = site.submit(1)
+    (key,) = site.business_keys([tid])
+    started = time.monotonic()
+    task = site.wait([tid], timeout=120)[tid]
+    assert task["status"] == "failed"
+    assert outputs(task)["error"] == "infer: denied by the demo handler"
+    assert time.monotonic() - started < send_s, "the request waited for the send"
+
+    def send_items() -> list[WorkItem]:
+        found = site.dic.search("QuestionnaireResponse", {"questionnaire": topics_from_spec()["send"]})
+        return [item for item in map(WorkItem, found) if item.business_key == key]
+
+    end = time.monotonic() + 30
+    while [i.status for i in send_items()] != ["stopped"]:
+        assert time.monotonic() < end, [i.status for i in send_items()]
+        time.sleep(1)
+    log = site.folder / "slow.log"
+    end = time.monotonic() + send_s + 30    # the send ends; its answer is refused, not retried
+    while b"withdrawn meanwhile" not in log.read_bytes():
+        assert time.monotonic() < end, log.read_text()[-2000:]
+        time.sleep(1)
+    assert [i.status for i in send_items()] == ["stopped"]
+    assert [t for t, *_ in site.executions([key])].count("send") == 1
+    assert "return" not in [t for t, *_ in site.executions([key])]
 
 
 def test_workers_on_two_hosts_share_postgresql_and_one_host_dies(site, postgres):

@@ -22,7 +22,7 @@ def topics_from_spec(spec: Spec | None = None) -> dict[str, str]:
     """Work item topic → Questionnaire `url|version`, as the BPE writes it into QuestionnaireResponses."""
     spec = spec or load_spec()
     return {s.name: f"{spec.questionnaire_url(s)}|{spec.plugin.resource_version}"
-            for p in spec.processes for s in p.steps if s.kind == "work_item"}
+            for p in spec.processes for s in p.all_steps() if s.kind == "work_item"}
 
 
 def _value(answer: dict):

@@ -190,6 +190,7 @@ class _Builder:
             task = self.add(f"WorkItem_{step.name}", "userTask", step.name,
                             formKey=f"{self.spec.questionnaire_url(step)}|#{{version}}",
                             listener=f"{JAVA_PACKAGE}.WorkItemListener",
+                            withdrawn=f"{JAVA_PACKAGE}.WorkItemWithdrawn",
                             answers=f"{JAVA_PACKAGE}.WorkItemAnswers")
             self.leave(prev, task)
             if step.timeout:

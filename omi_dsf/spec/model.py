@@ -112,6 +112,10 @@ class Process:
     steps: tuple[Step, ...]
     messages: tuple[Message, ...]        # received after the start
 
+    def topics(self) -> list[str]:
+        """The topics of the process's work items, in order (a worker of the process's site runs these)."""
+        return [s.name for s in self.all_steps() if s.kind == "work_item"]
+
     def all_steps(self) -> list[Step]:
         """Every step, those of parallel branches in place (branch by branch), parallel steps left out."""
         return [inner for step in self.steps

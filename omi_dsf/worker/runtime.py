@@ -59,7 +59,7 @@ class Outcome:
     item_id: str
     business_key: str
     topic: str
-    status: str               # completed | failed | skipped
+    status: str               # completed | failed | skipped | withdrawn | stuck
     attempts: int = 0
 
 
@@ -215,6 +215,13 @@ class Worker:
                 self.client.update(item.completed(outputs, error))
             except (ValueError, DsfValidationError, DsfAuthError) as exc:
                 current = self.client.read("QuestionnaireResponse", item.id)
+                if current.get("status") == "stopped":
+                    # withdrawn by the plugin: its user task ended unanswered (its timeout, or the
+                    # process ended meanwhile, e.g. an error answer while a parallel step ran)
+                    log.info("work item %s (%s, business key %s): withdrawn meanwhile; the process no longer "
+                             "waits for it, answer dropped", item.id, topic, item.business_key)
+                    self.leases.finish(item.id, s.owner)
+                    return Outcome(item.id, item.business_key, topic, "withdrawn", attempt)
                 if current.get("status") != "in-progress":
                     # an earlier answer of ours did arrive (e.g. its reply was lost in a restart)
                     log.info("work item %s: already completed; nothing more to do", item.id)

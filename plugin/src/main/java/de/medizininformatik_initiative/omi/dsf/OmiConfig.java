@@ -31,6 +31,13 @@ public class OmiConfig
 
 	@Bean
 	@Scope(ConfigurableBeanFactory.SCOPE_PROTOTYPE)
+	public WorkItemWithdrawn workItemWithdrawn()
+	{
+		return new WorkItemWithdrawn(api);
+	}
+
+	@Bean
+	@Scope(ConfigurableBeanFactory.SCOPE_PROTOTYPE)
 	public WorkItemAnswers workItemAnswers()
 	{
 		return new WorkItemAnswers(api);

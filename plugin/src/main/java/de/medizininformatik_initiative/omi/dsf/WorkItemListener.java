@@ -39,6 +39,13 @@ public class WorkItemListener extends DefaultUserTaskListener
 	}
 
 	@Override
+	protected void afterQuestionnaireResponseCreate(DelegateTask userTask, QuestionnaireResponse created)
+	{
+		// for WorkItemWithdrawn, should the task end without an answer
+		userTask.setVariableLocal(WorkItemWithdrawn.RESPONSE_ID, created.getIdElement().getIdPart());
+	}
+
+	@Override
 	protected void beforeQuestionnaireResponseCreate(DelegateTask userTask, QuestionnaireResponse response)
 	{
 		Variables variables = api.getVariables(userTask.getExecution());
