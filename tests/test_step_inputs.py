@@ -11,7 +11,7 @@ import pytest
 from omi_dsf.spec.model import load_spec
 from omi_dsf.steps import HANDLERS
 
-WORK_ITEMS = [(proc.name, step) for proc in load_spec().processes for step in proc.steps if step.kind == "work_item"]
+WORK_ITEMS = [(proc.name, step) for proc in load_spec().processes for step in proc.all_steps() if step.kind == "work_item"]
 
 
 def inputs_read(module_name: str) -> set[str]:

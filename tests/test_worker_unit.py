@@ -3,14 +3,18 @@ site state, in test_site_state.py)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from helpers_cli import run_cli
 from omi_dsf.dsf.errors import operation_outcome_text
 from omi_dsf.dsf.workitem import WorkItem, topics_from_spec
 from omi_dsf.spec.model import load_spec
-from omi_dsf.steps.api import StepContext, StepError
+from omi_dsf.steps.api import StepContext, StepError, StepWithdrawn
 from omi_dsf.steps.demo import demo_step, fingerprint
+from omi_dsf.worker.runtime import _Heartbeat
 
 
 def qr(**answers) -> dict:
@@ -28,7 +32,7 @@ def qr(**answers) -> dict:
 
 def test_topics_come_from_the_spec():
     topics = topics_from_spec()
-    assert set(topics) == {"consent", "send", "infer", "return"}
+    assert set(topics) == {"consent", "prepare", "send", "infer", "return"}   # parallel branches' too
     version = load_spec().plugin.resource_version          # a.b of the plugin's a.b.c.d
     assert topics["consent"].endswith(f"/fhir/Questionnaire/omi-consent|{version}")
 
@@ -94,3 +98,39 @@ def test_worker_cli_errors_are_one_line(tmp_path):
     assert p.returncode == 2 and "'ca_file' is missing" in p.stderr
     p = run("--site", str(tmp_path / "nope.yaml"), "--topics", "consent")
     assert p.returncode == 2 and "nope.yaml" in p.stderr
+
+
+def test_a_withdrawn_step_stops_and_answers_nothing():
+    ctx = StepContext(topic="send", business_key="bk-1", site={"demo_delay": 30})
+    threading.Timer(0.2, ctx.withdrawn.set).start()
+    start = time.monotonic()
+    with pytest.raises(StepWithdrawn):
+        demo_step({"patient-identifier": "P1"}, ctx)
+    assert time.monotonic() - start < 5
+
+
+class _Leases:
+    def __init__(self):
+        self.renewals = 0
+
+    def renew(self, item_id, owner, ttl) -> bool:
+        self.renewals += 1
+        return True
+
+
+def test_heartbeat_renews_the_lease_and_notes_a_withdrawn_item():
+    looks = []
+
+    def still_open() -> bool:
+        looks.append(time.monotonic())
+        if len(looks) == 1:
+            raise OSError("server away for a moment")   # looked at again, not taken as withdrawn
+        return len(looks) < 4
+
+    leases = _Leases()
+    beat = _Heartbeat(leases, "qr1", "me", ttl=0.3, still_open=still_open)
+    beat.start()
+    assert beat.withdrawn.wait(5)
+    beat.stop.set()
+    beat.join(5)
+    assert len(looks) == 4 and leases.renewals >= 1 and not beat.lost

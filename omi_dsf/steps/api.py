@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ class StepError(Exception):
     """The step cannot succeed with these inputs; retrying will not help."""
 
 
+class StepWithdrawn(Exception):
+    """The work item was withdrawn while the step ran (its process no longer waits for it): stop,
+    answer nothing."""
+
+
 @dataclass(frozen=True)
 class StepContext:
     topic: str                  # e.g. "send"
@@ -38,6 +44,13 @@ class StepContext:
     outputs: tuple[str, ...] = ()   # the work item's output items (besides error)
     item_id: str = ""               # the QuestionnaireResponse id, for idempotency keys
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("omi_dsf.step"))
+    withdrawn: threading.Event = field(default_factory=threading.Event)   # set by the runtime
+
+    def check_withdrawn(self) -> None:
+        """Raises StepWithdrawn once the runtime saw the work item withdrawn; a long step calls it
+        between its pieces of work (send: before each instance)."""
+        if self.withdrawn.is_set():
+            raise StepWithdrawn(f"{self.topic}: work item withdrawn")
 
     def __post_init__(self) -> None:
         if not isinstance(self.site, StepSettings):   # a caller outside the worker (tests, tools)

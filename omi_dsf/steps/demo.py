@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 
 from omi_dsf.spec.model import load_spec
 from omi_dsf.steps.api import Answers, StepContext, StepError
@@ -32,6 +31,7 @@ def demo_step(inputs: Answers, ctx: StepContext) -> Answers:
         raise StepError("denied by the demo handler for this patient")
     delay = ctx.site.demo_delay or float(os.environ.get("OMI_DEMO_DELAY", 0))
     if delay:
-        time.sleep(delay)
+        ctx.withdrawn.wait(delay)   # as a real step would, it stops when its work item is withdrawn
+        ctx.check_withdrawn()
     fp = fingerprint(ctx.topic, inputs)
     return {o: (len(inputs) if _TYPES.get(o) == "integer" else f"{ctx.topic}-{fp}") for o in ctx.outputs}

@@ -22,13 +22,13 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfAuthError, DsfConflict, DsfError, DsfNotFound, DsfValidationError
 from omi_dsf.dsf.workitem import WorkItem
 from omi_dsf.errors import RetryableError
-from omi_dsf.steps.api import Handler, StepContext, StepError
+from omi_dsf.steps.api import Handler, StepContext, StepError, StepWithdrawn
 from omi_dsf.steps.settings import StepSettings, step_settings
 from omi_dsf.worker.lease import LeaseStore
 
@@ -63,20 +63,37 @@ class Outcome:
     attempts: int = 0
 
 
-class _Heartbeat(threading.Thread):
-    """Renews a lease while its handler runs; notes when the lease was lost."""
+WITHDRAWN_CHECK_S = 5.0    # how often a running step's work item is looked at (withdrawn meanwhile?)
 
-    def __init__(self, leases: LeaseStore, item_id: str, owner: str, ttl: float):
+
+class _Heartbeat(threading.Thread):
+    """While its handler runs: renews the lease (notes when it was lost), and looks whether the work
+    item is still open (sets `withdrawn` when the plugin stopped it: the process no longer waits)."""
+
+    def __init__(self, leases: LeaseStore, item_id: str, owner: str, ttl: float,
+                 still_open: Callable[[], bool] | None = None):
         super().__init__(daemon=True)
         self.leases, self.item_id, self.owner, self.ttl = leases, item_id, owner, ttl
+        self.still_open = still_open
         self.stop = threading.Event()
+        self.withdrawn = threading.Event()
         self.lost = False
 
     def run(self) -> None:
-        while not self.stop.wait(self.ttl / 3):
-            if not self.leases.renew(self.item_id, self.owner, self.ttl):
-                self.lost = True
-                return
+        tick = min(self.ttl / 3, WITHDRAWN_CHECK_S)
+        renew_at = time.monotonic() + self.ttl / 3
+        while not self.stop.wait(tick):
+            if time.monotonic() >= renew_at:
+                if not self.leases.renew(self.item_id, self.owner, self.ttl):
+                    self.lost = True
+                    return
+                renew_at = time.monotonic() + self.ttl / 3
+            if self.still_open is not None and not self.withdrawn.is_set():
+                try:
+                    if not self.still_open():
+                        self.withdrawn.set()
+                except Exception:  # noqa: BLE001 - the server away for a moment: look again next tick
+                    pass
 
 
 class Worker:
@@ -150,10 +167,18 @@ class Worker:
             self.leases.finish(item.id, s.owner)
             return None
         log.info("work item %s (%s, business key %s): claimed, attempt %d", item.id, topic, item.business_key, attempt)
-        beat = _Heartbeat(self.leases, item.id, s.owner, s.lease_ttl)
+        beat = _Heartbeat(self.leases, item.id, s.owner, s.lease_ttl, still_open=lambda: self._open(item.id))
         beat.start()
         try:
-            outputs, error = self._run(topic, item, attempt)
+            outputs, error = self._run(topic, item, attempt, beat.withdrawn)
+        except StepWithdrawn:
+            beat.stop.set()
+            log.info("work item %s (%s, business key %s): withdrawn while running; the process no longer "
+                     "waits for it, step stopped", item.id, topic, item.business_key)
+            self.leases.finish(item.id, s.owner)
+            outcome = Outcome(item.id, item.business_key, topic, "withdrawn", attempt)
+            self.outcomes.append(outcome)
+            return outcome
         except BaseException:
             beat.stop.set()
             self.leases.release(item.id, s.owner)     # SIGKILL aside, give it back at once
@@ -166,7 +191,13 @@ class Worker:
         self.outcomes.append(outcome)
         return outcome
 
-    def _run(self, topic: str, item: WorkItem, first_attempt: int) -> tuple[dict, str | None]:
+    def _open(self, item_id: str) -> bool:
+        """Whether the work item still waits for an answer (the plugin stops it when its user task
+        ends unanswered)."""
+        return self.client.read("QuestionnaireResponse", item_id).get("status") == "in-progress"
+
+    def _run(self, topic: str, item: WorkItem, first_attempt: int,
+             withdrawn: threading.Event | None = None) -> tuple[dict, str | None]:
         s, handler = self.settings, self.handlers[topic]
         outputs_wanted = tuple(i for i in item.item_ids if i not in item.inputs and i != "error")
         attempt = first_attempt
@@ -175,7 +206,8 @@ class Worker:
         while True:
             ctx = StepContext(topic=topic, business_key=item.business_key, site=self.site, attempt=attempt,
                               outputs=outputs_wanted, item_id=item.id,
-                              log=logging.getLogger(f"omi_dsf.step.{topic}"))
+                              log=logging.getLogger(f"omi_dsf.step.{topic}"),
+                              withdrawn=withdrawn or threading.Event())
             try:
                 answers = dict(handler(item.inputs, ctx) or {})
                 # a handler may say more than this work item asks (other processes ask more)
@@ -183,6 +215,8 @@ class Worker:
             except StepError as exc:
                 log.info("work item %s (%s, business key %s): step error", item.id, topic, item.business_key)
                 return {}, f"{topic}: {exc}"
+            except StepWithdrawn:
+                raise
             except Exception as exc:  # noqa: BLE001 - any other failure is retried
                 log.warning("work item %s (%s, business key %s): attempt %d failed: %s",
                             item.id, topic, item.business_key, attempt, type(exc).__name__)
@@ -192,6 +226,7 @@ class Worker:
                     return {}, f"{topic}: failed after {attempt} attempts ({type(exc).__name__})"
                 if self.stopping.wait(s.backoff * 2 ** (attempt - 1)):
                     raise KeyboardInterrupt("worker stopping") from exc
+                ctx.check_withdrawn()   # no retry of a step nobody waits for
                 attempt += 1
 
     def _settle(self, item: WorkItem) -> None:
