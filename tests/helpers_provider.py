@@ -49,8 +49,8 @@ def provider_gateway(folder: Path) -> Iterator[dict]:
         yield {"providers": {PROVIDER: {"gateway_url": gw.url, "ca_file": ca_file}}, "store": store, "url": gw.url}
 
 
-def instances_at(store: Path, study_uid: str) -> list[Path]:
-    """The files of one study in the provider gateway's store (what was sent)."""
+def study_at(store: Path, study_uid: str) -> list[Path]:
+    """The files of one study in the provider gateway's store (what was sent), the manifest among them."""
     if not (store / "index.sqlite").exists():
         return []
     with sqlite3.connect(store / "index.sqlite") as db:
@@ -59,3 +59,18 @@ def instances_at(store: Path, study_uid: str) -> list[Path]:
     files = sorted(folder.rglob("*.dcm")) if folder.exists() else []
     assert len(files) == len(rows)
     return files
+
+
+def manifest_at(store: Path, study_uid: str) -> list[Path]:
+    """The study's manifest(s) in the provider gateway's store."""
+    return [f for f in study_at(store, study_uid) if _is_manifest(f)]
+
+
+def instances_at(store: Path, study_uid: str) -> list[Path]:
+    """The study's instances in the provider gateway's store, its manifest apart (manifest_at)."""
+    return [f for f in study_at(store, study_uid) if not _is_manifest(f)]
+
+
+def _is_manifest(path: Path) -> bool:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SeriesDescription", "Modality"])
+    return manifest.is_manifest(ds.get("Modality"), ds.get("SeriesDescription"))

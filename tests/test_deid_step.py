@@ -12,12 +12,13 @@ from omi_dsf.deid import instance_io
 
 from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
-from helpers_provider import PROVIDER, instances_at, provider_gateway
+from helpers_provider import PROVIDER, instances_at, manifest_at, provider_gateway
 from omi_dsf.deid.deidentify import uid_for
 from omi_dsf.deid.keys import load_key
 from omi_dsf.steps.send import send
 from omi_dsf.testkit import synthetic
 from omi_dsf.testkit.phantom import write_ct_study
+from omi_dsf.transfer import manifest
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,23 @@ def test_send_step_sends_the_deidentified_study(site, provider):
     assert ds.StudyInstanceUID == out["pseudonymized-study-instance-uid"] != first.StudyInstanceUID
     assert ds.PatientID == out["pseudonym"] and ds.PatientIdentityRemoved == "YES"
     assert str(first.PatientName) not in files[0].read_bytes().decode("latin-1")
+    # stored last, the manifest: it lists exactly the instances sent, in the pseudonymized study, and
+    # carries only pseudonymized values (it passed the leak check)
+    (kos,) = manifest_at(provider["store"], out["pseudonymized-study-instance-uid"])
+    listed = manifest.listed(kos.read_bytes())
+    assert {sop for sops in listed.values() for sop in sops} == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    kos_ds = pydicom.dcmread(kos)
+    assert (kos_ds.StudyInstanceUID, kos_ds.PatientID, kos_ds.PatientIdentityRemoved) == \
+        (out["pseudonymized-study-instance-uid"], out["pseudonym"], "YES")
+    for value in (str(first.PatientName), first.PatientID, first.StudyInstanceUID):
+        assert value.encode() not in kos.read_bytes()
+    assert max(f.stat().st_mtime_ns for f in files) <= kos.stat().st_mtime_ns
+    stored = kos.read_bytes()
     # a retry of the same work item gives the same result (idempotent outputs)
     again = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg))
     assert again == out
+    assert [f.read_bytes() for f in manifest_at(provider["store"], out["pseudonymized-study-instance-uid"])] == \
+        [stored]   # the same manifest, once
     # as the worker runtime calls it: only the work item's output items are answered
     wanted = ("pseudonym", "pseudonymized-study-instance-uid", "instance-count")
     runtime_ctx = StepContext(topic="send", business_key="bk-1", site=cfg, outputs=wanted)
@@ -260,13 +275,14 @@ def test_each_batch_leaves_after_its_uid_map_is_written(site, provider, monkeypa
 
     def post(gw, study_uid, batch):
         for data in batch:
-            sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
-            posted.append(reader.original_uid(p["domain"], sop))
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            posted.append("manifest" if ds.Modality == "KO" else reader.original_uid(p["domain"], ds.SOPInstanceUID))
         return real(gw, study_uid, batch)
     monkeypatch.setattr(stow, "_post", post)
     out = pseudonymize({"study-instance-uid": first.StudyInstanceUID},
                        ctx({**cfg, "send": {"batch_instances": 1}}, "bk-map"))
-    assert out["instance-count"] == 4 and len(posted) == 4 and None not in posted
+    # the manifest, made at the site from pseudonymized values, names no original and comes last
+    assert out["instance-count"] == 4 and len(posted) == 5 and None not in posted and posted[-1] == "manifest"
 
 
 def test_timings_keep_the_listing_apart_from_the_de_identification(site, provider, caplog):

@@ -45,6 +45,8 @@ MANUFACTURER = "OMI on DSF"
 _HEADER = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
            "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
            "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
+_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                  "StudyDate", "StudyTime", "ReferringPhysicianName")
 _IMAGE = ("Rows", "Columns")      # an image is referenced as IMAGE, anything else as COMPOSITE
 
 
@@ -130,19 +132,21 @@ def make_manifest(contents: Contents, key: bytes, domain: str) -> tuple[Dataset,
     if contents.header is None or contents.first is None:
         raise ManifestError("a manifest needs at least one instance")
     header = contents.header
-    first = Dataset()     # highdicom takes the patient and study modules from the first evidence item
+    # highdicom takes the patient and study modules from the first evidence item: it gets them empty (it would
+    # warn about values, quoting them), and they are set from the header after
+    first = Dataset()
     first.update(contents.first)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
-        setattr(first, keyword, header.get(keyword, ""))   # it reads each; absent ones stay empty
-    if "SpecificCharacterSet" in header:
-        first.SpecificCharacterSet = header.SpecificCharacterSet
+    for keyword in _PATIENT_STUDY:
+        setattr(first, keyword, "")
     series_uid, sop_uid = manifest_uids(key, domain, contents.study_uid)
     content = hd.ko.KeyObjectSelection(document_title=TITLE, referenced_objects=[contents.first])
     ds = hd.ko.KeyObjectSelectionDocument(
         evidence=[first], content=content, series_instance_uid=series_uid,
         series_number=SERIES_NUMBER, sop_instance_uid=sop_uid, instance_number=1, manufacturer=MANUFACTURER)
     del ds.ContributingEquipmentSequence   # optional; it would carry the clock time
+    for keyword in ("SpecificCharacterSet",) + _PATIENT_STUDY:
+        if keyword in header:
+            setattr(ds, keyword, header.data_element(keyword).value)
     ds.SeriesDescription = SERIES_DESCRIPTION
     # no clock time in it: the study's date and time (pseudonymized), so the same inputs give the same bytes
     for target, source in (("ContentDate", "StudyDate"), ("ContentTime", "StudyTime"),
