@@ -308,3 +308,55 @@ def test_timings_keep_the_listing_apart_from_the_de_identification(site, provide
         pseudonymize({"study-instance-uid": str(instances[0].StudyInstanceUID)}, ctx(slow, "bk-phases"))
     phases = dict(re.findall(r"(\w+) (-?[\d.]+) s", caplog.text.split(": timings ", 1)[1].splitlines()[0]))
     assert float(phases["list"]) >= 0.3 and float(phases["deid"]) >= 0, phases
+
+
+def test_prepare_answers_what_send_derives(site, provider, caplog):
+    """prepare, before anything is read, answers the pseudonymized study UID and location that send then
+    answers and stores the study under; nothing is sent by it."""
+    import logging
+
+    from omi_dsf.steps.prepare import prepare
+
+    caplog.set_level(logging.INFO)
+    tmp, cfg, first = site
+    inputs = {"study-instance-uid": first.StudyInstanceUID, "provider-organization": PROVIDER}
+    prepared = prepare(inputs, StepContext(topic="prepare", business_key="bk-prep", site=cfg))
+    assert at_provider(provider, cfg, first.StudyInstanceUID) == []      # nothing read, nothing sent
+    sent = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-prep"))
+    assert prepared == {k: sent[k] for k in ("pseudonymized-study-instance-uid", "study-location")}
+    assert pydicom.dcmread(at_provider(provider, cfg, first.StudyInstanceUID)[0]).StudyInstanceUID == \
+        prepared["pseudonymized-study-instance-uid"]
+    assert first.StudyInstanceUID not in caplog.text and str(first.PatientID) not in caplog.text
+    # the same for a study the source does not have: prepare reads nothing (send finds out)
+    assert prepare({**inputs, "study-instance-uid": "1.2.3.4"}, StepContext(topic="prepare", business_key="bk",
+                                                                           site=cfg))["study-location"]
+
+
+def test_prepare_configuration_errors_name_the_key(site, tmp_path):
+    from omi_dsf.steps.prepare import prepare
+
+    _, cfg, first = site
+    inputs = {"study-instance-uid": first.StudyInstanceUID, "provider-organization": PROVIDER}
+
+    def run(site_cfg, given=inputs):
+        return prepare(given, StepContext(topic="prepare", business_key="bk", site=site_cfg))
+
+    with pytest.raises(StepError, match="steps.pseudonymization is missing"):
+        run({"providers": cfg["providers"]})
+    with pytest.raises(StepError, match=r"provider organization 'elsewhere.test' is not configured at this site "
+                                        r"\(steps.providers: ai.omi.test\)"):
+        run(cfg, {**inputs, "provider-organization": "elsewhere.test"})
+    with pytest.raises(StepError, match="input provider-organization is missing"):
+        run(cfg, {"study-instance-uid": first.StudyInstanceUID})
+    with pytest.raises(StepError, match="input study-instance-uid is missing"):
+        run(cfg, {"provider-organization": PROVIDER})
+    empty = tmp_path / "empty.key"
+    empty.write_text("")
+    with pytest.raises(StepError, match=r"key file .*empty.key holds 0 bytes; at least 16 are needed"):
+        run({**cfg, "pseudonymization": {**cfg["pseudonymization"], "key_file": str(empty)}})
+    not_a_ca = tmp_path / "not-a-ca.pem"
+    not_a_ca.write_text("no certificate here")
+    with pytest.raises(StepError, match=rf"steps.providers.{PROVIDER}: cannot load its TLS files \(ca_file"):
+        run({**cfg, "providers": {PROVIDER: {**cfg["providers"][PROVIDER], "ca_file": str(not_a_ca)}}})
+    with pytest.raises(ConfigError, match=rf"providers.{PROVIDER}.gateway_url: must be an https URL"):
+        run({**cfg, "providers": {PROVIDER: {**cfg["providers"][PROVIDER], "gateway_url": "http://127.0.0.1:9"}}})

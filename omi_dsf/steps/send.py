@@ -51,12 +51,14 @@ from omi_dsf.deid.pseudonyms.factory import ConfigError
 from omi_dsf.deid.refusal import Refused
 from omi_dsf.deid.store import SiteStore
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, step_errors, text_input
-from omi_dsf.steps.prepare import IN_PROVIDER, IN_STUDY, destination
+from omi_dsf.steps.prepare import destination
 from omi_dsf.transfer import manifest
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.stow import StowStream
 
+IN_STUDY = "study-instance-uid"
 IN_PATIENT = "patient-identifier"
+IN_PROVIDER = "provider-organization"
 
 
 @step_errors(TransferError)
