@@ -30,7 +30,9 @@ provider-organization. Outputs: pseudonym, pseudonymized-study-instance-uid, ins
 refused-instance-count, refused-instances, study-location, and where the work item asks for it
 byte-count. A refused instance (policy send-rest) is reported in the outputs, the audit trail and
 the log. With policy refuse-study, a refused instance fails the step; instances posted before it
-stay at the provider's gateway (each passed the leak check), and no inference is started.
+stay at the provider's gateway (each passed the leak check), and no manifest is stored: the provider's
+infer step never takes the study as complete and runs no model (it fails after its
+study_arrival_timeout_s).
 
 Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, organization
 identifiers and URLs of the provider's gateway only.
