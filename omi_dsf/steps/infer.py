@@ -68,7 +68,7 @@ from omi_dsf.transfer import manifest
 
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
 DESCRIPTION_TAG, SOP_UID_TAG = "0008103E", "00080018"
-ARRIVAL_POLL_S, ARRIVAL_POLL_MAX_S = 0.2, 1.0   # asking the gateway what arrived: first, then at most
+ARRIVAL_POLL_S, ARRIVAL_POLL_MAX_S = 0.2, 0.5   # asking the gateway what arrived: first, then at most
 READERS = 4                # WADO-RS retrieves of single instances at once while the study arrives
 BUSY_WAIT_MAX_S = 5.0      # the longest wait between asks of a busy AI service (its Retry-After, capped)
 
@@ -258,9 +258,12 @@ class _Arrival:
                 continue
             if self.max_slices is not None and len(reading) >= self.max_slices:
                 continue       # too many already: the manifest will tell whether it is the series to use
+            # only what is new, where the gateway lists a study's instances in the order they arrived (the
+            # OMI gateway's store does); one that does not may leave some out here: they are read once the
+            # manifest names them
             with self.t.phase("qido"):
                 found = self.web.search_for_instances(self.study_uid, series_uid, fields=[SOP_UID_TAG],
-                                                      include_defaults=False)
+                                                      include_defaults=False, offset=len(reading) or None)
             for item in found:
                 sop_uid = str(_value(item, SOP_UID_TAG) or "")
                 if sop_uid and sop_uid not in reading:
@@ -299,18 +302,22 @@ class _Arrival:
                     done: Future = Future()
                     done.set_result(ds)
                     reading[str(ds.SOPInstanceUID)] = done
-        missing = set(wanted) - set(reading)
-        if missing:
-            with self.t.phase("qido"):
-                found = self.web.search_for_instances(self.study_uid, series_uid, fields=[SOP_UID_TAG],
-                                                      include_defaults=False)
-            for sop_uid in missing & {str(_value(i, SOP_UID_TAG)) for i in found}:
-                self._fetch(series_uid, sop_uid)
-            if set(wanted) - set(reading):
-                return None    # listed but not at the gateway yet
+        for sop_uid in set(wanted) - set(reading):    # named by the manifest: asked for without a listing
+            self._fetch(series_uid, sop_uid)
+        absent = []
         with self.t.phase("wado"):
-            datasets = [reading[sop].result() for sop in wanted]
-        return series_uid, datasets
+            for sop_uid in wanted:
+                try:
+                    reading[sop_uid].result()
+                except DicomwebRefused as exc:
+                    if exc.status != 404:
+                        raise
+                    absent.append(sop_uid)
+        if absent:               # listed but not at the gateway yet: asked for again at the next look
+            for sop_uid in absent:
+                del reading[sop_uid]
+            return None
+        return series_uid, [reading[sop_uid].result() for sop_uid in wanted]
 
 
 def infer(inputs: Answers, ctx: StepContext) -> Answers:
