@@ -46,7 +46,7 @@ def test_spec_describes_both_processes_and_their_steps():
     names = {p.name: p for p in spec.processes}
     assert set(names) == {"omiInferenceRequest", "omiInferenceExecute"}
     topics = [s.name for s in names["omiInferenceRequest"].steps if s.kind == "work_item"]
-    assert topics == ["consent", "send", "return"]
+    assert topics == ["consent", "prepare", "send", "return"]
     assert [s.name for s in names["omiInferenceExecute"].steps if s.kind == "work_item"] == ["infer"]
     assert spec.process_id(names["omiInferenceRequest"]) == "medizininformatik-initiativede_omiInferenceRequest"
 

@@ -24,7 +24,7 @@ from omi_dsf.worker.config import load_site_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-DIC_TOPICS = "consent,send,return"
+DIC_TOPICS = "consent,prepare,send,return"
 FAST = {"poll_interval": 2, "lease_ttl": 4, "backoff": 0.3, "max_attempts": 2}
 
 
@@ -131,7 +131,7 @@ def test_instance_advances_through_every_work_item(site):
     assert out["result-location"].startswith("infer-") and out["stored-study-instance-uid"].startswith("return-")
     bk = business_key(task)
     topics = [t for t, _, k, _ in site.executions([bk])]
-    assert sorted(topics) == sorted(["consent", "send", "infer", "return"])
+    assert sorted(topics) == sorted(["consent", "prepare", "send", "infer", "return"])
 
 
 def test_three_workers_thirty_instances_every_item_exactly_once(site):
@@ -240,7 +240,9 @@ def test_denied_step_ends_the_instance_with_the_reason(site):
     task = site.wait([tid], timeout=180)[tid]
     assert task["status"] == "failed"
     assert outputs(task)["error"] == "send: denied by the demo handler"
-    assert [t for t, *_ in site.executions(keys)] == ["consent", "send"]   # nothing after the denial
+    done = [t for t, *_ in site.executions(keys)]
+    # nothing after the denial (the provider's infer, started after prepare, runs alongside send)
+    assert [t for t in done if t != "infer"] == ["consent", "prepare", "send"]
 
 
 def test_workers_on_two_hosts_share_postgresql_and_one_host_dies(site, postgres):

@@ -28,7 +28,7 @@ def qr(**answers) -> dict:
 
 def test_topics_come_from_the_spec():
     topics = topics_from_spec()
-    assert set(topics) == {"consent", "send", "infer", "return"}
+    assert set(topics) == {"consent", "prepare", "send", "infer", "return"}
     version = load_spec().plugin.resource_version          # a.b of the plugin's a.b.c.d
     assert topics["consent"].endswith(f"/fhir/Questionnaire/omi-consent|{version}")
 
