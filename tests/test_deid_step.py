@@ -360,3 +360,27 @@ def test_prepare_configuration_errors_name_the_key(site, tmp_path):
         run({**cfg, "providers": {PROVIDER: {**cfg["providers"][PROVIDER], "ca_file": str(not_a_ca)}}})
     with pytest.raises(ConfigError, match=rf"providers.{PROVIDER}.gateway_url: must be an https URL"):
         run({**cfg, "providers": {PROVIDER: {**cfg["providers"][PROVIDER], "gateway_url": "http://127.0.0.1:9"}}})
+
+
+def test_a_manifest_that_fails_the_leak_check_fails_the_step(site, provider, monkeypatch):
+    """The manifest goes through the leak check like every instance: one carrying an identifying value
+    (planted here after it is made) is not sent, and the step fails saying so, naming no value."""
+    from omi_dsf.deid.pipeline import encode_part10
+    from omi_dsf.steps import send as send_step
+
+    tmp, cfg, first = site
+    real = manifest.make_manifest
+
+    def leaky(contents, key, domain):
+        ds, _ = real(contents, key, domain)
+        ds.StudyID = str(first.PatientID)
+        return ds, encode_part10(ds)[0]
+
+    monkeypatch.setattr(send_step.manifest, "make_manifest", leaky)
+    with pytest.raises(StepError, match=r"the study's manifest did not pass the leak check: identifying value in "
+                                        r"StudyID \(0020,0010\)") as err:
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-leaky"))
+    assert str(first.PatientID) not in str(err.value)
+    pseudo_uid = uid_for(load_key(cfg["pseudonymization"]["key_file"]), cfg["pseudonymization"]["domain"],
+                         first.StudyInstanceUID)
+    assert len(at_provider(provider, cfg, first.StudyInstanceUID)) == 4 and manifest_at(provider["store"], pseudo_uid) == []
