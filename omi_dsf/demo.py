@@ -35,7 +35,7 @@ from omi_dsf.testkit.sites import write_testbed_site_configs
 from omi_dsf.worker.config import load_site_config
 
 REQUESTER, PROVIDER = "dic.omi.test", "ai.omi.test"
-STEPS = ("consent", "send", "infer", "return")
+STEPS = ("consent", "prepare", "send", "infer", "return")
 MII_POLICY = "urn:oid:2.16.840.1.113883.3.1937.777.24.5.3"
 
 
@@ -230,7 +230,7 @@ class Demo:
     def stop_process(self, name: str, kill: bool = False) -> None:
         procs.stop(self.procs.pop(name, None), grace=30, kill=kill)
 
-    def start_workers(self, dic_topics: str = "consent,send,return", name: str = "dic-worker",
+    def start_workers(self, dic_topics: str = "consent,prepare,send,return", name: str = "dic-worker",
                       no_op: bool = False) -> None:
         """Both sites' workers; `no_op`: with the demo handler, which answers at once and moves no data
         (what the DSF alone costs a request)."""

@@ -53,17 +53,21 @@ def states(p) -> dict[str, str]:
 def test_progress_through_the_steps():
     p = derive(task(), [], TOPIC_OF)
     assert p.current == "in-progress" and p.business_key == KEY
-    assert states(p) == dict.fromkeys(("consent", "send", "infer", "return"), "pending")
-    p = derive(task(), [item("consent", "completed", "1"), item("send", "in-progress", "2")], TOPIC_OF)
-    assert states(p)["consent"] == "done" and states(p)["send"] == "running" and p.current == "send"
-    done2 = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "send"))]
-    p = derive(task(), done2, TOPIC_OF)
-    assert states(p)["infer"] == "running" and p.current == "infer" and "ai.omi.test" in p.steps[2].detail
-    p = derive(task(), done2 + [item("return", "in-progress", "9")], TOPIC_OF)
+    assert states(p) == dict.fromkeys(("consent", "prepare", "send", "infer", "return"), "pending")
+    p = derive(task(), [item("consent", "completed", "1"), item("prepare", "in-progress", "2")], TOPIC_OF)
+    assert states(p)["prepare"] == "running" and states(p)["infer"] == "pending" and p.current == "prepare"
+    # once prepare is done, the provider reads the study while send stores it: both run
+    p = derive(task(), [item("consent", "completed", "1"), item("prepare", "completed", "2"),
+                        item("send", "in-progress", "3")], TOPIC_OF)
+    assert states(p)["send"] == states(p)["infer"] == "running" and p.current == "send"
+    done = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "prepare", "send"))]
+    p = derive(task(), done, TOPIC_OF)
+    assert states(p)["infer"] == "running" and p.current == "infer" and "ai.omi.test" in p.steps[3].detail
+    p = derive(task(), done + [item("return", "in-progress", "9")], TOPIC_OF)
     assert states(p)["infer"] == "done" and p.current == "return"
-    p = derive(task(), done2 + [item("return", "completed", "9")], TOPIC_OF)
+    p = derive(task(), done + [item("return", "completed", "9")], TOPIC_OF)
     assert p.current == "finishing"
-    p = derive(task("completed", outputs={"stored-study-instance-uid": "9.9"}), done2 + [item("return", "completed", "9")],
+    p = derive(task("completed", outputs={"stored-study-instance-uid": "9.9"}), done + [item("return", "completed", "9")],
                TOPIC_OF)
     assert p.current == "completed" and set(states(p).values()) == {"done"}
     assert p.outputs["stored-study-instance-uid"] == "9.9" and p.service == "lung-seg"
@@ -71,9 +75,9 @@ def test_progress_through_the_steps():
 
 def test_amended_work_items_count_as_answered():
     # DSF 2.x sets a completed QuestionnaireResponse `amended` once its BPE has taken the answer
-    amended = [item(t, "amended", str(i)) for i, t in enumerate(("consent", "send"))]
+    amended = [item(t, "amended", str(i)) for i, t in enumerate(("consent", "prepare", "send"))]
     p = derive(task(), amended, TOPIC_OF)
-    assert [states(p)[t] for t in ("consent", "send")] == ["done"] * 2 and p.current == "infer"
+    assert [states(p)[t] for t in ("consent", "prepare", "send")] == ["done"] * 3 and p.current == "infer"
     p = derive(task(), [item("consent", "amended", "1", error="consent: no consent")], TOPIC_OF)
     assert states(p)["consent"] == "failed" and p.steps[0].detail == "consent: no consent"
     p = derive(task(), [item("consent", "stopped", "1")], TOPIC_OF)
@@ -88,23 +92,23 @@ def test_failed_step_and_failed_task():
     text = render.progress(p)
     assert "[!] consent" in text and text.count("no consent") == 1   # not repeated as a separate error line
     # the Task failed without a failed item (e.g. the message to the provider could not be sent)
-    done2 = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "send"))]
-    p = derive(task("failed", outputs={"error": "provider unreachable"}), done2, TOPIC_OF)
-    assert states(p)["infer"] == "failed" and p.steps[2].detail == "provider unreachable"
+    done = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "prepare", "send"))]
+    p = derive(task("failed", outputs={"error": "provider unreachable"}), done, TOPIC_OF)
+    assert states(p)["infer"] == "failed" and p.steps[3].detail == "provider unreachable"
     assert "error: provider unreachable" in render.results(p)
 
 
 def test_the_providers_answer_decides_infer():
-    done2 = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "send"))]
+    done = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "prepare", "send"))]
     answer = message_task("omiInferenceResult", "ai.omi.test", "dic.omi.test", {"error": "model not ready"},
                           business_key=KEY)
     answer["authoredOn"] = "2026-11-28T10:05:00Z"
-    p = derive(task(), done2 + [item("return", "in-progress", "9")], TOPIC_OF, answer)
-    assert states(p)["infer"] == "failed" and p.steps[2].detail == "at the provider: model not ready"
-    assert p.steps[2].updated == "2026-11-28T10:05:00Z"
+    p = derive(task(), done + [item("return", "in-progress", "9")], TOPIC_OF, answer)
+    assert states(p)["infer"] == "failed" and p.steps[3].detail == "at the provider: model not ready"
+    assert p.steps[3].updated == "2026-11-28T10:05:00Z"
     ok = message_task("omiInferenceResult", "ai.omi.test", "dic.omi.test", {"result-location": "https://x"},
                       business_key=KEY)
-    p = derive(task(), done2, TOPIC_OF, ok)
+    p = derive(task(), done, TOPIC_OF, ok)
     assert states(p)["infer"] == "done" and states(p)["return"] == "pending"
 
 

@@ -163,7 +163,7 @@ def test_submit_follow_and_fetch_results(world, stop_after):
     frames = watch.stdout.split(f"request {key}: ")
     assert len(frames) >= 3, watch.stdout            # it showed progress, not just the end
     assert frames[-1].startswith("completed")
-    assert all(f"[x] {step}" in frames[-1] for step in ("consent", "send", "infer", "return"))
+    assert all(f"[x] {step}" in frames[-1] for step in ("consent", "prepare", "send", "infer", "return"))
 
     st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
     assert st["task_status"] == "completed" and st["current"] == "completed"
@@ -224,7 +224,7 @@ def test_provider_error_shows_at_infer(world, stop_after):
     st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
     steps = {s["name"]: s for s in st["steps"]}
     assert st["task_status"] == "failed" and st["current"] == "failed"
-    assert [steps[n]["state"] for n in ("consent", "send")] == ["done"] * 2
+    assert [steps[n]["state"] for n in ("consent", "prepare", "send")] == ["done"] * 3
     assert steps["infer"]["state"] == "failed"
     assert steps["infer"]["detail"] == "at the provider: infer: denied by the demo handler"
     assert steps["return"]["state"] == "pending"

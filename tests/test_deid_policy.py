@@ -15,6 +15,8 @@ from omi_dsf.cli import main
 from omi_dsf.steps.send import REFUSED_LINES_MAX, refused_text
 from omi_dsf.config import ConfigError
 from omi_dsf.steps.api import StepContext, StepError
+from helpers_provider import manifest_at
+from omi_dsf.transfer import manifest
 from test_deid_step import at_provider, burned_in, provider, pseudonymize, site  # noqa: F401  (the step tests' fixtures)
 
 LINE = re.compile(r"^instance (\d+) \(SOPInstanceUID 2\.25\.\d+\): BurnedInAnnotation \(0028,0301\) is YES;"
@@ -49,7 +51,12 @@ def test_send_rest_sends_the_others_and_reports_the_refused_one(policy_site, pro
         out = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-rest"))
     assert out["instance-count"] == 3 and out["refused-instance-count"] == 1
     assert LINE.match(out["refused-instances"]).group(1) == "3"
-    assert len(at_provider(provider, cfg, first.StudyInstanceUID)) == 3
+    sent = at_provider(provider, cfg, first.StudyInstanceUID)
+    assert len(sent) == 3
+    # the manifest lists the three sent, not the refused one (the provider waits for no instance that never comes)
+    (kos,) = manifest_at(provider["store"], out["pseudonymized-study-instance-uid"])
+    assert {sop for sops in manifest.listed(kos.read_bytes()).values() for sop in sops} == \
+        {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in sent}
     events = [e for e in AuditTrail(cfg["audit"]).events("bk-rest") if e.action == "instance-refused"]
     assert [e.details["error"] for e in events] == [out["refused-instances"]]
     assert events[0].details["pseudonymized_study_uid"] == out["pseudonymized-study-instance-uid"]

@@ -11,13 +11,14 @@ import pytest
 from omi_dsf.deid import instance_io
 
 from omi_dsf.config import ConfigError
-from omi_dsf.steps.api import StepContext, StepError
-from helpers_provider import PROVIDER, instances_at, provider_gateway
+from omi_dsf.steps.api import StepContext, StepError, StepWithdrawn
+from helpers_provider import PROVIDER, instances_at, manifest_at, provider_gateway
 from omi_dsf.deid.deidentify import uid_for
 from omi_dsf.deid.keys import load_key
 from omi_dsf.steps.send import send
 from omi_dsf.testkit import synthetic
 from omi_dsf.testkit.phantom import write_ct_study
+from omi_dsf.transfer import manifest
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,23 @@ def test_send_step_sends_the_deidentified_study(site, provider):
     assert ds.StudyInstanceUID == out["pseudonymized-study-instance-uid"] != first.StudyInstanceUID
     assert ds.PatientID == out["pseudonym"] and ds.PatientIdentityRemoved == "YES"
     assert str(first.PatientName) not in files[0].read_bytes().decode("latin-1")
+    # stored last, the manifest: it lists exactly the instances sent, in the pseudonymized study, and
+    # carries only pseudonymized values (it passed the leak check)
+    (kos,) = manifest_at(provider["store"], out["pseudonymized-study-instance-uid"])
+    listed = manifest.listed(kos.read_bytes())
+    assert {sop for sops in listed.values() for sop in sops} == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    kos_ds = pydicom.dcmread(kos)
+    assert (kos_ds.StudyInstanceUID, kos_ds.PatientID, kos_ds.PatientIdentityRemoved) == \
+        (out["pseudonymized-study-instance-uid"], out["pseudonym"], "YES")
+    for value in (str(first.PatientName), first.PatientID, first.StudyInstanceUID):
+        assert value.encode() not in kos.read_bytes()
+    assert max(f.stat().st_mtime_ns for f in files) <= kos.stat().st_mtime_ns
+    stored = kos.read_bytes()
     # a retry of the same work item gives the same result (idempotent outputs)
     again = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg))
     assert again == out
+    assert [f.read_bytes() for f in manifest_at(provider["store"], out["pseudonymized-study-instance-uid"])] == \
+        [stored]   # the same manifest, once
     # as the worker runtime calls it: only the work item's output items are answered
     wanted = ("pseudonym", "pseudonymized-study-instance-uid", "instance-count")
     runtime_ctx = StepContext(topic="send", business_key="bk-1", site=cfg, outputs=wanted)
@@ -97,6 +112,36 @@ def test_wrong_patient_is_refused_and_nothing_sent(site, provider):
         pseudonymize({"study-instance-uid": first.StudyInstanceUID, "patient-identifier": "SOMEONE"},
                      ctx(cfg, "bk-2"))
     assert at_provider(provider, cfg, first.StudyInstanceUID) == []
+
+
+def test_a_withdrawn_send_stops_before_the_next_instance_and_stores_no_manifest(site, provider, monkeypatch):
+    """The request ended while the study was being sent (the provider answered an error): the worker
+    marks the step's context withdrawn and the step stops, leaving no manifest, so the provider never
+    takes the study as complete."""
+    tmp, cfg, first = site
+    context = ctx(cfg, "bk-withdrawn")
+    real_open = instance_io.open_source
+
+    class Withdrawing:   # the real source; the work item is withdrawn once its second instance is read
+        def __init__(self, inner):
+            self.inner = inner
+
+        def uids(self):
+            return self.inner.uids()
+
+        def __iter__(self):
+            for n, item in enumerate(self.inner, 1):
+                if n == 2:
+                    context.withdrawn.set()
+                yield item
+
+    monkeypatch.setattr(instance_io, "open_source", lambda *a, **k: Withdrawing(real_open(*a, **k)))
+    with pytest.raises(StepWithdrawn):
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID, "patient-identifier": first.PatientID}, context)
+    assert len(at_provider(provider, cfg, first.StudyInstanceUID)) < 4
+    pseudo = uid_for(load_key(cfg["pseudonymization"]["key_file"]), cfg["pseudonymization"]["domain"],
+                     first.StudyInstanceUID)
+    assert manifest_at(provider["store"], pseudo) == []
 
 
 def test_unknown_study_and_missing_inputs(site):
@@ -260,13 +305,14 @@ def test_each_batch_leaves_after_its_uid_map_is_written(site, provider, monkeypa
 
     def post(gw, study_uid, batch):
         for data in batch:
-            sop = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
-            posted.append(reader.original_uid(p["domain"], sop))
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            posted.append("manifest" if ds.Modality == "KO" else reader.original_uid(p["domain"], ds.SOPInstanceUID))
         return real(gw, study_uid, batch)
     monkeypatch.setattr(stow, "_post", post)
     out = pseudonymize({"study-instance-uid": first.StudyInstanceUID},
                        ctx({**cfg, "send": {"batch_instances": 1}}, "bk-map"))
-    assert out["instance-count"] == 4 and len(posted) == 4 and None not in posted
+    # the manifest, made at the site from pseudonymized values, names no original and comes last
+    assert out["instance-count"] == 4 and len(posted) == 5 and None not in posted and posted[-1] == "manifest"
 
 
 def test_timings_keep_the_listing_apart_from_the_de_identification(site, provider, caplog):
@@ -292,3 +338,79 @@ def test_timings_keep_the_listing_apart_from_the_de_identification(site, provide
         pseudonymize({"study-instance-uid": str(instances[0].StudyInstanceUID)}, ctx(slow, "bk-phases"))
     phases = dict(re.findall(r"(\w+) (-?[\d.]+) s", caplog.text.split(": timings ", 1)[1].splitlines()[0]))
     assert float(phases["list"]) >= 0.3 and float(phases["deid"]) >= 0, phases
+
+
+def test_prepare_answers_what_send_derives(site, provider, caplog):
+    """prepare, before anything is read, answers the pseudonymized study UID and location that send then
+    answers and stores the study under; nothing is sent by it."""
+    import logging
+
+    from omi_dsf.steps.prepare import prepare
+
+    caplog.set_level(logging.INFO)
+    tmp, cfg, first = site
+    inputs = {"study-instance-uid": first.StudyInstanceUID, "provider-organization": PROVIDER}
+    prepared = prepare(inputs, StepContext(topic="prepare", business_key="bk-prep", site=cfg))
+    assert at_provider(provider, cfg, first.StudyInstanceUID) == []      # nothing read, nothing sent
+    sent = pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-prep"))
+    assert prepared == {k: sent[k] for k in ("pseudonymized-study-instance-uid", "study-location")}
+    assert pydicom.dcmread(at_provider(provider, cfg, first.StudyInstanceUID)[0]).StudyInstanceUID == \
+        prepared["pseudonymized-study-instance-uid"]
+    assert first.StudyInstanceUID not in caplog.text and str(first.PatientID) not in caplog.text
+    # the same for a study the source does not have: prepare reads nothing (send finds out)
+    assert prepare({**inputs, "study-instance-uid": "1.2.3.4"}, StepContext(topic="prepare", business_key="bk",
+                                                                           site=cfg))["study-location"]
+
+
+def test_prepare_configuration_errors_name_the_key(site, tmp_path):
+    from omi_dsf.steps.prepare import prepare
+
+    _, cfg, first = site
+    inputs = {"study-instance-uid": first.StudyInstanceUID, "provider-organization": PROVIDER}
+
+    def run(site_cfg, given=inputs):
+        return prepare(given, StepContext(topic="prepare", business_key="bk", site=site_cfg))
+
+    with pytest.raises(StepError, match="steps.pseudonymization is missing"):
+        run({"providers": cfg["providers"]})
+    with pytest.raises(StepError, match=r"provider organization 'elsewhere.test' is not configured at this site "
+                                        r"\(steps.providers: ai.omi.test\)"):
+        run(cfg, {**inputs, "provider-organization": "elsewhere.test"})
+    with pytest.raises(StepError, match="input provider-organization is missing"):
+        run(cfg, {"study-instance-uid": first.StudyInstanceUID})
+    with pytest.raises(StepError, match="input study-instance-uid is missing"):
+        run(cfg, {"provider-organization": PROVIDER})
+    empty = tmp_path / "empty.key"
+    empty.write_text("")
+    with pytest.raises(StepError, match=r"key file .*empty.key holds 0 bytes; at least 16 are needed"):
+        run({**cfg, "pseudonymization": {**cfg["pseudonymization"], "key_file": str(empty)}})
+    not_a_ca = tmp_path / "not-a-ca.pem"
+    not_a_ca.write_text("no certificate here")
+    with pytest.raises(StepError, match=rf"steps.providers.{PROVIDER}: cannot load its TLS files \(ca_file"):
+        run({**cfg, "providers": {PROVIDER: {**cfg["providers"][PROVIDER], "ca_file": str(not_a_ca)}}})
+    with pytest.raises(ConfigError, match=rf"providers.{PROVIDER}.gateway_url: must be an https URL"):
+        run({**cfg, "providers": {PROVIDER: {**cfg["providers"][PROVIDER], "gateway_url": "http://127.0.0.1:9"}}})
+
+
+def test_a_manifest_that_fails_the_leak_check_fails_the_step(site, provider, monkeypatch):
+    """The manifest goes through the leak check like every instance: one carrying an identifying value
+    (planted here after it is made) is not sent, and the step fails saying so, naming no value."""
+    from omi_dsf.deid.pipeline import encode_part10
+    from omi_dsf.steps import send as send_step
+
+    tmp, cfg, first = site
+    real = manifest.make_manifest
+
+    def leaky(contents, key, domain):
+        ds, _ = real(contents, key, domain)
+        ds.StudyID = str(first.PatientID)
+        return ds, encode_part10(ds)[0]
+
+    monkeypatch.setattr(send_step.manifest, "make_manifest", leaky)
+    with pytest.raises(StepError, match=r"the study's manifest did not pass the leak check: identifying value in "
+                                        r"StudyID \(0020,0010\)") as err:
+        pseudonymize({"study-instance-uid": first.StudyInstanceUID}, ctx(cfg, "bk-leaky"))
+    assert str(first.PatientID) not in str(err.value)
+    pseudo_uid = uid_for(load_key(cfg["pseudonymization"]["key_file"]), cfg["pseudonymization"]["domain"],
+                         first.StudyInstanceUID)
+    assert len(at_provider(provider, cfg, first.StudyInstanceUID)) == 4 and manifest_at(provider["store"], pseudo_uid) == []

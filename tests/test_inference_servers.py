@@ -18,6 +18,7 @@ import pytest
 from starlette.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
+from helpers_provider import manifest_of
 from omi_dsf.dicomweb_client import DicomwebClient
 from omi_dsf.inference import lungseg, tensors
 from omi_dsf.inference.client import InferenceRejected, OipClient
@@ -54,8 +55,13 @@ def gateway(tmp_path_factory):
     for name, seed, slices in (("good", 21, 8), ("long", 22, 12)):
         paths = phantom.write_ct_study(root / name, slices=slices, seed=seed, rows=96, cols=96)
         studies[name] = (str(pydicom.dcmread(paths[0]).StudyInstanceUID), paths)
+    manifests = []
+    for name, (_, paths) in studies.items():   # each stored last, as the send step does
+        manifests.append(root / f"{name}-manifest.dcm")
+        manifests[-1].write_bytes(manifest_of(paths))
     with Orthanc(root / "orthanc") as orthanc:
         orthanc.load([p for _, paths in studies.values() for p in paths])
+        orthanc.load(manifests)
         yield orthanc, {k: uid for k, (uid, _) in studies.items()}
 
 

@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from conftest import free_port
+from helpers_provider import manifest_of
 from omi_dsf.dicomweb_client import DicomwebClient
 from omi_dsf.inference import lungseg, results
 from omi_dsf.inference.client import ServiceUnavailable
@@ -80,14 +81,23 @@ def gateway(tmp_path_factory):
         "gap": _study(root, "gap", 12, 6, 32, drop=3),
         "big": _study(root, "big", 13, MAX_SLICES + 2, 32),
     }
+    manifests = []
+    for name, (_, paths) in studies.items():   # each stored last, as the send step does
+        manifests.append(root / f"{name}-manifest.dcm")
+        manifests[-1].write_bytes(manifest_of(paths))
     with Orthanc(root / "orthanc") as orthanc:
         orthanc.load([p for _, paths in studies.values() for p in paths])
+        orthanc.load(manifests)
         yield orthanc, {k: uid for k, (uid, _) in studies.items()}
+
+
+ARRIVAL_TIMEOUT_S = 2.0
 
 
 def _ctx(gateway_url: str, ai_url: str, **site) -> StepContext:
     return StepContext(topic="infer", business_key="bk-test",
-                       site={"gateway_url": gateway_url, "ai_service_url": ai_url, "ai_timeout_s": 60, **site})
+                       site={"gateway_url": gateway_url, "ai_service_url": ai_url, "ai_timeout_s": 60,
+                             "study_arrival_timeout_s": ARRIVAL_TIMEOUT_S, **site})
 
 
 @orthanc
@@ -186,6 +196,7 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
     with BackgroundServer(cfg) as gw:
         web = DicomwebClient(Peer(gw.url))
         web.store_instances([p.read_bytes() for p in good + big])
+        web.store_instances([manifest_of(good), manifest_of(big)])   # last, as the send step stores it
         uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
         out, timings = step.infer_timed({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url))
         assert out["result-location"] == f"{gw.url}/studies/{uid}"
@@ -196,9 +207,9 @@ def test_infer_through_the_project_gateway_store(tmp_path, ai_url):
         assert 0 < seconds["model"] <= seconds["oip_request"]
         assert sum(v for k, v in seconds.items() if k not in ("model", "total")) <= seconds["total"]
         assert timings.overlapped["seg_prepare"] > 0 and timings.overlapped["sr_prepare"] > 0   # while the model ran
-        assert len(web.search_for_instances(uid)) == 6 + 2
+        assert len(web.search_for_instances(uid)) == 6 + 1 + 2   # the study, its manifest, SEG and SR
         modalities = {s["00080060"]["Value"][0] for s in web.search_for_series(uid)}
-        assert modalities == {"CT", "SEG", "SR"}
+        assert modalities == {"CT", "KO", "SEG", "SR"}
         with pytest.raises(StepError, match=f"more than the model's limit of {MAX_SLICES}"):
             step.infer({"pseudonymized-study-instance-uid": str(pydicom.dcmread(big[0]).StudyInstanceUID)},
                        _ctx(gw.url, ai_url))
@@ -216,6 +227,7 @@ def test_a_seg_made_whole_after_the_answer_takes_its_sr_with_it(tmp_path, ai_url
     with BackgroundServer(cfg) as gw:
         web = DicomwebClient(Peer(gw.url))
         web.store_instances([p.read_bytes() for p in good])
+        web.store_instances([manifest_of(good)])
         uid = str(pydicom.dcmread(good[0]).StudyInstanceUID)
         out, timings = step.infer_timed({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url))
         assert "seg_prepare" in timings.overlapped and "sr_prepare" not in timings.overlapped
@@ -267,3 +279,88 @@ def test_busy_service_is_waited_for_not_a_failure(gateway, caplog):
         thread.join(10)
     assert [o["status"] if isinstance(o, dict) else repr(o) for o in out] == ["completed"] * 3
     assert "the AI service is busy; asking again" in caplog.text
+
+
+def _store_gateway(path: Path):
+    from omi_dsf.dicomweb.config import parse_config
+    from omi_dsf.dicomweb.server import BackgroundServer
+
+    return BackgroundServer(parse_config({"listen": {"host": "127.0.0.1", "port": free_port()},
+                                          "auth": {"anonymous": True},
+                                          "backends": {"OUTBOX": {"type": "store", "path": str(path)}}}))
+
+
+def test_infer_reads_the_study_as_it_arrives(tmp_path, ai_url, caplog, monkeypatch):
+    """The requester's send stores the study while the step runs (a thread STOWs one instance at a time,
+    slowly, the manifest last): the step reads the instances as they arrive and answers what it answers
+    on the same study complete at the start; it had read instances before the last one arrived."""
+    caplog.set_level(logging.INFO)
+    paths = phantom.write_ct_study(tmp_path / "study", slices=MAX_SLICES, rows=64, cols=64, seed=23)
+    uid = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+    arrived: dict[str, float] = {}
+    reads: list[float] = []     # when the step parsed each instance it read alone (as it arrived)
+    parse = step.read_instance
+    monkeypatch.setattr(step, "read_instance", lambda data: (reads.append(time.monotonic()), parse(data))[1])
+    with _store_gateway(tmp_path / "arriving") as gw, _store_gateway(tmp_path / "complete") as whole:
+        web = DicomwebClient(Peer(gw.url))
+
+        def send() -> None:
+            time.sleep(0.5)                      # the step starts before the first instance is there
+            for p in paths[:-1]:
+                web.store_instances([p.read_bytes()])
+                time.sleep(0.3)
+            arrived["last"] = time.monotonic()
+            web.store_instances([paths[-1].read_bytes()])
+            time.sleep(0.3)
+            web.store_instances([manifest_of(paths)])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            out, timings = step.infer_timed({"pseudonymized-study-instance-uid": uid},
+                                            _ctx(gw.url, ai_url, study_arrival_timeout_s=10))
+        finally:
+            sender.join(30)
+        match = re.search(r"infer bk-test: (\d+) instances read while the study arrived, (\d+) in the series used",
+                          caplog.text)
+        assert match and int(match[1]) > 0 and int(match[2]) == MAX_SLICES
+        assert timings.seconds["arrival"] > 0     # it waited for instances
+        assert reads and min(reads) < arrived["last"]   # reading began before the last instance arrived
+        # the same answer as on the study complete at the start
+        DicomwebClient(Peer(whole.url)).store_instances([p.read_bytes() for p in paths] + [manifest_of(paths)])
+        again, complete = step.infer_timed({"pseudonymized-study-instance-uid": uid}, _ctx(whole.url, ai_url))
+        assert "arrival" not in complete.seconds
+        assert out["result-series-uids"] == again["result-series-uids"]
+        assert out["result-study-instance-uid"] == again["result-study-instance-uid"] == uid
+        results_there = [sorted(i["00080018"]["Value"][0] for i in DicomwebClient(Peer(u)).search_for_instances(uid))
+                         for u in (gw.url, whole.url)]
+        assert results_there[0] == results_there[1] and len(results_there[0]) == MAX_SLICES + 3  # + manifest, SEG, SR
+
+
+def test_a_study_that_never_completes_fails_after_the_arrival_timeout(tmp_path, ai_url):
+    """Instances without a manifest (a send that died, a stranger's study), a manifest listing an instance
+    that never comes, and a study that never arrives: each a StepError naming the setting, after
+    study_arrival_timeout_s without a new instance."""
+    paths = phantom.write_ct_study(tmp_path / "study", slices=4, rows=32, cols=32, seed=24)
+    other = phantom.write_ct_study(tmp_path / "other", slices=4, rows=32, cols=32, seed=25)
+    with _store_gateway(tmp_path / "store") as gw:
+        web = DicomwebClient(Peer(gw.url))
+        web.store_instances([p.read_bytes() for p in paths])
+        uid = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
+        start = time.monotonic()
+        with pytest.raises(StepError, match=r"the study did not arrive complete within 1 s "
+                                            r"\(steps.study_arrival_timeout_s\) of its last new instance: "
+                                            r"4 instances, no manifest"):
+            step.infer({"pseudonymized-study-instance-uid": uid}, _ctx(gw.url, ai_url, study_arrival_timeout_s=1))
+        assert 1 <= time.monotonic() - start < 10
+
+        web.store_instances([p.read_bytes() for p in other[:-1]] + [manifest_of(other)])
+        with pytest.raises(StepError, match=r"within 1 s .* the manifest lists instances the gateway does not have"):
+            step.infer({"pseudonymized-study-instance-uid": str(pydicom.dcmread(other[0]).StudyInstanceUID)},
+                       _ctx(gw.url, ai_url, study_arrival_timeout_s=1))
+
+        with pytest.raises(StepError, match=r"study 1.2.3.4.5 is not at the gateway: nothing arrived within 1 s"):
+            step.infer({"pseudonymized-study-instance-uid": "1.2.3.4.5"},
+                       _ctx(gw.url, ai_url, study_arrival_timeout_s=1))
+        # nothing stored for any of them
+        assert len(web.search_for_instances(uid)) == 4

@@ -57,6 +57,7 @@ from omi_dsf.transfer.provider import ProviderUnreachable
 
 PROVIDER = "ai.omi.test"
 SLICES, SIZE = 8, 128
+STORED = SLICES + 1     # at the provider's gateway after a send: the study's instances and its manifest
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +239,12 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     assert sent["study-location"] == f"{gw_url}/studies/{pseudo_uid}"
     assert sent["pseudonymized-study-instance-uid"] == pseudo_uid and sent["instance-count"] == SLICES
     assert sent["pseudonym"].startswith("PSN-") and sent["refused-instance-count"] == 0
-    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+    assert _at_gateway(store, pseudo_uid) == (STORED, STORED)
 
     # a second send (a retried work item) leaves exactly one copy per SOP Instance UID
     again = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-round-trip"))
     assert {k: again[k] for k in sent} == sent       # the same pseudonym and UIDs on a retry
-    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+    assert _at_gateway(store, pseudo_uid) == (STORED, STORED)
 
     # the provider's part: the real infer step against its gateway (trusting the test CA)
     t0 = time.monotonic()
@@ -318,7 +319,8 @@ def test_send_infer_return_round_trip(site, gateway, ai_url, pacs, pki, monkeypa
     assert "send bk-round-trip: 8 instances" in caplog.text
     # each step says where its time went (phase names and seconds only)
     line = re.search(r"send bk-round-trip: timings (.*)", caplog.text).group(1)
-    assert re.fullmatch(r"list [\d.]+ s, read [\d.]+ s, deid [\d.]+ s, stow [\d.]+ s, sync [\d.]+ s, total [\d.]+ s, "
+    assert re.fullmatch(r"list [\d.]+ s, read [\d.]+ s, deid [\d.]+ s, stow [\d.]+ s, manifest [\d.]+ s, sync [\d.]+ s, "
+                        r"total [\d.]+ s, "
                         r"gateway listing [\d.]+ s \(alongside reading\)", line), line
     assert re.search(r"return bk-round-trip: timings wado [\d.]+ s, reidentify [\d.]+ s, fhir [\d.]+ s, "
                      r"stow [\d.]+ s, total", caplog.text)
@@ -401,7 +403,7 @@ def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypat
     monkeypatch.setattr(transfer_stow, "_post", real_post)
     out = send(_send_inputs(pseudo), ctx)          # the runtime's retry
     assert out["study-location"].endswith(pseudo_uid)
-    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+    assert _at_gateway(store, pseudo_uid) == (STORED, STORED)
     event = [e for e in AuditTrail(steps["audit"]).events("bk-crash") if e.action == "sent"]
     assert len(event) == 1 and event[0].details["instances"] == SLICES
 
@@ -412,7 +414,7 @@ def test_send_crashed_midway_resumes_without_duplicates(site, gateway, monkeypat
     gw = open_gateway(step_settings(steps).providers, PROVIDER)
     transfer_stow._post(gw, pseudo_uid, [one.read_bytes()])
     gw.close()
-    assert _at_gateway(store, pseudo_uid) == (SLICES, SLICES)
+    assert _at_gateway(store, pseudo_uid) == (STORED, STORED)
     assert sum(1 for _, s in _index(store) if s == sop) == 1
 
 
@@ -436,7 +438,7 @@ def test_send_checks_the_gateway_cheaply_when_every_instance_is_accounted_for(si
     out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-cheap", send={"batch_instances": 3}))
     assert out["instance-count"] == SLICES
     assert len(listings) == 1          # the listing before sending; after it, the study's count sufficed
-    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
+    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (STORED, STORED)
 
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
@@ -465,7 +467,7 @@ def test_gateway_losing_an_instance_after_answering_stored_is_detected(site, gat
     posts.clear()
     monkeypatch.setattr(transfer_stow, "_post", real_post)
     send(_send_inputs(pseudo), ctx)
-    assert _at_gateway(store, pseudo_uid)[0] == SLICES
+    assert _at_gateway(store, pseudo_uid)[0] == STORED
     event = [e for e in AuditTrail(steps["audit"]).events("bk-lost") if e.action == "sent"]
     assert event[-1].details["sent_now"] == 1 and event[-1].details["already_there"] == SLICES - 1
 
@@ -478,15 +480,15 @@ def test_gateway_answer_not_naming_an_instance_falls_back_to_the_listing(site, g
     monkeypatch.setattr(transfer_stow, "_post", lambda gw, s, batch: set(sorted(real_post(gw, s, batch))[1:]))
     listings = _count_listings(monkeypatch)
     send(_send_inputs(pseudo), _ctx(steps, "send", "bk-unnamed"))   # all stored, as the listing shows
-    assert len(listings) == 2
+    assert len(listings) == 3          # before sending, after the instances, after the manifest (its answer too)
     # and a gateway that gives no usable count: the listing decides too
     pseudo, _, _ = _pseudonymized(site, seed=44, key="bk-nocount")
     monkeypatch.setattr(transfer_stow, "_post", real_post)
     monkeypatch.setattr(transfer_stow, "study_instance_count", lambda gw, s: None)
     listings.clear()
     send(_send_inputs(pseudo), _ctx(steps, "send", "bk-nocount"))
-    assert len(listings) == 2
-    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
+    assert len(listings) == 3
+    assert _at_gateway(store, pseudo["pseudonymized-study-instance-uid"]) == (STORED, STORED)
 
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
@@ -612,7 +614,7 @@ def test_mutual_tls_gateway_needs_our_client_certificate(site, pki, tmp_path):
         steps["providers"] = {PROVIDER: with_cert}
         out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-mtls"))
         assert out["study-location"].startswith(server.url)
-        assert _at_gateway(tmp_path / "store", pseudo["pseudonymized-study-instance-uid"]) == (SLICES, SLICES)
+        assert _at_gateway(tmp_path / "store", pseudo["pseudonymized-study-instance-uid"]) == (STORED, STORED)
 
 
 @pytest.mark.integration   # the requester site with dcmqrscp as its PACS
@@ -636,7 +638,7 @@ def test_send_reads_the_study_through_the_site_gateway(site, gateway, pacs, monk
     _plant(monkeypatch, at_gateway_while_the_last_is_deidentified)
     out = send(_send_inputs(pseudo), _ctx(steps, "send", "bk-wado", send={"batch_instances": 2}))
     assert out["instance-count"] == SLICES and out["pseudonymized-study-instance-uid"] == pseudo_uid
-    assert _at_gateway(gateway[1], pseudo_uid) == (SLICES, SLICES)
+    assert _at_gateway(gateway[1], pseudo_uid) == (STORED, STORED)
     assert seen_at_gateway and seen_at_gateway[0] >= 2     # sent while the last one was de-identified
     with pytest.raises(StepError, match="the study was not found in the configured source"):
         send({**_send_inputs(pseudo), "study-instance-uid": "1.2.3.4.5.6.7"}, _ctx(steps, "send", "bk-wado-none"))

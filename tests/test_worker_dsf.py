@@ -241,7 +241,9 @@ def test_denied_step_ends_the_instance_with_the_reason(site):
     task = site.wait([tid], timeout=180)[tid]
     assert task["status"] == "failed"
     assert outputs(task)["error"] == "send: denied by the demo handler"
-    assert [t for t, *_ in site.executions(keys)] == ["consent", "prepare", "send"]   # nothing after the denial
+    done = [t for t, *_ in site.executions(keys)]
+    # nothing after the denial (a provider's infer, started after prepare, would run alongside send)
+    assert [t for t in done if t != "infer"] == ["consent", "prepare", "send"]
 
 
 def test_an_error_answer_during_the_send_ends_the_request_and_withdraws_the_send(site):

@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_submit)
 
-    p = subparsers.add_parser("status", help="where requests are: consent, send, infer, return")
+    p = subparsers.add_parser("status", help="where requests are: consent, prepare, send, infer, return")
     p.add_argument("business_key", nargs="?", help="one request (default: the newest requests)")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
     p.add_argument("--cohort", help="a cohort: its record file (or the cohort CSV it was made from)")

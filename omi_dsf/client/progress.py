@@ -1,9 +1,10 @@
 """Where an inference request is: derived from the start Task (status, outputs) and the site's work
 items (QuestionnaireResponses) carrying the request's business key.
 
-The DIC sees its own work items (consent, send, return) but not the provider's `infer`
-item: infer counts as running once `send` is done, and as done (or failed, with the provider's error)
-once the provider's result message (an omiInferenceResult Task at this site) has arrived.
+The DIC sees its own work items (consent, prepare, send, return) but not the provider's `infer`
+item: infer counts as running once `prepare` is done (the provider's process starts then, and reads
+the study while `send` stores it), and as done (or failed, with the provider's error) once the
+provider's result message (an omiInferenceResult Task at this site) has arrived.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from omi_dsf.dsf.tasks import BPMN_MESSAGE, input_value, outputs
 from omi_dsf.dsf.workitem import WorkItem
 
-STEPS = ("consent", "send", "infer", "return")
-LOCAL_STEPS = ("consent", "send", "return")
+STEPS = ("consent", "prepare", "send", "infer", "return")
+LOCAL_STEPS = ("consent", "prepare", "send", "return")
 
 
 @dataclass
@@ -99,9 +100,9 @@ def derive(task: dict, items: list[dict], topic_of: dict[str, str], result_messa
         infer.state, infer.detail = ("failed", f"at the provider: {error}") if error else ("done", None)
     elif "return" in latest:
         steps["infer"].state = "done"
-    elif steps["send"].state == "done":
+    elif steps["prepare"].state == "done":
         steps["infer"].state, steps["infer"].detail = "running", f"at the provider {p.provider or ''}".strip()
-        steps["infer"].updated = steps["send"].updated
+        steps["infer"].updated = steps["prepare"].updated
     if p.task_status == "completed":
         for s in steps.values():
             if s.state in ("pending", "running"):

@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from omi_dsf.errors import UserError
-from omi_dsf.client.progress import RequestProgress, business_key
+from omi_dsf.client.progress import LOCAL_STEPS, RequestProgress, business_key
 from omi_dsf.dsf.client import DsfClient
 from omi_dsf.dsf.errors import DsfError
 from omi_dsf.dsf.tasks import input_value, message_task
@@ -73,7 +73,7 @@ def work_items(client: DsfClient, key: str | None, since: str | None = None) -> 
     given. `since` (the oldest request's authoredOn) keeps the searches short on a busy site."""
     topics = topics_from_spec()
     out: dict[str, list[dict]] = {}
-    for topic in ("consent", "send", "return"):
+    for topic in LOCAL_STEPS:
         params = {"questionnaire": topics[topic]}
         if since:
             params["_lastUpdated"] = f"ge{since}"

@@ -1,6 +1,8 @@
 """The step handlers: one module per work item topic, on the contract in `api.py`.
 
   consent       consent.py       the patient's consent for the external AI service
+  prepare       prepare.py       where the study goes: its pseudonymized UID and location at the provider's
+                                 gateway, before anything is read (send derives them the same way)
   send          send.py          the study, instance by instance: de-identification (omi_dsf.deid),
                                  leak check, STOW-RS to the provider's gateway (omi_dsf.transfer)
   infer         infer.py         provider: study → AI service → SEG + SR (omi_dsf.inference)
@@ -23,6 +25,7 @@ from omi_dsf.steps.api import Handler
 # topic -> "module:function"; a site's `handlers:` may name another for a topic
 HANDLERS = {
     "consent": "omi_dsf.steps.consent:consent",
+    "prepare": "omi_dsf.steps.prepare:prepare",
     "send": "omi_dsf.steps.send:send",
     "infer": "omi_dsf.steps.infer:infer",
     "return": "omi_dsf.steps.return_:return_results",

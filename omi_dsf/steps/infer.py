@@ -14,12 +14,24 @@ provider's OMI gateway and the CA of its certificate), ai_service_url and ai_mod
 (per ai-service-identifier a service with the peer keys and, for a server whose model metadata has no
 parameters (KServe), `device`: the model's Device in the registry, its URL read with
 device_ca_file, or a file holding it; `grpc_url`: the server's OIP v2 gRPC port, for KServe and
-MLServer), ai_timeout_s.
+MLServer), ai_timeout_s, study_arrival_timeout_s.
 
 What the step needs beyond the protocol (modality, slice limits, label meaning, algorithm name and
 version) comes from the model metadata's "parameters" (the reference service, MLServer), else from
 the Device (`omi_dsf/registry/device.py`). Tensors travel as raw bytes over gRPC when `grpc_url` is
 given, else binary where the server's HTTP has the extension (`OipClient.binary_tensors`), else JSON.
+
+The step starts while the requester's send step is still storing the study at the gateway: it asks
+the gateway what has arrived (series-level QIDO-RS every ARRIVAL_POLL_S, backing off to
+ARRIVAL_POLL_MAX_S while nothing changes), reads each new instance of the series of the model's
+modality by WADO-RS as it appears (READERS at a time, parsed as they come), and knows the study is
+complete when its manifest (omi_dsf.transfer.manifest, stored last by the send step) is there and
+every instance it lists of the series chosen has been read. The series is chosen by the manifest (the
+largest it lists of the model's modality, its slice limit checked); the manifest's own series is never
+image input. A study complete at the start is read as one series retrieve. A study that goes
+study_arrival_timeout_s without a new instance and is still incomplete (no manifest, or instances the
+manifest lists missing) fails the step naming that setting. Timings: "qido" and "wado" for asking and
+reading, "arrival" for waiting between asks.
 
 Failures the requester must fix (wrong modality, gaps between slices, too many slices, an
 unknown service) raise `StepError`; an unreachable or slow service or gateway raises
@@ -40,17 +52,24 @@ from typing import Any
 
 import numpy as np
 
-from omi_dsf.dicomweb_client import DicomwebClient, DicomwebRefused
+from pydicom.dataset import Dataset
+
+from omi_dsf.dicomweb_client import BadAnswer, DicomwebClient, DicomwebRefused
 from omi_dsf.inference import client as oip
 from omi_dsf.inference.config import AiServiceSettings
 from omi_dsf.inference import transfer
 from omi_dsf.inference import results
-from omi_dsf.inference.volume import VolumeError, build_volume, pick_series
+from omi_dsf.inference.volume import VolumeError, build_volume, pick_series, read_instance
 from omi_dsf.peer import Peer, PeerConfigError
 from omi_dsf.registry import device
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, text_input
 from omi_dsf.steps.settings import StepSettings
+from omi_dsf.transfer import manifest
+
 MODALITY_TAG, SERIES_UID_TAG, COUNT_TAG = "00080060", "0020000E", "00201209"
+DESCRIPTION_TAG, SOP_UID_TAG = "0008103E", "00080018"
+ARRIVAL_POLL_S, ARRIVAL_POLL_MAX_S = 0.2, 0.5   # asking the gateway what arrived: first, then at most
+READERS = 4                # WADO-RS retrieves of single instances at once while the study arrives
 BUSY_WAIT_MAX_S = 5.0      # the longest wait between asks of a busy AI service (its Retry-After, capped)
 
 # highdicom logs study/series/SOP instance UIDs at INFO; UIDs count as identifying.
@@ -140,26 +159,166 @@ def _value(item: dict, tag: str) -> Any:
     return values[0] if values else None
 
 
-def _choose_series(dicomweb: DicomwebClient, study_uid: str, modality: str, max_slices: int | None) -> str:
-    """Pick the largest series of `modality` by QIDO, before downloading anything."""
-    try:
-        found = dicomweb.search_for_series(study_uid, fields=[MODALITY_TAG, COUNT_TAG])
-    except DicomwebRefused as exc:
-        if exc.status in (400, 404):
-            raise StepError(f"the gateway does not know study {study_uid} (QIDO: HTTP {exc.status})") from None
-        raise
-    if not found:
-        raise StepError(f"study {study_uid} is not at the gateway (no series found)")
-    candidates = [(int(_value(s, COUNT_TAG) or 0), str(_value(s, SERIES_UID_TAG))) for s in found
-                  if _value(s, MODALITY_TAG) == modality]
-    if not candidates:
-        modalities = sorted({str(_value(s, MODALITY_TAG)) for s in found})
-        raise StepError(f"study has no {modality} series (modalities found: {', '.join(modalities)}); "
-                        f"the model needs {modality}")
-    count, series_uid = max(candidates)
-    if max_slices is not None and count > max_slices:
-        raise StepError(f"series has {count} slices, more than the model's limit of {max_slices}")
-    return series_uid
+class _Arrival:
+    """The study as it arrives at the gateway: the series of the model's modality read instance by
+    instance (WADO-RS, READERS at a time) as the gateway lists them, until the manifest is there and
+    every instance it lists of the series chosen has been read. A study complete at the start is
+    read as one series retrieve."""
+
+    def __init__(self, dicomweb: DicomwebClient, study_uid: str, modality: str, max_slices: int | None,
+                 timeout_s: float, t: Timings, check_withdrawn=lambda: None):
+        self.web, self.study_uid, self.modality, self.max_slices = dicomweb, study_uid, modality, max_slices
+        self.timeout_s, self.t, self.check_withdrawn = timeout_s, t, check_withdrawn
+        self.series: dict[str, tuple[str, int, str]] = {}     # series UID -> modality, instance count, description
+        self.reads: dict[str, dict[str, Future]] = {}        # series UID -> SOP instance UID -> its dataset
+        self.listing: dict[str, dict[str, str]] | None = None   # the manifest's, once read
+        self.not_manifests: set[str] = set()                 # KO series whose document is no manifest
+        self.read_before_complete = 0
+        self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="infer-read")
+
+    def read(self) -> tuple[str, list[Dataset]]:
+        """(the series chosen, its instances); StepError when the study cannot be used or did not arrive
+        complete within timeout_s of its last new instance."""
+        last_change, wait = time.monotonic(), ARRIVAL_POLL_S
+        try:
+            while True:
+                self.check_withdrawn()     # the work item's timeout fired meanwhile: stop waiting
+                changed = self._list_series()
+                if self.listing is None:
+                    self._find_manifest()
+                if self.listing is not None:
+                    done = self._complete()
+                    if done is not None:
+                        return done
+                else:
+                    self._read_arriving()
+                now = time.monotonic()
+                if changed:
+                    last_change, wait = now, ARRIVAL_POLL_S
+                elif now - last_change > self.timeout_s:
+                    raise StepError(self._not_arrived())
+                with self.t.phase("arrival"):
+                    time.sleep(wait)
+                wait = min(wait * 1.5, ARRIVAL_POLL_MAX_S)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _not_arrived(self) -> str:
+        limit = f"{self.timeout_s:g} s (steps.study_arrival_timeout_s)"
+        if not self.series:
+            return f"study {self.study_uid} is not at the gateway: nothing arrived within {limit}"
+        if self.listing is None:
+            return (f"the study did not arrive complete within {limit} of its last new instance: "
+                    f"{sum(c for _, c, _ in self.series.values())} instances, no manifest")
+        return (f"the study did not arrive complete within {limit} of its last new instance: the manifest "
+                f"lists instances the gateway does not have")
+
+    def _list_series(self) -> bool:
+        """The study's series at the gateway now; whether anything changed since the last look."""
+        try:
+            with self.t.phase("qido"):
+                found = self.web.search_for_series(self.study_uid, fields=[MODALITY_TAG, COUNT_TAG, DESCRIPTION_TAG])
+        except DicomwebRefused as exc:
+            if exc.status == 400:
+                raise StepError(f"the gateway does not know study {self.study_uid} (QIDO: HTTP 400)") from None
+            if exc.status != 404:
+                raise
+            found = []        # not there yet
+        seen = {str(_value(s, SERIES_UID_TAG)): (str(_value(s, MODALITY_TAG) or ""), int(_value(s, COUNT_TAG) or 0),
+                                                  str(_value(s, DESCRIPTION_TAG) or "")) for s in found}
+        changed, self.series = seen != self.series, seen
+        return changed
+
+    def _find_manifest(self) -> None:
+        for series_uid, (modality, _, description) in self.series.items():
+            if series_uid in self.not_manifests or not manifest.is_manifest(modality, description):
+                continue
+            with self.t.phase("qido"):
+                found = self.web.search_for_instances(self.study_uid, series_uid, fields=[SOP_UID_TAG],
+                                                      include_defaults=False)
+            for item in found:
+                with self.t.phase("wado"):
+                    data = self.web.retrieve_instance(self.study_uid, series_uid, str(_value(item, SOP_UID_TAG)), "*")
+                try:
+                    self.listing = manifest.listed(data)
+                    return
+                except manifest.ManifestError:
+                    continue
+            if found:
+                self.not_manifests.add(series_uid)
+
+    def _fetch(self, series_uid: str, sop_uid: str) -> None:
+        self.reads.setdefault(series_uid, {})[sop_uid] = self.pool.submit(
+            lambda: read_instance(self.web.retrieve_instance(self.study_uid, series_uid, sop_uid, "*")))
+
+    def _read_arriving(self) -> None:
+        """Before the manifest: each new instance of a series of the model's modality (within the slice limit)."""
+        for series_uid, (modality, count, _) in self.series.items():
+            reading = self.reads.get(series_uid, {})
+            if modality != self.modality or count <= len(reading):
+                continue
+            if self.max_slices is not None and len(reading) >= self.max_slices:
+                continue       # too many already: the manifest will tell whether it is the series to use
+            # only what is new, where the gateway lists a study's instances in the order they arrived (the
+            # OMI gateway's store does); one that does not may leave some out here: they are read once the
+            # manifest names them
+            with self.t.phase("qido"):
+                found = self.web.search_for_instances(self.study_uid, series_uid, fields=[SOP_UID_TAG],
+                                                      include_defaults=False, offset=len(reading) or None)
+            for item in found:
+                sop_uid = str(_value(item, SOP_UID_TAG) or "")
+                if sop_uid and sop_uid not in reading:
+                    if self.max_slices is not None and len(self.reads.get(series_uid, {})) >= self.max_slices:
+                        break
+                    self._fetch(series_uid, sop_uid)
+                    self.read_before_complete += 1
+                    reading = self.reads[series_uid]
+
+    def _chosen(self) -> str | None:
+        """The series to use, by the manifest: the largest it lists of the model's modality; None while a
+        series it lists is not at the gateway yet (its modality unknown)."""
+        listing = self.listing or {}
+        if any(uid not in self.series for uid in listing):
+            return None
+        candidates = [(len(sops), uid) for uid, sops in listing.items() if self.series[uid][0] == self.modality]
+        if not candidates:
+            modalities = sorted({self.series[uid][0] for uid in listing})
+            raise StepError(f"study has no {self.modality} series (modalities found: {', '.join(modalities)}); "
+                            f"the model needs {self.modality}")
+        count, series_uid = max(candidates)
+        if self.max_slices is not None and count > self.max_slices:
+            raise StepError(f"series has {count} slices, more than the model's limit of {self.max_slices}")
+        return series_uid
+
+    def _complete(self) -> tuple[str, list[Dataset]] | None:
+        """With the manifest: the series chosen, read whole, or None while instances it lists are missing."""
+        series_uid = self._chosen()
+        if series_uid is None:
+            return None
+        wanted = (self.listing or {})[series_uid]
+        reading = self.reads.setdefault(series_uid, {})
+        if not reading:      # nothing read yet (the study was complete at the start): one series retrieve
+            with self.t.phase("wado"):
+                for ds in transfer.retrieve_series(self.web, self.study_uid, series_uid):
+                    done: Future = Future()
+                    done.set_result(ds)
+                    reading[str(ds.SOPInstanceUID)] = done
+        for sop_uid in set(wanted) - set(reading):    # named by the manifest: asked for without a listing
+            self._fetch(series_uid, sop_uid)
+        absent = []
+        with self.t.phase("wado"):
+            for sop_uid in wanted:
+                try:
+                    reading[sop_uid].result()
+                except DicomwebRefused as exc:
+                    if exc.status != 404:
+                        raise
+                    absent.append(sop_uid)
+        if absent:               # listed but not at the gateway yet: asked for again at the next look
+            for sop_uid in absent:
+                del reading[sop_uid]
+            return None
+        return series_uid, [reading[sop_uid].result() for sop_uid in wanted]
 
 
 def infer(inputs: Answers, ctx: StepContext) -> Answers:
@@ -202,10 +361,15 @@ def _infer(inputs: Answers, ctx: StepContext, study_uid: str, dicomweb: Dicomweb
         algorithm = results.Algorithm(str(limits.get("algorithm_name", model)),
                                       str(limits.get("algorithm_version") or (meta.get("versions") or ["unknown"])[0]))
 
-        with t.phase("qido"):
-            series_uid = _choose_series(dicomweb, study_uid, modality, max_slices)
-        with t.phase("wado"):
-            datasets = transfer.retrieve_series(dicomweb, study_uid, series_uid)
+        arrival = _Arrival(dicomweb, study_uid, modality, max_slices, ctx.site.study_arrival_timeout_s, t,
+                           ctx.check_withdrawn)
+        try:
+            series_uid, datasets = arrival.read()
+        except BadAnswer as exc:   # truncated or malformed: the runtime retries
+            raise transfer.MultipartError(str(exc)) from None
+        if arrival.read_before_complete:
+            ctx.log.info("infer %s: %d instances read while the study arrived, %d in the series used",
+                         ctx.business_key, arrival.read_before_complete, len(datasets))
         try:
             with t.phase("volume"):
                 volume = build_volume(pick_series(datasets, modality, series_uid), min_slices, max_slices)

@@ -25,7 +25,7 @@ from omi_dsf.deid.store import SiteStore
 # highdicom and friends take most of a second to import: at worker start, not in the first return
 from omi_dsf.inference.results import fhir_bundle_from_report
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, step_errors, text_input
-from omi_dsf.steps.send import pseudonymization_settings
+from omi_dsf.steps.prepare import pseudonymization_settings
 from omi_dsf.transfer.errors import TransferError
 from omi_dsf.transfer.fhir import write_fhir_result
 from omi_dsf.transfer.archive import store_results

@@ -15,6 +15,13 @@ so a retried step sends the same instances, and the gateway's QIDO-RS listing (o
 own while the source lists and the first instances are read; in before the first is added to the
 stream) lets it skip what an earlier attempt already stored (exactly once at the provider).
 
+Last, once the gateway holds every instance, the study's manifest (omi_dsf.transfer.manifest: a Key
+Object Selection Document listing every instance the provider got, sent now or already there; its UIDs
+derived from the site key, so a retry skips it like any instance) goes through the same leak check
+and the same stream. The provider's infer step, started while the send runs, takes it as the sign
+that the study is complete. The pseudonymized study UID and the study's location are derived as the
+`prepare` step derives them (omi_dsf.steps.prepare.destination).
+
 Site configuration, `ctx.site`: pseudonymization (domain, key_file, store, provider, options,
 source, on_refused_instance, pixel_recipes), gateway_url (the default URL of a dicomweb source),
 providers, send (batching), actor, audit.
@@ -23,7 +30,13 @@ provider-organization. Outputs: pseudonym, pseudonymized-study-instance-uid, ins
 refused-instance-count, refused-instances, study-location, and where the work item asks for it
 byte-count. A refused instance (policy send-rest) is reported in the outputs, the audit trail and
 the log. With policy refuse-study, a refused instance fails the step; instances posted before it
-stay at the provider's gateway (each passed the leak check), and no inference is started.
+stay at the provider's gateway (each passed the leak check), and no manifest is stored: the provider's
+infer step never takes the study as complete and runs no model (it fails after its
+study_arrival_timeout_s).
+
+The request may end while the step runs (the provider's error answer, awaited alongside): the
+worker then sees the work item withdrawn and the step stops before the next instance, without a
+manifest.
 
 Nothing identifying goes into logs, errors or the audit: counts, pseudonymized UIDs, organization
 identifiers and URLs of the provider's gateway only.
@@ -32,13 +45,11 @@ identifiers and URLs of the provider's gateway only.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from copy import copy
 
 from omi_dsf.audit import trail
 from omi_dsf.deid import instance_io
-from omi_dsf.deid.config import PseudonymizationSettings
-from omi_dsf.deid.deidentify import uid_for
-from omi_dsf.deid.keys import KeyError_, load_key
-from omi_dsf.deid.leakcheck import text_of
+from omi_dsf.deid.leakcheck import LeakError, check_outgoing, text_of
 from omi_dsf.deid.pipeline import StudyPseudonymizer
 from omi_dsf.deid.profile import parse_options
 from omi_dsf.deid.pseudonyms import UnknownPseudonymError, make_provider
@@ -46,21 +57,14 @@ from omi_dsf.deid.pseudonyms.factory import ConfigError
 from omi_dsf.deid.refusal import Refused
 from omi_dsf.deid.store import SiteStore
 from omi_dsf.steps.api import Answers, StepContext, StepError, Timings, audit, step_errors, text_input
-from omi_dsf.steps.settings import StepSettings
+from omi_dsf.steps.prepare import destination
+from omi_dsf.transfer import manifest
 from omi_dsf.transfer.errors import TransferError
-from omi_dsf.transfer.provider import open_gateway
 from omi_dsf.transfer.stow import StowStream
 
 IN_STUDY = "study-instance-uid"
 IN_PATIENT = "patient-identifier"
 IN_PROVIDER = "provider-organization"
-
-
-def pseudonymization_settings(site: StepSettings) -> PseudonymizationSettings:
-    """The site's `pseudonymization` settings (return reads them too)."""
-    if site.pseudonymization is None:
-        raise StepError("site configuration steps.pseudonymization is missing")
-    return site.pseudonymization
 
 
 @step_errors(TransferError)
@@ -69,17 +73,14 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
     study_uid = text_input(inputs, IN_STUDY)
     patient_id = text_input(inputs, IN_PATIENT, required=False) or None
     organization = text_input(inputs, IN_PROVIDER)
-    cfg = pseudonymization_settings(ctx.site)
+    dest = destination(ctx.site, study_uid, organization)    # config errors before anything is read
+    cfg, key, gw, pseudo_uid = dest.cfg, dest.key, dest.gateway, dest.pseudo_study_uid
     if cfg.source is None:
+        gw.close()
         raise StepError("site configuration steps.pseudonymization needs source")
-    try:
-        key = load_key(cfg.key_file)
-    except KeyError_ as exc:
-        raise StepError(str(exc)) from None
     batching = ctx.site.send
-    gw = open_gateway(ctx.site.providers, organization)     # config errors before anything is read
     params = {"study_uid": study_uid, "business_key": ctx.business_key, "gateway_url": ctx.site.gateway_url or ""}
-    pseudo_uid = uid_for(key, cfg.domain, study_uid.strip())
+    contents = manifest.Contents()      # what the manifest will list: every instance the provider gets
     store = SiteStore(cfg.store)
     stream = None
     total = 0
@@ -101,10 +102,12 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
         # number the instances: file names may carry patient names, and errors go to the Task
         numbered = ((f"instance {n}", item) for n, (_, item) in enumerate(t.timed("read", source), 1))
         for out in t.timed("deid", run.process(numbered)):
+            ctx.check_withdrawn()   # the request ended meanwhile (e.g. the provider answered an error)
             with t.phase("stow"):
                 if stream is None:
                     stream = opening.result()
                 stream.add(text_of(out.dataset, 0x00080018), out.data)
+            contents.add(out.dataset)
             total += len(out.data)
         refused = [str(r) for r in run.result.refused]
         if run.result.instances == 0:
@@ -113,7 +116,9 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
                                 f"the first: {refused[0]}")
             raise StepError("no instances of the study found in the source")
         with t.phase("stow"):
-            outcome = stream.finish()
+            outcome = copy(stream.finish())    # the instances' (the manifest is not counted)
+        with t.phase("manifest"):   # last: the provider's infer step knows the study is complete by it
+            _store_manifest(stream, contents, key, cfg.domain, run.identity)
         with t.phase("sync"):
             store.sync()
     except FileNotFoundError:
@@ -146,9 +151,21 @@ def send(inputs: Answers, ctx: StepContext) -> Answers:
         "instance-count": instances,
         "refused-instance-count": len(refused),
         "refused-instances": refused_text(refused) or None,
-        "study-location": f"{gw.base_url}/studies/{pseudo_uid}",
+        "study-location": dest.study_location,
         "byte-count": total,
     })
+
+
+def _store_manifest(stream: StowStream, contents: manifest.Contents, key: bytes, domain: str, identity) -> None:
+    """The study's manifest (every instance now at the provider's gateway), through the same leak check as
+    every instance, stored after them by the same stream: a retry that finds it there skips it."""
+    ds, data = manifest.make_manifest(contents, key, domain)
+    try:
+        check_outgoing(ds, identity, data)
+    except LeakError as exc:
+        raise StepError(f"the study's manifest did not pass the leak check: {exc}") from None
+    stream.add(str(ds.SOPInstanceUID), data)
+    stream.finish()
 
 
 REFUSED_LINES_MAX = 50   # the work item's answer stays readable; the audit trail has every line

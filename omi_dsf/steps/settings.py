@@ -21,6 +21,7 @@ from omi_dsf.transfer.config import FhirResultsSettings, ProviderSettings, Retur
 # which blocks a topic's step cannot do without (checked at worker start for the topics it serves)
 NEEDS: dict[str, tuple[str, ...]] = {
     "consent": ("consent",),
+    "prepare": ("pseudonymization", "providers"),
     "send": ("pseudonymization", "pseudonymization.source", "providers"),
     "return": ("pseudonymization", "providers", "gateway_url"),
 }
@@ -53,6 +54,9 @@ class StepSettings(Section):
     ai_services: dict[Name, AiServiceSettings] = Field(
         default_factory=dict, description="infer: per ai-service-identifier a service, overriding the two above")
     ai_timeout_s: float = Field(600.0, gt=0, description="infer: seconds for one inference")
+    study_arrival_timeout_s: float = Field(900.0, gt=0, description="infer: seconds the study may go without a new "
+                                                                    "instance at the gateway before it counts as "
+                                                                    "not arriving complete (the step fails)")
     actor: Name | None = Field(None, description="who the audit events name (default: the subject of the site's "
                                                  "client certificate)")
     audit: Database | None = Field(None, description="the audit trail the steps write (default: the site's `audit`)")

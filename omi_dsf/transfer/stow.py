@@ -132,7 +132,8 @@ def _referenced(answer: dict) -> set[str]:
 class StowStream:
     """The instances of one study to the gateway as they are added (`add`), in batches posted by a
     thread of its own (at most two batches wait for it); `finish` sends the rest and checks that
-    the gateway holds every instance added. An error of the sending thread is raised by the next
+    the gateway holds every instance added (more may be added and finished after it: the send step's
+    manifest, which must follow every instance). An error of the sending thread is raised by the next
     `add` or by `finish`; `close` stops the thread after the batches handed to it.
 
     `before_send` runs before each batch is handed to the thread (the send step makes the site
@@ -220,4 +221,5 @@ class StowStream:
         if missing:
             raise GatewayBusy(f"the provider's gateway lists {len(wanted) - len(missing)} of {len(wanted)} "
                               "instances after STOW-RS")
+        self.stored |= wanted      # seen there: a later `finish` (after more `add`s) need not list them again
         return self.outcome

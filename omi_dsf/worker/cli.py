@@ -1,4 +1,4 @@
-"""`python -m omi_dsf worker --site CONFIG --topics consent,send,return`, and
+"""`python -m omi_dsf worker --site CONFIG --topics consent,prepare,send,return`, and
 `audit --site CONFIG [KEY]` (the site's audit trail, as the site configuration names it)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ def register(sub) -> None:
     _register_audit(sub)
     p = sub.add_parser("worker", help="run the step handlers of this site's OMI work items")
     p.add_argument("--site", required=True, help="site configuration (YAML)")
-    p.add_argument("--topics", required=True, help="comma-separated: consent,send,infer,return")
+    p.add_argument("--topics", required=True, help="comma-separated: consent,prepare,send,infer,return")
     p.add_argument("--demo", action="store_true", help="answer every item with the demo handler (proves the loop)")
     p.add_argument("--no-websocket", action="store_true", help="poll only")
     p.add_argument("--max-items", type=int, help="stop after this many items")

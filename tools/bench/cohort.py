@@ -119,7 +119,7 @@ def cpu_table(spent: dict[str, float], per: float) -> dict[str, float]:
 def idle_cpu(demo: Demo, seconds: float = 20) -> dict[str, float]:
     """CPU seconds per minute of each component with nothing to do (both sites' workers polling)."""
     dic = demo._spawn("idle-dic-worker", ["worker", "--site", str(demo.sites["dic"]), "--topics",
-                                          "consent,send,return"])
+                                          "consent,prepare,send,return"])
     try:
         time.sleep(5)
         comps = components(demo, [dic.pid])
@@ -142,7 +142,7 @@ def cohort_run(demo: Demo, studies, folder: Path, parallel: int, n_hosts: int) -
     why = hosts.available() if n_hosts > 1 else "one host"
     for h in range(n_hosts):
         args = [sys.executable, "-m", "omi_dsf", "worker", "--site", str(site), "--topics",
-                "consent,send,return"]
+                "consent,prepare,send,return"]
         log = open(folder / f"{name}-worker-{h}.log", "ab")
         if why is None:
             host = hosts.Host(f"bench{h}", ports, folder / f"{name}-host-{h}.log")

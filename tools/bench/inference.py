@@ -33,6 +33,7 @@ Last line: one JSON object with the figures, the targets and "met".
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ from omi_dsf.steps.settings import step_settings  # noqa: E402
 from omi_dsf.testkit.ai_service import AiServiceProcess, write_device  # noqa: E402
 from omi_dsf.testkit.gateway import GatewayProcess  # noqa: E402
 from omi_dsf.testkit.procs import free_port  # noqa: E402
+from omi_dsf.transfer import manifest  # noqa: E402
 
 TARGETS = {"overhead_share_max": 0.20}
 
@@ -131,6 +133,10 @@ def main() -> int:
         web = DICOMwebClient(gw.url)
         for i in range(0, n, 50):
             web.store_instances([pydicom.dcmread(p) for p in paths[i:i + 50]])
+        # last, as the send step stores it: the manifest, by which the step knows the study is complete
+        _, listing = manifest.study_manifest([pydicom.dcmread(p, stop_before_pixels=True) for p in paths],
+                                             b"omi-bench-inference-manifest-key", "omi-bench")
+        web.store_instances([pydicom.dcmread(io.BytesIO(listing))])
         print(f"set-up: {n} slices of {args.size}x{args.size} stored in the gateway, servers {', '.join(names)} "
               f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         contexts = {}

@@ -39,7 +39,7 @@ from omi_dsf.worker.config import load_site_config  # noqa: E402
 from omi_dsf.worker.lease import Leases  # noqa: E402
 from omi_dsf.worker.runtime import Worker, WorkerSettings  # noqa: E402
 
-DIC_TOPICS = ("consent", "send", "return")
+DIC_TOPICS = ("consent", "prepare", "send", "return")
 
 
 class TimedWorker(Worker):
