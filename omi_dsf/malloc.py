@@ -5,8 +5,9 @@ glibc gives every allocation above its mmap threshold (at most 32 MB) fresh page
 returns them on free, so each copy of a volume -- gRPC's, protobuf's, a server's conversions -- pays
 a page fault per 4 KB page: about 1 GB/s instead of memory speed (the MLServer runtime's request
 conversion 0.2 s for a 200-slice volume, 0.035 s without the faults). With these settings large blocks
-come from the heap and freed ones are used again; a process keeps up to `TRIM_THRESHOLD` of freed
-memory rather than handing it back, so its resident size stays near its peak.
+come from the heap and freed ones are used again, and a process keeps up to `KEEP` of freed memory at
+its heap's top rather than handing it back (also after a larger peak, such as the model's own
+temporaries between two requests): its resident size stays up to `KEEP` above what it uses.
 
 `keep_freed_memory()` sets them in this process (mallopt, at start: the worker and the reference
 service); `ENVIRONMENT` holds the same as glibc's environment variables for a process started here
@@ -19,9 +20,9 @@ import ctypes
 import ctypes.util
 import logging
 
-TRIM_THRESHOLD = 1 << 30   # freed memory a process keeps at its heap's top before returning it
-ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4   # mallopt's parameters (malloc.h)
+KEEP = 1 << 30   # freed memory a process keeps at its heap's top (glibc's top pad) when it trims the rest
+ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TOP_PAD_": str(KEEP)}
+_M_TOP_PAD, _M_MMAP_MAX = -2, -4   # mallopt's parameters (malloc.h)
 
 log = logging.getLogger(__name__)
 
@@ -35,4 +36,4 @@ def keep_freed_memory() -> bool:
         log.debug("no glibc mallopt: malloc settings left as they are")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TOP_PAD, KEEP))
