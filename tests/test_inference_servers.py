@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from helpers_provider import manifest_of
+from omi_dsf import malloc
 from omi_dsf.dicomweb_client import DicomwebClient
 from omi_dsf.inference import lungseg, tensors
 from omi_dsf.inference.client import InferenceRejected, OipClient
@@ -147,6 +148,27 @@ def test_slice_limit_comes_from_the_device_on_kserve(kserve_service, gateway, tm
     entry["device"] = str(write_device(tmp_path / "device.json", kserve_service.url, max_slices=10))
     with pytest.raises(StepError, match="12 slices, more than the model's limit of 10"):
         step.infer(inputs, _ctx(orthanc.dicomweb_url, entry))
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
+@pytest.mark.parametrize("name", ["kserve", "mlserver"])
+def test_model_servers_run_with_the_malloc_settings(name, request):
+    """KServe's and MLServer's server processes get `malloc.ENVIRONMENT` (no page faults on every copy of
+    a volume, omi_dsf/malloc.py)."""
+    service = request.getfixturevalue(SERVERS[name])
+    needle = {"kserve": b"omi_dsf.inference.kserve_model", "mlserver": b"mlserver.cli.main"}[name]
+    servers = [pid for pid in _descendants(service.proc.pid) if needle in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert servers, f"no {name} server process under the ai-service command"
+    for pid in servers:
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+        assert {k: environ.get(k) for k in malloc.ENVIRONMENT} == malloc.ENVIRONMENT
 
 
 def test_registry_health_checks_each_server(server, tmp_path, fhir_store):

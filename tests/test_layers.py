@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "omi_dsf"
 # folder under omi_dsf/ or a top-level module (omi_dsf/audit.py is "audit"); "omi_dsf" is the
 # package's own __init__ (the version).
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"omi_dsf", "errors", "terminal", "tls", "peer", "spec", "database", "processes", "config"}),
+    ("base", {"omi_dsf", "errors", "terminal", "tls", "peer", "spec", "database", "processes", "malloc", "config"}),
     ("domain", {"serving", "dsf", "audit", "consent", "deid", "dicomweb", "dicomweb_client", "inference", "registry",
                 "transfer", "validate", "generate"}),
     ("steps", {"steps"}),                  # one module per step + the contract; map domain errors

@@ -33,6 +33,7 @@ def _ai_service(args: argparse.Namespace) -> int:
     from omi_dsf.errors import UserError
     from omi_dsf.inference.config import ServiceConfig
     from omi_dsf.inference.service import serve
+    from omi_dsf import malloc
     from omi_dsf import config
 
     if args.server != "reference":
@@ -57,6 +58,7 @@ def _ai_service(args: argparse.Namespace) -> int:
     if args.max_slices is not None:
         data["max_slices"] = args.max_slices
     cfg = config.parse(ServiceConfig, data, Path("."), args.config or "ai-service")
+    malloc.keep_freed_memory()   # volumes in, masks out: no page faults on every copy
     serve(cfg, log_level="debug" if getattr(args, "verbose", False) else "warning")
     return 0
 

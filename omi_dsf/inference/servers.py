@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from omi_dsf import malloc
 from omi_dsf.errors import UserError
 from omi_dsf.processes import free_port
 
@@ -40,7 +41,9 @@ def python_for(server: str) -> Path:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The server's environment: the project on its PYTHONPATH; glibc's malloc settings for volumes
+    (`malloc.ENVIRONMENT`) unless this process's environment sets them otherwise."""
+    env = {**malloc.ENVIRONMENT, **os.environ}
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 

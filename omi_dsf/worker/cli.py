@@ -21,6 +21,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
+    from omi_dsf import malloc
     from omi_dsf.dsf.client import DsfClient
     from omi_dsf.dsf.workitem import topics_from_spec
     from omi_dsf.worker.config import load_site_config
@@ -52,6 +53,7 @@ def _run(args) -> int:
     steps = site.steps.model_copy(update={"audit": site.steps.audit or site.audit,
                                           "actor": site.steps.actor or actor})
     worker = Worker(client, open_lease_store(site.lease_store), handlers, settings, steps, audit=audit, actor=actor)
+    malloc.keep_freed_memory()   # the infer step's volumes: no page faults on every copy (omi_dsf/malloc.py)
 
     def on_term(signum, frame):
         if worker.stopping.is_set():

@@ -4,7 +4,8 @@ side -- the reference service, KServe's model server, MLServer -- and how much o
 Set-up (not timed): a synthetic CT study (`phantom.write_ct_study`) is stored in a real OMI gateway
 (`python -m omi_dsf gateway`, `store` backend: the provider's inbox) and the lung model is started on
 each server (`omi_dsf.testkit.ai_service`, `ai-service --server reference|kserve|mlserver`). Then the
-real step handler (`omi_dsf.steps.infer`) runs on it --repeats times per server, interleaved (one run
+real step handler (`omi_dsf.steps.infer`) runs on it, in this process with the worker's malloc settings
+(`omi_dsf.malloc`; the servers get them as `ai-service` gives them), --repeats times per server, interleaved (one run
 on each server, each round starting at the next server, then the model in this process, then the next
 round; --settle seconds of quiet before each run, so that one server's work after its answer does not
 fall into the next server's run): QIDO, WADO-RS, volume, OIP v2
@@ -53,6 +54,7 @@ from dicomweb_client.api import DICOMwebClient
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from omi_dsf import malloc  # noqa: E402
 from omi_dsf.inference import lungseg  # noqa: E402
 
 from omi_dsf.inference.client import OipClient  # noqa: E402
@@ -117,6 +119,7 @@ def main() -> int:
     args = ap.parse_args()
     n, names = args.slices, [x for x in args.servers.split(",") if x]
     logging.basicConfig(level=logging.WARNING)
+    malloc.keep_freed_memory()   # as the worker that runs the step does
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="omi-bench-inference-") as tmp, ExitStack() as stack:
