@@ -80,8 +80,24 @@ def test_amended_work_items_count_as_answered():
     assert [states(p)[t] for t in ("consent", "prepare", "send")] == ["done"] * 3 and p.current == "infer"
     p = derive(task(), [item("consent", "amended", "1", error="consent: no consent")], TOPIC_OF)
     assert states(p)["consent"] == "failed" and p.steps[0].detail == "consent: no consent"
-    p = derive(task(), [item("consent", "stopped", "1")], TOPIC_OF)
-    assert states(p)["consent"] == "failed" and p.steps[0].detail == "work item stopped"
+    p = derive(task(), [item("consent", "entered-in-error", "1")], TOPIC_OF)
+    assert states(p)["consent"] == "failed" and p.steps[0].detail == "work item entered-in-error"
+
+
+def test_a_request_that_failed_while_steps_ran_alongside():
+    """The provider answered an error while send ran: the send's work item was withdrawn (stopped), the
+    request failed at infer. A send that failed while infer ran at the provider: infer did not finish."""
+    answer = message_task("omiInferenceResult", "ai.omi.test", "dic.omi.test", {"error": "model not ready"},
+                          business_key=KEY)
+    done = [item(t, "completed", str(i)) for i, t in enumerate(("consent", "prepare"))]
+    p = derive(task("failed", outputs={"error": "infer: model not ready"}), done + [item("send", "stopped", "3")],
+               TOPIC_OF, answer)
+    assert [states(p)[t] for t in ("send", "infer", "return")] == ["stopped", "failed", "pending"]
+    assert p.steps[2].detail.startswith("withdrawn") and "[-] send" in render.progress(p)
+    p = derive(task("failed", outputs={"error": "send: refused"}),
+               done + [item("send", "completed", "3", error="send: refused")], TOPIC_OF)
+    assert [states(p)[t] for t in ("send", "infer", "return")] == ["failed", "stopped", "pending"]
+    assert p.current == "failed"
 
 
 def test_failed_step_and_failed_task():

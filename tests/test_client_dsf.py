@@ -167,8 +167,8 @@ def test_submit_follow_and_fetch_results(world, stop_after):
 
     st = json.loads(_omi("status", key, "--site", world["dic"], "--json").stdout)
     assert st["task_status"] == "completed" and st["current"] == "completed"
-    assert [s["state"] for s in st["steps"]] == ["done"] * 4
-    assert st["steps"][2]["updated"]   # infer: when the provider's result message arrived at this site
+    assert [s["state"] for s in st["steps"]] == ["done"] * 5
+    assert st["steps"][3]["updated"]   # infer: when the provider's result message arrived at this site
     assert st["service"] == "lung-seg" and st["provider"] == world["ai_id"]
 
     res = _omi("results", key, "--site", world["dic"], "--json")
@@ -205,7 +205,8 @@ def test_denied_request_shows_where_and_why(world, stop_after):
     steps = {s["name"]: s for s in st["steps"]}
     assert steps["consent"]["state"] == "done"
     assert steps["send"]["state"] == "failed" and "denied by the demo handler" in steps["send"]["detail"]
-    assert [steps[n]["state"] for n in ("infer", "return")] == ["pending"] * 2
+    # the provider's infer, started after prepare, did not finish: the request failed at send
+    assert [steps[n]["state"] for n in ("infer", "return")] == ["stopped", "pending"]
     res = _omi("results", key, "--site", world["dic"])
     assert res.returncode == 1 and "error: send: denied by the demo handler" in res.stdout
     _stop([deny])

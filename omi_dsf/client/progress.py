@@ -21,7 +21,8 @@ LOCAL_STEPS = ("consent", "prepare", "send", "return")
 @dataclass
 class StepState:
     name: str
-    state: str = "pending"            # pending | running | done | failed
+    state: str = "pending"            # pending | running | done | failed | stopped (ended unfinished: the
+                                      # request failed elsewhere meanwhile)
     updated: str | None = None
     detail: str | None = None
 
@@ -91,6 +92,8 @@ def derive(task: dict, items: list[dict], topic_of: dict[str, str], result_messa
             s.state, s.detail = "failed", error
         elif wi.answered:
             s.state = "done"
+        elif wi.status == "stopped":      # withdrawn by the plugin: the process no longer waited for it
+            s.state, s.detail = "stopped", "withdrawn: the request ended before it was answered"
         else:
             s.state, s.detail = "failed", f"work item {wi.status}"
     if result_message is not None:   # the provider answered: its error, if any, is the infer step's
@@ -109,7 +112,11 @@ def derive(task: dict, items: list[dict], topic_of: dict[str, str], result_messa
                 s.state = "done"
     elif p.task_status == "failed":
         failed = [s for s in steps.values() if s.state == "failed"]
-        if not failed:
+        if failed:   # what still ran alongside (infer at the provider while send failed) ended unfinished
+            for s in steps.values():
+                if s.state == "running":
+                    s.state, s.detail = "stopped", "not finished: the request failed"
+        else:
             target = next((s for s in steps.values() if s.state == "running"), None) or \
                 next((s for s in steps.values() if s.state == "pending"), None)
             if target:

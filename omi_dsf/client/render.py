@@ -5,7 +5,7 @@ from __future__ import annotations
 from omi_dsf.client.progress import RequestProgress
 from omi_dsf.client.registry_client import Service
 
-MARK = {"done": "[x]", "running": "[>]", "failed": "[!]", "pending": "[ ]"}
+MARK = {"done": "[x]", "running": "[>]", "failed": "[!]", "pending": "[ ]", "stopped": "[-]"}
 
 
 def _short(stamp: str | None) -> str:
