@@ -80,8 +80,10 @@ _SOURCE = _element(0x0040A043, "SQ", _item(_element(0x00080100, "SH", b"26075300
 @dataclass
 class Contents:
     """What a manifest lists, collected one instance at a time (`add`: its dataset; a few header
-    values are kept and each instance's two references encoded as it comes, never the pixels: the
-    manifest of 400 instances is then made in milliseconds, at the end of the send)."""
+    values are kept and each instance's two references encoded as it comes, never the pixels).
+    Measured for 400 instances (medians of 5, load 0.6): collecting 0.012 s over the send, then
+    `make_manifest` 0.17 s at its end, against 0.46 s for highdicom making every reference itself
+    (KeyObjectSelection and evidence of all 400): hence the references are encoded here."""
     header: Dataset | None = None
     content: list[bytes] = field(default_factory=list)            # ContentSequence items, encoded
     series: dict[str, list[bytes]] = field(default_factory=dict)  # per series UID, ReferencedSOPSequence items
