@@ -202,6 +202,10 @@ def test_the_request_awaits_the_answer_while_sending_and_any_failure_ends_it(tre
     assert out_of[split] == {"WorkItem_send", "Await_omiInferenceResult"}
     assert into[join] == {"Gateway_send_ok", "Gateway_omiInferenceResult_ok"}
     assert into[split] == {"Send_executeOmiInference"} and out_of[join] == {"WorkItem_return"}
+    # the join waits asynchronously: a work item answered and the answer received at the same moment
+    # must not join in two transactions at once (the engine refused one: OptimisticLockingException)
+    joins = {g.get("id"): g for g in proc.findall("bpmn:parallelGateway", BPMN_NS)}
+    assert joins[join].get(f"{CAMUNDA}asyncBefore") == "true" and joins[split].get(f"{CAMUNDA}asyncBefore") is None
     ends = proc.findall("bpmn:endEvent", BPMN_NS)
     plain = [e.get("id") for e in ends if len(e) == len(e.findall("bpmn:incoming", BPMN_NS))]
     assert plain == ["End"]    # the one normal end, after the join; every other end terminates

@@ -239,7 +239,10 @@ class _Builder:
         for f in self.g.outgoing(split):   # each flow named for the branch it starts
             f.name = f.target.name
         self.x, self.lane_y = max(xs), self.main_y
-        join = self.add(f"Join_{n}", "parallelGateway", "all done")
+        # asynchronous before: the branches end in their own transactions (a work item answered, a message
+        # received: at the same moment, the two joins clashed in the engine, OptimisticLockingException, and
+        # the BPE dropped the answer); the engine's job executor then joins them one at a time
+        join = self.add(f"Join_{n}", "parallelGateway", "all done", async_before=True)
         for last in ends:
             self.leave(last, join)
         return join
